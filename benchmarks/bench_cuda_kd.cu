@@ -1,0 +1,180 @@
+// GPU benchmarks of kd's fused kernels (Google Benchmark, manual time from CUDA events).
+// Each case reports the time of one forward+backward call, the minimum bytes it must move (read the
+// teacher and student logits once, write the gradient once) as bytes_per_second, and kd's extra device
+// memory (scratch) as extra_MB. BM_device_copy measures the card's copy bandwidth (bytes read plus
+// written) in the same run, the ceiling to compare against.
+#include <benchmark/benchmark.h>
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include <kd/cuda/kd.cuh>
+
+namespace {
+
+#define BENCH_CHECK(x)                                                                   \
+  do {                                                                                   \
+    cudaError_t e_ = (x);                                                                \
+    if (e_ != cudaSuccess) {                                                             \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::abort();                                                                      \
+    }                                                                                    \
+  } while (0)
+
+// Deterministic pseudo-normal fill on the device (sum of uniforms), never zeros.
+template <class T>
+__global__ void fill_kernel(T* out, long long n, unsigned seed, float stddev) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    unsigned h = static_cast<unsigned>(i) * 2654435761u ^ seed;
+    float acc = 0.f;
+    for (int k = 0; k < 4; ++k) {
+      h ^= h >> 16;
+      h *= 0x7feb352du;
+      h ^= h >> 15;
+      h *= 0x846ca68bu;
+      h ^= h >> 16;
+      acc += static_cast<float>(h & 0xffffff) / 16777216.f - 0.5f;
+    }
+    out[i] = kd::cuda::detail::from_float<T>(acc * 1.7320508f * stddev);
+  }
+}
+
+template <class T>
+T* device_random(long long n, unsigned seed, float stddev) {
+  T* p = nullptr;
+  BENCH_CHECK(cudaMalloc(&p, n * sizeof(T)));
+  fill_kernel<<<1024, 256>>>(p, n, seed, stddev);
+  BENCH_CHECK(cudaGetLastError());
+  return p;
+}
+
+void BM_device_copy(benchmark::State& state) {
+  const std::size_t bytes = std::size_t(2) << 30;
+  void *a = nullptr, *b = nullptr;
+  BENCH_CHECK(cudaMalloc(&a, bytes));
+  BENCH_CHECK(cudaMalloc(&b, bytes));
+  BENCH_CHECK(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  for (auto _ : state) {
+    cudaEventRecord(e0);
+    BENCH_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice));
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    state.SetIterationTime(ms / 1e3);
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 2 * static_cast<int64_t>(bytes));
+  cudaFree(a);
+  cudaFree(b);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+}
+BENCHMARK(BM_device_copy)->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+
+// Times `call` (which enqueues one forward+backward on `stream`) with CUDA events.
+template <class F>
+void time_calls(benchmark::State& state, F&& call) {
+  for (int w = 0; w < 3; ++w) call();
+  BENCH_CHECK(cudaDeviceSynchronize());
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  for (auto _ : state) {
+    cudaEventRecord(e0);
+    call();
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, e0, e1);
+    state.SetIterationTime(ms / 1e3);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+}
+
+template <class D>
+void BM_logit_kd_bf16(benchmark::State& state) {
+  const long long n = state.range(0), v = state.range(1);
+  using T = kd::bfloat16;
+  T* t = device_random<T>(n * v, 1, 2.f);
+  T* s = device_random<T>(n * v, 2, 1.f);
+  T* g = nullptr;
+  float* loss = nullptr;
+  BENCH_CHECK(cudaMalloc(&g, n * v * sizeof(T)));
+  BENCH_CHECK(cudaMalloc(&loss, sizeof(float)));
+  kd::cuda::context ctx;
+  kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16>> l;
+  l.options.temperature = 2.0;
+  kd::cuda::device_loss out{loss, nullptr};
+  time_calls(state, [&] {
+    const auto st = l(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(t, n, v), kd::matrix_view<const T>(s, n, v),
+                      {}, out, kd::matrix_view<T>(g, n, v));
+    if (!st.ok()) state.SkipWithError(st.message().c_str());
+  });
+  const auto sync = ctx.sync_status();
+  if (!sync.ok()) state.SkipWithError(sync.message().c_str());
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 3 * n * v * static_cast<int64_t>(sizeof(T)));
+  state.counters["extra_MB"] = static_cast<double>(ctx.scratch_capacity()) / 1e6;
+  cudaFree(t);
+  cudaFree(s);
+  cudaFree(g);
+  cudaFree(loss);
+}
+
+void BM_cross_entropy_bf16(benchmark::State& state) {
+  const long long n = state.range(0), v = state.range(1);
+  using T = kd::bfloat16;
+  T* s = device_random<T>(n * v, 3, 2.f);
+  T* g = nullptr;
+  float* ce = nullptr;
+  std::int32_t* labels = nullptr;
+  BENCH_CHECK(cudaMalloc(&g, n * v * sizeof(T)));
+  BENCH_CHECK(cudaMalloc(&ce, sizeof(float)));
+  BENCH_CHECK(cudaMalloc(&labels, n * sizeof(std::int32_t)));
+  BENCH_CHECK(cudaMemset(labels, 0, n * sizeof(std::int32_t)));
+  kd::cuda::context ctx;
+  kd::cross_entropy<kd::token_mean, kd::bf16> l;
+  kd::cuda::device_cross_entropy out{ce, nullptr, nullptr};
+  time_calls(state, [&] {
+    const auto st = l(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(s, n, v),
+                      std::span<const std::int32_t>(labels, static_cast<std::size_t>(n)), out, kd::matrix_view<T>(g, n, v));
+    if (!st.ok()) state.SkipWithError(st.message().c_str());
+  });
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 2 * n * v * static_cast<int64_t>(sizeof(T)));
+  cudaFree(s);
+  cudaFree(g);
+  cudaFree(ce);
+  cudaFree(labels);
+}
+
+void shapes(benchmark::internal::Benchmark* b) {
+  for (long long n : {4096, 16384})
+    for (long long v : {50304, 151936}) b->Args({n, v});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+}
+
+BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Apply(shapes);
+BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Args({4096, 50304})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304})->Args({16384, 50304})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("SKIPPED: no CUDA device\n");
+    return 77;
+  }
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, 0);
+  benchmark::AddCustomContext("device", prop.name);
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

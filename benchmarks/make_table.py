@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Merges kd's Google Benchmark JSON and the PyTorch baseline JSON lines (same run, same card) into the
+side-by-side markdown table of benchmarks/RESULTS.md. Usage: make_table.py KD_JSON TORCH_JSONL"""
+import json
+import sys
+
+
+def main(kd_path, torch_path):
+    kd = json.load(open(kd_path))
+    device = kd.get("context", {}).get("device", "?")
+    rows = {}
+    copy_tbs = None
+    for b in kd["benchmarks"]:
+        name = b["name"]
+        if name.startswith("BM_device_copy"):
+            copy_tbs = b["bytes_per_second"] / 1e12
+            continue
+        parts = name.split("/")
+        op = parts[0]
+        n, v = int(parts[1]), int(parts[2])
+        rows[(op, n, v)] = b
+    torch_rows = {}
+    for line in open(torch_path):
+        line = line.strip()
+        if line.startswith("{"):
+            r = json.loads(line)
+            torch_rows[(r["op"], r["n"], r["v"])] = r
+    print(f"Card: {device}; measured device-to-device copy: {copy_tbs:.2f} TB/s (read + write)\n")
+    print("| op | N x V | eager ms | compile ms | kd ms | kd vs compile | kd TB/s (min bytes) | % of copy | eager extra MB | compile extra MB | kd extra MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    names = {"BM_logit_kd_bf16<kd::forward_kl>": "kd_forward_kl", "BM_cross_entropy_bf16": "cross_entropy"}
+    for (op, n, v), b in sorted(rows.items()):
+        kd_ms = b["real_time"] if b.get("time_unit") == "ms" else b["real_time"] / 1e6
+        tbs = b["bytes_per_second"] / 1e12
+        t = torch_rows.get((names.get(op, ""), n, v), {})
+        eager, comp = t.get("eager_ms"), t.get("compile_ms")
+        speed = f"{comp / kd_ms:.2f}x" if comp else "-"
+        fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else "-"
+        print(f"| {op.replace('BM_', '')} | {n} x {v} | {fmt(eager)} | {fmt(comp)} | {kd_ms:.3f} | {speed} | {tbs:.2f} | "
+              f"{100 * tbs / copy_tbs:.0f}% | {fmt(t.get('eager_extra_MB'))} | {fmt(t.get('compile_extra_MB'))} | "
+              f"{b.get('extra_MB', float('nan')):.1f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,197 @@
+// kd/cuda/context.cuh: the CUDA backend object, its scratch memory and its deferred error word.
+//
+// Loss calls on the CUDA backend never synchronise. Errors found on the host (shapes, strides,
+// alignment, parameters) come back at once as the call's kd::status. Errors that only the data can
+// reveal (a label outside the vocabulary, NaN/Inf in a row) are found by the kernels, which record the
+// first one (lowest row) in a device error word and treat the row as ignored; sync_status() waits for the
+// stream and turns that word into a kd::status naming the tensor, row and component. Call it where
+// the trainer synchronises anyway (at logging, before the optimizer step's loss-scale decision).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include <kd/status.hpp>
+#include <kd/vocab_map.hpp>
+
+namespace kd::cuda {
+
+// What a loss writes on the device: the reduced loss (and optionally the token count), never N x V.
+struct device_loss {
+  float* value = nullptr;              // one float, device memory
+  long long* tokens = nullptr;         // optional: non-ignored tokens counted by the call
+};
+
+namespace detail {
+
+// Deferred error codes recorded by kernels.
+enum class device_error : unsigned { none = 0, label_out_of_range = 1, non_finite = 2 };
+enum class device_tensor : unsigned { teacher = 1, student = 2, labels = 3, hidden = 4, scores = 5, router = 6 };
+
+// Key layout: row (40 bits) | code (8) | tensor (8) | component slot (8): atomicMin keeps the lowest row.
+__host__ __device__ inline unsigned long long encode_error(long long row, device_error code, device_tensor tensor,
+                                                           unsigned component) {
+  return (static_cast<unsigned long long>(row) << 24) | (static_cast<unsigned long long>(code) << 16) |
+         (static_cast<unsigned long long>(tensor) << 8) | (component & 0xffu);
+}
+
+inline status cuda_status(cudaError_t e, const char* what) {
+  if (e == cudaSuccess) return {};
+  return {errc::backend_error, std::string(what) + ": " + cudaGetErrorString(e)};
+}
+
+}  // namespace detail
+
+#define KD_CUDA_TRY(expr, what) KD_TRY(::kd::cuda::detail::cuda_status((expr), (what)))
+
+class context {
+ public:
+  explicit context(cudaStream_t stream = nullptr) : stream_(stream) {}
+  context(const context&) = delete;
+  context& operator=(const context&) = delete;
+  ~context() {
+    if (cublas_ != nullptr) cublasDestroy(cublas_);
+    for (auto& [id, m] : maps_) release_map(m);
+    if (scratch_ != nullptr) cudaFree(scratch_);
+    if (error_ != nullptr) cudaFree(error_);
+  }
+
+  [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
+  // Device scratch currently held (the O(N) extra memory of the losses).
+  [[nodiscard]] std::size_t scratch_capacity() const noexcept { return scratch_bytes_; }
+
+  // Scratch memory of at least `bytes`, valid until the next call that reserves more. Grown in
+  // stream order, so no synchronisation.
+  status scratch(std::size_t bytes, void*& out) {
+    if (bytes > scratch_bytes_) {
+      if (scratch_ != nullptr) KD_CUDA_TRY(cudaFreeAsync(scratch_, stream_), "cudaFreeAsync");
+      scratch_ = nullptr;
+      scratch_bytes_ = 0;
+      const std::size_t grow = bytes < (1u << 20) ? (1u << 20) : bytes;
+      KD_CUDA_TRY(cudaMallocAsync(&scratch_, grow, stream_), "cudaMallocAsync (kd scratch)");
+      scratch_bytes_ = grow;
+    }
+    out = scratch_;
+    return {};
+  }
+
+  // The device error word (allocated and cleared on first use).
+  status error_word(unsigned long long*& out) {
+    if (error_ == nullptr) {
+      KD_CUDA_TRY(cudaMalloc(&error_, sizeof(unsigned long long)), "cudaMalloc (kd error word)");
+      KD_CUDA_TRY(cudaMemsetAsync(error_, 0xff, sizeof(unsigned long long), stream_), "cudaMemsetAsync");
+    }
+    out = error_;
+    return {};
+  }
+
+  // The context's cuBLAS handle, bound to its stream (created on first use).
+  status cublas(cublasHandle_t& out) {
+    if (cublas_ == nullptr) {
+      if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) return {errc::backend_error, "cublasCreate failed"};
+      if (cublasSetStream(cublas_, stream_) != CUBLAS_STATUS_SUCCESS) return {errc::backend_error, "cublasSetStream failed"};
+    }
+    out = cublas_;
+    return {};
+  }
+
+  // Registers a component name for error messages; returns its slot.
+  unsigned component_slot(std::string_view name) {
+    for (unsigned i = 0; i < components_.size(); ++i)
+      if (components_[i] == name) return i;
+    if (components_.size() >= 255) return 255;
+    components_.emplace_back(name);
+    return static_cast<unsigned>(components_.size() - 1);
+  }
+
+  // Waits for the stream, then reports (and clears) the first error any kernel recorded.
+  status sync_status() {
+    KD_CUDA_TRY(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+    KD_CUDA_TRY(cudaGetLastError(), "a kd kernel");
+    if (error_ == nullptr) return {};
+    unsigned long long key = ~0ull;
+    KD_CUDA_TRY(cudaMemcpy(&key, error_, sizeof key, cudaMemcpyDeviceToHost), "cudaMemcpy (kd error word)");
+    if (key == ~0ull) return {};
+    KD_CUDA_TRY(cudaMemset(error_, 0xff, sizeof key), "cudaMemset (kd error word)");
+    const long long row = static_cast<long long>(key >> 24);
+    const auto code = static_cast<detail::device_error>((key >> 16) & 0xff);
+    const auto tensor = static_cast<detail::device_tensor>((key >> 8) & 0xff);
+    const unsigned slot = key & 0xff;
+    const std::string comp = slot < components_.size() ? components_[slot] : std::string("?");
+    const char* tname = tensor == detail::device_tensor::teacher   ? "teacher logits"
+                        : tensor == detail::device_tensor::student ? "student logits"
+                        : tensor == detail::device_tensor::labels  ? "labels"
+                        : tensor == detail::device_tensor::hidden  ? "hidden states"
+                        : tensor == detail::device_tensor::scores  ? "attention scores"
+                                                                   : "router logits";
+    if (code == detail::device_error::label_out_of_range)
+      return {errc::out_of_range, std::string("a label outside the vocabulary at token ") + std::to_string(row) +
+                                      " (component '" + comp + "')"};
+    return {errc::non_finite, std::string("NaN or Inf in ") + tname + " at token " + std::to_string(row) +
+                                  " (component '" + comp + "')"};
+  }
+
+  // Device copy of a vocab_map, uploaded once per map (keyed by the map's id).
+  struct device_map {
+    int* support = nullptr;       // [K] student id of each slot
+    int* offsets = nullptr;       // [K + 1] CSR offsets into teacher_ids
+    int* teacher_ids = nullptr;   // teacher ids grouped by slot
+    long long slots = 0;
+  };
+  status upload_map(const vocab_map& m, device_map& out) {
+    if (auto it = maps_.find(m.id()); it != maps_.end()) {
+      out = it->second;
+      return {};
+    }
+    const auto support = m.student_support();
+    std::vector<int> slot_of(static_cast<std::size_t>(m.student_vocab()), -1);
+    for (std::size_t j = 0; j < support.size(); ++j) slot_of[static_cast<std::size_t>(support[j])] = static_cast<int>(j);
+    std::vector<int> offsets(support.size() + 1, 0), tids(static_cast<std::size_t>(m.size()));
+    for (auto s : m.student_ids()) ++offsets[static_cast<std::size_t>(slot_of[static_cast<std::size_t>(s)]) + 1];
+    for (std::size_t j = 0; j < support.size(); ++j) offsets[j + 1] += offsets[j];
+    std::vector<int> fill(offsets.begin(), offsets.end() - 1);
+    for (std::size_t e = 0; e < tids.size(); ++e)
+      tids[static_cast<std::size_t>(fill[static_cast<std::size_t>(slot_of[static_cast<std::size_t>(m.student_ids()[e])])]++)] =
+          m.teacher_ids()[e];
+    device_map d;
+    d.slots = static_cast<long long>(support.size());
+    KD_CUDA_TRY(cudaMalloc(&d.support, support.size() * sizeof(int)), "cudaMalloc (vocab map)");
+    KD_CUDA_TRY(cudaMalloc(&d.offsets, offsets.size() * sizeof(int)), "cudaMalloc (vocab map)");
+    KD_CUDA_TRY(cudaMalloc(&d.teacher_ids, tids.size() * sizeof(int)), "cudaMalloc (vocab map)");
+    KD_CUDA_TRY(cudaMemcpy(d.support, support.data(), support.size() * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy");
+    KD_CUDA_TRY(cudaMemcpy(d.offsets, offsets.data(), offsets.size() * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy");
+    KD_CUDA_TRY(cudaMemcpy(d.teacher_ids, tids.data(), tids.size() * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy");
+    maps_.emplace(m.id(), d);
+    out = d;
+    return {};
+  }
+
+ private:
+  static void release_map(device_map& m) {
+    cudaFree(m.support);
+    cudaFree(m.offsets);
+    cudaFree(m.teacher_ids);
+  }
+
+  cudaStream_t stream_;
+  cublasHandle_t cublas_ = nullptr;
+  void* scratch_ = nullptr;
+  std::size_t scratch_bytes_ = 0;
+  unsigned long long* error_ = nullptr;
+  std::vector<std::string> components_;
+  std::unordered_map<std::uint64_t, device_map> maps_;
+};
+
+// The backend argument of a loss call: a context (stream, scratch, error word).
+struct backend {
+  static constexpr std::string_view name = "cuda";
+  context* ctx = nullptr;
+};
+
+}  // namespace kd::cuda

@@ -1,0 +1,243 @@
+// kd/cuda/cross_entropy.cuh: fused cross-entropy + z-loss (loss and dlogits in one launch).
+//
+// Same row pipeline as the logit-distillation kernel (kd/cuda/logit_kd.cuh): the row's slice is copied
+// into shared memory with a running log-sum-exp, the cluster combines the statistics through
+// distributed shared memory, and the gradient (softmax * (1 + 2 z lse) - onehot) / normalizer is written
+// from shared memory. HBM traffic: one read of the logits, one write of the gradient.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <span>
+#include <string>
+
+#include <kd/cuda/context.cuh>
+#include <kd/cuda/detail/reduce.cuh>
+#include <kd/cuda/detail/storage.cuh>
+#include <kd/loss/cross_entropy.hpp>
+
+namespace kd {
+namespace cuda {
+
+// Device outputs of cross_entropy on the CUDA backend.
+struct device_cross_entropy {
+  float* ce = nullptr;          // one float
+  float* z_loss = nullptr;      // one float (optional)
+  long long* tokens = nullptr;  // optional
+};
+
+namespace detail {
+
+struct cross_entropy_params {
+  const void* logits = nullptr;
+  long long stride = 0;
+  void* grad = nullptr;
+  long long g_stride = 0;
+  long long rows = 0, vocab = 0, cols = 0, chunk = 0;
+  const std::int32_t* labels = nullptr;
+  int ignore_index = -100;
+  float z_weight = 0.f;
+  float grad_base = 1.f;
+  const long long* divisor_dev = nullptr;
+  double divisor = 1.0;
+  bool want_grad = false, accumulate = false, vector_ok = false;
+  float* partial_ce = nullptr;  // [rows * C]
+  float* partial_z = nullptr;   // [rows * C]
+  unsigned long long* error = nullptr;
+  unsigned component = 0;
+};
+
+template <class ST, class GT>
+__global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_params p) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), c_blocks = cluster.num_blocks();
+  const long long row = static_cast<long long>(blockIdx.x) / c_blocks;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  ST* cache = reinterpret_cast<ST*>(smem_raw);
+  __shared__ float2 red_lse[32];
+  __shared__ cluster_slots<2> slots;
+  __shared__ unsigned long long bar;  // bulk-copy completion
+  if (threadIdx.x == 0) mbar_init(&bar);
+  __syncthreads();
+
+  const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.vocab);
+  const long long n_local = std::min<long long>(j0 + p.chunk, p.vocab) - j0;
+  const ST* srow = static_cast<const ST*>(p.logits) + row * p.stride;
+  GT* grow = p.want_grad ? static_cast<GT*>(p.grad) + row * p.g_stride : nullptr;
+  const long long out_i = row * c_blocks + rank;
+
+  const int y = p.labels[row];
+  bool active = y != p.ignore_index;
+  if (active && (y < 0 || y >= p.vocab)) {
+    active = false;
+    if (rank == 0 && threadIdx.x == 0)
+      atomicMin(p.error, encode_error(row, device_error::label_out_of_range, device_tensor::labels, p.component));
+  }
+  auto zero_slice = [&](long long a, long long b) {
+    if (p.want_grad && !p.accumulate)
+      for (long long c = a + threadIdx.x; c < b; c += blockDim.x) grow[c] = from_float<GT>(0.f);
+  };
+  if (rank == c_blocks - 1) zero_slice(p.vocab, p.cols);  // padding columns
+  if (!active) {
+    zero_slice(j0, j0 + n_local);
+    if (threadIdx.x == 0) p.partial_ce[out_i] = p.partial_z[out_i] = 0.f;
+    return;
+  }
+  lse_acc acc[1];
+  if (p.vector_ok) {
+    const long long b = bulk_bytes<ST>(n_local);
+    if (threadIdx.x == 0) start_bulk(&bar, cache, srow + j0, b, nullptr, nullptr, 0);
+    mbar_wait(&bar, 0);
+    lse_of_slice(srow + j0, cache, n_local, b / static_cast<long long>(sizeof(ST)), kLog2e, acc[0]);
+  } else {
+    copy_slice_with_lse(srow + j0, cache, n_local, false, kLog2e, acc[0]);
+  }
+  acc[0] = block_lse(acc[0], red_lse);
+  cluster_combine_lse<1>(slots, acc);
+  const float lse2 = acc[0].value();
+  const float lse = lse2 * kLn2;
+  if (!isfinite(lse)) {
+    if (rank == 0 && threadIdx.x == 0)
+      atomicMin(p.error, encode_error(row, device_error::non_finite, device_tensor::student, p.component));
+    zero_slice(j0, j0 + n_local);
+    if (threadIdx.x == 0) p.partial_ce[out_i] = p.partial_z[out_i] = 0.f;
+    return;
+  }
+  if (threadIdx.x == 0) {
+    // The block that holds the label's column reports the row's losses; the others report 0.
+    const bool mine = y >= j0 && y < j0 + n_local;
+    p.partial_ce[out_i] = mine ? lse - to_float(cache[y - j0]) : 0.f;
+    p.partial_z[out_i] = mine ? lse * lse : 0.f;
+  }
+  if (!p.want_grad) return;
+  const float divisor = p.divisor_dev != nullptr ? static_cast<float>(std::max<long long>(*p.divisor_dev, 1))
+                                                 : static_cast<float>(p.divisor);
+  const float factor = p.grad_base / divisor;
+  const float zfac = factor + p.z_weight / divisor * 2.f * lse;  // coefficient of softmax (kd/loss/cross_entropy.hpp)
+  long long done = 0;
+  if constexpr (std::is_same_v<ST, GT>) {
+    if (p.vector_ok) {
+      constexpr int vn = vec_n<ST>;
+      const long long nv = n_local / vn;
+      for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
+        float f[vn];
+        unpack<ST>(reinterpret_cast<const uint4*>(cache)[i], f);
+#pragma unroll
+        for (int k = 0; k < vn; ++k) f[k] = fast_exp2(f[k] * kLog2e - lse2) * zfac - (j0 + i * vn + k == y ? factor : 0.f);
+        uint4* g4 = reinterpret_cast<uint4*>(grow + j0) + i;
+        if (p.accumulate) {
+          float old[vn];
+          unpack<GT>(*g4, old);
+#pragma unroll
+          for (int k = 0; k < vn; ++k) f[k] += old[k];
+        }
+        *g4 = pack<GT>(f);
+      }
+      done = nv * vn;
+    }
+  }
+  for (long long j = done + threadIdx.x; j < n_local; j += blockDim.x) {
+    float g = fast_exp2(to_float(cache[j]) * kLog2e - lse2) * zfac - (j0 + j == y ? factor : 0.f);
+    if (p.accumulate) g += to_float(grow[j0 + j]);
+    grow[j0 + j] = from_float<GT>(g);
+  }
+}
+
+}  // namespace detail
+}  // namespace cuda
+
+template <>
+struct loss_impl<cuda::backend, cross_entropy_tag> {
+  template <class Loss, class ST, class GT>
+  static status run(const cuda::backend& be, const Loss& loss, matrix_view<const ST> logits,
+                    std::span<const std::int32_t> labels, cuda::device_cross_entropy& out, matrix_view<GT> dlogits,
+                    bool want_grad) {
+    using namespace cuda::detail;
+    const auto& o = loss.options;
+    const auto comp = ::kd::detail::component_or(o, "lm");
+    const std::string ic = ::kd::detail::in_component(comp);
+    if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
+    if (out.ce == nullptr) return {errc::invalid_argument, "device_cross_entropy.ce is null" + ic};
+    KD_TRY(::kd::detail::validate_view(logits, "logits"));
+    if (logits.empty()) return {errc::empty_input, "logits are empty" + ic};
+    if (static_cast<index_t>(labels.size()) != logits.rows)
+      return {errc::shape_mismatch, "cross-entropy needs one label per token: " + std::to_string(labels.size()) +
+                                        " labels for " + std::to_string(logits.rows) + " rows" + ic};
+    if (o.vocab < 0 || o.vocab > logits.cols) return {errc::out_of_range, "vocab exceeds the logit columns" + ic};
+    if (!(o.z_loss_weight >= 0) || !std::isfinite(o.z_loss_weight))
+      return {errc::invalid_argument, "z_loss_weight must be finite and >= 0" + ic};
+    if (o.global_tokens < 0) return {errc::invalid_argument, "global_tokens is negative" + ic};
+    if (want_grad) {
+      KD_TRY(::kd::detail::validate_view(dlogits, "logit gradient"));
+      KD_TRY(::kd::detail::same_shape(dlogits, "logit gradient", logits, "logits"));
+      KD_TRY(check_alignment(dlogits.data, "logit gradient", comp));
+    }
+    KD_TRY(check_alignment(logits.data, "logits", comp));
+
+    cuda::context& ctx = *be.ctx;
+    const cudaStream_t stream = ctx.stream();
+    cross_entropy_params p;
+    p.logits = logits.data;
+    p.stride = logits.stride;
+    p.grad = want_grad ? static_cast<void*>(dlogits.data) : nullptr;
+    p.g_stride = want_grad ? dlogits.stride : 0;
+    p.rows = logits.rows;
+    p.cols = logits.cols;
+    p.vocab = o.vocab > 0 ? o.vocab : logits.cols;
+    p.labels = labels.data();
+    p.ignore_index = o.ignore_index;
+    p.z_weight = static_cast<float>(o.z_loss_weight);
+    p.grad_base = static_cast<float>(o.grad_scale);
+    p.want_grad = want_grad;
+    p.accumulate = o.accumulate_grad;
+    p.vector_ok = rows_aligned(logits) && (!want_grad || rows_aligned(dlogits));
+    p.component = ctx.component_slot(comp);
+    int cluster = 1;
+    while (cluster < 8 && static_cast<std::size_t>((p.vocab + cluster - 1) / cluster) * sizeof(ST) > kSliceBudget)
+      cluster *= 2;
+    p.chunk = ((p.vocab + cluster - 1) / cluster + 7) / 8 * 8;
+    const std::size_t smem = p.chunk * sizeof(ST);
+    if (smem > kSliceLimit) return {errc::invalid_argument, "the vocabulary is too large for one 8-block cluster" + ic};
+
+    void* scratch = nullptr;
+    const std::size_t n_part = static_cast<std::size_t>(p.rows) * cluster;
+    const std::size_t part_bytes = ((n_part * sizeof(float) + 15) / 16) * 16;
+    KD_TRY(ctx.scratch(2 * part_bytes + 64, scratch));
+    p.partial_ce = static_cast<float*>(scratch);
+    p.partial_z = reinterpret_cast<float*>(static_cast<char*>(scratch) + part_bytes);
+    long long* count = reinterpret_cast<long long*>(static_cast<char*>(scratch) + 2 * part_bytes);
+    KD_TRY(ctx.error_word(p.error));
+    KD_TRY(launch_count_tokens(p.labels, p.rows, p.ignore_index, count, stream));
+    if (!Loss::reduction_info.mean) p.divisor = 1.0;
+    else if (o.global_tokens > 0) p.divisor = static_cast<double>(o.global_tokens);
+    else p.divisor_dev = count;
+
+    auto kernel = cross_entropy_kernel<ST, std::remove_const_t<GT>>;
+    KD_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                "cudaFuncSetAttribute");
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(p.rows * cluster));
+    cfg.blockDim = dim3(512);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    KD_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, p), "cross_entropy kernel launch");
+    KD_TRY(launch_finish_loss(p.partial_ce, static_cast<long long>(n_part), p.divisor_dev, p.divisor, count, -1,
+                              cuda::device_loss{out.ce, out.tokens}, stream));
+    if (out.z_loss != nullptr)
+      KD_TRY(launch_finish_loss(p.partial_z, static_cast<long long>(n_part), p.divisor_dev, p.divisor, count, -1,
+                                cuda::device_loss{out.z_loss, nullptr}, stream));
+    return {};
+  }
+};
+
+}  // namespace kd

@@ -1,0 +1,136 @@
+// kd/cuda/detail/reduce.cuh: warp, block and cluster reductions used by the row kernels.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+namespace kd::cuda::detail {
+
+// 2^x in one MUFU.EX2 (flush-to-zero: results below 2^-126 are 0, far under any tolerance here). exp2f
+// adds a denormal-safe range reduction around the same instruction; in these kernels the exponentials
+// are most of the arithmetic, so the saving is what lets the math hide under the memory traffic.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// A running log-sum-exp in base 2 (inputs are pre-multiplied by log2(e)): max m and sum s of
+// 2^(y - m). Base 2 because exp2f is a single MUFU.EX2; combining two accumulators is exact.
+struct lse_acc {
+  float m = -INFINITY;
+  float s = 0.f;
+
+  __device__ void add(float y) {
+    if (y > m) {
+      s = s * fast_exp2(m - y) + 1.f;  // fast_exp2(-inf) = 0 on the first element
+      m = y;
+    } else {
+      s += fast_exp2(y - m);
+    }
+  }
+  // Adds n values with one rescale: the n exponentials are independent (instruction-level parallelism).
+  template <int N>
+  __device__ void add_vec(const float (&y)[N]) {
+    float vm = y[0];
+#pragma unroll
+    for (int i = 1; i < N; ++i) vm = fmaxf(vm, y[i]);
+    if (vm > m) {
+      s *= fast_exp2(m - vm);
+      m = vm;
+    }
+    float t = 0.f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) t += fast_exp2(y[i] - m);
+    s += t;  // a NaN input reaches s through t (fmaxf alone would drop it)
+  }
+  __device__ static lse_acc combine(lse_acc a, lse_acc b) {
+    const float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return {m, 0.f};
+    return {m, a.s * fast_exp2(a.m - m) + b.s * fast_exp2(b.m - m)};
+  }
+  // log2 of the sum.
+  __device__ float value() const { return m + log2f(s); }
+};
+
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ inline float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ inline lse_acc warp_lse(lse_acc a) {
+  for (int o = 16; o > 0; o >>= 1) {
+    lse_acc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
+    a = lse_acc::combine(a, b);
+  }
+  return a;
+}
+
+// Block-wide reductions; every thread gets the result. `scratch` holds >= 32 entries.
+__device__ inline float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : 0.f;
+  return warp_sum(v);
+}
+__device__ inline lse_acc block_lse(lse_acc a, float2* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  a = warp_lse(a);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = make_float2(a.m, a.s);
+  __syncthreads();
+  lse_acc b;
+  if (lane < warps) b = {scratch[lane].x, scratch[lane].y};
+  return warp_lse(b);
+}
+
+// Cluster-wide: every block of the cluster publishes its block result in its own shared slot, the
+// cluster synchronises, and each block combines all ranks' slots through distributed shared memory.
+// A second sync keeps a fast block from overwriting its slot while a slow one still reads it.
+template <int N>
+struct cluster_slots {
+  float v[N];
+};
+
+template <int N>
+__device__ inline void cluster_combine_sum(cluster_slots<N>& mine, float (&vals)[N]) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0)
+    for (int i = 0; i < N; ++i) mine.v[i] = vals[i];
+  cluster.sync();
+  for (int i = 0; i < N; ++i) vals[i] = 0.f;
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
+    const cluster_slots<N>* other = cluster.map_shared_rank(&mine, r);
+    for (int i = 0; i < N; ++i) vals[i] += other->v[i];
+  }
+  cluster.sync();
+}
+
+// Same for log-sum-exp accumulators: slots hold (m, s) pairs.
+template <int N>
+__device__ inline void cluster_combine_lse(cluster_slots<2 * N>& mine, lse_acc (&accs)[N]) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0)
+    for (int i = 0; i < N; ++i) {
+      mine.v[2 * i] = accs[i].m;
+      mine.v[2 * i + 1] = accs[i].s;
+    }
+  cluster.sync();
+  for (int i = 0; i < N; ++i) accs[i] = lse_acc{};
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
+    const cluster_slots<2 * N>* other = cluster.map_shared_rank(&mine, r);
+    for (int i = 0; i < N; ++i) accs[i] = lse_acc::combine(accs[i], lse_acc{other->v[2 * i], other->v[2 * i + 1]});
+  }
+  cluster.sync();
+}
+
+}  // namespace kd::cuda::detail

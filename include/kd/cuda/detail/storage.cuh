@@ -1,0 +1,256 @@
+// kd/cuda/detail/storage.cuh: element conversions, aligned slice copies and the small helper kernels
+// (token count, final loss reduction) shared by the CUDA losses.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+#include <kd/cuda/context.cuh>
+#include <kd/cuda/detail/reduce.cuh>
+#include <kd/numeric.hpp>
+#include <kd/tensor.hpp>
+
+namespace kd::cuda::detail {
+
+// Shared-memory budget per block for a row slice: two blocks fit one SM (228 KB), so one block's
+// global loads overlap the other's shared-memory passes. kSliceLimit is the hard ceiling.
+inline constexpr std::size_t kSliceBudget = 100 * 1024;
+inline constexpr std::size_t kSliceLimit = 220 * 1024;
+
+// kd::half / kd::bfloat16 share the bit layout of __half / __nv_bfloat16 (kd/numeric.hpp).
+static_assert(sizeof(__half) == sizeof(kd::half) && sizeof(__nv_bfloat16) == sizeof(kd::bfloat16));
+
+template <class T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (std::is_same_v<T, kd::half>) return __half2float(__ushort_as_half(v.bits));
+  else if constexpr (std::is_same_v<T, kd::bfloat16>) return __uint_as_float(static_cast<unsigned>(v.bits) << 16);
+  else return static_cast<float>(v);
+}
+template <class T>
+__device__ __forceinline__ T from_float(float f) {
+  if constexpr (std::is_same_v<T, kd::half>) return kd::half::from_bits(__half_as_ushort(__float2half_rn(f)));
+  else if constexpr (std::is_same_v<T, kd::bfloat16>) return kd::bfloat16::from_bits(__bfloat16_as_ushort(__float2bfloat16_rn(f)));
+  else return static_cast<T>(f);
+}
+
+// 16-byte vectors of storage elements, unpacked to / packed from floats.
+template <class T>
+inline constexpr int vec_n = 16 / sizeof(T);
+
+template <class T>
+__device__ __forceinline__ void unpack(const uint4& v, float (&f)[vec_n<T>]) {
+  const unsigned w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (std::is_same_v<T, kd::bfloat16>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      f[2 * i] = __uint_as_float(w[i] << 16);
+      f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else if constexpr (std::is_same_v<T, kd::half>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+      f[2 * i] = x.x;
+      f[2 * i + 1] = x.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(w[i]);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ uint4 pack(const float (&f)[vec_n<T>]) {
+  unsigned w[4];
+  if constexpr (std::is_same_v<T, kd::bfloat16>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __nv_bfloat162 b = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+      w[i] = *reinterpret_cast<const unsigned*>(&b);
+    }
+  } else if constexpr (std::is_same_v<T, kd::half>) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __half2 h = __floats2half2_rn(f[2 * i], f[2 * i + 1]);
+      w[i] = *reinterpret_cast<const unsigned*>(&h);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(f[i]);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Copies n elements of a row slice into shared memory, adding y = x * scale of each to a running
+// base-2 log-sum-exp. When `vec` (16-byte aligned source and slice), each thread moves 16 bytes per
+// load with four loads in flight before the first use, and each vector costs one rescale.
+template <class T>
+__device__ void copy_slice_with_lse(const T* __restrict__ src, T* __restrict__ dst, long long n, bool vec, float scale,
+                                    lse_acc& acc) {
+  constexpr int per_vec = vec_n<T>;
+  long long done = 0;
+  if (vec) {
+    const long long nv = n / per_vec;
+    const uint4* s4 = reinterpret_cast<const uint4*>(src);
+    uint4* d4 = reinterpret_cast<uint4*>(dst);
+    constexpr int unroll = 4;
+    long long i = threadIdx.x;
+    for (; i + (unroll - 1) * static_cast<long long>(blockDim.x) < nv; i += unroll * blockDim.x) {
+      uint4 v[unroll];
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) v[u] = __ldcs(s4 + i + u * blockDim.x);  // streamed: read once
+#pragma unroll
+      for (int u = 0; u < unroll; ++u) {
+        d4[i + u * blockDim.x] = v[u];
+        float f[per_vec];
+        unpack<T>(v[u], f);
+#pragma unroll
+        for (int k = 0; k < per_vec; ++k) f[k] *= scale;
+        acc.add_vec(f);
+      }
+    }
+    for (; i < nv; i += blockDim.x) {
+      const uint4 v = __ldcs(s4 + i);
+      d4[i] = v;
+      float f[per_vec];
+      unpack<T>(v, f);
+#pragma unroll
+      for (int k = 0; k < per_vec; ++k) f[k] *= scale;
+      acc.add_vec(f);
+    }
+    done = nv * per_vec;
+  }
+  for (long long i = done + threadIdx.x; i < n; i += blockDim.x) {
+    const T v = src[i];
+    dst[i] = v;
+    acc.add(to_float(v) * scale);
+  }
+}
+
+// Hopper bulk copies (cp.async.bulk, the TMA engine's 1-D form): one thread starts the copy of a
+// whole row slice into shared memory and every thread waits on an mbarrier. The whole slice is in
+// flight at once, which is what keeps HBM busy while other blocks on the SM compute (register-staged
+// loads only keep a few vectors per thread in flight).
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_u32(bar)));
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// Bytes of a slice that the bulk engine can move (a multiple of 16); the rest goes through registers.
+template <class T>
+__device__ __forceinline__ long long bulk_bytes(long long n) {
+  return (n * static_cast<long long>(sizeof(T))) / 16 * 16;
+}
+
+// Starts the bulk copies of up to two slices (call from one thread, after mbar_init and a barrier).
+__device__ __forceinline__ void start_bulk(unsigned long long* bar, void* d0, const void* s0, long long b0, void* d1,
+                                           const void* s1, long long b1) {
+  mbar_expect_tx(bar, static_cast<unsigned>(b0 + b1));
+  if (b0 > 0) bulk_copy_g2s(d0, s0, static_cast<unsigned>(b0), bar);
+  if (b1 > 0) bulk_copy_g2s(d1, s1, static_cast<unsigned>(b1), bar);
+}
+
+// After the bulk copy landed: copies the unaligned tail [from, n) through registers, then adds every
+// element's y = x * scale to a running base-2 log-sum-exp, reading shared memory in 16-byte vectors.
+template <class T>
+__device__ void lse_of_slice(const T* __restrict__ src, T* __restrict__ dst, long long n, long long from, float scale,
+                             lse_acc& acc) {
+  for (long long i = from + threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+  __syncthreads();
+  constexpr int vn = vec_n<T>;
+  const long long nv = n / vn;
+  const uint4* d4 = reinterpret_cast<const uint4*>(dst);
+  for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
+    float f[vn];
+    unpack<T>(d4[i], f);
+#pragma unroll
+    for (int k = 0; k < vn; ++k) f[k] *= scale;
+    acc.add_vec(f);
+  }
+  for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) acc.add(to_float(dst[i]) * scale);
+}
+
+template <class T>
+bool rows_aligned(const kd::matrix_view<T>& v) {
+  return reinterpret_cast<std::uintptr_t>(v.data) % 16 == 0 && (v.stride * sizeof(T)) % 16 == 0;
+}
+
+template <class T>
+kd::status check_alignment(const T* ptr, const char* what, std::string_view component) {
+  if (reinterpret_cast<std::uintptr_t>(ptr) % alignof(T) != 0)
+    return {kd::errc::misaligned, std::string(what) + " is not aligned to its " + std::to_string(alignof(T)) +
+                                      "-byte element type (component '" + std::string(component) + "')"};
+  return {};
+}
+
+template <int = 0>  // a template: header-defined kernels must not clash across translation units
+__global__ void count_tokens_kernel(const std::int32_t* labels, long long n, int ignore_index, long long* count) {
+  __shared__ float scratch[32];
+  float local = 0.f;  // exact: per-thread counts stay far below 2^24
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) local += labels[i] != ignore_index ? 1.f : 0.f;
+  const float total = block_sum(local, scratch);
+  if (threadIdx.x == 0) *count = static_cast<long long>(total);
+}
+
+inline kd::status launch_count_tokens(const std::int32_t* labels, long long n, int ignore_index, long long* count,
+                                      cudaStream_t stream) {
+  count_tokens_kernel<><<<1, 1024, 0, stream>>>(labels, n, ignore_index, count);
+  return cuda_status(cudaGetLastError(), "count_tokens kernel launch");
+}
+
+// Sums partial losses in a fixed order (deterministic), in double, and divides by the normalizer.
+template <int = 0>
+__global__ void finish_loss_kernel(const float* partial, long long n, const long long* divisor_dev, double divisor,
+                                   const long long* count_dev, long long count_host, float* value, long long* tokens) {
+  __shared__ double sh[1024];
+  double s = 0.0;
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
+  sh[threadIdx.x] = s;
+  __syncthreads();
+  for (unsigned w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    const double d = divisor_dev != nullptr ? static_cast<double>(*divisor_dev > 0 ? *divisor_dev : 1) : divisor;
+    *value = static_cast<float>(sh[0] / d);
+    if (tokens != nullptr) *tokens = count_dev != nullptr ? *count_dev : count_host;
+  }
+}
+
+inline kd::status launch_finish_loss(const float* partial, long long n, const long long* divisor_dev, double divisor,
+                                     const long long* count_dev, long long count_host, const device_loss& out,
+                                     cudaStream_t stream) {
+  finish_loss_kernel<><<<1, 1024, 0, stream>>>(partial, n, divisor_dev, divisor, count_dev, count_host, out.value,
+                                             out.tokens);
+  return cuda_status(cudaGetLastError(), "finish_loss kernel launch");
+}
+
+}  // namespace kd::cuda::detail

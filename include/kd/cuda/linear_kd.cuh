@@ -1,0 +1,152 @@
+// kd/cuda/linear_kd.cuh: fused student LM head + logit distillation on the GPU.
+//
+// Per chunk of `chunk_rows` tokens: logits = hidden W^T (cuBLAS, fp32 accumulation, written in the
+// student storage type into a chunk_rows x V scratch), the fused logit-distillation kernel overwrites
+// those logits with dlogits in place (it reads each slice into shared memory before writing it), then
+// dhidden = dlogits W and dW += dlogits^T hidden (cuBLAS). The N x V logits never exist: extra memory is
+// chunk_rows x V in the storage type, plus V x d floats for dW when W is stored in 16 bits (dW is
+// accumulated over chunks in fp32 and rounded once), plus O(N).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <span>
+#include <string>
+#include <type_traits>
+
+#include <kd/cuda/logit_kd.cuh>
+#include <kd/loss/linear_kd.hpp>
+
+namespace kd {
+namespace cuda::detail {
+
+template <class T>
+constexpr cudaDataType_t cuda_type() {
+  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
+  else if constexpr (std::is_same_v<T, kd::bfloat16>) return CUDA_R_16BF;
+  else if constexpr (std::is_same_v<T, kd::half>) return CUDA_R_16F;
+  else return CUDA_R_64F;
+}
+
+inline status cublas_status(cublasStatus_t s, const char* what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return {};
+  return {errc::backend_error, std::string(what) + " failed with cuBLAS status " + std::to_string(static_cast<int>(s))};
+}
+
+// Row-major C[m x n] = op(A) op(B) expressed through column-major cuBLAS (C^T = op(B)^T op(A)^T).
+// a_t / b_t say whether A / B enter transposed, in row-major terms.
+template <class TA, class TB, class TC>
+status gemm_rm(cublasHandle_t h, long long m, long long n, long long k, const TA* a, long long lda, bool a_t, const TB* b,
+               long long ldb, bool b_t, TC* c, long long ldc, float beta) {
+  const float alpha = 1.f;
+  return cublas_status(
+      cublasGemmEx(h, b_t ? CUBLAS_OP_T : CUBLAS_OP_N, a_t ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n),
+                   static_cast<int>(m), static_cast<int>(k), &alpha, b, cuda_type<TB>(), static_cast<int>(ldb), a,
+                   cuda_type<TA>(), static_cast<int>(lda), &beta, c, cuda_type<TC>(), static_cast<int>(ldc),
+                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      "cublasGemmEx");
+}
+
+template <class T>
+__global__ void round_store_kernel(const float* src, T* dst, long long rows, long long cols, long long stride,
+                                   bool accumulate) {
+  for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < rows * cols;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long r = i / cols, c = i % cols;
+    float v = src[i];
+    if (accumulate) v += to_float(dst[r * stride + c]);
+    dst[r * stride + c] = from_float<T>(v);
+  }
+}
+
+}  // namespace cuda::detail
+
+template <>
+struct loss_impl<cuda::backend, linear_kd_tag> {
+  template <class Loss, class HT, class WT, class TT, class GH, class GW>
+  static status run(const cuda::backend& be, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
+                    matrix_view<const TT> t, std::span<const std::int32_t> labels, cuda::device_loss& out,
+                    matrix_view<GH> dh, matrix_view<GW> dw) {
+    using namespace cuda::detail;
+    const auto& o = loss.options;
+    const auto comp = ::kd::detail::component_or(o, "kd");
+    const std::string ic = ::kd::detail::in_component(comp);
+    static_assert(std::is_same_v<HT, WT>, "kd: the CUDA linear_logit_kd needs the hidden states and LM head in one dtype.");
+    if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
+    if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null" + ic};
+    KD_TRY(::kd::detail::validate_linear_kd(loss, h, w, t, dh, dw));
+    if (h.stride != h.cols || w.stride != w.cols || (!dh.empty() && dh.stride != dh.cols) || (!dw.empty() && dw.stride != dw.cols))
+      return {errc::shape_mismatch, "the CUDA linear_logit_kd needs contiguous hidden, weight and gradient rows" + ic};
+    cuda::context& ctx = *be.ctx;
+    const cudaStream_t stream = ctx.stream();
+    cublasHandle_t blas = nullptr;
+    KD_TRY(ctx.cublas(blas));
+    const long long n = h.rows, d = h.cols, v = w.rows;
+    const long long chunk = std::min<long long>(o.chunk_rows, n);
+
+    // The per-chunk loss: logit_kd on logits stored like the hidden states, accumulated in float.
+    using Inner = logit_kd<typename Loss::divergence, typename Loss::reduction,
+                           precision_set<typename Loss::precisions::teacher, precision<HT, float>>>;
+    Inner inner;
+    static_cast<logit_kd_options&>(inner.options) = o;
+    inner.options.accumulate_grad = false;
+
+    // Scratch: logits chunk | fp32 dW (16-bit heads) | partials [n * 8] | count.
+    const bool dw_f32 = !dw.empty() && !std::is_same_v<std::remove_const_t<GW>, float>;
+    auto align = [](std::size_t b) { return (b + 255) / 256 * 256; };
+    const std::size_t logits_bytes = align(static_cast<std::size_t>(chunk) * v * sizeof(HT));
+    const std::size_t dw_bytes = dw_f32 ? align(static_cast<std::size_t>(v) * d * sizeof(float)) : 0;
+    const std::size_t partial_bytes = align(static_cast<std::size_t>(n) * 8 * sizeof(float));
+    void* scratch = nullptr;
+    KD_TRY(ctx.scratch(logits_bytes + dw_bytes + partial_bytes + 256, scratch));
+    auto* base = static_cast<char*>(scratch);
+    HT* logits = reinterpret_cast<HT*>(base);
+    float* dw32 = dw_f32 ? reinterpret_cast<float*>(base + logits_bytes) : nullptr;
+    float* partial = reinterpret_cast<float*>(base + logits_bytes + dw_bytes);
+    long long* count = reinterpret_cast<long long*>(base + logits_bytes + dw_bytes + partial_bytes);
+    unsigned long long* err = nullptr;
+    KD_TRY(ctx.error_word(err));
+    if (!labels.empty()) {
+      if (static_cast<long long>(labels.size()) != n)
+        return {errc::shape_mismatch, "labels has " + std::to_string(labels.size()) + " entries for " + std::to_string(n) +
+                                          " tokens" + ic};
+      KD_TRY(launch_count_tokens(labels.data(), n, o.ignore_index, count, stream));
+    }
+
+    int cluster = 0;
+    for (long long r0 = 0; r0 < n; r0 += chunk) {
+      const long long rows = std::min(chunk, n - r0);
+      // logits[rows x V] = h[r0:r0+rows] W^T
+      KD_TRY(gemm_rm(blas, rows, v, d, h.row(r0), d, false, w.data, d, true, logits, v, 0.f));
+      logit_kd_launch l;
+      const auto lab = labels.empty() ? labels : labels.subspan(static_cast<std::size_t>(r0), static_cast<std::size_t>(rows));
+      KD_TRY(plan_logit_kd(ctx, inner, matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride),
+                           matrix_view<const HT>(logits, rows, v), lab, matrix_view<HT>(logits, rows, v), true, l));
+      if (cluster == 0) cluster = l.cluster;
+      l.p.partial = partial + r0 * cluster;
+      l.p.error = err;
+      bind_divisor(inner, l.p, labels.empty() ? nullptr : count, n);
+      KD_TRY(enqueue_logit_kd(l, stream));
+      // dh[r0:r0+rows] = dlogits W ;  dW (+)= dlogits^T h[r0:r0+rows]
+      if (!dh.empty())
+        KD_TRY(gemm_rm(blas, rows, d, v, logits, v, false, w.data, d, false, dh.row(r0), d, o.accumulate_grad ? 1.f : 0.f));
+      if (!dw.empty()) {
+        const float beta = (r0 == 0 && (dw_f32 || !o.accumulate_grad)) ? 0.f : 1.f;
+        if (dw_f32) KD_TRY(gemm_rm(blas, v, d, rows, logits, v, true, h.row(r0), d, false, dw32, d, beta));
+        else KD_TRY(gemm_rm(blas, v, d, rows, logits, v, true, h.row(r0), d, false, dw.data, d, beta));
+      }
+    }
+    if (dw_f32) {
+      round_store_kernel<<<1024, 256, 0, stream>>>(dw32, dw.data, v, d, dw.stride, o.accumulate_grad);
+      KD_CUDA_TRY(cudaGetLastError(), "round_store kernel launch");
+    }
+    logit_kd_params div;
+    bind_divisor(inner, div, labels.empty() ? nullptr : count, n);
+    return launch_finish_loss(partial, n * cluster, div.divisor_dev, div.divisor, labels.empty() ? nullptr : count,
+                              labels.empty() ? n : -1, out, stream);
+  }
+};
+
+}  // namespace kd

@@ -1,0 +1,406 @@
+// kd/cuda/logit_kd.cuh: the fused logit-distillation kernel (loss and dlogits in one launch).
+//
+// Why this shape: the op is bandwidth-bound (a few flops per byte), so the floor is one read of each
+// logit row and one write of its gradient. A row of the support (V columns, or the vocab map's K
+// slots) is split over a thread-block cluster of C blocks; each block copies its slice of the teacher
+// and student rows into shared memory while keeping an online log-sum-exp, the blocks exchange their
+// partial statistics through distributed shared memory, and the gradient is computed from shared
+// memory: HBM sees each input once and the gradient once, extra memory is O(N) (one partial loss per
+// block). C is the smallest cluster whose slices fit the shared-memory budget (V = 50,304 bf16 -> 2
+// blocks of 100 KB; V = 151,936 -> 8 blocks of 76 KB).
+// With a vocab map, each slot gathers the log-sum-exp of its teacher ids' logits and the slots are
+// normalized over the support (only mapped teacher columns are read).
+// Labels and NaN/Inf are checked in the kernel; a bad row is recorded in the context's error word and
+// skipped (kd::cuda::context::sync_status reports it). No host synchronisation happens in a call.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include <kd/cuda/context.cuh>
+#include <kd/cuda/detail/reduce.cuh>
+#include <kd/cuda/detail/storage.cuh>
+#include <kd/loss/logit_kd.hpp>
+
+namespace kd {
+namespace cuda::detail {
+
+struct logit_kd_params {
+  const void* teacher = nullptr;
+  long long t_stride = 0;
+  const void* student = nullptr;
+  long long s_stride = 0;
+  void* grad = nullptr;
+  long long g_stride = 0;
+  long long rows = 0;
+  long long support = 0;        // K: columns (shared vocab) or slots (map)
+  long long student_cols = 0;   // full student row width (padding included)
+  long long chunk = 0;          // support entries per block
+  const int* map_support = nullptr;
+  const int* map_offsets = nullptr;
+  const int* map_teacher = nullptr;
+  const std::int32_t* labels = nullptr;
+  int ignore_index = -100;
+  long long label_vocab = 0;
+  float inv_temp = 1.f;
+  float loss_scale = 1.f;       // T^2 or 1
+  float grad_base = 1.f;        // grad_scale * loss_scale / T (divided by the divisor in the kernel)
+  float param = 0.5f;           // beta / alpha
+  const long long* divisor_dev = nullptr;  // token count computed on the device, or null
+  double divisor = 1.0;                    // used when divisor_dev is null
+  bool want_grad = false;
+  bool accumulate = false;
+  bool vector_ok = false;       // 16-byte aligned rows: vectorized copies
+  float* partial = nullptr;     // [rows * C] partial losses (already scaled by loss_scale)
+  unsigned long long* error = nullptr;
+  unsigned component = 0;
+};
+
+template <class D, class TT, class ST, class GT, bool Map>
+__global__ void __launch_bounds__(512) logit_kd_kernel(const logit_kd_params p) {
+  namespace cg = cooperative_groups;
+  using TC = std::conditional_t<Map, float, TT>;  // teacher slice cache: raw logits, or mapped log-probs
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank();
+  const unsigned c_blocks = cluster.num_blocks();
+  const long long row = static_cast<long long>(blockIdx.x) / c_blocks;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TC* tcache = reinterpret_cast<TC*>(smem_raw);
+  ST* scache = reinterpret_cast<ST*>(smem_raw + ((p.chunk * sizeof(TC) + 15) / 16) * 16);
+  __shared__ float2 red_lse[32];
+  __shared__ float red_sum[32];
+  __shared__ cluster_slots<4> slots;
+  __shared__ unsigned long long bar;  // bulk-copy completion
+  if (threadIdx.x == 0) mbar_init(&bar);
+  __syncthreads();
+
+  const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.support);
+  const long long j1 = std::min<long long>(j0 + p.chunk, p.support);
+  const long long n_local = j1 - j0;
+
+  const TT* trow = static_cast<const TT*>(p.teacher) + row * p.t_stride;
+  const ST* srow = static_cast<const ST*>(p.student) + row * p.s_stride;
+  GT* grow = p.want_grad ? static_cast<GT*>(p.grad) + row * p.g_stride : nullptr;
+  float* partial = p.partial + row * c_blocks + rank;
+
+  // Gradient columns no support entry covers: padding (shared vocab) or unmapped ids (map). Zeroed
+  // first; the cluster barriers below order these writes before the support writes.
+  auto zero_uncovered = [&]() {
+    if (!p.want_grad || p.accumulate) return;
+    if constexpr (Map) {
+      const long long per = (p.student_cols + c_blocks - 1) / c_blocks;
+      const long long a = std::min<long long>(rank * per, p.student_cols), b = std::min<long long>(a + per, p.student_cols);
+      for (long long c = a + threadIdx.x; c < b; c += blockDim.x) grow[c] = from_float<GT>(0.f);
+    } else if (rank == c_blocks - 1) {
+      for (long long c = p.support + threadIdx.x; c < p.student_cols; c += blockDim.x) grow[c] = from_float<GT>(0.f);
+    }
+  };
+
+  // Ignored or invalid rows: zero gradient, zero loss. The decision is the same in every block.
+  bool active = true;
+  if (p.labels != nullptr) {
+    const int y = p.labels[row];
+    if (y == p.ignore_index) {
+      active = false;
+    } else if (y < 0 || y >= p.label_vocab) {
+      active = false;
+      if (rank == 0 && threadIdx.x == 0)
+        atomicMin(p.error, encode_error(row, device_error::label_out_of_range, device_tensor::labels, p.component));
+    }
+  }
+  if (!active) {
+    if (p.want_grad && !p.accumulate) {
+      const long long per = (p.student_cols + c_blocks - 1) / c_blocks;
+      const long long a = std::min<long long>(rank * per, p.student_cols), b = std::min<long long>(a + per, p.student_cols);
+      for (long long c = a + threadIdx.x; c < b; c += blockDim.x) grow[c] = from_float<GT>(0.f);
+    }
+    if (threadIdx.x == 0) *partial = 0.f;
+    return;  // uniform across the cluster: no block waits at a barrier the others skip
+  }
+  zero_uncovered();
+
+  // Pass 1: copy the slices into shared memory with running base-2 log-sum-exps of y = x / T * log2(e).
+  const float k2 = p.inv_temp * kLog2e;
+  lse_acc acc[2];  // [0] teacher (or mapped mass), [1] student
+  if constexpr (Map) {
+    // Each slot: the log-sum-exp of its teacher ids' scaled logits. The teacher's own normalizer
+    // cancels in the renormalization over the support, so only mapped columns are ever read (padded
+    // teacher rows cannot change the loss).
+    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
+      const long long slot = j0 + j;
+      lse_acc g;
+      for (int e = p.map_offsets[slot]; e < p.map_offsets[slot + 1]; ++e) g.add(to_float(trow[p.map_teacher[e]]) * k2);
+      const float lp = g.value();
+      tcache[j] = lp;
+      acc[0].add(lp);
+      const ST sv = srow[p.map_support[slot]];
+      scache[j] = sv;
+      acc[1].add(to_float(sv) * k2);
+    }
+  } else if (p.vector_ok) {
+    // Both slices in flight at once through the bulk-copy engine.
+    const long long bt = bulk_bytes<TT>(n_local), bs = bulk_bytes<ST>(n_local);
+    if (threadIdx.x == 0) start_bulk(&bar, tcache, trow + j0, bt, scache, srow + j0, bs);
+    mbar_wait(&bar, 0);
+    lse_of_slice(trow + j0, tcache, n_local, bt / static_cast<long long>(sizeof(TT)), k2, acc[0]);
+    lse_of_slice(srow + j0, scache, n_local, bs / static_cast<long long>(sizeof(ST)), k2, acc[1]);
+  } else {
+    copy_slice_with_lse(trow + j0, tcache, n_local, false, k2, acc[0]);
+    copy_slice_with_lse(srow + j0, scache, n_local, false, k2, acc[1]);
+  }
+  acc[0] = block_lse(acc[0], red_lse);
+  acc[1] = block_lse(acc[1], red_lse);
+  cluster_combine_lse<2>(slots, acc);
+  const float tlse = acc[0].value();  // log2 of the teacher's (or the mapped mass's) partition sum
+  const float slse = acc[1].value();
+  if (!isfinite(tlse) || !isfinite(slse)) {
+    if (rank == 0 && threadIdx.x == 0)
+      atomicMin(p.error, encode_error(row, device_error::non_finite,
+                                      isfinite(tlse) ? device_tensor::student : device_tensor::teacher, p.component));
+    if (p.want_grad && !p.accumulate)
+      for (long long j = threadIdx.x; j < n_local; j += blockDim.x)
+        grow[Map ? p.map_support[j0 + j] : j0 + j] = from_float<GT>(0.f);
+    if (threadIdx.x == 0) *partial = 0.f;
+    return;
+  }
+
+  const float divisor = p.divisor_dev != nullptr ? static_cast<float>(std::max<long long>(*p.divisor_dev, 1))
+                                                 : static_cast<float>(p.divisor);
+  const float factor = p.grad_base / divisor;
+  // Base-2 log-probabilities of entry j: dt = log2 p, ds = log2 q.
+  auto log2_pq = [&](long long j, float& dt, float& ds) {
+    if constexpr (Map) dt = tcache[j] - tlse;
+    else dt = to_float(tcache[j]) * k2 - tlse;
+    ds = to_float(scache[j]) * k2 - slse;
+  };
+  auto out_col = [&](long long j) { return Map ? static_cast<long long>(p.map_support[j0 + j]) : j0 + j; };
+  auto put = [&](long long j, float g) {
+    const long long c = out_col(j);
+    if (p.accumulate) g += to_float(grow[c]);
+    grow[c] = from_float<GT>(g);
+  };
+
+  // Pass 2 (and 3): loss terms and gradients from shared memory.
+  float loss = 0.f;
+  if constexpr (std::is_same_v<D, forward_kl>) {
+    // KL = ln 2 * sum p (log2 p - log2 q); dL/dz = q - p. Sixteen-byte vectors when every tensor has
+    // one storage type and the rows are aligned.
+    long long done = 0;
+    if constexpr (!Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>) {
+      if (p.vector_ok) {
+        constexpr int vn = vec_n<TT>;
+        const long long nv = n_local / vn;
+        const uint4* t4 = reinterpret_cast<const uint4*>(tcache);
+        const uint4* s4 = reinterpret_cast<const uint4*>(scache);
+        for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
+          float ft[vn], fs[vn];
+          unpack<TT>(t4[i], ft);
+          unpack<ST>(s4[i], fs);
+#pragma unroll
+          for (int k = 0; k < vn; ++k) {
+            const float dt = ft[k] * k2 - tlse, ds = fs[k] * k2 - slse;
+            const float pk = fast_exp2(dt), qk = fast_exp2(ds);
+            loss += pk * (dt - ds);
+            ft[k] = factor * (qk - pk);
+          }
+          if (p.want_grad) {
+            uint4* g4 = reinterpret_cast<uint4*>(grow + j0) + i;
+            if (p.accumulate) {
+              float old[vn];
+              unpack<GT>(*g4, old);
+#pragma unroll
+              for (int k = 0; k < vn; ++k) ft[k] += old[k];
+            }
+            *g4 = pack<GT>(ft);
+          }
+        }
+        done = nv * vn;
+      }
+    }
+    for (long long j = done + threadIdx.x; j < n_local; j += blockDim.x) {
+      float dt, ds;
+      log2_pq(j, dt, ds);
+      const float pk = fast_exp2(dt), qk = fast_exp2(ds);
+      loss += pk * (dt - ds);
+      if (p.want_grad) put(j, factor * (qk - pk));
+    }
+    loss *= kLn2;
+  } else {
+    ::kd::detail::divergence_math<D, float> math;
+    math.param = p.param;
+    float cq = 0.f;
+    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
+      float dt, ds;
+      log2_pq(j, dt, ds);
+      const float logp = dt * kLn2, logq = ds * kLn2, pj = fast_exp2(dt), qj = fast_exp2(ds);
+      loss += math.term(pj, logp, qj, logq);
+      cq += qj * math.dq(pj, logp, qj, logq);
+    }
+    if (p.want_grad) {
+      cq = block_sum(cq, red_sum);
+      float c1[1] = {cq};
+      cluster_combine_sum<1>(*reinterpret_cast<cluster_slots<1>*>(&slots), c1);
+      for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
+        float dt, ds;
+        log2_pq(j, dt, ds);
+        const float logp = dt * kLn2, logq = ds * kLn2, pj = fast_exp2(dt), qj = fast_exp2(ds);
+        put(j, factor * qj * (math.dq(pj, logp, qj, logq) - c1[0]));
+      }
+    }
+  }
+  loss = block_sum(loss, red_sum);
+  if (threadIdx.x == 0) *partial = loss * p.loss_scale;
+}
+
+}  // namespace cuda::detail
+
+namespace cuda::detail {
+
+// A planned launch: validated parameters, cluster size and shared memory, before scratch is bound.
+struct logit_kd_launch {
+  logit_kd_params p;
+  int cluster = 1;
+  std::size_t smem = 0;
+  void (*kernel)(const logit_kd_params) = nullptr;
+};
+
+// Host-side validation and launch geometry. Labels live on the device, so their values are checked
+// by the kernel; everything else is checked here.
+template <class Loss, class TT, class ST, class GT>
+status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teacher, matrix_view<const ST> student,
+                     std::span<const std::int32_t> labels, matrix_view<GT> dstudent, bool want_grad,
+                     logit_kd_launch& out) {
+  using D = typename Loss::divergence;
+  const auto& o = loss.options;
+  const auto comp = ::kd::detail::component_or(o, "kd");
+  KD_TRY(::kd::detail::validate_logit_kd(loss, teacher, student, std::span<const std::int32_t>{}, dstudent, want_grad));
+  if (!labels.empty() && static_cast<index_t>(labels.size()) != student.rows)
+    return {errc::shape_mismatch, "labels has " + std::to_string(labels.size()) + " entries but the logits have " +
+                                      std::to_string(student.rows) + " rows" + ::kd::detail::in_component(comp)};
+  if (o.global_tokens < 0) return {errc::invalid_argument, "global_tokens is negative" + ::kd::detail::in_component(comp)};
+  KD_TRY(check_alignment(teacher.data, "teacher logits", comp));
+  KD_TRY(check_alignment(student.data, "student logits", comp));
+  if (want_grad) KD_TRY(check_alignment(dstudent.data, "student gradient", comp));
+
+  logit_kd_params& p = out.p;
+  p = logit_kd_params{};
+  p.teacher = teacher.data;
+  p.t_stride = teacher.stride;
+  p.student = student.data;
+  p.s_stride = student.stride;
+  p.grad = want_grad ? static_cast<void*>(dstudent.data) : nullptr;
+  p.g_stride = want_grad ? dstudent.stride : 0;
+  p.rows = student.rows;
+  p.student_cols = student.cols;
+  p.labels = labels.empty() ? nullptr : labels.data();
+  p.ignore_index = o.ignore_index;
+  p.want_grad = want_grad;
+  p.accumulate = o.accumulate_grad;
+  p.component = ctx.component_slot(comp);
+  const float temp = static_cast<float>(o.temperature);
+  p.inv_temp = 1.f / temp;
+  p.loss_scale = o.scale_by_t2 ? temp * temp : 1.f;
+  p.grad_base = static_cast<float>(o.grad_scale) * p.loss_scale / temp;
+  if constexpr (Loss::divergence_info.uses_beta) p.param = static_cast<float>(o.beta);
+  if constexpr (Loss::divergence_info.uses_alpha) p.param = static_cast<float>(o.alpha);
+  const bool map = o.map != nullptr;
+  if (map) {
+    context::device_map dm;
+    KD_TRY(ctx.upload_map(*o.map, dm));
+    p.support = dm.slots;
+    p.map_support = dm.support;
+    p.map_offsets = dm.offsets;
+    p.map_teacher = dm.teacher_ids;
+    p.label_vocab = student.cols;
+  } else {
+    p.support = o.vocab > 0 ? o.vocab : student.cols;
+    p.label_vocab = p.support;
+  }
+  // Vector paths need 16-byte aligned rows everywhere (slices start at multiples of 8 elements).
+  p.vector_ok = !map && rows_aligned(teacher) && rows_aligned(student) && (!want_grad || rows_aligned(dstudent));
+
+  // Cluster size: the smallest whose per-block slice fits the budget.
+  const std::size_t tc_bytes = map ? sizeof(float) : sizeof(TT);
+  const std::size_t per_entry = tc_bytes + sizeof(ST);
+  int cluster = 1;
+  while (cluster < 8 && static_cast<std::size_t>((p.support + cluster - 1) / cluster) * per_entry > kSliceBudget)
+    cluster *= 2;
+  p.chunk = ((p.support + cluster - 1) / cluster + 7) / 8 * 8;
+  out.smem = ((p.chunk * tc_bytes + 15) / 16) * 16 + p.chunk * sizeof(ST);
+  if (out.smem > kSliceLimit)
+    return {errc::invalid_argument, "the vocabulary (" + std::to_string(p.support) +
+                                        " entries) is too large for one 8-block cluster" + ::kd::detail::in_component(comp)};
+  out.cluster = cluster;
+  using G = std::remove_const_t<GT>;
+  out.kernel = map ? logit_kd_kernel<D, TT, ST, G, true> : logit_kd_kernel<D, TT, ST, G, false>;
+  return {};
+}
+
+// Enqueues a planned launch whose partial, error and divisor fields are bound.
+inline status enqueue_logit_kd(const logit_kd_launch& l, cudaStream_t stream) {
+  KD_CUDA_TRY(cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.smem)),
+              "cudaFuncSetAttribute");
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(l.p.rows * l.cluster));
+  cfg.blockDim = dim3(512);
+  cfg.dynamicSmemBytes = l.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(l.cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  KD_CUDA_TRY(cudaLaunchKernelEx(&cfg, l.kernel, l.p), "logit_kd kernel launch");
+  return {};
+}
+
+// The divisor of a token reduction on the device: the global count if given, else the labels' count.
+template <class Loss>
+void bind_divisor(const Loss& loss, logit_kd_params& p, const long long* count_dev, long long rows) {
+  p.divisor_dev = nullptr;
+  if (!Loss::reduction_info.mean) p.divisor = 1.0;
+  else if (loss.options.global_tokens > 0) p.divisor = static_cast<double>(loss.options.global_tokens);
+  else if (count_dev != nullptr) p.divisor_dev = count_dev;
+  else p.divisor = static_cast<double>(rows);
+}
+
+}  // namespace cuda::detail
+
+template <>
+struct loss_impl<cuda::backend, logit_kd_tag> {
+  template <class Loss, class TT, class ST, class GT>
+  static status run(const cuda::backend& be, const Loss& loss, matrix_view<const TT> teacher,
+                    matrix_view<const ST> student, std::span<const std::int32_t> labels, cuda::device_loss& out,
+                    matrix_view<GT> dstudent, bool want_grad) {
+    using namespace cuda::detail;
+    if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
+    if (out.value == nullptr)
+      return {errc::invalid_argument, "device_loss.value is null" + ::kd::detail::in_component(::kd::detail::component_or(loss.options, "kd"))};
+    cuda::context& ctx = *be.ctx;
+    const cudaStream_t stream = ctx.stream();
+    logit_kd_launch l;
+    KD_TRY(plan_logit_kd(ctx, loss, teacher, student, labels, dstudent, want_grad, l));
+    // Scratch: partial losses [rows * cluster] and the device token count.
+    void* scratch = nullptr;
+    const std::size_t partial_bytes = ((static_cast<std::size_t>(l.p.rows) * l.cluster * sizeof(float) + 15) / 16) * 16;
+    KD_TRY(ctx.scratch(partial_bytes + 64, scratch));
+    l.p.partial = static_cast<float*>(scratch);
+    long long* count = reinterpret_cast<long long*>(static_cast<char*>(scratch) + partial_bytes);
+    KD_TRY(ctx.error_word(l.p.error));
+    if (l.p.labels != nullptr) KD_TRY(launch_count_tokens(l.p.labels, l.p.rows, l.p.ignore_index, count, stream));
+    bind_divisor(loss, l.p, l.p.labels != nullptr ? count : nullptr, l.p.rows);
+    KD_TRY(enqueue_logit_kd(l, stream));
+    return launch_finish_loss(l.p.partial, l.p.rows * l.cluster, l.p.divisor_dev, l.p.divisor,
+                              l.p.labels != nullptr ? count : nullptr, l.p.labels == nullptr ? l.p.rows : -1, out, stream);
+  }
+};
+
+}  // namespace kd

@@ -1,0 +1,25 @@
+// kd/kd.hpp: everything in kd's core (CPU reference backend). CUDA headers live in kd/cuda/.
+#pragma once
+
+#include <kd/version.hpp>
+#include <kd/status.hpp>
+#include <kd/numeric.hpp>
+#include <kd/tensor.hpp>
+#include <kd/policy/backend.hpp>
+#include <kd/policy/precision.hpp>
+#include <kd/policy/normalization.hpp>
+#include <kd/policy/curriculum.hpp>
+#include <kd/policy/logging.hpp>
+#include <kd/loss/common.hpp>
+#include <kd/loss/divergence.hpp>
+#include <kd/loss/logit_kd.hpp>
+#include <kd/loss/linear_kd.hpp>
+#include <kd/loss/cross_entropy.hpp>
+#include <kd/loss/feature.hpp>
+#include <kd/loss/attention.hpp>
+#include <kd/loss/moe.hpp>
+#include <kd/vocab_map.hpp>
+#include <kd/objective.hpp>
+#include <kd/train/early_stopping.hpp>
+#include <kd/train/loss_scaler.hpp>
+#include <kd/train/finite_guard.hpp>

@@ -1,0 +1,248 @@
+// kd/loss/attention.hpp: attention-map transfer, with layer and head maps for unequal depths/widths.
+//
+// Inputs are pre-softmax attention scores, [batch * heads, T, T] (query rows, key columns). With a
+// causal mask, row i covers keys 0..i; entries above the diagonal are never read (masked scores may be
+// -inf there). For each student head h the target is the teacher's maps of the
+// heads head_map[h] (averaged as probabilities for softmax_kl, as raw scores for none):
+//   softmax_kl  per row: KL(mean_{g in map(h)} softmax(t_g / T) || softmax(s_h / T)) * T^2, mean over
+//               batch * student heads * rows;  dL/ds = T (q - p) / rows.
+//   none        per row: sum_k (s_k - mean_g t_gk)^2, mean over rows (the seed's scale).
+// Which layers are compared is the caller's loop over a layer_map (student layer, teacher layer).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <kd/loss/common.hpp>
+#include <kd/policy/backend.hpp>
+#include <kd/policy/normalization.hpp>
+#include <kd/policy/precision.hpp>
+
+namespace kd {
+
+// Pairs (student layer, teacher layer). uniform() spaces min(Ls, Lt) pairs evenly over the deeper
+// model and always pairs the two last layers: student 30 / teacher 24 pairs teacher j with student
+// round((j + 1) * 30 / 24) - 1.
+struct layer_map {
+  std::vector<std::pair<int, int>> pairs;
+
+  static status uniform(int student_layers, int teacher_layers, layer_map& out) {
+    if (student_layers <= 0 || teacher_layers <= 0)
+      return {errc::invalid_argument, "layer_map needs positive layer counts"};
+    layer_map m;
+    const bool student_deeper = student_layers >= teacher_layers;
+    const int shallow = student_deeper ? teacher_layers : student_layers;
+    const int deep = student_deeper ? student_layers : teacher_layers;
+    for (int j = 0; j < shallow; ++j) {
+      const int k = static_cast<int>(std::lround(static_cast<double>(j + 1) * deep / shallow)) - 1;
+      m.pairs.emplace_back(student_deeper ? k : j, student_deeper ? j : k);
+    }
+    out = std::move(m);
+    return {};
+  }
+
+  static status explicit_pairs(std::vector<std::pair<int, int>> pairs, int student_layers, int teacher_layers,
+                               layer_map& out) {
+    for (auto [s, t] : pairs) {
+      if (s < 0 || s >= student_layers)
+        return {errc::out_of_range, "layer_map student layer " + std::to_string(s) + " is outside [0, " +
+                                        std::to_string(student_layers) + ")"};
+      if (t < 0 || t >= teacher_layers)
+        return {errc::out_of_range, "layer_map teacher layer " + std::to_string(t) + " is outside [0, " +
+                                        std::to_string(teacher_layers) + ")"};
+    }
+    out.pairs = std::move(pairs);
+    return {};
+  }
+};
+
+// For each student head, the teacher heads whose maps form its target. uniform() gives student head h
+// the teacher heads overlapping [h * Ht / Hs, (h + 1) * Ht / Hs): groups when the teacher has more
+// heads (16 -> 9: each student head averages 2 or 3 teacher heads), one head when it has fewer.
+struct head_map {
+  std::vector<std::vector<int>> teacher_heads;
+
+  static head_map uniform(int student_heads, int teacher_heads) {
+    head_map m;
+    m.teacher_heads.resize(static_cast<std::size_t>(std::max(student_heads, 0)));
+    for (int h = 0; h < student_heads; ++h) {
+      const long lo = static_cast<long>(h) * teacher_heads;         // [lo, hi) in units of 1 / student_heads
+      const long hi = static_cast<long>(h + 1) * teacher_heads;
+      for (int g = 0; g < teacher_heads; ++g) {
+        const long glo = static_cast<long>(g) * student_heads, ghi = static_cast<long>(g + 1) * student_heads;
+        if (glo < hi && ghi > lo) m.teacher_heads[static_cast<std::size_t>(h)].push_back(g);
+      }
+    }
+    return m;
+  }
+
+  status check(int student_heads, int teacher_heads) const {
+    if (static_cast<int>(this->teacher_heads.size()) != student_heads)
+      return {errc::shape_mismatch, "head_map has " + std::to_string(this->teacher_heads.size()) +
+                                        " entries but the student has " + std::to_string(student_heads) + " heads"};
+    for (std::size_t h = 0; h < this->teacher_heads.size(); ++h) {
+      if (this->teacher_heads[h].empty())
+        return {errc::invalid_argument, "head_map gives student head " + std::to_string(h) + " no teacher head"};
+      for (int g : this->teacher_heads[h])
+        if (g < 0 || g >= teacher_heads)
+          return {errc::out_of_range, "head_map teacher head " + std::to_string(g) + " is outside [0, " +
+                                          std::to_string(teacher_heads) + ")"};
+    }
+    return {};
+  }
+};
+
+struct attention_options {
+  int student_heads = 1;
+  int teacher_heads = 1;
+  bool causal = true;
+  double temperature = 1.0;   // softmax_kl only
+  double grad_scale = 1.0;
+  bool accumulate_grad = false;
+  const head_map* heads = nullptr;  // null = head_map::uniform(student_heads, teacher_heads)
+  std::string_view component = "attention";
+};
+
+struct attention_tag {};
+
+namespace detail {
+// NaN/Inf scan of one [T x T] score map (map index m = batch * heads + head); causal maps are scanned
+// on and below the diagonal only, the part the loss reads.
+template <class T>
+status check_scores_finite(const matrix_view<T>& map, bool causal, const char* tensor, index_t m,
+                           std::string_view component) {
+  const std::string name = std::string(tensor) + " (map " + std::to_string(m) + ")";
+  for (index_t r = 0; r < map.rows; ++r)
+    KD_TRY(check_row_finite(map.row(r), causal ? std::min(r + 1, map.cols) : map.cols, r, name.c_str(), component));
+  return {};
+}
+}  // namespace detail
+
+template <class N = softmax_kl, class P = precision_set<fp32, fp32>>
+struct attention_loss {
+  static_assert(PrecisionSet<P>, "kd: attention_loss's second parameter must be a kd::precision_set<Teacher, Student>.");
+  using normalization = N;
+  using precisions = P;
+  static constexpr attention_normalization_traits<N> normalization_info{};
+
+  attention_options options;
+
+  // teacher: [batch * teacher_heads, T, T], student: [batch * student_heads, T, T], batch-major.
+  template <class Backend, class TT, class ST, class GT>
+  status operator()(const Backend& backend, tensor3_view<TT> teacher, tensor3_view<ST> student, loss_result& out,
+                    tensor3_view<GT> dstudent) const {
+    KD_CHECK_TEACHER_DTYPE(P::teacher, TT);
+    KD_CHECK_STUDENT_DTYPE(P::student, ST);
+    KD_CHECK_GRAD_DTYPE(P::student, GT);
+    return loss_impl<Backend, attention_tag>::run(backend, *this, teacher, student, out, dstudent);
+  }
+  template <class Backend, class TT, class ST>
+  status operator()(const Backend& backend, tensor3_view<TT> teacher, tensor3_view<ST> student, loss_result& out) const {
+    return (*this)(backend, teacher, student, out, tensor3_view<typename P::student::storage_type>{});
+  }
+};
+
+template <>
+struct loss_impl<cpu_backend, attention_tag> {
+  template <class Loss, class TT, class ST, class GT>
+  static status run(const cpu_backend&, const Loss& loss, tensor3_view<TT> teacher, tensor3_view<ST> student,
+                    loss_result& out, tensor3_view<GT> dstudent) {
+    using A = detail::common_accum_for<typename Loss::precisions>;
+    using Arr = Eigen::Array<A, Eigen::Dynamic, 1>;
+    const auto& o = loss.options;
+    const std::string ic = detail::in_component(o.component);
+    if (o.student_heads <= 0 || o.teacher_heads <= 0)
+      return {errc::invalid_argument, "head counts must be positive" + ic};
+    if (student.empty() || teacher.empty()) return {errc::empty_input, "attention maps are empty" + ic};
+    if (student.rows != student.cols || teacher.rows != teacher.cols)
+      return {errc::shape_mismatch, "attention maps must be square [T x T]" + ic};
+    if (student.rows != teacher.rows)
+      return {errc::shape_mismatch, "student maps cover " + std::to_string(student.rows) + " positions but teacher maps " +
+                                        std::to_string(teacher.rows) + ic};
+    if (student.batch % o.student_heads != 0 || teacher.batch % o.teacher_heads != 0 ||
+        student.batch / o.student_heads != teacher.batch / o.teacher_heads)
+      return {errc::shape_mismatch, "student maps (" + std::to_string(student.batch) + " = batch x " +
+                                        std::to_string(o.student_heads) + " heads) and teacher maps (" +
+                                        std::to_string(teacher.batch) + " = batch x " + std::to_string(o.teacher_heads) +
+                                        " heads) disagree on the batch" + ic};
+    if (!(o.temperature > 0) || !std::isfinite(o.temperature))
+      return {errc::invalid_argument, "temperature must be > 0" + ic};
+    if (!dstudent.empty() && (dstudent.batch != student.batch || dstudent.rows != student.rows ||
+                              dstudent.cols != student.cols))
+      return {errc::shape_mismatch, "the student gradient's shape differs from the student maps" + ic};
+    const head_map fallback = o.heads ? head_map{} : head_map::uniform(o.student_heads, o.teacher_heads);
+    const head_map& hm = o.heads ? *o.heads : fallback;
+    if (status s = hm.check(o.student_heads, o.teacher_heads); !s.ok()) return {s.code(), s.message() + ic};
+    // With a causal mask only keys 0..i of row i are read: masked scores above the diagonal are commonly
+    // -inf (or garbage) and must not be rejected.
+    for (index_t b = 0; b < teacher.batch; ++b)
+      KD_TRY(detail::check_scores_finite(teacher[b], o.causal, "teacher attention scores", b, o.component));
+    for (index_t b = 0; b < student.batch; ++b)
+      KD_TRY(detail::check_scores_finite(student[b], o.causal, "student attention scores", b, o.component));
+
+    const index_t batch = student.batch / o.student_heads, t_len = student.rows;
+    const index_t rows = student.batch * t_len;
+    const A temp = static_cast<A>(o.temperature);
+    constexpr bool kl = Loss::normalization_info.softmax;
+    const A loss_scale = kl ? temp * temp : A(1);
+    const A gscale = static_cast<A>(o.grad_scale / static_cast<double>(rows)) * (kl ? temp : A(1));
+    Arr target(t_len), s(t_len), g(t_len);
+    A total = A(0);
+    for (index_t bi = 0; bi < batch; ++bi) {
+      for (int h = 0; h < o.student_heads; ++h) {
+        const auto smap = student[bi * o.student_heads + h];
+        const auto& group = hm.teacher_heads[static_cast<std::size_t>(h)];
+        for (index_t i = 0; i < t_len; ++i) {
+          const index_t keys = o.causal ? i + 1 : t_len;
+          auto tgt = target.head(keys);
+          auto sv = s.head(keys);
+          auto gv = g.head(keys);
+          tgt.setZero();
+          for (int gh : group) {
+            const auto tmap = teacher[bi * o.teacher_heads + gh];
+            for (index_t k = 0; k < keys; ++k) sv[k] = load_as<A>(tmap(i, k)) / (kl ? temp : A(1));
+            if constexpr (kl) {
+              const A m = sv.maxCoeff();
+              const A lse = m + std::log((sv - m).exp().sum());
+              tgt += (sv - lse).exp();
+            } else {
+              tgt += sv;
+            }
+          }
+          tgt /= static_cast<A>(group.size());
+          for (index_t k = 0; k < keys; ++k) sv[k] = load_as<A>(smap(i, k)) / (kl ? temp : A(1));
+          if constexpr (kl) {
+            const A m = sv.maxCoeff();
+            const A lse = m + std::log((sv - m).exp().sum());
+            const auto logq = sv - lse;
+            for (index_t k = 0; k < keys; ++k)
+              if (tgt[k] > A(0)) total += tgt[k] * (std::log(tgt[k]) - logq[k]);
+            gv = logq.exp() - tgt;
+          } else {
+            total += (sv - tgt).square().sum();
+            gv = A(2) * (sv - tgt);
+          }
+          if (dstudent.empty()) continue;
+          auto drow = dstudent[bi * o.student_heads + h];
+          for (index_t k = 0; k < t_len; ++k) {
+            const A v = k < keys ? gscale * gv[k] : A(0);
+            detail::put_grad(drow(i, k), v, o.accumulate_grad);
+          }
+        }
+      }
+    }
+    out.tokens = rows;
+    out.normalizer = static_cast<double>(rows);
+    out.loss = static_cast<double>(total * loss_scale) / static_cast<double>(rows);
+    if (!std::isfinite(out.loss)) return {errc::non_finite, "the loss is not finite" + ic};
+    return {};
+  }
+};
+
+}  // namespace kd

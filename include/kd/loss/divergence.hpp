@@ -1,0 +1,115 @@
+// kd/loss/divergence.hpp: divergences between a teacher distribution p and a student distribution q.
+//
+// Conventions (all in nats; p = softmax(teacher / T), q = softmax(student / T)):
+//   forward_kl   KL(p || q) = sum p (log p - log q)
+//   reverse_kl   KL(q || p) = sum q (log q - log p)
+//   jsd          beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q   (GKD's generalized
+//                JSD; beta = 0.5 is the symmetric JSD; beta = 0 or 1 makes m equal q or p and the loss 0)
+//   skew_kl      KL(p || m),  m = alpha p + (1 - alpha) q   (alpha = 0 is forward KL)
+//   tvd          0.5 sum |p - q|
+// Gradients are taken with respect to the student's scaled logits z = s / T:
+//   dL/dz_j = q_j (g_j - sum_i q_i g_i), with g = dL/dq;  forward KL reduces to q - p.
+// Terms with p_j = 0 contribute 0 (0 log 0 = 0).
+#pragma once
+
+#include <cmath>
+#include <concepts>
+#include <string_view>
+
+#include <kd/numeric.hpp>  // KD_HOST_DEVICE
+
+namespace kd {
+
+struct forward_kl {
+  static constexpr std::string_view name = "forward_kl";
+};
+struct reverse_kl {
+  static constexpr std::string_view name = "reverse_kl";
+};
+struct jsd {
+  static constexpr std::string_view name = "jsd";
+};
+struct skew_kl {
+  static constexpr std::string_view name = "skew_kl";
+};
+struct tvd {
+  static constexpr std::string_view name = "tvd";
+};
+
+template <class D>
+concept Divergence = std::same_as<D, forward_kl> || std::same_as<D, reverse_kl> || std::same_as<D, jsd> ||
+                     std::same_as<D, skew_kl> || std::same_as<D, tvd>;
+static_assert(Divergence<forward_kl> && Divergence<jsd> && Divergence<tvd> && !Divergence<int>);
+
+template <class D>
+struct divergence_traits {
+  static_assert(!sizeof(D*),
+                "kd: a divergence must be kd::forward_kl, kd::reverse_kl, kd::jsd, kd::skew_kl or kd::tvd.");
+};
+template <Divergence D>
+struct divergence_traits<D> {
+  static constexpr bool uses_beta = std::same_as<D, jsd>;
+  static constexpr bool uses_alpha = std::same_as<D, skew_kl>;
+};
+
+namespace detail {
+
+// log and |x| usable in host and device code (the CUDA kernels share these formulas).
+KD_HOST_DEVICE inline float div_log(float x) { return ::logf(x); }
+KD_HOST_DEVICE inline double div_log(double x) { return ::log(x); }
+template <class A>
+KD_HOST_DEVICE inline A div_abs(A x) { return x < A(0) ? -x : x; }
+
+// Per-element pieces of a divergence, evaluated in accumulation type A.
+//   term(p, logp, q, logq): the contribution of one vocabulary entry to the loss.
+//   dq(p, logp, q, logq):   dL/dq_j for that entry (used with the softmax Jacobian).
+// forward_kl is special-cased by callers (dL/dz = q - p, no Jacobian pass needed).
+template <Divergence D, class A>
+struct divergence_math {
+  A param = A(0.5);  // beta for jsd, alpha for skew_kl
+
+  KD_HOST_DEVICE A term(A p, A logp, A q, A logq) const {
+    if constexpr (std::same_as<D, forward_kl>) {
+      return p > A(0) ? p * (logp - logq) : A(0);
+    } else if constexpr (std::same_as<D, reverse_kl>) {
+      return q > A(0) ? q * (logq - logp) : A(0);
+    } else if constexpr (std::same_as<D, jsd>) {
+      const A b = param;
+      const A m = b * p + (A(1) - b) * q;
+      if (m <= A(0)) return A(0);
+      const A logm = div_log(m);
+      A t = A(0);
+      if (p > A(0)) t += b * p * (logp - logm);
+      if (q > A(0)) t += (A(1) - b) * q * (logq - logm);
+      return t;
+    } else if constexpr (std::same_as<D, skew_kl>) {
+      const A a = param;
+      const A m = a * p + (A(1) - a) * q;
+      return p > A(0) ? p * (logp - div_log(m)) : A(0);
+    } else {
+      return A(0.5) * div_abs(p - q);
+    }
+  }
+
+  KD_HOST_DEVICE A dq(A p, A logp, A q, A logq) const {
+    if constexpr (std::same_as<D, forward_kl>) {
+      return q > A(0) ? -p / q : A(0);
+    } else if constexpr (std::same_as<D, reverse_kl>) {
+      return logq - logp + A(1);
+    } else if constexpr (std::same_as<D, jsd>) {
+      const A b = param;
+      const A m = b * p + (A(1) - b) * q;
+      if (m <= A(0) || q <= A(0)) return A(0);
+      return (A(1) - b) * (logq - div_log(m));
+    } else if constexpr (std::same_as<D, skew_kl>) {
+      const A a = param;
+      const A m = a * p + (A(1) - a) * q;
+      return m > A(0) ? -p * (A(1) - a) / m : A(0);
+    } else {
+      return p == q ? A(0) : (q > p ? A(0.5) : A(-0.5));
+    }
+  }
+};
+
+}  // namespace detail
+}  // namespace kd

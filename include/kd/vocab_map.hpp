@@ -1,0 +1,150 @@
+// kd/vocab_map.hpp: a sparse teacher-vocabulary -> student-vocabulary map.
+//
+// Teacher and student tokenizers differ (Qwen3: 151,669 tokens padded to 151,936 rows; GPT-2: 50,257
+// padded to 50,304). Distillation compares distributions only over tokens both sides can name. The map
+// is a list of (teacher id, student id) pairs, usually built from identical token strings (the two
+// byte-level BPEs share ~42k strings). Several teacher ids may map to one student id; their probabilities
+// add. Padded rows have no string, so they are never mapped: a padded teacher row contributes
+// probability 0 (logit -inf), never the probability of a zero logit.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <kd/status.hpp>
+#include <kd/tensor.hpp>
+
+namespace kd {
+
+class vocab_map {
+ public:
+  vocab_map() = default;
+
+  // Pairs (teacher id, student id); teacher_vocab / student_vocab are the row counts of the two
+  // embeddings (padding included). Every id must lie inside its vocabulary; a teacher id appears once.
+  static status from_pairs(std::vector<std::pair<std::int32_t, std::int32_t>> pairs, index_t teacher_vocab,
+                           index_t student_vocab, vocab_map& out) {
+    if (teacher_vocab <= 0 || student_vocab <= 0)
+      return {errc::empty_input, "vocab_map needs non-empty teacher and student vocabularies"};
+    if (teacher_vocab > std::numeric_limits<std::int32_t>::max() ||
+        student_vocab > std::numeric_limits<std::int32_t>::max())
+      return {errc::out_of_range, "vocab_map vocabularies must fit 32-bit ids"};
+    std::sort(pairs.begin(), pairs.end());
+    vocab_map m;
+    m.id_ = next_id();
+    m.teacher_vocab_ = teacher_vocab;
+    m.student_vocab_ = student_vocab;
+    m.teacher_ids_.reserve(pairs.size());
+    m.student_ids_.reserve(pairs.size());
+    for (std::size_t i = 0; i < pairs.size(); ++i) {
+      const auto [t, s] = pairs[i];
+      if (t < 0 || t >= teacher_vocab)
+        return {errc::out_of_range, "vocab_map teacher id " + std::to_string(t) + " is outside [0, " +
+                                        std::to_string(teacher_vocab) + ")"};
+      if (s < 0 || s >= student_vocab)
+        return {errc::out_of_range, "vocab_map student id " + std::to_string(s) + " (from teacher id " +
+                                        std::to_string(t) + ") points past the student vocabulary of " +
+                                        std::to_string(student_vocab)};
+      if (i > 0 && pairs[i - 1].first == t)
+        return {errc::invalid_argument, "vocab_map maps teacher id " + std::to_string(t) + " twice"};
+      m.teacher_ids_.push_back(t);
+      m.student_ids_.push_back(s);
+    }
+    m.support_ = m.student_ids_;
+    std::sort(m.support_.begin(), m.support_.end());
+    m.support_.erase(std::unique(m.support_.begin(), m.support_.end()), m.support_.end());
+    out = std::move(m);
+    return {};
+  }
+
+  // Maps every teacher token whose string appears in the student vocabulary. teacher_tokens[i] is the
+  // string of teacher id i (teacher_tokens.size() <= teacher_vocab: rows past it are padding).
+  static status from_tokens(std::span<const std::string> teacher_tokens, std::span<const std::string> student_tokens,
+                            index_t teacher_vocab, index_t student_vocab, vocab_map& out) {
+    if (static_cast<index_t>(teacher_tokens.size()) > teacher_vocab)
+      return {errc::shape_mismatch, "vocab_map: " + std::to_string(teacher_tokens.size()) +
+                                        " teacher tokens do not fit " + std::to_string(teacher_vocab) + " rows"};
+    if (static_cast<index_t>(student_tokens.size()) > student_vocab)
+      return {errc::shape_mismatch, "vocab_map: " + std::to_string(student_tokens.size()) +
+                                        " student tokens do not fit " + std::to_string(student_vocab) + " rows"};
+    std::unordered_map<std::string_view, std::int32_t> student_index;
+    student_index.reserve(student_tokens.size());
+    for (std::size_t j = 0; j < student_tokens.size(); ++j) {
+      if (!student_index.emplace(student_tokens[j], static_cast<std::int32_t>(j)).second)
+        return {errc::invalid_argument, "vocab_map: the student vocabulary holds the token string of id " +
+                                            std::to_string(j) + " twice"};
+    }
+    std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+    for (std::size_t i = 0; i < teacher_tokens.size(); ++i) {
+      if (auto it = student_index.find(teacher_tokens[i]); it != student_index.end())
+        pairs.emplace_back(static_cast<std::int32_t>(i), it->second);
+    }
+    return from_pairs(std::move(pairs), teacher_vocab, student_vocab, out);
+  }
+
+  // Unique per built map (maps are immutable once built): device backends cache uploads by it.
+  [[nodiscard]] std::uint64_t id() const noexcept { return id_; }
+  [[nodiscard]] index_t teacher_vocab() const noexcept { return teacher_vocab_; }
+  [[nodiscard]] index_t student_vocab() const noexcept { return student_vocab_; }
+  [[nodiscard]] index_t size() const noexcept { return static_cast<index_t>(teacher_ids_.size()); }
+  [[nodiscard]] bool empty() const noexcept { return teacher_ids_.empty(); }
+  // Pairs sorted by teacher id.
+  [[nodiscard]] std::span<const std::int32_t> teacher_ids() const noexcept { return teacher_ids_; }
+  [[nodiscard]] std::span<const std::int32_t> student_ids() const noexcept { return student_ids_; }
+  // Sorted distinct student ids that some teacher id maps to: where the aligned distributions live.
+  [[nodiscard]] std::span<const std::int32_t> student_support() const noexcept { return support_; }
+
+  // Applies the map to one row of teacher probabilities (teacher_vocab entries): student_probs
+  // (student_vocab entries) receives the summed mass of the teacher ids mapped to each student id and 0
+  // elsewhere. If renormalize, the result sums to 1 over the support. Returns the mapped mass before
+  // renormalization (the teacher probability that the student vocabulary can express).
+  template <class A>
+  A project_probabilities(std::span<const A> teacher_probs, std::span<A> student_probs, bool renormalize) const {
+    std::fill(student_probs.begin(), student_probs.end(), A(0));
+    A mass = A(0);
+    for (std::size_t k = 0; k < teacher_ids_.size(); ++k) {
+      const A p = teacher_probs[static_cast<std::size_t>(teacher_ids_[k])];
+      student_probs[static_cast<std::size_t>(student_ids_[k])] += p;
+      mass += p;
+    }
+    if (renormalize && mass > A(0))
+      for (auto s : support_) student_probs[static_cast<std::size_t>(s)] /= mass;
+    return mass;
+  }
+
+  // Checks that the map fits logits of the given widths.
+  status check_fits(index_t teacher_cols, index_t student_cols) const {
+    if (teacher_cols != teacher_vocab_)
+      return {errc::shape_mismatch, "teacher logits have " + std::to_string(teacher_cols) +
+                                        " columns but the vocab_map was built for " + std::to_string(teacher_vocab_)};
+    if (student_cols != student_vocab_)
+      return {errc::shape_mismatch, "student logits have " + std::to_string(student_cols) +
+                                        " columns but the vocab_map was built for " + std::to_string(student_vocab_)};
+    if (empty()) return {errc::empty_input, "the vocab_map maps no token"};
+    return {};
+  }
+
+ private:
+  static std::uint64_t next_id() {
+    static std::atomic<std::uint64_t> counter{1};
+    return counter.fetch_add(1, std::memory_order_relaxed);
+  }
+
+  std::uint64_t id_ = 0;
+  index_t teacher_vocab_ = 0;
+  index_t student_vocab_ = 0;
+  std::vector<std::int32_t> teacher_ids_;
+  std::vector<std::int32_t> student_ids_;
+  std::vector<std::int32_t> support_;
+};
+
+}  // namespace kd

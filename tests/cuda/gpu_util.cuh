@@ -1,0 +1,74 @@
+// Helpers for the GPU tests: device buffers, poisoning, random inputs and comparisons.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include <kd/numeric.hpp>
+
+namespace kd_test {
+
+template <class T>
+struct device_buffer {
+  T* data = nullptr;
+  std::size_t count = 0;
+  explicit device_buffer(std::size_t n) : count(n) { REQUIRE(cudaMalloc(&data, (n ? n : 1) * sizeof(T)) == cudaSuccess); }
+  device_buffer(const device_buffer&) = delete;
+  device_buffer& operator=(const device_buffer&) = delete;
+  ~device_buffer() { cudaFree(data); }
+  void upload(const std::vector<T>& h) {
+    REQUIRE(h.size() == count);
+    REQUIRE(cudaMemcpy(data, h.data(), count * sizeof(T), cudaMemcpyHostToDevice) == cudaSuccess);
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(count);
+    REQUIRE(cudaMemcpy(h.data(), data, count * sizeof(T), cudaMemcpyDeviceToHost) == cudaSuccess);
+    return h;
+  }
+  // All-ones bytes are NaN in float, half and bfloat16: an element the kernel failed to write stays NaN.
+  void poison() { REQUIRE(cudaMemset(data, 0xff, count * sizeof(T)) == cudaSuccess); }
+};
+
+// Fresh random values rounded to storage type T (the reference sees exactly what the GPU sees).
+template <class T>
+std::vector<T> random_storage(std::size_t n, double stddev, std::mt19937_64& rng) {
+  std::normal_distribution<double> d(0.0, stddev);
+  std::vector<T> out(n);
+  for (auto& x : out) x = kd::store_as<T>(static_cast<float>(d(rng)));
+  return out;
+}
+
+template <class T>
+std::vector<double> to_double(const std::vector<T>& v) {
+  std::vector<double> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = kd::load_as<double>(v[i]);
+  return out;
+}
+
+// ||a - b|| / ||b||; NaN anywhere in a gives NaN (which fails every comparison).
+inline double rel_error(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num) / (den > 0 ? std::sqrt(den) : 1.0);
+}
+
+inline bool all_finite(const std::vector<double>& v) {
+  for (double x : v)
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+
+template <class T>
+constexpr double tolerance() {
+  return sizeof(T) == 2 ? 1e-2 : 1e-5;
+}
+
+}  // namespace kd_test

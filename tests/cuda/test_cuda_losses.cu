@@ -1,0 +1,276 @@
+// GPU kernels against the CPU reference (fp64 on the same rounded inputs), fresh random inputs each
+// case, gradients poisoned before every run so an unwritten element fails as NaN.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include <kd/cuda/kd.cuh>
+
+#include "gpu_util.cuh"
+
+using namespace kd_test;
+
+namespace {
+
+std::mt19937_64& rng() {
+  static std::mt19937_64 r(std::random_device{}());
+  return r;
+}
+
+struct kd_case {
+  kd::index_t n, v;
+  double temperature = 2.0;
+  bool labels = false;
+  kd::index_t vocab = 0;  // real columns (0 = all)
+};
+
+// Runs logit_kd<D> on the GPU in storage T and compares loss and gradient with the fp64 CPU reference.
+template <class D, class T>
+void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::index_t teacher_cols = 0) {
+  const kd::index_t tv = map ? teacher_cols : c.v;
+  auto th = random_storage<T>(static_cast<std::size_t>(c.n * tv), 2.0, rng());
+  auto sh = random_storage<T>(static_cast<std::size_t>(c.n * c.v), 1.0, rng());
+  std::vector<std::int32_t> labels;
+  if (c.labels) {
+    std::uniform_int_distribution<int> pick(0, static_cast<int>((c.vocab > 0 ? c.vocab : c.v) - 1));
+    for (kd::index_t i = 0; i < c.n; ++i) labels.push_back(i % 3 == 1 ? -100 : pick(rng()));
+  }
+  device_buffer<T> td(th.size()), sd(sh.size()), gd(sh.size());
+  device_buffer<float> loss_d(1);
+  device_buffer<long long> tok_d(1);
+  device_buffer<std::int32_t> lab_d(labels.size());
+  td.upload(th);
+  sd.upload(sh);
+  if (!labels.empty()) lab_d.upload(labels);
+  gd.poison();
+
+  kd::cuda::context ctx;
+  kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::precision<T, float>, kd::precision<T, float>>> gpu;
+  gpu.options.temperature = c.temperature;
+  gpu.options.vocab = c.vocab;
+  gpu.options.map = map;
+  gpu.options.beta = 0.3;
+  gpu.options.alpha = 0.2;
+  // fp16 gradients of a 152k softmax are ~1/(N V): below fp16's normal range. Real fp16 training
+  // scales the loss (kd::dynamic_loss_scaler); so does this test.
+  if (std::is_same_v<T, kd::half>) gpu.options.grad_scale = 4096.0;
+  kd::cuda::device_loss out{loss_d.data, tok_d.data};
+  const std::span<const std::int32_t> lab_span(labels.empty() ? nullptr : lab_d.data, labels.size());
+  REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(td.data, c.n, tv),
+              kd::matrix_view<const T>(sd.data, c.n, c.v), lab_span, out, kd::matrix_view<T>(gd.data, c.n, c.v))
+              .ok());
+  const auto st = ctx.sync_status();
+  REQUIRE_MESSAGE(st.ok(), st.message());
+
+  auto td64 = to_double(th), sd64 = to_double(sh);
+  std::vector<double> gref(sh.size());
+  kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::fp64, kd::fp64>> ref;
+  ref.options = gpu.options;
+  kd::loss_result rr;
+  REQUIRE(ref(kd::cpu, kd::matrix_view<const double>(td64.data(), c.n, tv),
+              kd::matrix_view<const double>(sd64.data(), c.n, c.v), labels, rr,
+              kd::matrix_view<double>(gref.data(), c.n, c.v))
+              .ok());
+  const double loss = loss_d.download()[0];
+  const auto g = to_double(gd.download());
+  INFO("n=", c.n, " v=", c.v, " T=", c.temperature, " loss gpu=", loss, " ref=", rr.loss);
+  CHECK(all_finite(g));
+  CHECK(std::abs(loss - rr.loss) <= tolerance<T>() * std::max(std::abs(rr.loss), 1e-3));
+  CHECK(rel_error(g, gref) <= tolerance<T>());
+  CHECK(tok_d.download()[0] == rr.tokens);
+}
+
+template <class T>
+void check_cross_entropy(kd::index_t n, kd::index_t v, kd::index_t vocab, double z) {
+  auto sh = random_storage<T>(static_cast<std::size_t>(n * v), 2.0, rng());
+  std::vector<std::int32_t> labels;
+  std::uniform_int_distribution<int> pick(0, static_cast<int>((vocab > 0 ? vocab : v) - 1));
+  for (kd::index_t i = 0; i < n; ++i) labels.push_back(i % 4 == 3 ? -100 : pick(rng()));
+  device_buffer<T> sd(sh.size()), gd(sh.size());
+  device_buffer<float> ce_d(1), z_d(1);
+  device_buffer<std::int32_t> lab_d(labels.size());
+  sd.upload(sh);
+  lab_d.upload(labels);
+  gd.poison();
+  kd::cuda::context ctx;
+  kd::cross_entropy<kd::token_mean, kd::precision<T, float>> gpu;
+  gpu.options.vocab = vocab;
+  gpu.options.z_loss_weight = z;
+  kd::cuda::device_cross_entropy out{ce_d.data, z_d.data, nullptr};
+  REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(sd.data, n, v),
+              std::span<const std::int32_t>(lab_d.data, labels.size()), out, kd::matrix_view<T>(gd.data, n, v))
+              .ok());
+  REQUIRE(ctx.sync_status().ok());
+  auto s64 = to_double(sh);
+  std::vector<double> gref(sh.size());
+  kd::cross_entropy<kd::token_mean, kd::fp64> ref;
+  ref.options = gpu.options;
+  kd::cross_entropy_result rr;
+  REQUIRE(ref(kd::cpu, kd::matrix_view<const double>(s64.data(), n, v), labels, rr,
+              kd::matrix_view<double>(gref.data(), n, v))
+              .ok());
+  const auto g = to_double(gd.download());
+  CHECK(all_finite(g));
+  CHECK(std::abs(ce_d.download()[0] - rr.ce) <= tolerance<T>() * rr.ce);
+  CHECK(std::abs(z_d.download()[0] - rr.z_loss) <= tolerance<T>() * rr.z_loss);
+  CHECK(rel_error(g, gref) <= tolerance<T>());
+}
+
+// A 151,936 -> 50,304 map shaped like Qwen3 -> GPT-2: 42,256 shared strings (an injection) plus a few
+// many-to-one entries; padded rows unmapped.
+kd::vocab_map qwen_like_map() {
+  std::vector<int> student_ids(50257);
+  std::iota(student_ids.begin(), student_ids.end(), 0);
+  std::mt19937_64 r(7);
+  std::shuffle(student_ids.begin(), student_ids.end(), r);
+  std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+  for (int i = 0; i < 42256; ++i) pairs.emplace_back(static_cast<std::int32_t>(i * 3 + 1), student_ids[i]);
+  for (int i = 0; i < 64; ++i) pairs.emplace_back(150000 + i, student_ids[i]);  // many-to-one
+  kd::vocab_map m;
+  REQUIRE(kd::vocab_map::from_pairs(pairs, 151936, 50304, m).ok());
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("fused logit KD matches the CPU reference for every divergence (fp32)") {
+  const kd_case c{5, 3001, 2.0, true, 0};
+  check_logit_kd<kd::forward_kl, float>(c);
+  check_logit_kd<kd::reverse_kl, float>(c);
+  check_logit_kd<kd::jsd, float>(c);
+  check_logit_kd<kd::skew_kl, float>(c);
+  check_logit_kd<kd::tvd, float>(c);
+}
+
+TEST_CASE_TEMPLATE("fused forward KL across sizes", T, float, kd::bfloat16, kd::half) {
+  check_logit_kd<kd::forward_kl, T>({1, 50257, 2.0});           // N = 1, odd V (unaligned rows)
+  check_logit_kd<kd::forward_kl, T>({33, 50304, 1.0, true, 50257});  // padded vocabulary
+  check_logit_kd<kd::forward_kl, T>({6, 151936, 4.0, true});    // 8-block clusters
+  check_logit_kd<kd::jsd, T>({6, 151936, 2.0});
+}
+
+TEST_CASE_TEMPLATE("fused logit KD through the 152k -> 50k vocabulary map", T, float, kd::bfloat16) {
+  const auto map = qwen_like_map();
+  check_logit_kd<kd::forward_kl, T>({4, 50304, 2.0, true}, &map, 151936);
+  check_logit_kd<kd::reverse_kl, T>({3, 50304, 1.0, false}, &map, 151936);
+}
+
+TEST_CASE_TEMPLATE("fused cross-entropy and z-loss", T, float, kd::bfloat16, kd::half) {
+  check_cross_entropy<T>(1, 50257, 0, 1e-4);
+  check_cross_entropy<T>(17, 50304, 50257, 1e-3);
+  check_cross_entropy<T>(5, 151936, 151669, 0.0);
+}
+
+template <class T>
+void check_linear_kd(kd::index_t n, kd::index_t d, kd::index_t v, kd::index_t chunk) {
+  auto hh = random_storage<T>(static_cast<std::size_t>(n * d), 1.0, rng());
+  auto wh = random_storage<T>(static_cast<std::size_t>(v * d), 0.125, rng());
+  auto th = random_storage<T>(static_cast<std::size_t>(n * v), 2.0, rng());
+  std::vector<std::int32_t> labels(static_cast<std::size_t>(n));
+  for (kd::index_t i = 0; i < n; ++i) labels[static_cast<std::size_t>(i)] = i % 5 == 2 ? -100 : static_cast<int>(i % v);
+  device_buffer<T> hd(hh.size()), wd(wh.size()), td(th.size()), dhd(hh.size()), dwd(wh.size());
+  device_buffer<float> loss_d(1);
+  device_buffer<std::int32_t> lab_d(labels.size());
+  hd.upload(hh);
+  wd.upload(wh);
+  td.upload(th);
+  lab_d.upload(labels);
+  dhd.poison();
+  dwd.poison();
+  kd::cuda::context ctx;
+  using P = kd::precision_set<kd::precision<T, float>, kd::precision<T, float>, kd::precision<T, float>>;
+  kd::linear_logit_kd<kd::forward_kl, kd::token_mean, P> gpu;
+  gpu.options.temperature = 2.0;
+  gpu.options.chunk_rows = chunk;
+  kd::cuda::device_loss out{loss_d.data, nullptr};
+  REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(hd.data, n, d), kd::matrix_view<const T>(wd.data, v, d),
+              kd::matrix_view<const T>(td.data, n, v), std::span<const std::int32_t>(lab_d.data, labels.size()), out,
+              kd::matrix_view<T>(dhd.data, n, d), kd::matrix_view<T>(dwd.data, v, d))
+              .ok());
+  const auto st = ctx.sync_status();
+  REQUIRE_MESSAGE(st.ok(), st.message());
+  auto h64 = to_double(hh), w64 = to_double(wh), t64 = to_double(th);
+  std::vector<double> dh_ref(hh.size()), dw_ref(wh.size());
+  kd::linear_logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> ref;
+  ref.options = gpu.options;
+  kd::loss_result rr;
+  REQUIRE(ref(kd::cpu, kd::matrix_view<const double>(h64.data(), n, d), kd::matrix_view<const double>(w64.data(), v, d),
+              kd::matrix_view<const double>(t64.data(), n, v), labels, rr, kd::matrix_view<double>(dh_ref.data(), n, d),
+              kd::matrix_view<double>(dw_ref.data(), v, d))
+              .ok());
+  const double loss = loss_d.download()[0];
+  const auto dh = to_double(dhd.download()), dw = to_double(dwd.download());
+  INFO("linear KD n=", n, " d=", d, " v=", v, " loss gpu=", loss, " ref=", rr.loss);
+  CHECK(all_finite(dh));
+  CHECK(all_finite(dw));
+  CHECK(std::abs(loss - rr.loss) <= tolerance<T>() * rr.loss);
+  CHECK(rel_error(dh, dh_ref) <= tolerance<T>());
+  CHECK(rel_error(dw, dw_ref) <= tolerance<T>());
+}
+
+TEST_CASE_TEMPLATE("fused linear + KD matches the CPU reference", T, float, kd::bfloat16) {
+  check_linear_kd<T>(300, 64, 5003, 128);  // three chunks, odd vocabulary
+  check_linear_kd<T>(1, 576, 50304, 2048);
+}
+
+TEST_CASE("CUDA bad input: clear status, deferred data errors named") {
+  kd::cuda::context ctx;
+  const kd::index_t n = 4, v = 1024;
+  device_buffer<float> t(n * v), s(n * v), g(n * v), loss(1);
+  t.upload(random_storage<float>(n * v, 1.0, rng()));
+  s.upload(random_storage<float>(n * v, 1.0, rng()));
+  kd::logit_kd<kd::forward_kl> l;
+  kd::cuda::device_loss out{loss.data, nullptr};
+  const kd::cuda::backend be{&ctx};
+
+  SUBCASE("shape mismatch") {
+    const auto st = l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n - 1, v),
+                      {}, out, kd::matrix_view<float>(g.data, n - 1, v));
+    CHECK(st.code() == kd::errc::shape_mismatch);
+  }
+  SUBCASE("stride smaller than a row") {
+    const auto st = l(be, kd::matrix_view<const float>(t.data, n, v, v - 1), kd::matrix_view<const float>(s.data, n, v),
+                      {}, out, kd::matrix_view<float>(g.data, n, v));
+    CHECK(st.code() == kd::errc::shape_mismatch);
+  }
+  SUBCASE("misaligned pointer") {
+    const auto* bad = reinterpret_cast<const float*>(reinterpret_cast<const char*>(s.data) + 2);
+    const auto st = l(be, kd::matrix_view<const float>(t.data, n, v - 1), kd::matrix_view<const float>(bad, n, v - 1),
+                      {}, out, kd::matrix_view<float>(g.data, n, v - 1));
+    CHECK(st.code() == kd::errc::misaligned);
+  }
+  SUBCASE("label outside the vocabulary is reported by sync_status") {
+    device_buffer<std::int32_t> lab(n);
+    lab.upload({1, 2, static_cast<std::int32_t>(v) + 5, 3});
+    REQUIRE(l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n, v),
+              std::span<const std::int32_t>(lab.data, n), out, kd::matrix_view<float>(g.data, n, v))
+                .ok());
+    const auto st = ctx.sync_status();
+    CHECK(st.code() == kd::errc::out_of_range);
+    CHECK(st.message().find("token 2") != std::string::npos);
+    CHECK(ctx.sync_status().ok());  // the error word was cleared
+  }
+  SUBCASE("NaN in the teacher is named with component and token") {
+    auto th = random_storage<float>(n * v, 1.0, rng());
+    th[3 * v + 17] = std::nanf("");
+    t.upload(th);
+    l.options.component = "kd_final";
+    REQUIRE(l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n, v), {}, out,
+              kd::matrix_view<float>(g.data, n, v))
+                .ok());
+    const auto st = ctx.sync_status();
+    CHECK(st.code() == kd::errc::non_finite);
+    CHECK(st.message().find("teacher") != std::string::npos);
+    CHECK(st.message().find("token 3") != std::string::npos);
+    CHECK(st.message().find("kd_final") != std::string::npos);
+  }
+  SUBCASE("temperature <= 0") {
+    l.options.temperature = 0;
+    CHECK(l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n, v), {}, out,
+            kd::matrix_view<float>(g.data, n, v))
+              .code() == kd::errc::invalid_argument);
+  }
+}
