@@ -100,6 +100,7 @@ void time_calls(benchmark::State& state, F&& call) {
 template <class D>
 void BM_logit_kd_bf16(benchmark::State& state) {
   const long long n = state.range(0), v = state.range(1);
+  const std::size_t budget_kb = state.range(2);  // shared-memory slice budget (the cluster-size knob)
   using T = kd::bfloat16;
   T* t = device_random<T>(n * v, 1, 2.f);
   T* s = device_random<T>(n * v, 2, 1.f);
@@ -108,6 +109,7 @@ void BM_logit_kd_bf16(benchmark::State& state) {
   BENCH_CHECK(cudaMalloc(&g, n * v * sizeof(T)));
   BENCH_CHECK(cudaMalloc(&loss, sizeof(float)));
   kd::cuda::context ctx;
+  ctx.set_slice_budget(budget_kb * 1024);
   kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16>> l;
   l.options.temperature = 2.0;
   kd::cuda::device_loss out{loss, nullptr};
@@ -128,6 +130,7 @@ void BM_logit_kd_bf16(benchmark::State& state) {
 
 void BM_cross_entropy_bf16(benchmark::State& state) {
   const long long n = state.range(0), v = state.range(1);
+  const std::size_t budget_kb = state.range(2);
   using T = kd::bfloat16;
   T* s = device_random<T>(n * v, 3, 2.f);
   T* g = nullptr;
@@ -138,6 +141,7 @@ void BM_cross_entropy_bf16(benchmark::State& state) {
   BENCH_CHECK(cudaMalloc(&labels, n * sizeof(std::int32_t)));
   BENCH_CHECK(cudaMemset(labels, 0, n * sizeof(std::int32_t)));
   kd::cuda::context ctx;
+  ctx.set_slice_budget(budget_kb * 1024);
   kd::cross_entropy<kd::token_mean, kd::bf16> l;
   kd::cuda::device_cross_entropy out{ce, nullptr, nullptr};
   time_calls(state, [&] {
@@ -146,21 +150,67 @@ void BM_cross_entropy_bf16(benchmark::State& state) {
     if (!st.ok()) state.SkipWithError(st.message().c_str());
   });
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 2 * n * v * static_cast<int64_t>(sizeof(T)));
+  state.counters["extra_MB"] = static_cast<double>(ctx.scratch_capacity()) / 1e6;
   cudaFree(s);
   cudaFree(g);
   cudaFree(ce);
   cudaFree(labels);
 }
 
+// Student LM head (hidden 576 -> V) + forward KL against given teacher logits, forward+backward with
+// gradients for the hidden states and the head. Minimum bytes: read hidden, W, teacher logits; write
+// dhidden and dW (the logits never reach memory in full).
+void BM_linear_kd_bf16(benchmark::State& state) {
+  const long long n = state.range(0), v = state.range(1), d = 576;
+  using T = kd::bfloat16;
+  T* h = device_random<T>(n * d, 4, 1.f);
+  T* w = device_random<T>(v * d, 5, 0.04f);
+  T* t = device_random<T>(n * v, 6, 2.f);
+  T *dh = nullptr, *dw = nullptr;
+  float* loss = nullptr;
+  BENCH_CHECK(cudaMalloc(&dh, n * d * sizeof(T)));
+  BENCH_CHECK(cudaMalloc(&dw, v * d * sizeof(T)));
+  BENCH_CHECK(cudaMalloc(&loss, sizeof(float)));
+  kd::cuda::context ctx;
+  kd::linear_logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16, kd::bf16>> l;
+  l.options.temperature = 2.0;
+  l.options.chunk_rows = 2048;
+  kd::cuda::device_loss out{loss, nullptr};
+  time_calls(state, [&] {
+    const auto st = l(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(h, n, d), kd::matrix_view<const T>(w, v, d),
+                      kd::matrix_view<const T>(t, n, v), {}, out, kd::matrix_view<T>(dh, n, d), kd::matrix_view<T>(dw, v, d));
+    if (!st.ok()) state.SkipWithError(st.message().c_str());
+  });
+  const auto sync = ctx.sync_status();
+  if (!sync.ok()) state.SkipWithError(sync.message().c_str());
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * (n * v + 2 * n * d + 2 * v * d) *
+                          static_cast<int64_t>(sizeof(T)));
+  state.counters["extra_MB"] = static_cast<double>(ctx.scratch_capacity()) / 1e6;
+  state.counters["TFLOPs"] = benchmark::Counter(6.0 * n * v * d * state.iterations() / 1e12, benchmark::Counter::kIsRate);
+  for (void* p : {static_cast<void*>(h), static_cast<void*>(w), static_cast<void*>(t), static_cast<void*>(dh),
+                  static_cast<void*>(dw), static_cast<void*>(loss)})
+    cudaFree(p);
+}
+
+// The table's shapes at the default slice budget (third argument, KiB), then a sweep of the budget
+// for the smaller shapes: one run compares cluster sizes on one card.
 void shapes(benchmark::internal::Benchmark* b) {
   for (long long n : {4096, 16384})
-    for (long long v : {50304, 151936}) b->Args({n, v});
+    for (long long v : {50304, 151936}) b->Args({n, v, 52});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+}
+void budget_sweep(benchmark::internal::Benchmark* b) {
+  for (long long v : {50304, 151936})
+    for (long long kb : {200, 76, 64, 52, 40}) b->Args({4096, v, kb});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 }
 
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Apply(shapes);
-BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Args({4096, 50304})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
-BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304})->Args({16384, 50304})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_sweep_logit_kd_forward_kl")->Apply(budget_sweep);
+BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Args({4096, 50304, 52})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+BENCHMARK(BM_linear_kd_bf16)->Args({16384, 50304})->Args({16384, 151936})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304, 52})->Args({16384, 50304, 52})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+BENCHMARK(BM_cross_entropy_bf16)->Name("BM_sweep_cross_entropy")->Args({4096, 50304, 100})->Args({4096, 50304, 26})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 
 }  // namespace
 

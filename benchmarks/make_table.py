@@ -9,11 +9,15 @@ def main(kd_path, torch_path):
     kd = json.load(open(kd_path))
     device = kd.get("context", {}).get("device", "?")
     rows = {}
+    sweep = []
     copy_tbs = None
     for b in kd["benchmarks"]:
         name = b["name"]
         if name.startswith("BM_device_copy"):
             copy_tbs = b["bytes_per_second"] / 1e12
+            continue
+        if name.startswith("BM_sweep"):
+            sweep.append(b)
             continue
         parts = name.split("/")
         op = parts[0]
@@ -28,7 +32,8 @@ def main(kd_path, torch_path):
     print(f"Card: {device}; measured device-to-device copy: {copy_tbs:.2f} TB/s (read + write)\n")
     print("| op | N x V | eager ms | compile ms | kd ms | kd vs compile | kd TB/s (min bytes) | % of copy | eager extra MB | compile extra MB | kd extra MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    names = {"BM_logit_kd_bf16<kd::forward_kl>": "kd_forward_kl", "BM_cross_entropy_bf16": "cross_entropy"}
+    names = {"BM_logit_kd_bf16<kd::forward_kl>": "kd_forward_kl", "BM_cross_entropy_bf16": "cross_entropy",
+             "BM_linear_kd_bf16": "linear_kd"}
     for (op, n, v), b in sorted(rows.items()):
         kd_ms = b["real_time"] if b.get("time_unit") == "ms" else b["real_time"] / 1e6
         tbs = b["bytes_per_second"] / 1e12
@@ -39,6 +44,15 @@ def main(kd_path, torch_path):
         print(f"| {op.replace('BM_', '')} | {n} x {v} | {fmt(eager)} | {fmt(comp)} | {kd_ms:.3f} | {speed} | {tbs:.2f} | "
               f"{100 * tbs / copy_tbs:.0f}% | {fmt(t.get('eager_extra_MB'))} | {fmt(t.get('compile_extra_MB'))} | "
               f"{b.get('extra_MB', float('nan')):.1f} |")
+    if sweep:
+        print("\nSlice-budget sweep (same run; the budget sets the cluster size, see kd/cuda/logit_kd.cuh):\n")
+        print("| kernel | N x V | budget KiB | ms | TB/s | % of copy |")
+        print("|---|---|---|---|---|---|")
+        for b in sweep:
+            parts = b["name"].split("/")
+            tbs = b["bytes_per_second"] / 1e12
+            print(f"| {parts[0].replace('BM_sweep_', '')} | {parts[1]} x {parts[2]} | {parts[3]} | {b['real_time']:.3f} | "
+                  f"{tbs:.2f} | {100 * tbs / copy_tbs:.0f}% |")
 
 
 if __name__ == "__main__":

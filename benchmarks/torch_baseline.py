@@ -15,6 +15,10 @@ def kd_forward_kl(s, t, temperature=2.0):
     return (p * (logp - logq)).sum(-1).mean() * temperature * temperature
 
 
+def linear_kd(h, w, t, temperature=2.0):
+    return kd_forward_kl(h @ w.t(), t, temperature)
+
+
 def cross_entropy(s, y):
     return torch.nn.functional.cross_entropy(s.float(), y)
 
@@ -48,6 +52,7 @@ def main():
     dev = torch.device("cuda")
     compiled_kd = torch.compile(kd_forward_kl)
     compiled_ce = torch.compile(cross_entropy)
+    compiled_lin = torch.compile(linear_kd)
     shapes = [(4096, 50304), (16384, 50304), (4096, 151936), (16384, 151936)]
     for n, v in shapes:
         t = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 2
@@ -62,6 +67,21 @@ def main():
         row["compile_ms"], row["compile_extra_MB"] = measure(compiled_kd, inputs)
         print(json.dumps(row), flush=True)
         del t, s0
+        torch.cuda.empty_cache()
+    for n, v in [(16384, 50304), (16384, 151936)]:
+        d = 576
+        h0 = torch.randn(n, d, device=dev, dtype=torch.bfloat16)
+        w0 = torch.randn(v, d, device=dev, dtype=torch.bfloat16) * 0.04
+        t = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 2
+
+        def inputs():
+            return h0.detach().clone().requires_grad_(True), w0.detach().clone().requires_grad_(True), t
+
+        row = {"op": "linear_kd", "n": n, "v": v}
+        row["eager_ms"], row["eager_extra_MB"] = measure(linear_kd, inputs, reps=10)
+        row["compile_ms"], row["compile_extra_MB"] = measure(compiled_lin, inputs, reps=10)
+        print(json.dumps(row), flush=True)
+        del h0, w0, t
         torch.cuda.empty_cache()
     for n, v in [(4096, 50304), (16384, 50304)]:
         s0 = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 2

@@ -13,15 +13,21 @@ export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PAT
 export PATH="/usr/local/cuda/bin:$PATH"
 gpu_test=build-device/tests/cuda/test_cuda_losses
 {
-  echo "== memcheck (all GPU tests)"
-  compute-sanitizer --tool memcheck --error-exitcode 3 "$gpu_test" 2>&1 | tail -n 30
-  echo "memcheck exit: ${PIPESTATUS[0]}"
+  for t in build-device/tests/cuda/test_cuda_*; do
+    [[ -x "$t" ]] || continue
+    echo "== memcheck $(basename "$t")"
+    compute-sanitizer --tool memcheck --error-exitcode 3 "$t" 2>&1 | tail -n 6
+    echo "memcheck $(basename "$t") exit: ${PIPESTATUS[0]}"
+  done
   for tool in racecheck synccheck initcheck; do
     echo "== $tool (fp32: divergences, 8-block clusters, vocab map, linear KD, bad input)"
     compute-sanitizer --tool "$tool" --error-exitcode 3 "$gpu_test" \
-      -tc="*every divergence*,*bad input*,*across sizes<float>*,*map<float>*,*linear*<float>*" 2>&1 | tail -n 15
+      -tc="*every divergence*,*bad input*,*across sizes<float>*,*map<float>*,*linear*<float>*" 2>&1 | tail -n 6
     echo "$tool exit: ${PIPESTATUS[0]}"
   done
+  echo "== racecheck test_cuda_attention"
+  compute-sanitizer --tool racecheck --error-exitcode 3 build-device/tests/cuda/test_cuda_attention 2>&1 | tail -n 6
+  echo "racecheck attention exit: ${PIPESTATUS[0]}"
 } > "$logs/sanitizer.log" 2>&1
 grep -E "exit:|ERROR SUMMARY|RACECHECK SUMMARY" "$logs/sanitizer.log"
 exit $status

@@ -58,7 +58,8 @@ class objective {
 
   template <Curve C>
   objective& temperature(schedule<C> s) {
-    temperature_valid_ = validate_temperature(s);
+    // (void): nvcc reads the assignment's status& result as a discarded [[nodiscard]] value.
+    static_cast<void>(temperature_valid_ = validate_temperature(s));
     temperature_ = s;
     return *this;
   }

@@ -13,6 +13,13 @@
 
 namespace kd_test {
 
+// Fresh inputs every run (seeded from the device's entropy): a kernel must compute the same function
+// on any valid input, not on one fixed draw.
+inline std::mt19937_64& rng() {
+  static std::mt19937_64 r(std::random_device{}());
+  return r;
+}
+
 template <class T>
 struct device_buffer {
   T* data = nullptr;

@@ -15,11 +15,6 @@ using namespace kd_test;
 
 namespace {
 
-std::mt19937_64& rng() {
-  static std::mt19937_64 r(std::random_device{}());
-  return r;
-}
-
 struct kd_case {
   kd::index_t n, v;
   double temperature = 2.0;

@@ -63,6 +63,12 @@ class context {
   }
 
   [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
+  // Shared-memory bytes a row-kernel block may use for its slice of a row (kd/cuda/logit_kd.cuh):
+  // smaller slices mean larger clusters and more blocks per SM. A tuning knob for benchmarks; the
+  // default is what benchmarks/RESULTS.md measured best.
+  [[nodiscard]] std::size_t slice_budget() const noexcept { return slice_budget_; }
+  void set_slice_budget(std::size_t bytes) noexcept { slice_budget_ = bytes; }
+
   // Device scratch currently held (the O(N) extra memory of the losses).
   [[nodiscard]] std::size_t scratch_capacity() const noexcept { return scratch_bytes_; }
 
@@ -131,8 +137,10 @@ class context {
                         : tensor == detail::device_tensor::scores  ? "attention scores"
                                                                    : "router logits";
     if (code == detail::device_error::label_out_of_range)
-      return {errc::out_of_range, std::string("a label outside the vocabulary at token ") + std::to_string(row) +
-                                      " (component '" + comp + "')"};
+      return {errc::out_of_range, std::string(tensor == detail::device_tensor::router
+                                                  ? "an expert id outside the router's experts at token "
+                                                  : "a label outside the vocabulary at token ") +
+                                      std::to_string(row) + " (component '" + comp + "')"};
     return {errc::non_finite, std::string("NaN or Inf in ") + tname + " at token " + std::to_string(row) +
                                   " (component '" + comp + "')"};
   }
@@ -181,6 +189,7 @@ class context {
 
   cudaStream_t stream_;
   cublasHandle_t cublas_ = nullptr;
+  std::size_t slice_budget_ = 52 * 1024;  // four blocks per SM (benchmarks/RESULTS.md, budget sweep)
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
   unsigned long long* error_ = nullptr;

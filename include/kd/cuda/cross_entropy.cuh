@@ -196,7 +196,7 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
     p.vector_ok = rows_aligned(logits) && (!want_grad || rows_aligned(dlogits));
     p.component = ctx.component_slot(comp);
     int cluster = 1;
-    while (cluster < 8 && static_cast<std::size_t>((p.vocab + cluster - 1) / cluster) * sizeof(ST) > kSliceBudget)
+    while (cluster < 8 && static_cast<std::size_t>((p.vocab + cluster - 1) / cluster) * sizeof(ST) > ctx.slice_budget())
       cluster *= 2;
     p.chunk = ((p.vocab + cluster - 1) / cluster + 7) / 8 * 8;
     const std::size_t smem = p.chunk * sizeof(ST);

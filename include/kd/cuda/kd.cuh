@@ -7,3 +7,6 @@
 #include <kd/cuda/logit_kd.cuh>
 #include <kd/cuda/cross_entropy.cuh>
 #include <kd/cuda/linear_kd.cuh>
+#include <kd/cuda/feature.cuh>
+#include <kd/cuda/moe.cuh>
+#include <kd/cuda/attention.cuh>

@@ -93,7 +93,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     static_cast<logit_kd_options&>(inner.options) = o;
     inner.options.accumulate_grad = false;
 
-    // Scratch: logits chunk | fp32 dW (16-bit heads) | partials [n * 8] | count.
+    // Scratch: logits chunk | fp32 dW (16-bit heads) | partials [n * 8 (the largest cluster)] | count.
     const bool dw_f32 = !dw.empty() && !std::is_same_v<std::remove_const_t<GW>, float>;
     auto align = [](std::size_t b) { return (b + 255) / 256 * 256; };
     const std::size_t logits_bytes = align(static_cast<std::size_t>(chunk) * v * sizeof(HT));

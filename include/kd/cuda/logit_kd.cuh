@@ -62,7 +62,7 @@ struct logit_kd_params {
 };
 
 template <class D, class TT, class ST, class GT, bool Map>
-__global__ void __launch_bounds__(512) logit_kd_kernel(const logit_kd_params p) {
+__global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params p) {
   namespace cg = cooperative_groups;
   using TC = std::conditional_t<Map, float, TT>;  // teacher slice cache: raw logits, or mapped log-probs
   cg::cluster_group cluster = cg::this_cluster();
@@ -76,6 +76,7 @@ __global__ void __launch_bounds__(512) logit_kd_kernel(const logit_kd_params p) 
   __shared__ float2 red_lse[32];
   __shared__ float red_sum[32];
   __shared__ cluster_slots<4> slots;
+  __shared__ cluster_slots<1> slots1;
   __shared__ unsigned long long bar;  // bulk-copy completion
   if (threadIdx.x == 0) mbar_init(&bar);
   __syncthreads();
@@ -245,7 +246,7 @@ __global__ void __launch_bounds__(512) logit_kd_kernel(const logit_kd_params p) 
     if (p.want_grad) {
       cq = block_sum(cq, red_sum);
       float c1[1] = {cq};
-      cluster_combine_sum<1>(*reinterpret_cast<cluster_slots<1>*>(&slots), c1);
+      cluster_combine_sum<1>(slots1, c1);
       for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
         float dt, ds;
         log2_pq(j, dt, ds);
@@ -329,7 +330,7 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   const std::size_t tc_bytes = map ? sizeof(float) : sizeof(TT);
   const std::size_t per_entry = tc_bytes + sizeof(ST);
   int cluster = 1;
-  while (cluster < 8 && static_cast<std::size_t>((p.support + cluster - 1) / cluster) * per_entry > kSliceBudget)
+  while (cluster < 8 && static_cast<std::size_t>((p.support + cluster - 1) / cluster) * per_entry > ctx.slice_budget())
     cluster *= 2;
   p.chunk = ((p.support + cluster - 1) / cluster + 7) / 8 * 8;
   out.smem = ((p.chunk * tc_bytes + 15) / 16) * 16 + p.chunk * sizeof(ST);

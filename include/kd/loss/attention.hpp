@@ -122,6 +122,52 @@ status check_scores_finite(const matrix_view<T>& map, bool causal, const char* t
     KD_TRY(check_row_finite(map.row(r), causal ? std::min(r + 1, map.cols) : map.cols, r, name.c_str(), component));
   return {};
 }
+
+// Shape, parameter and head-map checks shared by every backend. Reads no tensor element, so the views
+// may point to device memory. On success `hm` is the head map the call uses: options.heads, or
+// head_map::uniform(student_heads, teacher_heads) built into `fallback` (only once the shapes passed).
+template <class TT, class ST, class GT>
+status validate_attention(const attention_options& o, const tensor3_view<TT>& teacher, const tensor3_view<ST>& student,
+                          const tensor3_view<GT>& dstudent, head_map& fallback, const head_map*& hm) {
+  const std::string ic = in_component(o.component);
+  if (o.student_heads <= 0 || o.teacher_heads <= 0)
+    return {errc::invalid_argument, "head counts must be positive" + ic};
+  if (student.empty() || teacher.empty()) return {errc::empty_input, "attention maps are empty" + ic};
+  if (student.rows != student.cols || teacher.rows != teacher.cols)
+    return {errc::shape_mismatch, "attention maps must be square [T x T]" + ic};
+  if (student.rows != teacher.rows)
+    return {errc::shape_mismatch, "student maps cover " + std::to_string(student.rows) + " positions but teacher maps " +
+                                      std::to_string(teacher.rows) + ic};
+  if (student.batch % o.student_heads != 0 || teacher.batch % o.teacher_heads != 0 ||
+      student.batch / o.student_heads != teacher.batch / o.teacher_heads)
+    return {errc::shape_mismatch, "student maps (" + std::to_string(student.batch) + " = batch x " +
+                                      std::to_string(o.student_heads) + " heads) and teacher maps (" +
+                                      std::to_string(teacher.batch) + " = batch x " + std::to_string(o.teacher_heads) +
+                                      " heads) disagree on the batch" + ic};
+  if (!(o.temperature > 0) || !std::isfinite(o.temperature))
+    return {errc::invalid_argument, "temperature must be > 0" + ic};
+  if (!dstudent.empty() && (dstudent.batch != student.batch || dstudent.rows != student.rows ||
+                            dstudent.cols != student.cols))
+    return {errc::shape_mismatch, "the student gradient's shape differs from the student maps" + ic};
+  if (o.heads == nullptr) fallback = head_map::uniform(o.student_heads, o.teacher_heads);
+  const head_map& m = o.heads != nullptr ? *o.heads : fallback;
+  if (status s = m.check(o.student_heads, o.teacher_heads); !s.ok()) return {s.code(), s.message() + ic};
+  hm = &m;
+  return {};
+}
+
+// NaN/Inf scan of every map on the host (CPU backend only; the CUDA kernel checks on the device).
+// With a causal mask only keys 0..i of row i are read: masked scores above the diagonal are commonly
+// -inf (or garbage) and must not be rejected.
+template <class TT, class ST>
+status check_attention_finite(const attention_options& o, const tensor3_view<TT>& teacher,
+                              const tensor3_view<ST>& student) {
+  for (index_t b = 0; b < teacher.batch; ++b)
+    KD_TRY(check_scores_finite(teacher[b], o.causal, "teacher attention scores", b, o.component));
+  for (index_t b = 0; b < student.batch; ++b)
+    KD_TRY(check_scores_finite(student[b], o.causal, "student attention scores", b, o.component));
+  return {};
+}
 }  // namespace detail
 
 template <class N = softmax_kl, class P = precision_set<fp32, fp32>>
@@ -134,16 +180,17 @@ struct attention_loss {
   attention_options options;
 
   // teacher: [batch * teacher_heads, T, T], student: [batch * student_heads, T, T], batch-major.
-  template <class Backend, class TT, class ST, class GT>
-  status operator()(const Backend& backend, tensor3_view<TT> teacher, tensor3_view<ST> student, loss_result& out,
+  // `out` is the backend's result type: kd::loss_result on the CPU, kd::cuda::device_loss on the GPU.
+  template <class Backend, class TT, class ST, class Out, class GT>
+  status operator()(const Backend& backend, tensor3_view<TT> teacher, tensor3_view<ST> student, Out& out,
                     tensor3_view<GT> dstudent) const {
     KD_CHECK_TEACHER_DTYPE(P::teacher, TT);
     KD_CHECK_STUDENT_DTYPE(P::student, ST);
     KD_CHECK_GRAD_DTYPE(P::student, GT);
     return loss_impl<Backend, attention_tag>::run(backend, *this, teacher, student, out, dstudent);
   }
-  template <class Backend, class TT, class ST>
-  status operator()(const Backend& backend, tensor3_view<TT> teacher, tensor3_view<ST> student, loss_result& out) const {
+  template <class Backend, class TT, class ST, class Out>
+  status operator()(const Backend& backend, tensor3_view<TT> teacher, tensor3_view<ST> student, Out& out) const {
     return (*this)(backend, teacher, student, out, tensor3_view<typename P::student::storage_type>{});
   }
 };
@@ -157,34 +204,11 @@ struct loss_impl<cpu_backend, attention_tag> {
     using Arr = Eigen::Array<A, Eigen::Dynamic, 1>;
     const auto& o = loss.options;
     const std::string ic = detail::in_component(o.component);
-    if (o.student_heads <= 0 || o.teacher_heads <= 0)
-      return {errc::invalid_argument, "head counts must be positive" + ic};
-    if (student.empty() || teacher.empty()) return {errc::empty_input, "attention maps are empty" + ic};
-    if (student.rows != student.cols || teacher.rows != teacher.cols)
-      return {errc::shape_mismatch, "attention maps must be square [T x T]" + ic};
-    if (student.rows != teacher.rows)
-      return {errc::shape_mismatch, "student maps cover " + std::to_string(student.rows) + " positions but teacher maps " +
-                                        std::to_string(teacher.rows) + ic};
-    if (student.batch % o.student_heads != 0 || teacher.batch % o.teacher_heads != 0 ||
-        student.batch / o.student_heads != teacher.batch / o.teacher_heads)
-      return {errc::shape_mismatch, "student maps (" + std::to_string(student.batch) + " = batch x " +
-                                        std::to_string(o.student_heads) + " heads) and teacher maps (" +
-                                        std::to_string(teacher.batch) + " = batch x " + std::to_string(o.teacher_heads) +
-                                        " heads) disagree on the batch" + ic};
-    if (!(o.temperature > 0) || !std::isfinite(o.temperature))
-      return {errc::invalid_argument, "temperature must be > 0" + ic};
-    if (!dstudent.empty() && (dstudent.batch != student.batch || dstudent.rows != student.rows ||
-                              dstudent.cols != student.cols))
-      return {errc::shape_mismatch, "the student gradient's shape differs from the student maps" + ic};
-    const head_map fallback = o.heads ? head_map{} : head_map::uniform(o.student_heads, o.teacher_heads);
-    const head_map& hm = o.heads ? *o.heads : fallback;
-    if (status s = hm.check(o.student_heads, o.teacher_heads); !s.ok()) return {s.code(), s.message() + ic};
-    // With a causal mask only keys 0..i of row i are read: masked scores above the diagonal are commonly
-    // -inf (or garbage) and must not be rejected.
-    for (index_t b = 0; b < teacher.batch; ++b)
-      KD_TRY(detail::check_scores_finite(teacher[b], o.causal, "teacher attention scores", b, o.component));
-    for (index_t b = 0; b < student.batch; ++b)
-      KD_TRY(detail::check_scores_finite(student[b], o.causal, "student attention scores", b, o.component));
+    head_map fallback;
+    const head_map* heads = nullptr;
+    KD_TRY(detail::validate_attention(o, teacher, student, dstudent, fallback, heads));
+    KD_TRY(detail::check_attention_finite(o, teacher, student));
+    const head_map& hm = *heads;
 
     const index_t batch = student.batch / o.student_heads, t_len = student.rows;
     const index_t rows = student.batch * t_len;

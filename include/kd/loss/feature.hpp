@@ -9,6 +9,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <span>
 #include <string>
 
@@ -40,9 +42,10 @@ struct feature_loss {
 
   // student: [N x d_s], projection: [D x d_s] (or empty = identity), bias: [1 x D] (or empty),
   // teacher: [N x D]. Gradients have the shapes of their inputs; pass an empty view to skip one.
-  template <class Backend, class ST, class WT, class BT, class TT, class GS, class GW, class GB>
+  // `out` is the backend's result type: kd::loss_result on the CPU, kd::cuda::device_loss on the GPU.
+  template <class Backend, class ST, class WT, class BT, class TT, class Out, class GS, class GW, class GB>
   status operator()(const Backend& backend, matrix_view<ST> student, matrix_view<WT> projection, matrix_view<BT> bias,
-                    matrix_view<TT> teacher, std::span<const std::int32_t> labels, loss_result& out,
+                    matrix_view<TT> teacher, std::span<const std::int32_t> labels, Out& out,
                     matrix_view<GS> dstudent, matrix_view<GW> dprojection, matrix_view<GB> dbias) const {
     KD_CHECK_STUDENT_DTYPE(P::student, ST);
     KD_CHECK_PROJECTION_DTYPE(P::projection, WT);
@@ -56,9 +59,9 @@ struct feature_loss {
   }
 
   // Forward only.
-  template <class Backend, class ST, class WT, class BT, class TT>
+  template <class Backend, class ST, class WT, class BT, class TT, class Out>
   status operator()(const Backend& backend, matrix_view<ST> student, matrix_view<WT> projection, matrix_view<BT> bias,
-                    matrix_view<TT> teacher, std::span<const std::int32_t> labels, loss_result& out) const {
+                    matrix_view<TT> teacher, std::span<const std::int32_t> labels, Out& out) const {
     using S = typename P::student::storage_type;
     using W = typename P::projection::storage_type;
     return (*this)(backend, student, projection, bias, teacher, labels, out, matrix_view<S>{}, matrix_view<W>{},
@@ -68,13 +71,23 @@ struct feature_loss {
 
 namespace detail {
 
+// The feature loss's component name for messages ("feature" unless the options name one).
+template <class Loss>
+token_options feature_named_options(const Loss& loss) {
+  token_options named = loss.options;
+  named.component = component_or(loss.options, "feature");
+  return named;
+}
+
+// Shapes, strides, options and the label count: everything that needs no tensor or label memory, so
+// a backend whose tensors live on a device (kd/cuda/feature.cuh) runs it unchanged. The data checks
+// (label values, the token count against global_tokens, NaN/Inf) are validate_feature's second half.
 template <class Loss, class ST, class WT, class BT, class TT, class GS, class GW, class GB>
-status validate_feature(const Loss& loss, const matrix_view<ST>& x, const matrix_view<WT>& w, const matrix_view<BT>& b,
-                        const matrix_view<TT>& t, std::span<const std::int32_t> labels, const matrix_view<GS>& dx,
-                        const matrix_view<GW>& dw, const matrix_view<GB>& db) {
+status validate_feature_shapes(const Loss& loss, const matrix_view<ST>& x, const matrix_view<WT>& w,
+                               const matrix_view<BT>& b, const matrix_view<TT>& t, std::span<const std::int32_t> labels,
+                               const matrix_view<GS>& dx, const matrix_view<GW>& dw, const matrix_view<GB>& db) {
   const auto& o = loss.options;
-  token_options named = o;
-  named.component = component_or(o, "feature");
+  const token_options named = feature_named_options(loss);
   const std::string ic = in_component(named.component);
   KD_TRY(validate_view(x, "student hidden"));
   KD_TRY(validate_view(w, "projection"));
@@ -105,8 +118,21 @@ status validate_feature(const Loss& loss, const matrix_view<ST>& x, const matrix
     if (b.empty()) return {errc::invalid_argument, "a bias gradient was given without a bias" + ic};
     KD_TRY(same_shape(db, "bias gradient", b, "projection bias"));
   }
+  // check_labels returns its count mismatch before it reads a single label.
+  if (!labels.empty() && static_cast<index_t>(labels.size()) != x.rows)
+    KD_TRY(check_labels(labels, x.rows, std::numeric_limits<std::int32_t>::max(), named));
+  return {};
+}
+
+// Every check of the CPU reference: validate_feature_shapes, then the ones that read the data.
+template <class Loss, class ST, class WT, class BT, class TT, class GS, class GW, class GB>
+status validate_feature(const Loss& loss, const matrix_view<ST>& x, const matrix_view<WT>& w, const matrix_view<BT>& b,
+                        const matrix_view<TT>& t, std::span<const std::int32_t> labels, const matrix_view<GS>& dx,
+                        const matrix_view<GW>& dw, const matrix_view<GB>& db) {
+  KD_TRY(validate_feature_shapes(loss, x, w, b, t, labels, dx, dw, db));
+  const token_options named = feature_named_options(loss);
   KD_TRY(check_labels(labels, x.rows, std::numeric_limits<std::int32_t>::max(), named));
-  KD_TRY(check_token_options(named, count_active(labels, x.rows, o.ignore_index)));
+  KD_TRY(check_token_options(named, count_active(labels, x.rows, loss.options.ignore_index)));
   KD_TRY(check_finite(x, "student hidden", named.component));
   KD_TRY(check_finite(w, "projection", named.component));
   KD_TRY(check_finite(b, "projection bias", named.component));

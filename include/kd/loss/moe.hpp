@@ -32,19 +32,28 @@ struct router_options {
 
 namespace detail {
 
+// The router checks split in two: the shape and option half reads no tensor memory (a device backend,
+// kd/cuda/moe.cuh, runs it on device pointers and checks the values in its kernels); validate_router
+// and validate_expert_ids add the value checks of the CPU reference.
 template <class LT>
-status validate_router(const matrix_view<LT>& logits, const router_options& o) {
+status validate_router_shape(const matrix_view<LT>& logits, const router_options& o) {
   const std::string ic = in_component(o.component);
   KD_TRY(validate_view(logits, "router logits"));
   if (logits.empty()) return {errc::empty_input, "router logits are empty" + ic};
   if (!std::isfinite(o.coefficient) || o.coefficient < 0)
     return {errc::invalid_argument, "coefficient must be finite and >= 0" + ic};
+  return {};
+}
+
+template <class LT>
+status validate_router(const matrix_view<LT>& logits, const router_options& o) {
+  KD_TRY(validate_router_shape(logits, o));
   KD_TRY(check_finite(logits, "router logits", o.component));
   return {};
 }
 
-inline status validate_expert_ids(const matrix_view<const std::int32_t>& ids, index_t tokens, index_t experts,
-                                  std::string_view component) {
+inline status validate_expert_ids_shape(const matrix_view<const std::int32_t>& ids, index_t tokens, index_t experts,
+                                        std::string_view component) {
   const std::string ic = in_component(component);
   KD_TRY(validate_view(ids, "expert ids"));
   if (ids.rows != tokens)
@@ -53,12 +62,18 @@ inline status validate_expert_ids(const matrix_view<const std::int32_t>& ids, in
   if (ids.cols <= 0 || ids.cols > experts)
     return {errc::invalid_argument, "top-k " + std::to_string(ids.cols) + " must lie in [1, " + std::to_string(experts) +
                                         "]" + ic};
+  return {};
+}
+
+inline status validate_expert_ids(const matrix_view<const std::int32_t>& ids, index_t tokens, index_t experts,
+                                  std::string_view component) {
+  KD_TRY(validate_expert_ids_shape(ids, tokens, experts, component));
   for (index_t t = 0; t < ids.rows; ++t)
     for (index_t j = 0; j < ids.cols; ++j) {
       const auto e = ids(t, j);
       if (e < 0 || e >= experts)
         return {errc::out_of_range, "expert id " + std::to_string(e) + " at token " + std::to_string(t) +
-                                        " is outside [0, " + std::to_string(experts) + ")" + ic};
+                                        " is outside [0, " + std::to_string(experts) + ")" + in_component(component)};
     }
   return {};
 }
@@ -74,17 +89,18 @@ struct load_balance_loss {
   using precision_policy = P;
   router_options options;
 
-  // router_logits: [T x E]; expert_ids: [T x k], the experts each token was routed to.
-  template <class Backend, class LT, class GT>
+  // router_logits: [T x E]; expert_ids: [T x k], the experts each token was routed to. `out` is the
+  // backend's result type: kd::loss_result on the CPU, kd::cuda::device_loss on the GPU.
+  template <class Backend, class LT, class Out, class GT>
   status operator()(const Backend& backend, matrix_view<LT> router_logits, matrix_view<const std::int32_t> expert_ids,
-                    loss_result& out, matrix_view<GT> dlogits) const {
+                    Out& out, matrix_view<GT> dlogits) const {
     KD_CHECK_STUDENT_DTYPE(P, LT);
     KD_CHECK_GRAD_DTYPE(P, GT);
     return loss_impl<Backend, load_balance_tag>::run(backend, *this, as_const(router_logits), expert_ids, out, dlogits);
   }
-  template <class Backend, class LT>
+  template <class Backend, class LT, class Out>
   status operator()(const Backend& backend, matrix_view<LT> router_logits, matrix_view<const std::int32_t> expert_ids,
-                    loss_result& out) const {
+                    Out& out) const {
     return (*this)(backend, router_logits, expert_ids, out, matrix_view<typename P::storage_type>{});
   }
 };
@@ -95,15 +111,15 @@ struct router_z_loss {
   using precision_policy = P;
   router_options options{1e-3, 1.0, false, "router_z"};
 
-  template <class Backend, class LT, class GT>
-  status operator()(const Backend& backend, matrix_view<LT> router_logits, loss_result& out,
+  template <class Backend, class LT, class Out, class GT>
+  status operator()(const Backend& backend, matrix_view<LT> router_logits, Out& out,
                     matrix_view<GT> dlogits) const {
     KD_CHECK_STUDENT_DTYPE(P, LT);
     KD_CHECK_GRAD_DTYPE(P, GT);
     return loss_impl<Backend, router_z_tag>::run(backend, *this, as_const(router_logits), out, dlogits);
   }
-  template <class Backend, class LT>
-  status operator()(const Backend& backend, matrix_view<LT> router_logits, loss_result& out) const {
+  template <class Backend, class LT, class Out>
+  status operator()(const Backend& backend, matrix_view<LT> router_logits, Out& out) const {
     return (*this)(backend, router_logits, out, matrix_view<typename P::storage_type>{});
   }
 };

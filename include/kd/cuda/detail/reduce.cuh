@@ -91,46 +91,75 @@ __device__ inline lse_acc block_lse(lse_acc a, float2* scratch) {
   return warp_lse(b);
 }
 
-// Cluster-wide: every block of the cluster publishes its block result in its own shared slot, the
-// cluster synchronises, and each block combines all ranks' slots through distributed shared memory.
-// A second sync keeps a fast block from overwriting its slot while a slow one still reads it.
+// Cluster-wide: every block publishes its block result in its own shared slot, the cluster
+// synchronises, and the first warp of each block gathers the C slots through distributed shared memory
+// (lane r reads rank r: C remote loads per block instead of C per thread), combines them with shuffles
+// and broadcasts through local shared memory. The second cluster barrier keeps a fast block from
+// overwriting or exiting while a slow one still reads its slot.
 template <int N>
 struct cluster_slots {
   float v[N];
+  float result[N];
 };
 
-template <int N>
-__device__ inline void cluster_combine_sum(cluster_slots<N>& mine, float (&vals)[N]) {
+template <int N, class Combine>
+__device__ inline void cluster_combine(cluster_slots<N>& mine, float (&vals)[N], const float (&identity)[N],
+                                       Combine combine) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   if (threadIdx.x == 0)
     for (int i = 0; i < N; ++i) mine.v[i] = vals[i];
   cluster.sync();
-  for (int i = 0; i < N; ++i) vals[i] = 0.f;
-  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
-    const cluster_slots<N>* other = cluster.map_shared_rank(&mine, r);
-    for (int i = 0; i < N; ++i) vals[i] += other->v[i];
+  if (threadIdx.x < 32) {
+    const unsigned lane = threadIdx.x;
+    float got[N];
+    for (int i = 0; i < N; ++i) got[i] = identity[i];
+    if (lane < cluster.num_blocks()) {
+      const cluster_slots<N>* other = cluster.map_shared_rank(&mine, lane);
+      for (int i = 0; i < N; ++i) got[i] = other->v[i];
+    }
+    for (int o = 16; o > 0; o >>= 1) {  // butterfly: every lane ends with the combination of all 32
+      float peer[N];
+      for (int i = 0; i < N; ++i) peer[i] = __shfl_xor_sync(0xffffffffu, got[i], o);
+      combine(got, peer);
+    }
+    if (lane == 0)
+      for (int i = 0; i < N; ++i) mine.result[i] = got[i];
   }
   cluster.sync();
+  for (int i = 0; i < N; ++i) vals[i] = mine.result[i];
+}
+
+template <int N>
+__device__ inline void cluster_combine_sum(cluster_slots<N>& mine, float (&vals)[N]) {
+  float zero[N];
+  for (int i = 0; i < N; ++i) zero[i] = 0.f;
+  cluster_combine<N>(mine, vals, zero, [](float (&a)[N], const float (&b)[N]) {
+    for (int i = 0; i < N; ++i) a[i] += b[i];
+  });
 }
 
 // Same for log-sum-exp accumulators: slots hold (m, s) pairs.
 template <int N>
 __device__ inline void cluster_combine_lse(cluster_slots<2 * N>& mine, lse_acc (&accs)[N]) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  if (threadIdx.x == 0)
-    for (int i = 0; i < N; ++i) {
-      mine.v[2 * i] = accs[i].m;
-      mine.v[2 * i + 1] = accs[i].s;
-    }
-  cluster.sync();
-  for (int i = 0; i < N; ++i) accs[i] = lse_acc{};
-  for (unsigned r = 0; r < cluster.num_blocks(); ++r) {
-    const cluster_slots<2 * N>* other = cluster.map_shared_rank(&mine, r);
-    for (int i = 0; i < N; ++i) accs[i] = lse_acc::combine(accs[i], lse_acc{other->v[2 * i], other->v[2 * i + 1]});
+  float vals[2 * N];
+  for (int i = 0; i < N; ++i) {
+    vals[2 * i] = accs[i].m;
+    vals[2 * i + 1] = accs[i].s;
   }
-  cluster.sync();
+  float empty[2 * N];
+  for (int i = 0; i < N; ++i) {
+    empty[2 * i] = -INFINITY;
+    empty[2 * i + 1] = 0.f;
+  }
+  cluster_combine<2 * N>(mine, vals, empty, [](float (&a)[2 * N], const float (&b)[2 * N]) {
+    for (int i = 0; i < N; ++i) {
+      const lse_acc c = lse_acc::combine(lse_acc{a[2 * i], a[2 * i + 1]}, lse_acc{b[2 * i], b[2 * i + 1]});
+      a[2 * i] = c.m;
+      a[2 * i + 1] = c.s;
+    }
+  });
+  for (int i = 0; i < N; ++i) accs[i] = lse_acc{vals[2 * i], vals[2 * i + 1]};
 }
 
 }  // namespace kd::cuda::detail

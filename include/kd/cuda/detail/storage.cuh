@@ -18,9 +18,8 @@
 
 namespace kd::cuda::detail {
 
-// Shared-memory budget per block for a row slice: two blocks fit one SM (228 KB), so one block's
-// global loads overlap the other's shared-memory passes. kSliceLimit is the hard ceiling.
-inline constexpr std::size_t kSliceBudget = 100 * 1024;
+// Per-block shared memory for a row slice: the context's slice_budget() picks the cluster size;
+// kSliceLimit is the hard ceiling.
 inline constexpr std::size_t kSliceLimit = 220 * 1024;
 
 // kd::half / kd::bfloat16 share the bit layout of __half / __nv_bfloat16 (kd/numeric.hpp).
