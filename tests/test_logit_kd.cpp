@@ -15,6 +15,7 @@
 
 #include <kd/kd.hpp>
 
+#include "divergence_ref.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -63,28 +64,6 @@ std::vector<double> softmax_ref(const double* z, index_t v, double temp) {
 }
 
 template <class D>
-double divergence_ref(const std::vector<double>& p, const std::vector<double>& q, double param) {
-  double d = 0.0;
-  for (std::size_t j = 0; j < p.size(); ++j) {
-    const double pj = p[j], qj = q[j];
-    if constexpr (std::is_same_v<D, kd::forward_kl>) {
-      if (pj > 0) d += pj * std::log(pj / qj);
-    } else if constexpr (std::is_same_v<D, kd::reverse_kl>) {
-      if (qj > 0) d += qj * std::log(qj / pj);
-    } else if constexpr (std::is_same_v<D, kd::jsd>) {
-      const double m = param * pj + (1 - param) * qj;
-      if (pj > 0) d += param * pj * std::log(pj / m);
-      if (qj > 0) d += (1 - param) * qj * std::log(qj / m);
-    } else if constexpr (std::is_same_v<D, kd::skew_kl>) {
-      if (pj > 0) d += pj * std::log(pj / (param * pj + (1 - param) * qj));
-    } else {
-      d += 0.5 * std::abs(pj - qj);
-    }
-  }
-  return d;
-}
-
-template <class D>
 double loss_ref(const problem& pr, double temp, bool t2, double param, std::int32_t ignore = kIgnore,
                 double divisor = 0.0) {
   double total = 0.0;
@@ -94,7 +73,7 @@ double loss_ref(const problem& pr, double temp, bool t2, double param, std::int3
     ++active;
     const auto p = softmax_ref(pr.teacher.data() + r * pr.cols, pr.vocab, temp);
     const auto q = softmax_ref(pr.student.data() + r * pr.cols, pr.vocab, temp);
-    total += divergence_ref<D>(p, q, param);
+    total += kdtest::divergence_ref<D>(p, q, param);
   }
   if (divisor == 0.0) divisor = active > 0 ? static_cast<double>(active) : 1.0;
   return total * (t2 ? temp * temp : 1.0) / divisor;

@@ -12,6 +12,7 @@
 
 #include <kd/kd.hpp>
 
+#include "divergence_ref.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -199,28 +200,6 @@ struct mapped_problem {
 };
 
 template <class D>
-double divergence_ref(const std::vector<double>& p, const std::vector<double>& q, double param) {
-  double d = 0.0;
-  for (std::size_t j = 0; j < p.size(); ++j) {
-    const double pj = p[j], qj = q[j];
-    if constexpr (std::is_same_v<D, kd::forward_kl>) {
-      if (pj > 0) d += pj * std::log(pj / qj);
-    } else if constexpr (std::is_same_v<D, kd::reverse_kl>) {
-      if (qj > 0) d += qj * std::log(qj / pj);
-    } else if constexpr (std::is_same_v<D, kd::jsd>) {
-      const double m = param * pj + (1 - param) * qj;
-      if (pj > 0) d += param * pj * std::log(pj / m);
-      if (qj > 0) d += (1 - param) * qj * std::log(qj / m);
-    } else if constexpr (std::is_same_v<D, kd::skew_kl>) {
-      if (pj > 0) d += pj * std::log(pj / (param * pj + (1 - param) * qj));
-    } else {
-      d += 0.5 * std::abs(pj - qj);
-    }
-  }
-  return d;
-}
-
-template <class D>
 double param_of(const kd::logit_kd_options& o) {
   if constexpr (std::is_same_v<D, kd::jsd>) return o.beta;
   if constexpr (std::is_same_v<D, kd::skew_kl>) return o.alpha;
@@ -251,7 +230,7 @@ double mapped_loss_ref(const mapped_problem& pr, const kd::vocab_map& m, const k
       p.push_back(sp[static_cast<std::size_t>(j)]);
       q.push_back(std::exp(pr.student[static_cast<std::size_t>(r * kSV + j)] / temp) / zs);
     }
-    total += divergence_ref<D>(p, q, param_of<D>(o));
+    total += kdtest::divergence_ref<D>(p, q, param_of<D>(o));
   }
   return total * (o.scale_by_t2 ? temp * temp : 1.0) / static_cast<double>(active);
 }

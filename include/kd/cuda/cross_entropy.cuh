@@ -127,14 +127,7 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
         unpack<ST>(reinterpret_cast<const uint4*>(cache)[i], f);
 #pragma unroll
         for (int k = 0; k < vn; ++k) f[k] = fast_exp2(f[k] * kLog2e - lse2) * zfac - (j0 + i * vn + k == y ? factor : 0.f);
-        uint4* g4 = reinterpret_cast<uint4*>(grow + j0) + i;
-        if (p.accumulate) {
-          float old[vn];
-          unpack<GT>(*g4, old);
-#pragma unroll
-          for (int k = 0; k < vn; ++k) f[k] += old[k];
-        }
-        *g4 = pack<GT>(f);
+        store_grad_vec<GT>(reinterpret_cast<uint4*>(grow + j0) + i, f, p.accumulate);
       }
       done = nv * vn;
     }

@@ -210,16 +210,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
             loss += pk * (dt - ds);
             ft[k] = factor * (qk - pk);
           }
-          if (p.want_grad) {
-            uint4* g4 = reinterpret_cast<uint4*>(grow + j0) + i;
-            if (p.accumulate) {
-              float old[vn];
-              unpack<GT>(*g4, old);
-#pragma unroll
-              for (int k = 0; k < vn; ++k) ft[k] += old[k];
-            }
-            *g4 = pack<GT>(ft);
-          }
+          if (p.want_grad) store_grad_vec<GT>(reinterpret_cast<uint4*>(grow + j0) + i, ft, p.accumulate);
         }
         done = nv * vn;
       }

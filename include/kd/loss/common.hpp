@@ -99,15 +99,17 @@ double token_divisor(const token_options& o, index_t active) {
   return n > 0 ? static_cast<double>(n) : 1.0;
 }
 
+// The error for a non-finite value v found in `tensor` at (token r, column c).
+inline status non_finite_at(double v, const char* tensor, index_t r, index_t c, std::string_view component) {
+  return {errc::non_finite, std::string(std::isnan(v) ? "NaN" : "Inf") + " in " + tensor + " at token " +
+                                std::to_string(r) + ", column " + std::to_string(c) + in_component(component)};
+}
+
 // Scans a row for NaN/Inf; returns an error naming the tensor, component, token and column.
 template <class T>
 status check_row_finite(const T* row, index_t cols, index_t r, const char* tensor, std::string_view component) {
-  for (index_t c = 0; c < cols; ++c) {
-    const double v = load_as<double>(row[c]);
-    if (!std::isfinite(v))
-      return {errc::non_finite, std::string(std::isnan(v) ? "NaN" : "Inf") + " in " + tensor + " at token " +
-                                    std::to_string(r) + ", column " + std::to_string(c) + in_component(component)};
-  }
+  for (index_t c = 0; c < cols; ++c)
+    if (const double v = load_as<double>(row[c]); !std::isfinite(v)) return non_finite_at(v, tensor, r, c, component);
   return {};
 }
 
@@ -115,12 +117,8 @@ status check_row_finite(const T* row, index_t cols, index_t r, const char* tenso
 template <class T>
 status check_cols_finite(const T* row, std::span<const std::int32_t> cols, index_t r, const char* tensor,
                          std::string_view component) {
-  for (const auto c : cols) {
-    const double v = load_as<double>(row[c]);
-    if (!std::isfinite(v))
-      return {errc::non_finite, std::string(std::isnan(v) ? "NaN" : "Inf") + " in " + tensor + " at token " +
-                                    std::to_string(r) + ", column " + std::to_string(c) + in_component(component)};
-  }
+  for (const auto c : cols)
+    if (const double v = load_as<double>(row[c]); !std::isfinite(v)) return non_finite_at(v, tensor, r, c, component);
   return {};
 }
 

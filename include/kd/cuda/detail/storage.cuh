@@ -86,6 +86,18 @@ __device__ __forceinline__ uint4 pack(const float (&f)[vec_n<T>]) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// Writes one 16-byte vector of gradients, adding the values already there when accumulating.
+template <class GT>
+__device__ __forceinline__ void store_grad_vec(uint4* dst, float (&g)[vec_n<GT>], bool accumulate) {
+  if (accumulate) {
+    float old[vec_n<GT>];
+    unpack<GT>(*dst, old);
+#pragma unroll
+    for (int k = 0; k < vec_n<GT>; ++k) g[k] += old[k];
+  }
+  *dst = pack<GT>(g);
+}
+
 // Copies n elements of a row slice into shared memory, adding y = x * scale of each to a running
 // base-2 log-sum-exp. When `vec` (16-byte aligned source and slice), each thread moves 16 bytes per
 // load with four loads in flight before the first use, and each vector costs one rescale.
