@@ -3,7 +3,7 @@
 # everything is already installed; otherwise runs apt-get (via sudo when not root).
 set -euo pipefail
 
-packages=(cmake g++ ninja-build libeigen3-dev doctest-dev libbenchmark-dev)
+packages=(cmake g++ ninja-build libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev)
 
 die() { echo "install_deps.sh: error: $*" >&2; exit 1; }
 
