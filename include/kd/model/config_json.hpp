@@ -331,6 +331,19 @@ inline status dump(const json& j, std::string& out) {
   return {};
 }
 
+// Keys both architectures write the same way: fixed features kd implements, token ids, dtype.
+template <class Config>
+void write_common_keys(json& j, const Config& c) {
+  j["attention_dropout"] = 0.0;
+  j["hidden_act"] = "silu";
+  j["use_cache"] = true;
+  j["initializer_range"] = c.initializer_range;
+  j["bos_token_id"] = token_json(c.bos_token_id);
+  j["eos_token_id"] = token_json(c.eos_token_id);
+  j["dtype"] = std::string(to_string(c.dtype));
+  j["torch_dtype"] = std::string(to_string(c.dtype));
+}
+
 }  // namespace detail
 
 // ------------------------------------------------------------------------------------------------------
@@ -363,18 +376,11 @@ inline status to_json(const moe_config& c, std::string& out) {
     j["max_position_embeddings"] = c.max_position_embeddings;
     j["tie_word_embeddings"] = c.tie_word_embeddings;
     j["attention_bias"] = c.attention_bias;
-    j["attention_dropout"] = 0.0;
-    j["hidden_act"] = "silu";
     j["router_aux_loss_coef"] = c.router_aux_loss_coef;
     j["output_router_logits"] = false;
     j["use_sliding_window"] = false;
     j["sliding_window"] = nullptr;
-    j["use_cache"] = true;
-    j["initializer_range"] = c.initializer_range;
-    j["bos_token_id"] = detail::token_json(c.bos_token_id);
-    j["eos_token_id"] = detail::token_json(c.eos_token_id);
-    j["dtype"] = std::string(to_string(c.dtype));
-    j["torch_dtype"] = std::string(to_string(c.dtype));
+    detail::write_common_keys(j, c);
     return detail::dump(j, out);
   } catch (const std::exception& e) {
     return {errc::io_error, std::string("config.json: cannot serialise (") + e.what() + ")"};
@@ -487,16 +493,9 @@ inline status to_json(const dense_config& c, std::string& out) {
     j["max_position_embeddings"] = c.max_position_embeddings;
     j["tie_word_embeddings"] = c.tie_word_embeddings;
     j["attention_bias"] = c.attention_bias;
-    j["attention_dropout"] = 0.0;
     j["mlp_bias"] = c.mlp_bias;
-    j["hidden_act"] = "silu";
     j["pretraining_tp"] = 1;
-    j["use_cache"] = true;
-    j["initializer_range"] = c.initializer_range;
-    j["bos_token_id"] = detail::token_json(c.bos_token_id);
-    j["eos_token_id"] = detail::token_json(c.eos_token_id);
-    j["dtype"] = std::string(to_string(c.dtype));
-    j["torch_dtype"] = std::string(to_string(c.dtype));
+    detail::write_common_keys(j, c);
     return detail::dump(j, out);
   } catch (const std::exception& e) {
     return {errc::io_error, std::string("config.json: cannot serialise (") + e.what() + ")"};
