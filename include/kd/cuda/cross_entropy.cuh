@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
     mbar_wait(&bar, 0);
     lse_of_slice(srow + j0, cache, n_local, b / static_cast<long long>(sizeof(ST)), kLog2e, acc[0]);
   } else {
-    copy_slice_with_lse(srow + j0, cache, n_local, false, kLog2e, acc[0]);
+    copy_slice_with_lse(srow + j0, cache, n_local, kLog2e, acc[0]);
   }
   acc[0] = block_lse(acc[0], red_lse);
   cluster_combine_lse<1>(slots, acc);

@@ -152,8 +152,8 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     lse_of_slice(trow + j0, tcache, n_local, bt / static_cast<long long>(sizeof(TT)), k2, acc[0]);
     lse_of_slice(srow + j0, scache, n_local, bs / static_cast<long long>(sizeof(ST)), k2, acc[1]);
   } else {
-    copy_slice_with_lse(trow + j0, tcache, n_local, false, k2, acc[0]);
-    copy_slice_with_lse(srow + j0, scache, n_local, false, k2, acc[1]);
+    copy_slice_with_lse(trow + j0, tcache, n_local, k2, acc[0]);
+    copy_slice_with_lse(srow + j0, scache, n_local, k2, acc[1]);
   }
   acc[0] = block_lse(acc[0], red_lse);
   acc[1] = block_lse(acc[1], red_lse);

@@ -48,7 +48,8 @@ struct linear_logit_kd {
                                                   labels, out, dhidden, dweight);
   }
 
-  // The logit_kd equivalent of this loss on logits of accumulation type A (what backends run per chunk).
+  // The logit_kd equivalent of this loss on logits held in accumulation type A (what the CPU reference
+  // runs per chunk; the CUDA path keeps its chunk logits in the storage type).
   template <class A>
   using logit_loss = logit_kd<D, R, precision_set<typename P::teacher, precision<A, A>>>;
 };

@@ -98,46 +98,13 @@ __device__ __forceinline__ void store_grad_vec(uint4* dst, float (&g)[vec_n<GT>]
   *dst = pack<GT>(g);
 }
 
-// Copies n elements of a row slice into shared memory, adding y = x * scale of each to a running
-// base-2 log-sum-exp. When `vec` (16-byte aligned source and slice), each thread moves 16 bytes per
-// load with four loads in flight before the first use, and each vector costs one rescale.
+// Copies n elements of a row slice into shared memory element by element (rows that are not 16-byte
+// aligned, where bulk copies cannot be used), adding y = x * scale of each to a running base-2
+// log-sum-exp.
 template <class T>
-__device__ void copy_slice_with_lse(const T* __restrict__ src, T* __restrict__ dst, long long n, bool vec, float scale,
+__device__ void copy_slice_with_lse(const T* __restrict__ src, T* __restrict__ dst, long long n, float scale,
                                     lse_acc& acc) {
-  constexpr int per_vec = vec_n<T>;
-  long long done = 0;
-  if (vec) {
-    const long long nv = n / per_vec;
-    const uint4* s4 = reinterpret_cast<const uint4*>(src);
-    uint4* d4 = reinterpret_cast<uint4*>(dst);
-    constexpr int unroll = 4;
-    long long i = threadIdx.x;
-    for (; i + (unroll - 1) * static_cast<long long>(blockDim.x) < nv; i += unroll * blockDim.x) {
-      uint4 v[unroll];
-#pragma unroll
-      for (int u = 0; u < unroll; ++u) v[u] = __ldcs(s4 + i + u * blockDim.x);  // streamed: read once
-#pragma unroll
-      for (int u = 0; u < unroll; ++u) {
-        d4[i + u * blockDim.x] = v[u];
-        float f[per_vec];
-        unpack<T>(v[u], f);
-#pragma unroll
-        for (int k = 0; k < per_vec; ++k) f[k] *= scale;
-        acc.add_vec(f);
-      }
-    }
-    for (; i < nv; i += blockDim.x) {
-      const uint4 v = __ldcs(s4 + i);
-      d4[i] = v;
-      float f[per_vec];
-      unpack<T>(v, f);
-#pragma unroll
-      for (int k = 0; k < per_vec; ++k) f[k] *= scale;
-      acc.add_vec(f);
-    }
-    done = nv * per_vec;
-  }
-  for (long long i = done + threadIdx.x; i < n; i += blockDim.x) {
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) {
     const T v = src[i];
     dst[i] = v;
     acc.add(to_float(v) * scale);
