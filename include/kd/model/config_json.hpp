@@ -104,8 +104,9 @@ class config_reader {
     return {errc::invalid_argument, where_ + ": key \"" + std::string(key) + "\": " + std::string(why)};
   }
 
-  [[nodiscard]] status get_int(std::string_view key, std::int64_t& out, const json& v) const {
-    // JSON integers only: 1024.0 and true are not integers.
+  // Typed reads: JSON integers only for integers (1024.0 and true are not integers), any JSON number
+  // for doubles, JSON booleans for bools.
+  [[nodiscard]] status get(std::string_view key, std::int64_t& out, const json& v) const {
     if (!v.is_number_integer()) return wrong_type(key, "an integer", v);
     if (v.is_number_unsigned()) {
       const auto u = v.get<std::uint64_t>();
@@ -117,50 +118,30 @@ class config_reader {
     }
     return {};
   }
-
-  // Required integer.
-  [[nodiscard]] status require_int(std::string_view key, std::int64_t& out) const {
-    const json* v = find(key);
-    if (v == nullptr) return missing(key);
-    return get_int(key, out, *v);
-  }
-  // Optional integer: absent or null keeps `out`.
-  [[nodiscard]] status optional_int(std::string_view key, std::int64_t& out) const {
-    const json* v = find(key);
-    if (v == nullptr || v->is_null()) return {};
-    return get_int(key, out, *v);
-  }
-
-  [[nodiscard]] status get_double(std::string_view key, double& out, const json& v) const {
+  [[nodiscard]] status get(std::string_view key, double& out, const json& v) const {
     if (!v.is_number()) return wrong_type(key, "a number", v);
     out = v.get<double>();
     return {};
   }
-  [[nodiscard]] status require_double(std::string_view key, double& out) const {
-    const json* v = find(key);
-    if (v == nullptr) return missing(key);
-    return get_double(key, out, *v);
-  }
-  [[nodiscard]] status optional_double(std::string_view key, double& out) const {
-    const json* v = find(key);
-    if (v == nullptr || v->is_null()) return {};
-    return get_double(key, out, *v);
-  }
-
-  [[nodiscard]] status get_bool(std::string_view key, bool& out, const json& v) const {
+  [[nodiscard]] status get(std::string_view key, bool& out, const json& v) const {
     if (!v.is_boolean()) return wrong_type(key, "a boolean", v);
     out = v.get<bool>();
     return {};
   }
-  [[nodiscard]] status require_bool(std::string_view key, bool& out) const {
+
+  // Required key of out's type.
+  template <class T>
+  [[nodiscard]] status require(std::string_view key, T& out) const {
     const json* v = find(key);
     if (v == nullptr) return missing(key);
-    return get_bool(key, out, *v);
+    return get(key, out, *v);
   }
-  [[nodiscard]] status optional_bool(std::string_view key, bool& out) const {
+  // Optional key of out's type: absent or null keeps `out`.
+  template <class T>
+  [[nodiscard]] status optional(std::string_view key, T& out) const {
     const json* v = find(key);
     if (v == nullptr || v->is_null()) return {};
-    return get_bool(key, out, *v);
+    return get(key, out, *v);
   }
 
   [[nodiscard]] status optional_string(std::string_view key, std::string& out, bool& present) const {
@@ -269,7 +250,7 @@ inline status read_rope(const config_reader& r, double& theta) {
   }
   if (const json* t = r.find("rope_theta"); t != nullptr && !t->is_null()) {
     double top = 0.0;
-    KD_TRY(r.get_double("rope_theta", top, *t));
+    KD_TRY(r.get("rope_theta", top, *t));
     if (have && top != from_params)
       return {errc::invalid_argument, r.where() + ": key \"rope_theta\" (" + std::to_string(top) +
                                           ") disagrees with rope_parameters.rope_theta (" +
@@ -296,13 +277,13 @@ inline status read_token_id(const config_reader& r, std::string_view key, std::i
     std::int64_t first = -1;
     for (std::size_t i = 0; i < v->size(); ++i) {
       std::int64_t id = 0;
-      KD_TRY(r.get_int(key, id, (*v)[i]));
+      KD_TRY(r.get(key, id, (*v)[i]));
       if (i == 0) first = id;
     }
     out = first;
     return {};
   }
-  return r.get_int(key, out, *v);
+  return r.get(key, out, *v);
 }
 
 // Keys whose only supported value is transformers' default.
@@ -313,7 +294,7 @@ inline status read_common_unsupported(const config_reader& r) {
   if (present && act != "silu")
     return r.unsupported("hidden_act", "\"" + act + "\" is not supported (SwiGLU uses \"silu\")");
   double dropout = 0.0;
-  KD_TRY(r.optional_double("attention_dropout", dropout));
+  KD_TRY(r.optional("attention_dropout", dropout));
   if (dropout != 0.0) return r.unsupported("attention_dropout", "kd's models have no attention dropout (must be 0)");
   return {};
 }
@@ -396,47 +377,47 @@ inline status from_json(std::string_view text, moe_config& out) {
     KD_TRY(detail::read_model_type(r, detail::qwen3_moe_model_type, detail::qwen3_moe_architecture));
     KD_TRY(detail::read_common_unsupported(r));
     bool sliding = false;
-    KD_TRY(r.optional_bool("use_sliding_window", sliding));
+    KD_TRY(r.optional("use_sliding_window", sliding));
     if (sliding) return r.unsupported("use_sliding_window", "sliding-window attention is not supported");
 
     moe_config c;
-    KD_TRY(r.require_int("vocab_size", c.vocab_size));
-    KD_TRY(r.require_int("hidden_size", c.hidden_size));
-    KD_TRY(r.require_int("num_hidden_layers", c.num_hidden_layers));
-    KD_TRY(r.require_int("num_attention_heads", c.num_attention_heads));
-    KD_TRY(r.require_int("num_key_value_heads", c.num_key_value_heads));
+    KD_TRY(r.require("vocab_size", c.vocab_size));
+    KD_TRY(r.require("hidden_size", c.hidden_size));
+    KD_TRY(r.require("num_hidden_layers", c.num_hidden_layers));
+    KD_TRY(r.require("num_attention_heads", c.num_attention_heads));
+    KD_TRY(r.require("num_key_value_heads", c.num_key_value_heads));
     c.head_dim = 0;
-    KD_TRY(r.optional_int("head_dim", c.head_dim));
+    KD_TRY(r.optional("head_dim", c.head_dim));
     if (r.absent("head_dim")) {
       if (c.num_attention_heads <= 0)
         return {errc::invalid_argument, where + ": num_attention_heads must be positive"};
       c.head_dim = c.hidden_size / c.num_attention_heads;
     }
-    KD_TRY(r.require_int("moe_intermediate_size", c.moe_intermediate_size));
+    KD_TRY(r.require("moe_intermediate_size", c.moe_intermediate_size));
     // num_experts, or num_local_experts (recent transformers' canonical name); both: they must agree.
     const bool has_e = !r.absent("num_experts");
     const bool has_le = !r.absent("num_local_experts");
     if (!has_e && !has_le)
       return {errc::io_error,
               where + ": required key \"num_experts\" is missing (nor is \"num_local_experts\" present)"};
-    if (has_e) KD_TRY(r.require_int("num_experts", c.num_experts));
+    if (has_e) KD_TRY(r.require("num_experts", c.num_experts));
     if (has_le) {
       std::int64_t local = 0;
-      KD_TRY(r.require_int("num_local_experts", local));
+      KD_TRY(r.require("num_local_experts", local));
       if (has_e && local != c.num_experts)
         return {errc::invalid_argument, where + ": keys \"num_experts\" (" + std::to_string(c.num_experts) +
                                             ") and \"num_local_experts\" (" + std::to_string(local) + ") disagree"};
       c.num_experts = local;
     }
-    KD_TRY(r.require_int("num_experts_per_tok", c.num_experts_per_tok));
-    KD_TRY(r.require_bool("norm_topk_prob", c.norm_topk_prob));
-    KD_TRY(r.optional_int("decoder_sparse_step", c.decoder_sparse_step));
+    KD_TRY(r.require("num_experts_per_tok", c.num_experts_per_tok));
+    KD_TRY(r.require("norm_topk_prob", c.norm_topk_prob));
+    KD_TRY(r.optional("decoder_sparse_step", c.decoder_sparse_step));
     c.mlp_only_layers.clear();
     if (const auto* m = r.find("mlp_only_layers"); m != nullptr && !m->is_null()) {
       if (!m->is_array()) return r.wrong_type("mlp_only_layers", "an array of integers", *m);
       for (const auto& e : *m) {
         std::int64_t layer = 0;
-        KD_TRY(r.get_int("mlp_only_layers", layer, e));
+        KD_TRY(r.get("mlp_only_layers", layer, e));
         c.mlp_only_layers.push_back(layer);
       }
     }
@@ -444,20 +425,20 @@ inline status from_json(std::string_view text, moe_config& out) {
     const bool all_sparse = c.mlp_only_layers.empty() && c.decoder_sparse_step == 1;
     if (all_sparse) {
       c.intermediate_size = c.moe_intermediate_size * c.num_experts_per_tok;
-      KD_TRY(r.optional_int("intermediate_size", c.intermediate_size));
+      KD_TRY(r.optional("intermediate_size", c.intermediate_size));
     } else {
-      KD_TRY(r.require_int("intermediate_size", c.intermediate_size));
+      KD_TRY(r.require("intermediate_size", c.intermediate_size));
     }
-    KD_TRY(r.require_double("rms_norm_eps", c.rms_norm_eps));
+    KD_TRY(r.require("rms_norm_eps", c.rms_norm_eps));
     KD_TRY(detail::read_rope(r, c.rope_theta));
-    KD_TRY(r.require_int("max_position_embeddings", c.max_position_embeddings));
-    KD_TRY(r.require_bool("tie_word_embeddings", c.tie_word_embeddings));
-    KD_TRY(r.optional_bool("attention_bias", c.attention_bias));
+    KD_TRY(r.require("max_position_embeddings", c.max_position_embeddings));
+    KD_TRY(r.require("tie_word_embeddings", c.tie_word_embeddings));
+    KD_TRY(r.optional("attention_bias", c.attention_bias));
     c.router_aux_loss_coef = 0.001;  // transformers' default when absent
-    KD_TRY(r.optional_double("router_aux_loss_coef", c.router_aux_loss_coef));
+    KD_TRY(r.optional("router_aux_loss_coef", c.router_aux_loss_coef));
     bool ignored = false;
-    KD_TRY(r.optional_bool("output_router_logits", ignored));
-    KD_TRY(r.optional_double("initializer_range", c.initializer_range));
+    KD_TRY(r.optional("output_router_logits", ignored));
+    KD_TRY(r.optional("initializer_range", c.initializer_range));
     KD_TRY(detail::read_token_id(r, "bos_token_id", c.bos_token_id));
     KD_TRY(detail::read_token_id(r, "eos_token_id", c.eos_token_id));
     KD_TRY(detail::read_dtype(r, c.dtype));
@@ -511,29 +492,29 @@ inline status from_json(std::string_view text, dense_config& out) {
     KD_TRY(detail::read_model_type(r, detail::llama_model_type, detail::llama_architecture));
     KD_TRY(detail::read_common_unsupported(r));
     std::int64_t tp = 1;
-    KD_TRY(r.optional_int("pretraining_tp", tp));
+    KD_TRY(r.optional("pretraining_tp", tp));
     if (tp != 1) return r.unsupported("pretraining_tp", "only 1 is supported");
 
     dense_config c;
-    KD_TRY(r.require_int("vocab_size", c.vocab_size));
-    KD_TRY(r.require_int("hidden_size", c.hidden_size));
-    KD_TRY(r.require_int("intermediate_size", c.intermediate_size));
-    KD_TRY(r.require_int("num_hidden_layers", c.num_hidden_layers));
-    KD_TRY(r.require_int("num_attention_heads", c.num_attention_heads));
+    KD_TRY(r.require("vocab_size", c.vocab_size));
+    KD_TRY(r.require("hidden_size", c.hidden_size));
+    KD_TRY(r.require("intermediate_size", c.intermediate_size));
+    KD_TRY(r.require("num_hidden_layers", c.num_hidden_layers));
+    KD_TRY(r.require("num_attention_heads", c.num_attention_heads));
     if (c.num_attention_heads <= 0)
       return {errc::invalid_argument, where + ": num_attention_heads must be positive, got " +
                                           std::to_string(c.num_attention_heads)};
     c.num_key_value_heads = c.num_attention_heads;  // transformers' default: multi-head attention
-    KD_TRY(r.optional_int("num_key_value_heads", c.num_key_value_heads));
+    KD_TRY(r.optional("num_key_value_heads", c.num_key_value_heads));
     c.head_dim = c.hidden_size / c.num_attention_heads;
-    KD_TRY(r.optional_int("head_dim", c.head_dim));
-    KD_TRY(r.require_double("rms_norm_eps", c.rms_norm_eps));
+    KD_TRY(r.optional("head_dim", c.head_dim));
+    KD_TRY(r.require("rms_norm_eps", c.rms_norm_eps));
     KD_TRY(detail::read_rope(r, c.rope_theta));
-    KD_TRY(r.require_int("max_position_embeddings", c.max_position_embeddings));
-    KD_TRY(r.require_bool("tie_word_embeddings", c.tie_word_embeddings));
-    KD_TRY(r.optional_bool("attention_bias", c.attention_bias));
-    KD_TRY(r.optional_bool("mlp_bias", c.mlp_bias));
-    KD_TRY(r.optional_double("initializer_range", c.initializer_range));
+    KD_TRY(r.require("max_position_embeddings", c.max_position_embeddings));
+    KD_TRY(r.require("tie_word_embeddings", c.tie_word_embeddings));
+    KD_TRY(r.optional("attention_bias", c.attention_bias));
+    KD_TRY(r.optional("mlp_bias", c.mlp_bias));
+    KD_TRY(r.optional("initializer_range", c.initializer_range));
     KD_TRY(detail::read_token_id(r, "bos_token_id", c.bos_token_id));
     KD_TRY(detail::read_token_id(r, "eos_token_id", c.eos_token_id));
     KD_TRY(detail::read_dtype(r, c.dtype));
