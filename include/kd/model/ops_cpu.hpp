@@ -1,0 +1,696 @@
+// kd/model/ops_cpu.hpp: the CPU reference model backend, kd::model::cpu_ops<Real>.
+//
+// Implements every op of kd/model/ops.hpp on host memory. cpu_ops<double> is the reference the CUDA
+// backend and the finite-difference tests are checked against, so every op is written for exactness
+// first: GEMMs go through Eigen (row-major Maps over the caller's memory, no copies), everything else is
+// plain loops accumulating in acc_type (= Real). Host-checkable preconditions (null pointers, sizes,
+// Hq % Hkv, even D for RoPE, k <= E, expert ids) return a kd::status; nothing asserts or throws.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <numeric>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include <kd/model/ops.hpp>
+#include <kd/status.hpp>
+
+namespace kd::model {
+
+namespace detail {
+
+// Chained precondition checks for one op: the first failure wins and names the op and the argument.
+class cpu_op_check {
+ public:
+  explicit cpu_op_check(const char* op) : op_(op) {}
+
+  cpu_op_check& nonneg(std::int64_t v, const char* what) {
+    if (st_.ok() && v < 0) fail(errc::invalid_argument, std::string(what) + " = " + std::to_string(v) + " is negative");
+    return *this;
+  }
+  cpu_op_check& positive(std::int64_t v, const char* what) {
+    if (st_.ok() && v <= 0) fail(errc::invalid_argument, std::string(what) + " = " + std::to_string(v) + " must be positive");
+    return *this;
+  }
+  // A pointer may be null only when its tensor is empty.
+  cpu_op_check& ptr(const void* p, std::int64_t n, const char* what) {
+    if (st_.ok() && n > 0 && p == nullptr) fail(errc::invalid_argument, std::string(what) + " is null");
+    return *this;
+  }
+  cpu_op_check& finite(double v, const char* what) {
+    if (st_.ok() && !std::isfinite(v)) fail(errc::invalid_argument, std::string(what) + " is not finite");
+    return *this;
+  }
+  // A check that may only run once the earlier ones passed (it reads the data).
+  template <class F>
+  cpu_op_check& then(F&& f) {
+    if (st_.ok()) st_ = f();
+    return *this;
+  }
+  cpu_op_check& that(bool cond, errc code, const std::string& what) {
+    if (st_.ok() && !cond) fail(code, what);
+    return *this;
+  }
+  [[nodiscard]] status done() { return std::move(st_); }
+  [[nodiscard]] bool ok() const { return st_.ok(); }
+
+ private:
+  void fail(errc code, const std::string& what) { st_ = status(code, std::string("cpu_ops::") + op_ + ": " + what); }
+  const char* op_;
+  status st_;
+};
+
+// Attention shape checks shared by the four attention ops.
+inline cpu_op_check& cpu_attention_shape(cpu_op_check& c, std::int64_t batch, std::int64_t seq, std::int64_t Hq,
+                                         std::int64_t Hkv, std::int64_t D, double scale) {
+  c.nonneg(batch, "batch").nonneg(seq, "seq").positive(Hq, "Hq").positive(Hkv, "Hkv").positive(D, "D");
+  if (c.ok())
+    c.that(Hq % Hkv == 0, errc::shape_mismatch,
+           "Hq = " + std::to_string(Hq) + " is not a multiple of Hkv = " + std::to_string(Hkv));
+  return c.finite(scale, "scale");
+}
+
+}  // namespace detail
+
+template <class Real>
+class cpu_ops {
+  static_assert(std::is_same_v<Real, double> || std::is_same_v<Real, float>, "cpu_ops<Real>: Real is double or float");
+  using T = Real;
+  using A = Real;
+  using i64 = std::int64_t;
+
+ public:
+  using value_type = Real;
+  using acc_type = Real;  // double for the fp64 reference, float for cpu_ops<float>
+  template <class U>
+  using buffer = std::vector<U>;
+
+  static const char* name() { return "cpu"; }
+
+  // Zero-filled; empty when the allocation fails (library code does not throw).
+  template <class U>
+  buffer<U> alloc(std::size_t n) {
+    try {
+      return buffer<U>(n);
+    } catch (const std::bad_alloc&) {
+      return {};
+    } catch (const std::length_error&) {
+      return {};
+    }
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // memory (host to host: upload and download are copies)
+  // ---------------------------------------------------------------------------------------------
+  template <class U>
+  status upload(const U* host, std::size_t n, U* dst) {
+    return copy_impl("upload", host, dst, n);
+  }
+  template <class U>
+  status download(const U* src, std::size_t n, U* host) {
+    return copy_impl("download", src, host, n);
+  }
+  template <class U>
+  status copy(const U* src, U* dst, std::size_t n) {
+    return copy_impl("copy", src, dst, n);
+  }
+  template <class U>
+  status fill_zero(U* p, std::size_t n) {
+    KD_TRY(detail::cpu_op_check("fill_zero").ptr(p, static_cast<i64>(n), "p").done());
+    std::fill_n(p, n, U{});
+    return {};
+  }
+  status add(T* y, const T* x, std::size_t n) {
+    KD_TRY(detail::cpu_op_check("add").ptr(y, static_cast<i64>(n), "y").ptr(x, static_cast<i64>(n), "x").done());
+    for (std::size_t i = 0; i < n; ++i) y[i] += x[i];
+    return {};
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // dense
+  // ---------------------------------------------------------------------------------------------
+  // y[M,N] (+)= x[M,K] w[N,K]^T
+  status linear(const T* x, const T* w, T* y, i64 M, i64 N, i64 K, bool accumulate) {
+    KD_TRY(gemm_check("linear", M, N, K).ptr(x, M * K, "x").ptr(w, N * K, "w").ptr(y, M * N, "y").done());
+    auto Y = map(y, M, N);
+    if (accumulate)
+      Y.noalias() += cmap(x, M, K) * cmap(w, N, K).transpose();
+    else
+      Y.noalias() = cmap(x, M, K) * cmap(w, N, K).transpose();
+    return {};
+  }
+
+  // dx[M,K] (+)= dy[M,N] w[N,K]
+  status linear_dx(const T* dy, const T* w, T* dx, i64 M, i64 N, i64 K, bool accumulate) {
+    KD_TRY(gemm_check("linear_dx", M, N, K).ptr(dy, M * N, "dy").ptr(w, N * K, "w").ptr(dx, M * K, "dx").done());
+    auto DX = map(dx, M, K);
+    if (accumulate)
+      DX.noalias() += cmap(dy, M, N) * cmap(w, N, K);
+    else
+      DX.noalias() = cmap(dy, M, N) * cmap(w, N, K);
+    return {};
+  }
+
+  // dw[N,K] += dy[M,N]^T x[M,K]
+  status linear_dw(const T* dy, const T* x, T* dw, i64 M, i64 N, i64 K) {
+    KD_TRY(gemm_check("linear_dw", M, N, K).ptr(dy, M * N, "dy").ptr(x, M * K, "x").ptr(dw, N * K, "dw").done());
+    map(dw, N, K).noalias() += cmap(dy, M, N).transpose() * cmap(x, M, K);
+    return {};
+  }
+
+  // out[i] = table[ids[i]]. ops.hpp leaves id checks to the caller; the host can afford them here.
+  status embedding(const index_t* ids, const T* table, T* out, i64 n, i64 V, i64 H) {
+    KD_TRY(embedding_check("embedding", ids, n, V, H).ptr(table, V * H, "table").ptr(out, n * H, "out").done());
+    for (i64 i = 0; i < n; ++i) std::copy_n(table + ids[i] * H, H, out + i * H);
+    return {};
+  }
+
+  // dtable[ids[i]] += dout[i]
+  status embedding_dw(const index_t* ids, const T* dout, T* dtable, i64 n, i64 V, i64 H) {
+    KD_TRY(embedding_check("embedding_dw", ids, n, V, H).ptr(dout, n * H, "dout").ptr(dtable, V * H, "dtable").done());
+    for (i64 i = 0; i < n; ++i) {
+      T* row = dtable + ids[i] * H;
+      const T* g = dout + i * H;
+      for (i64 h = 0; h < H; ++h) row[h] += g[h];
+    }
+    return {};
+  }
+
+  // y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row.
+  status rmsnorm(const T* x, const T* w, T* y, A* rstd, i64 R, i64 D, double eps) {
+    KD_TRY(detail::cpu_op_check("rmsnorm")
+               .nonneg(R, "R")
+               .positive(D, "D")
+               .finite(eps, "eps")
+               .that(eps >= 0.0, errc::invalid_argument, "eps is negative")
+               .ptr(x, R * D, "x")
+               .ptr(w, R > 0 ? D : 0, "w")
+               .ptr(y, R * D, "y")
+               .ptr(rstd, R, "rstd")
+               .done());
+    for (i64 r = 0; r < R; ++r) {
+      const T* xr = x + r * D;
+      A ss = 0;
+      for (i64 i = 0; i < D; ++i) ss += A(xr[i]) * A(xr[i]);
+      const A rs = A(1) / std::sqrt(ss / A(D) + A(eps));
+      rstd[r] = rs;
+      for (i64 i = 0; i < D; ++i) y[r * D + i] = T(A(xr[i]) * rs * A(w[i]));
+    }
+    return {};
+  }
+
+  // With g_i = dy_i w_i: dx_j = rstd g_j - rstd^3 x_j / D * sum_i g_i x_i; dw_i += sum_rows dy_i x_i rstd.
+  status rmsnorm_bwd(const T* x, const T* w, const A* rstd, const T* dy, T* dx, T* dw, i64 R, i64 D,
+                     bool accumulate_dx) {
+    KD_TRY(detail::cpu_op_check("rmsnorm_bwd")
+               .nonneg(R, "R")
+               .positive(D, "D")
+               .ptr(x, R * D, "x")
+               .ptr(w, R > 0 ? D : 0, "w")
+               .ptr(rstd, R, "rstd")
+               .ptr(dy, R * D, "dy")
+               .ptr(dx, R * D, "dx")
+               .ptr(dw, R > 0 ? D : 0, "dw")
+               .done());
+    for (i64 r = 0; r < R; ++r) {
+      const T* xr = x + r * D;
+      const T* dyr = dy + r * D;
+      T* dxr = dx + r * D;
+      const A rs = rstd[r];
+      A dot = 0;
+      for (i64 i = 0; i < D; ++i) dot += A(dyr[i]) * A(w[i]) * A(xr[i]);
+      const A c = rs * rs * rs * dot / A(D);
+      for (i64 i = 0; i < D; ++i) {
+        const A g = rs * A(dyr[i]) * A(w[i]) - c * A(xr[i]);
+        dxr[i] = accumulate_dx ? T(A(dxr[i]) + g) : T(g);
+        dw[i] = T(A(dw[i]) + A(dyr[i]) * A(xr[i]) * rs);
+      }
+    }
+    return {};
+  }
+
+  // HF rotate-half RoPE in place; inverse rotates by -angle, which is also the backward.
+  status rope(T* x, const index_t* pos, i64 tokens, i64 heads, i64 D, double theta, bool inverse) {
+    KD_TRY(detail::cpu_op_check("rope")
+               .nonneg(tokens, "tokens")
+               .positive(heads, "heads")
+               .positive(D, "D")
+               .that(D % 2 == 0, errc::invalid_argument, "D = " + std::to_string(D) + " is odd")
+               .finite(theta, "theta")
+               .that(theta > 0.0, errc::invalid_argument, "theta must be positive")
+               .ptr(x, tokens * heads * D, "x")
+               .ptr(pos, tokens, "pos")
+               .done());
+    const i64 half = D / 2;
+    // inv_freq in double, then cast, as HF stores it in the model's float type.
+    std::vector<A> inv_freq(static_cast<std::size_t>(half));
+    for (i64 i = 0; i < half; ++i)
+      inv_freq[static_cast<std::size_t>(i)] = A(std::pow(theta, -2.0 * double(i) / double(D)));
+    std::vector<A> cs(static_cast<std::size_t>(half)), sn(static_cast<std::size_t>(half));
+    for (i64 t = 0; t < tokens; ++t) {
+      for (i64 i = 0; i < half; ++i) {
+        const A angle = A(pos[t]) * inv_freq[static_cast<std::size_t>(i)];
+        cs[static_cast<std::size_t>(i)] = std::cos(angle);
+        sn[static_cast<std::size_t>(i)] = inverse ? -std::sin(angle) : std::sin(angle);
+      }
+      for (i64 h = 0; h < heads; ++h) {
+        T* v = x + (t * heads + h) * D;
+        for (i64 i = 0; i < half; ++i) {
+          const A a = A(v[i]), b = A(v[i + half]);
+          const A c = cs[static_cast<std::size_t>(i)], s = sn[static_cast<std::size_t>(i)];
+          v[i] = T(a * c - b * s);
+          v[i + half] = T(b * c + a * s);
+        }
+      }
+    }
+    return {};
+  }
+
+  // h = silu(g) * u with gu = [g | u] per row.
+  status swiglu(const T* gu, T* h, i64 R, i64 I) {
+    KD_TRY(detail::cpu_op_check("swiglu").nonneg(R, "R").positive(I, "I").ptr(gu, R * 2 * I, "gu").ptr(h, R * I, "h").done());
+    for (i64 r = 0; r < R; ++r) {
+      const T* g = gu + r * 2 * I;
+      const T* u = g + I;
+      for (i64 i = 0; i < I; ++i) {
+        const A gv = A(g[i]);
+        h[r * I + i] = T(gv * sigmoid(gv) * A(u[i]));
+      }
+    }
+    return {};
+  }
+
+  // dgate = dh u silu'(g), silu'(g) = s (1 + g (1 - s)); dup = dh silu(g). dgu is overwritten.
+  status swiglu_bwd(const T* gu, const T* dh, T* dgu, i64 R, i64 I) {
+    KD_TRY(detail::cpu_op_check("swiglu_bwd")
+               .nonneg(R, "R")
+               .positive(I, "I")
+               .ptr(gu, R * 2 * I, "gu")
+               .ptr(dh, R * I, "dh")
+               .ptr(dgu, R * 2 * I, "dgu")
+               .done());
+    for (i64 r = 0; r < R; ++r) {
+      const T* g = gu + r * 2 * I;
+      const T* u = g + I;
+      T* dg = dgu + r * 2 * I;
+      T* du = dg + I;
+      for (i64 i = 0; i < I; ++i) {
+        const A gv = A(g[i]), s = sigmoid(gv), d = A(dh[r * I + i]);
+        dg[i] = T(d * A(u[i]) * s * (A(1) + gv * (A(1) - s)));
+        du[i] = T(d * gv * s);
+      }
+    }
+    return {};
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // attention: one (sequence, q head) at a time through Eigen on strided views of the token-major
+  // tensors; the full seq x seq score matrix is masked (twice the causal work, but GEMM speed).
+  // ---------------------------------------------------------------------------------------------
+  status attention(const T* q, const T* k, const T* v, T* o, A* lse, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
+                   double scale) {
+    detail::cpu_op_check c("attention");
+    detail::cpu_attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    const i64 tokens = batch * seq;
+    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
+               .ptr(k, tokens * Hkv * D, "k")
+               .ptr(v, tokens * Hkv * D, "v")
+               .ptr(o, tokens * Hq * D, "o")
+               .ptr(lse, batch * Hq * seq, "lse")
+               .done());
+    const i64 group = Hq / Hkv;
+    mat S(seq, seq);
+    for (i64 b = 0; b < batch; ++b)
+      for (i64 h = 0; h < Hq; ++h) {
+        const i64 kvh = h / group;
+        auto Q = head(q, b, h, seq, Hq, D);
+        auto K = head(k, b, kvh, seq, Hkv, D);
+        auto V = head(v, b, kvh, seq, Hkv, D);
+        S.noalias() = Q * K.transpose();
+        A* l = lse + (b * Hq + h) * seq;
+        for (i64 i = 0; i < seq; ++i) {
+          A m = -std::numeric_limits<A>::infinity();
+          for (i64 j = 0; j <= i; ++j) m = std::max(m, A(scale) * S(i, j));
+          A sum = 0;
+          for (i64 j = 0; j <= i; ++j) sum += std::exp(A(scale) * S(i, j) - m);
+          l[i] = m + std::log(sum);
+          for (i64 j = 0; j <= i; ++j) S(i, j) = std::exp(A(scale) * S(i, j) - l[i]);
+          for (i64 j = i + 1; j < seq; ++j) S(i, j) = 0;
+        }
+        head(o, b, h, seq, Hq, D).noalias() = S * V;
+      }
+    return {};
+  }
+
+  // Flash-style backward from lse: P = exp(scale QK^T - lse), dP = dO V^T, dS = P (dP - rowsum(dO o)),
+  // dq = scale dS K, dk = scale dS^T Q, dv = P^T dO (dk, dv summed over the q heads of a KV group).
+  status attention_bwd(const T* q, const T* k, const T* v, const T* o, const A* lse, const T* dout, T* dq, T* dk,
+                       T* dv, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D, double scale) {
+    detail::cpu_op_check c("attention_bwd");
+    detail::cpu_attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    const i64 tokens = batch * seq, nq = tokens * Hq * D, nkv = tokens * Hkv * D;
+    KD_TRY(c.ptr(q, nq, "q")
+               .ptr(k, nkv, "k")
+               .ptr(v, nkv, "v")
+               .ptr(o, nq, "o")
+               .ptr(lse, batch * Hq * seq, "lse")
+               .ptr(dout, nq, "dout")
+               .ptr(dq, nq, "dq")
+               .ptr(dk, nkv, "dk")
+               .ptr(dv, nkv, "dv")
+               .done());
+    std::fill_n(dk, nkv, T(0));
+    std::fill_n(dv, nkv, T(0));
+    const i64 group = Hq / Hkv;
+    mat P(seq, seq), dS(seq, seq);
+    for (i64 b = 0; b < batch; ++b)
+      for (i64 h = 0; h < Hq; ++h) {
+        const i64 kvh = h / group;
+        auto Q = head(q, b, h, seq, Hq, D);
+        auto K = head(k, b, kvh, seq, Hkv, D);
+        auto V = head(v, b, kvh, seq, Hkv, D);
+        auto O = head(o, b, h, seq, Hq, D);
+        auto dO = head(dout, b, h, seq, Hq, D);
+        recompute_probs(Q, K, lse + (b * Hq + h) * seq, A(scale), P);
+        dS.noalias() = dO * V.transpose();
+        for (i64 i = 0; i < seq; ++i) {
+          const A delta = dO.row(i).dot(O.row(i));
+          for (i64 j = 0; j < seq; ++j) dS(i, j) = P(i, j) * (dS(i, j) - delta);
+        }
+        head(dq, b, h, seq, Hq, D).noalias() = A(scale) * dS * K;
+        head(dk, b, kvh, seq, Hkv, D).noalias() += A(scale) * dS.transpose() * Q;
+        head(dv, b, kvh, seq, Hkv, D).noalias() += P.transpose() * dO;
+      }
+    return {};
+  }
+
+  // probs[b, h, i, j] = exp(scale q_i k_j - lse[b, h, i]) for j <= i, zero above the diagonal.
+  status attention_probs(const T* q, const T* k, const A* lse, T* probs, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
+                         double scale) {
+    detail::cpu_op_check c("attention_probs");
+    detail::cpu_attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    const i64 tokens = batch * seq;
+    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
+               .ptr(k, tokens * Hkv * D, "k")
+               .ptr(lse, batch * Hq * seq, "lse")
+               .ptr(probs, batch * Hq * seq * seq, "probs")
+               .done());
+    const i64 group = Hq / Hkv;
+    for (i64 b = 0; b < batch; ++b)
+      for (i64 h = 0; h < Hq; ++h) {
+        mat_map P(probs + (b * Hq + h) * seq * seq, seq, seq);
+        recompute_probs(head(q, b, h, seq, Hq, D), head(k, b, h / group, seq, Hkv, D), lse + (b * Hq + h) * seq,
+                        A(scale), P);
+      }
+    return {};
+  }
+
+  // Softmax backward of given probs: dS = P (dP - rowsum(dP P)); dq += scale dS k, dk += scale dS^T q.
+  status attention_probs_bwd(const T* q, const T* k, const T* probs, const T* dprobs, T* dq, T* dk, i64 batch, i64 seq,
+                             i64 Hq, i64 Hkv, i64 D, double scale) {
+    detail::cpu_op_check c("attention_probs_bwd");
+    detail::cpu_attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    const i64 tokens = batch * seq, np = batch * Hq * seq * seq;
+    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
+               .ptr(k, tokens * Hkv * D, "k")
+               .ptr(probs, np, "probs")
+               .ptr(dprobs, np, "dprobs")
+               .ptr(dq, tokens * Hq * D, "dq")
+               .ptr(dk, tokens * Hkv * D, "dk")
+               .done());
+    const i64 group = Hq / Hkv;
+    mat dS(seq, seq);
+    for (i64 b = 0; b < batch; ++b)
+      for (i64 h = 0; h < Hq; ++h) {
+        const i64 kvh = h / group;
+        const i64 off = (b * Hq + h) * seq * seq;
+        const_mat_map P(probs + off, seq, seq), dP(dprobs + off, seq, seq);
+        for (i64 i = 0; i < seq; ++i) {
+          const A delta = P.row(i).dot(dP.row(i));
+          for (i64 j = 0; j < seq; ++j) dS(i, j) = P(i, j) * (dP(i, j) - delta);
+        }
+        head(dq, b, h, seq, Hq, D).noalias() += A(scale) * dS * head(k, b, kvh, seq, Hkv, D);
+        head(dk, b, kvh, seq, Hkv, D).noalias() += A(scale) * dS.transpose() * head(q, b, h, seq, Hq, D);
+      }
+    return {};
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // mixture of experts
+  // ---------------------------------------------------------------------------------------------
+  status router(const T* logits, A* probs, index_t* topk_idx, A* topk_w, i64 N, i64 E, i64 k, bool renorm) {
+    KD_TRY(router_check("router", N, E, k)
+               .ptr(logits, N * E, "logits")
+               .ptr(probs, N * E, "probs")
+               .ptr(topk_idx, N * k, "topk_idx")
+               .ptr(topk_w, N * k, "topk_w")
+               .done());
+    std::vector<index_t> order(static_cast<std::size_t>(E));
+    for (i64 t = 0; t < N; ++t) {
+      const T* z = logits + t * E;
+      A* p = probs + t * E;
+      A m = -std::numeric_limits<A>::infinity();
+      for (i64 e = 0; e < E; ++e) m = std::max(m, A(z[e]));
+      A sum = 0;
+      for (i64 e = 0; e < E; ++e) sum += (p[e] = std::exp(A(z[e]) - m));
+      for (i64 e = 0; e < E; ++e) p[e] /= sum;
+      // Descending probability, ties to the lower expert index.
+      std::iota(order.begin(), order.end(), index_t(0));
+      std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                        [p](index_t a, index_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+      A wsum = 0;
+      for (i64 j = 0; j < k; ++j) {
+        topk_idx[t * k + j] = order[static_cast<std::size_t>(j)];
+        wsum += (topk_w[t * k + j] = p[order[static_cast<std::size_t>(j)]]);
+      }
+      if (renorm)
+        for (i64 j = 0; j < k; ++j) topk_w[t * k + j] /= wsum;
+    }
+    return {};
+  }
+
+  // dlogits (overwritten) from dtopk_w through renorm (w_j = p_j / S: dp_j = (dw_j - sum_l dw_l w_l) / S),
+  // the selection (a gather) and the softmax (dz = p (dp - sum p dp)); dprobs_extra adds to dp on all E.
+  status router_bwd(const A* probs, const index_t* topk_idx, const A* dtopk_w, const A* dprobs_extra, T* dlogits, i64 N,
+                    i64 E, i64 k, bool renorm) {
+    KD_TRY(router_check("router_bwd", N, E, k)
+               .ptr(probs, N * E, "probs")
+               .ptr(topk_idx, N * k, "topk_idx")
+               .ptr(dtopk_w, N * k, "dtopk_w")
+               .ptr(dlogits, N * E, "dlogits")
+               .done());
+    KD_TRY(ids_in_range("router_bwd", "topk_idx", topk_idx, N * k, E));
+    std::vector<A> dp(static_cast<std::size_t>(E));
+    for (i64 t = 0; t < N; ++t) {
+      const A* p = probs + t * E;
+      const index_t* idx = topk_idx + t * k;
+      const A* dw = dtopk_w + t * k;
+      for (i64 e = 0; e < E; ++e) dp[static_cast<std::size_t>(e)] = dprobs_extra ? dprobs_extra[t * E + e] : A(0);
+      if (renorm) {
+        A S = 0, dot = 0;
+        for (i64 j = 0; j < k; ++j) S += p[idx[j]];
+        for (i64 j = 0; j < k; ++j) dot += dw[j] * p[idx[j]] / S;
+        for (i64 j = 0; j < k; ++j) dp[static_cast<std::size_t>(idx[j])] += (dw[j] - dot) / S;
+      } else {
+        for (i64 j = 0; j < k; ++j) dp[static_cast<std::size_t>(idx[j])] += dw[j];
+      }
+      A pdp = 0;
+      for (i64 e = 0; e < E; ++e) pdp += p[e] * dp[static_cast<std::size_t>(e)];
+      for (i64 e = 0; e < E; ++e) dlogits[t * E + e] = T(p[e] * (dp[static_cast<std::size_t>(e)] - pdp));
+    }
+    return {};
+  }
+
+  // Counting sort of the N*k (token, choice) pairs by expert: stable, so tokens ascend inside an expert.
+  status moe_dispatch(const index_t* topk_idx, i64 N, i64 E, i64 k, index_t* slot_token, index_t* token_slot, std::int64_t* counts_host) {
+    KD_TRY(router_check("moe_dispatch", N, E, k)
+               .ptr(topk_idx, N * k, "topk_idx")
+               .ptr(slot_token, N * k, "slot_token")
+               .ptr(token_slot, N * k, "token_slot")
+               .ptr(counts_host, E, "counts_host")
+               .that(N * k <= std::numeric_limits<index_t>::max(), errc::invalid_argument, "N * k does not fit index_t")
+               .done());
+    KD_TRY(ids_in_range("moe_dispatch", "topk_idx", topk_idx, N * k, E));
+    std::fill_n(counts_host, E, std::int64_t{0});
+    for (i64 s = 0; s < N * k; ++s) ++counts_host[topk_idx[s]];
+    std::vector<i64> next(static_cast<std::size_t>(E));
+    for (i64 e = 1; e < E; ++e)
+      next[static_cast<std::size_t>(e)] = next[static_cast<std::size_t>(e - 1)] + counts_host[e - 1];
+    for (i64 t = 0; t < N; ++t)
+      for (i64 j = 0; j < k; ++j) {
+        const i64 slot = next[static_cast<std::size_t>(topk_idx[t * k + j])]++;
+        slot_token[slot] = index_t(t);
+        token_slot[t * k + j] = index_t(slot);
+      }
+    return {};
+  }
+
+  // out[s] = x[rows[s]]; the row count of x is unknown here, so only negative rows are caught.
+  status gather_rows(const T* x, const index_t* rows, T* out, i64 S, i64 H) {
+    KD_TRY(detail::cpu_op_check("gather_rows")
+               .nonneg(S, "S")
+               .nonneg(H, "H")
+               .ptr(rows, S, "rows")
+               .ptr(x, S * H, "x")
+               .ptr(out, S * H, "out")
+               .done());
+    for (i64 s = 0; s < S; ++s)
+      if (rows[s] < 0) return {errc::out_of_range, "cpu_ops::gather_rows: rows[" + std::to_string(s) + "] is negative"};
+    for (i64 s = 0; s < S; ++s) std::copy_n(x + i64(rows[s]) * H, H, out + s * H);
+    return {};
+  }
+
+  // out[t] (+)= sum_j topk_w[t, j] y[token_slot[t*k + j]]
+  status moe_combine(const T* y, const index_t* token_slot, const A* topk_w, T* out, i64 N, i64 k, i64 H, bool accumulate) {
+    KD_TRY(combine_check("moe_combine", token_slot, N, k, H)
+               .ptr(y, N * k * H, "y")
+               .ptr(topk_w, N * k, "topk_w")
+               .ptr(out, N * H, "out")
+               .done());
+    std::vector<A> acc(static_cast<std::size_t>(H));
+    for (i64 t = 0; t < N; ++t) {
+      T* ot = out + t * H;
+      for (i64 h = 0; h < H; ++h) acc[static_cast<std::size_t>(h)] = accumulate ? A(ot[h]) : A(0);
+      for (i64 j = 0; j < k; ++j) {
+        const T* yr = y + i64(token_slot[t * k + j]) * H;
+        const A w = topk_w[t * k + j];
+        for (i64 h = 0; h < H; ++h) acc[static_cast<std::size_t>(h)] += w * A(yr[h]);
+      }
+      for (i64 h = 0; h < H; ++h) ot[h] = T(acc[static_cast<std::size_t>(h)]);
+    }
+    return {};
+  }
+
+  // dy[slot(t, j)] = topk_w[t, j] dout[t] (dy overwritten), dtopk_w[t, j] = dout[t] . y[slot(t, j)].
+  status moe_combine_bwd(const T* y, const index_t* token_slot, const A* topk_w, const T* dout, T* dy, A* dtopk_w, i64 N,
+                         i64 k, i64 H) {
+    KD_TRY(combine_check("moe_combine_bwd", token_slot, N, k, H)
+               .ptr(y, N * k * H, "y")
+               .ptr(topk_w, N * k, "topk_w")
+               .ptr(dout, N * H, "dout")
+               .ptr(dy, N * k * H, "dy")
+               .ptr(dtopk_w, N * k, "dtopk_w")
+               .done());
+    // Zero first and add, so a slot no choice maps to still ends up defined.
+    std::fill_n(dy, N * k * H, T(0));
+    for (i64 t = 0; t < N; ++t) {
+      const T* g = dout + t * H;
+      for (i64 j = 0; j < k; ++j) {
+        const i64 slot = token_slot[t * k + j];
+        const T* yr = y + slot * H;
+        T* dyr = dy + slot * H;
+        const A w = topk_w[t * k + j];
+        A dot = 0;
+        for (i64 h = 0; h < H; ++h) {
+          dot += A(g[h]) * A(yr[h]);
+          dyr[h] = T(A(dyr[h]) + w * A(g[h]));
+        }
+        dtopk_w[t * k + j] = dot;
+      }
+    }
+    return {};
+  }
+
+  // dx[t] += sum_j dy_slots[token_slot[t*k + j]]
+  status moe_gather_add(const T* dy_slots, const index_t* token_slot, T* dx, i64 N, i64 k, i64 H) {
+    KD_TRY(combine_check("moe_gather_add", token_slot, N, k, H)
+               .ptr(dy_slots, N * k * H, "dy_slots")
+               .ptr(dx, N * H, "dx")
+               .done());
+    for (i64 t = 0; t < N; ++t) {
+      T* d = dx + t * H;
+      for (i64 j = 0; j < k; ++j) {
+        const T* s = dy_slots + i64(token_slot[t * k + j]) * H;
+        for (i64 h = 0; h < H; ++h) d[h] += s[h];
+      }
+    }
+    return {};
+  }
+
+ private:
+  using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using mat_map = Eigen::Map<mat>;
+  using const_mat_map = Eigen::Map<const mat>;
+  using stride = Eigen::OuterStride<>;
+
+  static mat_map map(T* p, i64 r, i64 c) { return mat_map(p, r, c); }
+  static const_mat_map cmap(const T* p, i64 r, i64 c) { return const_mat_map(p, r, c); }
+
+  // Head h of sequence b in a token-major [batch*seq, heads, D] tensor: a seq x D view, row stride heads*D.
+  static Eigen::Map<mat, 0, stride> head(T* p, i64 b, i64 h, i64 seq, i64 heads, i64 D) {
+    return Eigen::Map<mat, 0, stride>(p + (b * seq * heads + h) * D, seq, D, stride(heads * D));
+  }
+  static Eigen::Map<const mat, 0, stride> head(const T* p, i64 b, i64 h, i64 seq, i64 heads, i64 D) {
+    return Eigen::Map<const mat, 0, stride>(p + (b * seq * heads + h) * D, seq, D, stride(heads * D));
+  }
+
+  template <class QM, class KM, class PM>
+  static void recompute_probs(const QM& Q, const KM& K, const A* lse, A scale, PM& P) {
+    P.noalias() = Q * K.transpose();
+    const i64 seq = P.rows();
+    for (i64 i = 0; i < seq; ++i) {
+      for (i64 j = 0; j <= i; ++j) P(i, j) = std::exp(scale * P(i, j) - lse[i]);
+      for (i64 j = i + 1; j < seq; ++j) P(i, j) = 0;
+    }
+  }
+
+  static A sigmoid(A x) { return A(1) / (A(1) + std::exp(-x)); }
+
+  template <class U>
+  static status copy_impl(const char* op, const U* src, U* dst, std::size_t n) {
+    KD_TRY(detail::cpu_op_check(op).ptr(src, static_cast<i64>(n), "src").ptr(dst, static_cast<i64>(n), "dst").done());
+    if (n > 0 && src != dst) std::memmove(static_cast<void*>(dst), static_cast<const void*>(src), n * sizeof(U));
+    return {};
+  }
+
+  static detail::cpu_op_check gemm_check(const char* op, i64 M, i64 N, i64 K) {
+    detail::cpu_op_check c(op);
+    c.nonneg(M, "M").nonneg(N, "N").nonneg(K, "K");
+    return c;
+  }
+
+  static detail::cpu_op_check embedding_check(const char* op, const index_t* ids, i64 n, i64 V, i64 H) {
+    detail::cpu_op_check c(op);
+    c.nonneg(n, "n").positive(V, "V").nonneg(H, "H").ptr(ids, n, "ids").then([&] { return ids_in_range(op, "ids", ids, n, V); });
+    return c;
+  }
+
+  static detail::cpu_op_check router_check(const char* op, i64 N, i64 E, i64 k) {
+    detail::cpu_op_check c(op);
+    c.nonneg(N, "N").positive(E, "E").positive(k, "k");
+    if (c.ok())
+      c.that(k <= E, errc::invalid_argument, "k = " + std::to_string(k) + " exceeds E = " + std::to_string(E));
+    return c;
+  }
+
+  // token_slot must address the N*k slots; the host checks it because a bad slot would write anywhere.
+  static detail::cpu_op_check combine_check(const char* op, const index_t* token_slot, i64 N, i64 k, i64 H) {
+    detail::cpu_op_check c(op);
+    c.nonneg(N, "N").positive(k, "k").nonneg(H, "H").ptr(token_slot, N * k, "token_slot").then([&] {
+      return ids_in_range(op, "token_slot", token_slot, N * k, N * k);
+    });
+    return c;
+  }
+
+  static status ids_in_range(const char* op, const char* what, const index_t* ids, i64 n, i64 bound) {
+    for (i64 i = 0; i < n; ++i)
+      if (ids[i] < 0 || ids[i] >= bound)
+        return {errc::out_of_range, std::string("cpu_ops::") + op + ": " + what + "[" + std::to_string(i) +
+                                        "] = " + std::to_string(ids[i]) + " is outside [0, " + std::to_string(bound) + ")"};
+    return {};
+  }
+};
+
+static_assert(ModelBackend<cpu_ops<double>>);
+static_assert(ModelBackend<cpu_ops<float>>);
+
+}  // namespace kd::model

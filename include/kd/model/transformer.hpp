@@ -1,0 +1,522 @@
+// kd/model/transformer.hpp: the decoder (Qwen3-MoE teacher or Llama student), written once against the
+// op interface of ops.hpp, forward and backward.
+//
+// One object holds the parameter arena, its gradient arena and the activations of the last forward.
+// forward() keeps what backward() needs (training) or only what the caller can read (inference: one set
+// of per-layer scratch reused by every layer, hidden states and router outputs kept). It returns what a
+// distillation loss needs: logits or the final normed hidden state (for the fused linear losses), the
+// residual stream after any layer, attention maps of the layers asked for, and router logits,
+// probabilities and expert choices with per-expert token counts. backward() takes the gradient of the
+// loss with respect to any of those and fills the gradient arena.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <kd/model/ops.hpp>
+#include <kd/model/parameters.hpp>
+#include <kd/numeric.hpp>
+#include <kd/status.hpp>
+
+namespace kd::model {
+
+struct forward_options {
+  bool training = true;                        // keep activations for backward()
+  bool logits = true;                          // compute logits [tokens, vocab] (else only the final hidden)
+  std::vector<std::int64_t> attention_layers;  // layers whose attention maps are materialised
+};
+
+// Gradients of the loss with respect to forward()'s outputs; every pointer is optional (backend memory).
+template <class T, class A>
+struct backward_inputs {
+  const T* d_logits = nullptr;        // [tokens, vocab]
+  const T* d_final_hidden = nullptr;  // [tokens, hidden]: w.r.t. final_hidden() (fused linear losses)
+  std::vector<std::pair<std::int64_t, const T*>> d_hidden;         // layer l -> [tokens, hidden] w.r.t. hidden(l)
+  std::vector<std::pair<std::int64_t, const T*>> d_attention;      // layer l -> [batch, heads, seq, seq]
+  std::vector<std::pair<std::int64_t, const T*>> d_router_logits;  // layer l -> [tokens, experts]
+};
+
+template <ModelBackend B>
+class transformer {
+ public:
+  using value_type = typename B::value_type;
+  using acc_type = typename B::acc_type;
+  using T = value_type;
+  using A = acc_type;
+  template <class U>
+  using buffer = typename B::template buffer<U>;
+  using grads_in = backward_inputs<T, A>;
+
+  transformer(B& backend, model::arch a) : b_(&backend), table_(a), arch_(table_.arch()) {}
+  transformer(const transformer&) = delete;
+  transformer& operator=(const transformer&) = delete;
+
+  // Allocates the parameter arena (zero) and, with `with_grads`, the gradient arena.
+  status allocate(bool with_grads) {
+    if (arch_.hidden <= 0 || arch_.layers.empty()) return {errc::invalid_argument, "transformer: empty architecture"};
+    params_ = b_->template alloc<T>(table_.size());
+    if (params_.size() != table_.size()) return alloc_error("parameters", table_.size() * sizeof(T));
+    if (with_grads) {
+      grads_ = b_->template alloc<T>(table_.size());
+      if (grads_.size() != table_.size()) return alloc_error("gradients", table_.size() * sizeof(T));
+    }
+    return {};
+  }
+
+  // N(0, range) for matrices, 1 for norm weights (HF's _init_weights for these models), from `seed`.
+  status initialize(double range, std::uint64_t seed) {
+    if (params_.size() != table_.size()) return {errc::invalid_argument, "transformer: allocate() first"};
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<double> normal(0.0, range);
+    std::vector<T> host;
+    for (const param_entry& e : table_.entries()) {
+      host.resize(e.numel);
+      if (e.kind == param_kind::norm)
+        std::fill(host.begin(), host.end(), store_as<T>(1.0));
+      else
+        for (T& v : host) v = store_as<T>(normal(rng));
+      KD_TRY(b_->upload(host.data(), host.size(), params_.data() + e.offset));
+    }
+    return {};
+  }
+
+  [[nodiscard]] B& backend() const noexcept { return *b_; }
+  [[nodiscard]] const parameter_table& table() const noexcept { return table_; }
+  [[nodiscard]] const model::arch& arch() const noexcept { return arch_; }
+  [[nodiscard]] T* params() noexcept { return params_.data(); }
+  [[nodiscard]] const T* params() const noexcept { return params_.data(); }
+  [[nodiscard]] T* grads() noexcept { return grads_.data(); }
+  [[nodiscard]] bool has_grads() const noexcept { return grads_.size() == table_.size(); }
+  status zero_grads() {
+    if (!has_grads()) return {errc::invalid_argument, "transformer: allocated without gradients"};
+    return b_->fill_zero(grads_.data(), grads_.size());
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Forward
+  // ---------------------------------------------------------------------------------------------
+
+  // ids: host token ids [batch, seq], each sequence causal on its own.
+  status forward(std::span<const index_t> ids, std::int64_t batch, std::int64_t seq, const forward_options& opt = {}) {
+    if (params_.size() != table_.size()) return {errc::invalid_argument, "transformer: allocate() first"};
+    if (batch <= 0 || seq <= 0)
+      return {errc::invalid_argument, "forward: batch and seq must be positive, got " + std::to_string(batch) +
+                                          " x " + std::to_string(seq)};
+    if (static_cast<std::int64_t>(ids.size()) != batch * seq)
+      return {errc::shape_mismatch, "forward: " + std::to_string(ids.size()) + " token ids for batch " +
+                                        std::to_string(batch) + " x seq " + std::to_string(seq)};
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      if (ids[i] < 0 || ids[i] >= arch_.vocab)
+        return {errc::out_of_range, "forward: token id " + std::to_string(ids[i]) + " at position " +
+                                        std::to_string(i) + " is outside the vocabulary [0, " +
+                                        std::to_string(arch_.vocab) + ")"};
+    for (std::int64_t l : opt.attention_layers)
+      if (l < 0 || l >= arch_.num_layers())
+        return {errc::out_of_range, "forward: attention layer " + std::to_string(l) + " outside [0, " +
+                                        std::to_string(arch_.num_layers()) + ")"};
+    KD_TRY(prepare(batch, seq, opt));
+    std::vector<index_t> pos(static_cast<std::size_t>(n_));
+    for (std::int64_t i = 0; i < n_; ++i) pos[static_cast<std::size_t>(i)] = static_cast<index_t>(i % seq);
+    KD_TRY(b_->upload(ids.data(), ids.size(), ids_.data()));
+    KD_TRY(b_->upload(pos.data(), pos.size(), pos_.data()));
+
+    const std::int64_t H = arch_.hidden;
+    KD_TRY(b_->embedding(ids_.data(), w(table_.embed()), hs_[0].data(), n_, arch_.vocab, H));
+    for (std::int64_t l = 0; l < arch_.num_layers(); ++l) KD_TRY(layer_forward(l));
+    const T* last = hs_.back().data();
+    KD_TRY(b_->rmsnorm(last, w(table_.final_norm()), xf_.data(), rstd_f_.data(), n_, H, arch_.eps));
+    if (opt.logits) KD_TRY(b_->linear(xf_.data(), w(table_.head()), logits_.data(), n_, arch_.vocab, H, false));
+    forwarded_ = true;
+    return {};
+  }
+
+  [[nodiscard]] std::int64_t tokens() const noexcept { return n_; }
+  [[nodiscard]] std::int64_t batch() const noexcept { return batch_; }
+  [[nodiscard]] std::int64_t seq() const noexcept { return seq_; }
+  // [tokens, vocab] (only with forward_options::logits).
+  [[nodiscard]] const T* logits() const noexcept { return opt_.logits ? logits_.data() : nullptr; }
+  // Writable: backward() never reads the logits, so a loss may overwrite them with their gradient in
+  // place and pass the same pointer as d_logits (saves a tokens x vocab buffer).
+  [[nodiscard]] T* logits() noexcept { return opt_.logits ? logits_.data() : nullptr; }
+  // The final normed hidden state [tokens, hidden]: the head's input.
+  [[nodiscard]] const T* final_hidden() const noexcept { return xf_.data(); }
+  // The residual stream after layer l (l = -1: the embeddings), [tokens, hidden]; HF's hidden_states[l + 1]
+  // except the last, which HF reports after the final norm (final_hidden()).
+  [[nodiscard]] const T* hidden(std::int64_t l) const noexcept { return hs_[static_cast<std::size_t>(l + 1)].data(); }
+  // [batch, heads, seq, seq] for a layer named in forward_options::attention_layers, else nullptr.
+  [[nodiscard]] const T* attention(std::int64_t l) const noexcept {
+    const auto& p = probs_[static_cast<std::size_t>(l)];
+    return p.size() ? p.data() : nullptr;
+  }
+  // Router outputs of an MoE layer (nullptr / empty for a dense layer).
+  [[nodiscard]] const T* router_logits(std::int64_t l) const noexcept { return router(l).logits.data(); }
+  [[nodiscard]] const A* router_probs(std::int64_t l) const noexcept { return router(l).probs.data(); }
+  [[nodiscard]] const index_t* expert_ids(std::int64_t l) const noexcept { return router(l).topk_idx.data(); }
+  [[nodiscard]] const A* expert_weights(std::int64_t l) const noexcept { return router(l).topk_w.data(); }
+  // Tokens routed to each expert in the last forward (host): expert-utilization statistics.
+  [[nodiscard]] std::span<const std::int64_t> expert_counts(std::int64_t l) const noexcept {
+    return router(l).counts;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Backward
+  // ---------------------------------------------------------------------------------------------
+  status backward(const grads_in& g) {
+    if (!forwarded_ || !opt_.training)
+      return {errc::invalid_argument, "backward: needs a forward() with forward_options::training"};
+    if (!has_grads()) return {errc::invalid_argument, "backward: the model was allocated without gradients"};
+    if (g.d_logits != nullptr && !opt_.logits)
+      return {errc::invalid_argument, "backward: d_logits given but the forward computed no logits"};
+    for (const auto& [l, p] : g.d_attention)
+      if (l < 0 || l >= arch_.num_layers() || attention(l) == nullptr)
+        return {errc::invalid_argument, "backward: d_attention for layer " + std::to_string(l) +
+                                            ", whose attention map the forward did not materialise"};
+    for (const auto& [l, p] : g.d_hidden)
+      if (l < -1 || l >= arch_.num_layers())
+        return {errc::out_of_range, "backward: d_hidden for layer " + std::to_string(l) + " outside [-1, " +
+                                        std::to_string(arch_.num_layers()) + ")"};
+    for (const auto& [l, p] : g.d_router_logits)
+      if (l < 0 || l >= arch_.num_layers() || !arch_.layers[static_cast<std::size_t>(l)].moe)
+        return {errc::invalid_argument, "backward: d_router_logits for layer " + std::to_string(l) +
+                                            ", which has no router"};
+
+    const std::int64_t H = arch_.hidden, V = arch_.vocab;
+    // Head and final norm: d xf, then into the residual stream.
+    KD_TRY(b_->fill_zero(bw_.dxn.data(), bw_.dxn.size()));
+    if (g.d_logits != nullptr) {
+      KD_TRY(b_->linear_dx(g.d_logits, w(table_.head()), bw_.dxn.data(), n_, V, H, false));
+      KD_TRY(b_->linear_dw(g.d_logits, xf_.data(), dw(table_.head()), n_, V, H));
+    }
+    if (g.d_final_hidden != nullptr) KD_TRY(b_->add(bw_.dxn.data(), g.d_final_hidden, bw_.dxn.size()));
+    KD_TRY(b_->rmsnorm_bwd(hs_.back().data(), w(table_.final_norm()), rstd_f_.data(), bw_.dxn.data(),
+                           bw_.dx.data(), dw(table_.final_norm()), n_, H, false));
+    KD_TRY(add_hidden_grad(g, arch_.num_layers() - 1));
+    for (std::int64_t l = arch_.num_layers() - 1; l >= 0; --l) {
+      KD_TRY(layer_backward(l, g));
+      KD_TRY(add_hidden_grad(g, l - 1));
+    }
+    return b_->embedding_dw(ids_.data(), bw_.dx.data(), dw(table_.embed()), n_, V, H);
+  }
+
+ private:
+  struct router_state {
+    buffer<T> logits;
+    buffer<A> probs, topk_w;
+    buffer<index_t> topk_idx, slot_token, token_slot;
+    std::vector<std::int64_t> counts;
+  };
+  // Activations of one layer (per layer in training; one shared set in inference).
+  struct layer_state {
+    buffer<T> xn1, q_raw, k_raw, q, k, v, o, x_mid, xn2, gu, h, xg, y;
+    buffer<A> rstd1, rstd_q, rstd_k, lse, rstd2;
+  };
+  // Backward scratch, sized for the largest layer.
+  struct backward_state {
+    buffer<T> dx, dxn, d_o, dq, dk, dv, dq_raw, dk_raw, dgu, dh, dy, dxg, drouter;
+    buffer<A> dtopk;
+  };
+
+  static status alloc_error(const std::string& what, std::size_t bytes) {
+    return {errc::backend_error, "transformer: cannot allocate " + what + " (" + std::to_string(bytes) + " bytes)"};
+  }
+
+  [[nodiscard]] const T* w(std::size_t off) const noexcept { return params_.data() + off; }
+  [[nodiscard]] T* dw(std::size_t off) noexcept { return grads_.data() + off; }
+  [[nodiscard]] const router_state& router(std::int64_t l) const noexcept {
+    return routers_[static_cast<std::size_t>(l)];
+  }
+  [[nodiscard]] layer_state& state(std::int64_t l) noexcept {
+    return states_[opt_.training ? static_cast<std::size_t>(l) : 0];
+  }
+
+  template <class U>
+  status alloc(buffer<U>& out, std::int64_t n, const char* what) {
+    out = b_->template alloc<U>(static_cast<std::size_t>(n));
+    if (static_cast<std::int64_t>(out.size()) != n) return alloc_error(what, static_cast<std::size_t>(n) * sizeof(U));
+    return {};
+  }
+
+  // Sizes every activation for (batch, seq, options); reuses the buffers when nothing changed.
+  status prepare(std::int64_t batch, std::int64_t seq, const forward_options& opt) {
+    const bool same = batch == batch_ && seq == seq_ && opt.training == opt_.training && opt.logits == opt_.logits &&
+                      opt.attention_layers == opt_.attention_layers && !states_.empty();
+    forwarded_ = false;
+    if (same) return {};
+    batch_ = batch;
+    seq_ = seq;
+    opt_ = opt;
+    n_ = batch * seq;
+    const auto& a = arch_;
+    const std::int64_t n = n_, H = a.hidden, L = a.num_layers(), Q = a.q_width(), KV = a.kv_width();
+    states_.clear();
+    routers_.clear();
+    hs_.clear();
+    probs_.clear();
+    KD_TRY(alloc(ids_, n, "token ids"));
+    KD_TRY(alloc(pos_, n, "positions"));
+    hs_.resize(static_cast<std::size_t>(L + 1));
+    for (auto& h : hs_) KD_TRY(alloc(h, n * H, "hidden states"));
+    KD_TRY(alloc(xf_, n * H, "final hidden"));
+    KD_TRY(alloc(rstd_f_, n, "final norm"));
+    if (opt.logits) KD_TRY(alloc(logits_, n * a.vocab, "logits"));
+    else logits_ = buffer<T>{};
+    std::int64_t max_rows = n, max_i = 0;
+    bool any_moe = false;
+    for (const auto& la : a.layers) {
+      max_i = std::max(max_i, la.intermediate);
+      if (la.moe) max_rows = std::max(max_rows, n * a.top_k);
+      any_moe = any_moe || la.moe;
+    }
+    states_.resize(opt.training ? static_cast<std::size_t>(L) : 1);
+    for (std::size_t s = 0; s < states_.size(); ++s) {
+      // In inference one set serves every layer, so it takes the largest layer's sizes.
+      const bool moe = opt.training ? a.layers[s].moe : any_moe;
+      const std::int64_t I = opt.training ? a.layers[s].intermediate : max_i;
+      const std::int64_t rows = moe ? n * a.top_k : n;
+      layer_state& st = states_[s];
+      KD_TRY(alloc(st.xn1, n * H, "activations"));
+      if (a.qk_norm) {
+        KD_TRY(alloc(st.q_raw, n * Q, "activations"));
+        KD_TRY(alloc(st.k_raw, n * KV, "activations"));
+        KD_TRY(alloc(st.rstd_q, n * a.heads, "activations"));
+        KD_TRY(alloc(st.rstd_k, n * a.kv_heads, "activations"));
+      }
+      KD_TRY(alloc(st.q, n * Q, "activations"));
+      KD_TRY(alloc(st.k, n * KV, "activations"));
+      KD_TRY(alloc(st.v, n * KV, "activations"));
+      KD_TRY(alloc(st.o, n * Q, "activations"));
+      KD_TRY(alloc(st.lse, n * a.heads, "activations"));
+      KD_TRY(alloc(st.rstd1, n, "activations"));
+      KD_TRY(alloc(st.rstd2, n, "activations"));
+      KD_TRY(alloc(st.x_mid, n * H, "activations"));
+      KD_TRY(alloc(st.xn2, n * H, "activations"));
+      KD_TRY(alloc(st.gu, std::max(rows, n) * 2 * I, "activations"));
+      KD_TRY(alloc(st.h, std::max(rows, n) * I, "activations"));
+      if (moe) {
+        KD_TRY(alloc(st.xg, rows * H, "activations"));
+        KD_TRY(alloc(st.y, rows * H, "activations"));
+      }
+    }
+    routers_.resize(static_cast<std::size_t>(L));
+    probs_.resize(static_cast<std::size_t>(L));
+    for (std::int64_t l = 0; l < L; ++l) {
+      if (a.layers[static_cast<std::size_t>(l)].moe) {
+        router_state& r = routers_[static_cast<std::size_t>(l)];
+        KD_TRY(alloc(r.logits, n * a.experts, "router logits"));
+        KD_TRY(alloc(r.probs, n * a.experts, "router probabilities"));
+        KD_TRY(alloc(r.topk_w, n * a.top_k, "router weights"));
+        KD_TRY(alloc(r.topk_idx, n * a.top_k, "expert ids"));
+        KD_TRY(alloc(r.slot_token, n * a.top_k, "expert dispatch"));
+        KD_TRY(alloc(r.token_slot, n * a.top_k, "expert dispatch"));
+        r.counts.assign(static_cast<std::size_t>(a.experts), 0);
+      }
+    }
+    for (std::int64_t l : opt.attention_layers)
+      KD_TRY(alloc(probs_[static_cast<std::size_t>(l)], batch * a.heads * seq * seq, "attention maps"));
+    bw_ = backward_state{};
+    if (opt.training) {
+      KD_TRY(alloc(bw_.dx, n * H, "gradients"));
+      KD_TRY(alloc(bw_.dxn, n * H, "gradients"));
+      KD_TRY(alloc(bw_.d_o, n * Q, "gradients"));
+      KD_TRY(alloc(bw_.dq, n * Q, "gradients"));
+      KD_TRY(alloc(bw_.dk, n * KV, "gradients"));
+      KD_TRY(alloc(bw_.dv, n * KV, "gradients"));
+      KD_TRY(alloc(bw_.dq_raw, n * Q, "gradients"));
+      KD_TRY(alloc(bw_.dk_raw, n * KV, "gradients"));
+      KD_TRY(alloc(bw_.dgu, max_rows * 2 * max_i, "gradients"));
+      KD_TRY(alloc(bw_.dh, max_rows * max_i, "gradients"));
+      if (any_moe) {
+        KD_TRY(alloc(bw_.dy, max_rows * H, "gradients"));
+        KD_TRY(alloc(bw_.dxg, max_rows * H, "gradients"));
+        KD_TRY(alloc(bw_.drouter, n * a.experts, "gradients"));
+        KD_TRY(alloc(bw_.dtopk, n * a.top_k, "gradients"));
+      }
+    }
+    return {};
+  }
+
+  [[nodiscard]] double scale() const noexcept { return 1.0 / std::sqrt(static_cast<double>(arch_.head_dim)); }
+
+  status layer_forward(std::int64_t l) {
+    const auto& a = arch_;
+    const layer_offsets& p = table_.layer(l);
+    const layer_arch& la = a.layers[static_cast<std::size_t>(l)];
+    layer_state& st = state(l);
+    const std::int64_t n = n_, H = a.hidden, Q = a.q_width(), KV = a.kv_width(), D = a.head_dim;
+    const T* x = hs_[static_cast<std::size_t>(l)].data();
+    T* out = hs_[static_cast<std::size_t>(l + 1)].data();
+
+    // Attention block: x_mid = x + o_proj(attn(rope(qk_norm(W x_n)))).
+    KD_TRY(b_->rmsnorm(x, w(p.input_norm), st.xn1.data(), st.rstd1.data(), n, H, a.eps));
+    T* q_lin = a.qk_norm ? st.q_raw.data() : st.q.data();
+    T* k_lin = a.qk_norm ? st.k_raw.data() : st.k.data();
+    KD_TRY(b_->linear(st.xn1.data(), w(p.q), q_lin, n, Q, H, false));
+    KD_TRY(b_->linear(st.xn1.data(), w(p.k), k_lin, n, KV, H, false));
+    KD_TRY(b_->linear(st.xn1.data(), w(p.v), st.v.data(), n, KV, H, false));
+    if (a.qk_norm) {
+      KD_TRY(b_->rmsnorm(q_lin, w(p.q_norm), st.q.data(), st.rstd_q.data(), n * a.heads, D, a.eps));
+      KD_TRY(b_->rmsnorm(k_lin, w(p.k_norm), st.k.data(), st.rstd_k.data(), n * a.kv_heads, D, a.eps));
+    }
+    KD_TRY(b_->rope(st.q.data(), pos_.data(), n, a.heads, D, a.theta, false));
+    KD_TRY(b_->rope(st.k.data(), pos_.data(), n, a.kv_heads, D, a.theta, false));
+    KD_TRY(b_->attention(st.q.data(), st.k.data(), st.v.data(), st.o.data(), st.lse.data(), batch_, seq_, a.heads,
+                         a.kv_heads, D, scale()));
+    if (auto& pr = probs_[static_cast<std::size_t>(l)]; pr.size())
+      KD_TRY(b_->attention_probs(st.q.data(), st.k.data(), st.lse.data(), pr.data(), batch_, seq_, a.heads,
+                                 a.kv_heads, D, scale()));
+    KD_TRY(b_->copy(x, st.x_mid.data(), static_cast<std::size_t>(n * H)));
+    KD_TRY(b_->linear(st.o.data(), w(p.o), st.x_mid.data(), n, H, Q, true));
+
+    // MLP block: out = x_mid + mlp(x_mid_n).
+    KD_TRY(b_->rmsnorm(st.x_mid.data(), w(p.post_norm), st.xn2.data(), st.rstd2.data(), n, H, a.eps));
+    KD_TRY(b_->copy(st.x_mid.data(), out, static_cast<std::size_t>(n * H)));
+    const std::int64_t I = la.intermediate;
+    if (!la.moe) {
+      KD_TRY(b_->linear(st.xn2.data(), w(p.gate_up), st.gu.data(), n, 2 * I, H, false));
+      KD_TRY(b_->swiglu(st.gu.data(), st.h.data(), n, I));
+      return b_->linear(st.h.data(), w(p.down), out, n, H, I, true);
+    }
+    // Dropless MoE: route, group the (token, choice) pairs by expert, one GEMM pair per expert, combine.
+    router_state& r = routers_[static_cast<std::size_t>(l)];
+    const std::int64_t E = a.experts, k = a.top_k, S = n * k;
+    KD_TRY(b_->linear(st.xn2.data(), w(p.router), r.logits.data(), n, E, H, false));
+    KD_TRY(b_->router(r.logits.data(), r.probs.data(), r.topk_idx.data(), r.topk_w.data(), n, E, k, a.renorm_topk));
+    KD_TRY(b_->moe_dispatch(r.topk_idx.data(), n, E, k, r.slot_token.data(), r.token_slot.data(), r.counts.data()));
+    KD_TRY(b_->gather_rows(st.xn2.data(), r.slot_token.data(), st.xg.data(), S, H));
+    std::int64_t s0 = 0;
+    for (std::int64_t e = 0; e < E; ++e) {
+      const std::int64_t c = r.counts[static_cast<std::size_t>(e)];
+      if (c > 0)
+        KD_TRY(b_->linear(st.xg.data() + s0 * H, w(p.gate_up) + e * 2 * I * H, st.gu.data() + s0 * 2 * I, c, 2 * I,
+                          H, false));
+      s0 += c;
+    }
+    KD_TRY(b_->swiglu(st.gu.data(), st.h.data(), S, I));
+    s0 = 0;
+    for (std::int64_t e = 0; e < E; ++e) {
+      const std::int64_t c = r.counts[static_cast<std::size_t>(e)];
+      if (c > 0)
+        KD_TRY(b_->linear(st.h.data() + s0 * I, w(p.down) + e * H * I, st.y.data() + s0 * H, c, H, I, false));
+      s0 += c;
+    }
+    return b_->moe_combine(st.y.data(), r.token_slot.data(), r.topk_w.data(), out, n, k, H, true);
+  }
+
+  status add_hidden_grad(const grads_in& g, std::int64_t l) {
+    for (const auto& [layer, d] : g.d_hidden)
+      if (layer == l) KD_TRY(b_->add(bw_.dx.data(), d, bw_.dx.size()));
+    return {};
+  }
+
+  // bw_.dx holds d loss / d out (the residual after layer l); leaves d loss / d x (before layer l).
+  status layer_backward(std::int64_t l, const grads_in& g) {
+    const auto& a = arch_;
+    const layer_offsets& p = table_.layer(l);
+    const layer_arch& la = a.layers[static_cast<std::size_t>(l)];
+    layer_state& st = state(l);
+    auto& bw = bw_;
+    const std::int64_t n = n_, H = a.hidden, Q = a.q_width(), KV = a.kv_width(), D = a.head_dim;
+    const std::int64_t I = la.intermediate;
+    const T* x = hs_[static_cast<std::size_t>(l)].data();
+
+    // MLP block: d xn2 into bw.dxn, then through the post-attention norm into dx (the residual adds dx).
+    if (!la.moe) {
+      KD_TRY(b_->linear_dx(bw.dx.data(), w(p.down), bw.dh.data(), n, H, I, false));
+      KD_TRY(b_->linear_dw(bw.dx.data(), st.h.data(), dw(p.down), n, H, I));
+      KD_TRY(b_->swiglu_bwd(st.gu.data(), bw.dh.data(), bw.dgu.data(), n, I));
+      KD_TRY(b_->linear_dw(bw.dgu.data(), st.xn2.data(), dw(p.gate_up), n, 2 * I, H));
+      KD_TRY(b_->linear_dx(bw.dgu.data(), w(p.gate_up), bw.dxn.data(), n, 2 * I, H, false));
+    } else {
+      const router_state& r = routers_[static_cast<std::size_t>(l)];
+      const std::int64_t E = a.experts, k = a.top_k, S = n * k;
+      KD_TRY(b_->moe_combine_bwd(st.y.data(), r.token_slot.data(), r.topk_w.data(), bw.dx.data(), bw.dy.data(),
+                                 bw.dtopk.data(), n, k, H));
+      std::int64_t s0 = 0;
+      for (std::int64_t e = 0; e < E; ++e) {
+        const std::int64_t c = r.counts[static_cast<std::size_t>(e)];
+        if (c > 0) {
+          KD_TRY(b_->linear_dx(bw.dy.data() + s0 * H, w(p.down) + e * H * I, bw.dh.data() + s0 * I, c, H, I, false));
+          KD_TRY(b_->linear_dw(bw.dy.data() + s0 * H, st.h.data() + s0 * I, dw(p.down) + e * H * I, c, H, I));
+        }
+        s0 += c;
+      }
+      KD_TRY(b_->swiglu_bwd(st.gu.data(), bw.dh.data(), bw.dgu.data(), S, I));
+      s0 = 0;
+      for (std::int64_t e = 0; e < E; ++e) {
+        const std::int64_t c = r.counts[static_cast<std::size_t>(e)];
+        if (c > 0) {
+          const std::int64_t wo = e * 2 * I * H;
+          KD_TRY(b_->linear_dw(bw.dgu.data() + s0 * 2 * I, st.xg.data() + s0 * H, dw(p.gate_up) + wo, c, 2 * I, H));
+          KD_TRY(b_->linear_dx(bw.dgu.data() + s0 * 2 * I, w(p.gate_up) + wo, bw.dxg.data() + s0 * H, c, 2 * I, H,
+                               false));
+        }
+        s0 += c;
+      }
+      KD_TRY(b_->fill_zero(bw.dxn.data(), bw.dxn.size()));
+      KD_TRY(b_->moe_gather_add(bw.dxg.data(), r.token_slot.data(), bw.dxn.data(), n, k, H));
+      // Router: through the top-k weights, plus any loss on the router logits (load balance, z-loss).
+      KD_TRY(b_->router_bwd(r.probs.data(), r.topk_idx.data(), bw.dtopk.data(), nullptr, bw.drouter.data(), n, E, k,
+                            a.renorm_topk));
+      for (const auto& [layer, d] : g.d_router_logits)
+        if (layer == l) KD_TRY(b_->add(bw.drouter.data(), d, static_cast<std::size_t>(n * E)));
+      KD_TRY(b_->linear_dw(bw.drouter.data(), st.xn2.data(), dw(p.router), n, E, H));
+      KD_TRY(b_->linear_dx(bw.drouter.data(), w(p.router), bw.dxn.data(), n, E, H, true));
+    }
+    KD_TRY(b_->rmsnorm_bwd(st.x_mid.data(), w(p.post_norm), st.rstd2.data(), bw.dxn.data(), bw.dx.data(),
+                           dw(p.post_norm), n, H, true));
+
+    // Attention block.
+    KD_TRY(b_->linear_dx(bw.dx.data(), w(p.o), bw.d_o.data(), n, H, Q, false));
+    KD_TRY(b_->linear_dw(bw.dx.data(), st.o.data(), dw(p.o), n, H, Q));
+    KD_TRY(b_->attention_bwd(st.q.data(), st.k.data(), st.v.data(), st.o.data(), st.lse.data(), bw.d_o.data(),
+                             bw.dq.data(), bw.dk.data(), bw.dv.data(), batch_, seq_, a.heads, a.kv_heads, D, scale()));
+    for (const auto& [layer, d] : g.d_attention)
+      if (layer == l)
+        KD_TRY(b_->attention_probs_bwd(st.q.data(), st.k.data(), probs_[static_cast<std::size_t>(l)].data(), d,
+                                       bw.dq.data(), bw.dk.data(), batch_, seq_, a.heads, a.kv_heads, D, scale()));
+    KD_TRY(b_->rope(bw.dq.data(), pos_.data(), n, a.heads, D, a.theta, true));
+    KD_TRY(b_->rope(bw.dk.data(), pos_.data(), n, a.kv_heads, D, a.theta, true));
+    const T* dq_lin = bw.dq.data();
+    const T* dk_lin = bw.dk.data();
+    if (a.qk_norm) {
+      KD_TRY(b_->rmsnorm_bwd(st.q_raw.data(), w(p.q_norm), st.rstd_q.data(), bw.dq.data(), bw.dq_raw.data(),
+                             dw(p.q_norm), n * a.heads, D, false));
+      KD_TRY(b_->rmsnorm_bwd(st.k_raw.data(), w(p.k_norm), st.rstd_k.data(), bw.dk.data(), bw.dk_raw.data(),
+                             dw(p.k_norm), n * a.kv_heads, D, false));
+      dq_lin = bw.dq_raw.data();
+      dk_lin = bw.dk_raw.data();
+    }
+    KD_TRY(b_->linear_dw(dq_lin, st.xn1.data(), dw(p.q), n, Q, H));
+    KD_TRY(b_->linear_dw(dk_lin, st.xn1.data(), dw(p.k), n, KV, H));
+    KD_TRY(b_->linear_dw(bw.dv.data(), st.xn1.data(), dw(p.v), n, KV, H));
+    KD_TRY(b_->linear_dx(dq_lin, w(p.q), bw.dxn.data(), n, Q, H, false));
+    KD_TRY(b_->linear_dx(dk_lin, w(p.k), bw.dxn.data(), n, KV, H, true));
+    KD_TRY(b_->linear_dx(bw.dv.data(), w(p.v), bw.dxn.data(), n, KV, H, true));
+    return b_->rmsnorm_bwd(x, w(p.input_norm), st.rstd1.data(), bw.dxn.data(), bw.dx.data(), dw(p.input_norm), n, H,
+                           true);
+  }
+
+  B* b_;
+  parameter_table table_;
+  const model::arch& arch_;
+  buffer<T> params_, grads_;
+  forward_options opt_;
+  bool forwarded_ = false;
+  std::int64_t batch_ = 0, seq_ = 0, n_ = 0;
+  buffer<index_t> ids_, pos_;
+  std::vector<buffer<T>> hs_;
+  buffer<T> xf_, logits_;
+  buffer<A> rstd_f_;
+  std::vector<layer_state> states_;
+  std::vector<router_state> routers_;
+  std::vector<buffer<T>> probs_;
+  backward_state bw_;
+};
+
+}  // namespace kd::model
