@@ -378,3 +378,31 @@ TEST_CASE("checkpoint: corrupt or foreign checkpoints are rejected with the tens
     CHECK(s.code() == kd::errc::io_error);
   }
 }
+
+TEST_CASE("model: initialize draws N(0, range) for matrices and 1 for norms, reproducibly") {
+  cpu b;
+  model_t m(b, km::make_arch(km::tiny_teacher())), m2(b, km::make_arch(km::tiny_teacher()));
+  REQUIRE(m.allocate(false));
+  REQUIRE(m2.allocate(false));
+  REQUIRE(m.initialize(0.02, 42));
+  REQUIRE(m2.initialize(0.02, 42));
+  CHECK(std::equal(m.params(), m.params() + m.table().size(), m2.params()));
+  double s = 0, s2 = 0;
+  std::size_t n = 0;
+  for (const km::param_entry& e : m.table().entries())
+    for (std::size_t i = 0; i < e.numel; ++i) {
+      const double v = m.params()[e.offset + i];
+      if (e.kind == km::param_kind::norm) {
+        CHECK(v == 1.0);
+        continue;
+      }
+      s += v;
+      s2 += v * v;
+      ++n;
+    }
+  const double mean = s / static_cast<double>(n), sd = std::sqrt(s2 / static_cast<double>(n) - mean * mean);
+  CHECK(std::abs(mean) < 5 * 0.02 / std::sqrt(static_cast<double>(n)));
+  CHECK(sd == doctest::Approx(0.02).epsilon(0.02));
+  REQUIRE(m2.initialize(0.02, 43));
+  CHECK(!std::equal(m.params(), m.params() + m.table().size(), m2.params()));
+}

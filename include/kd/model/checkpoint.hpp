@@ -3,9 +3,11 @@
 // Tensor names and shapes are HF's (parameters.hpp), so a directory written here loads with
 // transformers' from_pretrained and a directory saved by save_pretrained loads here. Loading is strict:
 // a missing tensor, a tensor of another shape or a tensor the model does not have is an error naming it
-// (a silently half-loaded model is the failure this exists to prevent). Accepted variations: sharded
-// checkpoints (model.safetensors.index.json), experts stored one tensor per expert (older transformers),
-// and a tied model's redundant lm_head.weight.
+// (a silently half-loaded model is the failure this exists to prevent). Experts: transformers 5.17 keeps
+// them fused in memory (gate_up_proj [E, 2I, H], gate rows first; down_proj [E, H, I]) but save_pretrained
+// writes one tensor per expert (mlp.experts.N.{gate,up,down}_proj.weight); both load here, and kd writes
+// the per-expert form. Also accepted: sharded checkpoints (model.safetensors.index.json) and a tied
+// model's redundant lm_head.weight.
 #pragma once
 
 #include <cstdio>
@@ -206,7 +208,7 @@ status load_weights(transformer<B>& m, const std::string& dir) {
   return {};
 }
 
-// Writes DIR/config.json and DIR/model.safetensors (weights converted to `c`'s dtype).
+// Writes DIR/config.json and DIR/model.safetensors (weights converted to `c`'s dtype, HF's on-disk names).
 template <ModelBackend B, class Config>
 status save_checkpoint(const transformer<B>& m, const Config& c, const std::string& dir) {
   using T = typename transformer<B>::value_type;
@@ -220,26 +222,49 @@ status save_checkpoint(const transformer<B>& m, const Config& c, const std::stri
   std::vector<std::vector<kd::bfloat16>> b16;
   std::vector<std::vector<kd::half>> f16;
   std::vector<io::tensor_to_write> out;
-  for (const param_entry& e : m.table().entries()) {
-    const T* src = all.data() + e.offset;
+  // One output tensor from `count` elements at `src`, converted to the checkpoint's dtype.
+  auto emit = [&](std::string name, const T* src, std::size_t count, std::vector<std::int64_t> shape) {
     switch (c.dtype) {
       case weight_dtype::float32: {
-        auto& v = f32.emplace_back(e.numel);
-        for (std::size_t i = 0; i < e.numel; ++i) v[i] = load_as<float>(src[i]);
-        out.push_back(io::make_tensor(e.name, v, e.shape));
+        auto& v = f32.emplace_back(count);
+        for (std::size_t i = 0; i < count; ++i) v[i] = load_as<float>(src[i]);
+        out.push_back(io::make_tensor(std::move(name), v, std::move(shape)));
         break;
       }
       case weight_dtype::bfloat16: {
-        auto& v = b16.emplace_back(e.numel);
-        for (std::size_t i = 0; i < e.numel; ++i) v[i] = store_as<kd::bfloat16>(load_as<float>(src[i]));
-        out.push_back(io::make_tensor(e.name, v, e.shape));
+        auto& v = b16.emplace_back(count);
+        for (std::size_t i = 0; i < count; ++i) v[i] = store_as<kd::bfloat16>(load_as<float>(src[i]));
+        out.push_back(io::make_tensor(std::move(name), v, std::move(shape)));
         break;
       }
       case weight_dtype::float16: {
-        auto& v = f16.emplace_back(e.numel);
-        for (std::size_t i = 0; i < e.numel; ++i) v[i] = store_as<kd::half>(load_as<float>(src[i]));
-        out.push_back(io::make_tensor(e.name, v, e.shape));
+        auto& v = f16.emplace_back(count);
+        for (std::size_t i = 0; i < count; ++i) v[i] = store_as<kd::half>(load_as<float>(src[i]));
+        out.push_back(io::make_tensor(std::move(name), v, std::move(shape)));
         break;
+      }
+    }
+  };
+  for (const param_entry& e : m.table().entries()) {
+    const T* src = all.data() + e.offset;
+    const bool gate_up = e.shape.size() == 3 && e.name.ends_with("mlp.experts.gate_up_proj");
+    const bool down = e.shape.size() == 3 && e.name.ends_with("mlp.experts.down_proj");
+    if (!gate_up && !down) {
+      emit(e.name, src, e.numel, e.shape);
+      continue;
+    }
+    // The experts go to disk one tensor each, as transformers' save_pretrained writes them (and as
+    // published Qwen3-MoE checkpoints hold them); in memory they stay fused.
+    const std::string base = e.name.substr(0, e.name.rfind('.') + 1);
+    const std::int64_t E = e.shape[0], r = e.shape[1], k = e.shape[2];
+    for (std::int64_t x = 0; x < E; ++x) {
+      const T* ex = src + x * r * k;
+      if (gate_up) {
+        emit(base + std::to_string(x) + ".gate_proj.weight", ex, static_cast<std::size_t>(r / 2 * k), {r / 2, k});
+        emit(base + std::to_string(x) + ".up_proj.weight", ex + r / 2 * k, static_cast<std::size_t>(r / 2 * k),
+             {r / 2, k});
+      } else {
+        emit(base + std::to_string(x) + ".down_proj.weight", ex, static_cast<std::size_t>(r * k), {r, k});
       }
     }
   }

@@ -24,9 +24,10 @@
 //                       dense MLP: gate, up: intermediate_size x hidden_size, down: transpose
 //   norm                hidden_size
 //   lm_head             vocab_size x hidden_size, absent when tie_word_embeddings
-// transformers 5.17 stores the experts fused (shapes checked): mlp.gate.weight [E, H],
+// transformers 5.17 holds the experts fused in memory: mlp.gate.weight [E, H],
 // mlp.experts.gate_up_proj [E, 2 * moe_intermediate_size, H] (gate rows first, then up, per its source),
-// mlp.experts.down_proj [E, H, moe_intermediate_size]; the counts are the same either way.
+// mlp.experts.down_proj [E, H, moe_intermediate_size]; its save_pretrained writes them one tensor per expert
+// (mlp.experts.N.gate_proj.weight ...), checked on the GPU machine. The counts are the same either way.
 // parameter_count() counts every one of them exactly (it is meaningful only when validate() is ok).
 // active_parameter_count() counts what one token uses: everything except the experts it is not routed to
 // (embeddings and the LM head included, as in Qwen's "A3B"-style figures).
