@@ -4,8 +4,10 @@
 //   kd_model config --arch teacher|student --preset tiny|demo|seed --out DIR
 //   kd_model init   --arch teacher|student --preset tiny|demo|seed --out DIR [--seed N] [--dtype float32|bfloat16]
 //   kd_model logits --model DIR --tokens FILE --out FILE [--backend cpu|cuda] [--dtype float32|float64|bfloat16]
+//                   [--routing-out FILE] [--routing-in FILE]   (MoE: write / replay "layers.L.expert_ids")
 //   kd_model tokens --model DIR --batch B --seq T --out FILE [--seed N]   (random ids in the model's vocabulary)
 //   kd_model bench  --arch teacher|student --preset tiny|demo|seed --batch B --seq T [--steps N] [--warmup W]
+//                   [--profile 1]   (then a per-op GPU-time table of one extra step goes to stderr)
 //
 // Built as CUDA (kd_model.cu includes this file with KD_MODEL_CUDA) wherever kd::cuda exists; the CPU build
 // has every command except --backend cuda and bench.
@@ -29,6 +31,7 @@
 #if defined(KD_MODEL_CUDA)
 #include <kd/cuda/cross_entropy.cuh>
 #include <kd/model/cuda/ops.cuh>
+#include <kd/model/cuda/profiled_ops.cuh>
 #endif
 
 namespace {
@@ -165,7 +168,41 @@ status run_logits(B& backend, const km::any_config& c, const args& a) {
   KD_TRY(read_tokens(a.get("tokens"), ids, batch, seq));
   km::forward_options opt;
   opt.training = false;
+  const km::arch& ar = m.arch();
+  const std::int64_t n = batch * seq;
+  std::vector<std::vector<km::index_t>> replay;
+  if (a.has("routing-in")) {  // "layers.L.expert_ids" [tokens, top_k] for every MoE layer
+    kd::io::safetensors_file f;
+    KD_TRY(kd::io::safetensors_file::open(a.get("routing-in"), f));
+    replay.resize(static_cast<std::size_t>(ar.num_layers()));
+    for (std::int64_t l = 0; l < ar.num_layers(); ++l)
+      if (ar.layers[static_cast<std::size_t>(l)].moe) {
+        std::vector<std::int64_t> wide;
+        KD_TRY(f.read("layers." + std::to_string(l) + ".expert_ids", wide));
+        if (static_cast<std::int64_t>(wide.size()) != n * ar.top_k)
+          return {errc::shape_mismatch, a.get("routing-in") + ": layers." + std::to_string(l) +
+                                            ".expert_ids does not hold tokens x top_k ids"};
+        replay[static_cast<std::size_t>(l)].assign(wide.begin(), wide.end());
+      }
+    opt.replay_routing = &replay;
+  }
   KD_TRY(m.forward(ids, batch, seq, opt));
+  if (a.has("routing-out")) {  // the choices and probabilities of every MoE layer
+    std::vector<std::vector<std::int32_t>> e_store;
+    std::vector<std::vector<float>> p_store;
+    std::vector<kd::io::tensor_to_write> t;
+    for (std::int64_t l = 0; l < ar.num_layers(); ++l) {
+      if (!ar.layers[static_cast<std::size_t>(l)].moe) continue;
+      auto& e = e_store.emplace_back(static_cast<std::size_t>(n * ar.top_k));
+      KD_TRY(backend.download(m.expert_ids(l), e.size(), e.data()));
+      std::vector<typename B::acc_type> probs(static_cast<std::size_t>(n * ar.experts));
+      KD_TRY(backend.download(m.router_probs(l), probs.size(), probs.data()));
+      auto& p = p_store.emplace_back(probs.begin(), probs.end());
+      t.push_back(kd::io::make_tensor("layers." + std::to_string(l) + ".expert_ids", e, {n, ar.top_k}));
+      t.push_back(kd::io::make_tensor("layers." + std::to_string(l) + ".router_probs", p, {n, ar.experts}));
+    }
+    KD_TRY(kd::io::write_safetensors(a.get("routing-out"), t));
+  }
   const std::int64_t V = m.arch().vocab;
   std::vector<T> host(static_cast<std::size_t>(batch * seq * V));
   KD_TRY(backend.download(m.logits(), host.size(), host.data()));
@@ -221,11 +258,12 @@ status cmd_bench(const args& a) {
   const std::int64_t batch = std::stoll(a.get("batch")), seq = std::stoll(a.get("seq"));
   const int steps = std::stoi(a.get("steps", "20")), warmup = std::stoi(a.get("warmup", "5"));
   using T = kd::bfloat16;
-  using B = km::cuda_ops<T>;
+  using B = km::profiled_ops<T>;  // timing off for the measured steps; one profiled step at the end
   std::size_t free0 = 0, total = 0;
   KD_TRY(cuda_check(cudaMemGetInfo(&free0, &total), "cudaMemGetInfo"));
   kd::cuda::context ctx;
   B backend(ctx);
+  backend.enable(false);
   km::transformer<B> m(backend, km::make_arch(c));
   KD_TRY(m.allocate(true));
   const double range = std::visit([](const auto& x) { return x.initializer_range; }, c);
@@ -251,8 +289,10 @@ status cmd_bench(const args& a) {
     KD_TRY(m.forward(ids, batch, seq, opt));
     T* logits = m.logits();
     kd::cuda::device_cross_entropy out{loss_d.data(), nullptr, nullptr};
-    KD_TRY(ce(gpu, kd::matrix_view<const T>(logits, n, V), std::span<const std::int32_t>(labels_d.data(), labels.size()),
-              out, kd::matrix_view<T>(logits, n, V)));
+    KD_TRY(backend.time("cross_entropy", [&] {
+      return ce(gpu, kd::matrix_view<const T>(logits, n, V),
+                std::span<const std::int32_t>(labels_d.data(), labels.size()), out, kd::matrix_view<T>(logits, n, V));
+    }));
     typename km::transformer<B>::grads_in g;
     g.d_logits = logits;
     return m.backward(g);
@@ -278,6 +318,21 @@ status cmd_bench(const args& a) {
   std::size_t free1 = 0;
   KD_TRY(cuda_check(cudaMemGetInfo(&free1, &total), "cudaMemGetInfo"));
   std::sort(ms.begin(), ms.end());
+  if (a.get("profile", "0") != "0") {
+    // One more step with every op bracketed by events: where the step's GPU time goes (stderr).
+    backend.enable(true);
+    backend.reset();
+    KD_TRY(step());
+    std::vector<B::row> rows;
+    KD_TRY(backend.report(rows));
+    backend.enable(false);
+    double total = 0;
+    for (const auto& r : rows) total += r.ms;
+    std::fprintf(stderr, "| op | calls | ms | share |\n|---|---|---|---|\n");
+    for (const auto& r : rows)
+      std::fprintf(stderr, "| %s | %lld | %.3f | %.1f%% |\n", r.op.c_str(), r.calls, r.ms, 100.0 * r.ms / total);
+    std::fprintf(stderr, "| (sum of ops) | | %.3f | step median %.3f ms |\n", total, ms.empty() ? 0.0 : ms[ms.size() / 2]);
+  }
   const double med = ms.empty() ? 0.0 : ms[ms.size() / 2];
   const double tps = static_cast<double>(n) / (med / 1e3);
   const double mfu = km::training_flops_per_token(m.arch(), seq) * tps / 989e12;

@@ -16,6 +16,17 @@ against the same reference, side by side with kd's bf16 error. Thresholds (relat
   float32 checkpoint, kd --dtype float32: 1e-4 on cpu, 1e-3 on cuda
   bfloat16 checkpoint, kd --dtype bfloat16 on cuda: 3e-2 and argmax agreement >= 95%
   bfloat16 checkpoint, kd --dtype float32 on cpu (weights upcast): 1e-4
+Qwen3-MoE (teacher) routing: the reference forward also records every sparse layer's router probabilities
+(output_router_logits=True, cross-checked against hooks on each layer's mlp.gate), its top-k expert ids and the
+margin p_k - p_{k+1} per token. kd runs twice per case:
+  free    kd routes itself (--routing-out): routing agreement = fraction of (token, sparse layer) whose top-k set
+          equals the reference's. A disagreement is a tie if no earlier sparse layer disagreed at the same or an
+          earlier position of its sequence (causal cone: otherwise its input differs for a routing reason, not
+          a rounding one); every tie must have reference margin < 1e-4 (kd float32) or < 2e-2 (kd bfloat16).
+  replay  kd uses the reference's choices (--routing-in, weights from kd's own router probabilities): the
+          thresholds above apply to this run (the numerics under identical routing); the free run's rel L2 /
+          argmax are reported beside it. kd's replay-run --routing-out must echo the replayed ids.
+  transformers' own bf16 forward (the context columns) always routes freely.
 Every checkpoint's tensor names, shapes and dtypes are checked against expected_tensors() (below): Qwen3-MoE
 experts per expert (mlp.experts.{e}.gate_proj/up_proj/down_proj.weight, what transformers 5.17's save_pretrained
 writes) or fused (mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I]); whichever kd writes,
@@ -23,7 +34,9 @@ transformers must load it with no missing/unexpected keys.
 
 Prints a table, writes JSON to $OUT/hf_compare.json (or --json), exits 1 on any failure.
 
-  --kd-tool emulate   runs transformers in place of kd_model (self-test of this script; needs no kd build)
+  --kd-tool emulate   runs transformers in place of kd_model (self-test of this script; needs no kd build);
+                      routing out/replay through hooks on the routers (transformers >= 5 routers, which return
+                      (probabilities, weights, indices); with older ones the replay run is skipped and marked)
   --facts             prints the transformers facts kd's layout relies on (tensor names of the saved tiny
                       models, expert gate/up order, router arithmetic, attention/RoPE source) to stdout and
                       the full source to $OUT/hf_facts.txt; needs no kd build (uses the builtin configs)
@@ -52,6 +65,9 @@ CASES = [
     ("bfloat16", "cuda", "bfloat16", 3e-2, 0.95),
     ("bfloat16", "cpu", "float32", 1e-4, None),
 ]
+# Qwen3-MoE: the largest reference margin p_k - p_{k+1} a (token, layer) may have where kd's free routing picks a
+# different top-k set than the reference (a tie within the rounding of kd's compute dtype), by kd's dtype.
+TIE_MARGIN = {"float32": 1e-4, "bfloat16": 2e-2}
 
 # ------------------------------------------------------------------------------------------------------
 # Builtin mirror of kd's presets (include/kd/model/config.hpp) as config_json.hpp writes them. Used by
@@ -356,6 +372,223 @@ def compare(got, ref):
 
 
 # ------------------------------------------------------------------------------------------------------
+# Qwen3-MoE routing: the reference's choices, kd's (--routing-out / --routing-in files), agreement
+# ------------------------------------------------------------------------------------------------------
+class ReplayUnsupported(Exception):
+    """transformers' router in this version cannot be made to replay given choices (emulate mode only)."""
+
+
+def sparse_layer_indices(config):
+    """Layers with a router, as Qwen3MoeDecoderLayer decides: not in mlp_only_layers, num_experts > 0 and
+    (layer + 1) % decoder_sparse_step == 0 (config: a transformers config object)."""
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None) or 0
+    if experts <= 0:
+        return []
+    return _sparse_layers({"num_hidden_layers": config.num_hidden_layers,
+                           "mlp_only_layers": list(getattr(config, "mlp_only_layers", None) or []),
+                           "decoder_sparse_step": getattr(config, "decoder_sparse_step", 1) or 1})
+
+
+def router_modules(model):
+    """[(layer index, router module mlp.gate)] of a Qwen3-MoE model's sparse layers ([] for other models), checked
+    against the blocks transformers built."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) != "qwen3_moe":
+        return []
+    sparse = set(sparse_layer_indices(cfg))
+    out = []
+    for l, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        has = gate is not None and hasattr(layer.mlp, "experts")
+        if has != (l in sparse):
+            raise RuntimeError(f"layer {l}: transformers built {'a sparse' if has else 'a dense'} MLP block, but "
+                               f"mlp_only_layers / decoder_sparse_step make it {'sparse' if l in sparse else 'dense'}")
+        if has:
+            out.append((l, gate))
+    return out
+
+
+def _as_probs(x):
+    """(fp32 probabilities [tokens, E], what x was): transformers 5's router returns (and output_router_logits
+    records) the softmax already, under the name router_logits; older versions return the raw logits."""
+    torch = _torch()
+    x = x.detach().float()
+    x = x.reshape(-1, x.shape[-1])
+    if bool((x >= 0).all()) and float((x.sum(-1) - 1).abs().max()) < 1e-3:
+        return x, "probabilities"
+    return torch.softmax(x, dim=-1), "logits"
+
+
+class RouterHooks:
+    """Forward hooks on every sparse layer's router: captures {layer: (probs [tokens, E] fp32, ids [tokens, k])}
+    (ids: the router's own choice where it returns (probs, weights, indices), else top-k of probs) and, with replay
+    {layer: ids [tokens, k]}, makes the router return those ids with weights from its own probabilities
+    (renormalized when norm_topk_prob), as kd's --routing-in does. Replay needs a router returning
+    (probs, weights, indices) (transformers >= 5); with another it raises ReplayUnsupported."""
+
+    def __init__(self, model, replay=None):
+        self.routers = router_modules(model)
+        self.k = getattr(model.config, "num_experts_per_tok", 0)
+        self.norm = bool(getattr(model.config, "norm_topk_prob", False))
+        self.replay = replay
+        self.captured = {}
+        self.handles = []
+
+    def __enter__(self):
+        for l, gate in self.routers:
+            self.handles.append(gate.register_forward_hook(self._hook(l)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        return False
+
+    def _hook(self, l):
+        def hook(module, args, output):
+            torch = _torch()
+            triple = isinstance(output, tuple) and len(output) == 3 and not output[2].is_floating_point()
+            probs, _ = _as_probs(output[0] if isinstance(output, tuple) else output)
+            ids = output[2].reshape(probs.shape[0], -1) if triple else torch.topk(probs, self.k, dim=-1).indices
+            if self.replay is None:
+                self.captured[l] = (probs, ids.detach())
+                return None
+            if not triple:
+                raise ReplayUnsupported(f"{type(module).__name__} returns {type(output).__name__}, not "
+                                        f"(probabilities, weights, indices)")
+            want = self.replay[l].to(device=output[2].device, dtype=output[2].dtype)
+            if tuple(want.shape) != tuple(output[2].shape):
+                raise RuntimeError(f"layer {l}: replayed ids {tuple(want.shape)}, the router chose "
+                                   f"{tuple(output[2].shape)}")
+            w = probs.gather(1, want.reshape(probs.shape[0], -1).long())
+            if self.norm:
+                w = w / w.sum(dim=-1, keepdim=True)
+            self.captured[l] = (probs, want.reshape(probs.shape[0], -1).detach())
+            return (output[0], w.reshape(output[1].shape).to(output[1].dtype), want)
+        return hook
+
+
+def hf_forward(model, ids, replay=None, reference=False):
+    """(fp32 logits, routing) of a transformers forward. routing: None for a dense model, else {layer: dict(ids [N, k]
+    long (descending probability), probs [N, E] fp32, margin [N] = p_k - p_{k+1})} on the CPU, N = batch * seq
+    row-major. reference: also ask for output_router_logits and check that its entries are the sparse layers'
+    routers in order (transformers records one per sparse layer; older versions may put None for dense ones)."""
+    torch = _torch()
+    dev = next(model.parameters()).device
+    routers = router_modules(model)
+    kw = {"output_router_logits": True} if (routers and reference) else {}
+    with torch.no_grad(), RouterHooks(model, replay) as hooks:
+        out = model(input_ids=ids.to(dev), use_cache=False, **kw)
+    logits = out.logits.float()
+    if not routers:
+        return logits, None
+    k = model.config.num_experts_per_tok
+    sparse = [l for l, _ in routers]
+    probs = {l: hooks.captured[l][0] for l in sparse}
+    if reference:
+        recorded = getattr(out, "router_logits", None)
+        if recorded is None:
+            print("note: the reference forward returned no router_logits; routing from hooks on mlp.gate", flush=True)
+        else:
+            recorded = [r for r in recorded if r is not None]
+            if len(recorded) != len(sparse):
+                raise RuntimeError(f"output_router_logits gave {len(recorded)} tensors for sparse layers {sparse}")
+            kinds = set()
+            for i, (l, r) in enumerate(zip(sparse, recorded)):
+                p, kind = _as_probs(r)
+                kinds.add(kind)
+                hp = probs[l]
+                if tuple(p.shape) != tuple(hp.shape) or float((p - hp).abs().max()) > 1e-6:
+                    raise RuntimeError(f"output router_logits[{i}] is not layer {l}'s router output (shape "
+                                       f"{tuple(p.shape)} vs {tuple(hp.shape)})")
+                probs[l] = p
+            hf_forward.recorded_kind = "/".join(sorted(kinds))
+    routing = {}
+    for l in sparse:
+        p = probs[l]
+        E = p.shape[-1]
+        v, i = torch.topk(p, min(k + 1, E), dim=-1)
+        margin = v[:, k - 1] - v[:, k] if E > k else torch.full_like(v[:, 0], float("inf"))
+        if replay is not None or not reference:
+            chosen = hooks.captured[l][1]  # the ids the forward used (HF's own topk, or the replayed ones)
+        else:
+            chosen = i[:, :k]
+        routing[l] = dict(ids=chosen.long().cpu().contiguous(), probs=p.cpu().contiguous(), margin=margin.cpu())
+    return logits, routing
+
+
+hf_forward.recorded_kind = None  # what output_router_logits held in the last reference forward (for the log)
+
+
+def write_routing(routing, path):
+    """routing (hf_forward's) as a kd --routing-in file: layers.L.expert_ids int32 [tokens, top_k]."""
+    torch = _torch()
+    from safetensors.torch import save_file
+    save_file({f"layers.{l}.expert_ids": r["ids"].to(torch.int32).contiguous() for l, r in routing.items()}, str(path))
+
+
+def read_kd_routing(path, layers):
+    """kd's --routing-out file as {layer: dict(ids [N, k] long, probs [N, E] fp32 or None)}; exactly `layers`."""
+    from safetensors.torch import load_file
+    got = load_file(str(path))
+    have = sorted({int(n.split(".")[1]) for n in got if n.startswith("layers.") and n.endswith(".expert_ids")})
+    if have != sorted(layers):
+        raise RuntimeError(f"{path}: expert_ids for layers {have}, the sparse layers are {sorted(layers)}")
+    out = {}
+    for l in layers:
+        ids = got[f"layers.{l}.expert_ids"]
+        if ids.is_floating_point():
+            raise RuntimeError(f"{path}: layers.{l}.expert_ids is {ids.dtype}")
+        p = got.get(f"layers.{l}.router_probs")
+        out[l] = dict(ids=ids.long(), probs=None if p is None else p.float())
+    return out
+
+
+def routing_agreement(got, ref, batch, seq, tie_limit):
+    """got vs ref routing ({layer: dict(ids, probs)}; ref also margin). Returns agree (fraction of (token, sparse
+    layer) with the same top-k set), disagree, ties (disagreements outside the causal cone of an earlier layer's
+    disagreement: the same or an earlier position of the same sequence), downstream (the others), max_tie_margin
+    (largest reference margin among ties, None if none; max_margin_all: among all disagreements), n_over and
+    over_limit (ties with margin >= tie_limit; the first few as 'layer L seq b pos t margin m'), router_dp
+    (max |p_got - p_ref| over tokens outside every such cone)."""
+    torch = _torch()
+    tainted = torch.zeros(batch, seq, dtype=torch.bool)
+    total = disagree = ties = downstream = 0
+    max_tie, max_all, over, n_over, router_dp = None, None, [], 0, None
+    for l in sorted(ref):
+        r, g = ref[l], got[l]
+        if tuple(g["ids"].shape) != tuple(r["ids"].shape):
+            raise RuntimeError(f"layer {l}: expert_ids {tuple(g['ids'].shape)}, the reference has {tuple(r['ids'].shape)}")
+        same = (g["ids"].sort(-1).values == r["ids"].sort(-1).values).all(-1).view(batch, seq)
+        dis = ~same
+        tie = dis & ~tainted
+        margin = r["margin"].view(batch, seq)
+        total += same.numel()
+        disagree += int(dis.sum())
+        ties += int(tie.sum())
+        downstream += int((dis & tainted).sum())
+        if bool(dis.any()):
+            m = float(margin[dis].max())
+            max_all = m if max_all is None else max(max_all, m)
+        if bool(tie.any()):
+            m = float(margin[tie].max())
+            max_tie = m if max_tie is None else max(max_tie, m)
+            for b, t in tie.nonzero().tolist():
+                if not float(margin[b, t]) < tie_limit:
+                    n_over += 1
+                    if len(over) < 5:
+                        over.append(f"layer {l} seq {b} pos {t} margin {float(margin[b, t]):.3g}")
+        if g.get("probs") is not None and tuple(g["probs"].shape) == tuple(r["probs"].shape) and bool((~tainted).any()):
+            dp = (g["probs"] - r["probs"]).abs().max(-1).values.view(batch, seq)[~tainted]
+            router_dp = max(router_dp or 0.0, float(dp.max()))
+        tainted |= dis.int().cumsum(1) > 0  # a flipped token perturbs its later positions from the next layer on
+    return dict(agree=1.0 - disagree / max(total, 1), disagree=disagree, ties=ties, downstream=downstream,
+                max_tie_margin=max_tie, max_margin_all=max_all, n_over=n_over, over_limit=over, router_dp=router_dp,
+                tie_limit=tie_limit)
+
+
+# ------------------------------------------------------------------------------------------------------
 # kd_model: the real tool (subprocess) or an in-process transformers emulation (self-test)
 # ------------------------------------------------------------------------------------------------------
 class KdTool:
@@ -390,20 +623,40 @@ class KdTool:
             return
         self._run("init", "--arch", arch, "--preset", preset, "--out", out, "--seed", seed, "--dtype", dtype)
 
-    def logits(self, model_dir, tokens, out, backend, dtype):
+    def logits(self, model_dir, tokens, out, backend, dtype, routing_out=None, routing_in=None):
+        """routing_out / routing_in: kd_model's --routing-out / --routing-in files (MoE only)."""
         if self.emulate:
-            # transformers in kd's place: fp32 eager on the backend's device, or bf16 sdpa on cuda.
+            # transformers in kd's place: fp32 eager on the backend's device, or bf16 sdpa on cuda; routing
+            # written / replayed through hooks on the routers (RouterHooks).
             torch = _torch()
             from safetensors.torch import load_file, save_file
             ids = load_file(str(tokens))["input_ids"]
             fp32 = dtype == "float32"
             m = load_hf(model_dir, dtype, "eager" if fp32 else "sdpa", backend, experts="eager" if fp32 else None)
-            save_file({"logits": hf_logits(m, ids).cpu().contiguous()}, str(out))
-            del m
-            torch.cuda.empty_cache()
+            try:
+                replay = None
+                if routing_in is not None:
+                    r = load_file(str(routing_in))
+                    replay = {l: r[f"layers.{l}.expert_ids"] for l, _ in router_modules(m)}
+                logits, routing = hf_forward(m, ids, replay=replay)
+                save_file({"logits": logits.cpu().contiguous()}, str(out))
+                if routing_out is not None and routing is not None:
+                    t = {}
+                    for l, rr in routing.items():
+                        t[f"layers.{l}.expert_ids"] = rr["ids"].to(torch.int32).contiguous()
+                        t[f"layers.{l}.router_probs"] = rr["probs"].contiguous()
+                    save_file(t, str(routing_out))
+            finally:
+                del m
+                torch.cuda.empty_cache()
             return
+        extra = []
+        if routing_out is not None:
+            extra += ["--routing-out", routing_out]
+        if routing_in is not None:
+            extra += ["--routing-in", routing_in]
         self._run("logits", "--model", model_dir, "--tokens", tokens, "--out", out, "--backend", backend,
-                  "--dtype", dtype)
+                  "--dtype", dtype, *extra)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -703,13 +956,27 @@ def main():
                             print_tensor_list(d, f"{tag} (experts {layout})")
                             printed_teacher_list = True
                         # References: fp32 eager from the checkpoint's own weights; transformers' own bf16 (sdpa).
+                        # MoE: also the reference's routing (ref_routing), written for kd's --routing-in.
                         ref_model = load_hf(d, "float32", "eager", "cuda", experts="eager")
-                        ref = hf_logits(ref_model, ids)
+                        ref, ref_routing = hf_forward(ref_model, ids, reference=True)
                         del ref_model
+                        routing_ref = None
+                        if ref_routing is not None:
+                            routing_ref = d / "routing-reference.safetensors"
+                            write_routing(ref_routing, routing_ref)
+                            margins = torch.cat([r["margin"] for r in ref_routing.values()])
+                            log(f"{tag}: reference routing over sparse layers {sorted(ref_routing)} (output_router_logits "
+                                f"held {hf_forward.recorded_kind}); margin p_k - p_k+1: min {float(margins.min()):.3g}, "
+                                f"median {float(margins.median()):.3g}, < 1e-4: {int((margins < 1e-4).sum())}, "
+                                f"< 2e-2: {int((margins < 2e-2).sum())} of {margins.numel()}")
                         hf_bf16 = None
                         if ckpt_dtype == "bfloat16":
                             m = load_hf(d, "bfloat16", "sdpa", "cuda")
-                            hf_bf16 = compare(hf_logits(m, ids), ref)
+                            bf_logits, bf_routing = hf_forward(m, ids)  # transformers' bf16 routes freely
+                            hf_bf16 = compare(bf_logits, ref)
+                            if bf_routing is not None:
+                                hf_bf16["routing"] = routing_agreement(bf_routing, ref_routing, BATCH, seq,
+                                                                       TIE_MARGIN["bfloat16"])
                             del m
                         torch.cuda.empty_cache()
                         tokens = d / "tokens.safetensors"
@@ -724,18 +991,52 @@ def main():
                                    backend=backend, kd_dtype=kd_dtype, batch=BATCH, seq=seq, tol_rel_l2=tol,
                                    min_argmax=min_argmax, hf_bf16=hf_bf16 if kd_dtype == "bfloat16" else None)
                         name = f"{tag} kd {backend}/{kd_dtype}"
-                        try:
-                            out = d / f"logits-{backend}-{kd_dtype}.safetensors"
-                            tool.logits(d, tokens, out, backend, kd_dtype)
+                        stem = f"{backend}-{kd_dtype}"
+
+                        def kd_logits(out, **routing_files):
+                            tool.logits(d, tokens, out, backend, kd_dtype, **routing_files)
                             got = load_file(str(out))
                             if "logits" not in got:
                                 raise RuntimeError(f"{out} has no tensor 'logits' (has {sorted(got)})")
                             if got["logits"].dtype != torch.float32:
                                 raise RuntimeError(f"{out}: logits are {got['logits'].dtype}, expected float32")
-                            row.update(compare(got["logits"], ref))
+                            return compare(got["logits"], ref)
+
+                        try:
                             reasons = []
+                            if ref_routing is None:  # dense: one run, kd routes nothing
+                                row.update(kd_logits(d / f"logits-{stem}.safetensors"))
+                            else:
+                                # (a) free routing; (b) the reference's routing replayed: the numbers under test.
+                                tie_limit = TIE_MARGIN[kd_dtype]
+                                free_routing = d / f"routing-{stem}-free.safetensors"
+                                free = kd_logits(d / f"logits-{stem}-free.safetensors", routing_out=free_routing)
+                                row.update({f"free_{k}": v for k, v in free.items()})
+                                ra = routing_agreement(read_kd_routing(free_routing, sorted(ref_routing)), ref_routing,
+                                                       BATCH, seq, tie_limit)
+                                row["routing"] = ra
+                                if ra["n_over"]:
+                                    reasons.append(f"{ra['n_over']} of {ra['ties']} routing disagreements (free routing, "
+                                                   f"no earlier disagreement in their causal cone) have reference "
+                                                   f"margin >= {tie_limit:g}: " + "; ".join(ra["over_limit"]))
+                                try:
+                                    replay_routing = d / f"routing-{stem}-replay.safetensors"
+                                    row.update(kd_logits(d / f"logits-{stem}-replay.safetensors", routing_in=routing_ref,
+                                                         routing_out=replay_routing))
+                                    row["replay"] = "yes"
+                                    rr = routing_agreement(read_kd_routing(replay_routing, sorted(ref_routing)),
+                                                           ref_routing, BATCH, seq, tie_limit)
+                                    row["replay_routing"] = rr
+                                    if rr["disagree"]:
+                                        reasons.append(f"kd's --routing-out of the replay run differs from the replayed "
+                                                       f"choices at {rr['disagree']} (token, layer)")
+                                except ReplayUnsupported as e:  # emulate with an old transformers only
+                                    row["replay"] = f"skipped ({e})"
+                                    row.update(free)
+                                    log(f"{name}: replay skipped ({e}); the free-routing run is the one checked")
                             if not row["rel_l2"] <= tol:
-                                reasons.append(f"relative L2 {row['rel_l2']:.3g} > {tol:g}")
+                                reasons.append(f"relative L2 {row['rel_l2']:.3g} > {tol:g}"
+                                               + (" (replayed routing)" if row.get("replay") == "yes" else ""))
                             if min_argmax is not None and not row["argmax"] >= min_argmax:
                                 reasons.append(f"argmax agreement {row['argmax']:.2%} < {min_argmax:.0%}")
                             row["ok"] = not reasons
@@ -744,21 +1045,51 @@ def main():
                         except Exception as e:
                             row.update(ok=False, error=str(e))
                             fail(f"{name}: {e}")
+                            if not isinstance(e, RuntimeError):
+                                traceback.print_exc()
                         rows.append(row)
 
     # Table.
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    def agree_cell(ra):
+        if not ra:
+            return ""
+        cell = f"{ra['agree']:.2%}"
+        if ra["disagree"]:
+            cell += f" ({ra['ties']} tie{'s' if ra['ties'] != 1 else ''}, {ra['downstream']} downstream)"
+        return cell
+
     print()
-    print("| arch | preset | direction | ckpt | kd backend/dtype | max abs | rel L2 | argmax | limit | "
-          "HF bf16 rel L2 | HF bf16 argmax | ok |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| arch | preset | direction | ckpt | kd backend/dtype | max abs | rel L2 | argmax | free rel L2 | free argmax | "
+          "routing agree | max tie margin | limit | HF bf16 rel L2 | HF bf16 argmax | HF bf16 routing agree | ok |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         hb = r.get("hf_bf16")
-        f = lambda k, fmt: format(r[k], fmt) if k in r else "-"
+        ra = r.get("routing")
+        moe = ra is not None or "free_rel_l2" in r
+        f = lambda k, spec: format(r[k], spec) if k in r else "-"
+        limit = f"{r['tol_rel_l2']:g}{'' if r['min_argmax'] is None else ', ' + format(r['min_argmax'], '.0%')}"
+        if moe:
+            limit += f"; tie < {TIE_MARGIN[r['kd_dtype']]:g}"
+            if r.get("replay", "yes") != "yes":
+                limit += " (no replay: free run checked)"
+        hb_ra = (hb or {}).get("routing")
         print(f"| {r['arch']} | {r['preset']} | {r['direction']} | {r['checkpoint']} | {r['backend']}/{r['kd_dtype']} | "
               f"{f('max_abs', '.3g')} | {f('rel_l2', '.3g')} | {f('argmax', '.2%')} | "
-              f"{r['tol_rel_l2']:g}{'' if r['min_argmax'] is None else ', ' + format(r['min_argmax'], '.0%')} | "
+              f"{f('free_rel_l2', '.3g') if moe else ''} | {f('free_argmax', '.2%') if moe else ''} | "
+              f"{agree_cell(ra)} | {fmt(ra['max_tie_margin'], '.3g') if ra else ''} | {limit} | "
               f"{'-' if hb is None else format(hb['rel_l2'], '.3g')} | {'-' if hb is None else format(hb['argmax'], '.2%')} | "
-              f"{'yes' if r.get('ok') else 'NO'} |")
+              f"{agree_cell(hb_ra) if hb_ra else '-'} | {'yes' if r.get('ok') else 'NO'} |")
+    if any("routing" in r or "free_rel_l2" in r for r in rows):
+        print("\nteacher (Qwen3-MoE) rows: max abs / rel L2 / argmax are kd replaying the fp32 reference's expert choices "
+              "(--routing-in; weights from kd's own router); free rel L2 / argmax: kd routing itself. routing agree: "
+              "(token, sparse layer) pairs whose top-k set equals the reference's in the free run; a tie is a "
+              "disagreement with no earlier-layer disagreement at the same or an earlier position of its sequence, "
+              "downstream ones follow one; max tie margin: the largest reference p_k - p_(k+1) among ties (limit: "
+              "tie < ...). HF bf16 columns: transformers' own bf16 forward of the same checkpoint against the same "
+              "reference, routing freely (its routing agree counts the same way). Student rows: no routing.")
     json_path = args.json or (os.path.join(out_env, "hf_compare.json") if out_env else None)
     if json_path:
         with open(json_path, "w") as f:

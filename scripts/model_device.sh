@@ -3,6 +3,7 @@
 #   tests    build and run the model tests (CPU reference, CUDA ops, CUDA attention, whole model)
 #   compare  scripts/hf_compare.py: transformers <-> kd checkpoints and logits (tiny + demo presets)
 #   bench    training-step tokens/s and MFU: kd vs transformers eager and torch.compile, same run
+#            (KD_BENCH_ARCHS="teacher" or "student" limits it to one model)
 #   sanitize compute-sanitizer memcheck over the model GPU tests
 # Logs and tables go to $OUT (default build-device/).   bash scripts/model_device.sh tests compare bench
 set -uo pipefail
@@ -16,7 +17,10 @@ steps=("$@")
 [[ ${#steps[@]} -gt 0 ]] || steps=(tests compare bench)
 want() { local s; for s in "${steps[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
 
-targets=(kd_model test_model test_model_ops test_cuda_model test_cuda_model_ops test_cuda_model_attention)
+targets=(kd_model)
+if want tests || want sanitize; then
+  targets+=(test_model test_model_ops test_cuda_model test_cuda_model_ops test_cuda_model_attention)
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/device.txt"
 git rev-parse --short HEAD 2>/dev/null | tee "$logs/commit.txt"
 cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
@@ -47,9 +51,11 @@ if want compare; then
 fi
 if want bench; then
   : >"$logs/model_bench.jsonl"
-  for arch in teacher student; do
+  for arch in ${KD_BENCH_ARCHS:-teacher student}; do
     build-device/examples/kd_model bench --arch "$arch" --preset seed --batch 8 --seq 1024 --steps 20 --warmup 5 \
-      | tee -a "$logs/model_bench.jsonl"
+      --profile 1 2>"$logs/kd_profile_$arch.md" | tee -a "$logs/model_bench.jsonl"
+    cat "$logs/kd_profile_$arch.md"
+    [[ -n "${KD_BENCH_KD_ONLY:-}" ]] && continue
     for mode in eager compile; do
       python3 benchmarks/model_bench_torch.py --kd-tool build-device/examples/kd_model --arch "$arch" --preset seed \
         --batch 8 --seq 1024 --steps 20 --warmup 5 --mode "$mode" 2>>"$logs/torch_bench.err" | tail -1 \

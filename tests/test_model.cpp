@@ -211,6 +211,29 @@ TEST_CASE("model: forward invariants") {
       }
     }
   }
+  SUBCASE("routing replay: own choices reproduce the forward; other choices change it; bad replays refused") {
+    std::vector<std::vector<km::index_t>> routing(static_cast<std::size_t>(a.num_layers()));
+    for (std::int64_t l = 0; l < a.num_layers(); ++l)
+      routing[static_cast<std::size_t>(l)].assign(m.expert_ids(l), m.expert_ids(l) + n * a.top_k);
+    km::forward_options o;
+    o.replay_routing = &routing;
+    REQUIRE(m.forward(ids, batch, seq, o));
+    CHECK(kdtest::rel_error(std::vector<double>(m.logits(), m.logits() + n * V), logits) < 1e-14);
+    auto& r0 = routing[0];  // token 0 of layer 0: swap its first choice for an expert it did not pick
+    for (km::index_t e = 0; e < a.experts; ++e)
+      if (e != r0[0] && e != r0[1]) {
+        r0[0] = e;
+        break;
+      }
+    REQUIRE(m.forward(ids, batch, seq, o));
+    CHECK(kdtest::rel_error(std::vector<double>(m.logits(), m.logits() + n * V), logits) > 1e-6);
+    routing[1][3] = static_cast<km::index_t>(a.experts);
+    CHECK(m.forward(ids, batch, seq, o).code() == kd::errc::out_of_range);
+    routing[1][3] = routing[1][2];
+    CHECK(m.forward(ids, batch, seq, o).code() == kd::errc::invalid_argument);
+    routing.pop_back();
+    CHECK(m.forward(ids, batch, seq, o).code() == kd::errc::shape_mismatch);
+  }
   SUBCASE("bad inputs are named, nothing runs") {
     auto bad = ids;
     bad[3] = static_cast<km::index_t>(V);

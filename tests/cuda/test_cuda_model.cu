@@ -96,8 +96,27 @@ void compare_with_cpu(const km::arch& a, std::int64_t batch, std::int64_t seq, d
   for (auto& t : ids) t = static_cast<km::index_t>(tok(rng));
   km::forward_options opt;
   opt.attention_layers = {a.num_layers() - 1};
-  REQUIRE(ref.forward(ids, batch, seq, opt));
+  // The reference replays the GPU's expert choices: in bf16 about 1% of tokens meet a router near-tie that
+  // rounding decides differently from fp64, which would compare two different functions. (fp32 choices
+  // are also checked to equal the reference's own below.)
   REQUIRE(gpu.forward(ids, batch, seq, opt));
+  const std::int64_t L = a.num_layers(), last = L - 1;
+  std::vector<std::vector<km::index_t>> routing(static_cast<std::size_t>(L));
+  for (std::int64_t l = 0; l < L; ++l)
+    if (a.layers[static_cast<std::size_t>(l)].moe) {
+      routing[static_cast<std::size_t>(l)].resize(static_cast<std::size_t>(n * a.top_k));
+      REQUIRE(gb.download(gpu.expert_ids(l), routing[static_cast<std::size_t>(l)].size(),
+                          routing[static_cast<std::size_t>(l)].data()));
+    }
+  if (sizeof(T) == 4) {
+    REQUIRE(ref.forward(ids, batch, seq, opt));
+    for (std::int64_t l = 0; l < L; ++l)
+      for (std::size_t i = 0; i < routing[static_cast<std::size_t>(l)].size(); ++i)
+        CHECK(routing[static_cast<std::size_t>(l)][i] == ref.expert_ids(l)[i]);
+  }
+  km::forward_options replay = opt;
+  replay.replay_routing = &routing;
+  REQUIRE(ref.forward(ids, batch, seq, replay));
 
   auto fetch = [&](const T* p, std::size_t count) {
     std::vector<T> h(count);
@@ -106,7 +125,6 @@ void compare_with_cpu(const km::arch& a, std::int64_t batch, std::int64_t seq, d
   };
   const tolerances<T> tol = sizeof(T) == 2 ? tolerances<T>{3e-2, 6e-2} : tolerances<T>{2e-5, 1e-4};
   const std::size_t NV = static_cast<std::size_t>(n * a.vocab), NH = static_cast<std::size_t>(n * a.hidden);
-  const std::int64_t L = a.num_layers(), last = L - 1;
   const std::vector<double> logits_ref(ref.logits(), ref.logits() + NV);
   const auto logits_gpu = fetch(gpu.logits(), NV);
   CHECK(kd_test::rel_error(logits_gpu, logits_ref) < tol.out);
@@ -115,13 +133,8 @@ void compare_with_cpu(const km::arch& a, std::int64_t batch, std::int64_t seq, d
   const std::size_t maps = static_cast<std::size_t>(batch * a.heads * seq * seq);
   CHECK(kd_test::rel_error(fetch(gpu.attention(last), maps),
                            std::vector<double>(ref.attention(last), ref.attention(last) + maps)) < tol.out);
-  bool same_routing = true;
   for (std::int64_t l = 0; l < L; ++l) {
     if (!a.layers[static_cast<std::size_t>(l)].moe) continue;
-    const std::size_t nk = static_cast<std::size_t>(n * a.top_k);
-    std::vector<km::index_t> e(nk);
-    REQUIRE(gb.download(gpu.expert_ids(l), nk, e.data()));
-    for (std::size_t i = 0; i < nk; ++i) same_routing = same_routing && e[i] == ref.expert_ids(l)[i];
     const std::size_t ne = static_cast<std::size_t>(n * a.experts);
     std::vector<float> p(ne);
     REQUIRE(gb.download(gpu.router_probs(l), ne, p.data()));
@@ -131,9 +144,6 @@ void compare_with_cpu(const km::arch& a, std::int64_t batch, std::int64_t seq, d
     for (auto c : gpu.expert_counts(l)) total += c;
     CHECK(total == n * a.top_k);
   }
-  // In fp32 a routing flip needs two router probabilities within ~1e-7: never on random inputs. In bf16 a
-  // near-tie may route a token differently from fp64; the gradient check then only runs when routing agrees.
-  if (sizeof(T) == 4) CHECK(same_routing);
 
   // Backward from a random gradient on the logits and one on a hidden state.
   std::vector<double> dl = normal_vec(NV, rng), dh = normal_vec(NH, rng);
@@ -160,10 +170,6 @@ void compare_with_cpu(const km::arch& a, std::int64_t batch, std::int64_t seq, d
   REQUIRE(gpu.zero_grads());
   REQUIRE(ref.backward(gr));
   REQUIRE(gpu.backward(gg));
-  if (!same_routing) {
-    MESSAGE("bf16 routed a near-tie token differently from fp64; gradients not compared this run");
-    return;
-  }
   const auto grads = fetch(gpu.grads(), P);
   for (const km::param_entry& e : ref.table().entries()) {
     std::vector<double> g(grads.begin() + static_cast<std::ptrdiff_t>(e.offset),

@@ -57,6 +57,7 @@ class context {
   context& operator=(const context&) = delete;
   ~context() {
     if (cublas_ != nullptr) cublasDestroy(cublas_);
+    if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
     for (auto& [id, m] : maps_) release_map(m);
     if (scratch_ != nullptr) cudaFree(scratch_);
     if (error_ != nullptr) cudaFree(error_);
@@ -102,6 +103,11 @@ class context {
     if (cublas_ == nullptr) {
       if (cublasCreate(&cublas_) != CUBLAS_STATUS_SUCCESS) return {errc::backend_error, "cublasCreate failed"};
       if (cublasSetStream(cublas_, stream_) != CUBLAS_STATUS_SUCCESS) return {errc::backend_error, "cublasSetStream failed"};
+      // cuBLAS's own default workspace is smaller than Hopper's GEMM kernels want (NVIDIA recommends 32 MiB
+      // on sm_90); without it some shapes fall back to slower split strategies.
+      KD_CUDA_TRY(cudaMalloc(&cublas_workspace_, kCublasWorkspace), "cudaMalloc (cuBLAS workspace)");
+      if (cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspace) != CUBLAS_STATUS_SUCCESS)
+        return {errc::backend_error, "cublasSetWorkspace failed"};
     }
     out = cublas_;
     return {};
@@ -189,6 +195,8 @@ class context {
 
   cudaStream_t stream_;
   cublasHandle_t cublas_ = nullptr;
+  static constexpr std::size_t kCublasWorkspace = 32u << 20;
+  void* cublas_workspace_ = nullptr;
   std::size_t slice_budget_ = 52 * 1024;  // four blocks per SM (benchmarks/RESULTS.md, budget sweep)
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;

@@ -65,6 +65,9 @@ concept ModelBackend = requires(B& b, std::size_t n) {
 //   linear(x[M,K], w[N,K], y[M,N], M, N, K, accumulate)                y (+)= x w^T
 //   linear_dx(dy[M,N], w[N,K], dx[M,K], M, N, K, accumulate)           dx (+)= dy w
 //   linear_dw(dy[M,N], x[M,K], dw[N,K], M, N, K)                       dw += dy^T x
+//   grouped_linear / grouped_linear_dx / grouped_linear_dw (..., const std::int64_t* counts_host, G, N, K[, accumulate])
+//                                      the same per group g of counts_host[g] consecutive rows, with weight
+//                                      w + g*N*K ([N,K]): the experts of an MoE layer (independent GEMMs)
 //   embedding(ids[n], table[V,H], out[n,H], n, V, H)                   ids are checked by the caller
 //   embedding_dw(ids[n], dout[n,H], dtable[V,H], n, V, H)              dtable[ids[i]] += dout[i]
 //   rmsnorm(x[R,D], w[D], y[R,D], A* rstd[R], R, D, eps)               y = x * rstd * w

@@ -167,6 +167,34 @@ class cpu_ops {
     return {};
   }
 
+  // The experts' GEMMs: group g is counts[g] consecutive rows against weight w + g*N*K.
+  status grouped_linear(const T* x, const T* w, T* y, const std::int64_t* counts, i64 G, i64 N, i64 K,
+                        bool accumulate) {
+    i64 r = 0;
+    for (i64 g = 0; g < G; ++g) {
+      if (counts[g] > 0) KD_TRY(linear(x + r * K, w + g * N * K, y + r * N, counts[g], N, K, accumulate));
+      r += counts[g];
+    }
+    return {};
+  }
+  status grouped_linear_dx(const T* dy, const T* w, T* dx, const std::int64_t* counts, i64 G, i64 N, i64 K,
+                           bool accumulate) {
+    i64 r = 0;
+    for (i64 g = 0; g < G; ++g) {
+      if (counts[g] > 0) KD_TRY(linear_dx(dy + r * N, w + g * N * K, dx + r * K, counts[g], N, K, accumulate));
+      r += counts[g];
+    }
+    return {};
+  }
+  status grouped_linear_dw(const T* dy, const T* x, T* dw, const std::int64_t* counts, i64 G, i64 N, i64 K) {
+    i64 r = 0;
+    for (i64 g = 0; g < G; ++g) {
+      if (counts[g] > 0) KD_TRY(linear_dw(dy + r * N, x + r * K, dw + g * N * K, counts[g], N, K));
+      r += counts[g];
+    }
+    return {};
+  }
+
   // out[i] = table[ids[i]]. ops.hpp leaves id checks to the caller; the host can afford them here.
   status embedding(const index_t* ids, const T* table, T* out, i64 n, i64 V, i64 H) {
     KD_TRY(embedding_check("embedding", ids, n, V, H).ptr(table, V * H, "table").ptr(out, n * H, "out").done());

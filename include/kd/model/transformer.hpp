@@ -64,6 +64,11 @@ struct forward_options {
   bool training = true;                        // keep activations for backward()
   bool logits = true;                          // compute logits [tokens, vocab] (else only the final hidden)
   std::vector<std::int64_t> attention_layers;  // layers whose attention maps are materialised
+  // Routing replay: per layer (empty for dense layers) host expert ids [tokens, top_k] used instead of the
+  // router's own top-k; the weights still come from this model's router probabilities. Comparing two
+  // models or precisions under one routing isolates numerics from near-tie routing flips (a bf16 MoE
+  // routes ~1% of tokens differently from fp64 at ties within rounding).
+  const std::vector<std::vector<index_t>>* replay_routing = nullptr;
 };
 
 // Gradients of the loss with respect to forward()'s outputs; every pointer is optional (backend memory).
@@ -283,10 +288,10 @@ class transformer {
     const bool same = batch == batch_ && seq == seq_ && opt.training == opt_.training && opt.logits == opt_.logits &&
                       opt.attention_layers == opt_.attention_layers && !states_.empty();
     forwarded_ = false;
+    opt_ = opt;  // the replay pointer may change between calls of the same shape
     if (same) return {};
     batch_ = batch;
     seq_ = seq;
-    opt_ = opt;
     n_ = batch * seq;
     const auto& a = arch_;
     const std::int64_t n = n_, H = a.hidden, L = a.num_layers(), Q = a.q_width(), KV = a.kv_width();
@@ -423,25 +428,51 @@ class transformer {
     const std::int64_t E = a.experts, k = a.top_k, S = n * k;
     KD_TRY(b_->linear(st.xn2.data(), w(p.router), r.logits.data(), n, E, H, false));
     KD_TRY(b_->router(r.logits.data(), r.probs.data(), r.topk_idx.data(), r.topk_w.data(), n, E, k, a.renorm_topk));
+    if (opt_.replay_routing != nullptr) KD_TRY(replay_routing(l, r));
     KD_TRY(b_->moe_dispatch(r.topk_idx.data(), n, E, k, r.slot_token.data(), r.token_slot.data(), r.counts.data()));
     KD_TRY(b_->gather_rows(st.xn2.data(), r.slot_token.data(), st.xg.data(), S, H));
-    std::int64_t s0 = 0;
-    for (std::int64_t e = 0; e < E; ++e) {
-      const std::int64_t c = r.counts[static_cast<std::size_t>(e)];
-      if (c > 0)
-        KD_TRY(b_->linear(st.xg.data() + s0 * H, w(p.gate_up) + e * 2 * I * H, st.gu.data() + s0 * 2 * I, c, 2 * I,
-                          H, false));
-      s0 += c;
-    }
+    KD_TRY(b_->grouped_linear(st.xg.data(), w(p.gate_up), st.gu.data(), r.counts.data(), E, 2 * I, H, false));
     KD_TRY(b_->swiglu(st.gu.data(), st.h.data(), S, I));
-    s0 = 0;
-    for (std::int64_t e = 0; e < E; ++e) {
-      const std::int64_t c = r.counts[static_cast<std::size_t>(e)];
-      if (c > 0)
-        KD_TRY(b_->linear(st.h.data() + s0 * I, w(p.down) + e * H * I, st.y.data() + s0 * H, c, H, I, false));
-      s0 += c;
-    }
+    KD_TRY(b_->grouped_linear(st.h.data(), w(p.down), st.y.data(), r.counts.data(), E, H, I, false));
     return b_->moe_combine(st.y.data(), r.token_slot.data(), r.topk_w.data(), out, n, k, H, true);
+  }
+
+  // Overwrites the router's choices with the replayed ones (host round trip: a testing and analysis path).
+  status replay_routing(std::int64_t l, router_state& r) {
+    const auto& all = *opt_.replay_routing;
+    const std::int64_t n = n_, E = arch_.experts, k = arch_.top_k;
+    const std::string where = "forward: replay_routing layer " + std::to_string(l);
+    if (static_cast<std::int64_t>(all.size()) != arch_.num_layers())
+      return {errc::shape_mismatch, "forward: replay_routing holds " + std::to_string(all.size()) +
+                                        " layers, the model has " + std::to_string(arch_.num_layers())};
+    const std::vector<index_t>& ids = all[static_cast<std::size_t>(l)];
+    if (static_cast<std::int64_t>(ids.size()) != n * k)
+      return {errc::shape_mismatch, where + " holds " + std::to_string(ids.size()) + " ids, expected tokens x top_k = " +
+                                        std::to_string(n * k)};
+    for (std::int64_t t = 0; t < n; ++t)
+      for (std::int64_t j = 0; j < k; ++j) {
+        const index_t e = ids[static_cast<std::size_t>(t * k + j)];
+        if (e < 0 || e >= E)
+          return {errc::out_of_range, where + ": token " + std::to_string(t) + " names expert " + std::to_string(e)};
+        for (std::int64_t j2 = 0; j2 < j; ++j2)
+          if (ids[static_cast<std::size_t>(t * k + j2)] == e)
+            return {errc::invalid_argument, where + ": token " + std::to_string(t) + " names expert " +
+                                                std::to_string(e) + " twice"};
+      }
+    std::vector<A> probs(static_cast<std::size_t>(n * E)), w(static_cast<std::size_t>(n * k));
+    KD_TRY(b_->download(r.probs.data(), probs.size(), probs.data()));
+    for (std::int64_t t = 0; t < n; ++t) {
+      A sum = 0;
+      for (std::int64_t j = 0; j < k; ++j) {
+        const std::size_t i = static_cast<std::size_t>(t * k + j);
+        w[i] = probs[static_cast<std::size_t>(t * E + ids[i])];
+        sum += w[i];
+      }
+      if (arch_.renorm_topk)
+        for (std::int64_t j = 0; j < k; ++j) w[static_cast<std::size_t>(t * k + j)] /= sum;
+    }
+    KD_TRY(b_->upload(ids.data(), ids.size(), r.topk_idx.data()));
+    return b_->upload(w.data(), w.size(), r.topk_w.data());
   }
 
   status add_hidden_grad(const grads_in& g, std::int64_t l) {
@@ -473,27 +504,12 @@ class transformer {
       const std::int64_t E = a.experts, k = a.top_k, S = n * k;
       KD_TRY(b_->moe_combine_bwd(st.y.data(), r.token_slot.data(), r.topk_w.data(), bw.dx.data(), bw.dy.data(),
                                  bw.dtopk.data(), n, k, H));
-      std::int64_t s0 = 0;
-      for (std::int64_t e = 0; e < E; ++e) {
-        const std::int64_t c = r.counts[static_cast<std::size_t>(e)];
-        if (c > 0) {
-          KD_TRY(b_->linear_dx(bw.dy.data() + s0 * H, w(p.down) + e * H * I, bw.dh.data() + s0 * I, c, H, I, false));
-          KD_TRY(b_->linear_dw(bw.dy.data() + s0 * H, st.h.data() + s0 * I, dw(p.down) + e * H * I, c, H, I));
-        }
-        s0 += c;
-      }
+      const std::int64_t* counts = r.counts.data();
+      KD_TRY(b_->grouped_linear_dx(bw.dy.data(), w(p.down), bw.dh.data(), counts, E, H, I, false));
+      KD_TRY(b_->grouped_linear_dw(bw.dy.data(), st.h.data(), dw(p.down), counts, E, H, I));
       KD_TRY(b_->swiglu_bwd(st.gu.data(), bw.dh.data(), bw.dgu.data(), S, I));
-      s0 = 0;
-      for (std::int64_t e = 0; e < E; ++e) {
-        const std::int64_t c = r.counts[static_cast<std::size_t>(e)];
-        if (c > 0) {
-          const std::int64_t wo = e * 2 * I * H;
-          KD_TRY(b_->linear_dw(bw.dgu.data() + s0 * 2 * I, st.xg.data() + s0 * H, dw(p.gate_up) + wo, c, 2 * I, H));
-          KD_TRY(b_->linear_dx(bw.dgu.data() + s0 * 2 * I, w(p.gate_up) + wo, bw.dxg.data() + s0 * H, c, 2 * I, H,
-                               false));
-        }
-        s0 += c;
-      }
+      KD_TRY(b_->grouped_linear_dw(bw.dgu.data(), st.xg.data(), dw(p.gate_up), counts, E, 2 * I, H));
+      KD_TRY(b_->grouped_linear_dx(bw.dgu.data(), w(p.gate_up), bw.dxg.data(), counts, E, 2 * I, H, false));
       KD_TRY(b_->fill_zero(bw.dxn.data(), bw.dxn.size()));
       KD_TRY(b_->moe_gather_add(bw.dxg.data(), r.token_slot.data(), bw.dxn.data(), n, k, H));
       // Router: through the top-k weights, plus any loss on the router logits (load balance, z-loss).

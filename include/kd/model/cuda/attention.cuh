@@ -12,16 +12,21 @@
 //    accumulate) fed by ldmatrix from shared memory, tiles loaded with cp.async (zero-filled past the end
 //    of the sequence, so any seq works). Shared-memory rows are padded by 16 bytes, which puts the 8 rows
 //    an ldmatrix phase reads on 8 different bank groups (no swizzle needed).
-//      forward:  one CTA (4 warps) per 64 query rows of one (batch, head); each warp owns 16 rows, keeps
-//                its Q fragments and the O accumulator in registers and streams 64-key K/V tiles through
-//                double-buffered shared memory; causal early exit (tiles past the diagonal are never
-//                loaded), only the diagonal tile is masked. The heaviest query blocks launch first.
-//      backward: one CTA per 64-key block of one (batch, query head); dK and dV stay in registers while
-//                the CTA walks the query tiles at or below the diagonal, then go once into fp32
-//                accumulators of the KV head with atomics (the GQA group sum; one CTA per query head
-//                rather than per KV head gives hq / hkv times more CTAs, which the SMs need). dQ is a sum
-//                over key blocks owned by different CTAs: each CTA adds its part per query tile with fp32
-//                atomics. A last elementwise pass scales and converts the three accumulators to T.
+//      forward:  one CTA (4 warps) per 64 RB query rows of one (batch, head) (RB = 2 for d = 64: each
+//                K / V fragment read from shared memory feeds two 16-row blocks; RB = 1 for d = 128);
+//                each warp keeps its Q fragments and the O accumulator in registers and streams 64-key
+//                K/V tiles through double-buffered shared memory; causal early exit (tiles past the
+//                diagonal are never loaded, a warp skips a tile whose keys all follow its rows), only
+//                tiles that cross the diagonal are masked; exp2 with the scale pre-multiplied by log2 e.
+//                The heaviest query blocks launch first.
+//      backward: one CTA (8 warps) per 128-key block of one (batch, query head); each warp owns 16 keys,
+//                whose dK and dV stay in registers while the CTA walks the 64-row query tiles at or below
+//                the diagonal, then go once into fp32 accumulators of the KV head (the GQA group sum; one
+//                CTA per query head rather than per KV head gives hq / hkv times more CTAs, which the SMs
+//                need). dQ is a sum over key blocks owned by different CTAs: each CTA adds its part per
+//                query tile. All accumulator adds are 16-byte fp32 atomics (red.global.add.v4.f32, sm_90).
+//                A pre-pass computes delta and zeroes the dQ accumulator; a last vectorised pass scales
+//                and converts the three accumulators to T.
 //  - Everything else (float T, other even d <= 128, unaligned pointers) takes a scalar path: one warp per
 //    query row (or per key row for dK/dV), lanes over the head dimension, fp32 online softmax. Correct for
 //    every valid shape; not fast (it is the fp32 reference path and the tiny-model path).
@@ -105,20 +110,47 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
   return static_cast<unsigned>(__bfloat16_as_ushort(v.x)) | (static_cast<unsigned>(__bfloat16_as_ushort(v.y)) << 16);
 }
 
-// Loads a 64-row x D tile (rows row0.. of a token-major tensor, one head) into shared memory with pitch
-// D + 8; rows at or past seq are zero-filled.
-template <int D>
+// Loads a ROWS x D tile (rows row0.. of a token-major tensor, one head) into shared memory with pitch
+// D + 8, with THREADS threads; rows at or past seq are zero-filled.
+template <int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(std::uint16_t* dst, const kd::bfloat16* head_base, int64 row_stride,
                                           int64 row0, int64 seq) {
   constexpr int P = D + 8;
   constexpr int chunks = D / 8;  // 16-byte chunks per row
 #pragma unroll
-  for (int c = threadIdx.x; c < kFlashRows * chunks; c += kFlashThreads) {
+  for (int c = threadIdx.x; c < ROWS * chunks; c += THREADS) {
     const int r = c / chunks, cc = c % chunks;
     const int64 row = row0 + r;
     const bool ok = row < seq;
     const kd::bfloat16* src = ok ? head_base + row * row_stride + cc * 8 : head_base;
     cp_async16(dst + r * P + cc * 8, src, ok);
+  }
+}
+
+// Four fp32 atomic adds in one instruction (sm_90; 16-byte aligned address).
+__device__ __forceinline__ void red_add_v4(float* dst, float a, float b, float c, float d) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
+               : "memory");
+}
+
+// Adds a 16 x (8 NT) mma accumulator (rows g and g + 8 of a 16-row block, columns 8n + 2t, 8n + 2t + 1)
+// to a fp32 row-major destination with 16-byte atomics: lanes t and t ^ 1 swap halves, so the even lane
+// owns 4 consecutive columns of row g and the odd lane those of row g + 8. base points at the block's row
+// 0, column 0; rows at or past nrows are skipped.
+template <int NT>
+__device__ __forceinline__ void red_tile(float* base, int64 row_stride, const float (&a)[NT][4], int g, int t,
+                                         int64 row0, int64 nrows) {
+  const bool odd = (t & 1) != 0;
+  const int64 row = row0 + g + (odd ? 8 : 0);
+  float* dst = base + (g + (odd ? 8 : 0)) * row_stride + 2 * (t & ~1);
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const float s0 = odd ? a[n][0] : a[n][2], s1 = odd ? a[n][1] : a[n][3];
+    const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
+    if (row < nrows) {
+      if (odd) red_add_v4(dst + 8 * n, r0, r1, a[n][2], a[n][3]);
+      else red_add_v4(dst + 8 * n, a[n][0], a[n][1], r0, r1);
+    }
   }
 }
 
@@ -139,18 +171,21 @@ struct flash_params {
   float scale_log2 = 1.f;  // scale * log2(e)
 };
 
-// Forward. Grid (batch * hq, query blocks); block 128 threads; dynamic smem 5 * 64 * (D + 8) * 2 bytes
-// (Q, two K and two V buffers). Warp w owns query rows 16w..16w+15 of the block; thread (g = lane / 4,
-// t = lane % 4) holds rows g and g + 8 of them and, per 8-column n-tile, columns 2t and 2t + 1 (the mma
-// accumulator layout), so the row max / sum need only the 4 lanes of a quad.
-template <int D>
-__global__ void __launch_bounds__(kFlashThreads) flash_fwd_kernel(const __grid_constant__ flash_params p) {
+// Forward. Grid (batch * hq, query blocks of 64 RB rows); block 128 threads; dynamic smem
+// (64 RB + 4 * 64) * (D + 8) * 2 bytes (Q, two K and two V buffers). Warp w owns query rows
+// 16 RB w .. 16 RB w + 16 RB - 1 of the block (RB 16-row blocks: every K / V fragment read from shared
+// memory feeds RB mma). Thread (g = lane / 4, t = lane % 4) holds rows g and g + 8 of each 16-row block
+// and, per 8-column n-tile, columns 2t and 2t + 1 (the mma accumulator layout), so the row max / sum need
+// only the 4 lanes of a quad.
+template <int D, int RB, int MINB>
+__global__ void __launch_bounds__(kFlashThreads, MINB) flash_fwd_kernel(const __grid_constant__ flash_params p) {
   constexpr int P = D + 8;
   constexpr int KT = D / 16;  // k-steps over the head dimension
   constexpr int NT = D / 8;   // n-tiles of the output
+  constexpr int ROWS = 64 * RB;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   std::uint16_t* qs = reinterpret_cast<std::uint16_t*>(smem_raw);
-  std::uint16_t* ks = qs + kFlashRows * P;
+  std::uint16_t* ks = qs + ROWS * P;
   std::uint16_t* vs = ks + 2 * kFlashKeys * P;
 
   // Grid (batch * hq, query blocks): blocks are dispatched x fastest, so the longest causal ranges (the
@@ -167,172 +202,212 @@ __global__ void __launch_bounds__(kFlashThreads) flash_fwd_kernel(const __grid_c
   const kd::bfloat16* qg = p.q + (b * p.seq * p.hq + h) * D;
   const kd::bfloat16* kg = p.k + (b * p.seq * p.hkv + hk) * D;
   const kd::bfloat16* vg = p.v + (b * p.seq * p.hkv + hk) * D;
-  const int64 qrow0 = static_cast<int64>(qb) * kFlashRows;
+  const int qrow0 = qb * ROWS;                 // seq <= kFlashMaxSeq: ints suffice for positions
+  const int wrow0 = qrow0 + warp * 16 * RB;    // this warp's first row
+  const int wrow1 = wrow0 + 16 * RB - 1;       // and last
+  const int nkt = static_cast<int>((p.seq + kFlashKeys - 1) / kFlashKeys);
+  const int ntiles = min(nkt, (qrow0 + ROWS - 1) / kFlashKeys + 1);  // causal early exit
 
-  load_tile<D>(qs, qg, qstride, qrow0, p.seq);
-  load_tile<D>(ks, kg, kstride, 0, p.seq);
-  load_tile<D>(vs, vg, kstride, 0, p.seq);
+  load_tile<D, ROWS, kFlashThreads>(qs, qg, qstride, qrow0, p.seq);
+  load_tile<D, kFlashKeys, kFlashThreads>(ks, kg, kstride, 0, p.seq);
+  load_tile<D, kFlashKeys, kFlashThreads>(vs, vg, kstride, 0, p.seq);
   cp_async_commit();
 
-  unsigned qf[KT][4];
-  float acc[NT][4];
+  unsigned qf[RB][KT][4];
+  float acc[RB][NT][4];
+  float m[RB][2], l[RB][2];  // rows g and g + 8 of each block (raw-score max, partial sums)
 #pragma unroll
-  for (int n = 0; n < NT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows g and g + 8 (raw-score max, partial sums)
-  const int lrow0 = warp * 16 + g;                           // row inside the block
-  const int ntiles = qb + 1;                                 // key tiles 0..qb (causal early exit)
+  for (int r = 0; r < RB; ++r) {
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.f;
+    m[r][0] = m[r][1] = -INFINITY;
+    l[r][0] = l[r][1] = 0.f;
+  }
 
   for (int j = 0; j < ntiles; ++j) {
     cp_async_wait_all();
     __syncthreads();  // tile j landed for everyone; everyone is done with tile j - 1's buffer
     if (j == 0) {
 #pragma unroll
-      for (int kk = 0; kk < KT; ++kk) ldsm_x4(qf[kk], qs + (warp * 16 + (lane % 16)) * P + kk * 16 + (lane / 16) * 8);
+      for (int r = 0; r < RB; ++r)
+#pragma unroll
+        for (int kk = 0; kk < KT; ++kk)
+          ldsm_x4(qf[r][kk], qs + (warp * 16 * RB + 16 * r + (lane % 16)) * P + kk * 16 + (lane / 16) * 8);
     }
     if (j + 1 < ntiles) {
       const int nb = (j + 1) & 1;
-      load_tile<D>(ks + nb * kFlashKeys * P, kg, kstride, static_cast<int64>(j + 1) * kFlashKeys, p.seq);
-      load_tile<D>(vs + nb * kFlashKeys * P, vg, kstride, static_cast<int64>(j + 1) * kFlashKeys, p.seq);
+      load_tile<D, kFlashKeys, kFlashThreads>(ks + nb * kFlashKeys * P, kg, kstride,
+                                              static_cast<int64>(j + 1) * kFlashKeys, p.seq);
+      load_tile<D, kFlashKeys, kFlashThreads>(vs + nb * kFlashKeys * P, vg, kstride,
+                                              static_cast<int64>(j + 1) * kFlashKeys, p.seq);
       cp_async_commit();
     }
+    const int key0 = j * kFlashKeys;
+    if (key0 > wrow1) continue;  // every key of the tile is after every row of this warp (warp-uniform)
     const std::uint16_t* kt = ks + (j & 1) * kFlashKeys * P;
     const std::uint16_t* vt = vs + (j & 1) * kFlashKeys * P;
 
-    // S = Q K^T for this warp's 16 rows x 64 keys.
-    float s[8][4];
+    // S = Q K^T for this warp's 16 RB rows x 64 keys.
+    float s[RB][8][4];
 #pragma unroll
-    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    for (int r = 0; r < RB; ++r)
+#pragma unroll
+      for (int n = 0; n < 8; ++n) s[r][n][0] = s[r][n][1] = s[r][n][2] = s[r][n][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < KT; ++kk) {
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         unsigned bf[4];
         ldsm_x4(bf, kt + (16 * np + (lane % 8) + (lane / 16) * 8) * P + kk * 16 + ((lane / 8) % 2) * 8);
-        mma_bf16(s[2 * np], qf[kk], bf[0], bf[1]);
-        mma_bf16(s[2 * np + 1], qf[kk], bf[2], bf[3]);
+#pragma unroll
+        for (int r = 0; r < RB; ++r) {
+          mma_bf16(s[r][2 * np], qf[r][kk], bf[0], bf[1]);
+          mma_bf16(s[r][2 * np + 1], qf[r][kk], bf[2], bf[3]);
+        }
       }
     }
-    if (j == qb) {  // the diagonal tile: keys after the query are -inf
+    if (key0 + kFlashKeys - 1 > wrow0) {  // some key after some row: mask (keys past seq included)
 #pragma unroll
-      for (int n = 0; n < 8; ++n)
+      for (int r = 0; r < RB; ++r)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = 8 * n + 2 * t + (e & 1);
-          const int row = lrow0 + 8 * (e >> 1);
-          if (key > row) s[n][e] = -INFINITY;
-        }
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = key0 + 8 * n + 2 * t + (e & 1);
+            const int row = wrow0 + 16 * r + g + 8 * (e >> 1);
+            if (key > row) s[r][n][e] = -INFINITY;
+          }
     }
     // Online softmax (base 2). Every row sees key 0 in tile 0, so the max is finite from the start.
-    float mx0 = m0, mx1 = m1;
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-      mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-    }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-    const float c0 = fast_exp2((m0 - mx0) * p.scale_log2), c1 = fast_exp2((m1 - mx1) * p.scale_log2);
-    m0 = mx0;
-    m1 = mx1;
-    const float b0 = mx0 * p.scale_log2, b1 = mx1 * p.scale_log2;
-    l0 *= c0;
-    l1 *= c1;
+    for (int r = 0; r < RB; ++r) {
+      float mx0 = m[r][0], mx1 = m[r][1];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      acc[n][0] *= c0;
-      acc[n][1] *= c0;
-      acc[n][2] *= c1;
-      acc[n][3] *= c1;
-    }
+      for (int n = 0; n < 8; ++n) {
+        mx0 = fmaxf(mx0, fmaxf(s[r][n][0], s[r][n][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[r][n][2], s[r][n][3]));
+      }
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      const float c0 = fast_exp2((m[r][0] - mx0) * p.scale_log2), c1 = fast_exp2((m[r][1] - mx1) * p.scale_log2);
+      m[r][0] = mx0;
+      m[r][1] = mx1;
+      const float b0 = mx0 * p.scale_log2, b1 = mx1 * p.scale_log2;
+      l[r][0] *= c0;
+      l[r][1] *= c1;
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      s[n][0] = fast_exp2(fmaf(s[n][0], p.scale_log2, -b0));
-      s[n][1] = fast_exp2(fmaf(s[n][1], p.scale_log2, -b0));
-      s[n][2] = fast_exp2(fmaf(s[n][2], p.scale_log2, -b1));
-      s[n][3] = fast_exp2(fmaf(s[n][3], p.scale_log2, -b1));
-      l0 += s[n][0] + s[n][1];
-      l1 += s[n][2] + s[n][3];
+      for (int n = 0; n < NT; ++n) {
+        acc[r][n][0] *= c0;
+        acc[r][n][1] *= c0;
+        acc[r][n][2] *= c1;
+        acc[r][n][3] *= c1;
+      }
+#pragma unroll
+      for (int n = 0; n < 8; ++n) {
+        s[r][n][0] = fast_exp2(fmaf(s[r][n][0], p.scale_log2, -b0));
+        s[r][n][1] = fast_exp2(fmaf(s[r][n][1], p.scale_log2, -b0));
+        s[r][n][2] = fast_exp2(fmaf(s[r][n][2], p.scale_log2, -b1));
+        s[r][n][3] = fast_exp2(fmaf(s[r][n][3], p.scale_log2, -b1));
+        l[r][0] += s[r][n][0] + s[r][n][1];
+        l[r][1] += s[r][n][2] + s[r][n][3];
+      }
     }
     // O += P V: the S accumulators of two n-tiles are exactly the A fragment of one 16-key step.
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      const unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      unsigned pa[RB][4];
+#pragma unroll
+      for (int r = 0; r < RB; ++r) {
+        pa[r][0] = pack_bf16(s[r][2 * kk][0], s[r][2 * kk][1]);
+        pa[r][1] = pack_bf16(s[r][2 * kk][2], s[r][2 * kk][3]);
+        pa[r][2] = pack_bf16(s[r][2 * kk + 1][0], s[r][2 * kk + 1][1]);
+        pa[r][3] = pack_bf16(s[r][2 * kk + 1][2], s[r][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         unsigned bf[4];
         ldsm_x4_t(bf, vt + (16 * kk + (lane % 8) + ((lane / 8) % 2) * 8) * P + 16 * dp + (lane / 16) * 8);
-        mma_bf16(acc[2 * dp], pa, bf[0], bf[1]);
-        mma_bf16(acc[2 * dp + 1], pa, bf[2], bf[3]);
+#pragma unroll
+        for (int r = 0; r < RB; ++r) {
+          mma_bf16(acc[r][2 * dp], pa[r], bf[0], bf[1]);
+          mma_bf16(acc[r][2 * dp + 1], pa[r], bf[2], bf[3]);
+        }
       }
     }
   }
 
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  const float inv0 = 1.f / l0, inv1 = 1.f / l1;
-  const int64 row0 = qrow0 + lrow0, row1 = row0 + 8;
-  if (row0 < p.seq) {
-    unsigned* o0 = reinterpret_cast<unsigned*>(p.o + ((b * p.seq + row0) * p.hq + h) * D + 2 * t);
 #pragma unroll
-    for (int n = 0; n < NT; ++n) o0[4 * n] = pack_bf16(acc[n][0] * inv0, acc[n][1] * inv0);
-    if (t == 0) p.lse[(b * p.hq + h) * p.seq + row0] = m0 * p.scale + logf(l0);
-  }
-  if (row1 < p.seq) {
-    unsigned* o1 = reinterpret_cast<unsigned*>(p.o + ((b * p.seq + row1) * p.hq + h) * D + 2 * t);
+  for (int r = 0; r < RB; ++r) {
 #pragma unroll
-    for (int n = 0; n < NT; ++n) o1[4 * n] = pack_bf16(acc[n][2] * inv1, acc[n][3] * inv1);
-    if (t == 0) p.lse[(b * p.hq + h) * p.seq + row1] = m1 * p.scale + logf(l1);
+    for (int half = 0; half < 2; ++half) {
+      float lr = l[r][half];
+      lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+      lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+      const float inv = 1.f / lr;
+      const int64 row = wrow0 + 16 * r + g + 8 * half;
+      if (row < p.seq) {
+        unsigned* o = reinterpret_cast<unsigned*>(p.o + ((b * p.seq + row) * p.hq + h) * D + 2 * t);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) o[4 * n] = pack_bf16(acc[r][n][2 * half] * inv, acc[r][n][2 * half + 1] * inv);
+        if (t == 0) p.lse[(b * p.hq + h) * p.seq + row] = m[r][half] * p.scale + logf(lr);
+      }
+    }
   }
 }
 
-// Backward. Grid (batch * hq, key blocks): one CTA per 64 keys of one query head, key block 0 (the most
-// query tiles) first for every head. dK and dV of the block stay in registers over the query tiles at or
-// below the diagonal and are added once, with fp32 atomics, to the KV head's accumulators (the GQA group
-// sum): a group's heads run in parallel CTAs instead of one CTA walking the group, which gives the grid
-// hq / hkv times more CTAs for the same work. Shared memory: K and V of the block's 64
-// keys, double-buffered Q and dO tiles with their lse (base 2) and delta, and dS^T (bf16) for the dQ
-// product. Warp w owns keys 16w..16w+15: it computes S^T = K Q^T and dP^T = V dO^T for its keys against
-// the 64 queries of the tile, so P^T and dS^T are already the A fragments of dV += P^T dO and
-// dK += dS^T Q. dQ = dS K needs all 64 keys per query: dS^T goes through shared memory and warp w then
-// owns queries 16w..16w+15.
-template <int D>
-__global__ void __launch_bounds__(kFlashThreads) flash_bwd_kernel(const __grid_constant__ flash_params p) {
+// Backward. Grid (batch * hq, key blocks of 16 WARPS keys): one CTA per key block of one query head, key
+// block 0 (the most query tiles) first for every head. dK and dV of the block stay in registers over the
+// 64-row query tiles at or below the diagonal and are added once, with fp32 atomics, to the KV head's
+// accumulators (the GQA group sum): a group's heads run in parallel CTAs instead of one CTA walking the
+// group, which gives the grid hq / hkv times more CTAs for the same work. Shared memory: K and V of the
+// block's keys, double-buffered Q and dO tiles with their lse (base 2) and delta, and dS^T (bf16) for the
+// dQ product. Warp w owns keys 16w..16w+15: it computes S^T = K Q^T and dP^T = V dO^T for its keys
+// against the 64 queries of the tile, so P^T and dS^T are already the A fragments of dV += P^T dO and
+// dK += dS^T Q; a warp whose keys all follow the tile's queries skips them. dQ = dS K needs all keys per
+// query: dS^T goes through shared memory and warp w then owns queries 16 (w % 4).. of the tile and a
+// D / (WARPS / 4) column slice; its part is added to the fp32 accumulator with 16-byte atomics.
+template <int D, int WARPS, int MINB>
+__global__ void __launch_bounds__(WARPS * 32, MINB) flash_bwd_kernel(const __grid_constant__ flash_params p) {
+  constexpr int THREADS = WARPS * 32;
+  constexpr int KEYS = 16 * WARPS;
   constexpr int P = D + 8;
   constexpr int PS = kFlashRows + 8;  // dS^T pitch
   constexpr int KT = D / 16;
   constexpr int NT = D / 8;
+  constexpr int DQC = D / (WARPS / 4);  // dQ columns per warp
+  static_assert(WARPS % 4 == 0 && KEYS % kFlashRows == 0, "key block must be whole query tiles");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   std::uint16_t* ks = reinterpret_cast<std::uint16_t*>(smem_raw);
-  std::uint16_t* vs = ks + kFlashKeys * P;
-  std::uint16_t* qs = vs + kFlashKeys * P;       // [2][64][P]
+  std::uint16_t* vs = ks + KEYS * P;
+  std::uint16_t* qs = vs + KEYS * P;             // [2][64][P]
   std::uint16_t* dos = qs + 2 * kFlashRows * P;  // [2][64][P]
-  std::uint16_t* dss = dos + 2 * kFlashRows * P; // [64 keys][PS]
-  float* lse_s = reinterpret_cast<float*>(dss + kFlashKeys * PS);  // [2][64]
-  float* delta_s = lse_s + 2 * kFlashRows;                          // [2][64]
+  std::uint16_t* dss = dos + 2 * kFlashRows * P; // [KEYS][PS]
+  float* lse_s = reinterpret_cast<float*>(dss + KEYS * PS);  // [2][64]
+  float* delta_s = lse_s + 2 * kFlashRows;                    // [2][64]
 
   const int kb = static_cast<int>(blockIdx.y);
   const int h = static_cast<int>(blockIdx.x % p.hq);
   const int64 b = blockIdx.x / p.hq;
   const int hk = h / (p.hq / p.hkv);
   const int nqb = static_cast<int>((p.seq + kFlashRows - 1) / kFlashRows);
-  const int iters = nqb - kb;  // query tiles kb..nqb-1 see this key block
+  const int krow0 = kb * KEYS;
+  const int qt0 = krow0 / kFlashRows;  // first query tile that sees this key block
+  const int iters = nqb - qt0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t = lane & 3;
   const int64 qstride = static_cast<int64>(p.hq) * D, kstride = static_cast<int64>(p.hkv) * D;
-  const int64 krow0 = static_cast<int64>(kb) * kFlashKeys;
+  const int wkey0 = krow0 + warp * 16;  // this warp's first key
 
-  load_tile<D>(ks, p.k + (b * p.seq * p.hkv + hk) * D, kstride, krow0, p.seq);
-  load_tile<D>(vs, p.v + (b * p.seq * p.hkv + hk) * D, kstride, krow0, p.seq);
+  load_tile<D, KEYS, THREADS>(ks, p.k + (b * p.seq * p.hkv + hk) * D, kstride, krow0, p.seq);
+  load_tile<D, KEYS, THREADS>(vs, p.v + (b * p.seq * p.hkv + hk) * D, kstride, krow0, p.seq);
   auto issue = [&](int it, int buf) {
-    const int64 q0 = static_cast<int64>(kb + it) * kFlashRows;
-    load_tile<D>(qs + buf * kFlashRows * P, p.q + (b * p.seq * p.hq + h) * D, qstride, q0, p.seq);
-    load_tile<D>(dos + buf * kFlashRows * P, p.dout + (b * p.seq * p.hq + h) * D, qstride, q0, p.seq);
+    const int64 q0 = static_cast<int64>(qt0 + it) * kFlashRows;
+    load_tile<D, kFlashRows, THREADS>(qs + buf * kFlashRows * P, p.q + (b * p.seq * p.hq + h) * D, qstride, q0,
+                                      p.seq);
+    load_tile<D, kFlashRows, THREADS>(dos + buf * kFlashRows * P, p.dout + (b * p.seq * p.hq + h) * D, qstride,
+                                      q0, p.seq);
     if (threadIdx.x < kFlashRows) {
       const int64 row = q0 + threadIdx.x;
       const int64 at = (b * p.hq + h) * p.seq + row;
@@ -359,54 +434,55 @@ __global__ void __launch_bounds__(kFlashThreads) flash_bwd_kernel(const __grid_c
       cp_async_commit();
     }
     const int buf = it & 1;
-    const int qb = kb + it;
+    const int q0 = (qt0 + it) * kFlashRows;
     const std::uint16_t* qt = qs + buf * kFlashRows * P;
     const std::uint16_t* dot = dos + buf * kFlashRows * P;
     const float* lse_t = lse_s + buf * kFlashRows;
     const float* delta_t = delta_s + buf * kFlashRows;
+    const bool skip = wkey0 > q0 + kFlashRows - 1;  // all of this warp's keys follow all queries
 
-    // S^T = K Q^T (16 keys x 64 queries per warp), then P^T.
     float s[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+    if (!skip) {
+      // S^T = K Q^T (16 keys x 64 queries per warp), then P^T.
 #pragma unroll
-    for (int kk = 0; kk < KT; ++kk) {
-      unsigned ka[4];
-      ldsm_x4(ka, ks + (warp * 16 + (lane % 16)) * P + kk * 16 + (lane / 16) * 8);
+      for (int kk = 0; kk < KT; ++kk) {
+        unsigned ka[4];
+        ldsm_x4(ka, ks + (warp * 16 + (lane % 16)) * P + kk * 16 + (lane / 16) * 8);
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        unsigned bf[4];
-        ldsm_x4(bf, qt + (16 * np + (lane % 8) + (lane / 16) * 8) * P + kk * 16 + ((lane / 8) % 2) * 8);
-        mma_bf16(s[2 * np], ka, bf[0], bf[1]);
-        mma_bf16(s[2 * np + 1], ka, bf[2], bf[3]);
+        for (int np = 0; np < 4; ++np) {
+          unsigned bf[4];
+          ldsm_x4(bf, qt + (16 * np + (lane % 8) + (lane / 16) * 8) * P + kk * 16 + ((lane / 8) % 2) * 8);
+          mma_bf16(s[2 * np], ka, bf[0], bf[1]);
+          mma_bf16(s[2 * np + 1], ka, bf[2], bf[3]);
+        }
       }
-    }
-    const bool diag = qb == kb;
+      const bool mask = wkey0 + 15 > q0;  // some key of this warp after some query (keys past seq too)
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+      for (int n = 0; n < 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int q = 8 * n + 2 * t + (e & 1);
-        const int key = lkey0 + 8 * (e >> 1);
-        const float pr = fast_exp2(fmaf(s[n][e], p.scale_log2, -lse_t[q]));
-        s[n][e] = (diag && key > q) ? 0.f : pr;
+        for (int e = 0; e < 4; ++e) {
+          const int q = 8 * n + 2 * t + (e & 1);
+          const int key = lkey0 + 8 * (e >> 1);
+          const float pr = fast_exp2(fmaf(s[n][e], p.scale_log2, -lse_t[q]));
+          s[n][e] = (mask && krow0 + key > q0 + q) ? 0.f : pr;
+        }
+      // dV += P^T dO.
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          unsigned bf[4];
+          ldsm_x4_t(bf, dot + (16 * kk + (lane % 8) + ((lane / 8) % 2) * 8) * P + 16 * dp + (lane / 16) * 8);
+          mma_bf16(dv[2 * dp], pa, bf[0], bf[1]);
+          mma_bf16(dv[2 * dp + 1], pa, bf[2], bf[3]);
+        }
       }
-    // dV += P^T dO.
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        unsigned bf[4];
-        ldsm_x4_t(bf, dot + (16 * kk + (lane % 8) + ((lane / 8) % 2) * 8) * P + 16 * dp + (lane / 16) * 8);
-        mma_bf16(dv[2 * dp], pa, bf[0], bf[1]);
-        mma_bf16(dv[2 * dp + 1], pa, bf[2], bf[3]);
-      }
-    }
-    // dP^T = V dO^T, then dS^T = P^T (dP^T - delta).
-    {
+      // dP^T = V dO^T, then dS^T = P^T (dP^T - delta).
       float dpv[8][4];
 #pragma unroll
       for (int n = 0; n < 8; ++n) dpv[n][0] = dpv[n][1] = dpv[n][2] = dpv[n][3] = 0.f;
@@ -427,7 +503,7 @@ __global__ void __launch_bounds__(kFlashThreads) flash_bwd_kernel(const __grid_c
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[n][e] *= dpv[n][e] - delta_t[8 * n + 2 * t + (e & 1)];
     }
-    // dK += dS^T Q; dS^T to shared memory for dQ.
+    // dS^T to shared memory for dQ (zeros for a skipping warp); dK += dS^T Q.
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
@@ -437,76 +513,115 @@ __global__ void __launch_bounds__(kFlashThreads) flash_bwd_kernel(const __grid_c
       *reinterpret_cast<unsigned*>(dss + (lkey0 + 8) * PS + 16 * kk + 2 * t) = pa[1];
       *reinterpret_cast<unsigned*>(dss + lkey0 * PS + 16 * kk + 8 + 2 * t) = pa[2];
       *reinterpret_cast<unsigned*>(dss + (lkey0 + 8) * PS + 16 * kk + 8 + 2 * t) = pa[3];
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        unsigned bf[4];
-        ldsm_x4_t(bf, qt + (16 * kk + (lane % 8) + ((lane / 8) % 2) * 8) * P + 16 * dp + (lane / 16) * 8);
-        mma_bf16(dk[2 * dp], pa, bf[0], bf[1]);
-        mma_bf16(dk[2 * dp + 1], pa, bf[2], bf[3]);
-      }
-    }
-    __syncthreads();  // dS^T complete
-    // dQ (queries 16w..16w+15) = dS K, added to the fp32 accumulator.
-    {
-      float dq[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        unsigned a[4];
-        ldsm_x4_t(a, dss + (16 * kk + (lane % 8) + (lane / 16) * 8) * PS + warp * 16 + ((lane / 8) % 2) * 8);
+      if (!skip) {
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
           unsigned bf[4];
-          ldsm_x4_t(bf, ks + (16 * kk + (lane % 8) + ((lane / 8) % 2) * 8) * P + 16 * dp + (lane / 16) * 8);
-          mma_bf16(dq[2 * dp], a, bf[0], bf[1]);
-          mma_bf16(dq[2 * dp + 1], a, bf[2], bf[3]);
+          ldsm_x4_t(bf, qt + (16 * kk + (lane % 8) + ((lane / 8) % 2) * 8) * P + 16 * dp + (lane / 16) * 8);
+          mma_bf16(dk[2 * dp], pa, bf[0], bf[1]);
+          mma_bf16(dk[2 * dp + 1], pa, bf[2], bf[3]);
         }
       }
-      const int64 q0 = static_cast<int64>(qb) * kFlashRows + warp * 16 + g;
-      if (q0 < p.seq) {
-        float* dst = p.dq_acc + ((b * p.seq + q0) * p.hq + h) * D + 2 * t;
+    }
+    __syncthreads();  // dS^T complete
+    // dQ (queries 16 (w % 4).., columns c0..c0 + DQC) = dS K over the block's keys at or before the tile's
+    // last query, added to the fp32 accumulator.
+    {
+      const int qr = (warp % 4) * 16, c0 = (warp / 4) * DQC;
+      const int kk_end = min(KEYS / 16, (q0 + kFlashRows - 1 - krow0) / 16 + 1);
+      float dq[DQC / 8][4];
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          atomicAdd(dst + 8 * n, dq[n][0]);
-          atomicAdd(dst + 8 * n + 1, dq[n][1]);
-        }
-      }
-      if (q0 + 8 < p.seq) {
-        float* dst = p.dq_acc + ((b * p.seq + q0 + 8) * p.hq + h) * D + 2 * t;
+      for (int n = 0; n < DQC / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          atomicAdd(dst + 8 * n, dq[n][2]);
-          atomicAdd(dst + 8 * n + 1, dq[n][3]);
+      for (int kk = 0; kk < KEYS / 16; ++kk) {
+        if (kk < kk_end) {
+          unsigned a[4];
+          ldsm_x4_t(a, dss + (16 * kk + (lane % 8) + (lane / 16) * 8) * PS + qr + ((lane / 8) % 2) * 8);
+#pragma unroll
+          for (int dp = 0; dp < DQC / 16; ++dp) {
+            unsigned bf[4];
+            ldsm_x4_t(bf, ks + (16 * kk + (lane % 8) + ((lane / 8) % 2) * 8) * P + c0 + 16 * dp + (lane / 16) * 8);
+            mma_bf16(dq[2 * dp], a, bf[0], bf[1]);
+            mma_bf16(dq[2 * dp + 1], a, bf[2], bf[3]);
+          }
         }
       }
+      const int64 row0 = q0 + qr;
+      red_tile<DQC / 8>(p.dq_acc + ((b * p.seq + row0) * p.hq + h) * D + c0, qstride, dq, g, t, row0, p.seq);
     }
   }
 
   // Add this head's dK (unscaled) and dV to the KV head's fp32 accumulators.
+  const int64 key0 = wkey0;
+  float* at = p.dk_acc + ((b * p.seq + key0) * p.hkv + hk) * D;
+  red_tile<NT>(at, kstride, dk, g, t, key0, p.seq);
+  red_tile<NT>(p.dv_acc + ((b * p.seq + key0) * p.hkv + hk) * D, kstride, dv, g, t, key0, p.seq);
+}
+
+template <int D, int RB>
+constexpr int flash_fwd_smem() {
+  return (64 * RB + 4 * kFlashKeys) * (D + 8) * 2;
+}
+template <int D, int WARPS>
+constexpr int flash_bwd_smem() {
+  return (2 * 16 * WARPS + 4 * kFlashRows) * (D + 8) * 2 + 16 * WARPS * (kFlashRows + 8) * 2 + 4 * kFlashRows * 4;
+}
+
+// Backward pre-pass of the tensor-core path: delta[b, h, i] = sum_c dO * O with 16-byte loads (D / 8
+// lanes per row, rows in token order), and zeroes the fp32 dQ accumulator (same layout as dO).
+template <int D>
+__global__ void __launch_bounds__(256) flash_delta_kernel(const __grid_constant__ flash_params p, const kd::bfloat16* o,
+                                                          int64 rows) {
+  constexpr int L = D / 8;
+  const int64 idx = static_cast<int64>(blockIdx.x) * 256 + threadIdx.x;
+  const int64 row = idx / L;  // token-major row (b * seq + i) * hq + h
+  const int c = static_cast<int>(idx % L) * 8;
+  float s = 0.f;
+  if (row < rows) {
+    const uint4 a = *reinterpret_cast<const uint4*>(p.dout + row * D + c);
+    const uint4 bq = *reinterpret_cast<const uint4*>(o + row * D + c);
+    const unsigned av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {bq.x, bq.y, bq.z, bq.w};
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int64 key = krow0 + lkey0 + 8 * half;
-    if (key < p.seq) {
-      const int64 at = ((b * p.seq + key) * p.hkv + hk) * D + 2 * t;
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        atomicAdd(p.dk_acc + at + 8 * n, dk[n][2 * half]);
-        atomicAdd(p.dk_acc + at + 8 * n + 1, dk[n][2 * half + 1]);
-        atomicAdd(p.dv_acc + at + 8 * n, dv[n][2 * half]);
-        atomicAdd(p.dv_acc + at + 8 * n + 1, dv[n][2 * half + 1]);
-      }
+    for (int u = 0; u < 4; ++u) {
+      const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&av[u]));
+      const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bv[u]));
+      s = fmaf(x.x, y.x, fmaf(x.y, y.y, s));
     }
+    float4* z = reinterpret_cast<float4*>(p.dq_acc + row * D + c);
+    z[0] = make_float4(0.f, 0.f, 0.f, 0.f);
+    z[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+#pragma unroll
+  for (int o2 = L / 2; o2 > 0; o2 >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o2);
+  if (row < rows && c == 0) {
+    const int64 h = row % p.hq, bi = row / p.hq;  // bi = b * seq + i
+    const int64 bb = bi / p.seq, i = bi % p.seq;
+    const_cast<float*>(p.delta)[(bb * p.hq + h) * p.seq + i] = s;
   }
 }
 
-template <int D>
-constexpr int flash_fwd_smem() {
-  return 5 * kFlashRows * (D + 8) * 2;
-}
-template <int D>
-constexpr int flash_bwd_smem() {
-  return (2 * kFlashKeys + 4 * kFlashRows) * (D + 8) * 2 + kFlashKeys * (kFlashRows + 8) * 2 + 4 * kFlashRows * 4;
+// Converts the fp32 accumulators of the flash backward (one launch for dq, dk, dv; they lie back to
+// back in the workspace, each a multiple of 4 floats): dq = scale acc_q, dk = scale acc_k, dv = acc_v.
+__global__ void flash_grad_convert_kernel(const float* acc, kd::bfloat16* dq, kd::bfloat16* dk, kd::bfloat16* dv,
+                                          int64 nq, int64 nk, float scale) {
+  const int64 n4 = (nq + 2 * nk) / 4;
+  for (int64 i4 = static_cast<int64>(blockIdx.x) * blockDim.x + threadIdx.x; i4 < n4;
+       i4 += static_cast<int64>(gridDim.x) * blockDim.x) {
+    const int64 i = 4 * i4;
+    const float4 a = reinterpret_cast<const float4*>(acc)[i4];
+    kd::bfloat16* dst;
+    float sc = scale;
+    if (i < nq) dst = dq + i;
+    else if (i < nq + nk) dst = dk + (i - nq);
+    else {
+      dst = dv + (i - nq - nk);
+      sc = 1.f;
+    }
+    uint2 w;
+    w.x = pack_bf16(a.x * sc, a.y * sc);
+    w.y = pack_bf16(a.z * sc, a.w * sc);
+    *reinterpret_cast<uint2*>(dst) = w;
+  }
 }
 
 // ----------------------------------------------------------------------------------------------------
@@ -858,24 +973,30 @@ inline status check_float(float scale, const char* fn) {
   return {};
 }
 
+// Tile choices (H200, bf16, batch 8, seq 1024, 16 / 4 heads): d = 64 runs 128-row forward tiles (32 rows a
+// warp, 251 registers, two CTAs an SM) and 128-key backward blocks of 8 warps capped at 128 registers (two
+// CTAs, 16 warps an SM); d = 128 needs too many registers for either and runs 64-row forward tiles and
+// 8-warp backward blocks at one CTA an SM.
 template <int D>
 status launch_flash_fwd(cudaStream_t s, const flash_params& p, int64 batch) {
-  constexpr int smem = flash_fwd_smem<D>();
-  KD_CUDA_TRY(cudaFuncSetAttribute(flash_fwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+  constexpr int RB = D == 64 ? 2 : 1;
+  constexpr int smem = flash_fwd_smem<D, RB>();
+  KD_CUDA_TRY(cudaFuncSetAttribute(flash_fwd_kernel<D, RB, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
               "attention_forward: cudaFuncSetAttribute");
-  const dim3 grid(static_cast<unsigned>(batch * p.hq), static_cast<unsigned>((p.seq + kFlashRows - 1) / kFlashRows));
-  flash_fwd_kernel<D><<<grid, kFlashThreads, smem, s>>>(p);
+  const dim3 grid(static_cast<unsigned>(batch * p.hq), static_cast<unsigned>((p.seq + 64 * RB - 1) / (64 * RB)));
+  flash_fwd_kernel<D, RB, 1><<<grid, kFlashThreads, smem, s>>>(p);
   KD_CUDA_TRY(cudaGetLastError(), "attention_forward: flash kernel launch");
   return {};
 }
 
 template <int D>
 status launch_flash_bwd(cudaStream_t s, const flash_params& p, int64 batch) {
-  constexpr int smem = flash_bwd_smem<D>();
-  KD_CUDA_TRY(cudaFuncSetAttribute(flash_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+  constexpr int WARPS = 8, MINB = D == 64 ? 2 : 1;
+  constexpr int smem = flash_bwd_smem<D, WARPS>();
+  KD_CUDA_TRY(cudaFuncSetAttribute(flash_bwd_kernel<D, WARPS, MINB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
               "attention_backward: cudaFuncSetAttribute");
-  const dim3 grid(static_cast<unsigned>(batch * p.hq), static_cast<unsigned>((p.seq + kFlashKeys - 1) / kFlashKeys));
-  flash_bwd_kernel<D><<<grid, kFlashThreads, smem, s>>>(p);
+  const dim3 grid(static_cast<unsigned>(batch * p.hq), static_cast<unsigned>((p.seq + 16 * WARPS - 1) / (16 * WARPS)));
+  flash_bwd_kernel<D, WARPS, MINB><<<grid, WARPS * 32, smem, s>>>(p);
   KD_CUDA_TRY(cudaGetLastError(), "attention_backward: flash kernel launch");
   return {};
 }
@@ -974,15 +1095,10 @@ status attention_backward(cudaStream_t s, const T* q, const T* k, const T* v, co
   rp.hkv = static_cast<int>(hkv);
   rp.d = static_cast<int>(d);
   rp.scale = scale;
-  detail::attn_delta_kernel<T><<<detail::row_blocks(rows), detail::kRowThreads, 0, s>>>(rp);
-  KD_CUDA_TRY(cudaGetLastError(), "attention_backward: delta kernel launch");
-
   if constexpr (std::is_same_v<T, kd::bfloat16>) {
     if ((d == 64 || d == 128) && seq <= detail::kFlashMaxSeq && detail::aligned16(q) && detail::aligned16(k) &&
-        detail::aligned16(v) && detail::aligned16(dout)) {
+        detail::aligned16(v) && detail::aligned16(o) && detail::aligned16(dout)) {
       const int64 nq = rows * d, nk = batch * seq * hkv * d;
-      KD_CUDA_TRY(cudaMemsetAsync(dq_acc, 0, static_cast<std::size_t>(nq + 2 * nk) * sizeof(float), s),
-                  "attention_backward: cudaMemsetAsync");
       detail::flash_params p;
       p.q = q;
       p.k = k;
@@ -998,13 +1114,26 @@ status attention_backward(cudaStream_t s, const T* q, const T* k, const T* v, co
       p.hkv = static_cast<int>(hkv);
       p.scale = scale;
       p.scale_log2 = scale * detail::kLog2e;
+      // delta and the zeroed dQ accumulator in one pass; dK / dV accumulators by memset.
+      const auto delta_blocks = static_cast<unsigned>((rows * (d / 8) + 255) / 256);
+      if (d == 64) detail::flash_delta_kernel<64><<<delta_blocks, 256, 0, s>>>(p, o, rows);
+      else detail::flash_delta_kernel<128><<<delta_blocks, 256, 0, s>>>(p, o, rows);
+      KD_CUDA_TRY(cudaGetLastError(), "attention_backward: delta kernel launch");
+      KD_CUDA_TRY(cudaMemsetAsync(p.dk_acc, 0, static_cast<std::size_t>(2 * nk) * sizeof(float), s),
+                  "attention_backward: cudaMemsetAsync");
       KD_TRY(d == 64 ? detail::launch_flash_bwd<64>(s, p, batch) : detail::launch_flash_bwd<128>(s, p, batch));
-      const unsigned blocks = static_cast<unsigned>(std::min<int64>((nq + 2 * nk + 255) / 256, 132 * 16));
-      detail::attn_grad_convert_kernel<T><<<blocks, 256, 0, s>>>(dq_acc, dq, dk, dv, nq, nk, scale);
+      const unsigned blocks = static_cast<unsigned>(std::min<int64>((nq + 2 * nk + 1023) / 1024, 132 * 16));
+      if (reinterpret_cast<std::uintptr_t>(dq) % 8 == 0 && reinterpret_cast<std::uintptr_t>(dk) % 8 == 0 &&
+          reinterpret_cast<std::uintptr_t>(dv) % 8 == 0)
+        detail::flash_grad_convert_kernel<<<blocks, 256, 0, s>>>(dq_acc, dq, dk, dv, nq, nk, scale);
+      else
+        detail::attn_grad_convert_kernel<T><<<blocks, 256, 0, s>>>(dq_acc, dq, dk, dv, nq, nk, scale);
       KD_CUDA_TRY(cudaGetLastError(), "attention_backward: gradient convert launch");
       return {};
     }
   }
+  detail::attn_delta_kernel<T><<<detail::row_blocks(rows), detail::kRowThreads, 0, s>>>(rp);
+  KD_CUDA_TRY(cudaGetLastError(), "attention_backward: delta kernel launch");
   rp.out = dq;
   detail::attn_bwd_dq_rows_kernel<T><<<detail::row_blocks(rows), detail::kRowThreads, 0, s>>>(rp);
   KD_CUDA_TRY(cudaGetLastError(), "attention_backward: dq kernel launch");

@@ -1,0 +1,602 @@
+// kd/model/cuda/ops.cuh: the CUDA model backend, kd::model::cuda_ops<T> (T = float or kd::bfloat16).
+//
+// Every op of kd/model/ops.hpp with the same signature as the CPU reference kd::model::cpu_ops (ops_cpu.hpp),
+// on device memory, enqueued on the stream of a kd::cuda::context (whose cuBLAS handle and scratch memory
+// it also uses). acc_type is float: softmax statistics, router probabilities and rstd are fp32.
+//
+// Host-checkable preconditions (negative or oversized extents, null pointers, odd RoPE dimension, k > E,
+// the backend's limits E <= 256 and k <= 8) come back as a kd::status before anything is launched, with
+// the codes cpu_ops uses. What only the data can reveal is not checked on the host: ids and token slots
+// are trusted (a bad embedding id reads as a zero row and is skipped by the gradient; a negative
+// gather row gives a zero row), except in moe_dispatch, which synchronises anyway and reports expert ids
+// outside [0, E).
+//
+// Nothing synchronises except download and moe_dispatch (ops.hpp). Memory: alloc is cudaMalloc plus a
+// zeroing cudaMemsetAsync on the stream; buffers free with cudaFree (which waits for the device).
+// Kernels: gemm.cuh (cuBLAS), norm.cuh (rmsnorm, rope), elementwise.cuh (swiglu, add, embedding),
+// moe.cuh (router, dispatch, combine), attention.cuh (flash attention and the probability maps).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <kd/cuda/context.cuh>
+#include <kd/model/cuda/attention.cuh>
+#include <kd/model/cuda/elementwise.cuh>
+#include <kd/model/cuda/gemm.cuh>
+#include <kd/model/cuda/grouped_gemm.cuh>
+#include <kd/model/cuda/moe.cuh>
+#include <kd/model/cuda/norm.cuh>
+#include <kd/model/ops.hpp>
+#include <kd/status.hpp>
+
+namespace kd::model {
+
+namespace cuda {
+
+// Move-only owner of n elements of device memory (cudaMalloc / cudaFree).
+template <class U>
+class device_array {
+ public:
+  device_array() = default;
+  device_array(const device_array&) = delete;
+  device_array& operator=(const device_array&) = delete;
+  device_array(device_array&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+  device_array& operator=(device_array&& o) noexcept {
+    if (this != &o) {
+      reset();
+      p_ = std::exchange(o.p_, nullptr);
+      n_ = std::exchange(o.n_, 0);
+    }
+    return *this;
+  }
+  ~device_array() { reset(); }
+
+  [[nodiscard]] U* data() noexcept { return p_; }
+  [[nodiscard]] const U* data() const noexcept { return p_; }
+  [[nodiscard]] std::size_t size() const noexcept { return n_; }
+  [[nodiscard]] bool empty() const noexcept { return n_ == 0; }
+
+  void reset() noexcept {
+    if (p_ != nullptr) cudaFree(p_);
+    p_ = nullptr;
+    n_ = 0;
+  }
+
+  // Allocates n zeroed elements (the memset is enqueued on `s`); on failure the array stays empty.
+  status allocate(std::size_t n, cudaStream_t s) {
+    reset();
+    if (n == 0) return {};
+    if (n > std::numeric_limits<std::size_t>::max() / sizeof(U))
+      return {errc::out_of_range, "cuda_ops::alloc: " + std::to_string(n) + " elements overflow size_t"};
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, n * sizeof(U));
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();  // clear the sticky-free allocation error so later launches report their own
+      return {errc::backend_error, "cuda_ops::alloc: cudaMalloc of " + std::to_string(n * sizeof(U)) +
+                                       " bytes: " + cudaGetErrorString(e)};
+    }
+    if (const cudaError_t m = cudaMemsetAsync(p, 0, n * sizeof(U), s); m != cudaSuccess) {
+      cudaFree(p);
+      return {errc::backend_error, std::string("cuda_ops::alloc: cudaMemsetAsync: ") + cudaGetErrorString(m)};
+    }
+    p_ = static_cast<U*>(p);
+    n_ = n;
+    return {};
+  }
+
+ private:
+  U* p_ = nullptr;
+  std::size_t n_ = 0;
+};
+
+namespace detail {
+
+// Chained host checks of one op: the first failure wins and names the op and the argument.
+class op_check {
+ public:
+  explicit op_check(const char* op) : op_(op) {}
+  op_check& nonneg(std::int64_t v, const char* what) {
+    if (st_.ok() && v < 0) fail(errc::invalid_argument, std::string(what) + " = " + std::to_string(v) + " is negative");
+    return *this;
+  }
+  op_check& positive(std::int64_t v, const char* what) {
+    if (st_.ok() && v <= 0) fail(errc::invalid_argument, std::string(what) + " = " + std::to_string(v) + " must be positive");
+    return *this;
+  }
+  // An extent a kernel indexes with int (or a launch grid dimension).
+  op_check& fits_int(std::int64_t v, const char* what) {
+    if (st_.ok() && v > INT_MAX)
+      fail(errc::out_of_range, std::string(what) + " = " + std::to_string(v) + " exceeds 2^31 - 1");
+    return *this;
+  }
+  op_check& ptr(const void* p, std::int64_t n, const char* what) {
+    if (st_.ok() && n > 0 && p == nullptr) fail(errc::invalid_argument, std::string(what) + " is null");
+    return *this;
+  }
+  op_check& finite(double v, const char* what) {
+    if (st_.ok() && !std::isfinite(v)) fail(errc::invalid_argument, std::string(what) + " is not finite");
+    return *this;
+  }
+  op_check& that(bool cond, errc code, const std::string& what) {
+    if (st_.ok() && !cond) fail(code, what);
+    return *this;
+  }
+  [[nodiscard]] bool ok() const { return st_.ok(); }
+  [[nodiscard]] status done() { return std::move(st_); }
+
+ private:
+  void fail(errc code, const std::string& what) {
+    status s(code, std::string("cuda_ops::") + op_ + ": " + what);
+    std::swap(st_, s);
+  }
+  const char* op_;
+  status st_;
+};
+
+inline op_check& attention_shape(op_check& c, std::int64_t batch, std::int64_t seq, std::int64_t hq, std::int64_t hkv,
+                                 std::int64_t d, double scale) {
+  c.nonneg(batch, "batch").nonneg(seq, "seq").positive(hq, "Hq").positive(hkv, "Hkv").positive(d, "D");
+  if (c.ok())
+    c.that(hq % hkv == 0, errc::shape_mismatch,
+           "Hq = " + std::to_string(hq) + " is not a multiple of Hkv = " + std::to_string(hkv));
+  return c.finite(scale, "scale");
+}
+
+inline op_check router_check(const char* op, std::int64_t n, std::int64_t e, std::int64_t k) {
+  op_check c(op);
+  c.nonneg(n, "N").positive(e, "E").positive(k, "k").fits_int(n, "N");
+  c.that(k <= e, errc::invalid_argument, "k = " + std::to_string(k) + " exceeds E = " + std::to_string(e));
+  c.that(e <= kRouterMaxExperts, errc::invalid_argument,
+         "E = " + std::to_string(e) + " exceeds the CUDA router's " + std::to_string(kRouterMaxExperts) + " experts");
+  c.that(k <= kRouterMaxTopK, errc::invalid_argument,
+         "k = " + std::to_string(k) + " exceeds the CUDA router's top-" + std::to_string(kRouterMaxTopK));
+  c.that(n * k <= std::numeric_limits<index_t>::max(), errc::invalid_argument, "N * k does not fit index_t");
+  return c;
+}
+
+inline op_check combine_check(const char* op, const index_t* token_slot, std::int64_t n, std::int64_t k, std::int64_t h) {
+  op_check c(op);
+  c.nonneg(n, "N").positive(k, "k").nonneg(h, "H").ptr(token_slot, n * k, "token_slot");
+  c.that(n * k <= std::numeric_limits<index_t>::max(), errc::invalid_argument, "N * k does not fit index_t");
+  return c;
+}
+
+}  // namespace detail
+}  // namespace cuda
+
+template <class T>
+class cuda_ops {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, kd::bfloat16>, "cuda_ops<T>: T is float or kd::bfloat16");
+  using A = float;
+  using I = index_t;
+  using i64 = std::int64_t;
+  using check = cuda::detail::op_check;
+
+ public:
+  using value_type = T;
+  using acc_type = float;
+  template <class U>
+  using buffer = cuda::device_array<U>;
+
+  explicit cuda_ops(::kd::cuda::context& ctx) : ctx_(&ctx) {}
+
+  static const char* name() { return "cuda"; }
+  [[nodiscard]] ::kd::cuda::context& context() const noexcept { return *ctx_; }
+  [[nodiscard]] cudaStream_t stream() const noexcept { return ctx_->stream(); }
+
+  // ---------------------------------------------------------------------------------------------
+  // memory
+  // ---------------------------------------------------------------------------------------------
+  // Zero-filled (in stream order); empty on failure. alloc(b, n) says why.
+  template <class U>
+  buffer<U> alloc(std::size_t n) {
+    buffer<U> b;
+    (void)b.allocate(n, stream());
+    return b;
+  }
+  template <class U>
+  status alloc(buffer<U>& b, std::size_t n) {
+    return b.allocate(n, stream());
+  }
+
+  // Host to device, in stream order. From pageable memory the host buffer may be reused on return; from
+  // pinned memory it must stay untouched until the stream reaches the copy.
+  template <class U>
+  status upload(const U* host, std::size_t n, U* dst) {
+    KD_TRY(check("upload").ptr(host, static_cast<i64>(n), "host").ptr(dst, static_cast<i64>(n), "dst").done());
+    if (n == 0) return {};
+    KD_CUDA_TRY(cudaMemcpyAsync(dst, host, n * sizeof(U), cudaMemcpyHostToDevice, stream()), "cuda_ops::upload");
+    return {};
+  }
+  // Device to host; waits for the stream, so the host copy is complete on return.
+  template <class U>
+  status download(const U* src, std::size_t n, U* host) {
+    KD_TRY(check("download").ptr(src, static_cast<i64>(n), "src").ptr(host, static_cast<i64>(n), "host").done());
+    if (n == 0) return {};
+    KD_CUDA_TRY(cudaMemcpyAsync(host, src, n * sizeof(U), cudaMemcpyDeviceToHost, stream()), "cuda_ops::download");
+    KD_CUDA_TRY(cudaStreamSynchronize(stream()), "cuda_ops::download: cudaStreamSynchronize");
+    return {};
+  }
+  template <class U>
+  status fill_zero(U* p, std::size_t n) {
+    KD_TRY(check("fill_zero").ptr(p, static_cast<i64>(n), "p").done());
+    if (n == 0) return {};
+    KD_CUDA_TRY(cudaMemsetAsync(p, 0, n * sizeof(U), stream()), "cuda_ops::fill_zero");
+    return {};
+  }
+  template <class U>
+  status copy(const U* src, U* dst, std::size_t n) {
+    KD_TRY(check("copy").ptr(src, static_cast<i64>(n), "src").ptr(dst, static_cast<i64>(n), "dst").done());
+    if (n == 0 || src == dst) return {};
+    KD_CUDA_TRY(cudaMemcpyAsync(dst, src, n * sizeof(U), cudaMemcpyDeviceToDevice, stream()), "cuda_ops::copy");
+    return {};
+  }
+  status add(T* y, const T* x, std::size_t n) {
+    KD_TRY(check("add").ptr(y, static_cast<i64>(n), "y").ptr(x, static_cast<i64>(n), "x").done());
+    return cuda::detail::launch_add(stream(), y, x, static_cast<i64>(n));
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // dense (cuBLAS, fp32 accumulation)
+  // ---------------------------------------------------------------------------------------------
+  status linear(const T* x, const T* w, T* y, i64 M, i64 N, i64 K, bool accumulate) {
+    cublasHandle_t h = nullptr;
+    KD_TRY(ctx_->cublas(h));
+    return cuda::detail::linear(h, stream(), x, w, y, M, N, K, accumulate);
+  }
+  status linear_dx(const T* dy, const T* w, T* dx, i64 M, i64 N, i64 K, bool accumulate) {
+    cublasHandle_t h = nullptr;
+    KD_TRY(ctx_->cublas(h));
+    return cuda::detail::linear_dx(h, stream(), dy, w, dx, M, N, K, accumulate);
+  }
+  status linear_dw(const T* dy, const T* x, T* dw, i64 M, i64 N, i64 K) {
+    cublasHandle_t h = nullptr;
+    KD_TRY(ctx_->cublas(h));
+    return cuda::detail::linear_dw(h, dy, x, dw, M, N, K);
+  }
+
+  // The experts' GEMMs (grouped_gemm.cuh): spread over side streams when more than one group has rows.
+  status grouped_linear(const T* x, const T* w, T* y, const std::int64_t* counts, i64 G, i64 N, i64 K,
+                        bool accumulate) {
+    return on_groups(counts, G, [&](cublasHandle_t h, cudaStream_t s, i64 g, i64 r, i64 c) {
+      return cuda::detail::linear(h, s, x + r * K, w + g * N * K, y + r * N, c, N, K, accumulate);
+    });
+  }
+  status grouped_linear_dx(const T* dy, const T* w, T* dx, const std::int64_t* counts, i64 G, i64 N, i64 K,
+                           bool accumulate) {
+    return on_groups(counts, G, [&](cublasHandle_t h, cudaStream_t s, i64 g, i64 r, i64 c) {
+      return cuda::detail::linear_dx(h, s, dy + r * N, w + g * N * K, dx + r * K, c, N, K, accumulate);
+    });
+  }
+  status grouped_linear_dw(const T* dy, const T* x, T* dw, const std::int64_t* counts, i64 G, i64 N, i64 K) {
+    return on_groups(counts, G, [&](cublasHandle_t h, cudaStream_t, i64 g, i64 r, i64 c) {
+      return cuda::detail::linear_dw(h, dy + r * N, x + r * K, dw + g * N * K, c, N, K);
+    });
+  }
+
+  // out[i] = table[ids[i]] (an id outside [0, V) gives a zero row; ids are the caller's to check).
+  status embedding(const I* ids, const T* table, T* out, i64 n, i64 V, i64 H) {
+    KD_TRY(embedding_check("embedding", ids, n, V, H).ptr(table, V * H, "table").ptr(out, n * H, "out").done());
+    return cuda::detail::launch_gather_rows(stream(), table, ids, out, n, H, V, "embedding kernel launch");
+  }
+  // dtable[ids[i]] += dout[i]: sorted by id, each table row summed once in fp32 (deterministic).
+  status embedding_dw(const I* ids, const T* dout, T* dtable, i64 n, i64 V, i64 H) {
+    KD_TRY(embedding_check("embedding_dw", ids, n, V, H).ptr(dout, n * H, "dout").ptr(dtable, V * H, "dtable").done());
+    if (n == 0 || H == 0) return {};
+    std::size_t bytes = 0;
+    KD_TRY(cuda::detail::embedding_dw_scratch_bytes(n, static_cast<std::int32_t>(V), bytes));
+    void* scratch = nullptr;
+    KD_TRY(ctx_->scratch(bytes, scratch));
+    return cuda::detail::launch_embedding_dw(stream(), ids, dout, dtable, n, static_cast<std::int32_t>(V), H, scratch, bytes);
+  }
+
+  status rmsnorm(const T* x, const T* w, T* y, A* rstd, i64 R, i64 D, double eps) {
+    KD_TRY(check("rmsnorm")
+               .nonneg(R, "R")
+               .positive(D, "D")
+               .fits_int(D, "D")
+               .finite(eps, "eps")
+               .that(eps >= 0.0, errc::invalid_argument, "eps is negative")
+               .ptr(x, R * D, "x")
+               .ptr(w, R > 0 ? D : 0, "w")
+               .ptr(y, R * D, "y")
+               .ptr(rstd, R, "rstd")
+               .done());
+    return cuda::detail::launch_rmsnorm(stream(), x, w, y, rstd, R, D, static_cast<float>(eps));
+  }
+
+  status rmsnorm_bwd(const T* x, const T* w, const A* rstd, const T* dy, T* dx, T* dw, i64 R, i64 D, bool accumulate_dx) {
+    KD_TRY(check("rmsnorm_bwd")
+               .nonneg(R, "R")
+               .positive(D, "D")
+               .fits_int(D, "D")
+               .ptr(x, R * D, "x")
+               .ptr(w, R > 0 ? D : 0, "w")
+               .ptr(rstd, R, "rstd")
+               .ptr(dy, R * D, "dy")
+               .ptr(dx, R * D, "dx")
+               .ptr(dw, R > 0 ? D : 0, "dw")
+               .done());
+    if (R == 0) return {};
+    void* scratch = nullptr;
+    KD_TRY(ctx_->scratch(cuda::detail::rmsnorm_bwd_scratch_bytes(R, D), scratch));
+    return cuda::detail::launch_rmsnorm_bwd(stream(), x, w, rstd, dy, dx, dw, R, D, accumulate_dx, static_cast<float*>(scratch));
+  }
+
+  // HF rotate-half RoPE in place. inv_freq = theta^(-2i/D) in double, built on the device once per
+  // (D, theta) and kept; angles formed and range-reduced in double, sin/cos in fp32 (norm.cuh).
+  status rope(T* x, const I* pos, i64 tokens, i64 heads, i64 D, double theta, bool inverse) {
+    KD_TRY(check("rope")
+               .nonneg(tokens, "tokens")
+               .positive(heads, "heads")
+               .positive(D, "D")
+               .that(D % 2 == 0, errc::invalid_argument, "D = " + std::to_string(D) + " is odd")
+               .that(D <= kRopeMaxDim, errc::out_of_range,
+                     "D = " + std::to_string(D) + " exceeds the CUDA RoPE's " + std::to_string(kRopeMaxDim))
+               .finite(theta, "theta")
+               .that(theta > 0.0, errc::invalid_argument, "theta must be positive")
+               .fits_int(tokens, "tokens")
+               .fits_int(heads * D, "heads * D")
+               .ptr(x, tokens * heads * D, "x")
+               .ptr(pos, tokens, "pos")
+               .done());
+    if (tokens == 0) return {};
+    const double* inv_freq = nullptr;
+    KD_TRY(rope_table(D, theta, inv_freq));
+    return cuda::detail::launch_rope(stream(), x, pos, inv_freq, tokens, heads, D, inverse);
+  }
+
+  status swiglu(const T* gu, T* h, i64 R, i64 I_) {
+    KD_TRY(check("swiglu").nonneg(R, "R").positive(I_, "I").ptr(gu, R * 2 * I_, "gu").ptr(h, R * I_, "h").done());
+    return cuda::detail::launch_swiglu(stream(), gu, h, R, I_);
+  }
+  status swiglu_bwd(const T* gu, const T* dh, T* dgu, i64 R, i64 I_) {
+    KD_TRY(check("swiglu_bwd")
+               .nonneg(R, "R")
+               .positive(I_, "I")
+               .ptr(gu, R * 2 * I_, "gu")
+               .ptr(dh, R * I_, "dh")
+               .ptr(dgu, R * 2 * I_, "dgu")
+               .done());
+    return cuda::detail::launch_swiglu_bwd(stream(), gu, dh, dgu, R, I_);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // attention (kd/model/cuda/attention.cuh); an empty batch or sequence is a no-op, as on the CPU
+  // ---------------------------------------------------------------------------------------------
+  status attention(const T* q, const T* k, const T* v, T* o, A* lse, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
+                   double scale) {
+    check c("attention");
+    cuda::detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    const i64 tokens = batch * seq;
+    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
+               .ptr(k, tokens * Hkv * D, "k")
+               .ptr(v, tokens * Hkv * D, "v")
+               .ptr(o, tokens * Hq * D, "o")
+               .ptr(lse, batch * Hq * seq, "lse")
+               .done());
+    if (tokens == 0) return {};
+    return cuda::attention_forward<T>(stream(), q, k, v, o, lse, batch, seq, Hq, Hkv, D, static_cast<float>(scale));
+  }
+
+  status attention_bwd(const T* q, const T* k, const T* v, const T* o, const A* lse, const T* dout, T* dq, T* dk, T* dv,
+                       i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D, double scale) {
+    check c("attention_bwd");
+    cuda::detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    const i64 tokens = batch * seq, nq = tokens * Hq * D, nkv = tokens * Hkv * D;
+    KD_TRY(c.ptr(q, nq, "q")
+               .ptr(k, nkv, "k")
+               .ptr(v, nkv, "v")
+               .ptr(o, nq, "o")
+               .ptr(lse, batch * Hq * seq, "lse")
+               .ptr(dout, nq, "dout")
+               .ptr(dq, nq, "dq")
+               .ptr(dk, nkv, "dk")
+               .ptr(dv, nkv, "dv")
+               .done());
+    if (tokens == 0) return {};
+    void* ws = nullptr;
+    KD_TRY(ctx_->scratch(std::max<std::size_t>(16, cuda::attention_backward_workspace_bytes(batch, seq, Hq, Hkv, D)), ws));
+    return cuda::attention_backward<T>(stream(), q, k, v, o, lse, dout, dq, dk, dv, batch, seq, Hq, Hkv, D,
+                                       static_cast<float>(scale), ws);
+  }
+
+  status attention_probs(const T* q, const T* k, const A* lse, T* probs, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
+                         double scale) {
+    check c("attention_probs");
+    cuda::detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    const i64 tokens = batch * seq;
+    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
+               .ptr(k, tokens * Hkv * D, "k")
+               .ptr(lse, batch * Hq * seq, "lse")
+               .ptr(probs, batch * Hq * seq * seq, "probs")
+               .done());
+    if (tokens == 0) return {};
+    return cuda::attention_probs<T>(stream(), q, k, lse, probs, batch, seq, Hq, Hkv, D, static_cast<float>(scale));
+  }
+
+  // dq and dk accumulate.
+  status attention_probs_bwd(const T* q, const T* k, const T* probs, const T* dprobs, T* dq, T* dk, i64 batch, i64 seq,
+                             i64 Hq, i64 Hkv, i64 D, double scale) {
+    check c("attention_probs_bwd");
+    cuda::detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    const i64 tokens = batch * seq, np = batch * Hq * seq * seq;
+    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
+               .ptr(k, tokens * Hkv * D, "k")
+               .ptr(probs, np, "probs")
+               .ptr(dprobs, np, "dprobs")
+               .ptr(dq, tokens * Hq * D, "dq")
+               .ptr(dk, tokens * Hkv * D, "dk")
+               .done());
+    if (tokens == 0) return {};
+    void* ws = nullptr;
+    KD_TRY(ctx_->scratch(std::max<std::size_t>(16, cuda::attention_probs_backward_workspace_bytes(batch, seq, Hq, Hkv, D)), ws));
+    return cuda::attention_probs_backward<T>(stream(), q, k, probs, dprobs, dq, dk, batch, seq, Hq, Hkv, D,
+                                             static_cast<float>(scale), ws);
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // mixture of experts (kd/model/cuda/moe.cuh)
+  // ---------------------------------------------------------------------------------------------
+  status router(const T* logits, A* probs, I* topk_idx, A* topk_w, i64 N, i64 E, i64 k, bool renorm) {
+    KD_TRY(cuda::detail::router_check("router", N, E, k)
+               .ptr(logits, N * E, "logits")
+               .ptr(probs, N * E, "probs")
+               .ptr(topk_idx, N * k, "topk_idx")
+               .ptr(topk_w, N * k, "topk_w")
+               .done());
+    return cuda::detail::launch_router(stream(), logits, probs, topk_idx, topk_w, N, E, k, renorm);
+  }
+
+  // dlogits overwritten; dprobs_extra [N, E] may be null. topk_idx is trusted to hold ids in [0, E).
+  status router_bwd(const A* probs, const I* topk_idx, const A* dtopk_w, const A* dprobs_extra, T* dlogits, i64 N, i64 E,
+                    i64 k, bool renorm) {
+    KD_TRY(cuda::detail::router_check("router_bwd", N, E, k)
+               .ptr(probs, N * E, "probs")
+               .ptr(topk_idx, N * k, "topk_idx")
+               .ptr(dtopk_w, N * k, "dtopk_w")
+               .ptr(dlogits, N * E, "dlogits")
+               .done());
+    return cuda::detail::launch_router_bwd(stream(), probs, topk_idx, dtopk_w, dprobs_extra, dlogits, N, E, k, renorm);
+  }
+
+  // Counting sort on the device; waits for the stream to return counts_host. Expert ids outside [0, E)
+  // give errc::out_of_range (slot_token / token_slot are then incomplete).
+  status moe_dispatch(const I* topk_idx, i64 N, i64 E, i64 k, I* slot_token, I* token_slot, std::int64_t* counts_host) {
+    KD_TRY(cuda::detail::router_check("moe_dispatch", N, E, k)
+               .ptr(topk_idx, N * k, "topk_idx")
+               .ptr(slot_token, N * k, "slot_token")
+               .ptr(token_slot, N * k, "token_slot")
+               .ptr(counts_host, E, "counts_host")
+               .done());
+    void* scratch = nullptr;
+    KD_TRY(ctx_->scratch(cuda::detail::dispatch_scratch_bytes(E), scratch));
+    return cuda::detail::launch_dispatch(stream(), topk_idx, N, E, k, slot_token, token_slot, counts_host, scratch);
+  }
+
+  // out[s] = x[rows[s]] (a negative row gives a zero row).
+  status gather_rows(const T* x, const I* rows, T* out, i64 S, i64 H) {
+    KD_TRY(check("gather_rows").nonneg(S, "S").nonneg(H, "H").ptr(rows, S, "rows").ptr(x, S * H, "x").ptr(out, S * H, "out").done());
+    return cuda::detail::launch_gather_rows(stream(), x, rows, out, S, H, std::numeric_limits<i64>::max(),
+                                            "gather_rows kernel launch");
+  }
+
+  status moe_combine(const T* y, const I* token_slot, const A* topk_w, T* out, i64 N, i64 k, i64 H, bool accumulate) {
+    KD_TRY(cuda::detail::combine_check("moe_combine", token_slot, N, k, H)
+               .ptr(y, N * k * H, "y")
+               .ptr(topk_w, N * k, "topk_w")
+               .ptr(out, N * H, "out")
+               .done());
+    return cuda::detail::launch_combine<T, true>(stream(), y, token_slot, topk_w, out, N, k, H, accumulate,
+                                                 "moe_combine kernel launch");
+  }
+
+  // dy (overwritten: every slot of a permutation token_slot, as moe_dispatch makes it) and dtopk_w (overwritten).
+  status moe_combine_bwd(const T* y, const I* token_slot, const A* topk_w, const T* dout, T* dy, A* dtopk_w, i64 N, i64 k,
+                         i64 H) {
+    KD_TRY(cuda::detail::combine_check("moe_combine_bwd", token_slot, N, k, H)
+               .ptr(y, N * k * H, "y")
+               .ptr(topk_w, N * k, "topk_w")
+               .ptr(dout, N * H, "dout")
+               .ptr(dy, N * k * H, "dy")
+               .ptr(dtopk_w, N * k, "dtopk_w")
+               .done());
+    return cuda::detail::launch_combine_bwd(stream(), y, token_slot, topk_w, dout, dy, dtopk_w, N, k, H);
+  }
+
+  status moe_gather_add(const T* dy_slots, const I* token_slot, T* dx, i64 N, i64 k, i64 H) {
+    KD_TRY(cuda::detail::combine_check("moe_gather_add", token_slot, N, k, H)
+               .ptr(dy_slots, N * k * H, "dy_slots")
+               .ptr(dx, N * H, "dx")
+               .done());
+    return cuda::detail::launch_combine<T, false>(stream(), dy_slots, token_slot, nullptr, dx, N, k, H, true,
+                                                  "moe_gather_add kernel launch");
+  }
+
+ private:
+  // Runs f(handle, stream, group, first_row, rows) for every non-empty group: on the main stream when
+  // there is one, else spread over the side streams between a fork and a join.
+  template <class F>
+  status on_groups(const std::int64_t* counts, i64 G, F&& f) {
+    if (counts == nullptr && G > 0) return {errc::invalid_argument, "cuda_ops::grouped_linear: counts is null"};
+    i64 busy = 0;
+    for (i64 g = 0; g < G; ++g) {
+      if (counts[g] < 0) return {errc::invalid_argument, "cuda_ops::grouped_linear: negative group size"};
+      busy += counts[g] > 0 ? 1 : 0;
+    }
+    if (busy <= 1) {
+      cublasHandle_t h = nullptr;
+      KD_TRY(ctx_->cublas(h));
+      i64 r = 0;
+      for (i64 g = 0; g < G; ++g) {
+        if (counts[g] > 0) KD_TRY(f(h, stream(), g, r, counts[g]));
+        r += counts[g];
+      }
+      return {};
+    }
+    if (!pool_) pool_ = std::make_unique<cuda::stream_pool>();
+    KD_TRY(pool_->fork(stream()));
+    status s;
+    i64 r = 0, used = 0;
+    for (i64 g = 0; g < G && s.ok(); ++g) {
+      if (counts[g] > 0) {
+        const int i = static_cast<int>(used++ % cuda::stream_pool::size);
+        s = f(pool_->handle(i), pool_->stream(i), g, r, counts[g]);
+      }
+      r += counts[g];
+    }
+    KD_TRY(pool_->join(stream()));  // join even after a failure: the main stream must not run ahead
+    return s;
+  }
+  std::unique_ptr<cuda::stream_pool> pool_;
+
+  static constexpr i64 kRopeMaxDim = 8192;  // cos/sin of a token in shared memory: 4 * D bytes
+
+  static check embedding_check(const char* op, const I* ids, i64 n, i64 V, i64 H) {
+    check c(op);
+    c.nonneg(n, "n").positive(V, "V").nonneg(H, "H").fits_int(n, "n").fits_int(V, "V").ptr(ids, n, "ids");
+    return c;
+  }
+
+  // The inv_freq table of (D, theta), built on first use (in stream order, no synchronisation).
+  status rope_table(i64 D, double theta, const double*& out) {
+    for (const auto& t : rope_tables_)
+      if (t.d == D && std::memcmp(&t.theta, &theta, sizeof theta) == 0) {
+        out = t.inv_freq.data();
+        return {};
+      }
+    rope_entry e{D, theta, {}};
+    KD_TRY(e.inv_freq.allocate(static_cast<std::size_t>(D / 2), stream()));
+    KD_TRY(cuda::detail::launch_rope_inv_freq(stream(), e.inv_freq.data(), D, theta));
+    rope_tables_.push_back(std::move(e));
+    out = rope_tables_.back().inv_freq.data();
+    return {};
+  }
+
+  struct rope_entry {
+    i64 d;
+    double theta;
+    cuda::device_array<double> inv_freq;
+  };
+
+  ::kd::cuda::context* ctx_;
+  std::vector<rope_entry> rope_tables_;
+};
+
+static_assert(ModelBackend<cuda_ops<float>>);
+static_assert(ModelBackend<cuda_ops<kd::bfloat16>>);
+
+}  // namespace kd::model
