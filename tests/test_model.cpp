@@ -192,8 +192,10 @@ TEST_CASE("model: forward invariants") {
       const bool same = t < 4 || t >= seq;
       double diff = 0;
       for (std::int64_t v = 0; v < V; ++v) diff = std::max(diff, std::abs(m.logits()[t * V + v] - logits[t * V + v]));
-      if (same) CHECK(diff == 0.0);
-      else CHECK(diff > 0.0);
+      // Not bit-exact: a changed token can move another token's expert group, and Eigen's GEMM may sum a
+      // row in another order at another M (seen: 1.8e-15 on an AVX-512 host).
+      if (same) CHECK(diff <= 1e-12);
+      else CHECK(diff > 1e-6);
     }
   }
   SUBCASE("routing statistics: every token picks top_k distinct experts; counts add up") {

@@ -310,6 +310,50 @@ TEST_CASE_TEMPLATE("cuda_ops: rmsnorm and rmsnorm_bwd", T, float, kd::bfloat16) 
   }
 }
 
+TEST_CASE_TEMPLATE("cuda_ops: rmsnorm_rope (QK norm + RoPE) fused and unfused", T, float, kd::bfloat16) {
+  fixture<T> f;
+  auto& ops = *f.ops;
+  struct shape {
+    std::int64_t tokens, heads, d;
+  };
+  // d 64 / 128 take the fused kernels (one 16-byte vector per lane), 8 / 72 the composition; many rows
+  // leave partial warps and blocks.
+  for (shape s : {shape{300, 16, 64}, shape{77, 4, 128}, shape{33, 3, 64}, shape{24, 4, 8}, shape{19, 2, 72}}) {
+    CAPTURE(s.tokens);
+    CAPTURE(s.heads);
+    CAPTURE(s.d);
+    const std::int64_t rows = s.tokens * s.heads;
+    const std::size_t n = static_cast<std::size_t>(rows * s.d), d = static_cast<std::size_t>(s.d);
+    const double eps = 1e-6, theta = 1e6;
+    const auto x = rnd<T>(n, 2.0), w = rnd<T>(d), dy = rnd<T>(n);
+    const auto pos = random_ids(static_cast<std::size_t>(s.tokens), 4096);
+    auto dx_ = dev(x), dw_ = dev(w), ddy = dev(dy);
+    auto dpos = dev(pos);
+    auto y = poisoned<T>(n);
+    auto rstd = poisoned<float>(static_cast<std::size_t>(rows));
+    REQUIRE(ops.rmsnorm_rope(dx_.data(), dw_.data(), y.data(), rstd.data(), dpos.data(), s.tokens, s.heads, s.d, eps,
+                             theta).ok());
+    dvec ry(n), rr(static_cast<std::size_t>(rows));
+    REQUIRE(f.ref.rmsnorm_rope(to_double(x).data(), to_double(w).data(), ry.data(), rr.data(), pos.data(), s.tokens,
+                               s.heads, s.d, eps, theta).ok());
+    near(to_double(host(y)), ry, tol<T>(), "rmsnorm_rope y");
+    near(to_double(host(rstd)), rr, 1e-5, "rmsnorm_rope rstd");
+
+    const auto rstd_f = round_to<float>(rr);
+    auto drstd = dev(rstd_f);
+    const auto gw0 = rnd<T>(d);
+    auto gx = poisoned<T>(n);
+    auto gw = dev(gw0);
+    REQUIRE(ops.rmsnorm_rope_bwd(dx_.data(), dw_.data(), drstd.data(), dpos.data(), ddy.data(), gx.data(), gw.data(),
+                                 s.tokens, s.heads, s.d, theta).ok());
+    dvec rgx(n), rgw = to_double(gw0);
+    REQUIRE(f.ref.rmsnorm_rope_bwd(to_double(x).data(), to_double(w).data(), to_double(rstd_f).data(), pos.data(),
+                                   to_double(dy).data(), rgx.data(), rgw.data(), s.tokens, s.heads, s.d, theta).ok());
+    near(to_double(host(gx)), rgx, tol<T>(), "rmsnorm_rope_bwd dx");
+    near(to_double(host(gw)), rgw, tol<T>(), "rmsnorm_rope_bwd dw");
+  }
+}
+
 TEST_CASE_TEMPLATE("cuda_ops: rope forward and inverse", T, float, kd::bfloat16) {
   fixture<T> f;
   auto& ops = *f.ops;

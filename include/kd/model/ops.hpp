@@ -73,6 +73,9 @@ concept ModelBackend = requires(B& b, std::size_t n) {
 //   rmsnorm(x[R,D], w[D], y[R,D], A* rstd[R], R, D, eps)               y = x * rstd * w
 //   rmsnorm_bwd(x, w, rstd, dy, dx, dw, R, D, accumulate_dx)           dw += ...
 //   rope(x[tokens,heads,D], pos[tokens], tokens, heads, D, theta, inverse)   in place
+//   rmsnorm_rope(x[tokens,heads,D], w[D], y, A* rstd[tokens*heads], pos, tokens, heads, D, eps, theta)
+//                                      y = rope(rmsnorm(x)) per head: Qwen3's QK norm and RoPE in one pass
+//   rmsnorm_rope_bwd(x, w, rstd, pos, dy, dx, dw, tokens, heads, D, theta)   dy: w.r.t. y; dx overwritten
 //   swiglu(gu[R,2I], h[R,I], R, I) / swiglu_bwd(gu, dh[R,I], dgu[R,2I], R, I)  (dgu overwritten)
 //  attention
 //   attention(q, k, v, o, A* lse, batch, seq, Hq, Hkv, D, scale)

@@ -21,6 +21,7 @@
 
 #include <Eigen/Core>
 
+#include <kd/model/op_check.hpp>
 #include <kd/model/ops.hpp>
 #include <kd/status.hpp>
 
@@ -28,55 +29,14 @@ namespace kd::model {
 
 namespace detail {
 
-// Chained precondition checks for one op: the first failure wins and names the op and the argument.
-class cpu_op_check {
- public:
-  explicit cpu_op_check(const char* op) : op_(op) {}
-
-  cpu_op_check& nonneg(std::int64_t v, const char* what) {
-    if (st_.ok() && v < 0) fail(errc::invalid_argument, std::string(what) + " = " + std::to_string(v) + " is negative");
-    return *this;
-  }
-  cpu_op_check& positive(std::int64_t v, const char* what) {
-    if (st_.ok() && v <= 0) fail(errc::invalid_argument, std::string(what) + " = " + std::to_string(v) + " must be positive");
-    return *this;
-  }
-  // A pointer may be null only when its tensor is empty.
-  cpu_op_check& ptr(const void* p, std::int64_t n, const char* what) {
-    if (st_.ok() && n > 0 && p == nullptr) fail(errc::invalid_argument, std::string(what) + " is null");
-    return *this;
-  }
-  cpu_op_check& finite(double v, const char* what) {
-    if (st_.ok() && !std::isfinite(v)) fail(errc::invalid_argument, std::string(what) + " is not finite");
-    return *this;
-  }
-  // A check that may only run once the earlier ones passed (it reads the data).
-  template <class F>
-  cpu_op_check& then(F&& f) {
-    if (st_.ok()) st_ = f();
-    return *this;
-  }
-  cpu_op_check& that(bool cond, errc code, const std::string& what) {
-    if (st_.ok() && !cond) fail(code, what);
-    return *this;
-  }
-  [[nodiscard]] status done() { return std::move(st_); }
-  [[nodiscard]] bool ok() const { return st_.ok(); }
-
- private:
-  void fail(errc code, const std::string& what) { st_ = status(code, std::string("cpu_ops::") + op_ + ": " + what); }
-  const char* op_;
-  status st_;
+struct cpu_ops_prefix {
+  static constexpr const char* value = "cpu_ops::";
 };
+using cpu_op_check = basic_op_check<cpu_ops_prefix>;
 
-// Attention shape checks shared by the four attention ops.
 inline cpu_op_check& cpu_attention_shape(cpu_op_check& c, std::int64_t batch, std::int64_t seq, std::int64_t Hq,
                                          std::int64_t Hkv, std::int64_t D, double scale) {
-  c.nonneg(batch, "batch").nonneg(seq, "seq").positive(Hq, "Hq").positive(Hkv, "Hkv").positive(D, "D");
-  if (c.ok())
-    c.that(Hq % Hkv == 0, errc::shape_mismatch,
-           "Hq = " + std::to_string(Hq) + " is not a multiple of Hkv = " + std::to_string(Hkv));
-  return c.finite(scale, "scale");
+  return attention_shape(c, batch, seq, Hq, Hkv, D, scale);
 }
 
 }  // namespace detail
@@ -165,6 +125,21 @@ class cpu_ops {
     KD_TRY(gemm_check("linear_dw", M, N, K).ptr(dy, M * N, "dy").ptr(x, M * K, "x").ptr(dw, N * K, "dw").done());
     map(dw, N, K).noalias() += cmap(dy, M, N).transpose() * cmap(x, M, K);
     return {};
+  }
+
+  // QK norm then RoPE: the composition (the CUDA backend fuses it).
+  status rmsnorm_rope(const T* x, const T* w, T* y, A* rstd, const index_t* pos, i64 tokens, i64 heads, i64 D,
+                      double eps, double theta) {
+    KD_TRY(rmsnorm(x, w, y, rstd, tokens * heads, D, eps));
+    return rope(y, pos, tokens, heads, D, theta, false);
+  }
+  status rmsnorm_rope_bwd(const T* x, const T* w, const A* rstd, const index_t* pos, const T* dy, T* dx, T* dw,
+                          i64 tokens, i64 heads, i64 D, double theta) {
+    KD_TRY(detail::cpu_op_check("rmsnorm_rope_bwd").nonneg(tokens, "tokens").positive(heads, "heads").positive(D, "D")
+               .ptr(dy, tokens * heads * D, "dy").done());
+    std::vector<T> g(dy, dy + tokens * heads * D);
+    KD_TRY(rope(g.data(), pos, tokens, heads, D, theta, true));
+    return rmsnorm_bwd(x, w, rstd, g.data(), dx, dw, tokens * heads, D, false);
   }
 
   // The experts' GEMMs: group g is counts[g] consecutive rows against weight w + g*N*K.

@@ -400,12 +400,15 @@ class transformer {
     KD_TRY(b_->linear(st.xn1.data(), w(p.q), q_lin, n, Q, H, false));
     KD_TRY(b_->linear(st.xn1.data(), w(p.k), k_lin, n, KV, H, false));
     KD_TRY(b_->linear(st.xn1.data(), w(p.v), st.v.data(), n, KV, H, false));
-    if (a.qk_norm) {
-      KD_TRY(b_->rmsnorm(q_lin, w(p.q_norm), st.q.data(), st.rstd_q.data(), n * a.heads, D, a.eps));
-      KD_TRY(b_->rmsnorm(k_lin, w(p.k_norm), st.k.data(), st.rstd_k.data(), n * a.kv_heads, D, a.eps));
+    if (a.qk_norm) {  // per-head QK norm and RoPE in one op
+      KD_TRY(b_->rmsnorm_rope(q_lin, w(p.q_norm), st.q.data(), st.rstd_q.data(), pos_.data(), n, a.heads, D, a.eps,
+                              a.theta));
+      KD_TRY(b_->rmsnorm_rope(k_lin, w(p.k_norm), st.k.data(), st.rstd_k.data(), pos_.data(), n, a.kv_heads, D, a.eps,
+                              a.theta));
+    } else {
+      KD_TRY(b_->rope(st.q.data(), pos_.data(), n, a.heads, D, a.theta, false));
+      KD_TRY(b_->rope(st.k.data(), pos_.data(), n, a.kv_heads, D, a.theta, false));
     }
-    KD_TRY(b_->rope(st.q.data(), pos_.data(), n, a.heads, D, a.theta, false));
-    KD_TRY(b_->rope(st.k.data(), pos_.data(), n, a.kv_heads, D, a.theta, false));
     KD_TRY(b_->attention(st.q.data(), st.k.data(), st.v.data(), st.o.data(), st.lse.data(), batch_, seq_, a.heads,
                          a.kv_heads, D, scale()));
     if (auto& pr = probs_[static_cast<std::size_t>(l)]; pr.size())
@@ -532,17 +535,18 @@ class transformer {
       if (layer == l)
         KD_TRY(b_->attention_probs_bwd(st.q.data(), st.k.data(), probs_[static_cast<std::size_t>(l)].data(), d,
                                        bw.dq.data(), bw.dk.data(), batch_, seq_, a.heads, a.kv_heads, D, scale()));
-    KD_TRY(b_->rope(bw.dq.data(), pos_.data(), n, a.heads, D, a.theta, true));
-    KD_TRY(b_->rope(bw.dk.data(), pos_.data(), n, a.kv_heads, D, a.theta, true));
     const T* dq_lin = bw.dq.data();
     const T* dk_lin = bw.dk.data();
     if (a.qk_norm) {
-      KD_TRY(b_->rmsnorm_bwd(st.q_raw.data(), w(p.q_norm), st.rstd_q.data(), bw.dq.data(), bw.dq_raw.data(),
-                             dw(p.q_norm), n * a.heads, D, false));
-      KD_TRY(b_->rmsnorm_bwd(st.k_raw.data(), w(p.k_norm), st.rstd_k.data(), bw.dk.data(), bw.dk_raw.data(),
-                             dw(p.k_norm), n * a.kv_heads, D, false));
+      KD_TRY(b_->rmsnorm_rope_bwd(st.q_raw.data(), w(p.q_norm), st.rstd_q.data(), pos_.data(), bw.dq.data(),
+                                  bw.dq_raw.data(), dw(p.q_norm), n, a.heads, D, a.theta));
+      KD_TRY(b_->rmsnorm_rope_bwd(st.k_raw.data(), w(p.k_norm), st.rstd_k.data(), pos_.data(), bw.dk.data(),
+                                  bw.dk_raw.data(), dw(p.k_norm), n, a.kv_heads, D, a.theta));
       dq_lin = bw.dq_raw.data();
       dk_lin = bw.dk_raw.data();
+    } else {
+      KD_TRY(b_->rope(bw.dq.data(), pos_.data(), n, a.heads, D, a.theta, true));
+      KD_TRY(b_->rope(bw.dk.data(), pos_.data(), n, a.kv_heads, D, a.theta, true));
     }
     KD_TRY(b_->linear_dw(dq_lin, st.xn1.data(), dw(p.q), n, Q, H));
     KD_TRY(b_->linear_dw(dk_lin, st.xn1.data(), dw(p.k), n, KV, H));

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include <kd/cuda/context.cuh>
 #include <kd/cuda/detail/reduce.cuh>
@@ -36,42 +37,133 @@ inline unsigned grid_for(std::int64_t work, int threads) {
 
 // ---------------------------------------------------------------------------------------------------
 // RMSNorm forward: y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps).
-// One warp per row: a row of the model (576 to a few thousand elements) is a few 16-byte vectors per
-// lane, so a warp reduction (no shared memory, no block barrier) is enough and eight rows share a block.
-// x is read twice (the second pass hits L1/L2); y is written once, rounded once from fp32.
+// L lanes per row (a warp, or a slice of one): a row of the model (576 to a few thousand elements) is a
+// few 16-byte vectors per lane, so a warp reduction (no shared memory, no block barrier) is enough; a
+// per-head QK-norm row (head_dim 64 = eight 16-byte vectors) takes 8 lanes, so four rows share a warp
+// instead of leaving 24 lanes idle. x is read twice (the second pass hits L1/L2); y is written once.
 // ---------------------------------------------------------------------------------------------------
-template <class T, bool Vec>
+// Sum over aligned groups of L lanes (every lane of the warp takes part).
+template <int L>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int o = L / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Lanes per row for rows of d elements read as vectors of vn: a power of two in [4, 32].
+inline int lanes_per_row(std::int64_t d, int vn) {
+  const std::int64_t vecs = (d + vn - 1) / vn;
+  int l = 4;
+  while (l < 32 && l < vecs) l *= 2;
+  return l;
+}
+
+// cos / sin of every (token, frequency) pair, cs[t * half + i] = (cos, sin)(pos[t] * inv_freq[i]), the
+// angle reduced in double as in rope_kernel. The fused QK-norm kernels read it (L2-resident: 8192 tokens x
+// 32 pairs is 2 MiB) instead of evaluating sincos once per head.
+template <int = 0>
+__global__ void rope_cos_sin_kernel(const std::int32_t* __restrict__ pos, const double* __restrict__ inv_freq,
+                                    float2* __restrict__ cs, long long tokens, int half) {
+  constexpr double two_pi = 6.283185307179586;
+  const long long k = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= tokens * half) return;
+  const long long t = k / half;
+  const int i = static_cast<int>(k % half);
+  const double a = static_cast<double>(pos[t]) * inv_freq[i];
+  float sn, c;
+  sincosf(static_cast<float>(fma(-rint(a / two_pi), two_pi, a)), &sn, &c);
+  cs[k] = make_float2(c, sn);
+}
+
+inline std::size_t rope_cos_sin_bytes(std::int64_t tokens, std::int64_t d) {
+  return static_cast<std::size_t>(tokens * (d / 2)) * sizeof(float2);
+}
+
+template <int = 0>
+status launch_rope_cos_sin(cudaStream_t s, const std::int32_t* pos, const double* inv_freq, float2* cs,
+                           std::int64_t tokens, std::int64_t d) {
+  const std::int64_t n = tokens * (d / 2);
+  if (n == 0) return {};
+  rope_cos_sin_kernel<><<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(pos, inv_freq, cs, tokens,
+                                                                               static_cast<int>(d / 2));
+  KD_CUDA_TRY(cudaGetLastError(), "rope cos/sin kernel launch");
+  return {};
+}
+
+// RoPE on a normalised row held one 16-byte vector per lane (d == L * vn): lane `sub` holds elements
+// [sub * vn, sub * vn + vn); the partner of element i < d/2 is i + d/2, held by lane sub ^ (L / 2).
+// cs: the row's token's (cos, sin) pairs. inverse rotates by -angle (the backward of the rotation).
+// Every lane of the warp must call it.
+template <int L, int VN>
+__device__ __forceinline__ void rope_in_lanes(float (&v)[VN], int sub, const float2* __restrict__ cs, bool inverse) {
+  const int half = L * VN / 2;
+  const bool upper = sub >= L / 2;
+#pragma unroll
+  for (int k = 0; k < VN; ++k) {
+    const float other = __shfl_xor_sync(0xffffffffu, v[k], L / 2);
+    const float2 c = cs[(sub * VN + k) % half];
+    const float sn = inverse ? -c.y : c.y;
+    v[k] = upper ? v[k] * c.x + other * sn : v[k] * c.x - other * sn;
+  }
+}
+
+template <class T, bool Vec, int L, bool Rope = false>
 __global__ void rmsnorm_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                               float* __restrict__ rstd, long long rows, int d, float eps) {
-  const int lane = threadIdx.x & 31;
-  const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (row >= rows) return;
-  const T* xr = x + row * d;
+                               float* __restrict__ rstd, long long rows, int d, float eps,
+                               const float2* __restrict__ cs = nullptr, int heads = 1) {
+  constexpr int G = 32 / L;  // rows a warp
+  const int lane = threadIdx.x & 31, sub = lane % L;
+  const long long row = (static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32) * G + lane / L;
+  const bool active = row < rows;
+  if (__all_sync(0xffffffffu, !active)) return;
+  const T* xr = x + (active ? row : 0) * d;
   T* yr = y + row * d;
   constexpr int vn = vec_n<T>;
   float ss = 0.f;
-  if constexpr (Vec) {
-    const uint4* x4 = reinterpret_cast<const uint4*>(xr);
-    for (int i = lane; i < d / vn; i += 32) {
-      float f[vn];
-      unpack<T>(x4[i], f);
+  if (active) {
+    if constexpr (Vec) {
+      const uint4* x4 = reinterpret_cast<const uint4*>(xr);
+      for (int i = sub; i < d / vn; i += L) {
+        float f[vn];
+        unpack<T>(x4[i], f);
 #pragma unroll
-      for (int k = 0; k < vn; ++k) ss += f[k] * f[k];
-    }
-  } else {
-    for (int i = lane; i < d; i += 32) {
-      const float v = to_float(xr[i]);
-      ss += v * v;
+        for (int k = 0; k < vn; ++k) ss += f[k] * f[k];
+      }
+    } else {
+      for (int i = sub; i < d; i += L) {
+        const float v = to_float(xr[i]);
+        ss += v * v;
+      }
     }
   }
-  ss = warp_sum(ss);
+  ss = group_sum<L>(ss);
   const float r = 1.f / sqrtf(ss / static_cast<float>(d) + eps);
-  if (lane == 0) rstd[row] = r;
+  if constexpr (Rope) {
+    // Per-head QK norm fused with RoPE (d == L * vn): one vector per lane, rotated before the one store.
+    static_assert(Vec, "the fused RoPE path reads 16-byte vectors");
+    float f[vn], g[vn];
+    if (active) {
+      unpack<T>(reinterpret_cast<const uint4*>(xr)[sub], f);
+      unpack<T>(reinterpret_cast<const uint4*>(w)[sub], g);
+    } else {
+      for (int k = 0; k < vn; ++k) f[k] = g[k] = 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < vn; ++k) f[k] = f[k] * r * g[k];
+    rope_in_lanes<L>(f, sub, cs + (active ? row / heads : 0) * (d / 2), false);
+    if (active) {
+      reinterpret_cast<uint4*>(yr)[sub] = pack<T>(f);
+      if (sub == 0) rstd[row] = r;
+    }
+    return;
+  }
+  if (!active) return;
+  if (sub == 0) rstd[row] = r;
   if constexpr (Vec) {
     const uint4* x4 = reinterpret_cast<const uint4*>(xr);
     const uint4* w4 = reinterpret_cast<const uint4*>(w);
     uint4* y4 = reinterpret_cast<uint4*>(yr);
-    for (int i = lane; i < d / vn; i += 32) {
+    for (int i = sub; i < d / vn; i += L) {
       float f[vn], g[vn];
       unpack<T>(x4[i], f);
       unpack<T>(w4[i], g);
@@ -80,7 +172,18 @@ __global__ void rmsnorm_kernel(const T* __restrict__ x, const T* __restrict__ w,
       y4[i] = pack<T>(f);
     }
   } else {
-    for (int i = lane; i < d; i += 32) yr[i] = from_float<T>(to_float(xr[i]) * r * to_float(w[i]));
+    for (int i = sub; i < d; i += L) yr[i] = from_float<T>(to_float(xr[i]) * r * to_float(w[i]));
+  }
+}
+
+// Calls f(std::integral_constant<int, L>) for the runtime lanes-per-row l.
+template <class F>
+status with_lanes(int l, F&& f) {
+  switch (l) {
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 16: return f(std::integral_constant<int, 16>{});
+    default: return f(std::integral_constant<int, 32>{});
   }
 }
 
@@ -89,12 +192,42 @@ status launch_rmsnorm(cudaStream_t s, const T* x, const T* w, T* y, float* rstd,
                       float eps) {
   if (rows == 0) return {};
   constexpr int warps = 8;
-  const unsigned blocks = static_cast<unsigned>((rows + warps - 1) / warps);
   const bool vec = d % vec_n<T> == 0 && vec_aligned(x) && vec_aligned(w) && vec_aligned(y);
-  if (vec) rmsnorm_kernel<T, true><<<blocks, warps * 32, 0, s>>>(x, w, y, rstd, rows, static_cast<int>(d), eps);
-  else rmsnorm_kernel<T, false><<<blocks, warps * 32, 0, s>>>(x, w, y, rstd, rows, static_cast<int>(d), eps);
-  KD_CUDA_TRY(cudaGetLastError(), "rmsnorm kernel launch");
-  return {};
+  const int l = vec ? lanes_per_row(d, vec_n<T>) : 32;
+  return with_lanes(l, [&](auto lc) -> status {
+    constexpr int L = decltype(lc)::value;
+    const std::int64_t per_block = warps * (32 / L);
+    const unsigned blocks = static_cast<unsigned>((rows + per_block - 1) / per_block);
+    if (vec) rmsnorm_kernel<T, true, L><<<blocks, warps * 32, 0, s>>>(x, w, y, rstd, rows, static_cast<int>(d), eps);
+    else rmsnorm_kernel<T, false, L><<<blocks, warps * 32, 0, s>>>(x, w, y, rstd, rows, static_cast<int>(d), eps);
+    KD_CUDA_TRY(cudaGetLastError(), "rmsnorm kernel launch");
+    return {};
+  });
+}
+
+// Whether rmsnorm_rope can run fused: one 16-byte vector per lane of a power-of-two lane group.
+template <class T>
+bool rope_fusable(std::int64_t d, const void* a, const void* b, const void* c, const void* e) {
+  return d % vec_n<T> == 0 && lanes_per_row(d, vec_n<T>) == d / vec_n<T> && vec_aligned(a) && vec_aligned(b) &&
+         vec_aligned(c) && vec_aligned(e);
+}
+
+// y = rope(rmsnorm(x)) over rows = tokens * heads (the per-head QK norm of Qwen3, then RoPE), fused.
+template <class T>
+status launch_rmsnorm_rope(cudaStream_t s, const T* x, const T* w, T* y, float* rstd, const float2* cs,
+                           std::int64_t tokens, std::int64_t heads, std::int64_t d, float eps) {
+  const std::int64_t rows = tokens * heads;
+  if (rows == 0) return {};
+  constexpr int warps = 8;
+  return with_lanes(lanes_per_row(d, vec_n<T>), [&](auto lc) -> status {
+    constexpr int L = decltype(lc)::value;
+    const std::int64_t per_block = warps * (32 / L);
+    const unsigned blocks = static_cast<unsigned>((rows + per_block - 1) / per_block);
+    rmsnorm_kernel<T, true, L, true><<<blocks, warps * 32, 0, s>>>(x, w, y, rstd, rows, static_cast<int>(d), eps, cs,
+                                                                   static_cast<int>(heads));
+    KD_CUDA_TRY(cudaGetLastError(), "rmsnorm_rope kernel launch");
+    return {};
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -109,46 +242,88 @@ status launch_rmsnorm(cudaStream_t s, const T* x, const T* w, T* y, float* rstd,
 // ---------------------------------------------------------------------------------------------------
 inline constexpr int kNormBwdMaxBlocks = 512;
 
-template <class T, bool Vec>
+template <class T, bool Vec, int L, bool Rope = false>
 __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rstd,
                                    const T* __restrict__ dy, T* __restrict__ dx, float* __restrict__ partial,
-                                   long long rows, int d, long long rows_per_block, bool accumulate_dx) {
+                                   long long rows, int d, long long rows_per_block, bool accumulate_dx,
+                                   const float2* __restrict__ cs = nullptr, int heads = 1) {
   extern __shared__ float4 norm_smem4[];
+  constexpr int G = 32 / L;  // rows a warp works on at once, each with its own partial dw row
   float* part_all = reinterpret_cast<float*>(norm_smem4);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  float* part = part_all + static_cast<long long>(warp) * d;
+  const int lane = threadIdx.x & 31, sub = lane % L, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int slot = warp * G + lane / L, slots = warps * G;
+  float* part = part_all + static_cast<long long>(slot) * d;
   constexpr int vn = vec_n<T>;
-  for (int i = lane; i < d; i += 32) part[i] = 0.f;
+  for (int i = sub; i < d; i += L) part[i] = 0.f;
   const long long r0 = blockIdx.x * rows_per_block;
   const long long r1 = min(rows, r0 + rows_per_block);
-  for (long long row = r0 + warp; row < r1; row += warps) {
-    const T* xr = x + row * d;
-    const T* dyr = dy + row * d;
+  // The loop runs the same number of times on every lane of a warp (the group reduction needs them all).
+  for (long long base = r0 + warp * G; base < r1; base += slots) {
+    const long long row = base + lane / L;
+    const bool active = row < r1;
+    const T* xr = x + (active ? row : r0) * d;
+    const T* dyr = dy + (active ? row : r0) * d;
     T* dxr = dx + row * d;
-    const float r = rstd[row];
+    const float r = active ? rstd[row] : 0.f;
     float c = 0.f;
-    if constexpr (Vec) {
-      const uint4 *x4 = reinterpret_cast<const uint4*>(xr), *w4 = reinterpret_cast<const uint4*>(w),
-                  *dy4 = reinterpret_cast<const uint4*>(dyr);
-      for (int i = lane; i < d / vn; i += 32) {
-        float a[vn], b[vn], e[vn];
-        unpack<T>(x4[i], a);
-        unpack<T>(w4[i], b);
-        unpack<T>(dy4[i], e);
-#pragma unroll
-        for (int k = 0; k < vn; ++k) c += e[k] * b[k] * a[k];
+    if constexpr (Rope) {
+      // dy is the gradient of the rotated row: rotate it back (every lane, then the usual backward on one
+      // vector per lane, the rotated dy kept in registers).
+      static_assert(Vec, "the fused RoPE path reads 16-byte vectors");
+      float a[vn], b[vn], e[vn], o[vn];
+      if (active) {
+        unpack<T>(reinterpret_cast<const uint4*>(xr)[sub], a);
+        unpack<T>(reinterpret_cast<const uint4*>(w)[sub], b);
+        unpack<T>(reinterpret_cast<const uint4*>(dyr)[sub], e);
+      } else {
+        for (int k = 0; k < vn; ++k) a[k] = b[k] = e[k] = 0.f;
       }
-    } else {
-      for (int i = lane; i < d; i += 32) c += to_float(dyr[i]) * to_float(w[i]) * to_float(xr[i]);
+      rope_in_lanes<L>(e, sub, cs + (active ? row / heads : r0 / heads) * (d / 2), true);
+#pragma unroll
+      for (int k = 0; k < vn; ++k) c += e[k] * b[k] * a[k];
+      c = group_sum<L>(c);
+      if (!active) continue;
+      const float coef = r * r * r * c / static_cast<float>(d);
+#pragma unroll
+      for (int k = 0; k < vn; ++k) o[k] = r * e[k] * b[k] - coef * a[k];
+      ::kd::cuda::detail::store_grad_vec<T>(reinterpret_cast<uint4*>(dxr) + sub, o, accumulate_dx);
+      float4* p4 = reinterpret_cast<float4*>(part) + sub * (vn / 4);
+#pragma unroll
+      for (int q = 0; q < vn / 4; ++q) {
+        float4 p = p4[q];
+        p.x += e[4 * q] * a[4 * q] * r;
+        p.y += e[4 * q + 1] * a[4 * q + 1] * r;
+        p.z += e[4 * q + 2] * a[4 * q + 2] * r;
+        p.w += e[4 * q + 3] * a[4 * q + 3] * r;
+        p4[q] = p;
+      }
+      continue;
     }
-    c = warp_sum(c);
+    if (active) {
+      if constexpr (Vec) {
+        const uint4 *x4 = reinterpret_cast<const uint4*>(xr), *w4 = reinterpret_cast<const uint4*>(w),
+                    *dy4 = reinterpret_cast<const uint4*>(dyr);
+        for (int i = sub; i < d / vn; i += L) {
+          float a[vn], b[vn], e[vn];
+          unpack<T>(x4[i], a);
+          unpack<T>(w4[i], b);
+          unpack<T>(dy4[i], e);
+#pragma unroll
+          for (int k = 0; k < vn; ++k) c += e[k] * b[k] * a[k];
+        }
+      } else {
+        for (int i = sub; i < d; i += L) c += to_float(dyr[i]) * to_float(w[i]) * to_float(xr[i]);
+      }
+    }
+    c = group_sum<L>(c);
+    if (!active) continue;
     const float coef = r * r * r * c / static_cast<float>(d);
     if constexpr (Vec) {
       const uint4 *x4 = reinterpret_cast<const uint4*>(xr), *w4 = reinterpret_cast<const uint4*>(w),
                   *dy4 = reinterpret_cast<const uint4*>(dyr);
       uint4* dx4 = reinterpret_cast<uint4*>(dxr);
       float4* p4 = reinterpret_cast<float4*>(part);
-      for (int i = lane; i < d / vn; i += 32) {
+      for (int i = sub; i < d / vn; i += L) {
         float a[vn], b[vn], e[vn], o[vn];
         unpack<T>(x4[i], a);
         unpack<T>(w4[i], b);
@@ -167,7 +342,7 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const T* __restrict_
         }
       }
     } else {
-      for (int i = lane; i < d; i += 32) {
+      for (int i = sub; i < d; i += L) {
         const float a = to_float(xr[i]), e = to_float(dyr[i]);
         float o = r * e * to_float(w[i]) - coef * a;
         if (accumulate_dx) o += to_float(dxr[i]);
@@ -179,7 +354,7 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const T* __restrict_
   __syncthreads();
   for (int i = threadIdx.x; i < d; i += blockDim.x) {
     float s = 0.f;
-    for (int k = 0; k < warps; ++k) s += part_all[static_cast<long long>(k) * d + i];
+    for (int k = 0; k < slots; ++k) s += part_all[static_cast<long long>(k) * d + i];
     partial[static_cast<long long>(blockIdx.x) * d + i] = s;
   }
 }
@@ -213,16 +388,22 @@ inline std::size_t rmsnorm_bwd_scratch_bytes(std::int64_t rows, std::int64_t d) 
 
 template <class T>
 status launch_rmsnorm_bwd(cudaStream_t s, const T* x, const T* w, const float* rstd, const T* dy, T* dx, T* dw,
-                          std::int64_t rows, std::int64_t d, bool accumulate_dx, float* partial) {
+                          std::int64_t rows, std::int64_t d, bool accumulate_dx, float* partial,
+                          const float2* cs = nullptr, std::int64_t heads = 1) {
+  // With cs (rope_fusable), dy is the gradient of rope(rmsnorm(x)) and is rotated back in the kernel:
+  // the fused backward of launch_rmsnorm_rope.
+  const bool rope = cs != nullptr;
   if (rows == 0 || d == 0) return {};
-  // Warps a block: up to 8, as many as keep the per-warp partial rows within 48 KiB of shared memory;
-  // wider rows take one warp and opt in to more.
+  // Lanes per row as in the forward; slots (rows in flight a block, each with a private fp32 partial dw
+  // row) up to 32, as many as keep those rows within 48 KiB of shared memory; wider rows opt in to more.
+  const bool vec = d % vec_n<T> == 0 && vec_aligned(x) && vec_aligned(w) && vec_aligned(dy) && vec_aligned(dx);
+  const int l = vec ? lanes_per_row(d, vec_n<T>) : 32;
   const std::int64_t row_bytes = d * static_cast<std::int64_t>(sizeof(float));
-  const int warps = static_cast<int>(std::clamp<std::int64_t>((48 * 1024) / row_bytes, 1, 8));
-  const std::size_t smem = static_cast<std::size_t>(warps * row_bytes);
+  const int g = 32 / l;
+  const int warps = static_cast<int>(std::clamp<std::int64_t>((48 * 1024) / (row_bytes * g), 1, 8));
+  const std::size_t smem = static_cast<std::size_t>(warps * g * row_bytes);
   const std::int64_t blocks = std::min<std::int64_t>(kNormBwdMaxBlocks, std::max<std::int64_t>(1, (rows + 7) / 8));
   const std::int64_t per_block = (rows + blocks - 1) / blocks;
-  const bool vec = d % vec_n<T> == 0 && vec_aligned(x) && vec_aligned(w) && vec_aligned(dy) && vec_aligned(dx);
   auto run = [&](auto kernel) -> status {
     if (smem > 48 * 1024) {
       int dev = 0, optin = 0;
@@ -235,12 +416,15 @@ status launch_rmsnorm_bwd(cudaStream_t s, const T* x, const T* w, const float* r
                   "cudaFuncSetAttribute (rmsnorm_bwd)");
     }
     kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, s>>>(x, w, rstd, dy, dx, partial, rows, static_cast<int>(d),
-                                                                   per_block, accumulate_dx);
+                                                                   per_block, accumulate_dx, cs, static_cast<int>(heads));
     KD_CUDA_TRY(cudaGetLastError(), "rmsnorm_bwd kernel launch");
     return {};
   };
-  if (vec) KD_TRY(run(rmsnorm_bwd_kernel<T, true>));
-  else KD_TRY(run(rmsnorm_bwd_kernel<T, false>));
+  KD_TRY(with_lanes(l, [&](auto lc) -> status {
+    constexpr int L = decltype(lc)::value;
+    if (rope) return run(rmsnorm_bwd_kernel<T, true, L, true>);
+    return vec ? run(rmsnorm_bwd_kernel<T, true, L>) : run(rmsnorm_bwd_kernel<T, false, L>);
+  }));
   rmsnorm_dw_reduce_kernel<T><<<static_cast<unsigned>((d + 31) / 32), 1024, 0, s>>>(partial, dw, static_cast<int>(blocks),
                                                                                     static_cast<int>(d));
   KD_CUDA_TRY(cudaGetLastError(), "rmsnorm_bwd dw reduction launch");

@@ -39,6 +39,7 @@
 #include <kd/model/cuda/grouped_gemm.cuh>
 #include <kd/model/cuda/moe.cuh>
 #include <kd/model/cuda/norm.cuh>
+#include <kd/model/op_check.hpp>
 #include <kd/model/ops.hpp>
 #include <kd/status.hpp>
 
@@ -104,56 +105,11 @@ class device_array {
 
 namespace detail {
 
-// Chained host checks of one op: the first failure wins and names the op and the argument.
-class op_check {
- public:
-  explicit op_check(const char* op) : op_(op) {}
-  op_check& nonneg(std::int64_t v, const char* what) {
-    if (st_.ok() && v < 0) fail(errc::invalid_argument, std::string(what) + " = " + std::to_string(v) + " is negative");
-    return *this;
-  }
-  op_check& positive(std::int64_t v, const char* what) {
-    if (st_.ok() && v <= 0) fail(errc::invalid_argument, std::string(what) + " = " + std::to_string(v) + " must be positive");
-    return *this;
-  }
-  // An extent a kernel indexes with int (or a launch grid dimension).
-  op_check& fits_int(std::int64_t v, const char* what) {
-    if (st_.ok() && v > INT_MAX)
-      fail(errc::out_of_range, std::string(what) + " = " + std::to_string(v) + " exceeds 2^31 - 1");
-    return *this;
-  }
-  op_check& ptr(const void* p, std::int64_t n, const char* what) {
-    if (st_.ok() && n > 0 && p == nullptr) fail(errc::invalid_argument, std::string(what) + " is null");
-    return *this;
-  }
-  op_check& finite(double v, const char* what) {
-    if (st_.ok() && !std::isfinite(v)) fail(errc::invalid_argument, std::string(what) + " is not finite");
-    return *this;
-  }
-  op_check& that(bool cond, errc code, const std::string& what) {
-    if (st_.ok() && !cond) fail(code, what);
-    return *this;
-  }
-  [[nodiscard]] bool ok() const { return st_.ok(); }
-  [[nodiscard]] status done() { return std::move(st_); }
-
- private:
-  void fail(errc code, const std::string& what) {
-    status s(code, std::string("cuda_ops::") + op_ + ": " + what);
-    std::swap(st_, s);
-  }
-  const char* op_;
-  status st_;
+struct cuda_ops_prefix {
+  static constexpr const char* value = "cuda_ops::";
 };
-
-inline op_check& attention_shape(op_check& c, std::int64_t batch, std::int64_t seq, std::int64_t hq, std::int64_t hkv,
-                                 std::int64_t d, double scale) {
-  c.nonneg(batch, "batch").nonneg(seq, "seq").positive(hq, "Hq").positive(hkv, "Hkv").positive(d, "D");
-  if (c.ok())
-    c.that(hq % hkv == 0, errc::shape_mismatch,
-           "Hq = " + std::to_string(hq) + " is not a multiple of Hkv = " + std::to_string(hkv));
-  return c.finite(scale, "scale");
-}
+using op_check = model::detail::basic_op_check<cuda_ops_prefix>;
+using model::detail::attention_shape;
 
 inline op_check router_check(const char* op, std::int64_t n, std::int64_t e, std::int64_t k) {
   op_check c(op);
@@ -268,6 +224,64 @@ class cuda_ops {
     return cuda::detail::linear_dw(h, dy, x, dw, M, N, K);
   }
 
+  // Qwen3's per-head QK norm and RoPE in one pass when a head is one 16-byte vector per lane of a
+  // power-of-two lane group (head_dim 64 or 128 in bf16); otherwise rmsnorm then rope.
+  status rmsnorm_rope(const T* x, const T* w, T* y, A* rstd, const I* pos, i64 tokens, i64 heads, i64 D, double eps,
+                      double theta) {
+    if (!cuda::detail::rope_fusable<T>(D, x, w, y, y)) {
+      KD_TRY(rmsnorm(x, w, y, rstd, tokens * heads, D, eps));
+      return rope(y, pos, tokens, heads, D, theta, false);
+    }
+    KD_TRY(rope_checks("rmsnorm_rope", tokens, heads, D, theta, pos)
+               .finite(eps, "eps")
+               .ptr(x, tokens * heads * D, "x")
+               .ptr(w, D, "w")
+               .ptr(y, tokens * heads * D, "y")
+               .ptr(rstd, tokens * heads, "rstd")
+               .done());
+    if (tokens == 0) return {};
+    const double* inv_freq = nullptr;
+    KD_TRY(rope_table(D, theta, inv_freq));
+    void* scratch = nullptr;
+    KD_TRY(ctx_->scratch(cuda::detail::rope_cos_sin_bytes(tokens, D), scratch));
+    auto* cs = static_cast<float2*>(scratch);
+    KD_TRY(cuda::detail::launch_rope_cos_sin(stream(), pos, inv_freq, cs, tokens, D));
+    return cuda::detail::launch_rmsnorm_rope(stream(), x, w, y, rstd, cs, tokens, heads, D, static_cast<float>(eps));
+  }
+  status rmsnorm_rope_bwd(const T* x, const T* w, const A* rstd, const I* pos, const T* dy, T* dx, T* dw, i64 tokens,
+                          i64 heads, i64 D, double theta) {
+    KD_TRY(rope_checks("rmsnorm_rope_bwd", tokens, heads, D, theta, pos)
+               .ptr(x, tokens * heads * D, "x")
+               .ptr(w, D, "w")
+               .ptr(rstd, tokens * heads, "rstd")
+               .ptr(dy, tokens * heads * D, "dy")
+               .ptr(dx, tokens * heads * D, "dx")
+               .ptr(dw, D, "dw")
+               .done());
+    if (tokens == 0) return {};
+    const i64 R = tokens * heads;
+    if (!cuda::detail::rope_fusable<T>(D, x, w, dy, dx)) {
+      // Unfused: rotate a copy of dy back, then the norm's backward (a temporary: small heads only).
+      auto g = alloc<T>(static_cast<std::size_t>(R * D));
+      if (g.size() != static_cast<std::size_t>(R * D))
+        return {errc::backend_error, "cuda_ops::rmsnorm_rope_bwd: cannot allocate the rotated gradient"};
+      KD_TRY(copy(dy, g.data(), g.size()));
+      KD_TRY(rope(g.data(), pos, tokens, heads, D, theta, true));
+      return rmsnorm_bwd(x, w, rstd, g.data(), dx, dw, R, D, false);
+    }
+    const double* inv_freq = nullptr;
+    KD_TRY(rope_table(D, theta, inv_freq));
+    // One scratch block: the (cos, sin) table, then the partial dw rows.
+    const std::size_t table = (cuda::detail::rope_cos_sin_bytes(tokens, D) + 255) / 256 * 256;
+    void* scratch = nullptr;
+    KD_TRY(ctx_->scratch(table + cuda::detail::rmsnorm_bwd_scratch_bytes(R, D), scratch));
+    auto* cs = static_cast<float2*>(scratch);
+    KD_TRY(cuda::detail::launch_rope_cos_sin(stream(), pos, inv_freq, cs, tokens, D));
+    return cuda::detail::launch_rmsnorm_bwd(stream(), x, w, rstd, dy, dx, dw, R, D, false,
+                                            reinterpret_cast<float*>(static_cast<unsigned char*>(scratch) + table), cs,
+                                            heads);
+  }
+
   // The experts' GEMMs (grouped_gemm.cuh): spread over side streams when more than one group has rows.
   status grouped_linear(const T* x, const T* w, T* y, const std::int64_t* counts, i64 G, i64 N, i64 K,
                         bool accumulate) {
@@ -339,20 +353,7 @@ class cuda_ops {
   // HF rotate-half RoPE in place. inv_freq = theta^(-2i/D) in double, built on the device once per
   // (D, theta) and kept; angles formed and range-reduced in double, sin/cos in fp32 (norm.cuh).
   status rope(T* x, const I* pos, i64 tokens, i64 heads, i64 D, double theta, bool inverse) {
-    KD_TRY(check("rope")
-               .nonneg(tokens, "tokens")
-               .positive(heads, "heads")
-               .positive(D, "D")
-               .that(D % 2 == 0, errc::invalid_argument, "D = " + std::to_string(D) + " is odd")
-               .that(D <= kRopeMaxDim, errc::out_of_range,
-                     "D = " + std::to_string(D) + " exceeds the CUDA RoPE's " + std::to_string(kRopeMaxDim))
-               .finite(theta, "theta")
-               .that(theta > 0.0, errc::invalid_argument, "theta must be positive")
-               .fits_int(tokens, "tokens")
-               .fits_int(heads * D, "heads * D")
-               .ptr(x, tokens * heads * D, "x")
-               .ptr(pos, tokens, "pos")
-               .done());
+    KD_TRY(rope_checks("rope", tokens, heads, D, theta, pos).ptr(x, tokens * heads * D, "x").done());
     if (tokens == 0) return {};
     const double* inv_freq = nullptr;
     KD_TRY(rope_table(D, theta, inv_freq));
@@ -527,6 +528,23 @@ class cuda_ops {
   }
 
  private:
+  // The argument checks shared by rope, rmsnorm_rope and rmsnorm_rope_bwd.
+  check rope_checks(const char* op, i64 tokens, i64 heads, i64 D, double theta, const I* pos) const {
+    check c(op);
+    c.nonneg(tokens, "tokens")
+        .positive(heads, "heads")
+        .positive(D, "D")
+        .that(D % 2 == 0, errc::invalid_argument, "D = " + std::to_string(D) + " is odd")
+        .that(D <= kRopeMaxDim, errc::out_of_range,
+              "D = " + std::to_string(D) + " exceeds the CUDA RoPE's " + std::to_string(kRopeMaxDim))
+        .finite(theta, "theta")
+        .that(theta > 0.0, errc::invalid_argument, "theta must be positive")
+        .fits_int(tokens, "tokens")
+        .fits_int(heads * D, "heads * D")
+        .ptr(pos, tokens, "pos");
+    return c;
+  }
+
   // Runs f(handle, stream, group, first_row, rows) for every non-empty group: on the main stream when
   // there is one, else spread over the side streams between a fork and a join.
   template <class F>

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <map>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -74,9 +75,6 @@ class profiled_ops : public cuda_ops<T> {
   KD_PROFILED_OP(copy)
   KD_PROFILED_OP(fill_zero)
   KD_PROFILED_OP(add)
-  KD_PROFILED_OP(linear)
-  KD_PROFILED_OP(linear_dx)
-  KD_PROFILED_OP(linear_dw)
   KD_PROFILED_OP(grouped_linear)
   KD_PROFILED_OP(grouped_linear_dx)
   KD_PROFILED_OP(grouped_linear_dw)
@@ -85,6 +83,8 @@ class profiled_ops : public cuda_ops<T> {
   KD_PROFILED_OP(rmsnorm)
   KD_PROFILED_OP(rmsnorm_bwd)
   KD_PROFILED_OP(rope)
+  KD_PROFILED_OP(rmsnorm_rope)
+  KD_PROFILED_OP(rmsnorm_rope_bwd)
   KD_PROFILED_OP(swiglu)
   KD_PROFILED_OP(swiglu_bwd)
   KD_PROFILED_OP(attention)
@@ -100,6 +100,17 @@ class profiled_ops : public cuda_ops<T> {
   KD_PROFILED_OP(moe_gather_add)
 #undef KD_PROFILED_OP
 
+  // The dense GEMMs are told apart by their weight's shape ("linear 1024x1024"): which one is slow matters.
+  status linear(const T* x, const T* w, T* y, std::int64_t M, std::int64_t N, std::int64_t K, bool acc) {
+    return time(shaped("linear", N, K), [&] { return base::linear(x, w, y, M, N, K, acc); });
+  }
+  status linear_dx(const T* dy, const T* w, T* dx, std::int64_t M, std::int64_t N, std::int64_t K, bool acc) {
+    return time(shaped("linear_dx", N, K), [&] { return base::linear_dx(dy, w, dx, M, N, K, acc); });
+  }
+  status linear_dw(const T* dy, const T* x, T* dw, std::int64_t M, std::int64_t N, std::int64_t K) {
+    return time(shaped("linear_dw", N, K), [&] { return base::linear_dw(dy, x, dw, M, N, K); });
+  }
+
   // Times a region that is not an op (a loss kernel) under `name`.
   template <class F>
   status time(const char* name, F&& f) {
@@ -112,6 +123,11 @@ class profiled_ops : public cuda_ops<T> {
   }
 
  private:
+  // A stable C string per distinct name (marks keep the pointer).
+  const char* shaped(const char* op, std::int64_t n, std::int64_t k) {
+    return names_.insert(std::string(op) + " " + std::to_string(n) + "x" + std::to_string(k)).first->c_str();
+  }
+
   struct mark {
     const char* op;
     std::size_t start;
@@ -134,6 +150,7 @@ class profiled_ops : public cuda_ops<T> {
 
   std::vector<cudaEvent_t> pool_;
   std::vector<mark> marks_;
+  std::set<std::string> names_;
   std::size_t used_ = 0;
   bool on_ = true;
 };

@@ -1,0 +1,81 @@
+// kd/model/op_check.hpp: the host-side argument checks both model backends run before an op.
+//
+// Chained: the first failed check wins, and its message names the backend, the op and the argument
+// ("cuda_ops::rope: D = 7 ..."), so a bad call is reported the same way on the CPU and the GPU.
+#pragma once
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include <kd/status.hpp>
+
+namespace kd::model::detail {
+
+// Prefix is a tag type with `static constexpr const char* value` ("cpu_ops::", "cuda_ops::").
+template <class Prefix>
+class basic_op_check {
+ public:
+  explicit basic_op_check(const char* op) : op_(op) {}
+  basic_op_check& nonneg(std::int64_t v, const char* what) {
+    if (st_.ok() && v < 0) fail(errc::invalid_argument, std::string(what) + " = " + std::to_string(v) + " is negative");
+    return *this;
+  }
+  basic_op_check& positive(std::int64_t v, const char* what) {
+    if (st_.ok() && v <= 0)
+      fail(errc::invalid_argument, std::string(what) + " = " + std::to_string(v) + " must be positive");
+    return *this;
+  }
+  // An extent a kernel indexes with int (or a launch grid dimension).
+  basic_op_check& fits_int(std::int64_t v, const char* what) {
+    if (st_.ok() && v > INT_MAX) fail(errc::out_of_range, std::string(what) + " = " + std::to_string(v) + " exceeds 2^31 - 1");
+    return *this;
+  }
+  // A pointer may be null only when its tensor is empty.
+  basic_op_check& ptr(const void* p, std::int64_t n, const char* what) {
+    if (st_.ok() && n > 0 && p == nullptr) fail(errc::invalid_argument, std::string(what) + " is null");
+    return *this;
+  }
+  basic_op_check& finite(double v, const char* what) {
+    if (st_.ok() && !std::isfinite(v)) fail(errc::invalid_argument, std::string(what) + " is not finite");
+    return *this;
+  }
+  basic_op_check& that(bool cond, errc code, const std::string& what) {
+    if (st_.ok() && !cond) fail(code, what);
+    return *this;
+  }
+  // A check that may only run once the earlier ones passed (it reads the data).
+  template <class F>
+  basic_op_check& then(F&& f) {
+    if (st_.ok()) {
+      status s = f();
+      std::swap(st_, s);
+    }
+    return *this;
+  }
+  [[nodiscard]] bool ok() const { return st_.ok(); }
+  [[nodiscard]] status done() { return std::move(st_); }
+
+ private:
+  void fail(errc code, const std::string& what) {
+    status s(code, std::string(Prefix::value) + op_ + ": " + what);
+    std::swap(st_, s);
+  }
+  const char* op_;
+  status st_;
+};
+
+// The shape checks of the four attention ops.
+template <class Prefix>
+basic_op_check<Prefix>& attention_shape(basic_op_check<Prefix>& c, std::int64_t batch, std::int64_t seq,
+                                        std::int64_t hq, std::int64_t hkv, std::int64_t d, double scale) {
+  c.nonneg(batch, "batch").nonneg(seq, "seq").positive(hq, "Hq").positive(hkv, "Hkv").positive(d, "D");
+  if (c.ok())
+    c.that(hq % hkv == 0, errc::shape_mismatch,
+           "Hq = " + std::to_string(hq) + " is not a multiple of Hkv = " + std::to_string(hkv));
+  return c.finite(scale, "scale");
+}
+
+}  // namespace kd::model::detail
