@@ -431,3 +431,45 @@ TEST_CASE("model: initialize draws N(0, range) for matrices and 1 for norms, rep
   REQUIRE(m2.initialize(0.02, 43));
   CHECK(!std::equal(m.params(), m.params() + m.table().size(), m2.params()));
 }
+
+TEST_CASE("checkpoint: sharded checkpoints load through the index; a tied model may carry lm_head") {
+  std::mt19937_64 rng(std::random_device{}());
+  temp_dir dir;
+  const km::arch a = km::make_arch(km::tiny_student());
+  cpu b;
+  model_t m(b, a);
+  REQUIRE(m.allocate(false));
+  randomize(m, rng, 0.3);
+  // Two shards, split by tensor, plus the HF index naming them; the tied head given too.
+  std::vector<std::vector<float>> data;
+  std::vector<kd::io::tensor_to_write> first, second;
+  nlohmann::json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", nlohmann::json::object()}};
+  std::size_t i = 0;
+  for (const km::param_entry& e : m.table().entries()) {
+    auto& v = data.emplace_back(m.params() + e.offset, m.params() + e.offset + e.numel);
+    const bool one = i++ % 2 == 0;
+    (one ? first : second).push_back(kd::io::make_tensor(e.name, v, e.shape));
+    index["weight_map"][e.name] = one ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  const km::param_entry* emb = m.table().find("model.embed_tokens.weight");
+  REQUIRE(emb != nullptr);
+  auto& head = data.emplace_back(m.params() + emb->offset, m.params() + emb->offset + emb->numel);
+  second.push_back(kd::io::make_tensor("lm_head.weight", head, emb->shape));
+  index["weight_map"]["lm_head.weight"] = "model-00002-of-00002.safetensors";
+  REQUIRE(kd::io::write_safetensors((dir.path / "model-00001-of-00002.safetensors").string(), first));
+  REQUIRE(kd::io::write_safetensors((dir.path / "model-00002-of-00002.safetensors").string(), second));
+  REQUIRE(km::detail::write_text_atomic((dir.path / "model.safetensors.index.json").string(), index.dump()));
+  model_t dst(b, a);
+  REQUIRE(dst.allocate(false));
+  REQUIRE(km::load_weights(dst, dir.path.string()));
+  CHECK(std::equal(m.params(), m.params() + m.table().size(), dst.params(),
+                   [](double x, double y) { return static_cast<double>(static_cast<float>(x)) == y; }));
+
+  SUBCASE("an index naming a file outside the directory is refused") {
+    index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors";
+    REQUIRE(km::detail::write_text_atomic((dir.path / "model.safetensors.index.json").string(), index.dump()));
+    kd::status s = km::load_weights(dst, dir.path.string());
+    CHECK(s.code() == kd::errc::io_error);
+    CHECK(kdtest::contains(s.message(), "leaves the checkpoint directory"));
+  }
+}
