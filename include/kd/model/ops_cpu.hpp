@@ -34,11 +34,6 @@ struct cpu_ops_prefix {
 };
 using cpu_op_check = basic_op_check<cpu_ops_prefix>;
 
-inline cpu_op_check& cpu_attention_shape(cpu_op_check& c, std::int64_t batch, std::int64_t seq, std::int64_t Hq,
-                                         std::int64_t Hkv, std::int64_t D, double scale) {
-  return attention_shape(c, batch, seq, Hq, Hkv, D, scale);
-}
-
 }  // namespace detail
 
 template <class Real>
@@ -322,7 +317,7 @@ class cpu_ops {
   status attention(const T* q, const T* k, const T* v, T* o, A* lse, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
                    double scale) {
     detail::cpu_op_check c("attention");
-    detail::cpu_attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
     const i64 tokens = batch * seq;
     KD_TRY(c.ptr(q, tokens * Hq * D, "q")
                .ptr(k, tokens * Hkv * D, "k")
@@ -359,7 +354,7 @@ class cpu_ops {
   status attention_bwd(const T* q, const T* k, const T* v, const T* o, const A* lse, const T* dout, T* dq, T* dk,
                        T* dv, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D, double scale) {
     detail::cpu_op_check c("attention_bwd");
-    detail::cpu_attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
     const i64 tokens = batch * seq, nq = tokens * Hq * D, nkv = tokens * Hkv * D;
     KD_TRY(c.ptr(q, nq, "q")
                .ptr(k, nkv, "k")
@@ -400,7 +395,7 @@ class cpu_ops {
   status attention_probs(const T* q, const T* k, const A* lse, T* probs, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
                          double scale) {
     detail::cpu_op_check c("attention_probs");
-    detail::cpu_attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
     const i64 tokens = batch * seq;
     KD_TRY(c.ptr(q, tokens * Hq * D, "q")
                .ptr(k, tokens * Hkv * D, "k")
@@ -421,7 +416,7 @@ class cpu_ops {
   status attention_probs_bwd(const T* q, const T* k, const T* probs, const T* dprobs, T* dq, T* dk, i64 batch, i64 seq,
                              i64 Hq, i64 Hkv, i64 D, double scale) {
     detail::cpu_op_check c("attention_probs_bwd");
-    detail::cpu_attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
     const i64 tokens = batch * seq, np = batch * Hq * seq * seq;
     KD_TRY(c.ptr(q, tokens * Hq * D, "q")
                .ptr(k, tokens * Hkv * D, "k")
