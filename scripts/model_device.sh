@@ -22,7 +22,8 @@ if want tests || want sanitize; then
   targets+=(test_model test_model_ops test_cuda_model test_cuda_model_ops test_cuda_model_attention)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/device.txt"
-git rev-parse --short HEAD 2>/dev/null | tee "$logs/commit.txt"
+# No commit here: the device receives the working tree, and its .git need not match it. Quote figures
+# with the commit that was sent (git log on the dev machine).
 cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DCMAKE_PREFIX_PATH="$deps" -DKD_BUILD_TESTS=ON -DKD_BUILD_EXAMPLES=ON -DKD_BUILD_BENCHMARKS=OFF \
   >"$logs/configure.log" 2>&1 || { tail -20 "$logs/configure.log"; exit 1; }
