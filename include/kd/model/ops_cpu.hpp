@@ -140,29 +140,20 @@ class cpu_ops {
   // The experts' GEMMs: group g is counts[g] consecutive rows against weight w + g*N*K.
   status grouped_linear(const T* x, const T* w, T* y, const std::int64_t* counts, i64 G, i64 N, i64 K,
                         bool accumulate) {
-    i64 r = 0;
-    for (i64 g = 0; g < G; ++g) {
-      if (counts[g] > 0) KD_TRY(linear(x + r * K, w + g * N * K, y + r * N, counts[g], N, K, accumulate));
-      r += counts[g];
-    }
-    return {};
+    return for_groups(counts, G, [&](i64 g, i64 r, i64 c) {
+      return linear(x + r * K, w + g * N * K, y + r * N, c, N, K, accumulate);
+    });
   }
   status grouped_linear_dx(const T* dy, const T* w, T* dx, const std::int64_t* counts, i64 G, i64 N, i64 K,
                            bool accumulate) {
-    i64 r = 0;
-    for (i64 g = 0; g < G; ++g) {
-      if (counts[g] > 0) KD_TRY(linear_dx(dy + r * N, w + g * N * K, dx + r * K, counts[g], N, K, accumulate));
-      r += counts[g];
-    }
-    return {};
+    return for_groups(counts, G, [&](i64 g, i64 r, i64 c) {
+      return linear_dx(dy + r * N, w + g * N * K, dx + r * K, c, N, K, accumulate);
+    });
   }
   status grouped_linear_dw(const T* dy, const T* x, T* dw, const std::int64_t* counts, i64 G, i64 N, i64 K) {
-    i64 r = 0;
-    for (i64 g = 0; g < G; ++g) {
-      if (counts[g] > 0) KD_TRY(linear_dw(dy + r * N, x + r * K, dw + g * N * K, counts[g], N, K));
-      r += counts[g];
-    }
-    return {};
+    return for_groups(counts, G, [&](i64 g, i64 r, i64 c) {
+      return linear_dw(dy + r * N, x + r * K, dw + g * N * K, c, N, K);
+    });
   }
 
   // out[i] = table[ids[i]]. ops.hpp leaves id checks to the caller; the host can afford them here.
@@ -615,6 +606,17 @@ class cpu_ops {
   }
 
  private:
+  // f(group, first_row, rows) for every non-empty group, in order.
+  template <class F>
+  static status for_groups(const std::int64_t* counts, i64 G, F&& f) {
+    i64 r = 0;
+    for (i64 g = 0; g < G; ++g) {
+      if (counts[g] > 0) KD_TRY(f(g, r, counts[g]));
+      r += counts[g];
+    }
+    return {};
+  }
+
   using mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using mat_map = Eigen::Map<mat>;
   using const_mat_map = Eigen::Map<const mat>;

@@ -41,9 +41,12 @@ struct arch {
   [[nodiscard]] std::int64_t kv_width() const noexcept { return kv_heads * head_dim; }
 };
 
-inline arch make_arch(const moe_config& c) {
+namespace detail {
+// The fields both configs name alike.
+template <class Config>
+arch common_arch(const Config& c, model::family f) {
   arch a;
-  a.family = family::qwen3_moe;
+  a.family = f;
   a.vocab = c.vocab_size;
   a.hidden = c.hidden_size;
   a.heads = c.num_attention_heads;
@@ -52,6 +55,12 @@ inline arch make_arch(const moe_config& c) {
   a.eps = c.rms_norm_eps;
   a.theta = c.rope_theta;
   a.tied = c.tie_word_embeddings;
+  return a;
+}
+}  // namespace detail
+
+inline arch make_arch(const moe_config& c) {
+  arch a = detail::common_arch(c, family::qwen3_moe);
   a.qk_norm = true;
   a.experts = c.num_experts;
   a.top_k = c.num_experts_per_tok;
@@ -64,16 +73,7 @@ inline arch make_arch(const moe_config& c) {
 }
 
 inline arch make_arch(const dense_config& c) {
-  arch a;
-  a.family = family::llama;
-  a.vocab = c.vocab_size;
-  a.hidden = c.hidden_size;
-  a.heads = c.num_attention_heads;
-  a.kv_heads = c.num_key_value_heads;
-  a.head_dim = c.head_dim;
-  a.eps = c.rms_norm_eps;
-  a.theta = c.rope_theta;
-  a.tied = c.tie_word_embeddings;
+  arch a = detail::common_arch(c, family::llama);
   for (std::int64_t l = 0; l < c.num_hidden_layers; ++l) a.layers.push_back({false, c.intermediate_size});
   return a;
 }
