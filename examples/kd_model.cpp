@@ -284,8 +284,7 @@ status cmd_bench(const args& a) {
   kd::cross_entropy<kd::token_mean, kd::bf16> ce;
   km::forward_options opt;
   opt.training = true;
-  auto step = [&]() -> status {
-    KD_TRY(m.zero_grads());
+  auto step = [&]() -> status {  // gradients overwritten (no zeroing pass), as PyTorch's set_to_none
     KD_TRY(m.forward(ids, batch, seq, opt));
     T* logits = m.logits();
     kd::cuda::device_cross_entropy out{loss_d.data(), nullptr, nullptr};
@@ -295,7 +294,7 @@ status cmd_bench(const args& a) {
     }));
     typename km::transformer<B>::grads_in g;
     g.d_logits = logits;
-    return m.backward(g);
+    return m.backward(g, km::grad_mode::overwrite);
   };
   for (int i = 0; i < warmup; ++i) KD_TRY(step());
   KD_TRY(ctx.sync_status());

@@ -5,6 +5,7 @@
 #   bench    training-step tokens/s and MFU: kd vs transformers eager and torch.compile, same run
 #            (KD_BENCH_ARCHS="teacher" or "student" limits it to one model)
 #   sanitize compute-sanitizer memcheck over the model GPU tests
+#   timing   per-op times at the seed geometry (test_cuda_model_ops' skipped timing case)
 # Logs and tables go to $OUT (default build-device/).   bash scripts/model_device.sh tests compare bench
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,7 +19,7 @@ steps=("$@")
 want() { local s; for s in "${steps[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
 
 targets=(kd_model)
-if want tests || want sanitize; then
+if want tests || want sanitize || want timing; then
   targets+=(test_model test_model_ops test_cuda_model test_cuda_model_ops test_cuda_model_attention)
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/device.txt"
@@ -37,6 +38,10 @@ if want tests; then
     echo "$(basename "$t"): exit $r  $(grep -E '^\[doctest\] (test cases|assertions)' "$logs/$(basename "$t").log" | tr '\n' ' ')"
     [[ $r -eq 0 ]] || { rc=1; grep -B2 -A8 -E "ERROR|FAILED" "$logs/$(basename "$t").log" | head -60; }
   done
+fi
+if want timing; then
+  build-device/tests/cuda/test_cuda_model_ops -tc="*timing*" --no-skip >"$logs/op_timing.log" 2>&1
+  grep -E "us, " "$logs/op_timing.log" | sed 's/^.*MESSAGE: //'
 fi
 if want sanitize; then
   for t in test_cuda_model_ops test_cuda_model_attention test_cuda_model; do

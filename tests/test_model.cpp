@@ -164,6 +164,56 @@ TEST_CASE("model: student (Llama, tied head) gradients match finite differences 
   check_gradients(km::make_arch(km::tiny_student()), std::random_device{}());
 }
 
+TEST_CASE("model: backward with grad_mode::overwrite equals zero_grads + accumulate, and accumulate adds") {
+  // Teacher with the last expert of every MoE layer left without tokens (routing replay): its weight
+  // gradients must come out zero, not stale; student: the tied table collects head and embedding.
+  for (const km::arch& a : {km::make_arch(km::tiny_teacher()), km::make_arch(km::tiny_student())}) {
+    std::mt19937_64 rng(7);
+    cpu b;
+    model_t m(b, a);
+    REQUIRE(m.allocate(true));
+    randomize(m, rng, 0.3);
+    probe p(a, rng);
+    const std::int64_t n = p.batch * p.seq;
+    std::vector<std::vector<km::index_t>> routing(static_cast<std::size_t>(a.num_layers()));
+    if (a.experts > 2)
+      for (std::int64_t l = 0; l < a.num_layers(); ++l)
+        if (a.layers[static_cast<std::size_t>(l)].moe)
+          for (std::int64_t t = 0; t < n; ++t)
+            for (std::int64_t j = 0; j < a.top_k; ++j)
+              routing[static_cast<std::size_t>(l)].push_back(static_cast<km::index_t>((t + j) % (a.experts - 1)));
+    if (a.experts > 2) p.opt.replay_routing = &routing;
+    p.loss(m);
+    p.backward(m);  // zero_grads + accumulate
+    const std::vector<double> ref(m.grads(), m.grads() + m.table().size());
+    model_t::grads_in g;
+    g.d_logits = p.r_logits.data();
+    g.d_final_hidden = p.r_final.data();
+    g.d_hidden = {{0, p.r_hidden0.data()}, {-1, p.r_embed.data()}};
+    g.d_attention = {{p.attn_layer, p.r_attn.data()}};
+    if (p.router_layer >= 0) g.d_router_logits = {{p.router_layer, p.r_router.data()}};
+    std::fill(m.grads(), m.grads() + m.table().size(), 123.0);  // stale values overwrite must not keep
+    REQUIRE(m.backward(g, km::grad_mode::overwrite));
+    // Tensor by tensor (the arena pads between tensors; padding is no gradient).
+    auto mismatches = [&](double factor) {
+      std::size_t bad = 0;
+      for (const km::param_entry& e : m.table().entries())
+        for (std::size_t i = e.offset; i < e.offset + e.numel; ++i)
+          bad += std::abs(m.grads()[i] - factor * ref[i]) > 1e-12 * (1.0 + std::abs(ref[i])) ? 1 : 0;
+      return bad;
+    };
+    CHECK(mismatches(1.0) == 0);
+    REQUIRE(m.backward(g, km::grad_mode::accumulate));  // a second micro-batch: twice the gradient
+    CHECK(mismatches(2.0) == 0);
+    if (a.experts > 2) {  // the unused expert's gradients are exactly zero
+      const km::layer_offsets& lo = m.table().layer(0);
+      const auto I = a.layers[0].intermediate, H = a.hidden, E = a.experts;
+      const double* gu = m.grads() + lo.gate_up + static_cast<std::size_t>((E - 1) * 2 * I * H);
+      CHECK(std::all_of(gu, gu + 2 * I * H, [](double v) { return v == 0.0; }));
+    }
+  }
+}
+
 TEST_CASE("model: forward invariants") {
   std::mt19937_64 rng(std::random_device{}());
   const km::arch a = km::make_arch(km::tiny_teacher());

@@ -63,6 +63,15 @@ TEST_CASE("cpu_ops: buffers and memory ops") {
   CHECK(back == vec(7, 0.0));
   CHECK(ops.copy<double>(nullptr, back.data(), 7).code() == errc::invalid_argument);
   CHECK(ops.copy<double>(nullptr, nullptr, 0).ok());  // empty tensors may be null
+
+  // copy_rows: a column slice in, a column slice out; the other columns untouched.
+  const vec m{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};  // 3 x 4
+  vec d(10, -1.0);                                    // 2 rows of stride 5 hold columns 1..2
+  REQUIRE(ops.copy_rows(m.data() + 1, 4, d.data() + 2, 5, 2, 2).ok());
+  CHECK(d == vec{-1, -1, 1, 2, -1, -1, -1, 5, 6, -1});
+  CHECK(ops.copy_rows(m.data(), 1, d.data(), 5, 2, 2).code() == errc::invalid_argument);  // stride below cols
+  CHECK(ops.copy_rows(m.data(), 4, nullptr, 5, 2, 2).code() == errc::invalid_argument);
+  CHECK(ops.copy_rows(nullptr, 4, nullptr, 4, 0, 4).ok());
 }
 
 TEST_CASE("cpu_ops: linear, linear_dx, linear_dw") {
@@ -204,6 +213,39 @@ TEST_CASE("cpu_ops: rope") {
     vec dx = R;
     REQUIRE(ops.rope(dx.data(), pos.data(), tokens, heads, D, theta, true).ok());
     check_gradient(loss, x, dx, "rope dx");
+  }
+  SUBCASE("rmsnorm_rope and its backward on column slices of a wider matrix (the fused QKV layout)") {
+    const std::int64_t HD = heads * D, ld = HD + 2 * D;  // q-like columns [0, HD) of a [tokens, ld] matrix
+    const vec wide = kdtest::normal(tokens * ld, g), nw = kdtest::uniform(D, g, 0.5, 1.5), dy = kdtest::normal(tokens * HD, g);
+    vec x(tokens * HD);
+    REQUIRE(ops.copy_rows(wide.data(), ld, x.data(), HD, tokens, HD).ok());
+    vec y(tokens * HD), ys(tokens * HD), rstd(tokens * heads), rstds(tokens * heads);
+    REQUIRE(ops.rmsnorm_rope(x.data(), nw.data(), y.data(), rstd.data(), pos.data(), tokens, heads, D, 1e-6, theta).ok());
+    REQUIRE(ops.rmsnorm_rope(wide.data(), nw.data(), ys.data(), rstds.data(), pos.data(), tokens, heads, D, 1e-6, theta, ld)
+                .ok());
+    CHECK(ys == y);
+    CHECK(rstds == rstd);
+    vec dx(tokens * HD), dw(D, 0.0), dws(D, 0.0), dwide(tokens * ld, 7.0);
+    REQUIRE(ops.rmsnorm_rope_bwd(x.data(), nw.data(), rstd.data(), pos.data(), dy.data(), dx.data(), dw.data(), tokens,
+                                 heads, D, theta)
+                .ok());
+    REQUIRE(ops.rmsnorm_rope_bwd(wide.data(), nw.data(), rstd.data(), pos.data(), dy.data(), dwide.data(), dws.data(),
+                                 tokens, heads, D, theta, ld)
+                .ok());
+    CHECK(dws == dw);
+    for (std::int64_t t = 0; t < tokens; ++t)
+      for (std::int64_t c = 0; c < ld; ++c)
+        CHECK(dwide[t * ld + c] == (c < HD ? dx[t * HD + c] : 7.0));  // the other columns are left alone
+    // The backward is the gradient of the forward.
+    auto loss = [&] {
+      vec yy(tokens * HD), r(tokens * heads);
+      REQUIRE(ops.rmsnorm_rope(x.data(), nw.data(), yy.data(), r.data(), pos.data(), tokens, heads, D, 1e-6, theta).ok());
+      return dot(yy, dy);
+    };
+    check_gradient(loss, x, dx, "rmsnorm_rope dx");
+    CHECK(ops.rmsnorm_rope(wide.data(), nw.data(), ys.data(), rstds.data(), pos.data(), tokens, heads, D, 1e-6, theta,
+                           HD - 1)
+              .code() == errc::invalid_argument);
   }
   SUBCASE("errors") {
     vec x = x0;
@@ -487,15 +529,18 @@ TEST_CASE("cpu_ops: gather_rows, moe_combine, moe_combine_bwd, moe_gather_add") 
 
   vec y = kdtest::normal(S * H, g), w = kdtest::uniform(N * k, g, 0.1, 1.0), dout = kdtest::normal(N * H, g);
   vec out(N * H);
-  REQUIRE(ops.moe_combine(y.data(), token_slot.data(), w.data(), out.data(), N, k, H, false).ok());
+  REQUIRE(ops.moe_combine(y.data(), token_slot.data(), w.data(), nullptr, out.data(), N, k, H).ok());
   CHECK(out[1 * H + 2] == doctest::Approx(w[2] * y[1 * H + 2] + w[3] * y[3 * H + 2]).epsilon(1e-15));
-  vec out0 = kdtest::normal(N * H, g), outa = out0;
-  REQUIRE(ops.moe_combine(y.data(), token_slot.data(), w.data(), outa.data(), N, k, H, true).ok());
+  // With a residual: from another tensor, or in place (+=).
+  vec out0 = kdtest::normal(N * H, g), outa = out0, outr(N * H);
+  REQUIRE(ops.moe_combine(y.data(), token_slot.data(), w.data(), outa.data(), outa.data(), N, k, H).ok());
   CHECK(kdtest::rel_error(outa, plus(out0, out)) < 1e-14);
+  REQUIRE(ops.moe_combine(y.data(), token_slot.data(), w.data(), out0.data(), outr.data(), N, k, H).ok());
+  CHECK(kdtest::rel_error(outr, plus(out0, out)) < 1e-14);
 
   auto loss = [&] {
     vec o(N * H);
-    REQUIRE(ops.moe_combine(y.data(), token_slot.data(), w.data(), o.data(), N, k, H, false).ok());
+    REQUIRE(ops.moe_combine(y.data(), token_slot.data(), w.data(), nullptr, o.data(), N, k, H).ok());
     return dot(o, dout);
   };
   vec dy = kdtest::normal(S * H, g), dw(N * k);  // dy overwritten
@@ -504,23 +549,26 @@ TEST_CASE("cpu_ops: gather_rows, moe_combine, moe_combine_bwd, moe_gather_add") 
   check_gradient(loss, w, dw, "dtopk_w");
 
   // moe_gather_add is the backward of gather_rows: dx[t] += every slot row of token t.
-  vec dx0 = kdtest::normal(N * H, g), dx = dx0;
-  REQUIRE(ops.moe_gather_add(dy.data(), token_slot.data(), dx.data(), N, k, H).ok());
+  vec dx0 = kdtest::normal(N * H, g), dx = dx0, dxo = kdtest::normal(N * H, g);
+  REQUIRE(ops.moe_gather_add(dy.data(), token_slot.data(), dx.data(), N, k, H, true).ok());
+  REQUIRE(ops.moe_gather_add(dy.data(), token_slot.data(), dxo.data(), N, k, H, false).ok());  // overwrites
   for (int t = 0; t < N; ++t)
-    for (int h = 0; h < H; ++h)
-      CHECK(dx[t * H + h] ==
-            doctest::Approx(dx0[t * H + h] + dy[token_slot[t * k] * H + h] + dy[token_slot[t * k + 1] * H + h]).epsilon(1e-15));
+    for (int h = 0; h < H; ++h) {
+      const double sum = dy[token_slot[t * k] * H + h] + dy[token_slot[t * k + 1] * H + h];
+      CHECK(dx[t * H + h] == doctest::Approx(dx0[t * H + h] + sum).epsilon(1e-15));
+      CHECK(dxo[t * H + h] == doctest::Approx(sum).epsilon(1e-15));
+    }
   auto gather_loss = [&] {
     vec r(S * H);
     REQUIRE(ops.gather_rows(x.data(), slot_token.data(), r.data(), S, H).ok());
     return dot(r, dy);
   };
   vec dgx(N * H, 0.0);
-  REQUIRE(ops.moe_gather_add(dy.data(), token_slot.data(), dgx.data(), N, k, H).ok());
+  REQUIRE(ops.moe_gather_add(dy.data(), token_slot.data(), dgx.data(), N, k, H, true).ok());
   check_gradient(gather_loss, x, dgx, "gather dx");
 
   const ids bad_slot{0, 1, 2, 3, 4, 5, 6, 8};
-  CHECK(ops.moe_combine(y.data(), bad_slot.data(), w.data(), out.data(), N, k, H, false).code() == errc::out_of_range);
+  CHECK(ops.moe_combine(y.data(), bad_slot.data(), w.data(), nullptr, out.data(), N, k, H).code() == errc::out_of_range);
 }
 
 TEST_CASE("cpu_ops<float> matches cpu_ops<double> on linear and attention") {

@@ -167,9 +167,11 @@ void compare_with_cpu(const km::arch& a, std::int64_t batch, std::int64_t seq, d
   gg.d_logits = dl_d.data();
   gg.d_hidden = {{0, dh_d.data()}};
   REQUIRE(ref.zero_grads());
-  REQUIRE(gpu.zero_grads());
   REQUIRE(ref.backward(gr));
-  REQUIRE(gpu.backward(gg));
+  // The GPU side overwrites a stale arena instead (grad_mode::overwrite): it must match zero + accumulate.
+  const std::vector<T> stale(P, kd::store_as<T>(3.0));
+  REQUIRE(gb.upload(stale.data(), P, gpu.grads()));
+  REQUIRE(gpu.backward(gg, km::grad_mode::overwrite));
   const auto grads = fetch(gpu.grads(), P);
   for (const km::param_entry& e : ref.table().entries()) {
     std::vector<double> g(grads.begin() + static_cast<std::ptrdiff_t>(e.offset),

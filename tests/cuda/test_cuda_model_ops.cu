@@ -176,6 +176,33 @@ TEST_CASE_TEMPLATE("cuda_ops: memory ops", T, float, kd::bfloat16) {
   REQUIRE(ops.download(other.data(), 37, back.data()).ok());
   CHECK(std::all_of(back.begin(), back.end(), [](T v) { return kd::load_as<double>(v) == 0.0; }));
 
+  // copy_rows: a column slice of one matrix into a column slice of another, the rest untouched; odd strides
+  // (cudaMemcpy2DAsync) and whole 16-byte vectors (the vector kernel: 8 bf16 / 4 float columns align).
+  auto copy_rows_case = [&](std::int64_t rows, std::int64_t cols, std::int64_t src_ld, std::int64_t src_off,
+                            std::int64_t dst_ld, std::int64_t dst_off) {
+    CAPTURE(src_ld);
+    CAPTURE(dst_ld);
+    const auto src = rnd<T>(static_cast<std::size_t>(rows * src_ld)), dst0 = rnd<T>(static_cast<std::size_t>(rows * dst_ld));
+    auto ds = dev(src), dd = dev(dst0);
+    REQUIRE(ops.copy_rows(ds.data() + src_off, src_ld, dd.data() + dst_off, dst_ld, rows, cols).ok());
+    const auto got = host(dd);
+    bool ok = true;
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t c = 0; c < dst_ld; ++c) {
+        const bool in = c >= dst_off && c < dst_off + cols;
+        const T want = in ? src[static_cast<std::size_t>(r * src_ld + src_off + c - dst_off)]
+                          : dst0[static_cast<std::size_t>(r * dst_ld + c)];
+        ok = ok && kd::load_as<double>(got[static_cast<std::size_t>(r * dst_ld + c)]) == kd::load_as<double>(want);
+      }
+    CHECK(ok);
+  };
+  copy_rows_case(5, 4, 9, 3, 7, 2);
+  copy_rows_case(300, 16, 48, 32, 24, 8);
+  {
+    auto a = ops.template alloc<T>(64);
+    CHECK(ops.copy_rows(a.data(), 3, a.data(), 7, 5, 4).code() == errc::invalid_argument);
+  }
+
   // add over a long odd length and an offset (unaligned) pointer: vector body, scalar tail, scalar path.
   for (std::size_t off : {std::size_t{0}, std::size_t{1}}) {
     const std::size_t n = 10007;
@@ -198,7 +225,7 @@ TEST_CASE_TEMPLATE("cuda_ops: linear, linear_dx, linear_dw", T, float, kd::bfloa
     std::int64_t m, n, k;
   };
   for (shape s : {shape{37, 40, 72}, shape{1, 1, 1}, shape{24, 32, 32}, shape{24, 97, 32}, shape{24, 64, 32},
-                  shape{19, 33, 15}, shape{256, 576, 1024}}) {
+                  shape{19, 33, 15}, shape{256, 576, 1024}, shape{300, 8, 1024}, shape{19, 3, 40}, shape{77, 16, 64}}) {
     CAPTURE(s.m);
     CAPTURE(s.n);
     CAPTURE(s.k);
@@ -222,12 +249,35 @@ TEST_CASE_TEMPLATE("cuda_ops: linear, linear_dx, linear_dw", T, float, kd::bfloa
       REQUIRE(f.ref.linear_dx(to_double(dy).data(), to_double(w).data(), rg.data(), s.m, s.n, s.k, acc).ok());
       near(to_double(host(g)), rg, tol<T>(), "linear_dx");
     }
-    const auto gw0 = rnd<T>(sz(s.n, s.k));
-    auto ddy = dev(dy), dx_ = dev(x), gw = dev(gw0);
-    REQUIRE(ops.linear_dw(ddy.data(), dx_.data(), gw.data(), s.m, s.n, s.k).ok());
-    dvec rgw = to_double(gw0);
-    REQUIRE(f.ref.linear_dw(to_double(dy).data(), to_double(x).data(), rgw.data(), s.m, s.n, s.k).ok());
-    near(to_double(host(gw)), rgw, tol<T>(), "linear_dw");
+    for (bool acc : {true, false}) {  // accumulate (the default) or overwrite a stale dw
+      CAPTURE(acc);
+      const auto gw0 = rnd<T>(sz(s.n, s.k));
+      auto ddy = dev(dy), dx_ = dev(x), gw = dev(gw0);
+      REQUIRE(ops.linear_dw(ddy.data(), dx_.data(), gw.data(), s.m, s.n, s.k, acc).ok());
+      dvec rgw = to_double(gw0);
+      REQUIRE(f.ref.linear_dw(to_double(dy).data(), to_double(x).data(), rgw.data(), s.m, s.n, s.k, acc).ok());
+      near(to_double(host(gw)), rgw, tol<T>(), "linear_dw");
+    }
+  }
+  // Grouped weight gradients, overwriting: an empty group's dw becomes zero, the others the group's product.
+  {
+    const std::int64_t G = 4, N = 24, K = 40;
+    const std::vector<std::int64_t> counts{7, 0, 13, 5};
+    const std::int64_t M = 25;
+    const auto dy = rnd<T>(static_cast<std::size_t>(M * N)), x = rnd<T>(static_cast<std::size_t>(M * K));
+    const auto stale = rnd<T>(static_cast<std::size_t>(G * N * K));
+    auto ddy = dev(dy), dx_ = dev(x), gw = dev(stale);
+    REQUIRE(ops.grouped_linear_dw(ddy.data(), dx_.data(), gw.data(), counts.data(), G, N, K, false).ok());
+    dvec rgw = to_double(stale);
+    REQUIRE(f.ref.grouped_linear_dw(to_double(dy).data(), to_double(x).data(), rgw.data(), counts.data(), G, N, K, false).ok());
+    near(to_double(host(gw)), rgw, tol<T>(), "grouped_linear_dw overwrite");
+    for (std::size_t i = static_cast<std::size_t>(N * K); i < static_cast<std::size_t>(2 * N * K); ++i) CHECK(rgw[i] == 0.0);
+  }
+  // M = 0: an overwriting dw is zeroed.
+  {
+    auto gw = dev(rnd<T>(12));
+    REQUIRE(ops.linear_dw(nullptr, nullptr, gw.data(), 0, 3, 4, false).ok());
+    for (T v : host(gw)) CHECK(kd::load_as<double>(v) == 0.0);
   }
   // K = 0: an empty sum overwrites y with zeros.
   auto y = poisoned<T>(15);
@@ -317,41 +367,63 @@ TEST_CASE_TEMPLATE("cuda_ops: rmsnorm_rope (QK norm + RoPE) fused and unfused", 
     std::int64_t tokens, heads, d;
   };
   // d 64 / 128 take the fused kernels (one 16-byte vector per lane), 8 / 72 the composition; many rows
-  // leave partial warps and blocks.
-  for (shape s : {shape{300, 16, 64}, shape{77, 4, 128}, shape{33, 3, 64}, shape{24, 4, 8}, shape{19, 2, 72}}) {
-    CAPTURE(s.tokens);
-    CAPTURE(s.heads);
-    CAPTURE(s.d);
-    const std::int64_t rows = s.tokens * s.heads;
-    const std::size_t n = static_cast<std::size_t>(rows * s.d), d = static_cast<std::size_t>(s.d);
-    const double eps = 1e-6, theta = 1e6;
-    const auto x = rnd<T>(n, 2.0), w = rnd<T>(d), dy = rnd<T>(n);
-    const auto pos = random_ids(static_cast<std::size_t>(s.tokens), 4096);
-    auto dx_ = dev(x), dw_ = dev(w), ddy = dev(dy);
-    auto dpos = dev(pos);
-    auto y = poisoned<T>(n);
-    auto rstd = poisoned<float>(static_cast<std::size_t>(rows));
-    REQUIRE(ops.rmsnorm_rope(dx_.data(), dw_.data(), y.data(), rstd.data(), dpos.data(), s.tokens, s.heads, s.d, eps,
-                             theta).ok());
-    dvec ry(n), rr(static_cast<std::size_t>(rows));
-    REQUIRE(f.ref.rmsnorm_rope(to_double(x).data(), to_double(w).data(), ry.data(), rr.data(), pos.data(), s.tokens,
-                               s.heads, s.d, eps, theta).ok());
-    near(to_double(host(y)), ry, tol<T>(), "rmsnorm_rope y");
-    near(to_double(host(rstd)), rr, 1e-5, "rmsnorm_rope rstd");
+  // leave partial warps and blocks. Each runs on a dense x and on x as a column slice of a wider matrix
+  // (the fused QKV layout; x_ld / ld), with an aligned stride (fused kernels) and an odd one (fallback).
+  for (shape s : {shape{300, 16, 64}, shape{77, 4, 128}, shape{33, 3, 64}, shape{24, 4, 8}, shape{19, 2, 72}})
+    for (int layout : {0, 1, 2}) {
+      CAPTURE(s.tokens);
+      CAPTURE(s.heads);
+      CAPTURE(s.d);
+      CAPTURE(layout);
+      const std::int64_t rows = s.tokens * s.heads, HD = s.heads * s.d;
+      const std::int64_t ld = layout == 0 ? HD : layout == 1 ? HD + 2 * s.d : HD + 1, off = layout == 0 ? 0 : layout == 1 ? s.d : 1;
+      const std::size_t n = static_cast<std::size_t>(rows * s.d), d = static_cast<std::size_t>(s.d);
+      const std::size_t wn = static_cast<std::size_t>(s.tokens * ld);
+      const double eps = 1e-6, theta = 1e6;
+      const auto x = rnd<T>(n, 2.0), w = rnd<T>(d), dy = rnd<T>(n);
+      auto wide = rnd<T>(wn);  // x inside columns [off, off + HD) of [tokens, ld]
+      for (std::int64_t t = 0; t < s.tokens; ++t)
+        std::copy_n(x.begin() + t * HD, HD, wide.begin() + t * ld + off);
+      const auto pos = random_ids(static_cast<std::size_t>(s.tokens), 4096);
+      auto dwide = dev(wide), dw_ = dev(w), ddy = dev(dy);
+      const T* xs = dwide.data() + off;
+      const std::int64_t ld_arg = layout == 0 ? 0 : ld;
+      auto dpos = dev(pos);
+      auto y = poisoned<T>(n);
+      auto rstd = poisoned<float>(static_cast<std::size_t>(rows));
+      REQUIRE(ops.rmsnorm_rope(xs, dw_.data(), y.data(), rstd.data(), dpos.data(), s.tokens, s.heads, s.d, eps, theta,
+                               ld_arg).ok());
+      dvec ry(n), rr(static_cast<std::size_t>(rows));
+      REQUIRE(f.ref.rmsnorm_rope(to_double(x).data(), to_double(w).data(), ry.data(), rr.data(), pos.data(), s.tokens,
+                                 s.heads, s.d, eps, theta).ok());
+      near(to_double(host(y)), ry, tol<T>(), "rmsnorm_rope y");
+      near(to_double(host(rstd)), rr, 1e-5, "rmsnorm_rope rstd");
 
-    const auto rstd_f = round_to<float>(rr);
-    auto drstd = dev(rstd_f);
-    const auto gw0 = rnd<T>(d);
-    auto gx = poisoned<T>(n);
-    auto gw = dev(gw0);
-    REQUIRE(ops.rmsnorm_rope_bwd(dx_.data(), dw_.data(), drstd.data(), dpos.data(), ddy.data(), gx.data(), gw.data(),
-                                 s.tokens, s.heads, s.d, theta).ok());
-    dvec rgx(n), rgw = to_double(gw0);
-    REQUIRE(f.ref.rmsnorm_rope_bwd(to_double(x).data(), to_double(w).data(), to_double(rstd_f).data(), pos.data(),
-                                   to_double(dy).data(), rgx.data(), rgw.data(), s.tokens, s.heads, s.d, theta).ok());
-    near(to_double(host(gx)), rgx, tol<T>(), "rmsnorm_rope_bwd dx");
-    near(to_double(host(gw)), rgw, tol<T>(), "rmsnorm_rope_bwd dw");
-  }
+      const auto rstd_f = round_to<float>(rr);
+      auto drstd = dev(rstd_f);
+      const auto gw0 = rnd<T>(d), filler = rnd<T>(wn);
+      auto gwide = dev(filler);
+      auto gw = dev(gw0);
+      REQUIRE(ops.rmsnorm_rope_bwd(xs, dw_.data(), drstd.data(), dpos.data(), ddy.data(), gwide.data() + off, gw.data(),
+                                   s.tokens, s.heads, s.d, theta, ld_arg).ok());
+      dvec rgx(n), rgw = to_double(gw0);
+      REQUIRE(f.ref.rmsnorm_rope_bwd(to_double(x).data(), to_double(w).data(), to_double(rstd_f).data(), pos.data(),
+                                     to_double(dy).data(), rgx.data(), rgw.data(), s.tokens, s.heads, s.d, theta).ok());
+      const auto got = host(gwide);
+      std::vector<T> gx(n);
+      bool others_kept = true;
+      for (std::int64_t t = 0; t < s.tokens; ++t)
+        for (std::int64_t c = 0; c < ld; ++c) {
+          const std::size_t i = static_cast<std::size_t>(t * ld + c);
+          if (c >= off && c < off + HD) gx[static_cast<std::size_t>(t * HD + c - off)] = got[i];
+          else others_kept = others_kept && kd::load_as<double>(got[i]) == kd::load_as<double>(filler[i]);
+        }
+      CHECK(others_kept);
+      near(to_double(gx), rgx, tol<T>(), "rmsnorm_rope_bwd dx");
+      near(to_double(host(gw)), rgw, tol<T>(), "rmsnorm_rope_bwd dw");
+    }
+  CHECK(ops.rmsnorm_rope(nullptr, nullptr, nullptr, nullptr, nullptr, 4, 2, 8, 1e-6, 1e4, 15).code() ==
+        errc::invalid_argument);  // a stride below heads * D
 }
 
 TEST_CASE_TEMPLATE("cuda_ops: rope forward and inverse", T, float, kd::bfloat16) {
@@ -575,9 +647,10 @@ TEST_CASE("cuda_ops: moe_dispatch matches the reference exactly") {
     auto st = poisoned<index_t>(nk), ts = poisoned<index_t>(nk);
     std::vector<std::int64_t> counts(static_cast<std::size_t>(s.e), -1), rcounts(static_cast<std::size_t>(s.e));
     REQUIRE(ops.moe_dispatch(dch.data(), s.n, s.e, s.k, st.data(), ts.data(), counts.data()).ok());
+    REQUIRE(ops.sync_counts().ok());  // counts_host is complete once sync_counts returns
     ivec rst(nk), rts(nk);
     REQUIRE(f.ref.moe_dispatch(choice.data(), s.n, s.e, s.k, rst.data(), rts.data(), rcounts.data()).ok());
-    CHECK(counts == rcounts);  // on the host on return: moe_dispatch synchronises
+    CHECK(counts == rcounts);
     CHECK(host(st) == rst);
     CHECK(host(ts) == rts);
   }
@@ -586,7 +659,26 @@ TEST_CASE("cuda_ops: moe_dispatch matches the reference exactly") {
   auto dbad = dev(bad);
   auto st = poisoned<index_t>(4), ts = poisoned<index_t>(4);
   std::vector<std::int64_t> counts(4);
-  CHECK(ops.moe_dispatch(dbad.data(), 4, 4, 1, st.data(), ts.data(), counts.data()).code() == errc::out_of_range);
+  REQUIRE(ops.moe_dispatch(dbad.data(), 4, 4, 1, st.data(), ts.data(), counts.data()).ok());
+  CHECK(ops.sync_counts().code() == errc::out_of_range);
+  CHECK(ops.sync_counts().ok());  // reported once
+  // A grouped GEMM collects pending counts itself, and so reports them too.
+  REQUIRE(ops.moe_dispatch(dbad.data(), 4, 4, 1, st.data(), ts.data(), counts.data()).ok());
+  auto gx = dev(rnd<float>(16)), gw = dev(rnd<float>(64)), gy = poisoned<float>(16);
+  CHECK(ops.grouped_linear(gx.data(), gw.data(), gy.data(), counts.data(), 4, 4, 4, false).code() == errc::out_of_range);
+  // Two dispatches in a row: the first one's counts arrive before the second is queued.
+  const auto c1 = random_choices(64, 8, 2), c2 = random_choices(64, 8, 2);
+  auto d1 = dev(c1), d2 = dev(c2);
+  auto s1 = poisoned<index_t>(128), t1 = poisoned<index_t>(128);
+  std::vector<std::int64_t> k1(8, -1), k2(8, -1), r1(8), r2(8);
+  ivec rs(128), rt(128);
+  REQUIRE(ops.moe_dispatch(d1.data(), 64, 8, 2, s1.data(), t1.data(), k1.data()).ok());
+  REQUIRE(ops.moe_dispatch(d2.data(), 64, 8, 2, s1.data(), t1.data(), k2.data()).ok());
+  REQUIRE(ops.sync_counts().ok());
+  REQUIRE(f.ref.moe_dispatch(c1.data(), 64, 8, 2, rs.data(), rt.data(), r1.data()).ok());
+  REQUIRE(f.ref.moe_dispatch(c2.data(), 64, 8, 2, rs.data(), rt.data(), r2.data()).ok());
+  CHECK(k1 == r1);
+  CHECK(k2 == r2);
 }
 
 TEST_CASE_TEMPLATE("cuda_ops: gather_rows, moe_combine, moe_combine_bwd, moe_gather_add", T, float, kd::bfloat16) {
@@ -618,13 +710,17 @@ TEST_CASE_TEMPLATE("cuda_ops: gather_rows, moe_combine, moe_combine_bwd, moe_gat
     auto dslots = dev(slots);
     auto dy_ = dev(y), ddout = dev(dout);
     auto dw_ = dev(w);
-    for (bool acc : {false, true}) {
-      CAPTURE(acc);
+    for (int mode : {0, 1, 2}) {  // no residual, residual in place (+=), residual from another tensor
+      CAPTURE(mode);
       const auto o0 = rnd<T>(nh);
-      auto o = acc ? dev(o0) : poisoned<T>(nh);
-      REQUIRE(ops.moe_combine(dy_.data(), dslots.data(), dw_.data(), o.data(), s.n, s.k, s.h, acc).ok());
-      dvec ro = to_double(o0);
-      REQUIRE(f.ref.moe_combine(to_double(y).data(), slots.data(), to_double(w).data(), ro.data(), s.n, s.k, s.h, acc).ok());
+      auto o = mode == 1 ? dev(o0) : poisoned<T>(nh);
+      auto res = dev(o0);
+      const T* residual = mode == 0 ? nullptr : mode == 1 ? o.data() : res.data();
+      REQUIRE(ops.moe_combine(dy_.data(), dslots.data(), dw_.data(), residual, o.data(), s.n, s.k, s.h).ok());
+      dvec ro(nh), r0 = to_double(o0);
+      REQUIRE(f.ref.moe_combine(to_double(y).data(), slots.data(), to_double(w).data(), mode == 0 ? nullptr : r0.data(),
+                                ro.data(), s.n, s.k, s.h)
+                  .ok());
       near(to_double(host(o)), ro, tol<T>(), "moe_combine");
     }
     auto gy = poisoned<T>(sh);
@@ -637,12 +733,15 @@ TEST_CASE_TEMPLATE("cuda_ops: gather_rows, moe_combine, moe_combine_bwd, moe_gat
     near(to_double(host(gy)), rgy, tol<T>(), "moe_combine_bwd dy");
     near(to_double(host(gw)), rgw, sizeof(T) == 2 ? 1e-5 : 1e-5, "moe_combine_bwd dtopk_w");
 
-    const auto gx0 = rnd<T>(nh);
-    auto gx = dev(gx0);
-    REQUIRE(ops.moe_gather_add(dy_.data(), dslots.data(), gx.data(), s.n, s.k, s.h).ok());
-    dvec rgx = to_double(gx0);
-    REQUIRE(f.ref.moe_gather_add(to_double(y).data(), slots.data(), rgx.data(), s.n, s.k, s.h).ok());
-    near(to_double(host(gx)), rgx, tol<T>(), "moe_gather_add");
+    for (bool acc : {false, true}) {
+      CAPTURE(acc);
+      const auto gx0 = rnd<T>(nh);
+      auto gx = acc ? dev(gx0) : poisoned<T>(nh);
+      REQUIRE(ops.moe_gather_add(dy_.data(), dslots.data(), gx.data(), s.n, s.k, s.h, acc).ok());
+      dvec rgx = to_double(gx0);
+      REQUIRE(f.ref.moe_gather_add(to_double(y).data(), slots.data(), rgx.data(), s.n, s.k, s.h, acc).ok());
+      near(to_double(host(gx)), rgx, tol<T>(), "moe_gather_add");
+    }
   }
 }
 
@@ -681,7 +780,7 @@ TEST_CASE("cuda_ops: bad arguments return the right errc without launching") {
   CHECK(ops.attention_bwd(a.data(), b.data(), b.data(), a.data(), a.data(), a.data(), nullptr, c.data(), c.data(), 1, 2, 2, 2,
                           8, 0.5)
             .code() == errc::invalid_argument);
-  CHECK(ops.moe_combine(a.data(), ids.data(), b.data(), c.data(), 4, 0, 8, false).code() == errc::invalid_argument);
+  CHECK(ops.moe_combine(a.data(), ids.data(), b.data(), nullptr, c.data(), 4, 0, 8).code() == errc::invalid_argument);
   CHECK(ops.gather_rows(a.data(), ids.data(), c.data(), -2, 8).code() == errc::invalid_argument);
   CHECK(ops.upload<float>(nullptr, 4, c.data()).code() == errc::invalid_argument);
   const auto hc = host(c);
@@ -732,6 +831,37 @@ TEST_CASE("cuda_ops: timing at the seed geometry" * doctest::skip()) {
   time("swiglu_bwd 8192x1536", b2 * 5 * ni, [&] { return ops.swiglu_bwd(gu.data(), hh.data(), dgu.data(), n, inter); });
   auto pos = dev(random_ids(static_cast<std::size_t>(n), 4096));
   time("rope q 8192x16x64", b2 * 2 * nh, [&] { return ops.rope(x.data(), pos.data(), n, heads, hd, 1e6, false); });
+  {  // the QK norm + RoPE of the teacher, reading q / k from the fused QKV output [n, 1536]
+    const std::int64_t qkv_w = h + 2 * 4 * hd, kvw = 4 * hd;
+    auto qkv = dev(rnd<T>(static_cast<std::size_t>(n * qkv_w))), dqkv = poisoned<T>(static_cast<std::size_t>(n * qkv_w));
+    auto qn = dev(rnd<T>(static_cast<std::size_t>(hd))), dqn = dev(rnd<T>(static_cast<std::size_t>(hd)));
+    auto rq = poisoned<float>(static_cast<std::size_t>(n * heads));
+    time("rmsnorm_rope q 8192x16x64 (ld 1536)", b2 * 2 * nh, [&] {
+      return ops.rmsnorm_rope(qkv.data(), qn.data(), y.data(), rq.data(), pos.data(), n, heads, hd, 1e-6, 1e6, qkv_w);
+    });
+    time("rmsnorm_rope k 8192x4x64 (ld 1536)", b2 * 2 * n * kvw, [&] {
+      return ops.rmsnorm_rope(qkv.data() + h, qn.data(), y.data(), rq.data(), pos.data(), n, 4, hd, 1e-6, 1e6, qkv_w);
+    });
+    time("rmsnorm_rope_bwd q 8192x16x64 (ld 1536)", b2 * 3 * nh, [&] {
+      return ops.rmsnorm_rope_bwd(qkv.data(), qn.data(), rq.data(), pos.data(), x.data(), dqkv.data(), dqn.data(), n, heads,
+                                  hd, 1e6, qkv_w);
+    });
+    time("rmsnorm_rope_bwd k 8192x4x64 (ld 1536)", b2 * 3 * n * kvw, [&] {
+      return ops.rmsnorm_rope_bwd(qkv.data() + h, qn.data(), rq.data(), pos.data(), x.data(), dqkv.data() + h, dqn.data(),
+                                  n, 4, hd, 1e6, qkv_w);
+    });
+    time("copy_rows v 8192x256 (ld 1536)", b2 * 2 * n * kvw,
+         [&] { return ops.copy_rows(qkv.data() + h + kvw, qkv_w, y.data(), kvw, n, kvw); });
+    auto wqkv = dev(rnd<T>(static_cast<std::size_t>(qkv_w * h)));
+    time("linear qkv 8192x1536x1024 (TFLOP/s = GB/s / 1000)", 2.0 * n * qkv_w * h,
+         [&] { return ops.linear(x.data(), wqkv.data(), qkv.data(), n, qkv_w, h, false); });
+    auto wr = dev(rnd<T>(static_cast<std::size_t>(e * h))), dwr = dev(rnd<T>(static_cast<std::size_t>(e * h)));
+    auto lg = poisoned<T>(static_cast<std::size_t>(n * e));
+    time("linear router 8192x8x1024", b2 * nh, [&] { return ops.linear(x.data(), wr.data(), lg.data(), n, e, h, false); });
+    time("linear_dx router 8192x8x1024 (accumulate)", b2 * 3 * nh,
+         [&] { return ops.linear_dx(lg.data(), wr.data(), y.data(), n, e, h, true); });
+    time("linear_dw router 8192x8x1024", b2 * nh, [&] { return ops.linear_dw(lg.data(), x.data(), dwr.data(), n, e, h); });
+  }
   auto logits = dev(rnd<T>(static_cast<std::size_t>(n * e)));
   auto probs = poisoned<float>(static_cast<std::size_t>(n * e));
   auto idx = poisoned<index_t>(static_cast<std::size_t>(n * k));
@@ -739,12 +869,14 @@ TEST_CASE("cuda_ops: timing at the seed geometry" * doctest::skip()) {
   time("router 8192x8 top2", 0.0, [&] { return ops.router(logits.data(), probs.data(), idx.data(), tw.data(), n, e, k, true); });
   auto st = poisoned<index_t>(static_cast<std::size_t>(n * k)), ts = poisoned<index_t>(static_cast<std::size_t>(n * k));
   std::vector<std::int64_t> counts(static_cast<std::size_t>(e));
-  time("moe_dispatch 8192x8 top2 (syncs)", 0.0,
-       [&] { return ops.moe_dispatch(idx.data(), n, e, k, st.data(), ts.data(), counts.data()); });
+  time("moe_dispatch 8192x8 top2 (+ sync_counts)", 0.0, [&] {
+    KD_TRY(ops.moe_dispatch(idx.data(), n, e, k, st.data(), ts.data(), counts.data()));
+    return ops.sync_counts();
+  });
   auto ys = dev(rnd<T>(nh * k)), dys = poisoned<T>(nh * k);
   auto dtw = poisoned<float>(static_cast<std::size_t>(n * k));
   time("moe_combine 8192x2x1024", b2 * 3 * nh,
-       [&] { return ops.moe_combine(ys.data(), ts.data(), tw.data(), y.data(), n, k, h, false); });
+       [&] { return ops.moe_combine(ys.data(), ts.data(), tw.data(), nullptr, y.data(), n, k, h); });
   time("moe_combine_bwd 8192x2x1024", b2 * 5 * nh,
        [&] { return ops.moe_combine_bwd(ys.data(), ts.data(), tw.data(), x.data(), dys.data(), dtw.data(), n, k, h); });
   time("gather_rows 16384x1024", b2 * 4 * nh, [&] { return ops.gather_rows(x.data(), st.data(), dys.data(), n * k, h); });

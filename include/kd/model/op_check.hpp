@@ -78,4 +78,26 @@ basic_op_check<Prefix>& attention_shape(basic_op_check<Prefix>& c, std::int64_t 
   return c.finite(scale, "scale");
 }
 
+// copy_rows: rows x cols elements between row strides src_ld and dst_ld (each at least cols). The last row
+// needs only cols elements, so a column slice of a wider matrix passes with its own extent.
+template <class Prefix>
+basic_op_check<Prefix>& rows_shape(basic_op_check<Prefix>& c, const void* src, std::int64_t src_ld, const void* dst,
+                                   std::int64_t dst_ld, std::int64_t rows, std::int64_t cols) {
+  c.nonneg(rows, "rows").nonneg(cols, "cols");
+  if (!c.ok()) return c;
+  c.that(src_ld >= cols && dst_ld >= cols, errc::invalid_argument,
+         "row strides " + std::to_string(src_ld) + " (src) and " + std::to_string(dst_ld) + " (dst) must be at least cols = " +
+             std::to_string(cols));
+  if (!c.ok() || rows == 0 || cols == 0) return c;
+  return c.ptr(src, (rows - 1) * src_ld + cols, "src").ptr(dst, (rows - 1) * dst_ld + cols, "dst");
+}
+
+// The row stride of a [tokens, heads * D] tensor that may be a column slice of a wider one (ld = 0: dense).
+template <class Prefix>
+basic_op_check<Prefix>& head_rows_ld(basic_op_check<Prefix>& c, std::int64_t ld, std::int64_t heads, std::int64_t d,
+                                     const char* what) {
+  return c.that(ld == 0 || ld >= heads * d, errc::invalid_argument,
+                std::string(what) + " row stride " + std::to_string(ld) + " is below heads * D = " + std::to_string(heads * d));
+}
+
 }  // namespace kd::model::detail

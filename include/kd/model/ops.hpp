@@ -11,10 +11,12 @@
 //    `A` is its acc_type (accumulation, softmax statistics, router probabilities): double for
 //    cpu_ops<double>, float otherwise. `I` is std::int32_t (token ids, positions, expert indices).
 //  - A linear weight has the HF layout [out, in]; y = x W^T.
-//  - "accumulate" means +=; otherwise the output is overwritten. Weight gradients always accumulate,
-//    so a tied embedding collects the head's and the embedding's gradients in one tensor.
+//  - "accumulate" means +=; otherwise the output is overwritten. Weight gradients accumulate by default
+//    (so a tied embedding collects the head's and the embedding's gradients in one tensor); linear_dw,
+//    grouped_linear_dw and the norms' dw take accumulate = false to overwrite instead (a model's first
+//    gradient write, so the arena needs no zeroing pass).
 //  - Ops return kd::status. CUDA ops only enqueue work on the backend's stream and report launch
-//    failures; none of them synchronises except moe_dispatch (expert sizes go to the host) and download.
+//    failures; none of them synchronises except sync_counts (expert sizes go to the host) and download.
 //  - Attention inputs are token-major, as the projection GEMMs produce them: q [batch*seq, Hq, D],
 //    k and v [batch*seq, Hkv, D], o [batch*seq, Hq, D]; head h reads KV head h / (Hq / Hkv). Attention is
 //    causal within each sequence of `seq` tokens. lse is [batch, Hq, seq]: log sum exp of the scaled
@@ -30,6 +32,8 @@
 //  - moe_dispatch groups the N*k (token, choice) pairs by expert, tokens ascending inside an expert:
 //    slot s in [0, N*k) holds token slot_token[s]; token_slot[t*k + j] is the slot of choice j of token t;
 //    counts[e] (host) is the number of slots of expert e, which occupy one contiguous range in order.
+//    counts_host is complete once sync_counts() returns (a device backend sends it without waiting, so
+//    the caller can queue work that does not need it first); the grouped GEMMs call it themselves.
 #pragma once
 
 #include <concepts>
@@ -64,18 +68,25 @@ concept ModelBackend = requires(B& b, std::size_t n) {
 //  dense
 //   linear(x[M,K], w[N,K], y[M,N], M, N, K, accumulate)                y (+)= x w^T
 //   linear_dx(dy[M,N], w[N,K], dx[M,K], M, N, K, accumulate)           dx (+)= dy w
-//   linear_dw(dy[M,N], x[M,K], dw[N,K], M, N, K)                       dw += dy^T x
+//   linear_dw(dy[M,N], x[M,K], dw[N,K], M, N, K[, accumulate = true])  dw (+)= dy^T x
 //   grouped_linear / grouped_linear_dx / grouped_linear_dw (..., const std::int64_t* counts_host, G, N, K[, accumulate])
+//                                      (dw without accumulate: an empty group's dw is zeroed)
 //                                      the same per group g of counts_host[g] consecutive rows, with weight
 //                                      w + g*N*K ([N,K]): the experts of an MoE layer (independent GEMMs)
 //   embedding(ids[n], table[V,H], out[n,H], n, V, H)                   ids are checked by the caller
 //   embedding_dw(ids[n], dout[n,H], dtable[V,H], n, V, H)              dtable[ids[i]] += dout[i]
 //   rmsnorm(x[R,D], w[D], y[R,D], A* rstd[R], R, D, eps)               y = x * rstd * w
-//   rmsnorm_bwd(x, w, rstd, dy, dx, dw, R, D, accumulate_dx)           dw += ...
+//   rmsnorm_bwd(x, w, rstd, dy, dx, dw, R, D, accumulate_dx[, accumulate_dw = true])   dw (+)= ...
 //   rope(x[tokens,heads,D], pos[tokens], tokens, heads, D, theta, inverse)   in place
-//   rmsnorm_rope(x[tokens,heads,D], w[D], y, A* rstd[tokens*heads], pos, tokens, heads, D, eps, theta)
+//   rmsnorm_rope(x[tokens,heads,D], w[D], y, A* rstd[tokens*heads], pos, tokens, heads, D, eps, theta[, x_ld])
 //                                      y = rope(rmsnorm(x)) per head: Qwen3's QK norm and RoPE in one pass
-//   rmsnorm_rope_bwd(x, w, rstd, pos, dy, dx, dw, tokens, heads, D, theta)   dy: w.r.t. y; dx overwritten
+//   rmsnorm_rope_bwd(x, w, rstd, pos, dy, dx, dw, tokens, heads, D, theta[, ld, accumulate_dw])
+//                                      dy: w.r.t. y; dx overwritten
+//                                      x_ld / ld: token stride of x (and dx) when they are column slices of a
+//                                      wider matrix, as in the fused QKV projection (0: heads * D)
+//   copy_rows(src, src_ld, dst, dst_ld, rows, cols)    dst[r, :cols] = src[r, :cols] (strided 2-D copy)
+//   rope_cache(pos, tokens, D, theta)   rmsnorm_rope(_bwd) on this pos may reuse one (cos, sin) table until the
+//                                      next rope_cache or upload into pos (the caller keeps pos unchanged)
 //   swiglu(gu[R,2I], h[R,I], R, I) / swiglu_bwd(gu, dh[R,I], dgu[R,2I], R, I)  (dgu overwritten)
 //  attention
 //   attention(q, k, v, o, A* lse, batch, seq, Hq, Hkv, D, scale)
@@ -86,10 +97,12 @@ concept ModelBackend = requires(B& b, std::size_t n) {
 //   router(logits[N,E] T, A* probs[N,E], I* topk_idx[N,k], A* topk_w[N,k], N, E, k, renorm)
 //   router_bwd(probs, topk_idx, dtopk_w, const A* dprobs_extra (nullable), T* dlogits[N,E], N, E, k, renorm)
 //   moe_dispatch(topk_idx, N, E, k, I* slot_token, I* token_slot, std::int64_t* counts_host)
+//   sync_counts()                                       waits for the last moe_dispatch's counts_host
 //   gather_rows(x[N,H], rows[S], out[S,H], S, H)                       out[s] = x[rows[s]]
-//   moe_combine(y[S,H], token_slot, topk_w, out[N,H], N, k, H, accumulate)
-//                                                       out[t] (+)= sum_j topk_w[t,j] y[token_slot[t*k+j]]
+//   moe_combine(y[S,H], token_slot, topk_w, residual[N,H], out[N,H], N, k, H)
+//                                 out[t] = residual[t] + sum_j topk_w[t,j] y[token_slot[t*k+j]]
+//                                 (residual nullable: no term; or equal to out: +=)
 //   moe_combine_bwd(y, token_slot, topk_w, dout[N,H], dy[S,H], A* dtopk_w[N,k], N, k, H)
-//   moe_gather_add(dy_slots[S,H], token_slot, dx[N,H], N, k, H)        dx[t] += sum_j dy[token_slot[t*k+j]]
+//   moe_gather_add(dy_slots[S,H], token_slot, dx[N,H], N, k, H, accumulate)  dx[t] (+)= sum_j dy[token_slot[t*k+j]]
 
 }  // namespace kd::model

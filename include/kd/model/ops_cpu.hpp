@@ -84,6 +84,13 @@ class cpu_ops {
     std::fill_n(p, n, U{});
     return {};
   }
+  // dst[r, 0:cols] = src[r, 0:cols] for rows r with row strides src_ld / dst_ld (a column slice of a matrix).
+  status copy_rows(const T* src, i64 src_ld, T* dst, i64 dst_ld, i64 rows, i64 cols) {
+    detail::cpu_op_check c("copy_rows");
+    KD_TRY(detail::rows_shape(c, src, src_ld, dst, dst_ld, rows, cols).done());
+    for (i64 r = 0; r < rows; ++r) std::copy_n(src + r * src_ld, cols, dst + r * dst_ld);
+    return {};
+  }
   status add(T* y, const T* x, std::size_t n) {
     KD_TRY(detail::cpu_op_check("add").ptr(y, static_cast<i64>(n), "y").ptr(x, static_cast<i64>(n), "x").done());
     for (std::size_t i = 0; i < n; ++i) y[i] += x[i];
@@ -115,26 +122,47 @@ class cpu_ops {
     return {};
   }
 
-  // dw[N,K] += dy[M,N]^T x[M,K]
-  status linear_dw(const T* dy, const T* x, T* dw, i64 M, i64 N, i64 K) {
+  // dw[N,K] (+)= dy[M,N]^T x[M,K]
+  status linear_dw(const T* dy, const T* x, T* dw, i64 M, i64 N, i64 K, bool accumulate = true) {
     KD_TRY(gemm_check("linear_dw", M, N, K).ptr(dy, M * N, "dy").ptr(x, M * K, "x").ptr(dw, N * K, "dw").done());
-    map(dw, N, K).noalias() += cmap(dy, M, N).transpose() * cmap(x, M, K);
+    if (accumulate)
+      map(dw, N, K).noalias() += cmap(dy, M, N).transpose() * cmap(x, M, K);
+    else
+      map(dw, N, K).noalias() = cmap(dy, M, N).transpose() * cmap(x, M, K);
     return {};
   }
 
   // QK norm then RoPE: the composition (the CUDA backend fuses it).
+  // A device backend caches the RoPE (cos, sin) table of pos here; the reference computes it per op.
+  status rope_cache(const index_t* /*pos*/, i64 /*tokens*/, i64 /*D*/, double /*theta*/) { return {}; }
+
+  // x_ld (forward) / ld (backward, for x and dx): token stride of x / dx when they are column slices of a
+  // wider matrix (0: heads * D), as the q and k parts of the fused QKV projection and its gradient are.
   status rmsnorm_rope(const T* x, const T* w, T* y, A* rstd, const index_t* pos, i64 tokens, i64 heads, i64 D,
-                      double eps, double theta) {
+                      double eps, double theta, i64 x_ld = 0) {
+    if (x_ld != 0 && x_ld != heads * D) {
+      detail::cpu_op_check c("rmsnorm_rope");
+      KD_TRY(detail::head_rows_ld(c, x_ld, heads, D, "x").done());
+      KD_TRY(copy_rows(x, x_ld, y, heads * D, tokens, heads * D));
+      x = y;  // rmsnorm works row by row, so in place is fine
+    }
     KD_TRY(rmsnorm(x, w, y, rstd, tokens * heads, D, eps));
     return rope(y, pos, tokens, heads, D, theta, false);
   }
   status rmsnorm_rope_bwd(const T* x, const T* w, const A* rstd, const index_t* pos, const T* dy, T* dx, T* dw,
-                          i64 tokens, i64 heads, i64 D, double theta) {
-    KD_TRY(detail::cpu_op_check("rmsnorm_rope_bwd").nonneg(tokens, "tokens").positive(heads, "heads").positive(D, "D")
-               .ptr(dy, tokens * heads * D, "dy").done());
+                          i64 tokens, i64 heads, i64 D, double theta, i64 ld = 0, bool accumulate_dw = true) {
+    detail::cpu_op_check c("rmsnorm_rope_bwd");
+    KD_TRY(detail::head_rows_ld(c.nonneg(tokens, "tokens").positive(heads, "heads").positive(D, "D"), ld, heads, D, "x / dx")
+               .ptr(dy, tokens * heads * D, "dy")
+               .done());
     std::vector<T> g(dy, dy + tokens * heads * D);
     KD_TRY(rope(g.data(), pos, tokens, heads, D, theta, true));
-    return rmsnorm_bwd(x, w, rstd, g.data(), dx, dw, tokens * heads, D, false);
+    if (ld == 0 || ld == heads * D)
+      return rmsnorm_bwd(x, w, rstd, g.data(), dx, dw, tokens * heads, D, false, accumulate_dw);
+    std::vector<T> xs(g.size()), d(g.size());
+    KD_TRY(copy_rows(x, ld, xs.data(), heads * D, tokens, heads * D));
+    KD_TRY(rmsnorm_bwd(xs.data(), w, rstd, g.data(), d.data(), dw, tokens * heads, D, false, accumulate_dw));
+    return copy_rows(d.data(), heads * D, dx, ld, tokens, heads * D);
   }
 
   // The experts' GEMMs: group g is counts[g] consecutive rows against weight w + g*N*K.
@@ -150,9 +178,14 @@ class cpu_ops {
       return linear_dx(dy + r * N, w + g * N * K, dx + r * K, c, N, K, accumulate);
     });
   }
-  status grouped_linear_dw(const T* dy, const T* x, T* dw, const std::int64_t* counts, i64 G, i64 N, i64 K) {
+  // Without accumulate every group's dw is overwritten, an empty group's with zeros.
+  status grouped_linear_dw(const T* dy, const T* x, T* dw, const std::int64_t* counts, i64 G, i64 N, i64 K,
+                           bool accumulate = true) {
+    if (!accumulate && counts != nullptr)
+      for (i64 g = 0; g < G; ++g)
+        if (counts[g] == 0) KD_TRY(fill_zero(dw + g * N * K, static_cast<std::size_t>(N * K)));
     return for_groups(counts, G, [&](i64 g, i64 r, i64 c) {
-      return linear_dw(dy + r * N, x + r * K, dw + g * N * K, c, N, K);
+      return linear_dw(dy + r * N, x + r * K, dw + g * N * K, c, N, K, accumulate);
     });
   }
 
@@ -199,7 +232,7 @@ class cpu_ops {
 
   // With g_i = dy_i w_i: dx_j = rstd g_j - rstd^3 x_j / D * sum_i g_i x_i; dw_i += sum_rows dy_i x_i rstd.
   status rmsnorm_bwd(const T* x, const T* w, const A* rstd, const T* dy, T* dx, T* dw, i64 R, i64 D,
-                     bool accumulate_dx) {
+                     bool accumulate_dx, bool accumulate_dw = true) {
     KD_TRY(detail::cpu_op_check("rmsnorm_bwd")
                .nonneg(R, "R")
                .positive(D, "D")
@@ -208,8 +241,9 @@ class cpu_ops {
                .ptr(rstd, R, "rstd")
                .ptr(dy, R * D, "dy")
                .ptr(dx, R * D, "dx")
-               .ptr(dw, R > 0 ? D : 0, "dw")
+               .ptr(dw, accumulate_dw && R == 0 ? 0 : D, "dw")
                .done());
+    if (!accumulate_dw) std::fill_n(dw, D, T(0));
     for (i64 r = 0; r < R; ++r) {
       const T* xr = x + r * D;
       const T* dyr = dy + r * D;
@@ -499,6 +533,9 @@ class cpu_ops {
     return {};
   }
 
+  // The counts of moe_dispatch are on the host on its return here; a device backend may deliver them later.
+  status sync_counts() { return {}; }
+
   // Counting sort of the N*k (token, choice) pairs by expert: stable, so tokens ascend inside an expert.
   status moe_dispatch(const index_t* topk_idx, i64 N, i64 E, i64 k, index_t* slot_token, index_t* token_slot, std::int64_t* counts_host) {
     KD_TRY(router_check("moe_dispatch", N, E, k)
@@ -538,8 +575,9 @@ class cpu_ops {
     return {};
   }
 
-  // out[t] (+)= sum_j topk_w[t, j] y[token_slot[t*k + j]]
-  status moe_combine(const T* y, const index_t* token_slot, const A* topk_w, T* out, i64 N, i64 k, i64 H, bool accumulate) {
+  // out[t] = residual[t] + sum_j topk_w[t, j] y[token_slot[t*k + j]] (residual nullable, or out itself)
+  status moe_combine(const T* y, const index_t* token_slot, const A* topk_w, const T* residual, T* out, i64 N, i64 k,
+                     i64 H) {
     KD_TRY(combine_check("moe_combine", token_slot, N, k, H)
                .ptr(y, N * k * H, "y")
                .ptr(topk_w, N * k, "topk_w")
@@ -548,7 +586,7 @@ class cpu_ops {
     std::vector<A> acc(static_cast<std::size_t>(H));
     for (i64 t = 0; t < N; ++t) {
       T* ot = out + t * H;
-      for (i64 h = 0; h < H; ++h) acc[static_cast<std::size_t>(h)] = accumulate ? A(ot[h]) : A(0);
+      for (i64 h = 0; h < H; ++h) acc[static_cast<std::size_t>(h)] = residual != nullptr ? A(residual[t * H + h]) : A(0);
       for (i64 j = 0; j < k; ++j) {
         const T* yr = y + i64(token_slot[t * k + j]) * H;
         const A w = topk_w[t * k + j];
@@ -589,14 +627,15 @@ class cpu_ops {
     return {};
   }
 
-  // dx[t] += sum_j dy_slots[token_slot[t*k + j]]
-  status moe_gather_add(const T* dy_slots, const index_t* token_slot, T* dx, i64 N, i64 k, i64 H) {
+  // dx[t] (+)= sum_j dy_slots[token_slot[t*k + j]]
+  status moe_gather_add(const T* dy_slots, const index_t* token_slot, T* dx, i64 N, i64 k, i64 H, bool accumulate) {
     KD_TRY(combine_check("moe_gather_add", token_slot, N, k, H)
                .ptr(dy_slots, N * k * H, "dy_slots")
                .ptr(dx, N * H, "dx")
                .done());
     for (i64 t = 0; t < N; ++t) {
       T* d = dx + t * H;
+      if (!accumulate) std::fill_n(d, H, T(0));
       for (i64 j = 0; j < k; ++j) {
         const T* s = dy_slots + i64(token_slot[t * k + j]) * H;
         for (i64 h = 0; h < H; ++h) d[h] += s[h];

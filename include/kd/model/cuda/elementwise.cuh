@@ -142,6 +142,34 @@ status launch_add(cudaStream_t s, T* y, const T* x, std::int64_t n) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Strided 2-D copy of 16-byte vectors (the v columns out of the fused QKV output and the q / k / v
+// gradients into it): cudaMemcpy2DAsync moves 512-byte rows at about a quarter of the bandwidth this
+// flat grid-stride loop reaches. Callers fall back to cudaMemcpy2DAsync when the rows are not whole vectors.
+// ---------------------------------------------------------------------------------------------------
+template <int = 0>
+__global__ void copy_rows_kernel(const uint4* __restrict__ src, long long src_ld, uint4* __restrict__ dst, long long dst_ld,
+                                 long long rows, long long cols) {
+  const long long n = rows * cols;
+  for (long long v = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; v < n;
+       v += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long r = v / cols, c = v % cols;
+    dst[r * dst_ld + c] = src[r * src_ld + c];
+  }
+}
+
+// Extents in elements of T; false when the vector kernel does not apply (the caller then copies otherwise).
+template <class T>
+bool launch_copy_rows(cudaStream_t s, const T* src, std::int64_t src_ld, T* dst, std::int64_t dst_ld, std::int64_t rows,
+                      std::int64_t cols) {
+  constexpr std::int64_t vn = 16 / sizeof(T);
+  if (!vec_aligned(src) || !vec_aligned(dst) || src_ld % vn != 0 || dst_ld % vn != 0 || cols % vn != 0) return false;
+  const std::int64_t work = rows * (cols / vn);
+  copy_rows_kernel<><<<grid_for(work, 256), 256, 0, s>>>(reinterpret_cast<const uint4*>(src), src_ld / vn,
+                                                         reinterpret_cast<uint4*>(dst), dst_ld / vn, rows, cols / vn);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Row gather: out[s] = src[rows[s]] for S rows of H (the embedding lookup, and the MoE's gather of tokens
 // into expert order). Grid-stride over 16-byte vectors of out. A row index outside [0, limit) (the
 // caller checks ids; this only keeps a bad one from reading out of bounds) gives a zero row.

@@ -88,12 +88,17 @@ status linear_dx(cublasHandle_t h, cudaStream_t s, const T* dy, const T* w, T* d
   return gemm_rm(h, m, k, n, dy, n, false, w, k, false, dx, k, accumulate);
 }
 
-// dw[N,K] += dy[M,N]^T x[M,K]
+// dw[N,K] (+)= dy[M,N]^T x[M,K]
 template <class T>
-status linear_dw(cublasHandle_t h, const T* dy, const T* x, T* dw, std::int64_t m, std::int64_t n, std::int64_t k) {
+status linear_dw(cublasHandle_t h, cudaStream_t s, const T* dy, const T* x, T* dw, std::int64_t m, std::int64_t n,
+                 std::int64_t k, bool accumulate) {
   KD_TRY(check_gemm_args("linear_dw", n, k, m, dy, x, dw));
-  if (m == 0 || n == 0 || k == 0) return {};
-  return gemm_rm(h, n, k, m, dy, n, true, x, k, false, dw, k, true);
+  if (n == 0 || k == 0) return {};
+  if (m == 0) {  // an empty sum
+    if (!accumulate) KD_CUDA_TRY(cudaMemsetAsync(dw, 0, static_cast<std::size_t>(n * k) * sizeof(T), s), "linear_dw: cudaMemsetAsync");
+    return {};
+  }
+  return gemm_rm(h, n, k, m, dy, n, true, x, k, false, dw, k, accumulate);
 }
 
 }  // namespace kd::model::cuda::detail

@@ -7,11 +7,11 @@
 // slot of choice j of token t; the slots of an expert are one contiguous range, tokens ascending.
 #pragma once
 
-#include <cub/block/block_scan.cuh>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include <kd/model/cuda/elementwise.cuh>
 
@@ -169,8 +169,9 @@ status launch_router_bwd(cudaStream_t s, const float* probs, const std::int32_t*
 // Dispatch: a counting sort of the N*k pairs by expert on the device.
 //  1. histogram (shared-memory counts per block, then one global atomic per expert and block);
 //  2. one block per expert: its base is the sum of the counts before it; it walks the pairs in order in
-//     tiles of the block, and a block-wide exclusive scan of "pair is mine" gives each pair its rank, so
-//     the placement is stable (pair order = token order, then choice order) and deterministic.
+//     tiles, each thread counting its consecutive pairs that are "mine", and a block-wide exclusive scan
+//     of those counts gives each pair its rank, so the placement is stable (pair order = token order,
+//     then choice order) and deterministic.
 // Ids outside [0, E) are counted nowhere; the host sees it in the counts (it synchronises anyway).
 // Each expert block re-reads the N*k ids (L2-resident: 256 KiB at 8192 tokens x 8 choices).
 // ---------------------------------------------------------------------------------------------------
@@ -190,16 +191,22 @@ __global__ void dispatch_histogram_kernel(const std::int32_t* __restrict__ ids, 
     if (local[i] != 0) atomicAdd(&counts[i], local[i]);
 }
 
-inline constexpr int kDispatchThreads = 256;
+// Each warp owns kDispatchItems x 32 consecutive pairs of a tile and walks them 32 at a time: a ballot of
+// "pair is mine" counts them, the warps' counts are scanned through shared memory, and a second walk
+// places each pair at its warp's base + the ballot bits below its lane. One tile is 8192 pairs (a scan per
+// 256 pairs, as before, made the placement the slowest op of the MoE block).
+inline constexpr int kDispatchThreads = 512;
+inline constexpr int kDispatchItems = 16;
 
 template <int = 0>
-__global__ void dispatch_place_kernel(const std::int32_t* __restrict__ ids, long long pairs, int k,
-                                      const unsigned* __restrict__ counts, std::int32_t* __restrict__ slot_token,
-                                      std::int32_t* __restrict__ token_slot, long long* __restrict__ counts64) {
-  using scan = cub::BlockScan<int, kDispatchThreads>;
-  __shared__ typename scan::TempStorage temp;
+__global__ void __launch_bounds__(kDispatchThreads) dispatch_place_kernel(
+    const std::int32_t* __restrict__ ids, long long pairs, int k, const unsigned* __restrict__ counts,
+    std::int32_t* __restrict__ slot_token, std::int32_t* __restrict__ token_slot, long long* __restrict__ counts64) {
+  constexpr int warps = kDispatchThreads / 32, per_warp = 32 * kDispatchItems, tile = warps * per_warp;
+  __shared__ int warp_count[warps];
   __shared__ long long base_s;
-  const int ex = blockIdx.x;
+  const int ex = blockIdx.x, lane = threadIdx.x & 31, w = threadIdx.x / 32;
+  const unsigned below = (1u << lane) - 1u;
   if (threadIdx.x == 0) {
     long long b = 0;
     for (int f = 0; f < ex; ++f) b += counts[f];
@@ -208,18 +215,36 @@ __global__ void dispatch_place_kernel(const std::int32_t* __restrict__ ids, long
   }
   __syncthreads();
   long long next = base_s;
-  for (long long t0 = 0; t0 < pairs; t0 += kDispatchThreads) {
-    const long long i = t0 + threadIdx.x;
-    const int mine = i < pairs && ids[i] == ex ? 1 : 0;
-    int rank = 0, total = 0;
-    scan(temp).ExclusiveSum(mine, rank, total);
-    if (mine) {
-      const long long slot = next + rank;
-      slot_token[slot] = static_cast<std::int32_t>(i / k);
-      token_slot[i] = static_cast<std::int32_t>(slot);
+  for (long long t0 = 0; t0 < pairs; t0 += tile) {
+    const long long w0 = t0 + static_cast<long long>(w) * per_warp;
+    int mine = 0;
+#pragma unroll
+    for (int j = 0; j < kDispatchItems; ++j) {
+      const long long i = w0 + 32 * j + lane;
+      mine += __popc(__ballot_sync(0xffffffffu, i < pairs && ids[i] == ex));
+    }
+    if (lane == 0) warp_count[w] = mine;
+    __syncthreads();
+    long long slot = next, total = 0;
+#pragma unroll
+    for (int v = 0; v < warps; ++v) {
+      slot += v < w ? warp_count[v] : 0;
+      total += warp_count[v];
+    }
+#pragma unroll
+    for (int j = 0; j < kDispatchItems; ++j) {
+      const long long i = w0 + 32 * j + lane;
+      const bool is_mine = i < pairs && ids[i] == ex;
+      const unsigned m = __ballot_sync(0xffffffffu, is_mine);
+      if (is_mine) {
+        const long long at = slot + __popc(m & below);
+        slot_token[at] = static_cast<std::int32_t>(i / k);
+        token_slot[i] = static_cast<std::int32_t>(at);
+      }
+      slot += __popc(m);
     }
     next += total;
-    __syncthreads();  // temp is reused by the next tile's scan
+    __syncthreads();  // warp_count is rewritten by the next tile
   }
 }
 
@@ -228,9 +253,11 @@ inline std::size_t dispatch_scratch_bytes(std::int64_t e) {
   return align256(static_cast<std::size_t>(e) * sizeof(unsigned)) + static_cast<std::size_t>(e) * sizeof(long long);
 }
 
+// Enqueues the counting sort and the copy of the E counts into pinned host memory; does not wait (the
+// caller records an event after it and collects the counts with it: dispatch_counts below).
 template <int = 0>
 status launch_dispatch(cudaStream_t s, const std::int32_t* ids, std::int64_t n, std::int64_t e, std::int64_t k,
-                       std::int32_t* slot_token, std::int32_t* token_slot, std::int64_t* counts_host, void* scratch) {
+                       std::int32_t* slot_token, std::int32_t* token_slot, long long* counts_pinned, void* scratch) {
   auto* counts = static_cast<unsigned*>(scratch);
   auto* counts64 = reinterpret_cast<long long*>(static_cast<char*>(scratch) + align256(static_cast<std::size_t>(e) * sizeof(unsigned)));
   const std::int64_t pairs = n * k;
@@ -242,35 +269,87 @@ status launch_dispatch(cudaStream_t s, const std::int32_t* ids, std::int64_t n, 
   dispatch_place_kernel<><<<static_cast<unsigned>(e), kDispatchThreads, 0, s>>>(ids, pairs, static_cast<int>(k), counts,
                                                                                  slot_token, token_slot, counts64);
   KD_CUDA_TRY(cudaGetLastError(), "moe_dispatch placement kernel launch");
-  static_assert(sizeof(long long) == sizeof(std::int64_t));
-  KD_CUDA_TRY(cudaMemcpyAsync(counts_host, counts64, static_cast<std::size_t>(e) * sizeof(std::int64_t), cudaMemcpyDeviceToHost, s),
+  KD_CUDA_TRY(cudaMemcpyAsync(counts_pinned, counts64, static_cast<std::size_t>(e) * sizeof(long long), cudaMemcpyDeviceToHost, s),
               "moe_dispatch: cudaMemcpyAsync (counts)");
-  KD_CUDA_TRY(cudaStreamSynchronize(s), "moe_dispatch: cudaStreamSynchronize");
-  std::int64_t total = 0;
-  for (std::int64_t x = 0; x < e; ++x) total += counts_host[x];
-  if (total != pairs)
-    return {errc::out_of_range, "cuda_ops::moe_dispatch: " + std::to_string(pairs - total) +
-                                    " entries of topk_idx are outside [0, " + std::to_string(e) + ")"};
   return {};
 }
 
+// How moe_dispatch's expert counts reach the host. The GEMMs of the experts need the counts on the
+// host (cuBLAS takes extents by value), so one wait per MoE layer is unavoidable; waiting on an event
+// right after the sort, not on the whole stream at dispatch, lets the host queue the work that does not
+// need the counts (the gather of the rows, the residual) first, so the GPU is busy while the host waits.
+class dispatch_counts {
+ public:
+  static constexpr std::int64_t max_experts = 256;
+  dispatch_counts() = default;
+  dispatch_counts(const dispatch_counts&) = delete;
+  dispatch_counts& operator=(const dispatch_counts&) = delete;
+  ~dispatch_counts() {
+    if (pinned_ != nullptr) cudaFreeHost(pinned_);
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
+  }
+
+  // Pinned buffer and event, created on first use.
+  status init(long long*& pinned) {
+    if (pinned_ == nullptr) {
+      KD_CUDA_TRY(cudaMallocHost(&pinned_, max_experts * sizeof(long long)), "moe_dispatch: cudaMallocHost (counts)");
+      KD_CUDA_TRY(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "moe_dispatch: cudaEventCreate");
+    }
+    pinned = pinned_;
+    return {};
+  }
+  // After launch_dispatch: the counts are complete when the stream passes this point.
+  status post(cudaStream_t s, std::int64_t* dst, std::int64_t e, std::int64_t pairs) {
+    KD_CUDA_TRY(cudaEventRecord(ready_, s), "moe_dispatch: cudaEventRecord");
+    dst_ = dst;
+    e_ = e;
+    pairs_ = pairs;
+    return {};
+  }
+  // Waits for the posted counts (if any), copies them to their destination and checks that they add up
+  // to the number of pairs (an expert id outside [0, E) is counted nowhere).
+  status collect() {
+    if (dst_ == nullptr) return {};
+    std::int64_t* dst = std::exchange(dst_, nullptr);
+    KD_CUDA_TRY(cudaEventSynchronize(ready_), "moe_dispatch: cudaEventSynchronize (counts)");
+    std::int64_t total = 0;
+    for (std::int64_t x = 0; x < e_; ++x) total += dst[x] = pinned_[x];
+    if (total != pairs_)
+      return {errc::out_of_range, "cuda_ops::moe_dispatch: " + std::to_string(pairs_ - total) +
+                                      " entries of topk_idx are outside [0, " + std::to_string(e_) + ")"};
+    return {};
+  }
+
+ private:
+  long long* pinned_ = nullptr;
+  cudaEvent_t ready_ = nullptr;
+  std::int64_t* dst_ = nullptr;
+  std::int64_t e_ = 0, pairs_ = 0;
+};
+
 // ---------------------------------------------------------------------------------------------------
-// Combine: out[t] (+)= sum_j w[t, j] y[token_slot[t*k + j]] (Weighted), or dx[t] += sum_j dy[slot] (the
-// gather-add of the backward). Grid-stride over 16-byte vectors of out; the k rows are summed in fp32
-// in choice order and the result is rounded once.
+// Combine: out[t] = residual[t] + sum_j w[t, j] y[token_slot[t*k + j]] (Weighted), or the gather-add of the
+// backward, dx[t] = residual[t] + sum_j dy[slot]; residual may be null (no term) or out itself (+=). Taking
+// the residual as an input lets the MoE block write x_mid + moe(x_mid) in one pass, with no copy of the
+// residual stream first. Grid-stride over 16-byte vectors of out; the k rows are summed in fp32 in choice
+// order, on top of the residual, and the result is rounded once.
 // ---------------------------------------------------------------------------------------------------
 template <class T, bool Vec, bool Weighted>
 __global__ void combine_kernel(const T* __restrict__ y, const std::int32_t* __restrict__ token_slot,
-                               const float* __restrict__ w, T* __restrict__ out, long long n, int k, long long h,
-                               bool accumulate) {
+                               const float* __restrict__ w, const T* residual, T* out, long long n, int k, long long h) {
   constexpr int vn = Vec ? vec_n<T> : 1;
   const long long per_row = h / vn;
   for (long long v = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; v < n * per_row;
        v += static_cast<long long>(gridDim.x) * blockDim.x) {
     const long long t = v / per_row, c = (v % per_row) * vn;
     float acc[vn];
+    if (residual != nullptr) {
+      if constexpr (Vec) unpack<T>(*reinterpret_cast<const uint4*>(residual + t * h + c), acc);
+      else acc[0] = to_float(residual[t * h + c]);
+    } else {
 #pragma unroll
-    for (int q = 0; q < vn; ++q) acc[q] = 0.f;
+      for (int q = 0; q < vn; ++q) acc[q] = 0.f;
+    }
     for (int j = 0; j < k; ++j) {
       const long long slot = token_slot[t * k + j];
       const float wj = Weighted ? w[t * k + j] : 1.f;
@@ -285,21 +364,21 @@ __global__ void combine_kernel(const T* __restrict__ y, const std::int32_t* __re
       }
     }
     T* dst = out + t * h + c;
-    if constexpr (Vec) ::kd::cuda::detail::store_grad_vec<T>(reinterpret_cast<uint4*>(dst), acc, accumulate);
-    else *dst = from_float<T>(accumulate ? to_float(*dst) + acc[0] : acc[0]);
+    if constexpr (Vec) *reinterpret_cast<uint4*>(dst) = pack<T>(acc);
+    else *dst = from_float<T>(acc[0]);
   }
 }
 
 template <class T, bool Weighted>
-status launch_combine(cudaStream_t s, const T* y, const std::int32_t* token_slot, const float* w, T* out, std::int64_t n,
-                      std::int64_t k, std::int64_t h, bool accumulate, const char* what) {
+status launch_combine(cudaStream_t s, const T* y, const std::int32_t* token_slot, const float* w, const T* residual,
+                      T* out, std::int64_t n, std::int64_t k, std::int64_t h, const char* what) {
   if (n == 0 || h == 0) return {};
-  const bool vec = h % vec_n<T> == 0 && vec_aligned(y) && vec_aligned(out);
+  const bool vec = h % vec_n<T> == 0 && vec_aligned(y) && vec_aligned(out) && (residual == nullptr || vec_aligned(residual));
   const std::int64_t work = n * h / (vec ? vec_n<T> : 1);
   if (vec)
-    combine_kernel<T, true, Weighted><<<grid_for(work, 256), 256, 0, s>>>(y, token_slot, w, out, n, static_cast<int>(k), h, accumulate);
+    combine_kernel<T, true, Weighted><<<grid_for(work, 256), 256, 0, s>>>(y, token_slot, w, residual, out, n, static_cast<int>(k), h);
   else
-    combine_kernel<T, false, Weighted><<<grid_for(work, 256), 256, 0, s>>>(y, token_slot, w, out, n, static_cast<int>(k), h, accumulate);
+    combine_kernel<T, false, Weighted><<<grid_for(work, 256), 256, 0, s>>>(y, token_slot, w, residual, out, n, static_cast<int>(k), h);
   KD_CUDA_TRY(cudaGetLastError(), what);
   return {};
 }

@@ -110,13 +110,15 @@ __device__ __forceinline__ void rope_in_lanes(float (&v)[VN], int sub, const flo
 template <class T, bool Vec, int L, bool Rope = false>
 __global__ void rmsnorm_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                                float* __restrict__ rstd, long long rows, int d, float eps,
-                               const float2* __restrict__ cs = nullptr, int heads = 1) {
+                               const float2* __restrict__ cs = nullptr, int heads = 1, long long x_ld = 0) {
   constexpr int G = 32 / L;  // rows a warp
   const int lane = threadIdx.x & 31, sub = lane % L;
   const long long row = (static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32) * G + lane / L;
   const bool active = row < rows;
   if (__all_sync(0xffffffffu, !active)) return;
-  const T* xr = x + (active ? row : 0) * d;
+  // With RoPE, x may be a column slice of a wider matrix (the fused QKV output): token stride x_ld.
+  const long long rr = active ? row : 0;
+  const T* xr = Rope ? x + (rr / heads) * x_ld + (rr % heads) * d : x + rr * d;
   T* yr = y + row * d;
   constexpr int vn = vec_n<T>;
   float ss = 0.f;
@@ -215,7 +217,7 @@ bool rope_fusable(std::int64_t d, const void* a, const void* b, const void* c, c
 // y = rope(rmsnorm(x)) over rows = tokens * heads (the per-head QK norm of Qwen3, then RoPE), fused.
 template <class T>
 status launch_rmsnorm_rope(cudaStream_t s, const T* x, const T* w, T* y, float* rstd, const float2* cs,
-                           std::int64_t tokens, std::int64_t heads, std::int64_t d, float eps) {
+                           std::int64_t tokens, std::int64_t heads, std::int64_t d, float eps, std::int64_t x_ld) {
   const std::int64_t rows = tokens * heads;
   if (rows == 0) return {};
   constexpr int warps = 8;
@@ -224,7 +226,7 @@ status launch_rmsnorm_rope(cudaStream_t s, const T* x, const T* w, T* y, float* 
     const std::int64_t per_block = warps * (32 / L);
     const unsigned blocks = static_cast<unsigned>((rows + per_block - 1) / per_block);
     rmsnorm_kernel<T, true, L, true><<<blocks, warps * 32, 0, s>>>(x, w, y, rstd, rows, static_cast<int>(d), eps, cs,
-                                                                   static_cast<int>(heads));
+                                                                   static_cast<int>(heads), x_ld);
     KD_CUDA_TRY(cudaGetLastError(), "rmsnorm_rope kernel launch");
     return {};
   });
@@ -246,7 +248,7 @@ template <class T, bool Vec, int L, bool Rope = false>
 __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ rstd,
                                    const T* __restrict__ dy, T* __restrict__ dx, float* __restrict__ partial,
                                    long long rows, int d, long long rows_per_block, bool accumulate_dx,
-                                   const float2* __restrict__ cs = nullptr, int heads = 1) {
+                                   const float2* __restrict__ cs = nullptr, int heads = 1, long long ld = 0) {
   extern __shared__ float4 norm_smem4[];
   constexpr int G = 32 / L;  // rows a warp works on at once, each with its own partial dw row
   float* part_all = reinterpret_cast<float*>(norm_smem4);
@@ -261,9 +263,12 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const T* __restrict_
   for (long long base = r0 + warp * G; base < r1; base += slots) {
     const long long row = base + lane / L;
     const bool active = row < r1;
-    const T* xr = x + (active ? row : r0) * d;
-    const T* dyr = dy + (active ? row : r0) * d;
-    T* dxr = dx + row * d;
+    const long long rr = active ? row : r0;
+    // With RoPE, x and dx may be column slices of a wider matrix (the fused QKV output and its gradient):
+    // token stride ld.
+    const T* xr = Rope ? x + (rr / heads) * ld + (rr % heads) * d : x + rr * d;
+    const T* dyr = dy + rr * d;
+    T* dxr = Rope ? dx + (row / heads) * ld + (row % heads) * d : dx + row * d;
     const float r = active ? rstd[row] : 0.f;
     float c = 0.f;
     if constexpr (Rope) {
@@ -363,7 +368,8 @@ __global__ void rmsnorm_bwd_kernel(const T* __restrict__ x, const T* __restrict_
 // threads, so the few column tiles of a norm weight still spread the partial rows over many threads):
 // reads are coalesced along the columns, the 32 group sums are folded in a fixed order.
 template <class T>
-__global__ void rmsnorm_dw_reduce_kernel(const float* __restrict__ partial, T* __restrict__ dw, int blocks, int d) {
+__global__ void rmsnorm_dw_reduce_kernel(const float* __restrict__ partial, T* __restrict__ dw, int blocks, int d,
+                                         bool accumulate) {
   __shared__ float sums[32][33];
   const int cx = threadIdx.x & 31, gy = threadIdx.x >> 5;
   const long long col = static_cast<long long>(blockIdx.x) * 32 + cx;
@@ -376,7 +382,7 @@ __global__ void rmsnorm_dw_reduce_kernel(const float* __restrict__ partial, T* _
     float t = 0.f;
 #pragma unroll
     for (int k = 0; k < 32; ++k) t += sums[k][cx];
-    dw[col] = from_float<T>(to_float(dw[col]) + t);
+    dw[col] = from_float<T>(accumulate ? to_float(dw[col]) + t : t);
   }
 }
 
@@ -389,7 +395,8 @@ inline std::size_t rmsnorm_bwd_scratch_bytes(std::int64_t rows, std::int64_t d) 
 template <class T>
 status launch_rmsnorm_bwd(cudaStream_t s, const T* x, const T* w, const float* rstd, const T* dy, T* dx, T* dw,
                           std::int64_t rows, std::int64_t d, bool accumulate_dx, float* partial,
-                          const float2* cs = nullptr, std::int64_t heads = 1) {
+                          const float2* cs = nullptr, std::int64_t heads = 1, std::int64_t ld = 0,
+                          bool accumulate_dw = true) {
   // With cs (rope_fusable), dy is the gradient of rope(rmsnorm(x)) and is rotated back in the kernel:
   // the fused backward of launch_rmsnorm_rope.
   const bool rope = cs != nullptr;
@@ -416,7 +423,7 @@ status launch_rmsnorm_bwd(cudaStream_t s, const T* x, const T* w, const float* r
                   "cudaFuncSetAttribute (rmsnorm_bwd)");
     }
     kernel<<<static_cast<unsigned>(blocks), warps * 32, smem, s>>>(x, w, rstd, dy, dx, partial, rows, static_cast<int>(d),
-                                                                   per_block, accumulate_dx, cs, static_cast<int>(heads));
+                                                                   per_block, accumulate_dx, cs, static_cast<int>(heads), ld);
     KD_CUDA_TRY(cudaGetLastError(), "rmsnorm_bwd kernel launch");
     return {};
   };
@@ -426,7 +433,7 @@ status launch_rmsnorm_bwd(cudaStream_t s, const T* x, const T* w, const float* r
     return vec ? run(rmsnorm_bwd_kernel<T, true, L>) : run(rmsnorm_bwd_kernel<T, false, L>);
   }));
   rmsnorm_dw_reduce_kernel<T><<<static_cast<unsigned>((d + 31) / 32), 1024, 0, s>>>(partial, dw, static_cast<int>(blocks),
-                                                                                    static_cast<int>(d));
+                                                                                    static_cast<int>(d), accumulate_dw);
   KD_CUDA_TRY(cudaGetLastError(), "rmsnorm_bwd dw reduction launch");
   return {};
 }

@@ -8,10 +8,10 @@
 // the backend's limits E <= 256 and k <= 8) come back as a kd::status before anything is launched, with
 // the codes cpu_ops uses. What only the data can reveal is not checked on the host: ids and token slots
 // are trusted (a bad embedding id reads as a zero row and is skipped by the gradient; a negative
-// gather row gives a zero row), except in moe_dispatch, which synchronises anyway and reports expert ids
-// outside [0, E).
+// gather row gives a zero row), except in moe_dispatch, whose counts must reach the host anyway: sync_counts
+// reports expert ids outside [0, E).
 //
-// Nothing synchronises except download and moe_dispatch (ops.hpp). Memory: alloc is cudaMalloc plus a
+// Nothing synchronises except download and sync_counts (ops.hpp). Memory: alloc is cudaMalloc plus a
 // zeroing cudaMemsetAsync on the stream; buffers free with cudaFree (which waits for the device).
 // Kernels: gemm.cuh (cuBLAS), norm.cuh (rmsnorm, rope), elementwise.cuh (swiglu, add, embedding),
 // moe.cuh (router, dispatch, combine), attention.cuh (flash attention and the probability maps).
@@ -174,6 +174,8 @@ class cuda_ops {
   status upload(const U* host, std::size_t n, U* dst) {
     KD_TRY(check("upload").ptr(host, static_cast<i64>(n), "host").ptr(dst, static_cast<i64>(n), "dst").done());
     if (n == 0) return {};
+    if constexpr (std::is_same_v<U, I>)  // new positions: the rope_cache table is stale
+      if (cos_sin_.pos != nullptr && dst < cos_sin_.pos + cos_sin_.tokens && cos_sin_.pos < dst + n) cos_sin_.pos = nullptr;
     KD_CUDA_TRY(cudaMemcpyAsync(dst, host, n * sizeof(U), cudaMemcpyHostToDevice, stream()), "cuda_ops::upload");
     return {};
   }
@@ -181,6 +183,7 @@ class cuda_ops {
   template <class U>
   status download(const U* src, std::size_t n, U* host) {
     KD_TRY(check("download").ptr(src, static_cast<i64>(n), "src").ptr(host, static_cast<i64>(n), "host").done());
+    KD_TRY(sync_counts());
     if (n == 0) return {};
     KD_CUDA_TRY(cudaMemcpyAsync(host, src, n * sizeof(U), cudaMemcpyDeviceToHost, stream()), "cuda_ops::download");
     KD_CUDA_TRY(cudaStreamSynchronize(stream()), "cuda_ops::download: cudaStreamSynchronize");
@@ -198,6 +201,22 @@ class cuda_ops {
     KD_TRY(check("copy").ptr(src, static_cast<i64>(n), "src").ptr(dst, static_cast<i64>(n), "dst").done());
     if (n == 0 || src == dst) return {};
     KD_CUDA_TRY(cudaMemcpyAsync(dst, src, n * sizeof(U), cudaMemcpyDeviceToDevice, stream()), "cuda_ops::copy");
+    return {};
+  }
+  // dst[r, 0:cols] = src[r, 0:cols] with row strides src_ld / dst_ld (a vector kernel, or cudaMemcpy2DAsync).
+  status copy_rows(const T* src, i64 src_ld, T* dst, i64 dst_ld, i64 rows, i64 cols) {
+    check c("copy_rows");
+    KD_TRY(model::detail::rows_shape(c, src, src_ld, dst, dst_ld, rows, cols).done());
+    if (rows == 0 || cols == 0) return {};
+    if (cuda::detail::launch_copy_rows(stream(), src, src_ld, dst, dst_ld, rows, cols)) {
+      KD_CUDA_TRY(cudaGetLastError(), "copy_rows kernel launch");
+      return {};
+    }
+    constexpr auto b = static_cast<i64>(sizeof(T));
+    KD_CUDA_TRY(cudaMemcpy2DAsync(dst, static_cast<std::size_t>(dst_ld * b), src, static_cast<std::size_t>(src_ld * b),
+                                  static_cast<std::size_t>(cols * b), static_cast<std::size_t>(rows),
+                                  cudaMemcpyDeviceToDevice, stream()),
+                "cuda_ops::copy_rows");
     return {};
   }
   status add(T* y, const T* x, std::size_t n) {
@@ -218,68 +237,115 @@ class cuda_ops {
     KD_TRY(ctx_->cublas(h));
     return cuda::detail::linear_dx(h, stream(), dy, w, dx, M, N, K, accumulate);
   }
-  status linear_dw(const T* dy, const T* x, T* dw, i64 M, i64 N, i64 K) {
+  status linear_dw(const T* dy, const T* x, T* dw, i64 M, i64 N, i64 K, bool accumulate = true) {
     cublasHandle_t h = nullptr;
     KD_TRY(ctx_->cublas(h));
-    return cuda::detail::linear_dw(h, dy, x, dw, M, N, K);
+    return cuda::detail::linear_dw(h, stream(), dy, x, dw, M, N, K, accumulate);
   }
 
   // Qwen3's per-head QK norm and RoPE in one pass when a head is one 16-byte vector per lane of a
   // power-of-two lane group (head_dim 64 or 128 in bf16); otherwise rmsnorm then rope.
+  // The (cos, sin) table of (pos, tokens, D, theta) for the fused QK norm + RoPE ops, kept until the next
+  // rope_cache call or upload into pos: a model computes it once a forward instead of once an op (each
+  // build is a kernel of its own, four a layer). The caller promises pos does not change meanwhile.
+  status rope_cache(const I* pos, i64 tokens, i64 D, double theta) {
+    KD_TRY(rope_checks("rope_cache", tokens, 1, D, theta, pos).done());
+    cos_sin_.pos = nullptr;
+    if (tokens == 0) return {};
+    const auto n = static_cast<std::size_t>(tokens * (D / 2));
+    if (cos_sin_.table.size() < n) KD_TRY(cos_sin_.table.allocate(n, stream()));
+    const double* inv_freq = nullptr;
+    KD_TRY(rope_table(D, theta, inv_freq));
+    KD_TRY(cuda::detail::launch_rope_cos_sin(stream(), pos, inv_freq, cos_sin_.table.data(), tokens, D));
+    cos_sin_.pos = pos;
+    cos_sin_.tokens = tokens;
+    cos_sin_.d = D;
+    cos_sin_.theta = theta;
+    return {};
+  }
+
+  // x_ld (forward) / ld (backward, for x and dx): token stride of x / dx when they are column slices of a
+  // wider matrix (0: heads * D), as the q and k parts of the fused QKV projection and its gradient are.
   status rmsnorm_rope(const T* x, const T* w, T* y, A* rstd, const I* pos, i64 tokens, i64 heads, i64 D, double eps,
-                      double theta) {
-    if (!cuda::detail::rope_fusable<T>(D, x, w, y, y)) {
+                      double theta, i64 x_ld = 0) {
+    const i64 HD = heads * D;
+    if (x_ld == 0) x_ld = HD;
+    {
+      check c("rmsnorm_rope");
+      KD_TRY(model::detail::head_rows_ld(c, x_ld, heads, D, "x").done());
+    }
+    if (!cuda::detail::rope_fusable<T>(D, x, w, y, y) || (x_ld * static_cast<i64>(sizeof(T))) % 16 != 0) {
+      if (x_ld != HD) {  // gather the slice first; rmsnorm works row by row, so in place is fine
+        KD_TRY(copy_rows(x, x_ld, y, HD, tokens, HD));
+        x = y;
+      }
       KD_TRY(rmsnorm(x, w, y, rstd, tokens * heads, D, eps));
       return rope(y, pos, tokens, heads, D, theta, false);
     }
     KD_TRY(rope_checks("rmsnorm_rope", tokens, heads, D, theta, pos)
                .finite(eps, "eps")
-               .ptr(x, tokens * heads * D, "x")
+               .ptr(x, tokens > 0 ? (tokens - 1) * x_ld + HD : 0, "x")
                .ptr(w, D, "w")
-               .ptr(y, tokens * heads * D, "y")
+               .ptr(y, tokens * HD, "y")
                .ptr(rstd, tokens * heads, "rstd")
                .done());
     if (tokens == 0) return {};
-    const double* inv_freq = nullptr;
-    KD_TRY(rope_table(D, theta, inv_freq));
-    void* scratch = nullptr;
-    KD_TRY(ctx_->scratch(cuda::detail::rope_cos_sin_bytes(tokens, D), scratch));
-    auto* cs = static_cast<float2*>(scratch);
-    KD_TRY(cuda::detail::launch_rope_cos_sin(stream(), pos, inv_freq, cs, tokens, D));
-    return cuda::detail::launch_rmsnorm_rope(stream(), x, w, y, rstd, cs, tokens, heads, D, static_cast<float>(eps));
+    const float2* cs = cached_cos_sin(pos, tokens, D, theta);
+    if (cs == nullptr) {
+      const double* inv_freq = nullptr;
+      KD_TRY(rope_table(D, theta, inv_freq));
+      void* scratch = nullptr;
+      KD_TRY(ctx_->scratch(cuda::detail::rope_cos_sin_bytes(tokens, D), scratch));
+      KD_TRY(cuda::detail::launch_rope_cos_sin(stream(), pos, inv_freq, static_cast<float2*>(scratch), tokens, D));
+      cs = static_cast<const float2*>(scratch);
+    }
+    return cuda::detail::launch_rmsnorm_rope(stream(), x, w, y, rstd, cs, tokens, heads, D, static_cast<float>(eps), x_ld);
   }
   status rmsnorm_rope_bwd(const T* x, const T* w, const A* rstd, const I* pos, const T* dy, T* dx, T* dw, i64 tokens,
-                          i64 heads, i64 D, double theta) {
-    KD_TRY(rope_checks("rmsnorm_rope_bwd", tokens, heads, D, theta, pos)
-               .ptr(x, tokens * heads * D, "x")
+                          i64 heads, i64 D, double theta, i64 ld = 0, bool accumulate_dw = true) {
+    const i64 HD = heads * D;
+    if (ld == 0) ld = HD;
+    const i64 sliced = tokens > 0 ? (tokens - 1) * ld + HD : 0;
+    check c = rope_checks("rmsnorm_rope_bwd", tokens, heads, D, theta, pos);
+    KD_TRY(model::detail::head_rows_ld(c, ld, heads, D, "x / dx")
+               .ptr(x, sliced, "x")
                .ptr(w, D, "w")
                .ptr(rstd, tokens * heads, "rstd")
-               .ptr(dy, tokens * heads * D, "dy")
-               .ptr(dx, tokens * heads * D, "dx")
+               .ptr(dy, tokens * HD, "dy")
+               .ptr(dx, sliced, "dx")
                .ptr(dw, D, "dw")
                .done());
-    if (tokens == 0) return {};
+    if (tokens == 0) return accumulate_dw ? status{} : fill_zero(dw, static_cast<std::size_t>(D));
     const i64 R = tokens * heads;
-    if (!cuda::detail::rope_fusable<T>(D, x, w, dy, dx)) {
-      // Unfused: rotate a copy of dy back, then the norm's backward (a temporary: small heads only).
-      auto g = alloc<T>(static_cast<std::size_t>(R * D));
-      if (g.size() != static_cast<std::size_t>(R * D))
-        return {errc::backend_error, "cuda_ops::rmsnorm_rope_bwd: cannot allocate the rotated gradient"};
-      KD_TRY(copy(dy, g.data(), g.size()));
+    if (!cuda::detail::rope_fusable<T>(D, x, w, dy, dx) || (ld * static_cast<i64>(sizeof(T))) % 16 != 0) {
+      // Unfused: rotate a copy of dy back, then the norm's backward (temporaries: small heads only).
+      const auto n = static_cast<std::size_t>(R * D);
+      auto g = alloc<T>(n);
+      auto xs = alloc<T>(ld == HD ? 0 : n);
+      auto d = alloc<T>(ld == HD ? 0 : n);
+      if (g.size() != n || (ld != HD && (xs.size() != n || d.size() != n)))
+        return {errc::backend_error, "cuda_ops::rmsnorm_rope_bwd: cannot allocate its temporaries"};
+      KD_TRY(copy(dy, g.data(), n));
       KD_TRY(rope(g.data(), pos, tokens, heads, D, theta, true));
-      return rmsnorm_bwd(x, w, rstd, g.data(), dx, dw, R, D, false);
+      if (ld == HD) return rmsnorm_bwd(x, w, rstd, g.data(), dx, dw, R, D, false, accumulate_dw);
+      KD_TRY(copy_rows(x, ld, xs.data(), HD, tokens, HD));
+      KD_TRY(rmsnorm_bwd(xs.data(), w, rstd, g.data(), d.data(), dw, R, D, false, accumulate_dw));
+      return copy_rows(d.data(), HD, dx, ld, tokens, HD);
     }
-    const double* inv_freq = nullptr;
-    KD_TRY(rope_table(D, theta, inv_freq));
-    // One scratch block: the (cos, sin) table, then the partial dw rows.
-    const std::size_t table = (cuda::detail::rope_cos_sin_bytes(tokens, D) + 255) / 256 * 256;
+    // One scratch block: the (cos, sin) table unless rope_cache holds it, then the partial dw rows.
+    const float2* cs = cached_cos_sin(pos, tokens, D, theta);
+    const std::size_t table = cs != nullptr ? 0 : (cuda::detail::rope_cos_sin_bytes(tokens, D) + 255) / 256 * 256;
     void* scratch = nullptr;
     KD_TRY(ctx_->scratch(table + cuda::detail::rmsnorm_bwd_scratch_bytes(R, D), scratch));
-    auto* cs = static_cast<float2*>(scratch);
-    KD_TRY(cuda::detail::launch_rope_cos_sin(stream(), pos, inv_freq, cs, tokens, D));
+    if (cs == nullptr) {
+      const double* inv_freq = nullptr;
+      KD_TRY(rope_table(D, theta, inv_freq));
+      KD_TRY(cuda::detail::launch_rope_cos_sin(stream(), pos, inv_freq, static_cast<float2*>(scratch), tokens, D));
+      cs = static_cast<const float2*>(scratch);
+    }
     return cuda::detail::launch_rmsnorm_bwd(stream(), x, w, rstd, dy, dx, dw, R, D, false,
                                             reinterpret_cast<float*>(static_cast<unsigned char*>(scratch) + table), cs,
-                                            heads);
+                                            heads, ld, accumulate_dw);
   }
 
   // The experts' GEMMs (grouped_gemm.cuh): spread over side streams when more than one group has rows.
@@ -295,9 +361,15 @@ class cuda_ops {
       return cuda::detail::linear_dx(h, s, dy + r * N, w + g * N * K, dx + r * K, c, N, K, accumulate);
     });
   }
-  status grouped_linear_dw(const T* dy, const T* x, T* dw, const std::int64_t* counts, i64 G, i64 N, i64 K) {
-    return on_groups(counts, G, [&](cublasHandle_t h, cudaStream_t, i64 g, i64 r, i64 c) {
-      return cuda::detail::linear_dw(h, dy + r * N, x + r * K, dw + g * N * K, c, N, K);
+  // Without accumulate every group's dw is overwritten, an empty group's with zeros.
+  status grouped_linear_dw(const T* dy, const T* x, T* dw, const std::int64_t* counts, i64 G, i64 N, i64 K,
+                           bool accumulate = true) {
+    KD_TRY(sync_counts());
+    if (!accumulate && counts != nullptr)
+      for (i64 g = 0; g < G; ++g)
+        if (counts[g] == 0) KD_TRY(fill_zero(dw + g * N * K, static_cast<std::size_t>(N * K)));
+    return on_groups(counts, G, [&](cublasHandle_t h, cudaStream_t s, i64 g, i64 r, i64 c) {
+      return cuda::detail::linear_dw(h, s, dy + r * N, x + r * K, dw + g * N * K, c, N, K, accumulate);
     });
   }
 
@@ -332,7 +404,8 @@ class cuda_ops {
     return cuda::detail::launch_rmsnorm(stream(), x, w, y, rstd, R, D, static_cast<float>(eps));
   }
 
-  status rmsnorm_bwd(const T* x, const T* w, const A* rstd, const T* dy, T* dx, T* dw, i64 R, i64 D, bool accumulate_dx) {
+  status rmsnorm_bwd(const T* x, const T* w, const A* rstd, const T* dy, T* dx, T* dw, i64 R, i64 D, bool accumulate_dx,
+                     bool accumulate_dw = true) {
     KD_TRY(check("rmsnorm_bwd")
                .nonneg(R, "R")
                .positive(D, "D")
@@ -342,12 +415,13 @@ class cuda_ops {
                .ptr(rstd, R, "rstd")
                .ptr(dy, R * D, "dy")
                .ptr(dx, R * D, "dx")
-               .ptr(dw, R > 0 ? D : 0, "dw")
+               .ptr(dw, accumulate_dw && R == 0 ? 0 : D, "dw")
                .done());
-    if (R == 0) return {};
+    if (R == 0) return accumulate_dw ? status{} : fill_zero(dw, static_cast<std::size_t>(D));
     void* scratch = nullptr;
     KD_TRY(ctx_->scratch(cuda::detail::rmsnorm_bwd_scratch_bytes(R, D), scratch));
-    return cuda::detail::launch_rmsnorm_bwd(stream(), x, w, rstd, dy, dx, dw, R, D, accumulate_dx, static_cast<float*>(scratch));
+    return cuda::detail::launch_rmsnorm_bwd(stream(), x, w, rstd, dy, dx, dw, R, D, accumulate_dx, static_cast<float*>(scratch),
+                                            nullptr, 1, 0, accumulate_dw);
   }
 
   // HF rotate-half RoPE in place. inv_freq = theta^(-2i/D) in double, built on the device once per
@@ -474,8 +548,10 @@ class cuda_ops {
     return cuda::detail::launch_router_bwd(stream(), probs, topk_idx, dtopk_w, dprobs_extra, dlogits, N, E, k, renorm);
   }
 
-  // Counting sort on the device; waits for the stream to return counts_host. Expert ids outside [0, E)
-  // give errc::out_of_range (slot_token / token_slot are then incomplete).
+  // Counting sort on the device. Does not wait: counts_host is filled by sync_counts(), which the grouped
+  // GEMMs and download call first, so the host can queue the gather and the residual while the sort runs.
+  // Expert ids outside [0, E) come back from sync_counts() as errc::out_of_range (slot_token / token_slot
+  // are then incomplete).
   status moe_dispatch(const I* topk_idx, i64 N, i64 E, i64 k, I* slot_token, I* token_slot, std::int64_t* counts_host) {
     KD_TRY(cuda::detail::router_check("moe_dispatch", N, E, k)
                .ptr(topk_idx, N * k, "topk_idx")
@@ -483,10 +559,16 @@ class cuda_ops {
                .ptr(token_slot, N * k, "token_slot")
                .ptr(counts_host, E, "counts_host")
                .done());
+    KD_TRY(sync_counts());  // an earlier dispatch nobody collected
     void* scratch = nullptr;
     KD_TRY(ctx_->scratch(cuda::detail::dispatch_scratch_bytes(E), scratch));
-    return cuda::detail::launch_dispatch(stream(), topk_idx, N, E, k, slot_token, token_slot, counts_host, scratch);
+    long long* pinned = nullptr;
+    KD_TRY(counts_.init(pinned));
+    KD_TRY(cuda::detail::launch_dispatch(stream(), topk_idx, N, E, k, slot_token, token_slot, pinned, scratch));
+    return counts_.post(stream(), counts_host, E, N * k);
   }
+  // Waits for the counts of the last moe_dispatch (if not yet collected) and writes them to its counts_host.
+  status sync_counts() { return counts_.collect(); }
 
   // out[s] = x[rows[s]] (a negative row gives a zero row).
   status gather_rows(const T* x, const I* rows, T* out, i64 S, i64 H) {
@@ -495,13 +577,13 @@ class cuda_ops {
                                             "gather_rows kernel launch");
   }
 
-  status moe_combine(const T* y, const I* token_slot, const A* topk_w, T* out, i64 N, i64 k, i64 H, bool accumulate) {
+  status moe_combine(const T* y, const I* token_slot, const A* topk_w, const T* residual, T* out, i64 N, i64 k, i64 H) {
     KD_TRY(cuda::detail::combine_check("moe_combine", token_slot, N, k, H)
                .ptr(y, N * k * H, "y")
                .ptr(topk_w, N * k, "topk_w")
                .ptr(out, N * H, "out")
                .done());
-    return cuda::detail::launch_combine<T, true>(stream(), y, token_slot, topk_w, out, N, k, H, accumulate,
+    return cuda::detail::launch_combine<T, true>(stream(), y, token_slot, topk_w, residual, out, N, k, H,
                                                  "moe_combine kernel launch");
   }
 
@@ -518,13 +600,13 @@ class cuda_ops {
     return cuda::detail::launch_combine_bwd(stream(), y, token_slot, topk_w, dout, dy, dtopk_w, N, k, H);
   }
 
-  status moe_gather_add(const T* dy_slots, const I* token_slot, T* dx, i64 N, i64 k, i64 H) {
+  status moe_gather_add(const T* dy_slots, const I* token_slot, T* dx, i64 N, i64 k, i64 H, bool accumulate) {
     KD_TRY(cuda::detail::combine_check("moe_gather_add", token_slot, N, k, H)
                .ptr(dy_slots, N * k * H, "dy_slots")
                .ptr(dx, N * H, "dx")
                .done());
-    return cuda::detail::launch_combine<T, false>(stream(), dy_slots, token_slot, nullptr, dx, N, k, H, true,
-                                                  "moe_gather_add kernel launch");
+    return cuda::detail::launch_combine<T, false>(stream(), dy_slots, token_slot, nullptr, accumulate ? dx : nullptr, dx,
+                                                  N, k, H, "moe_gather_add kernel launch");
   }
 
  private:
@@ -550,6 +632,7 @@ class cuda_ops {
   template <class F>
   status on_groups(const std::int64_t* counts, i64 G, F&& f) {
     if (counts == nullptr && G > 0) return {errc::invalid_argument, "cuda_ops::grouped_linear: counts is null"};
+    KD_TRY(sync_counts());  // counts may be those of a dispatch still on their way
     i64 busy = 0;
     for (i64 g = 0; g < G; ++g) {
       if (counts[g] < 0) return {errc::invalid_argument, "cuda_ops::grouped_linear: negative group size"};
@@ -580,6 +663,7 @@ class cuda_ops {
     return s;
   }
   std::unique_ptr<cuda::stream_pool> pool_;
+  cuda::detail::dispatch_counts counts_;
 
   static constexpr i64 kRopeMaxDim = 8192;  // cos/sin of a token in shared memory: 4 * D bytes
 
@@ -610,8 +694,22 @@ class cuda_ops {
     cuda::device_array<double> inv_freq;
   };
 
+  struct cos_sin_entry {
+    const I* pos = nullptr;  // null: nothing cached
+    i64 tokens = 0, d = 0;
+    double theta = 0;
+    cuda::device_array<float2> table;
+  };
+  const float2* cached_cos_sin(const I* pos, i64 tokens, i64 D, double theta) const {
+    const auto& c = cos_sin_;
+    return c.pos == pos && c.tokens == tokens && c.d == D && std::memcmp(&c.theta, &theta, sizeof theta) == 0
+               ? c.table.data()
+               : nullptr;
+  }
+
   ::kd::cuda::context* ctx_;
   std::vector<rope_entry> rope_tables_;
+  cos_sin_entry cos_sin_;
 };
 
 static_assert(ModelBackend<cuda_ops<float>>);

@@ -73,6 +73,7 @@ class profiled_ops : public cuda_ops<T> {
     return s;                                                      \
   }
   KD_PROFILED_OP(copy)
+  KD_PROFILED_OP(copy_rows)
   KD_PROFILED_OP(fill_zero)
   KD_PROFILED_OP(add)
   KD_PROFILED_OP(grouped_linear)
@@ -83,6 +84,7 @@ class profiled_ops : public cuda_ops<T> {
   KD_PROFILED_OP(rmsnorm)
   KD_PROFILED_OP(rmsnorm_bwd)
   KD_PROFILED_OP(rope)
+  KD_PROFILED_OP(rope_cache)
   KD_PROFILED_OP(rmsnorm_rope)
   KD_PROFILED_OP(rmsnorm_rope_bwd)
   KD_PROFILED_OP(swiglu)
@@ -107,8 +109,8 @@ class profiled_ops : public cuda_ops<T> {
   status linear_dx(const T* dy, const T* w, T* dx, std::int64_t M, std::int64_t N, std::int64_t K, bool acc) {
     return time(shaped("linear_dx", N, K), [&] { return base::linear_dx(dy, w, dx, M, N, K, acc); });
   }
-  status linear_dw(const T* dy, const T* x, T* dw, std::int64_t M, std::int64_t N, std::int64_t K) {
-    return time(shaped("linear_dw", N, K), [&] { return base::linear_dw(dy, x, dw, M, N, K); });
+  status linear_dw(const T* dy, const T* x, T* dw, std::int64_t M, std::int64_t N, std::int64_t K, bool acc = true) {
+    return time(shaped("linear_dw", N, K), [&] { return base::linear_dw(dy, x, dw, M, N, K, acc); });
   }
 
   // Times a region that is not an op (a loss kernel) under `name`.
