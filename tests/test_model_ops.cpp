@@ -146,8 +146,9 @@ TEST_CASE("cpu_ops: rmsnorm forward, backward and accumulate_dx") {
   const std::int64_t R = 4, D = 7;
   const double eps = 1e-5;
   vec x = kdtest::normal(R * D, g), w = kdtest::normal(D, g, 1.0, 0.3), dy = kdtest::normal(R * D, g);
-  vec y(R * D), rstd(R);
-  REQUIRE(ops.rmsnorm(x.data(), w.data(), y.data(), rstd.data(), R, D, eps).ok());
+  vec y(R * D), rstd(R), xc(R * D);
+  REQUIRE(ops.rmsnorm(x.data(), w.data(), y.data(), rstd.data(), R, D, eps, xc.data()).ok());
+  CHECK(xc == x);
   for (int r = 0; r < R; ++r) {
     double ss = 0;
     for (int i = 0; i < D; ++i) ss += x[r * D + i] * x[r * D + i];
@@ -563,6 +564,18 @@ TEST_CASE("cpu_ops: gather_rows, moe_combine, moe_combine_bwd, moe_gather_add") 
     REQUIRE(ops.gather_rows(x.data(), slot_token.data(), r.data(), S, H).ok());
     return dot(r, dy);
   };
+  // With the router's input gradient fused in: equal to the gather-add followed by linear_dx.
+  {
+    const std::int64_t E = 3;
+    const vec dl = kdtest::normal(N * E, g), wr = kdtest::normal(E * H, g);
+    vec fused = dx0, split = dx0;
+    REQUIRE(ops.moe_gather_add(dy.data(), token_slot.data(), fused.data(), N, k, H, true, dl.data(), wr.data(), E).ok());
+    REQUIRE(ops.moe_gather_add(dy.data(), token_slot.data(), split.data(), N, k, H, true).ok());
+    REQUIRE(ops.linear_dx(dl.data(), wr.data(), split.data(), N, E, H, true).ok());
+    CHECK(kdtest::rel_error(fused, split) < 1e-14);
+    CHECK(ops.moe_gather_add(dy.data(), token_slot.data(), fused.data(), N, k, H, true, nullptr, wr.data(), E).code() ==
+          errc::invalid_argument);
+  }
   vec dgx(N * H, 0.0);
   REQUIRE(ops.moe_gather_add(dy.data(), token_slot.data(), dgx.data(), N, k, H, true).ok());
   check_gradient(gather_loss, x, dgx, "gather dx");

@@ -332,9 +332,10 @@ TEST_CASE_TEMPLATE("cuda_ops: rmsnorm and rmsnorm_bwd", T, float, kd::bfloat16) 
     const std::size_t n = static_cast<std::size_t>(s.r * s.d), d = static_cast<std::size_t>(s.d);
     const auto x = rnd<T>(n, 2.0), w = rnd<T>(d), dy = rnd<T>(n);
     auto dx_ = dev(x), dw_ = dev(w);
-    auto y = poisoned<T>(n);
+    auto y = poisoned<T>(n), xc = poisoned<T>(n);
     auto rstd = poisoned<float>(static_cast<std::size_t>(s.r));
-    REQUIRE(ops.rmsnorm(dx_.data(), dw_.data(), y.data(), rstd.data(), s.r, s.d, eps).ok());
+    REQUIRE(ops.rmsnorm(dx_.data(), dw_.data(), y.data(), rstd.data(), s.r, s.d, eps, xc.data()).ok());
+    CHECK(to_double(host(xc)) == to_double(x));  // the copy of x, written by the same pass
     dvec ry(n), rr(static_cast<std::size_t>(s.r));
     REQUIRE(f.ref.rmsnorm(to_double(x).data(), to_double(w).data(), ry.data(), rr.data(), s.r, s.d, eps).ok());
     near(to_double(host(y)), ry, tol<T>(), "rmsnorm y");
@@ -733,15 +734,25 @@ TEST_CASE_TEMPLATE("cuda_ops: gather_rows, moe_combine, moe_combine_bwd, moe_gat
     near(to_double(host(gy)), rgy, tol<T>(), "moe_combine_bwd dy");
     near(to_double(host(gw)), rgw, sizeof(T) == 2 ? 1e-5 : 1e-5, "moe_combine_bwd dtopk_w");
 
-    for (bool acc : {false, true}) {
-      CAPTURE(acc);
-      const auto gx0 = rnd<T>(nh);
-      auto gx = acc ? dev(gx0) : poisoned<T>(nh);
-      REQUIRE(ops.moe_gather_add(dy_.data(), dslots.data(), gx.data(), s.n, s.k, s.h, acc).ok());
-      dvec rgx = to_double(gx0);
-      REQUIRE(f.ref.moe_gather_add(to_double(y).data(), slots.data(), rgx.data(), s.n, s.k, s.h, acc).ok());
-      near(to_double(host(gx)), rgx, tol<T>(), "moe_gather_add");
-    }
+    const std::int64_t E = 8;  // the fused router term, on and off
+    const auto dl = rnd<T>(static_cast<std::size_t>(s.n * E)), wr = rnd<T>(static_cast<std::size_t>(E * s.h));
+    auto ddl = dev(dl), dwr = dev(wr);
+    for (bool acc : {false, true})
+      for (std::int64_t e : {std::int64_t{0}, E}) {
+        CAPTURE(acc);
+        CAPTURE(e);
+        const auto gx0 = rnd<T>(nh);
+        auto gx = acc ? dev(gx0) : poisoned<T>(nh);
+        REQUIRE(ops.moe_gather_add(dy_.data(), dslots.data(), gx.data(), s.n, s.k, s.h, acc, e ? ddl.data() : nullptr,
+                                   e ? dwr.data() : nullptr, e)
+                    .ok());
+        dvec rgx = to_double(gx0);
+        const dvec rdl = to_double(dl), rwr = to_double(wr);
+        REQUIRE(f.ref.moe_gather_add(to_double(y).data(), slots.data(), rgx.data(), s.n, s.k, s.h, acc,
+                                     e ? rdl.data() : nullptr, e ? rwr.data() : nullptr, e)
+                    .ok());
+        near(to_double(host(gx)), rgx, tol<T>(), "moe_gather_add");
+      }
   }
 }
 

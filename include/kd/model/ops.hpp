@@ -75,7 +75,7 @@ concept ModelBackend = requires(B& b, std::size_t n) {
 //                                      w + g*N*K ([N,K]): the experts of an MoE layer (independent GEMMs)
 //   embedding(ids[n], table[V,H], out[n,H], n, V, H)                   ids are checked by the caller
 //   embedding_dw(ids[n], dout[n,H], dtable[V,H], n, V, H)              dtable[ids[i]] += dout[i]
-//   rmsnorm(x[R,D], w[D], y[R,D], A* rstd[R], R, D, eps)               y = x * rstd * w
+//   rmsnorm(x[R,D], w[D], y[R,D], A* rstd[R], R, D, eps[, x_copy])     y = x * rstd * w (x_copy = x, optional)
 //   rmsnorm_bwd(x, w, rstd, dy, dx, dw, R, D, accumulate_dx[, accumulate_dw = true])   dw (+)= ...
 //   rope(x[tokens,heads,D], pos[tokens], tokens, heads, D, theta, inverse)   in place
 //   rmsnorm_rope(x[tokens,heads,D], w[D], y, A* rstd[tokens*heads], pos, tokens, heads, D, eps, theta[, x_ld])
@@ -103,6 +103,8 @@ concept ModelBackend = requires(B& b, std::size_t n) {
 //                                 out[t] = residual[t] + sum_j topk_w[t,j] y[token_slot[t*k+j]]
 //                                 (residual nullable: no term; or equal to out: +=)
 //   moe_combine_bwd(y, token_slot, topk_w, dout[N,H], dy[S,H], A* dtopk_w[N,k], N, k, H)
-//   moe_gather_add(dy_slots[S,H], token_slot, dx[N,H], N, k, H, accumulate)  dx[t] (+)= sum_j dy[token_slot[t*k+j]]
+//   moe_gather_add(dy_slots[S,H], token_slot, dx[N,H], N, k, H, accumulate[, dlogits[N,E], w_router[E,H], E])
+//                                 dx[t] (+)= sum_j dy[token_slot[t*k+j]] (+ dlogits[t] w_router: the router's
+//                                 input gradient, linear_dx fused in)
 
 }  // namespace kd::model

@@ -208,7 +208,9 @@ class cpu_ops {
   }
 
   // y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row.
-  status rmsnorm(const T* x, const T* w, T* y, A* rstd, i64 R, i64 D, double eps) {
+  // x_copy (optional): also receives x (the residual stream's copy a layer adds its branch to).
+  status rmsnorm(const T* x, const T* w, T* y, A* rstd, i64 R, i64 D, double eps, T* x_copy = nullptr) {
+    if (x_copy != nullptr) KD_TRY(copy(x, x_copy, static_cast<std::size_t>(R * D)));
     KD_TRY(detail::cpu_op_check("rmsnorm")
                .nonneg(R, "R")
                .positive(D, "D")
@@ -627,11 +629,16 @@ class cpu_ops {
     return {};
   }
 
-  // dx[t] (+)= sum_j dy_slots[token_slot[t*k + j]]
-  status moe_gather_add(const T* dy_slots, const index_t* token_slot, T* dx, i64 N, i64 k, i64 H, bool accumulate) {
+  // dx[t] (+)= sum_j dy_slots[token_slot[t*k + j]] (+ dlogits[t] w_router when E > 0: the router's input
+  // gradient, linear_dx(dlogits, w_router), fused)
+  status moe_gather_add(const T* dy_slots, const index_t* token_slot, T* dx, i64 N, i64 k, i64 H, bool accumulate,
+                        const T* dlogits = nullptr, const T* w_router = nullptr, i64 E = 0) {
     KD_TRY(combine_check("moe_gather_add", token_slot, N, k, H)
                .ptr(dy_slots, N * k * H, "dy_slots")
                .ptr(dx, N * H, "dx")
+               .nonneg(E, "E")
+               .ptr(dlogits, N * E, "dlogits")
+               .ptr(w_router, E * H, "w_router")
                .done());
     for (i64 t = 0; t < N; ++t) {
       T* d = dx + t * H;
@@ -640,6 +647,8 @@ class cpu_ops {
         const T* s = dy_slots + i64(token_slot[t * k + j]) * H;
         for (i64 h = 0; h < H; ++h) d[h] += s[h];
       }
+      for (i64 e = 0; e < E; ++e)
+        for (i64 h = 0; h < H; ++h) d[h] += dlogits[t * E + e] * w_router[e * H + h];
     }
     return {};
   }

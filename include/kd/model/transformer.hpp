@@ -419,7 +419,8 @@ class transformer {
     // Attention block: x_mid = x + o_proj(attn(rope(qk_norm(W x_n)))). The q, k and v weights are adjacent in
     // the arena (parameter_table), so the three projections are one GEMM into qkv [n, Q + 2 KV]: one wide
     // GEMM runs much closer to the GPU's peak than the two narrow k / v ones did.
-    KD_TRY(b_->rmsnorm(x, w(p.input_norm), st.xn1.data(), st.rstd1.data(), n, H, a.eps));
+    // The norm also copies x into x_mid, which the o projection then accumulates into (x stays for backward).
+    KD_TRY(b_->rmsnorm(x, w(p.input_norm), st.xn1.data(), st.rstd1.data(), n, H, a.eps, st.x_mid.data()));
     const std::int64_t QKV = Q + 2 * KV;
     T* qkv = a.qk_norm ? st.qkv.data() : qkv_.data();
     KD_TRY(b_->linear(st.xn1.data(), w(p.q), qkv, n, QKV, H, false));
@@ -440,14 +441,15 @@ class transformer {
     if (auto& pr = probs_[static_cast<std::size_t>(l)]; pr.size())
       KD_TRY(b_->attention_probs(st.q.data(), st.k.data(), st.lse.data(), pr.data(), batch_, seq_, a.heads,
                                  a.kv_heads, D, scale()));
-    KD_TRY(b_->copy(x, st.x_mid.data(), static_cast<std::size_t>(n * H)));
     KD_TRY(b_->linear(st.o.data(), w(p.o), st.x_mid.data(), n, H, Q, true));
 
     // MLP block: out = x_mid + mlp(x_mid_n).
-    KD_TRY(b_->rmsnorm(st.x_mid.data(), w(p.post_norm), st.xn2.data(), st.rstd2.data(), n, H, a.eps));
     const std::int64_t I = la.intermediate;
+    // Dense: out starts as a copy of x_mid (made by the norm) that the down projection accumulates into;
+    // MoE: the combine takes x_mid as its residual.
+    KD_TRY(b_->rmsnorm(st.x_mid.data(), w(p.post_norm), st.xn2.data(), st.rstd2.data(), n, H, a.eps,
+                       la.moe ? nullptr : out));
     if (!la.moe) {
-      KD_TRY(b_->copy(st.x_mid.data(), out, static_cast<std::size_t>(n * H)));
       KD_TRY(b_->linear(st.xn2.data(), w(p.gate_up), st.gu.data(), n, 2 * I, H, false));
       KD_TRY(b_->swiglu(st.gu.data(), st.h.data(), n, I));
       return b_->linear(st.h.data(), w(p.down), out, n, H, I, true);
@@ -542,14 +544,15 @@ class transformer {
       KD_TRY(b_->swiglu_bwd(st.gu.data(), bw.dh.data(), bw.dgu.data(), S, I));
       KD_TRY(b_->grouped_linear_dw(bw.dgu.data(), st.xg.data(), dw(p.gate_up), counts, E, 2 * I, H, acc));
       KD_TRY(b_->grouped_linear_dx(bw.dgu.data(), w(p.gate_up), bw.dxg.data(), counts, E, 2 * I, H, false));
-      KD_TRY(b_->moe_gather_add(bw.dxg.data(), r.token_slot.data(), bw.dxn.data(), n, k, H, false));
       // Router: through the top-k weights, plus any loss on the router logits (load balance, z-loss).
       KD_TRY(b_->router_bwd(r.probs.data(), r.topk_idx.data(), bw.dtopk.data(), nullptr, bw.drouter.data(), n, E, k,
                             a.renorm_topk));
       for (const auto& [layer, d] : g.d_router_logits)
         if (layer == l) KD_TRY(b_->add(bw.drouter.data(), d, static_cast<std::size_t>(n * E)));
       KD_TRY(b_->linear_dw(bw.drouter.data(), st.xn2.data(), dw(p.router), n, E, H, acc));
-      KD_TRY(b_->linear_dx(bw.drouter.data(), w(p.router), bw.dxn.data(), n, E, H, true));
+      // d xn2: the experts' input gradients gathered back to their tokens, plus the router's (fused).
+      KD_TRY(b_->moe_gather_add(bw.dxg.data(), r.token_slot.data(), bw.dxn.data(), n, k, H, false, bw.drouter.data(),
+                                w(p.router), E));
     }
     KD_TRY(b_->rmsnorm_bwd(st.x_mid.data(), w(p.post_norm), st.rstd2.data(), bw.dxn.data(), bw.dx.data(),
                            dw(p.post_norm), n, H, true, acc));

@@ -329,19 +329,25 @@ class dispatch_counts {
 
 // ---------------------------------------------------------------------------------------------------
 // Combine: out[t] = residual[t] + sum_j w[t, j] y[token_slot[t*k + j]] (Weighted), or the gather-add of the
-// backward, dx[t] = residual[t] + sum_j dy[slot]; residual may be null (no term) or out itself (+=). Taking
+// backward, dx[t] = residual[t] + sum_j dy[slot] (+ dlogits[t] . w_router, the router's input gradient:
+// E fused multiply-adds a vector against the L1-resident router weight, instead of a separate N = E GEMM
+// that reads and writes dx again); residual may be null (no term) or out itself (+=). Taking
 // the residual as an input lets the MoE block write x_mid + moe(x_mid) in one pass, with no copy of the
 // residual stream first. Grid-stride over 16-byte vectors of out; the k rows are summed in fp32 in choice
 // order, on top of the residual, and the result is rounded once.
 // ---------------------------------------------------------------------------------------------------
 template <class T, bool Vec, bool Weighted>
 __global__ void combine_kernel(const T* __restrict__ y, const std::int32_t* __restrict__ token_slot,
-                               const float* __restrict__ w, const T* residual, T* out, long long n, int k, long long h) {
+                               const float* __restrict__ w, const T* residual, T* out, long long n, int k, long long h,
+                               const T* __restrict__ dlogits = nullptr, const T* __restrict__ w_router = nullptr,
+                               int e = 0) {
   constexpr int vn = Vec ? vec_n<T> : 1;
   const long long per_row = h / vn;
   for (long long v = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; v < n * per_row;
        v += static_cast<long long>(gridDim.x) * blockDim.x) {
-    const long long t = v / per_row, c = (v % per_row) * vn;
+    long long t, c;
+    split_index(v, per_row, t, c);
+    c *= vn;
     float acc[vn];
     if (residual != nullptr) {
       if constexpr (Vec) unpack<T>(*reinterpret_cast<const uint4*>(residual + t * h + c), acc);
@@ -363,6 +369,18 @@ __global__ void combine_kernel(const T* __restrict__ y, const std::int32_t* __re
         acc[0] += wj * to_float(*src);
       }
     }
+    for (int x = 0; x < e; ++x) {
+      const float g = to_float(dlogits[t * e + x]);
+      const T* wr = w_router + static_cast<long long>(x) * h + c;
+      if constexpr (Vec) {
+        float f[vn];
+        unpack<T>(*reinterpret_cast<const uint4*>(wr), f);
+#pragma unroll
+        for (int q = 0; q < vn; ++q) acc[q] += g * f[q];
+      } else {
+        acc[0] += g * to_float(*wr);
+      }
+    }
     T* dst = out + t * h + c;
     if constexpr (Vec) *reinterpret_cast<uint4*>(dst) = pack<T>(acc);
     else *dst = from_float<T>(acc[0]);
@@ -371,14 +389,19 @@ __global__ void combine_kernel(const T* __restrict__ y, const std::int32_t* __re
 
 template <class T, bool Weighted>
 status launch_combine(cudaStream_t s, const T* y, const std::int32_t* token_slot, const float* w, const T* residual,
-                      T* out, std::int64_t n, std::int64_t k, std::int64_t h, const char* what) {
+                      T* out, std::int64_t n, std::int64_t k, std::int64_t h, const char* what,
+                      const T* dlogits = nullptr, const T* w_router = nullptr, std::int64_t e = 0) {
   if (n == 0 || h == 0) return {};
-  const bool vec = h % vec_n<T> == 0 && vec_aligned(y) && vec_aligned(out) && (residual == nullptr || vec_aligned(residual));
+  const bool vec = h % vec_n<T> == 0 && vec_aligned(y) && vec_aligned(out) &&
+                   (residual == nullptr || vec_aligned(residual)) && (e == 0 || vec_aligned(w_router));
   const std::int64_t work = n * h / (vec ? vec_n<T> : 1);
+  const int ei = static_cast<int>(e);
   if (vec)
-    combine_kernel<T, true, Weighted><<<grid_for(work, 256), 256, 0, s>>>(y, token_slot, w, residual, out, n, static_cast<int>(k), h);
+    combine_kernel<T, true, Weighted><<<grid_for(work, 256), 256, 0, s>>>(y, token_slot, w, residual, out, n,
+                                                                          static_cast<int>(k), h, dlogits, w_router, ei);
   else
-    combine_kernel<T, false, Weighted><<<grid_for(work, 256), 256, 0, s>>>(y, token_slot, w, residual, out, n, static_cast<int>(k), h);
+    combine_kernel<T, false, Weighted><<<grid_for(work, 256), 256, 0, s>>>(y, token_slot, w, residual, out, n,
+                                                                           static_cast<int>(k), h, dlogits, w_router, ei);
   KD_CUDA_TRY(cudaGetLastError(), what);
   return {};
 }

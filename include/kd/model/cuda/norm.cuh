@@ -110,7 +110,8 @@ __device__ __forceinline__ void rope_in_lanes(float (&v)[VN], int sub, const flo
 template <class T, bool Vec, int L, bool Rope = false>
 __global__ void rmsnorm_kernel(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                                float* __restrict__ rstd, long long rows, int d, float eps,
-                               const float2* __restrict__ cs = nullptr, int heads = 1, long long x_ld = 0) {
+                               const float2* __restrict__ cs = nullptr, int heads = 1, long long x_ld = 0,
+                               T* __restrict__ x_copy = nullptr) {
   constexpr int G = 32 / L;  // rows a warp
   const int lane = threadIdx.x & 31, sub = lane % L;
   const long long row = (static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32) * G + lane / L;
@@ -165,16 +166,22 @@ __global__ void rmsnorm_kernel(const T* __restrict__ x, const T* __restrict__ w,
     const uint4* x4 = reinterpret_cast<const uint4*>(xr);
     const uint4* w4 = reinterpret_cast<const uint4*>(w);
     uint4* y4 = reinterpret_cast<uint4*>(yr);
+    uint4* c4 = x_copy != nullptr ? reinterpret_cast<uint4*>(x_copy + row * d) : nullptr;
     for (int i = sub; i < d / vn; i += L) {
       float f[vn], g[vn];
-      unpack<T>(x4[i], f);
+      const uint4 xv = x4[i];
+      if (c4 != nullptr) c4[i] = xv;
+      unpack<T>(xv, f);
       unpack<T>(w4[i], g);
 #pragma unroll
       for (int k = 0; k < vn; ++k) f[k] = f[k] * r * g[k];
       y4[i] = pack<T>(f);
     }
   } else {
-    for (int i = sub; i < d; i += L) yr[i] = from_float<T>(to_float(xr[i]) * r * to_float(w[i]));
+    for (int i = sub; i < d; i += L) {
+      if (x_copy != nullptr) x_copy[row * d + i] = xr[i];
+      yr[i] = from_float<T>(to_float(xr[i]) * r * to_float(w[i]));
+    }
   }
 }
 
@@ -191,17 +198,22 @@ status with_lanes(int l, F&& f) {
 
 template <class T>
 status launch_rmsnorm(cudaStream_t s, const T* x, const T* w, T* y, float* rstd, std::int64_t rows, std::int64_t d,
-                      float eps) {
+                      float eps, T* x_copy = nullptr) {
   if (rows == 0) return {};
   constexpr int warps = 8;
-  const bool vec = d % vec_n<T> == 0 && vec_aligned(x) && vec_aligned(w) && vec_aligned(y);
+  const bool vec = d % vec_n<T> == 0 && vec_aligned(x) && vec_aligned(w) && vec_aligned(y) &&
+                   (x_copy == nullptr || vec_aligned(x_copy));
   const int l = vec ? lanes_per_row(d, vec_n<T>) : 32;
   return with_lanes(l, [&](auto lc) -> status {
     constexpr int L = decltype(lc)::value;
     const std::int64_t per_block = warps * (32 / L);
     const unsigned blocks = static_cast<unsigned>((rows + per_block - 1) / per_block);
-    if (vec) rmsnorm_kernel<T, true, L><<<blocks, warps * 32, 0, s>>>(x, w, y, rstd, rows, static_cast<int>(d), eps);
-    else rmsnorm_kernel<T, false, L><<<blocks, warps * 32, 0, s>>>(x, w, y, rstd, rows, static_cast<int>(d), eps);
+    if (vec)
+      rmsnorm_kernel<T, true, L><<<blocks, warps * 32, 0, s>>>(x, w, y, rstd, rows, static_cast<int>(d), eps, nullptr, 1, 0,
+                                                               x_copy);
+    else
+      rmsnorm_kernel<T, false, L><<<blocks, warps * 32, 0, s>>>(x, w, y, rstd, rows, static_cast<int>(d), eps, nullptr, 1,
+                                                                0, x_copy);
     KD_CUDA_TRY(cudaGetLastError(), "rmsnorm kernel launch");
     return {};
   });

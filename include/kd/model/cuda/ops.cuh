@@ -389,7 +389,9 @@ class cuda_ops {
     return cuda::detail::launch_embedding_dw(stream(), ids, dout, dtable, n, static_cast<std::int32_t>(V), H, scratch, bytes);
   }
 
-  status rmsnorm(const T* x, const T* w, T* y, A* rstd, i64 R, i64 D, double eps) {
+  // x_copy (optional): also receives x, written by the same pass (the residual stream's copy a layer adds
+  // its branch to, without a separate copy kernel reading x again).
+  status rmsnorm(const T* x, const T* w, T* y, A* rstd, i64 R, i64 D, double eps, T* x_copy = nullptr) {
     KD_TRY(check("rmsnorm")
                .nonneg(R, "R")
                .positive(D, "D")
@@ -401,7 +403,7 @@ class cuda_ops {
                .ptr(y, R * D, "y")
                .ptr(rstd, R, "rstd")
                .done());
-    return cuda::detail::launch_rmsnorm(stream(), x, w, y, rstd, R, D, static_cast<float>(eps));
+    return cuda::detail::launch_rmsnorm(stream(), x, w, y, rstd, R, D, static_cast<float>(eps), x_copy);
   }
 
   status rmsnorm_bwd(const T* x, const T* w, const A* rstd, const T* dy, T* dx, T* dw, i64 R, i64 D, bool accumulate_dx,
@@ -600,13 +602,18 @@ class cuda_ops {
     return cuda::detail::launch_combine_bwd(stream(), y, token_slot, topk_w, dout, dy, dtopk_w, N, k, H);
   }
 
-  status moe_gather_add(const T* dy_slots, const I* token_slot, T* dx, i64 N, i64 k, i64 H, bool accumulate) {
+  status moe_gather_add(const T* dy_slots, const I* token_slot, T* dx, i64 N, i64 k, i64 H, bool accumulate,
+                        const T* dlogits = nullptr, const T* w_router = nullptr, i64 E = 0) {
     KD_TRY(cuda::detail::combine_check("moe_gather_add", token_slot, N, k, H)
                .ptr(dy_slots, N * k * H, "dy_slots")
                .ptr(dx, N * H, "dx")
+               .nonneg(E, "E")
+               .fits_int(E, "E")
+               .ptr(dlogits, N * E, "dlogits")
+               .ptr(w_router, E * H, "w_router")
                .done());
     return cuda::detail::launch_combine<T, false>(stream(), dy_slots, token_slot, nullptr, accumulate ? dx : nullptr, dx,
-                                                  N, k, H, "moe_gather_add kernel launch");
+                                                  N, k, H, "moe_gather_add kernel launch", dlogits, w_router, E);
   }
 
  private:
