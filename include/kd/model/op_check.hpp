@@ -78,6 +78,58 @@ basic_op_check<Prefix>& attention_shape(basic_op_check<Prefix>& c, std::int64_t 
   return c.finite(scale, "scale");
 }
 
+// The full argument checks of the four attention ops (shapes, then every tensor's extent), shared by the
+// backends so that both reject the same calls with the same messages.
+template <class Prefix>
+basic_op_check<Prefix>& attention_args(basic_op_check<Prefix>& c, const void* q, const void* k, const void* v,
+                                       const void* o, const void* lse, std::int64_t batch, std::int64_t seq,
+                                       std::int64_t hq, std::int64_t hkv, std::int64_t d, double scale) {
+  attention_shape(c, batch, seq, hq, hkv, d, scale);
+  const std::int64_t tokens = batch * seq;
+  return c.ptr(q, tokens * hq * d, "q")
+      .ptr(k, tokens * hkv * d, "k")
+      .ptr(v, tokens * hkv * d, "v")
+      .ptr(o, tokens * hq * d, "o")
+      .ptr(lse, batch * hq * seq, "lse");
+}
+template <class Prefix>
+basic_op_check<Prefix>& attention_bwd_args(basic_op_check<Prefix>& c, const void* q, const void* k, const void* v,
+                                           const void* o, const void* lse, const void* dout, const void* dq,
+                                           const void* dk, const void* dv, std::int64_t batch, std::int64_t seq,
+                                           std::int64_t hq, std::int64_t hkv, std::int64_t d, double scale) {
+  const std::int64_t tokens = batch * seq, nq = tokens * hq * d, nkv = tokens * hkv * d;
+  return attention_args(c, q, k, v, o, lse, batch, seq, hq, hkv, d, scale)
+      .ptr(dout, nq, "dout")
+      .ptr(dq, nq, "dq")
+      .ptr(dk, nkv, "dk")
+      .ptr(dv, nkv, "dv");
+}
+template <class Prefix>
+basic_op_check<Prefix>& attention_probs_args(basic_op_check<Prefix>& c, const void* q, const void* k, const void* lse,
+                                             const void* probs, std::int64_t batch, std::int64_t seq, std::int64_t hq,
+                                             std::int64_t hkv, std::int64_t d, double scale) {
+  attention_shape(c, batch, seq, hq, hkv, d, scale);
+  const std::int64_t tokens = batch * seq;
+  return c.ptr(q, tokens * hq * d, "q")
+      .ptr(k, tokens * hkv * d, "k")
+      .ptr(lse, batch * hq * seq, "lse")
+      .ptr(probs, batch * hq * seq * seq, "probs");
+}
+template <class Prefix>
+basic_op_check<Prefix>& attention_probs_bwd_args(basic_op_check<Prefix>& c, const void* q, const void* k,
+                                                 const void* probs, const void* dprobs, const void* dq, const void* dk,
+                                                 std::int64_t batch, std::int64_t seq, std::int64_t hq,
+                                                 std::int64_t hkv, std::int64_t d, double scale) {
+  attention_shape(c, batch, seq, hq, hkv, d, scale);
+  const std::int64_t tokens = batch * seq, np = batch * hq * seq * seq;
+  return c.ptr(q, tokens * hq * d, "q")
+      .ptr(k, tokens * hkv * d, "k")
+      .ptr(probs, np, "probs")
+      .ptr(dprobs, np, "dprobs")
+      .ptr(dq, tokens * hq * d, "dq")
+      .ptr(dk, tokens * hkv * d, "dk");
+}
+
 // copy_rows: rows x cols elements between row strides src_ld and dst_ld (each at least cols). The last row
 // needs only cols elements, so a column slice of a wider matrix passes with its own extent.
 template <class Prefix>

@@ -210,7 +210,6 @@ class cpu_ops {
   // y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row.
   // x_copy (optional): also receives x (the residual stream's copy a layer adds its branch to).
   status rmsnorm(const T* x, const T* w, T* y, A* rstd, i64 R, i64 D, double eps, T* x_copy = nullptr) {
-    if (x_copy != nullptr) KD_TRY(copy(x, x_copy, static_cast<std::size_t>(R * D)));
     KD_TRY(detail::cpu_op_check("rmsnorm")
                .nonneg(R, "R")
                .positive(D, "D")
@@ -221,6 +220,7 @@ class cpu_ops {
                .ptr(y, R * D, "y")
                .ptr(rstd, R, "rstd")
                .done());
+    if (x_copy != nullptr) KD_TRY(copy(x, x_copy, static_cast<std::size_t>(R * D)));  // before y may overwrite x
     for (i64 r = 0; r < R; ++r) {
       const T* xr = x + r * D;
       A ss = 0;
@@ -344,14 +344,7 @@ class cpu_ops {
   status attention(const T* q, const T* k, const T* v, T* o, A* lse, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
                    double scale) {
     detail::cpu_op_check c("attention");
-    detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
-    const i64 tokens = batch * seq;
-    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
-               .ptr(k, tokens * Hkv * D, "k")
-               .ptr(v, tokens * Hkv * D, "v")
-               .ptr(o, tokens * Hq * D, "o")
-               .ptr(lse, batch * Hq * seq, "lse")
-               .done());
+    KD_TRY(detail::attention_args(c, q, k, v, o, lse, batch, seq, Hq, Hkv, D, scale).done());
     const i64 group = Hq / Hkv;
     mat S(seq, seq);
     for (i64 b = 0; b < batch; ++b)
@@ -381,18 +374,8 @@ class cpu_ops {
   status attention_bwd(const T* q, const T* k, const T* v, const T* o, const A* lse, const T* dout, T* dq, T* dk,
                        T* dv, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D, double scale) {
     detail::cpu_op_check c("attention_bwd");
-    detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
-    const i64 tokens = batch * seq, nq = tokens * Hq * D, nkv = tokens * Hkv * D;
-    KD_TRY(c.ptr(q, nq, "q")
-               .ptr(k, nkv, "k")
-               .ptr(v, nkv, "v")
-               .ptr(o, nq, "o")
-               .ptr(lse, batch * Hq * seq, "lse")
-               .ptr(dout, nq, "dout")
-               .ptr(dq, nq, "dq")
-               .ptr(dk, nkv, "dk")
-               .ptr(dv, nkv, "dv")
-               .done());
+    KD_TRY(detail::attention_bwd_args(c, q, k, v, o, lse, dout, dq, dk, dv, batch, seq, Hq, Hkv, D, scale).done());
+    const i64 tokens = batch * seq, nkv = tokens * Hkv * D;
     std::fill_n(dk, nkv, T(0));
     std::fill_n(dv, nkv, T(0));
     const i64 group = Hq / Hkv;
@@ -422,13 +405,7 @@ class cpu_ops {
   status attention_probs(const T* q, const T* k, const A* lse, T* probs, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
                          double scale) {
     detail::cpu_op_check c("attention_probs");
-    detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
-    const i64 tokens = batch * seq;
-    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
-               .ptr(k, tokens * Hkv * D, "k")
-               .ptr(lse, batch * Hq * seq, "lse")
-               .ptr(probs, batch * Hq * seq * seq, "probs")
-               .done());
+    KD_TRY(detail::attention_probs_args(c, q, k, lse, probs, batch, seq, Hq, Hkv, D, scale).done());
     const i64 group = Hq / Hkv;
     for (i64 b = 0; b < batch; ++b)
       for (i64 h = 0; h < Hq; ++h) {
@@ -443,15 +420,7 @@ class cpu_ops {
   status attention_probs_bwd(const T* q, const T* k, const T* probs, const T* dprobs, T* dq, T* dk, i64 batch, i64 seq,
                              i64 Hq, i64 Hkv, i64 D, double scale) {
     detail::cpu_op_check c("attention_probs_bwd");
-    detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
-    const i64 tokens = batch * seq, np = batch * Hq * seq * seq;
-    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
-               .ptr(k, tokens * Hkv * D, "k")
-               .ptr(probs, np, "probs")
-               .ptr(dprobs, np, "dprobs")
-               .ptr(dq, tokens * Hq * D, "dq")
-               .ptr(dk, tokens * Hkv * D, "dk")
-               .done());
+    KD_TRY(detail::attention_probs_bwd_args(c, q, k, probs, dprobs, dq, dk, batch, seq, Hq, Hkv, D, scale).done());
     const i64 group = Hq / Hkv;
     mat dS(seq, seq);
     for (i64 b = 0; b < batch; ++b)

@@ -109,7 +109,6 @@ struct cuda_ops_prefix {
   static constexpr const char* value = "cuda_ops::";
 };
 using op_check = model::detail::basic_op_check<cuda_ops_prefix>;
-using model::detail::attention_shape;
 
 inline op_check router_check(const char* op, std::int64_t n, std::int64_t e, std::int64_t k) {
   op_check c(op);
@@ -457,14 +456,8 @@ class cuda_ops {
   status attention(const T* q, const T* k, const T* v, T* o, A* lse, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
                    double scale) {
     check c("attention");
-    cuda::detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    KD_TRY(model::detail::attention_args(c, q, k, v, o, lse, batch, seq, Hq, Hkv, D, scale).done());
     const i64 tokens = batch * seq;
-    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
-               .ptr(k, tokens * Hkv * D, "k")
-               .ptr(v, tokens * Hkv * D, "v")
-               .ptr(o, tokens * Hq * D, "o")
-               .ptr(lse, batch * Hq * seq, "lse")
-               .done());
     if (tokens == 0) return {};
     return cuda::attention_forward<T>(stream(), q, k, v, o, lse, batch, seq, Hq, Hkv, D, static_cast<float>(scale));
   }
@@ -472,18 +465,8 @@ class cuda_ops {
   status attention_bwd(const T* q, const T* k, const T* v, const T* o, const A* lse, const T* dout, T* dq, T* dk, T* dv,
                        i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D, double scale) {
     check c("attention_bwd");
-    cuda::detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
-    const i64 tokens = batch * seq, nq = tokens * Hq * D, nkv = tokens * Hkv * D;
-    KD_TRY(c.ptr(q, nq, "q")
-               .ptr(k, nkv, "k")
-               .ptr(v, nkv, "v")
-               .ptr(o, nq, "o")
-               .ptr(lse, batch * Hq * seq, "lse")
-               .ptr(dout, nq, "dout")
-               .ptr(dq, nq, "dq")
-               .ptr(dk, nkv, "dk")
-               .ptr(dv, nkv, "dv")
-               .done());
+    KD_TRY(model::detail::attention_bwd_args(c, q, k, v, o, lse, dout, dq, dk, dv, batch, seq, Hq, Hkv, D, scale).done());
+    const i64 tokens = batch * seq;
     if (tokens == 0) return {};
     void* ws = nullptr;
     KD_TRY(ctx_->scratch(std::max<std::size_t>(16, cuda::attention_backward_workspace_bytes(batch, seq, Hq, Hkv, D)), ws));
@@ -494,13 +477,8 @@ class cuda_ops {
   status attention_probs(const T* q, const T* k, const A* lse, T* probs, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
                          double scale) {
     check c("attention_probs");
-    cuda::detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
+    KD_TRY(model::detail::attention_probs_args(c, q, k, lse, probs, batch, seq, Hq, Hkv, D, scale).done());
     const i64 tokens = batch * seq;
-    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
-               .ptr(k, tokens * Hkv * D, "k")
-               .ptr(lse, batch * Hq * seq, "lse")
-               .ptr(probs, batch * Hq * seq * seq, "probs")
-               .done());
     if (tokens == 0) return {};
     return cuda::attention_probs<T>(stream(), q, k, lse, probs, batch, seq, Hq, Hkv, D, static_cast<float>(scale));
   }
@@ -509,15 +487,8 @@ class cuda_ops {
   status attention_probs_bwd(const T* q, const T* k, const T* probs, const T* dprobs, T* dq, T* dk, i64 batch, i64 seq,
                              i64 Hq, i64 Hkv, i64 D, double scale) {
     check c("attention_probs_bwd");
-    cuda::detail::attention_shape(c, batch, seq, Hq, Hkv, D, scale);
-    const i64 tokens = batch * seq, np = batch * Hq * seq * seq;
-    KD_TRY(c.ptr(q, tokens * Hq * D, "q")
-               .ptr(k, tokens * Hkv * D, "k")
-               .ptr(probs, np, "probs")
-               .ptr(dprobs, np, "dprobs")
-               .ptr(dq, tokens * Hq * D, "dq")
-               .ptr(dk, tokens * Hkv * D, "dk")
-               .done());
+    KD_TRY(model::detail::attention_probs_bwd_args(c, q, k, probs, dprobs, dq, dk, batch, seq, Hq, Hkv, D, scale).done());
+    const i64 tokens = batch * seq;
     if (tokens == 0) return {};
     void* ws = nullptr;
     KD_TRY(ctx_->scratch(std::max<std::size_t>(16, cuda::attention_probs_backward_workspace_bytes(batch, seq, Hq, Hkv, D)), ws));
