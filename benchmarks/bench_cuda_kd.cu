@@ -9,7 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include <kd/cuda/kd.cuh>
+#include <kd/kd.cuh>
 
 namespace {
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""torch SDPA baseline for kd's model attention (kd/model/cuda/attention.cuh).
+"""torch SDPA baseline for kd's model attention (kd/model/cuda/flash_attention.cuh).
 
 Times torch.nn.functional.scaled_dot_product_attention (causal, bf16, [batch, heads, seq, d]) forward and
 forward + backward on the geometries the kd timing case uses (tests/cuda/test_cuda_model_attention.cu,

@@ -45,7 +45,7 @@ def main(kd_path, torch_path):
               f"{100 * tbs / copy_tbs:.0f}% | {fmt(t.get('eager_extra_MB'))} | {fmt(t.get('compile_extra_MB'))} | "
               f"{b.get('extra_MB', float('nan')):.1f} |")
     if sweep:
-        print("\nSlice-budget sweep (same run; the budget sets the cluster size, see kd/cuda/logit_kd.cuh):\n")
+        print("\nSlice-budget sweep (same run; the budget sets the cluster size, see kd/loss/logit_kd.cuh):\n")
         print("| kernel | N x V | budget KiB | ms | TB/s | % of copy |")
         print("|---|---|---|---|---|---|")
         for b in sweep:

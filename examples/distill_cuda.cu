@@ -21,7 +21,7 @@
 #include <random>
 #include <vector>
 
-#include <kd/cuda/kd.cuh>
+#include <kd/kd.cuh>
 
 namespace {
 

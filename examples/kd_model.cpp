@@ -24,12 +24,12 @@
 #include <kd/io/safetensors.hpp>
 #include <kd/model/checkpoint.hpp>
 #include <kd/model/config.hpp>
-#include <kd/model/config_json.hpp>
+#include <kd/io/config_json.hpp>
 #include <kd/model/ops_cpu.hpp>
 #include <kd/model/transformer.hpp>
 
 #if defined(KD_MODEL_CUDA)
-#include <kd/cuda/cross_entropy.cuh>
+#include <kd/loss/cross_entropy.cuh>
 #include <kd/model/cuda/ops.cuh>
 #include <kd/model/cuda/profiled_ops.cuh>
 #endif

@@ -1,5 +1,5 @@
 // Tests for kd::model::moe_config / dense_config (kd/model/config.hpp) and their Hugging Face config.json
-// (kd/model/config_json.hpp): exact parameter counts, validation, JSON round trips, reading configs in the
+// (kd/io/config_json.hpp): exact parameter counts, validation, JSON round trips, reading configs in the
 // format transformers writes, rejecting corrupt ones.
 #include <doctest/doctest.h>
 
@@ -12,7 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include <kd/model/config.hpp>
-#include <kd/model/config_json.hpp>
+#include <kd/io/config_json.hpp>
 
 #include "test_util.hpp"
 

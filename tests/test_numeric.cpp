@@ -1,4 +1,4 @@
-// Tests for kd::half and kd::bfloat16 (kd/numeric.hpp): exhaustive round trips, round-to-nearest-even,
+// Tests for kd::half and kd::bfloat16 (kd/core/numeric.hpp): exhaustive round trips, round-to-nearest-even,
 // overflow, subnormals, and agreement with a reference rounding written with std::frexp / std::ldexp /
 // std::nearbyint (a different method from the library's bit manipulation).
 #include <doctest/doctest.h>
@@ -10,7 +10,7 @@
 #include <limits>
 #include <random>
 
-#include <kd/numeric.hpp>
+#include <kd/core/numeric.hpp>
 
 #include "test_util.hpp"
 

@@ -1,4 +1,4 @@
-// The combined distillation objective (kd/objective.hpp).
+// The combined distillation objective (kd/train/objective.hpp).
 #include <doctest/doctest.h>
 
 #include <cmath>

@@ -1,4 +1,4 @@
-// Tests for kd::vocab_map (kd/vocab_map.hpp) and logit distillation across vocabularies through it.
+// Tests for kd::vocab_map (kd/loss/vocab_map.hpp) and logit distillation across vocabularies through it.
 #include <doctest/doctest.h>
 
 #include <cmath>

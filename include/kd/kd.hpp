@@ -1,10 +1,10 @@
 // kd/kd.hpp: everything in kd's core (CPU reference backend). CUDA headers live in kd/cuda/.
 #pragma once
 
-#include <kd/version.hpp>
-#include <kd/status.hpp>
-#include <kd/numeric.hpp>
-#include <kd/tensor.hpp>
+#include <kd/core/version.hpp>
+#include <kd/core/status.hpp>
+#include <kd/core/numeric.hpp>
+#include <kd/core/tensor.hpp>
 #include <kd/policy/backend.hpp>
 #include <kd/policy/precision.hpp>
 #include <kd/policy/normalization.hpp>
@@ -18,8 +18,8 @@
 #include <kd/loss/feature.hpp>
 #include <kd/loss/attention.hpp>
 #include <kd/loss/moe.hpp>
-#include <kd/vocab_map.hpp>
-#include <kd/objective.hpp>
+#include <kd/loss/vocab_map.hpp>
+#include <kd/train/objective.hpp>
 #include <kd/train/early_stopping.hpp>
 #include <kd/train/loss_scaler.hpp>
 #include <kd/train/finite_guard.hpp>

@@ -9,7 +9,7 @@
 #include <random>
 #include <vector>
 
-#include <kd/numeric.hpp>
+#include <kd/core/numeric.hpp>
 
 namespace kd_test {
 

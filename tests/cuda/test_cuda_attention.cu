@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#include <kd/cuda/kd.cuh>
+#include <kd/kd.cuh>
 
 #include "gpu_util.cuh"
 

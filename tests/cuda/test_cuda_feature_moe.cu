@@ -12,8 +12,8 @@
 #include <vector>
 
 #include <kd/kd.hpp>
-#include <kd/cuda/feature.cuh>
-#include <kd/cuda/moe.cuh>
+#include <kd/loss/feature.cuh>
+#include <kd/loss/moe.cuh>
 
 #include "gpu_util.cuh"
 

@@ -7,7 +7,7 @@
 #include <random>
 #include <vector>
 
-#include <kd/cuda/kd.cuh>
+#include <kd/kd.cuh>
 
 #include "gpu_util.cuh"
 

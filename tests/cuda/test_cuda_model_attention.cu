@@ -1,4 +1,4 @@
-// The model backend's CUDA attention (kd/model/cuda/attention.cuh) against a double-precision CPU
+// The model backend's CUDA attention (kd/model/cuda/flash_attention.cuh) against a double-precision CPU
 // reference written here: naive causal GQA attention, its backward through the softmax formula, the
 // probability maps and their backward. float and bf16 storage; shapes cover the scalar path (d = 8, and
 // every float case), the tensor-core path (bf16, d = 64 and 128) with sequences that are not a multiple of
@@ -17,7 +17,7 @@
 #include <limits>
 #include <vector>
 
-#include <kd/model/cuda/attention.cuh>
+#include <kd/model/cuda/flash_attention.cuh>
 
 #include "gpu_util.cuh"
 

@@ -480,7 +480,7 @@ TEST_CASE_TEMPLATE("cuda_ops: swiglu and swiglu_bwd", T, float, kd::bfloat16) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// attention (the wrapper over kd/model/cuda/attention.cuh)
+// attention (the wrapper over kd/model/cuda/flash_attention.cuh)
 // ---------------------------------------------------------------------------------------------------
 TEST_CASE_TEMPLATE("cuda_ops: attention ops", T, float, kd::bfloat16) {
   fixture<T> f;

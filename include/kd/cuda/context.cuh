@@ -17,8 +17,8 @@
 #include <unordered_map>
 #include <vector>
 
-#include <kd/status.hpp>
-#include <kd/vocab_map.hpp>
+#include <kd/core/status.hpp>
+#include <kd/loss/vocab_map.hpp>
 
 namespace kd::cuda {
 
@@ -64,7 +64,7 @@ class context {
   }
 
   [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
-  // Shared-memory bytes a row-kernel block may use for its slice of a row (kd/cuda/logit_kd.cuh):
+  // Shared-memory bytes a row-kernel block may use for its slice of a row (kd/loss/logit_kd.cuh):
   // smaller slices mean larger clusters and more blocks per SM. A tuning knob for benchmarks; the
   // default is what benchmarks/RESULTS.md measured best.
   [[nodiscard]] std::size_t slice_budget() const noexcept { return slice_budget_; }

@@ -57,8 +57,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include <kd/numeric.hpp>
-#include <kd/status.hpp>
+#include <kd/core/numeric.hpp>
+#include <kd/core/status.hpp>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <fcntl.h>

@@ -7,9 +7,9 @@
 #include <string>
 #include <string_view>
 
-#include <kd/numeric.hpp>
-#include <kd/status.hpp>
-#include <kd/tensor.hpp>
+#include <kd/core/numeric.hpp>
+#include <kd/core/status.hpp>
+#include <kd/core/tensor.hpp>
 
 namespace kd {
 

@@ -16,7 +16,7 @@
 #include <concepts>
 #include <string_view>
 
-#include <kd/numeric.hpp>  // KD_HOST_DEVICE
+#include <kd/core/numeric.hpp>  // KD_HOST_DEVICE
 
 namespace kd {
 

@@ -80,7 +80,7 @@ token_options feature_named_options(const Loss& loss) {
 }
 
 // Shapes, strides, options and the label count: everything that needs no tensor or label memory, so
-// a backend whose tensors live on a device (kd/cuda/feature.cuh) runs it unchanged. The data checks
+// a backend whose tensors live on a device (kd/loss/feature.cuh) runs it unchanged. The data checks
 // (label values, the token count against global_tokens, NaN/Inf) are validate_feature's second half.
 template <class Loss, class ST, class WT, class BT, class TT, class GS, class GW, class GB>
 status validate_feature_shapes(const Loss& loss, const matrix_view<ST>& x, const matrix_view<WT>& w,

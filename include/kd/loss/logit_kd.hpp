@@ -26,7 +26,7 @@
 #include <kd/policy/backend.hpp>
 #include <kd/policy/normalization.hpp>
 #include <kd/policy/precision.hpp>
-#include <kd/vocab_map.hpp>
+#include <kd/loss/vocab_map.hpp>
 
 namespace kd {
 

@@ -33,7 +33,7 @@ struct router_options {
 namespace detail {
 
 // The router checks split in two: the shape and option half reads no tensor memory (a device backend,
-// kd/cuda/moe.cuh, runs it on device pointers and checks the values in its kernels); validate_router
+// kd/loss/moe.cuh, runs it on device pointers and checks the values in its kernels); validate_router
 // and validate_expert_ids add the value checks of the CPU reference.
 template <class LT>
 status validate_router_shape(const matrix_view<LT>& logits, const router_options& o) {

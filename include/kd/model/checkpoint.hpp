@@ -24,9 +24,9 @@
 
 #include <kd/io/safetensors.hpp>
 #include <kd/model/config.hpp>
-#include <kd/model/config_json.hpp>
+#include <kd/io/config_json.hpp>
 #include <kd/model/transformer.hpp>
-#include <kd/numeric.hpp>
+#include <kd/core/numeric.hpp>
 
 namespace kd::model {
 

@@ -1,7 +1,7 @@
 // kd/model/config.hpp: architecture configurations of the reference teacher and student.
 //
 // Two layouts, named and shaped as Hugging Face transformers builds them, so a checkpoint written by kd
-// loads with AutoModelForCausalLM (config.json: kd/model/config_json.hpp; this header has no JSON
+// loads with AutoModelForCausalLM (config.json: kd/io/config_json.hpp; this header has no JSON
 // dependency):
 //
 //   moe_config    Qwen3-MoE (Qwen3MoeForCausalLM): RMSNorm, RoPE, GQA attention with a per-head RMSNorm on
@@ -40,7 +40,7 @@
 #include <string_view>
 #include <vector>
 
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model {
 

@@ -10,7 +10,7 @@
 #include <string>
 #include <utility>
 
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model::detail {
 

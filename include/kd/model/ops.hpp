@@ -41,7 +41,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model {
 

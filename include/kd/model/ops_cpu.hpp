@@ -23,7 +23,7 @@
 
 #include <kd/model/op_check.hpp>
 #include <kd/model/ops.hpp>
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model {
 

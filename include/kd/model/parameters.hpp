@@ -14,7 +14,7 @@
 #include <vector>
 
 #include <kd/model/config.hpp>
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model {
 

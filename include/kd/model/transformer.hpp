@@ -21,8 +21,8 @@
 
 #include <kd/model/ops.hpp>
 #include <kd/model/parameters.hpp>
-#include <kd/numeric.hpp>
-#include <kd/status.hpp>
+#include <kd/core/numeric.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model {
 

@@ -20,7 +20,7 @@
 #include <string_view>
 #include <type_traits>
 
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd {
 

@@ -20,7 +20,7 @@
 #include <utility>
 #include <vector>
 
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd {
 

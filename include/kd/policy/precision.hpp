@@ -10,7 +10,7 @@
 #include <concepts>
 #include <type_traits>
 
-#include <kd/numeric.hpp>
+#include <kd/core/numeric.hpp>
 
 namespace kd {
 

@@ -10,7 +10,7 @@
 #include <limits>
 #include <string>
 
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd {
 

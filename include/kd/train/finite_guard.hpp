@@ -6,8 +6,8 @@
 #include <string>
 #include <string_view>
 
-#include <kd/numeric.hpp>
-#include <kd/status.hpp>
+#include <kd/core/numeric.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd {
 

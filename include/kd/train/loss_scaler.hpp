@@ -9,7 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd {
 

@@ -1,4 +1,4 @@
-#include <kd/version.hpp>
+#include <kd/core/version.hpp>
 
 #include <cstdio>
 

@@ -13,8 +13,8 @@
 
 #include <kd/cuda/context.cuh>
 #include <kd/cuda/detail/reduce.cuh>
-#include <kd/numeric.hpp>
-#include <kd/tensor.hpp>
+#include <kd/core/numeric.hpp>
+#include <kd/core/tensor.hpp>
 
 namespace kd::cuda::detail {
 
@@ -22,7 +22,7 @@ namespace kd::cuda::detail {
 // kSliceLimit is the hard ceiling.
 inline constexpr std::size_t kSliceLimit = 220 * 1024;
 
-// kd::half / kd::bfloat16 share the bit layout of __half / __nv_bfloat16 (kd/numeric.hpp).
+// kd::half / kd::bfloat16 share the bit layout of __half / __nv_bfloat16 (kd/core/numeric.hpp).
 static_assert(sizeof(__half) == sizeof(kd::half) && sizeof(__nv_bfloat16) == sizeof(kd::bfloat16));
 
 template <class T>

@@ -15,8 +15,8 @@
 #include <type_traits>
 
 #include <kd/cuda/context.cuh>
-#include <kd/numeric.hpp>
-#include <kd/status.hpp>
+#include <kd/core/numeric.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model::cuda::detail {
 

@@ -16,7 +16,7 @@
 
 #include <kd/cuda/context.cuh>
 #include <kd/model/cuda/gemm.cuh>
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model::cuda {
 

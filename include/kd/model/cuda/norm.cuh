@@ -15,7 +15,7 @@
 #include <kd/cuda/context.cuh>
 #include <kd/cuda/detail/reduce.cuh>
 #include <kd/cuda/detail/storage.cuh>
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model::cuda::detail {
 

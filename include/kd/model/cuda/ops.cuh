@@ -33,15 +33,15 @@
 #include <vector>
 
 #include <kd/cuda/context.cuh>
-#include <kd/model/cuda/attention.cuh>
+#include <kd/model/cuda/flash_attention.cuh>
 #include <kd/model/cuda/elementwise.cuh>
 #include <kd/model/cuda/gemm.cuh>
 #include <kd/model/cuda/grouped_gemm.cuh>
-#include <kd/model/cuda/moe.cuh>
+#include <kd/model/cuda/moe_dispatch.cuh>
 #include <kd/model/cuda/norm.cuh>
 #include <kd/model/op_check.hpp>
 #include <kd/model/ops.hpp>
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model {
 
@@ -451,7 +451,7 @@ class cuda_ops {
   }
 
   // ---------------------------------------------------------------------------------------------
-  // attention (kd/model/cuda/attention.cuh); an empty batch or sequence is a no-op, as on the CPU
+  // attention (kd/model/cuda/flash_attention.cuh); an empty batch or sequence is a no-op, as on the CPU
   // ---------------------------------------------------------------------------------------------
   status attention(const T* q, const T* k, const T* v, T* o, A* lse, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
                    double scale) {
@@ -497,7 +497,7 @@ class cuda_ops {
   }
 
   // ---------------------------------------------------------------------------------------------
-  // mixture of experts (kd/model/cuda/moe.cuh)
+  // mixture of experts (kd/model/cuda/moe_dispatch.cuh)
   // ---------------------------------------------------------------------------------------------
   status router(const T* logits, A* probs, I* topk_idx, A* topk_w, i64 N, i64 E, i64 k, bool renorm) {
     KD_TRY(cuda::detail::router_check("router", N, E, k)

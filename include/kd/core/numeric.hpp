@@ -1,4 +1,4 @@
-// kd/numeric.hpp: 16-bit storage types.
+// kd/core/numeric.hpp: 16-bit storage types.
 //
 // kd owns its half and bfloat16 types (instead of borrowing Eigen's or CUDA's) so that one type names
 // the storage on host and device: both are trivially copyable 16-bit structs with the same bit layout

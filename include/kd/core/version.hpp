@@ -1,4 +1,4 @@
-// kd/version.hpp: library version, kept in step with project(kd VERSION ...) in CMakeLists.txt
+// kd/core/version.hpp: library version, kept in step with project(kd VERSION ...) in CMakeLists.txt
 // (tests/consumer/find_package checks that the two agree).
 #pragma once
 

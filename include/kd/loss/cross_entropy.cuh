@@ -1,6 +1,6 @@
-// kd/cuda/cross_entropy.cuh: fused cross-entropy + z-loss (loss and dlogits in one launch).
+// kd/loss/cross_entropy.cuh: fused cross-entropy + z-loss (loss and dlogits in one launch).
 //
-// Same row pipeline as the logit-distillation kernel (kd/cuda/logit_kd.cuh): the row's slice is copied
+// Same row pipeline as the logit-distillation kernel (kd/loss/logit_kd.cuh): the row's slice is copied
 // into shared memory with a running log-sum-exp, the cluster combines the statistics through
 // distributed shared memory, and the gradient (softmax * (1 + 2 z lse) - onehot) / normalizer is written
 // from shared memory. HBM traffic: one read of the logits, one write of the gradient.

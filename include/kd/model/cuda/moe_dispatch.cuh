@@ -1,4 +1,4 @@
-// kd/model/cuda/moe.cuh: the mixture-of-experts kernels: router softmax + top-k and its backward, the
+// kd/model/cuda/moe_dispatch.cuh: the mixture-of-experts kernels: router softmax + top-k and its backward, the
 // dispatch of (token, choice) pairs into expert order, and the weighted combine of the expert outputs
 // (forward, backward, and the unweighted gather-add of the input gradients).
 //

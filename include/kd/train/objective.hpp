@@ -1,4 +1,4 @@
-// kd/objective.hpp: the combined distillation objective.
+// kd/train/objective.hpp: the combined distillation objective.
 //
 // An objective is a list of named components (lm, kd, feature, attention, load_balance, router_z,
 // z_loss, ...) each with a weight schedule, plus a temperature schedule. Per step it hands out the
@@ -16,7 +16,7 @@
 #include <vector>
 
 #include <kd/policy/curriculum.hpp>
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 #include <kd/train/finite_guard.hpp>
 
 namespace kd {

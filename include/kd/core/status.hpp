@@ -1,4 +1,4 @@
-// kd/status.hpp: error reporting shared by every backend.
+// kd/core/status.hpp: error reporting shared by every backend.
 //
 // Loss entry points return a kd::status (CUB style) so a CUDA backend, which cannot throw from device
 // code and must not synchronise to report, has the same call shape as the CPU reference. Callers that

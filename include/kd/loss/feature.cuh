@@ -1,4 +1,4 @@
-// kd/cuda/feature.cuh: hidden-state (feature) distillation through a learned projection on the GPU.
+// kd/loss/feature.cuh: hidden-state (feature) distillation through a learned projection on the GPU.
 //
 // Mirrors the CPU reference (kd/loss/feature.hpp) step for step:
 //   y = x W^T (+ b)            cuBLAS, fp32 accumulation, y kept in fp32 scratch [N x D]
@@ -30,7 +30,7 @@
 #include <kd/cuda/context.cuh>
 #include <kd/cuda/detail/reduce.cuh>
 #include <kd/cuda/detail/storage.cuh>
-#include <kd/cuda/linear_kd.cuh>  // gemm_rm
+#include <kd/loss/linear_kd.cuh>  // gemm_rm
 #include <kd/loss/feature.hpp>
 
 namespace kd {

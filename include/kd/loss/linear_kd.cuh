@@ -1,4 +1,4 @@
-// kd/cuda/linear_kd.cuh: fused student LM head + logit distillation on the GPU.
+// kd/loss/linear_kd.cuh: fused student LM head + logit distillation on the GPU.
 //
 // Per chunk of `chunk_rows` tokens: logits = hidden W^T (cuBLAS, fp32 accumulation, written in the
 // student storage type into a chunk_rows x V scratch), the fused logit-distillation kernel overwrites
@@ -16,7 +16,7 @@
 #include <string>
 #include <type_traits>
 
-#include <kd/cuda/logit_kd.cuh>
+#include <kd/loss/logit_kd.cuh>
 #include <kd/loss/linear_kd.hpp>
 
 namespace kd {

@@ -1,4 +1,4 @@
-// kd/cuda/attention.cuh: attention-map transfer (softmax_kl and none) on the GPU, loss and dscores in one
+// kd/loss/attention.cuh: attention-map transfer (softmax_kl and none) on the GPU, loss and dscores in one
 // launch. Mirrors the CPU reference in kd/loss/attention.hpp formula by formula.
 //
 // Why this shape: a loss row is one (batch, student head, query) triple of T keys (T up to a few

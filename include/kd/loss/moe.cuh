@@ -1,4 +1,4 @@
-// kd/cuda/moe.cuh: Mixture-of-Experts router losses on the GPU (load balance, router z-loss).
+// kd/loss/moe.cuh: Mixture-of-Experts router losses on the GPU (load balance, router z-loss).
 //
 // Mirrors kd/loss/moe.hpp:
 //   load balance  L = coefficient * E * sum_i f_i P_i, f_i = routed slots of expert i / (k T),

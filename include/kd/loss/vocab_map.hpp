@@ -1,4 +1,4 @@
-// kd/vocab_map.hpp: a sparse teacher-vocabulary -> student-vocabulary map.
+// kd/loss/vocab_map.hpp: a sparse teacher-vocabulary -> student-vocabulary map.
 //
 // Teacher and student tokenizers differ (Qwen3: 151,669 tokens padded to 151,936 rows; GPT-2: 50,257
 // padded to 50,304). Distillation compares distributions only over tokens both sides can name. The map
@@ -20,8 +20,8 @@
 #include <utility>
 #include <vector>
 
-#include <kd/status.hpp>
-#include <kd/tensor.hpp>
+#include <kd/core/status.hpp>
+#include <kd/core/tensor.hpp>
 
 namespace kd {
 

@@ -1,4 +1,4 @@
-// kd/model/cuda/attention.cuh: causal GQA attention of the CUDA model backend (forward, backward, the
+// kd/model/cuda/flash_attention.cuh: causal GQA attention of the CUDA model backend (forward, backward, the
 // probability maps a distillation loss reads, and their backward). Layouts are those of kd/model/ops.hpp:
 // token-major q [batch*seq, hq, d], k/v [batch*seq, hkv, d], o like q, lse [batch, hq, seq] (natural log of
 // the partition sum of the scaled scores), probs [batch, hq, seq, seq] with zeros above the diagonal.
@@ -50,8 +50,8 @@
 #include <kd/cuda/context.cuh>
 #include <kd/cuda/detail/reduce.cuh>
 #include <kd/cuda/detail/storage.cuh>
-#include <kd/numeric.hpp>
-#include <kd/status.hpp>
+#include <kd/core/numeric.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model::cuda {
 

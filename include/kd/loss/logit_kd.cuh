@@ -1,4 +1,4 @@
-// kd/cuda/logit_kd.cuh: the fused logit-distillation kernel (loss and dlogits in one launch).
+// kd/loss/logit_kd.cuh: the fused logit-distillation kernel (loss and dlogits in one launch).
 //
 // Why this shape: the op is bandwidth-bound (a few flops per byte), so the floor is one read of each
 // logit row and one write of its gradient. A row of the support (V columns, or the vocab map's K

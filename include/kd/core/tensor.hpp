@@ -1,4 +1,4 @@
-// kd/tensor.hpp: non-owning views over row-major storage.
+// kd/core/tensor.hpp: non-owning views over row-major storage.
 //
 // Losses take views, never containers, so the same call works on host memory (CPU backend) and on
 // device memory (CUDA backend). The element type is part of the view's type: that is what lets a
@@ -10,8 +10,8 @@
 #include <string>
 #include <type_traits>
 
-#include <kd/numeric.hpp>
-#include <kd/status.hpp>
+#include <kd/core/numeric.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd {
 

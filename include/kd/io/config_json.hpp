@@ -1,4 +1,4 @@
-// kd/model/config_json.hpp: Hugging Face config.json for kd's model configurations (nlohmann/json).
+// kd/io/config_json.hpp: Hugging Face config.json for kd's model configurations (nlohmann/json).
 //
 //   status to_json(const moe_config&, std::string& out)     Qwen3MoeForCausalLM, model_type "qwen3_moe"
 //   status to_json(const dense_config&, std::string& out)   LlamaForCausalLM,    model_type "llama"
@@ -53,7 +53,7 @@
 #include <nlohmann/json.hpp>
 
 #include <kd/model/config.hpp>
-#include <kd/status.hpp>
+#include <kd/core/status.hpp>
 
 namespace kd::model {
 
