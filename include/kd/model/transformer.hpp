@@ -22,31 +22,22 @@
 #include <kd/model/ops.hpp>
 #include <kd/model/parameters.hpp>
 #include <kd/core/numeric.hpp>
+#include <kd/core/rng.hpp>
 #include <kd/core/status.hpp>
 
 namespace kd::model {
 
 namespace detail {
 
-inline std::uint64_t splitmix64(std::uint64_t x) noexcept {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 // out[i] ~ N(0, stddev) from (seed, stream, i) alone: Box-Muller over two hashed uniforms.
 template <class T>
 void fill_normal(std::vector<T>& out, double stddev, std::uint64_t seed, std::uint64_t stream) {
   const std::size_t n = out.size();
-  const std::uint64_t key = splitmix64(seed ^ splitmix64(stream + 0x632be59bd9b4e019ull));
+  const std::uint64_t key = stream_key(seed, stream);
   auto work = [&](std::size_t begin, std::size_t end) {
-    constexpr double two_pi = 6.283185307179586;
     for (std::size_t i = begin; i < end; ++i) {
-      const std::uint64_t a = splitmix64(key + 2 * i), b = splitmix64(key + 2 * i + 1);
-      const double u1 = (static_cast<double>(a >> 11) + 1.0) * 0x1.0p-53;  // (0, 1]
-      const double u2 = static_cast<double>(b >> 11) * 0x1.0p-53;
-      out[i] = store_as<T>(stddev * std::sqrt(-2.0 * std::log(u1)) * std::cos(two_pi * u2));
+      const double u1 = 1.0 - uniform_at(key, 2 * i);  // (0, 1]
+      out[i] = store_as<T>(stddev * box_muller(u1, uniform_at(key, 2 * i + 1)));
     }
   };
   const std::size_t threads = std::min<std::size_t>(std::max(1u, std::thread::hardware_concurrency()), n / 65536 + 1);
