@@ -10,6 +10,8 @@
 // blocks of 100 KB; V = 151,936 -> 8 blocks of 76 KB).
 // With a vocab map, each slot gathers the log-sum-exp of its teacher ids' logits and the slots are
 // normalized over the support (only mapped teacher columns are read).
+// The gradient may be the student-logit buffer itself (linear + KD runs the kernel in place on its
+// chunk of logits): no gradient column of a row is written before every read of it in that row is done.
 // Labels and NaN/Inf are checked in the kernel; a bad row is recorded in the context's error word and
 // skipped (kd::cuda::context::sync_status reports it). No host synchronisation happens in a call.
 #pragma once
@@ -90,8 +92,12 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   GT* grow = p.want_grad ? static_cast<GT*>(p.grad) + row * p.g_stride : nullptr;
   float* partial = p.partial + row * c_blocks + rank;
 
-  // Gradient columns no support entry covers: padding (shared vocab) or unmapped ids (map). Zeroed
-  // first; the cluster barriers below order these writes before the support writes.
+  // Gradient columns no support entry covers: padding (shared vocab) or unmapped ids (map). The gradient
+  // may alias the student logits (linear + KD runs in place), so no column is written before every read
+  // of it in this row is done. Shared vocab: the padding columns are never read, so the last block zeroes
+  // them at once. Map: each block zeroes a contiguous range of the row, which holds support columns that
+  // other blocks read in pass 1; that happens after the cluster barrier that ends pass 1, and a second
+  // barrier orders the zeros before any block's support writes.
   auto zero_uncovered = [&]() {
     if (!p.want_grad || p.accumulate) return;
     if constexpr (Map) {
@@ -124,7 +130,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     if (threadIdx.x == 0) *partial = 0.f;
     return;  // uniform across the cluster: no block waits at a barrier the others skip
   }
-  zero_uncovered();
+  if constexpr (!Map) zero_uncovered();
 
   // Pass 1: copy the slices into shared memory with running base-2 log-sum-exps of y = x / T * log2(e).
   const float k2 = p.inv_temp * kLog2e;
@@ -157,18 +163,25 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   }
   acc[0] = block_lse(acc[0], red_lse);
   acc[1] = block_lse(acc[1], red_lse);
-  cluster_combine_lse<2>(slots, acc);
+  cluster_combine_lse<2>(slots, acc);  // its cluster barriers end pass 1: every read of the row is done
   const float tlse = acc[0].value();  // log2 of the teacher's (or the mapped mass's) partition sum
   const float slse = acc[1].value();
   if (!isfinite(tlse) || !isfinite(slse)) {
     if (rank == 0 && threadIdx.x == 0)
       atomicMin(p.error, encode_error(row, device_error::non_finite,
                                       isfinite(tlse) ? device_tensor::student : device_tensor::teacher, p.component));
+    if constexpr (Map) zero_uncovered();  // only zeros are written: no order among the blocks needed
     if (p.want_grad && !p.accumulate)
       for (long long j = threadIdx.x; j < n_local; j += blockDim.x)
         grow[Map ? p.map_support[j0 + j] : j0 + j] = from_float<GT>(0.f);
     if (threadIdx.x == 0) *partial = 0.f;
     return;
+  }
+  if constexpr (Map) {
+    if (p.want_grad && !p.accumulate) {  // uniform across the cluster, so every block reaches the barrier
+      zero_uncovered();
+      cluster.sync();
+    }
   }
 
   const float divisor = p.divisor_dev != nullptr ? static_cast<float>(std::max<long long>(*p.divisor_dev, 1))
