@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include <kd/io/atomic_file.hpp>
 #include <kd/io/safetensors.hpp>
 #include <kd/model/checkpoint.hpp>
 #include <kd/model/ops_cpu.hpp>
@@ -508,7 +509,7 @@ TEST_CASE("checkpoint: sharded checkpoints load through the index; a tied model 
   index["weight_map"]["lm_head.weight"] = "model-00002-of-00002.safetensors";
   REQUIRE(kd::io::write_safetensors((dir.path / "model-00001-of-00002.safetensors").string(), first));
   REQUIRE(kd::io::write_safetensors((dir.path / "model-00002-of-00002.safetensors").string(), second));
-  REQUIRE(km::detail::write_text_atomic((dir.path / "model.safetensors.index.json").string(), index.dump()));
+  REQUIRE(kd::io::write_file_atomic((dir.path / "model.safetensors.index.json").string(), index.dump()));
   model_t dst(b, a);
   REQUIRE(dst.allocate(false));
   REQUIRE(km::load_weights(dst, dir.path.string()));
@@ -517,7 +518,7 @@ TEST_CASE("checkpoint: sharded checkpoints load through the index; a tied model 
 
   SUBCASE("an index naming a file outside the directory is refused") {
     index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors";
-    REQUIRE(km::detail::write_text_atomic((dir.path / "model.safetensors.index.json").string(), index.dump()));
+    REQUIRE(kd::io::write_file_atomic((dir.path / "model.safetensors.index.json").string(), index.dump()));
     kd::status s = km::load_weights(dst, dir.path.string());
     CHECK(s.code() == kd::errc::io_error);
     CHECK(kdtest::contains(s.message(), "leaves the checkpoint directory"));
