@@ -55,9 +55,8 @@ inline std::string temp_suffix() {
 // Best effort: some filesystems cannot open or fsync a directory, and the rename has already happened.
 inline void sync_directory_of(const std::string& path) {
 #if KD_IO_POSIX
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  if (dir.empty()) dir = ".";
-  const int dfd = ::open(dir.c_str(), O_RDONLY);
+  const std::filesystem::path dir = std::filesystem::path(path).parent_path();
+  const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY);
   if (dfd >= 0) {
     (void)::fsync(dfd);
     ::close(dfd);
