@@ -52,6 +52,7 @@
 #include <kd/cuda/detail/storage.cuh>
 #include <kd/core/numeric.hpp>
 #include <kd/core/status.hpp>
+#include <kd/model/cuda_limits.hpp>  // kMaxHeadDim
 
 namespace kd::model::cuda {
 
@@ -66,7 +67,6 @@ using ::kd::cuda::detail::smem_u32;
 using ::kd::cuda::detail::to_float;
 using ::kd::cuda::detail::warp_sum;
 
-inline constexpr int kMaxHeadDim = 128;
 inline constexpr int kRowThreads = 256;  // scalar path: 8 warps per block, one row per warp
 inline constexpr int kFlashRows = 64;    // tensor-core path: query rows per tile (16 per warp)
 inline constexpr int kFlashKeys = 64;    // keys per K/V tile
