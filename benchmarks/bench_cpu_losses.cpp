@@ -18,21 +18,17 @@
 
 #include <benchmark/benchmark.h>
 
+#include <kd/core/rng.hpp>
 #include <kd/kd.hpp>
 
 namespace {
 
 using kd::index_t;
 
-// Deterministic, cheap pseudo-random fill (a hash of the index): generating ~40M normals per case
-// would dominate the suite's run time, and loss cost does not depend on the distribution's shape.
-inline float hashed_uniform(std::uint64_t i, std::uint64_t salt) {
-  std::uint64_t z = i * 0x9e3779b97f4a7c15ull + salt;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return static_cast<float>(z >> 40) * 0x1.0p-24f;  // [0, 1)
-}
+// Deterministic, cheap pseudo-random fill (kd's counter-based stream, one hash per element): generating
+// ~40M normals per case would dominate the suite's run time, and loss cost does not depend on the
+// distribution's shape.
+inline float hashed_uniform(std::uint64_t i, std::uint64_t salt) { return static_cast<float>(kd::uniform_at(salt, i)); }
 
 // Inputs are generated once per (type, size, salt) and shared by every case that needs them: Google
 // Benchmark calls a benchmark function several times while it sizes the iteration count.

@@ -121,7 +121,7 @@ int run() {
   auto kl_at_t1 = [&] {
     kd::logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16>> eval;
     eval.options.map = &map;
-    kd::check(kd::cuda::detail::gemm_rm(blas, n, vs, d, hidden, d, false, w, d, true, logits, vs, 0.f));
+    kd::check(kd::cuda::gemm_rm(blas, n, vs, d, hidden, d, false, w, d, true, logits, vs, 0.f));
     kd::cuda::device_loss out{losses + 2, nullptr};
     kd::check(eval(gpu, kd::matrix_view<const T>(teacher, n, vt), logits_c, lab, out));
     kd::check(ctx.sync_status());
@@ -131,7 +131,7 @@ int run() {
   };
   const double kl_before = kl_at_t1();
   for (long long step = 1; step <= steps; ++step) {
-    kd::check(kd::cuda::detail::gemm_rm(blas, n, vs, d, hidden, d, false, w, d, true, logits, vs, 0.f));
+    kd::check(kd::cuda::gemm_rm(blas, n, vs, d, hidden, d, false, w, d, true, logits, vs, 0.f));
     // KD writes its gradient to kd_grad; then the LM loss overwrites the logits with its own gradient
     // in place (each block reads its slice into shared memory before writing it).
     distill.options.temperature = objective.temperature_at(step);
@@ -143,8 +143,8 @@ int run() {
     kd::cuda::device_cross_entropy lm_out{losses, losses + 1, nullptr};
     kd::check(lm(gpu, logits_c, lab, lm_out, dlogits));
     // dW = (dlogits_lm + dlogits_kd)^T hidden, in two accumulating products.
-    kd::check(kd::cuda::detail::gemm_rm(blas, vs, d, n, logits, vs, true, hidden, d, false, dw, d, 0.f));
-    kd::check(kd::cuda::detail::gemm_rm(blas, vs, d, n, kd_grad, vs, true, hidden, d, false, dw, d, 1.f));
+    kd::check(kd::cuda::gemm_rm(blas, vs, d, n, logits, vs, true, hidden, d, false, dw, d, 0.f));
+    kd::check(kd::cuda::gemm_rm(blas, vs, d, n, kd_grad, vs, true, hidden, d, false, dw, d, 1.f));
     sgd_kernel<<<1024, 256, 0, ctx.stream()>>>(w, dw, vs * d, 5.0f);
     cuda_check(cudaGetLastError(), "sgd kernel");
 

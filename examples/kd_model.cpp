@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include <kd/io/atomic_file.hpp>
 #include <kd/io/safetensors.hpp>
 #include <kd/model/checkpoint.hpp>
 #include <kd/model/config.hpp>
@@ -101,7 +102,7 @@ status write_config(const km::any_config& c, const std::string& dir) {
   if (ec) return {errc::io_error, "cannot create '" + dir + "': " + ec.message()};
   std::string json;
   KD_TRY(std::visit([&](const auto& x) { return km::to_json(x, json); }, c));
-  return km::detail::write_text_atomic((std::filesystem::path(dir) / "config.json").string(), json);
+  return kd::io::write_file_atomic((std::filesystem::path(dir) / "config.json").string(), json);
 }
 
 status cmd_config(const args& a) {

@@ -9,8 +9,10 @@
 #include <string>
 #include <vector>
 
+#include <kd/io/atomic_file.hpp>
 #include <kd/io/safetensors.hpp>
 #include <kd/model/checkpoint.hpp>
+#include <kd/model/cuda_limits.hpp>
 #include <kd/model/ops_cpu.hpp>
 #include <kd/model/parameters.hpp>
 #include <kd/model/transformer.hpp>
@@ -508,7 +510,7 @@ TEST_CASE("checkpoint: sharded checkpoints load through the index; a tied model 
   index["weight_map"]["lm_head.weight"] = "model-00002-of-00002.safetensors";
   REQUIRE(kd::io::write_safetensors((dir.path / "model-00001-of-00002.safetensors").string(), first));
   REQUIRE(kd::io::write_safetensors((dir.path / "model-00002-of-00002.safetensors").string(), second));
-  REQUIRE(km::detail::write_text_atomic((dir.path / "model.safetensors.index.json").string(), index.dump()));
+  REQUIRE(kd::io::write_file_atomic((dir.path / "model.safetensors.index.json").string(), index.dump()));
   model_t dst(b, a);
   REQUIRE(dst.allocate(false));
   REQUIRE(km::load_weights(dst, dir.path.string()));
@@ -517,9 +519,62 @@ TEST_CASE("checkpoint: sharded checkpoints load through the index; a tied model 
 
   SUBCASE("an index naming a file outside the directory is refused") {
     index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors";
-    REQUIRE(km::detail::write_text_atomic((dir.path / "model.safetensors.index.json").string(), index.dump()));
+    REQUIRE(kd::io::write_file_atomic((dir.path / "model.safetensors.index.json").string(), index.dump()));
     kd::status s = km::load_weights(dst, dir.path.string());
     CHECK(s.code() == kd::errc::io_error);
     CHECK(kdtest::contains(s.message(), "leaves the checkpoint directory"));
   }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// CUDA limits (kd/model/cuda_limits.hpp): plain C++, so the GPU's limits on a model are checked here.
+// ---------------------------------------------------------------------------------------------------
+TEST_CASE("cuda limits: can_implement accepts the presets and names every limit a model breaks") {
+  namespace kc = kd::model::cuda;
+  for (const km::arch& a : {km::make_arch(km::seed_teacher()), km::make_arch(km::seed_student()),
+                            km::make_arch(km::demo_teacher()), km::make_arch(km::demo_student()),
+                            km::make_arch(km::tiny_teacher()), km::make_arch(km::tiny_student())})
+    CHECK(kc::can_implement(a).ok());
+
+  auto rejects = [](const km::arch& a, const char* fragment) {
+    const kd::status s = kc::can_implement(a);
+    INFO("message: " << s.message());
+    CHECK(s.code() == kd::errc::invalid_argument);
+    CHECK(kdtest::contains(s.message(), "cuda_ops::can_implement"));
+    CHECK(kdtest::contains(s.message(), fragment));
+  };
+  km::moe_config c = km::tiny_teacher();
+  c.num_experts = kc::detail::kRouterMaxExperts + 1;
+  rejects(km::make_arch(c), "E = 257 exceeds the CUDA router's 256 experts");
+  c = km::tiny_teacher();
+  c.num_experts = 16;
+  c.num_experts_per_tok = kc::detail::kRouterMaxTopK + 1;
+  rejects(km::make_arch(c), "k = 9 exceeds the CUDA router's top-8");
+  c = km::tiny_teacher();
+  c.num_experts = kc::detail::kRouterMaxExperts;  // at the limits: fine
+  c.num_experts_per_tok = kc::detail::kRouterMaxTopK;
+  CHECK(kc::can_implement(km::make_arch(c)).ok());
+
+  km::dense_config d = km::tiny_student();
+  d.head_dim = 2 * kc::detail::kMaxHeadDim;
+  rejects(km::make_arch(d), "head_dim = 256 must be even and at most the CUDA attention's 128");
+  d.head_dim = 7;
+  rejects(km::make_arch(d), "head_dim = 7");
+
+  // A dense model has no router: its (unused) expert fields do not matter.
+  km::arch a = km::make_arch(km::tiny_student());
+  a.experts = 1000;
+  a.top_k = 50;
+  CHECK(kc::can_implement(a).ok());
+}
+
+TEST_CASE("cuda limits: the CPU reference runs any architecture, and allocate() asks the backend") {
+  km::moe_config c = km::tiny_teacher();
+  c.num_experts = 300;
+  c.num_experts_per_tok = 12;
+  cpu ops;
+  model_t m(ops, km::make_arch(c));
+  CHECK(cpu::can_implement(m.arch()).ok());
+  CHECK(m.allocate(false).ok());
+  CHECK_FALSE(kd::model::cuda::can_implement(m.arch()).ok());
 }

@@ -1,7 +1,7 @@
 // Tests for kd/io/safetensors.hpp: round trips for every dtype (random bits, random shapes, scalars,
 // empty tensors), metadata, byte-level golden files (hand-written here and HF's own published vectors),
-// one test per rejection rule of the reader and the writer, atomic writes, and a replay of the fuzzing
-// seed corpus (tests/fuzz/corpus).
+// one test per rejection rule of the reader and the writer, atomic writes (kd/io/atomic_file.hpp on its
+// own, then through write_safetensors), and a replay of the fuzzing seed corpus (tests/fuzz/corpus).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -11,12 +11,14 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <random>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include <kd/io/atomic_file.hpp>
 #include <kd/io/safetensors.hpp>
 
 #if defined(__unix__)
@@ -681,6 +683,98 @@ TEST_CASE("safetensors writer: a failed write leaves no file and keeps the old c
   const std::string after((std::istreambuf_iterator<char>(in2)), std::istreambuf_iterator<char>());
   CHECK(before == after);
   CHECK(dir.entries() == std::vector<std::string>{"good.safetensors", "model.safetensors"});
+}
+
+// ---------------------------------------------------------------------------------------------------
+// kd/io/atomic_file.hpp, the writer under write_safetensors and the checkpoint's config.json
+// ---------------------------------------------------------------------------------------------------
+
+namespace {
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+}  // namespace
+
+TEST_CASE("atomic_file: contents round trip, text and streamed binary with every byte value") {
+  temp_dir dir;
+  const fs::path text = dir.path / "config.json";
+  REQUIRE(kd::io::write_file_atomic(text.string(), std::string("{\"a\": 1}\n")).ok());
+  CHECK(slurp(text) == "{\"a\": 1}\n");
+
+  std::string bin;
+  for (int r = 0; r < 300; ++r)
+    for (int b = 0; b < 256; ++b) bin.push_back(static_cast<char>(b ^ r));
+  const fs::path streamed = dir.path / "blob.bin";
+  REQUIRE(kd::io::write_file_atomic(streamed.string(), [&](auto&& sink) {
+            for (std::size_t off = 0; off < bin.size(); off += 1000)
+              if (!sink(bin.data() + off, std::min<std::size_t>(1000, bin.size() - off))) return false;
+            return sink(bin.data(), 0);  // an empty write is fine
+          }).ok());
+  CHECK(slurp(streamed) == bin);
+
+  const fs::path empty = dir.path / "empty";
+  REQUIRE(kd::io::write_file_atomic(empty.string(), std::string()).ok());
+  CHECK(fs::exists(empty));
+  CHECK(fs::file_size(empty) == 0);
+  CHECK(dir.entries() == std::vector<std::string>{"blob.bin", "config.json", "empty"});
+}
+
+TEST_CASE("atomic_file: an existing target is replaced whole, never appended to or left longer") {
+  temp_dir dir;
+  const fs::path p = dir.path / "f.txt";
+  REQUIRE(kd::io::write_file_atomic(p.string(), std::string(10000, 'x')).ok());
+  REQUIRE(kd::io::write_file_atomic(p.string(), std::string("short")).ok());
+  CHECK(slurp(p) == "short");
+  CHECK(dir.entries() == std::vector<std::string>{"f.txt"});
+}
+
+TEST_CASE("atomic_file: failures leave the target untouched and remove the temporary file") {
+  temp_dir dir;
+
+  // Missing directory: the temporary cannot be created, nothing appears.
+  const std::string missing = (dir.path / "no" / "such" / "f.txt").string();
+  check_error(kd::io::write_file_atomic(missing, std::string("x")), errc::io_error,
+              {"cannot write '" + missing + "'", "cannot create", "No such file or directory"});
+  CHECK(dir.entries().empty());
+
+  // A regular file where the directory should be (unwritable for root too).
+  std::ofstream(dir.path / "plain") << "keep";
+  const std::string under_file = (dir.path / "plain" / "f.txt").string();
+  check_error(kd::io::write_file_atomic(under_file, std::string("x")), errc::io_error,
+              {"cannot write '" + under_file + "'", "cannot create", "Not a directory"});
+  CHECK(slurp(dir.path / "plain") == "keep");
+
+#if defined(__unix__)
+  if (::geteuid() != 0) {  // root writes into read-only directories anyway
+    fs::create_directory(dir.path / "ro");
+    fs::permissions(dir.path / "ro", fs::perms::owner_read | fs::perms::owner_exec);
+    check_error(kd::io::write_file_atomic((dir.path / "ro" / "f.txt").string(), std::string("x")), errc::io_error,
+                {"cannot create", "Permission denied"});
+    fs::permissions(dir.path / "ro", fs::perms::owner_all);
+    CHECK(fs::is_empty(dir.path / "ro"));
+    fs::remove(dir.path / "ro");
+  }
+#endif
+
+  // The target is a non-empty directory: the contents are written, the rename fails, the temporary goes.
+  fs::create_directory(dir.path / "target");
+  std::ofstream(dir.path / "target" / "inside") << "kept";
+  check_error(kd::io::write_file_atomic((dir.path / "target").string(), std::string("x")), errc::io_error,
+              {"cannot write '" + (dir.path / "target").string() + "'", "renaming", "over it failed"});
+  CHECK(slurp(dir.path / "target" / "inside") == "kept");
+
+  // The producer fails half-way: the old contents stay and the partial temporary is removed.
+  const fs::path p = dir.path / "f.txt";
+  REQUIRE(kd::io::write_file_atomic(p.string(), std::string("old contents")).ok());
+  const auto gives_up = [](auto&& sink) {
+    (void)sink("new", 3);
+    return false;
+  };
+  check_error(kd::io::write_file_atomic(p.string(), gives_up), errc::io_error,
+              {"cannot write '" + p.string() + "'", "writing", "failed"});
+  CHECK(slurp(p) == "old contents");
+  CHECK(dir.entries() == std::vector<std::string>{"f.txt", "plain", "target"});
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -194,3 +194,30 @@ TEST_CASE_TEMPLATE("cuda model: small teacher and student (head_dim 64) match th
   compare_with_cpu<T>(km::make_arch(small_teacher()), 2, 96, 0.08);
   compare_with_cpu<T>(km::make_arch(small_student()), 2, 96, 0.08);
 }
+
+// The CUDA kernels' limits (kd/model/cuda_limits.hpp) stop a model at allocate(), before any memory is
+// taken and long before its first forward.
+TEST_CASE("cuda model: allocate() rejects what the CUDA kernels cannot run, naming the limit") {
+  kd::cuda::context ctx;
+  km::cuda_ops<float> gpu(ctx);
+  auto allocate = [&](const km::moe_config& c) {
+    km::transformer<km::cuda_ops<float>> m(gpu, km::make_arch(c));
+    const kd::status s = m.allocate(true);
+    if (!s.ok()) CHECK(m.params() == nullptr);  // nothing allocated
+    return s;
+  };
+  km::moe_config c = km::tiny_teacher();
+  c.num_experts = 257;
+  kd::status s = allocate(c);
+  CHECK(s.code() == kd::errc::invalid_argument);
+  CHECK(s.message().find("E = 257 exceeds the CUDA router's 256 experts") != std::string::npos);
+
+  c = km::tiny_teacher();
+  c.num_experts = 16;
+  c.num_experts_per_tok = 9;
+  s = allocate(c);
+  CHECK(s.code() == kd::errc::invalid_argument);
+  CHECK(s.message().find("k = 9 exceeds the CUDA router's top-8") != std::string::npos);
+
+  CHECK(allocate(km::tiny_teacher()).ok());
+}

@@ -312,9 +312,23 @@ inline status dump(const json& j, std::string& out) {
   return {};
 }
 
-// Keys both architectures write the same way: fixed features kd implements, token ids, dtype.
+// Keys both architectures write the same way: the shared shape fields, fixed features kd implements,
+// token ids, dtype (nlohmann::json sorts keys, so the order of writes does not show in the file).
 template <class Config>
 void write_common_keys(json& j, const Config& c) {
+  j["vocab_size"] = c.vocab_size;
+  j["hidden_size"] = c.hidden_size;
+  j["intermediate_size"] = c.intermediate_size;
+  j["num_hidden_layers"] = c.num_hidden_layers;
+  j["num_attention_heads"] = c.num_attention_heads;
+  j["num_key_value_heads"] = c.num_key_value_heads;
+  j["head_dim"] = c.head_dim;
+  j["rms_norm_eps"] = c.rms_norm_eps;
+  j["rope_theta"] = c.rope_theta;
+  j["rope_parameters"] = rope_parameters_json(c.rope_theta);
+  j["max_position_embeddings"] = c.max_position_embeddings;
+  j["tie_word_embeddings"] = c.tie_word_embeddings;
+  j["attention_bias"] = c.attention_bias;
   j["attention_dropout"] = 0.0;
   j["hidden_act"] = "silu";
   j["use_cache"] = true;
@@ -325,25 +339,70 @@ void write_common_keys(json& j, const Config& c) {
   j["torch_dtype"] = std::string(to_string(c.dtype));
 }
 
+// A validated config as config.json: the common keys, then fill(j) adds the architecture's own.
+template <class Config, class Fill>
+status write_config_json(const Config& c, std::string_view architecture, std::string_view model_type, std::string& out,
+                    Fill&& fill) {
+  KD_TRY(c.validate());
+  try {
+    json j;
+    j["architectures"] = json::array({std::string(architecture)});
+    j["model_type"] = std::string(model_type);
+    write_common_keys(j, c);
+    fill(j);
+    return dump(j, out);
+  } catch (const std::exception& e) {
+    return {errc::io_error, std::string("config.json: cannot serialise (") + e.what() + ")"};
+  }
+}
+
+// Parses config.json of one architecture: its model_type / architectures, the keys no architecture
+// supports, then read(r, c) for the rest; the result must validate. Errors are prefixed with `where`.
+template <class Config, class Read>
+status parse_config_json(std::string_view text, const std::string& where, std::string_view model_type,
+                   std::string_view architecture, Config& out, Read&& read) {
+  try {
+    json j;
+    KD_TRY(parse_object(text, j, where));
+    const config_reader r(j, where);
+    KD_TRY(read_model_type(r, model_type, architecture));
+    KD_TRY(read_common_unsupported(r));
+    Config c;
+    KD_TRY(read(r, c));
+    if (status s = c.validate(); !s.ok()) return {s.code(), where + ": " + s.message()};
+    out = std::move(c);
+    return {};
+  } catch (const std::exception& e) {
+    return {errc::io_error, where + ": " + e.what()};
+  }
+}
+
+// The keys both architectures read alike after their shapes, in two runs (the MoE reads its router keys
+// between them).
+template <class Config>
+status read_common_norm_rope(const config_reader& r, Config& c) {
+  KD_TRY(r.require("rms_norm_eps", c.rms_norm_eps));
+  KD_TRY(read_rope(r, c.rope_theta));
+  KD_TRY(r.require("max_position_embeddings", c.max_position_embeddings));
+  KD_TRY(r.require("tie_word_embeddings", c.tie_word_embeddings));
+  return r.optional("attention_bias", c.attention_bias);
+}
+template <class Config>
+status read_common_ids(const config_reader& r, Config& c) {
+  KD_TRY(r.optional("initializer_range", c.initializer_range));
+  KD_TRY(read_token_id(r, "bos_token_id", c.bos_token_id));
+  KD_TRY(read_token_id(r, "eos_token_id", c.eos_token_id));
+  return read_dtype(r, c.dtype);
+}
+
 }  // namespace detail
 
 // ------------------------------------------------------------------------------------------------------
 // Qwen3-MoE
 // ------------------------------------------------------------------------------------------------------
 inline status to_json(const moe_config& c, std::string& out) {
-  KD_TRY(c.validate());
-  try {
-    using detail::json;
-    json j;
-    j["architectures"] = json::array({std::string(detail::qwen3_moe_architecture)});
-    j["model_type"] = std::string(detail::qwen3_moe_model_type);
-    j["vocab_size"] = c.vocab_size;
-    j["hidden_size"] = c.hidden_size;
-    j["intermediate_size"] = c.intermediate_size;
-    j["num_hidden_layers"] = c.num_hidden_layers;
-    j["num_attention_heads"] = c.num_attention_heads;
-    j["num_key_value_heads"] = c.num_key_value_heads;
-    j["head_dim"] = c.head_dim;
+  const auto architecture = detail::qwen3_moe_architecture;
+  return detail::write_config_json(c, architecture, detail::qwen3_moe_model_type, out, [&](detail::json& j) {
     j["moe_intermediate_size"] = c.moe_intermediate_size;
     j["num_experts"] = c.num_experts;
     j["num_local_experts"] = c.num_experts;
@@ -351,36 +410,21 @@ inline status to_json(const moe_config& c, std::string& out) {
     j["norm_topk_prob"] = c.norm_topk_prob;
     j["decoder_sparse_step"] = c.decoder_sparse_step;
     j["mlp_only_layers"] = c.mlp_only_layers;
-    j["rms_norm_eps"] = c.rms_norm_eps;
-    j["rope_theta"] = c.rope_theta;
-    j["rope_parameters"] = detail::rope_parameters_json(c.rope_theta);
-    j["max_position_embeddings"] = c.max_position_embeddings;
-    j["tie_word_embeddings"] = c.tie_word_embeddings;
-    j["attention_bias"] = c.attention_bias;
     j["router_aux_loss_coef"] = c.router_aux_loss_coef;
     j["output_router_logits"] = false;
     j["use_sliding_window"] = false;
     j["sliding_window"] = nullptr;
-    detail::write_common_keys(j, c);
-    return detail::dump(j, out);
-  } catch (const std::exception& e) {
-    return {errc::io_error, std::string("config.json: cannot serialise (") + e.what() + ")"};
-  }
+  });
 }
 
 inline status from_json(std::string_view text, moe_config& out) {
   const std::string where = "config.json (qwen3_moe)";
-  try {
-    detail::json j;
-    KD_TRY(detail::parse_object(text, j, where));
-    const detail::config_reader r(j, where);
-    KD_TRY(detail::read_model_type(r, detail::qwen3_moe_model_type, detail::qwen3_moe_architecture));
-    KD_TRY(detail::read_common_unsupported(r));
+  return detail::parse_config_json(text, where, detail::qwen3_moe_model_type, detail::qwen3_moe_architecture, out,
+                             [&](const detail::config_reader& r, moe_config& c) -> status {
     bool sliding = false;
     KD_TRY(r.optional("use_sliding_window", sliding));
     if (sliding) return r.unsupported("use_sliding_window", "sliding-window attention is not supported");
 
-    moe_config c;
     KD_TRY(r.require("vocab_size", c.vocab_size));
     KD_TRY(r.require("hidden_size", c.hidden_size));
     KD_TRY(r.require("num_hidden_layers", c.num_hidden_layers));
@@ -429,73 +473,33 @@ inline status from_json(std::string_view text, moe_config& out) {
     } else {
       KD_TRY(r.require("intermediate_size", c.intermediate_size));
     }
-    KD_TRY(r.require("rms_norm_eps", c.rms_norm_eps));
-    KD_TRY(detail::read_rope(r, c.rope_theta));
-    KD_TRY(r.require("max_position_embeddings", c.max_position_embeddings));
-    KD_TRY(r.require("tie_word_embeddings", c.tie_word_embeddings));
-    KD_TRY(r.optional("attention_bias", c.attention_bias));
+    KD_TRY(detail::read_common_norm_rope(r, c));
     c.router_aux_loss_coef = 0.001;  // transformers' default when absent
     KD_TRY(r.optional("router_aux_loss_coef", c.router_aux_loss_coef));
     bool ignored = false;
     KD_TRY(r.optional("output_router_logits", ignored));
-    KD_TRY(r.optional("initializer_range", c.initializer_range));
-    KD_TRY(detail::read_token_id(r, "bos_token_id", c.bos_token_id));
-    KD_TRY(detail::read_token_id(r, "eos_token_id", c.eos_token_id));
-    KD_TRY(detail::read_dtype(r, c.dtype));
-
-    if (status s = c.validate(); !s.ok()) return {s.code(), where + ": " + s.message()};
-    out = std::move(c);
-    return {};
-  } catch (const std::exception& e) {
-    return {errc::io_error, where + ": " + e.what()};
-  }
+    return detail::read_common_ids(r, c);
+  });
 }
 
 // ------------------------------------------------------------------------------------------------------
 // Llama
 // ------------------------------------------------------------------------------------------------------
 inline status to_json(const dense_config& c, std::string& out) {
-  KD_TRY(c.validate());
-  try {
-    using detail::json;
-    json j;
-    j["architectures"] = json::array({std::string(detail::llama_architecture)});
-    j["model_type"] = std::string(detail::llama_model_type);
-    j["vocab_size"] = c.vocab_size;
-    j["hidden_size"] = c.hidden_size;
-    j["intermediate_size"] = c.intermediate_size;
-    j["num_hidden_layers"] = c.num_hidden_layers;
-    j["num_attention_heads"] = c.num_attention_heads;
-    j["num_key_value_heads"] = c.num_key_value_heads;
-    j["head_dim"] = c.head_dim;
-    j["rms_norm_eps"] = c.rms_norm_eps;
-    j["rope_theta"] = c.rope_theta;
-    j["rope_parameters"] = detail::rope_parameters_json(c.rope_theta);
-    j["max_position_embeddings"] = c.max_position_embeddings;
-    j["tie_word_embeddings"] = c.tie_word_embeddings;
-    j["attention_bias"] = c.attention_bias;
+  return detail::write_config_json(c, detail::llama_architecture, detail::llama_model_type, out, [&](detail::json& j) {
     j["mlp_bias"] = c.mlp_bias;
     j["pretraining_tp"] = 1;
-    detail::write_common_keys(j, c);
-    return detail::dump(j, out);
-  } catch (const std::exception& e) {
-    return {errc::io_error, std::string("config.json: cannot serialise (") + e.what() + ")"};
-  }
+  });
 }
 
 inline status from_json(std::string_view text, dense_config& out) {
   const std::string where = "config.json (llama)";
-  try {
-    detail::json j;
-    KD_TRY(detail::parse_object(text, j, where));
-    const detail::config_reader r(j, where);
-    KD_TRY(detail::read_model_type(r, detail::llama_model_type, detail::llama_architecture));
-    KD_TRY(detail::read_common_unsupported(r));
+  return detail::parse_config_json(text, where, detail::llama_model_type, detail::llama_architecture, out,
+                             [&](const detail::config_reader& r, dense_config& c) -> status {
     std::int64_t tp = 1;
     KD_TRY(r.optional("pretraining_tp", tp));
     if (tp != 1) return r.unsupported("pretraining_tp", "only 1 is supported");
 
-    dense_config c;
     KD_TRY(r.require("vocab_size", c.vocab_size));
     KD_TRY(r.require("hidden_size", c.hidden_size));
     KD_TRY(r.require("intermediate_size", c.intermediate_size));
@@ -508,23 +512,10 @@ inline status from_json(std::string_view text, dense_config& out) {
     KD_TRY(r.optional("num_key_value_heads", c.num_key_value_heads));
     c.head_dim = c.hidden_size / c.num_attention_heads;
     KD_TRY(r.optional("head_dim", c.head_dim));
-    KD_TRY(r.require("rms_norm_eps", c.rms_norm_eps));
-    KD_TRY(detail::read_rope(r, c.rope_theta));
-    KD_TRY(r.require("max_position_embeddings", c.max_position_embeddings));
-    KD_TRY(r.require("tie_word_embeddings", c.tie_word_embeddings));
-    KD_TRY(r.optional("attention_bias", c.attention_bias));
+    KD_TRY(detail::read_common_norm_rope(r, c));
     KD_TRY(r.optional("mlp_bias", c.mlp_bias));
-    KD_TRY(r.optional("initializer_range", c.initializer_range));
-    KD_TRY(detail::read_token_id(r, "bos_token_id", c.bos_token_id));
-    KD_TRY(detail::read_token_id(r, "eos_token_id", c.eos_token_id));
-    KD_TRY(detail::read_dtype(r, c.dtype));
-
-    if (status s = c.validate(); !s.ok()) return {s.code(), where + ": " + s.message()};
-    out = std::move(c);
-    return {};
-  } catch (const std::exception& e) {
-    return {errc::io_error, where + ": " + e.what()};
-  }
+    return detail::read_common_ids(r, c);
+  });
 }
 
 }  // namespace kd::model

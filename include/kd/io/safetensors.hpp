@@ -34,10 +34,8 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cerrno>
-#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -58,15 +56,9 @@
 #include <nlohmann/json.hpp>
 
 #include <kd/core/numeric.hpp>
+#include <kd/io/atomic_file.hpp>
 #include <kd/core/status.hpp>
 
-#if defined(__unix__) || defined(__APPLE__)
-#include <fcntl.h>
-#include <unistd.h>
-#define KD_IO_POSIX 1
-#else
-#define KD_IO_POSIX 0
-#endif
 
 namespace kd::io {
 
@@ -321,23 +313,6 @@ void convert(const std::byte* src, std::size_t n, T* dst) noexcept {
     }
   }
 }
-
-// Stable per-process temp-file suffix.
-inline std::string temp_suffix() {
-  static std::atomic<unsigned long long> counter{0};
-  std::string s = ".tmp-";
-#if KD_IO_POSIX
-  s += std::to_string(static_cast<long long>(::getpid()));
-  s += '-';
-#endif
-  s += std::to_string(static_cast<unsigned long long>(
-      std::chrono::steady_clock::now().time_since_epoch().count() & 0xffffffffull));
-  s += '-';
-  s += std::to_string(counter.fetch_add(1));
-  return s;
-}
-
-inline std::string errno_message(int e) { return std::error_code(e, std::generic_category()).message(); }
 
 }  // namespace detail
 
@@ -799,71 +774,15 @@ inline status serialize_safetensors(const std::vector<tensor_to_write>& tensors,
   return {};
 }
 
-// Writes `path` atomically: a temporary file next to it, flushed to disk, then renamed over `path`.
-// Nothing is created or replaced when the arguments are invalid; on an I/O failure the temporary file
-// is removed and `path` keeps its previous contents (or stays absent).
+// Writes `path` atomically (kd/io/atomic_file.hpp): a temporary file next to it, flushed to disk, then
+// renamed over `path`. Nothing is created or replaced when the arguments are invalid; on an I/O failure
+// the temporary file is removed and `path` keeps its previous contents (or stays absent).
 inline status write_safetensors(const std::string& path, const std::vector<tensor_to_write>& tensors,
                                 const metadata_map& meta = {}) {
   detail::write_plan plan;
   KD_TRY(detail::plan_write(tensors, meta, plan));
 
-  std::string tmp;
-  std::FILE* f = nullptr;
-  for (int attempt = 0; attempt < 16 && f == nullptr; ++attempt) {
-    tmp = path + detail::temp_suffix();
-    errno = 0;
-    f = std::fopen(tmp.c_str(), "wbx");
-    if (f == nullptr && errno != EEXIST) break;
-  }
-  if (f == nullptr)
-    return {errc::io_error, "cannot write '" + path + "': cannot create '" + tmp + "': " + detail::errno_message(errno)};
-
-  auto abandon = [&](const std::string& what, int err) {
-    if (f != nullptr) std::fclose(f);
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    return status{errc::io_error, "cannot write '" + path + "': " + what + (err ? ": " + detail::errno_message(err) : "")};
-  };
-  const bool written = detail::emit(tensors, plan, [&](const std::byte* p, std::size_t n) {
-    return std::fwrite(p, 1, n, f) == n;
-  });
-  if (!written) {
-    const int e = errno;
-    return abandon("writing '" + tmp + "' failed", e);
-  }
-  if (std::fflush(f) != 0) {
-    const int e = errno;
-    return abandon("flushing '" + tmp + "' failed", e);
-  }
-#if KD_IO_POSIX
-  if (::fsync(::fileno(f)) != 0) {
-    const int e = errno;
-    return abandon("fsync of '" + tmp + "' failed", e);
-  }
-#endif
-  const int close_rc = std::fclose(f);
-  const int close_errno = errno;
-  f = nullptr;
-  if (close_rc != 0) return abandon("closing '" + tmp + "' failed", close_errno);
-
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    return {errc::io_error, "cannot write '" + path + "': renaming '" + tmp + "' over it failed: " + ec.message()};
-  }
-#if KD_IO_POSIX
-  // Make the rename itself durable (best effort).
-  std::string dir = std::filesystem::path(path).parent_path().string();
-  if (dir.empty()) dir = ".";
-  const int dfd = ::open(dir.c_str(), O_RDONLY);
-  if (dfd >= 0) {
-    (void)::fsync(dfd);
-    ::close(dfd);
-  }
-#endif
-  return {};
+  return write_file_atomic(path, [&](auto&& sink) { return detail::emit(tensors, plan, sink); });
 }
 
 }  // namespace kd::io

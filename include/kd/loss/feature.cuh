@@ -30,7 +30,7 @@
 #include <kd/cuda/context.cuh>
 #include <kd/cuda/detail/reduce.cuh>
 #include <kd/cuda/detail/storage.cuh>
-#include <kd/loss/linear_kd.cuh>  // gemm_rm
+#include <kd/cuda/gemm.cuh>
 #include <kd/loss/feature.hpp>
 
 namespace kd {
@@ -346,8 +346,8 @@ struct loss_impl<cuda::backend, feature_tag> {
 
     // y = x W^T  [n x dt], fp32.
     if (proj) {
-      if constexpr (same_xw) KD_TRY(gemm_rm(blas, n, dt, ds, x.data, x.stride, false, w.data, w.stride, true, y32, dt, 0.f));
-      else KD_TRY(gemm_rm(blas, n, dt, ds, xf, ldxf, false, wf, ldwf, true, y32, dt, 0.f));
+      if constexpr (same_xw) KD_TRY(cuda::gemm_rm(blas, n, dt, ds, x.data, x.stride, false, w.data, w.stride, true, y32, dt, 0.f));
+      else KD_TRY(cuda::gemm_rm(blas, n, dt, ds, xf, ldxf, false, wf, ldwf, true, y32, dt, 0.f));
     }
 
     // Token count and divisor (token_divisor on the device).
@@ -390,9 +390,9 @@ struct loss_impl<cuda::backend, feature_tag> {
     if (want_dw) {
       // dW [dt x ds] = dY^T x: straight into an fp32 gradient, else through dw32 and one rounding.
       if constexpr (std::is_same_v<GWv, float>) {
-        KD_TRY(gemm_rm(blas, dt, ds, n, y32, dt, true, xf, ldxf, false, dw.data, dw.stride, o.accumulate_grad ? 1.f : 0.f));
+        KD_TRY(cuda::gemm_rm(blas, dt, ds, n, y32, dt, true, xf, ldxf, false, dw.data, dw.stride, o.accumulate_grad ? 1.f : 0.f));
       } else {
-        KD_TRY(gemm_rm(blas, dt, ds, n, y32, dt, true, xf, ldxf, false, dw32, ds, 0.f));
+        KD_TRY(cuda::gemm_rm(blas, dt, ds, n, y32, dt, true, xf, ldxf, false, dw32, ds, 0.f));
         KD_TRY(feature_store(dw32, dw, o.accumulate_grad, stream));
       }
     }
@@ -402,10 +402,10 @@ struct loss_impl<cuda::backend, feature_tag> {
       } else {
         // dx [n x ds] = dY W
         if constexpr (std::is_same_v<GSv, float>) {
-          KD_TRY(gemm_rm(blas, n, ds, dt, y32, dt, false, wf, ldwf, false, dx.data, dx.stride,
-                         o.accumulate_grad ? 1.f : 0.f));
+          KD_TRY(cuda::gemm_rm(blas, n, ds, dt, y32, dt, false, wf, ldwf, false, dx.data, dx.stride,
+                               o.accumulate_grad ? 1.f : 0.f));
         } else {
-          KD_TRY(gemm_rm(blas, n, ds, dt, y32, dt, false, wf, ldwf, false, dx32, ds, 0.f));
+          KD_TRY(cuda::gemm_rm(blas, n, ds, dt, y32, dt, false, wf, ldwf, false, dx32, ds, 0.f));
           KD_TRY(feature_store(dx32, dx, o.accumulate_grad, stream));
         }
       }

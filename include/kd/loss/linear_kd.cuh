@@ -16,38 +16,12 @@
 #include <string>
 #include <type_traits>
 
+#include <kd/cuda/gemm.cuh>
 #include <kd/loss/logit_kd.cuh>
 #include <kd/loss/linear_kd.hpp>
 
 namespace kd {
 namespace cuda::detail {
-
-template <class T>
-constexpr cudaDataType_t cuda_type() {
-  if constexpr (std::is_same_v<T, float>) return CUDA_R_32F;
-  else if constexpr (std::is_same_v<T, kd::bfloat16>) return CUDA_R_16BF;
-  else if constexpr (std::is_same_v<T, kd::half>) return CUDA_R_16F;
-  else return CUDA_R_64F;
-}
-
-inline status cublas_status(cublasStatus_t s, const char* what) {
-  if (s == CUBLAS_STATUS_SUCCESS) return {};
-  return {errc::backend_error, std::string(what) + " failed with cuBLAS status " + std::to_string(static_cast<int>(s))};
-}
-
-// Row-major C[m x n] = op(A) op(B) expressed through column-major cuBLAS (C^T = op(B)^T op(A)^T).
-// a_t / b_t say whether A / B enter transposed, in row-major terms.
-template <class TA, class TB, class TC>
-status gemm_rm(cublasHandle_t h, long long m, long long n, long long k, const TA* a, long long lda, bool a_t, const TB* b,
-               long long ldb, bool b_t, TC* c, long long ldc, float beta) {
-  const float alpha = 1.f;
-  return cublas_status(
-      cublasGemmEx(h, b_t ? CUBLAS_OP_T : CUBLAS_OP_N, a_t ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(n),
-                   static_cast<int>(m), static_cast<int>(k), &alpha, b, cuda_type<TB>(), static_cast<int>(ldb), a,
-                   cuda_type<TA>(), static_cast<int>(lda), &beta, c, cuda_type<TC>(), static_cast<int>(ldc),
-                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-      "cublasGemmEx");
-}
 
 template <class T>
 __global__ void round_store_kernel(const float* src, T* dst, long long rows, long long cols, long long stride,
@@ -119,7 +93,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     for (long long r0 = 0; r0 < n; r0 += chunk) {
       const long long rows = std::min(chunk, n - r0);
       // logits[rows x V] = h[r0:r0+rows] W^T
-      KD_TRY(gemm_rm(blas, rows, v, d, h.row(r0), d, false, w.data, d, true, logits, v, 0.f));
+      KD_TRY(cuda::gemm_rm(blas, rows, v, d, h.row(r0), d, false, w.data, d, true, logits, v, 0.f));
       logit_kd_launch l;
       const auto lab = labels.empty() ? labels : labels.subspan(static_cast<std::size_t>(r0), static_cast<std::size_t>(rows));
       KD_TRY(plan_logit_kd(ctx, inner, matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride),
@@ -131,11 +105,11 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       KD_TRY(enqueue_logit_kd(l, stream));
       // dh[r0:r0+rows] = dlogits W ;  dW (+)= dlogits^T h[r0:r0+rows]
       if (!dh.empty())
-        KD_TRY(gemm_rm(blas, rows, d, v, logits, v, false, w.data, d, false, dh.row(r0), d, o.accumulate_grad ? 1.f : 0.f));
+        KD_TRY(cuda::gemm_rm(blas, rows, d, v, logits, v, false, w.data, d, false, dh.row(r0), d, o.accumulate_grad ? 1.f : 0.f));
       if (!dw.empty()) {
         const float beta = (r0 == 0 && (dw_f32 || !o.accumulate_grad)) ? 0.f : 1.f;
-        if (dw_f32) KD_TRY(gemm_rm(blas, v, d, rows, logits, v, true, h.row(r0), d, false, dw32, d, beta));
-        else KD_TRY(gemm_rm(blas, v, d, rows, logits, v, true, h.row(r0), d, false, dw.data, d, beta));
+        if (dw_f32) KD_TRY(cuda::gemm_rm(blas, v, d, rows, logits, v, true, h.row(r0), d, false, dw32, d, beta));
+        else KD_TRY(cuda::gemm_rm(blas, v, d, rows, logits, v, true, h.row(r0), d, false, dw.data, d, beta));
       }
     }
     if (dw_f32) {

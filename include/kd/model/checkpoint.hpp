@@ -22,6 +22,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <kd/io/atomic_file.hpp>
 #include <kd/io/safetensors.hpp>
 #include <kd/model/config.hpp>
 #include <kd/io/config_json.hpp>
@@ -41,22 +42,6 @@ inline status read_text(const std::string& path, std::string& out) {
   s << f.rdbuf();
   if (f.bad()) return {errc::io_error, "cannot read '" + path + "'"};
   out = s.str();
-  return {};
-}
-
-// Writes through a temporary file and a rename, so an interrupted save never leaves a torn file.
-inline status write_text_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    if (!f) return {errc::io_error, "cannot write '" + tmp + "'"};
-    f << text;
-    f.flush();
-    if (!f) return {errc::io_error, "cannot write '" + tmp + "'"};
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) return {errc::io_error, "cannot rename '" + tmp + "' to '" + path + "': " + ec.message()};
   return {};
 }
 
@@ -271,7 +256,7 @@ status save_checkpoint(const transformer<B>& m, const Config& c, const std::stri
   std::string json;
   KD_TRY(to_json(c, json));
   KD_TRY(io::write_safetensors((std::filesystem::path(dir) / "model.safetensors").string(), out, {{"format", "pt"}}));
-  return detail::write_text_atomic((std::filesystem::path(dir) / "config.json").string(), json);
+  return io::write_file_atomic((std::filesystem::path(dir) / "config.json").string(), json);
 }
 
 }  // namespace kd::model

@@ -42,6 +42,7 @@
 #include <type_traits>
 
 #include <kd/core/status.hpp>
+#include <kd/model/parameters.hpp>
 
 namespace kd::model {
 
@@ -50,16 +51,21 @@ using index_t = std::int32_t;
 // The members every model backend has. Checked on the types, not on each op's arity, so a missing op is
 // reported by the compiler at its call in transformer.hpp with the op's name.
 template <class B>
-concept ModelBackend = requires(B& b, std::size_t n) {
+concept ModelBackend = requires(B& b, std::size_t n, const arch& a) {
   typename B::value_type;
   typename B::acc_type;
   typename B::template buffer<typename B::value_type>;
   requires std::is_floating_point_v<typename B::acc_type>;
   { b.template alloc<typename B::value_type>(n) } -> std::same_as<typename B::template buffer<typename B::value_type>>;
   { B::name() } -> std::convertible_to<const char*>;
+  { B::can_implement(a) } -> std::same_as<status>;
 };
 
 // The ops, for reference (T = value_type, A = acc_type, I = index_t; all return status):
+//
+//  model
+//   static can_implement(const arch&)                   the backend's limits on a whole model (e.g. the CUDA
+//                                                       kernels' experts <= 256); transformer::allocate() calls it
 //
 //  memory
 //   buffer<U> alloc<U>(n)                               zero-filled; .data(), .size(); empty on failure

@@ -4,7 +4,8 @@
 // backend and the finite-difference tests are checked against, so every op is written for exactness
 // first: GEMMs go through Eigen (row-major Maps over the caller's memory, no copies), everything else is
 // plain loops accumulating in acc_type (= Real). Host-checkable preconditions (null pointers, sizes,
-// Hq % Hkv, even D for RoPE, k <= E, expert ids) return a kd::status; nothing asserts or throws.
+// Hq % Hkv, even D for RoPE, k <= E: kd/model/op_check.hpp, shared with the CUDA backend; plus the values
+// of ids and slots, which only the host backend can read) return a kd::status; nothing asserts or throws.
 #pragma once
 
 #include <algorithm>
@@ -23,6 +24,7 @@
 
 #include <kd/model/op_check.hpp>
 #include <kd/model/ops.hpp>
+#include <kd/model/parameters.hpp>
 #include <kd/core/status.hpp>
 
 namespace kd::model {
@@ -50,6 +52,8 @@ class cpu_ops {
   using buffer = std::vector<U>;
 
   static const char* name() { return "cpu"; }
+  // The reference runs any architecture (its limits are the host's memory).
+  static status can_implement(const arch& /*a*/) { return {}; }
 
   // Zero-filled; empty when the allocation fails (library code does not throw).
   template <class U>
@@ -68,19 +72,26 @@ class cpu_ops {
   // ---------------------------------------------------------------------------------------------
   template <class U>
   status upload(const U* host, std::size_t n, U* dst) {
-    return copy_impl("upload", host, dst, n);
+    detail::cpu_op_check c("upload");
+    KD_TRY(detail::upload_args(c, host, n, dst).done());
+    return copy_impl(host, dst, n);
   }
   template <class U>
   status download(const U* src, std::size_t n, U* host) {
-    return copy_impl("download", src, host, n);
+    detail::cpu_op_check c("download");
+    KD_TRY(detail::download_args(c, src, n, host).done());
+    return copy_impl(src, host, n);
   }
   template <class U>
   status copy(const U* src, U* dst, std::size_t n) {
-    return copy_impl("copy", src, dst, n);
+    detail::cpu_op_check c("copy");
+    KD_TRY(detail::copy_args(c, src, dst, n).done());
+    return copy_impl(src, dst, n);
   }
   template <class U>
   status fill_zero(U* p, std::size_t n) {
-    KD_TRY(detail::cpu_op_check("fill_zero").ptr(p, static_cast<i64>(n), "p").done());
+    detail::cpu_op_check c("fill_zero");
+    KD_TRY(detail::fill_zero_args(c, p, n).done());
     std::fill_n(p, n, U{});
     return {};
   }
@@ -92,7 +103,8 @@ class cpu_ops {
     return {};
   }
   status add(T* y, const T* x, std::size_t n) {
-    KD_TRY(detail::cpu_op_check("add").ptr(y, static_cast<i64>(n), "y").ptr(x, static_cast<i64>(n), "x").done());
+    detail::cpu_op_check c("add");
+    KD_TRY(detail::add_args(c, y, x, n).done());
     for (std::size_t i = 0; i < n; ++i) y[i] += x[i];
     return {};
   }
@@ -102,7 +114,8 @@ class cpu_ops {
   // ---------------------------------------------------------------------------------------------
   // y[M,N] (+)= x[M,K] w[N,K]^T
   status linear(const T* x, const T* w, T* y, i64 M, i64 N, i64 K, bool accumulate) {
-    KD_TRY(gemm_check("linear", M, N, K).ptr(x, M * K, "x").ptr(w, N * K, "w").ptr(y, M * N, "y").done());
+    detail::cpu_op_check c("linear");
+    KD_TRY(detail::linear_args(c, x, w, y, M, N, K).done());
     auto Y = map(y, M, N);
     if (accumulate)
       Y.noalias() += cmap(x, M, K) * cmap(w, N, K).transpose();
@@ -113,7 +126,8 @@ class cpu_ops {
 
   // dx[M,K] (+)= dy[M,N] w[N,K]
   status linear_dx(const T* dy, const T* w, T* dx, i64 M, i64 N, i64 K, bool accumulate) {
-    KD_TRY(gemm_check("linear_dx", M, N, K).ptr(dy, M * N, "dy").ptr(w, N * K, "w").ptr(dx, M * K, "dx").done());
+    detail::cpu_op_check c("linear_dx");
+    KD_TRY(detail::linear_dx_args(c, dy, w, dx, M, N, K).done());
     auto DX = map(dx, M, K);
     if (accumulate)
       DX.noalias() += cmap(dy, M, N) * cmap(w, N, K);
@@ -124,7 +138,8 @@ class cpu_ops {
 
   // dw[N,K] (+)= dy[M,N]^T x[M,K]
   status linear_dw(const T* dy, const T* x, T* dw, i64 M, i64 N, i64 K, bool accumulate = true) {
-    KD_TRY(gemm_check("linear_dw", M, N, K).ptr(dy, M * N, "dy").ptr(x, M * K, "x").ptr(dw, N * K, "dw").done());
+    detail::cpu_op_check c("linear_dw");
+    KD_TRY(detail::linear_dw_args(c, dy, x, dw, M, N, K).done());
     if (accumulate)
       map(dw, N, K).noalias() += cmap(dy, M, N).transpose() * cmap(x, M, K);
     else
@@ -134,15 +149,18 @@ class cpu_ops {
 
   // QK norm then RoPE: the composition (the CUDA backend fuses it).
   // A device backend caches the RoPE (cos, sin) table of pos here; the reference computes it per op.
-  status rope_cache(const index_t* /*pos*/, i64 /*tokens*/, i64 /*D*/, double /*theta*/) { return {}; }
+  status rope_cache(const index_t* pos, i64 tokens, i64 D, double theta) {
+    detail::cpu_op_check c("rope_cache");
+    return detail::rope_cache_args(c, pos, tokens, D, theta).done();
+  }
 
   // x_ld (forward) / ld (backward, for x and dx): token stride of x / dx when they are column slices of a
   // wider matrix (0: heads * D), as the q and k parts of the fused QKV projection and its gradient are.
   status rmsnorm_rope(const T* x, const T* w, T* y, A* rstd, const index_t* pos, i64 tokens, i64 heads, i64 D,
                       double eps, double theta, i64 x_ld = 0) {
+    detail::cpu_op_check c("rmsnorm_rope");
+    KD_TRY(detail::rmsnorm_rope_args(c, x, w, y, rstd, pos, tokens, heads, D, eps, theta, x_ld).done());
     if (x_ld != 0 && x_ld != heads * D) {
-      detail::cpu_op_check c("rmsnorm_rope");
-      KD_TRY(detail::head_rows_ld(c, x_ld, heads, D, "x").done());
       KD_TRY(copy_rows(x, x_ld, y, heads * D, tokens, heads * D));
       x = y;  // rmsnorm works row by row, so in place is fine
     }
@@ -152,9 +170,7 @@ class cpu_ops {
   status rmsnorm_rope_bwd(const T* x, const T* w, const A* rstd, const index_t* pos, const T* dy, T* dx, T* dw,
                           i64 tokens, i64 heads, i64 D, double theta, i64 ld = 0, bool accumulate_dw = true) {
     detail::cpu_op_check c("rmsnorm_rope_bwd");
-    KD_TRY(detail::head_rows_ld(c.nonneg(tokens, "tokens").positive(heads, "heads").positive(D, "D"), ld, heads, D, "x / dx")
-               .ptr(dy, tokens * heads * D, "dy")
-               .done());
+    KD_TRY(detail::rmsnorm_rope_bwd_args(c, x, w, rstd, pos, dy, dx, dw, tokens, heads, D, theta, ld, accumulate_dw).done());
     std::vector<T> g(dy, dy + tokens * heads * D);
     KD_TRY(rope(g.data(), pos, tokens, heads, D, theta, true));
     if (ld == 0 || ld == heads * D)
@@ -168,12 +184,16 @@ class cpu_ops {
   // The experts' GEMMs: group g is counts[g] consecutive rows against weight w + g*N*K.
   status grouped_linear(const T* x, const T* w, T* y, const std::int64_t* counts, i64 G, i64 N, i64 K,
                         bool accumulate) {
+    detail::cpu_op_check args("grouped_linear");
+    KD_TRY(detail::grouped_linear_args(args, x, w, y, counts, G, N, K).done());
     return for_groups(counts, G, [&](i64 g, i64 r, i64 c) {
       return linear(x + r * K, w + g * N * K, y + r * N, c, N, K, accumulate);
     });
   }
   status grouped_linear_dx(const T* dy, const T* w, T* dx, const std::int64_t* counts, i64 G, i64 N, i64 K,
                            bool accumulate) {
+    detail::cpu_op_check args("grouped_linear_dx");
+    KD_TRY(detail::grouped_linear_dx_args(args, dy, w, dx, counts, G, N, K).done());
     return for_groups(counts, G, [&](i64 g, i64 r, i64 c) {
       return linear_dx(dy + r * N, w + g * N * K, dx + r * K, c, N, K, accumulate);
     });
@@ -181,7 +201,9 @@ class cpu_ops {
   // Without accumulate every group's dw is overwritten, an empty group's with zeros.
   status grouped_linear_dw(const T* dy, const T* x, T* dw, const std::int64_t* counts, i64 G, i64 N, i64 K,
                            bool accumulate = true) {
-    if (!accumulate && counts != nullptr)
+    detail::cpu_op_check args("grouped_linear_dw");
+    KD_TRY(detail::grouped_linear_dw_args(args, dy, x, dw, counts, G, N, K).done());
+    if (!accumulate)
       for (i64 g = 0; g < G; ++g)
         if (counts[g] == 0) KD_TRY(fill_zero(dw + g * N * K, static_cast<std::size_t>(N * K)));
     return for_groups(counts, G, [&](i64 g, i64 r, i64 c) {
@@ -191,14 +213,16 @@ class cpu_ops {
 
   // out[i] = table[ids[i]]. ops.hpp leaves id checks to the caller; the host can afford them here.
   status embedding(const index_t* ids, const T* table, T* out, i64 n, i64 V, i64 H) {
-    KD_TRY(embedding_check("embedding", ids, n, V, H).ptr(table, V * H, "table").ptr(out, n * H, "out").done());
+    detail::cpu_op_check c("embedding");
+    KD_TRY(detail::embedding_args(c, ids, table, out, n, V, H).in_range(ids, n, V, "ids").done());
     for (i64 i = 0; i < n; ++i) std::copy_n(table + ids[i] * H, H, out + i * H);
     return {};
   }
 
   // dtable[ids[i]] += dout[i]
   status embedding_dw(const index_t* ids, const T* dout, T* dtable, i64 n, i64 V, i64 H) {
-    KD_TRY(embedding_check("embedding_dw", ids, n, V, H).ptr(dout, n * H, "dout").ptr(dtable, V * H, "dtable").done());
+    detail::cpu_op_check c("embedding_dw");
+    KD_TRY(detail::embedding_dw_args(c, ids, dout, dtable, n, V, H).in_range(ids, n, V, "ids").done());
     for (i64 i = 0; i < n; ++i) {
       T* row = dtable + ids[i] * H;
       const T* g = dout + i * H;
@@ -210,16 +234,8 @@ class cpu_ops {
   // y = x * rstd * w, rstd = 1 / sqrt(mean(x^2) + eps) per row.
   // x_copy (optional): also receives x (the residual stream's copy a layer adds its branch to).
   status rmsnorm(const T* x, const T* w, T* y, A* rstd, i64 R, i64 D, double eps, T* x_copy = nullptr) {
-    KD_TRY(detail::cpu_op_check("rmsnorm")
-               .nonneg(R, "R")
-               .positive(D, "D")
-               .finite(eps, "eps")
-               .that(eps >= 0.0, errc::invalid_argument, "eps is negative")
-               .ptr(x, R * D, "x")
-               .ptr(w, R > 0 ? D : 0, "w")
-               .ptr(y, R * D, "y")
-               .ptr(rstd, R, "rstd")
-               .done());
+    detail::cpu_op_check c("rmsnorm");
+    KD_TRY(detail::rmsnorm_args(c, x, w, y, rstd, R, D, eps).done());
     if (x_copy != nullptr) KD_TRY(copy(x, x_copy, static_cast<std::size_t>(R * D)));  // before y may overwrite x
     for (i64 r = 0; r < R; ++r) {
       const T* xr = x + r * D;
@@ -235,16 +251,8 @@ class cpu_ops {
   // With g_i = dy_i w_i: dx_j = rstd g_j - rstd^3 x_j / D * sum_i g_i x_i; dw_i += sum_rows dy_i x_i rstd.
   status rmsnorm_bwd(const T* x, const T* w, const A* rstd, const T* dy, T* dx, T* dw, i64 R, i64 D,
                      bool accumulate_dx, bool accumulate_dw = true) {
-    KD_TRY(detail::cpu_op_check("rmsnorm_bwd")
-               .nonneg(R, "R")
-               .positive(D, "D")
-               .ptr(x, R * D, "x")
-               .ptr(w, R > 0 ? D : 0, "w")
-               .ptr(rstd, R, "rstd")
-               .ptr(dy, R * D, "dy")
-               .ptr(dx, R * D, "dx")
-               .ptr(dw, accumulate_dw && R == 0 ? 0 : D, "dw")
-               .done());
+    detail::cpu_op_check c("rmsnorm_bwd");
+    KD_TRY(detail::rmsnorm_bwd_args(c, x, w, rstd, dy, dx, dw, R, D, accumulate_dw).done());
     if (!accumulate_dw) std::fill_n(dw, D, T(0));
     for (i64 r = 0; r < R; ++r) {
       const T* xr = x + r * D;
@@ -265,16 +273,8 @@ class cpu_ops {
 
   // HF rotate-half RoPE in place; inverse rotates by -angle, which is also the backward.
   status rope(T* x, const index_t* pos, i64 tokens, i64 heads, i64 D, double theta, bool inverse) {
-    KD_TRY(detail::cpu_op_check("rope")
-               .nonneg(tokens, "tokens")
-               .positive(heads, "heads")
-               .positive(D, "D")
-               .that(D % 2 == 0, errc::invalid_argument, "D = " + std::to_string(D) + " is odd")
-               .finite(theta, "theta")
-               .that(theta > 0.0, errc::invalid_argument, "theta must be positive")
-               .ptr(x, tokens * heads * D, "x")
-               .ptr(pos, tokens, "pos")
-               .done());
+    detail::cpu_op_check c("rope");
+    KD_TRY(detail::rope_args(c, x, pos, tokens, heads, D, theta).done());
     const i64 half = D / 2;
     // inv_freq in double, then cast, as HF stores it in the model's float type.
     std::vector<A> inv_freq(static_cast<std::size_t>(half));
@@ -302,7 +302,8 @@ class cpu_ops {
 
   // h = silu(g) * u with gu = [g | u] per row.
   status swiglu(const T* gu, T* h, i64 R, i64 I) {
-    KD_TRY(detail::cpu_op_check("swiglu").nonneg(R, "R").positive(I, "I").ptr(gu, R * 2 * I, "gu").ptr(h, R * I, "h").done());
+    detail::cpu_op_check c("swiglu");
+    KD_TRY(detail::swiglu_args(c, gu, h, R, I).done());
     for (i64 r = 0; r < R; ++r) {
       const T* g = gu + r * 2 * I;
       const T* u = g + I;
@@ -316,13 +317,8 @@ class cpu_ops {
 
   // dgate = dh u silu'(g), silu'(g) = s (1 + g (1 - s)); dup = dh silu(g). dgu is overwritten.
   status swiglu_bwd(const T* gu, const T* dh, T* dgu, i64 R, i64 I) {
-    KD_TRY(detail::cpu_op_check("swiglu_bwd")
-               .nonneg(R, "R")
-               .positive(I, "I")
-               .ptr(gu, R * 2 * I, "gu")
-               .ptr(dh, R * I, "dh")
-               .ptr(dgu, R * 2 * I, "dgu")
-               .done());
+    detail::cpu_op_check c("swiglu_bwd");
+    KD_TRY(detail::swiglu_bwd_args(c, gu, dh, dgu, R, I).done());
     for (i64 r = 0; r < R; ++r) {
       const T* g = gu + r * 2 * I;
       const T* u = g + I;
@@ -442,12 +438,8 @@ class cpu_ops {
   // mixture of experts
   // ---------------------------------------------------------------------------------------------
   status router(const T* logits, A* probs, index_t* topk_idx, A* topk_w, i64 N, i64 E, i64 k, bool renorm) {
-    KD_TRY(router_check("router", N, E, k)
-               .ptr(logits, N * E, "logits")
-               .ptr(probs, N * E, "probs")
-               .ptr(topk_idx, N * k, "topk_idx")
-               .ptr(topk_w, N * k, "topk_w")
-               .done());
+    detail::cpu_op_check c("router");
+    KD_TRY(detail::router_args(c, logits, probs, topk_idx, topk_w, N, E, k).done());
     std::vector<index_t> order(static_cast<std::size_t>(E));
     for (i64 t = 0; t < N; ++t) {
       const T* z = logits + t * E;
@@ -476,13 +468,8 @@ class cpu_ops {
   // the selection (a gather) and the softmax (dz = p (dp - sum p dp)); dprobs_extra adds to dp on all E.
   status router_bwd(const A* probs, const index_t* topk_idx, const A* dtopk_w, const A* dprobs_extra, T* dlogits, i64 N,
                     i64 E, i64 k, bool renorm) {
-    KD_TRY(router_check("router_bwd", N, E, k)
-               .ptr(probs, N * E, "probs")
-               .ptr(topk_idx, N * k, "topk_idx")
-               .ptr(dtopk_w, N * k, "dtopk_w")
-               .ptr(dlogits, N * E, "dlogits")
-               .done());
-    KD_TRY(ids_in_range("router_bwd", "topk_idx", topk_idx, N * k, E));
+    detail::cpu_op_check c("router_bwd");
+    KD_TRY(detail::router_bwd_args(c, probs, topk_idx, dtopk_w, dlogits, N, E, k).in_range(topk_idx, N * k, E, "topk_idx").done());
     std::vector<A> dp(static_cast<std::size_t>(E));
     for (i64 t = 0; t < N; ++t) {
       const A* p = probs + t * E;
@@ -509,14 +496,10 @@ class cpu_ops {
 
   // Counting sort of the N*k (token, choice) pairs by expert: stable, so tokens ascend inside an expert.
   status moe_dispatch(const index_t* topk_idx, i64 N, i64 E, i64 k, index_t* slot_token, index_t* token_slot, std::int64_t* counts_host) {
-    KD_TRY(router_check("moe_dispatch", N, E, k)
-               .ptr(topk_idx, N * k, "topk_idx")
-               .ptr(slot_token, N * k, "slot_token")
-               .ptr(token_slot, N * k, "token_slot")
-               .ptr(counts_host, E, "counts_host")
-               .that(N * k <= std::numeric_limits<index_t>::max(), errc::invalid_argument, "N * k does not fit index_t")
+    detail::cpu_op_check c("moe_dispatch");
+    KD_TRY(detail::moe_dispatch_args(c, topk_idx, N, E, k, slot_token, token_slot, counts_host)
+               .in_range(topk_idx, N * k, E, "topk_idx")
                .done());
-    KD_TRY(ids_in_range("moe_dispatch", "topk_idx", topk_idx, N * k, E));
     std::fill_n(counts_host, E, std::int64_t{0});
     for (i64 s = 0; s < N * k; ++s) ++counts_host[topk_idx[s]];
     std::vector<i64> next(static_cast<std::size_t>(E));
@@ -533,13 +516,8 @@ class cpu_ops {
 
   // out[s] = x[rows[s]]; the row count of x is unknown here, so only negative rows are caught.
   status gather_rows(const T* x, const index_t* rows, T* out, i64 S, i64 H) {
-    KD_TRY(detail::cpu_op_check("gather_rows")
-               .nonneg(S, "S")
-               .nonneg(H, "H")
-               .ptr(rows, S, "rows")
-               .ptr(x, S * H, "x")
-               .ptr(out, S * H, "out")
-               .done());
+    detail::cpu_op_check c("gather_rows");
+    KD_TRY(detail::gather_rows_args(c, x, rows, out, S, H).done());
     for (i64 s = 0; s < S; ++s)
       if (rows[s] < 0) return {errc::out_of_range, "cpu_ops::gather_rows: rows[" + std::to_string(s) + "] is negative"};
     for (i64 s = 0; s < S; ++s) std::copy_n(x + i64(rows[s]) * H, H, out + s * H);
@@ -549,11 +527,8 @@ class cpu_ops {
   // out[t] = residual[t] + sum_j topk_w[t, j] y[token_slot[t*k + j]] (residual nullable, or out itself)
   status moe_combine(const T* y, const index_t* token_slot, const A* topk_w, const T* residual, T* out, i64 N, i64 k,
                      i64 H) {
-    KD_TRY(combine_check("moe_combine", token_slot, N, k, H)
-               .ptr(y, N * k * H, "y")
-               .ptr(topk_w, N * k, "topk_w")
-               .ptr(out, N * H, "out")
-               .done());
+    detail::cpu_op_check c("moe_combine");
+    KD_TRY(detail::moe_combine_args(c, y, token_slot, topk_w, out, N, k, H).in_range(token_slot, N * k, N * k, "token_slot").done());
     std::vector<A> acc(static_cast<std::size_t>(H));
     for (i64 t = 0; t < N; ++t) {
       T* ot = out + t * H;
@@ -571,12 +546,9 @@ class cpu_ops {
   // dy[slot(t, j)] = topk_w[t, j] dout[t] (dy overwritten), dtopk_w[t, j] = dout[t] . y[slot(t, j)].
   status moe_combine_bwd(const T* y, const index_t* token_slot, const A* topk_w, const T* dout, T* dy, A* dtopk_w, i64 N,
                          i64 k, i64 H) {
-    KD_TRY(combine_check("moe_combine_bwd", token_slot, N, k, H)
-               .ptr(y, N * k * H, "y")
-               .ptr(topk_w, N * k, "topk_w")
-               .ptr(dout, N * H, "dout")
-               .ptr(dy, N * k * H, "dy")
-               .ptr(dtopk_w, N * k, "dtopk_w")
+    detail::cpu_op_check c("moe_combine_bwd");
+    KD_TRY(detail::moe_combine_bwd_args(c, y, token_slot, topk_w, dout, dy, dtopk_w, N, k, H)
+               .in_range(token_slot, N * k, N * k, "token_slot")
                .done());
     // Zero first and add, so a slot no choice maps to still ends up defined.
     std::fill_n(dy, N * k * H, T(0));
@@ -602,12 +574,9 @@ class cpu_ops {
   // gradient, linear_dx(dlogits, w_router), fused)
   status moe_gather_add(const T* dy_slots, const index_t* token_slot, T* dx, i64 N, i64 k, i64 H, bool accumulate,
                         const T* dlogits = nullptr, const T* w_router = nullptr, i64 E = 0) {
-    KD_TRY(combine_check("moe_gather_add", token_slot, N, k, H)
-               .ptr(dy_slots, N * k * H, "dy_slots")
-               .ptr(dx, N * H, "dx")
-               .nonneg(E, "E")
-               .ptr(dlogits, N * E, "dlogits")
-               .ptr(w_router, E * H, "w_router")
+    detail::cpu_op_check c("moe_gather_add");
+    KD_TRY(detail::moe_gather_add_args(c, dy_slots, token_slot, dx, N, k, H, dlogits, w_router, E)
+               .in_range(token_slot, N * k, N * k, "token_slot")
                .done());
     for (i64 t = 0; t < N; ++t) {
       T* d = dx + t * H;
@@ -662,47 +631,10 @@ class cpu_ops {
 
   static A sigmoid(A x) { return A(1) / (A(1) + std::exp(-x)); }
 
+  // After the op's checks passed.
   template <class U>
-  static status copy_impl(const char* op, const U* src, U* dst, std::size_t n) {
-    KD_TRY(detail::cpu_op_check(op).ptr(src, static_cast<i64>(n), "src").ptr(dst, static_cast<i64>(n), "dst").done());
+  static status copy_impl(const U* src, U* dst, std::size_t n) {
     if (n > 0 && src != dst) std::memmove(static_cast<void*>(dst), static_cast<const void*>(src), n * sizeof(U));
-    return {};
-  }
-
-  static detail::cpu_op_check gemm_check(const char* op, i64 M, i64 N, i64 K) {
-    detail::cpu_op_check c(op);
-    c.nonneg(M, "M").nonneg(N, "N").nonneg(K, "K");
-    return c;
-  }
-
-  static detail::cpu_op_check embedding_check(const char* op, const index_t* ids, i64 n, i64 V, i64 H) {
-    detail::cpu_op_check c(op);
-    c.nonneg(n, "n").positive(V, "V").nonneg(H, "H").ptr(ids, n, "ids").then([&] { return ids_in_range(op, "ids", ids, n, V); });
-    return c;
-  }
-
-  static detail::cpu_op_check router_check(const char* op, i64 N, i64 E, i64 k) {
-    detail::cpu_op_check c(op);
-    c.nonneg(N, "N").positive(E, "E").positive(k, "k");
-    if (c.ok())
-      c.that(k <= E, errc::invalid_argument, "k = " + std::to_string(k) + " exceeds E = " + std::to_string(E));
-    return c;
-  }
-
-  // token_slot must address the N*k slots; the host checks it because a bad slot would write anywhere.
-  static detail::cpu_op_check combine_check(const char* op, const index_t* token_slot, i64 N, i64 k, i64 H) {
-    detail::cpu_op_check c(op);
-    c.nonneg(N, "N").positive(k, "k").nonneg(H, "H").ptr(token_slot, N * k, "token_slot").then([&] {
-      return ids_in_range(op, "token_slot", token_slot, N * k, N * k);
-    });
-    return c;
-  }
-
-  static status ids_in_range(const char* op, const char* what, const index_t* ids, i64 n, i64 bound) {
-    for (i64 i = 0; i < n; ++i)
-      if (ids[i] < 0 || ids[i] >= bound)
-        return {errc::out_of_range, std::string("cpu_ops::") + op + ": " + what + "[" + std::to_string(i) +
-                                        "] = " + std::to_string(ids[i]) + " is outside [0, " + std::to_string(bound) + ")"};
     return {};
   }
 };

@@ -94,9 +94,11 @@ class transformer {
   transformer(const transformer&) = delete;
   transformer& operator=(const transformer&) = delete;
 
-  // Allocates the parameter arena (zero) and, with `with_grads`, the gradient arena.
+  // Allocates the parameter arena (zero) and, with `with_grads`, the gradient arena, after the backend
+  // accepted the architecture (B::can_implement: e.g. the CUDA kernels' limits on experts and top-k).
   status allocate(bool with_grads) {
     if (arch_.hidden <= 0 || arch_.layers.empty()) return {errc::invalid_argument, "transformer: empty architecture"};
+    KD_TRY(B::can_implement(arch_));  // a model the backend cannot run fails here, not at its first forward
     // The fused QKV projection reads the q, k, v weights (and writes their gradients) as one matrix.
     const auto H = static_cast<std::size_t>(arch_.hidden);
     for (std::int64_t l = 0; l < arch_.num_layers(); ++l) {

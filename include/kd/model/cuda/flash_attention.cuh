@@ -44,14 +44,17 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include <kd/cuda/context.cuh>
 #include <kd/cuda/detail/reduce.cuh>
 #include <kd/cuda/detail/storage.cuh>
 #include <kd/core/numeric.hpp>
 #include <kd/core/status.hpp>
+#include <kd/model/cuda_limits.hpp>  // kMaxHeadDim
 
 namespace kd::model::cuda {
 
@@ -66,7 +69,6 @@ using ::kd::cuda::detail::smem_u32;
 using ::kd::cuda::detail::to_float;
 using ::kd::cuda::detail::warp_sum;
 
-inline constexpr int kMaxHeadDim = 128;
 inline constexpr int kRowThreads = 256;  // scalar path: 8 warps per block, one row per warp
 inline constexpr int kFlashRows = 64;    // tensor-core path: query rows per tile (16 per warp)
 inline constexpr int kFlashKeys = 64;    // keys per K/V tile
@@ -947,7 +949,7 @@ inline status check_shape(const char* fn, int64 batch, int64 seq, int64 hq, int6
                                         std::to_string(hkv) + ")"};
   if (d % 2 != 0 || d > kMaxHeadDim)
     return {errc::invalid_argument, f + ": head dim " + std::to_string(d) + " must be even and at most 128"};
-  if (batch > 65535 || hq > 65535)
+  if (batch > kMaxGridY || hq > kMaxGridY)
     return {errc::invalid_argument, f + ": batch and hq must be at most 65535"};
   if (batch * hq * seq / (kRowThreads / 32) >= (int64{1} << 31) - 1 || seq >= (int64{1} << 31) / 32)
     return {errc::invalid_argument, f + ": batch * hq * seq too large"};
@@ -971,6 +973,54 @@ inline status check_float(float scale, const char* fn) {
                 "kd::model::cuda attention: T must be float or kd::bfloat16");
   if (!std::isfinite(scale)) return {errc::invalid_argument, std::string(fn) + ": scale is not finite"};
   return {};
+}
+
+// The checks every host entry point runs: scale, shape, then each named pointer.
+template <class T>
+status check_call(const char* fn, float scale, int64 batch, int64 seq, int64 hq, int64 hkv, int64 d,
+                  std::initializer_list<std::pair<const void*, const char*>> ptrs) {
+  KD_TRY(check_float<T>(scale, fn));
+  KD_TRY(check_shape(fn, batch, seq, hq, hkv, d));
+  for (const auto& [ptr, what] : ptrs) KD_TRY(check_ptr(ptr, what, fn));
+  return {};
+}
+
+// The shape fields of the row kernels' parameters (the tensors are the caller's to set).
+inline rows_params shape_rows_params(int64 batch, int64 seq, int64 hq, int64 hkv, int64 d, float scale) {
+  rows_params p;
+  p.batch = batch;
+  p.seq = seq;
+  p.hq = static_cast<int>(hq);
+  p.hkv = static_cast<int>(hkv);
+  p.d = static_cast<int>(d);
+  p.scale = scale;
+  return p;
+}
+
+// The tensor-core path (bf16, head_dim 64 or 128, 16-byte aligned tensors), and its shared parameters.
+template <class T>
+bool flash_eligible(int64 seq, int64 d, std::initializer_list<const void*> tensors) {
+  if constexpr (!std::is_same_v<T, kd::bfloat16>) {
+    return false;
+  } else {
+    if ((d != 64 && d != 128) || seq > kFlashMaxSeq) return false;
+    for (const void* t : tensors)
+      if (!aligned16(t)) return false;
+    return true;
+  }
+}
+inline flash_params shape_flash_params(const kd::bfloat16* q, const kd::bfloat16* k, const kd::bfloat16* v, int64 seq,
+                                       int64 hq, int64 hkv, float scale) {
+  flash_params p;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.seq = seq;
+  p.hq = static_cast<int>(hq);
+  p.hkv = static_cast<int>(hkv);
+  p.scale = scale;
+  p.scale_log2 = scale * kLog2e;
+  return p;
 }
 
 // Tile choices (H200, bf16, batch 8, seq 1024, 16 / 4 heads): d = 64 runs 128-row forward tiles (32 rows a
@@ -1007,43 +1057,22 @@ status launch_flash_bwd(cudaStream_t s, const flash_params& p, int64 batch) {
 template <class T>
 status attention_forward(cudaStream_t s, const T* q, const T* k, const T* v, T* o, float* lse, int64 batch,
                          int64 seq, int64 hq, int64 hkv, int64 d, float scale) {
-  constexpr const char* fn = "attention_forward";
-  KD_TRY(detail::check_float<T>(scale, fn));
-  KD_TRY(detail::check_shape(fn, batch, seq, hq, hkv, d));
-  KD_TRY(detail::check_ptr(q, "q", fn));
-  KD_TRY(detail::check_ptr(k, "k", fn));
-  KD_TRY(detail::check_ptr(v, "v", fn));
-  KD_TRY(detail::check_ptr(o, "o", fn));
-  KD_TRY(detail::check_ptr(lse, "lse", fn));
+  KD_TRY(detail::check_call<T>("attention_forward", scale, batch, seq, hq, hkv, d,
+                                {{q, "q"}, {k, "k"}, {v, "v"}, {o, "o"}, {lse, "lse"}}));
   if constexpr (std::is_same_v<T, kd::bfloat16>) {
-    if ((d == 64 || d == 128) && seq <= detail::kFlashMaxSeq && detail::aligned16(q) && detail::aligned16(k) &&
-        detail::aligned16(v) && detail::aligned16(o)) {
-      detail::flash_params p;
-      p.q = q;
-      p.k = k;
-      p.v = v;
+    if (detail::flash_eligible<T>(seq, d, {q, k, v, o})) {
+      detail::flash_params p = detail::shape_flash_params(q, k, v, seq, hq, hkv, scale);
       p.o = o;
       p.lse = lse;
-      p.seq = seq;
-      p.hq = static_cast<int>(hq);
-      p.hkv = static_cast<int>(hkv);
-      p.scale = scale;
-      p.scale_log2 = scale * detail::kLog2e;
       return d == 64 ? detail::launch_flash_fwd<64>(s, p, batch) : detail::launch_flash_fwd<128>(s, p, batch);
     }
   }
-  detail::rows_params p;
+  detail::rows_params p = detail::shape_rows_params(batch, seq, hq, hkv, d, scale);
   p.q = q;
   p.k = k;
   p.v = v;
   p.out = o;
   p.lse = lse;
-  p.batch = batch;
-  p.seq = seq;
-  p.hq = static_cast<int>(hq);
-  p.hkv = static_cast<int>(hkv);
-  p.d = static_cast<int>(d);
-  p.scale = scale;
   detail::attn_fwd_rows_kernel<T><<<detail::row_blocks(batch * hq * seq), detail::kRowThreads, 0, s>>>(p);
   KD_CUDA_TRY(cudaGetLastError(), "attention_forward: kernel launch");
   return {};
@@ -1063,57 +1092,31 @@ template <class T>
 status attention_backward(cudaStream_t s, const T* q, const T* k, const T* v, const T* o, const float* lse,
                           const T* dout, T* dq, T* dk, T* dv, int64 batch, int64 seq, int64 hq, int64 hkv, int64 d,
                           float scale, void* workspace) {
-  constexpr const char* fn = "attention_backward";
-  KD_TRY(detail::check_float<T>(scale, fn));
-  KD_TRY(detail::check_shape(fn, batch, seq, hq, hkv, d));
-  KD_TRY(detail::check_ptr(q, "q", fn));
-  KD_TRY(detail::check_ptr(k, "k", fn));
-  KD_TRY(detail::check_ptr(v, "v", fn));
-  KD_TRY(detail::check_ptr(o, "o", fn));
-  KD_TRY(detail::check_ptr(lse, "lse", fn));
-  KD_TRY(detail::check_ptr(dout, "dout", fn));
-  KD_TRY(detail::check_ptr(dq, "dq", fn));
-  KD_TRY(detail::check_ptr(dk, "dk", fn));
-  KD_TRY(detail::check_ptr(dv, "dv", fn));
-  KD_TRY(detail::check_ptr(workspace, "workspace", fn));
+  KD_TRY(detail::check_call<T>("attention_backward", scale, batch, seq, hq, hkv, d,
+                                {{q, "q"},
+                                 {k, "k"},
+                                 {v, "v"},
+                                 {o, "o"},
+                                 {lse, "lse"},
+                                 {dout, "dout"},
+                                 {dq, "dq"},
+                                 {dk, "dk"},
+                                 {dv, "dv"},
+                                 {workspace, "workspace"}}));
   const int64 rows = batch * hq * seq;
   float* delta = static_cast<float*>(workspace);
   float* dq_acc = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) +
                                            detail::align_up(static_cast<std::size_t>(rows) * sizeof(float), 256));
-  detail::rows_params rp;
-  rp.q = q;
-  rp.k = k;
-  rp.v = v;
-  rp.o = o;
-  rp.dout = dout;
-  rp.lse_in = lse;
-  rp.delta = delta;
-  rp.delta_in = delta;
-  rp.batch = batch;
-  rp.seq = seq;
-  rp.hq = static_cast<int>(hq);
-  rp.hkv = static_cast<int>(hkv);
-  rp.d = static_cast<int>(d);
-  rp.scale = scale;
   if constexpr (std::is_same_v<T, kd::bfloat16>) {
-    if ((d == 64 || d == 128) && seq <= detail::kFlashMaxSeq && detail::aligned16(q) && detail::aligned16(k) &&
-        detail::aligned16(v) && detail::aligned16(o) && detail::aligned16(dout)) {
+    if (detail::flash_eligible<T>(seq, d, {q, k, v, o, dout})) {
       const int64 nq = rows * d, nk = batch * seq * hkv * d;
-      detail::flash_params p;
-      p.q = q;
-      p.k = k;
-      p.v = v;
+      detail::flash_params p = detail::shape_flash_params(q, k, v, seq, hq, hkv, scale);
       p.lse = const_cast<float*>(lse);  // read only in the backward kernel
       p.dout = dout;
       p.delta = delta;
       p.dq_acc = dq_acc;
       p.dk_acc = dq_acc + nq;
       p.dv_acc = dq_acc + nq + nk;
-      p.seq = seq;
-      p.hq = static_cast<int>(hq);
-      p.hkv = static_cast<int>(hkv);
-      p.scale = scale;
-      p.scale_log2 = scale * detail::kLog2e;
       // delta and the zeroed dQ accumulator in one pass; dK / dV accumulators by memset.
       const auto delta_blocks = static_cast<unsigned>((rows * (d / 8) + 255) / 256);
       if (d == 64) detail::flash_delta_kernel<64><<<delta_blocks, 256, 0, s>>>(p, o, rows);
@@ -1132,6 +1135,15 @@ status attention_backward(cudaStream_t s, const T* q, const T* k, const T* v, co
       return {};
     }
   }
+  detail::rows_params rp = detail::shape_rows_params(batch, seq, hq, hkv, d, scale);
+  rp.q = q;
+  rp.k = k;
+  rp.v = v;
+  rp.o = o;
+  rp.dout = dout;
+  rp.lse_in = lse;
+  rp.delta = delta;
+  rp.delta_in = delta;
   detail::attn_delta_kernel<T><<<detail::row_blocks(rows), detail::kRowThreads, 0, s>>>(rp);
   KD_CUDA_TRY(cudaGetLastError(), "attention_backward: delta kernel launch");
   rp.out = dq;
@@ -1148,25 +1160,14 @@ status attention_backward(cudaStream_t s, const T* q, const T* k, const T* v, co
 template <class T>
 status attention_probs(cudaStream_t s, const T* q, const T* k, const float* lse, T* probs, int64 batch, int64 seq,
                        int64 hq, int64 hkv, int64 d, float scale) {
-  constexpr const char* fn = "attention_probs";
-  KD_TRY(detail::check_float<T>(scale, fn));
-  KD_TRY(detail::check_shape(fn, batch, seq, hq, hkv, d));
-  KD_TRY(detail::check_ptr(q, "q", fn));
-  KD_TRY(detail::check_ptr(k, "k", fn));
-  KD_TRY(detail::check_ptr(lse, "lse", fn));
-  KD_TRY(detail::check_ptr(probs, "probs", fn));
-  if (batch * hq > 65535) return {errc::invalid_argument, std::string(fn) + ": batch * hq must be at most 65535"};
-  detail::rows_params p;
+  KD_TRY(detail::check_call<T>("attention_probs", scale, batch, seq, hq, hkv, d,
+                                {{q, "q"}, {k, "k"}, {lse, "lse"}, {probs, "probs"}}));
+  if (batch * hq > detail::kMaxGridY) return {errc::invalid_argument, "attention_probs: batch * hq must be at most 65535"};
+  detail::rows_params p = detail::shape_rows_params(batch, seq, hq, hkv, d, scale);
   p.q = q;
   p.k = k;
   p.lse_in = lse;
   p.out = probs;
-  p.batch = batch;
-  p.seq = seq;
-  p.hq = static_cast<int>(hq);
-  p.hkv = static_cast<int>(hkv);
-  p.d = static_cast<int>(d);
-  p.scale = scale;
   const unsigned tiles = static_cast<unsigned>((seq + 31) / 32);
   detail::attn_probs_kernel<T><<<dim3(tiles, tiles, static_cast<unsigned>(batch * hq)), 256, 0, s>>>(p);
   KD_CUDA_TRY(cudaGetLastError(), "attention_probs: kernel launch");
@@ -1187,29 +1188,16 @@ template <class T>
 status attention_probs_backward(cudaStream_t s, const T* q, const T* k, const T* probs, const T* dprobs, T* dq,
                                 T* dk, int64 batch, int64 seq, int64 hq, int64 hkv, int64 d, float scale,
                                 void* workspace) {
-  constexpr const char* fn = "attention_probs_backward";
-  KD_TRY(detail::check_float<T>(scale, fn));
-  KD_TRY(detail::check_shape(fn, batch, seq, hq, hkv, d));
-  KD_TRY(detail::check_ptr(q, "q", fn));
-  KD_TRY(detail::check_ptr(k, "k", fn));
-  KD_TRY(detail::check_ptr(probs, "probs", fn));
-  KD_TRY(detail::check_ptr(dprobs, "dprobs", fn));
-  KD_TRY(detail::check_ptr(dq, "dq", fn));
-  KD_TRY(detail::check_ptr(dk, "dk", fn));
-  KD_TRY(detail::check_ptr(workspace, "workspace", fn));
-  detail::rows_params p;
+  KD_TRY(detail::check_call<T>(
+      "attention_probs_backward", scale, batch, seq, hq, hkv, d,
+      {{q, "q"}, {k, "k"}, {probs, "probs"}, {dprobs, "dprobs"}, {dq, "dq"}, {dk, "dk"}, {workspace, "workspace"}}));
+  detail::rows_params p = detail::shape_rows_params(batch, seq, hq, hkv, d, scale);
   p.q = q;
   p.k = k;
   p.probs = probs;
   p.dprobs = dprobs;
   p.delta = static_cast<float*>(workspace);
   p.delta_in = static_cast<const float*>(workspace);
-  p.batch = batch;
-  p.seq = seq;
-  p.hq = static_cast<int>(hq);
-  p.hkv = static_cast<int>(hkv);
-  p.d = static_cast<int>(d);
-  p.scale = scale;
   const int64 rows = batch * hq * seq;
   detail::attn_probs_rowsum_kernel<T><<<detail::row_blocks(rows), detail::kRowThreads, 0, s>>>(p);
   KD_CUDA_TRY(cudaGetLastError(), "attention_probs_backward: rowsum kernel launch");

@@ -15,7 +15,7 @@
 #include <string>
 
 #include <kd/cuda/context.cuh>
-#include <kd/model/cuda/gemm.cuh>
+#include <kd/model/cuda/linear.cuh>
 #include <kd/core/status.hpp>
 
 namespace kd::model::cuda {

@@ -14,11 +14,9 @@
 #include <utility>
 
 #include <kd/model/cuda/elementwise.cuh>
+#include <kd/model/cuda_limits.hpp>  // kRouterMaxExperts, kRouterMaxTopK
 
 namespace kd::model::cuda::detail {
-
-inline constexpr int kRouterMaxExperts = 256;  // 8 per lane of a warp
-inline constexpr int kRouterMaxTopK = 8;
 
 // ---------------------------------------------------------------------------------------------------
 // Router: one warp per token; lane l holds experts l, l + 32, ... (E <= 256, so <= 8 a lane, in

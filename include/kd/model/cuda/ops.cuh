@@ -4,17 +4,19 @@
 // on device memory, enqueued on the stream of a kd::cuda::context (whose cuBLAS handle and scratch memory
 // it also uses). acc_type is float: softmax statistics, router probabilities and rstd are fp32.
 //
-// Host-checkable preconditions (negative or oversized extents, null pointers, odd RoPE dimension, k > E,
-// the backend's limits E <= 256 and k <= 8) come back as a kd::status before anything is launched, with
-// the codes cpu_ops uses. What only the data can reveal is not checked on the host: ids and token slots
+// Host-checkable preconditions come back as a kd::status before anything is launched: first the checks
+// both backends share (kd/model/op_check.hpp: negative extents, null pointers, odd RoPE dimension, k > E),
+// then this backend's own (extents a kernel indexes with int, the kernels' limits of cuda_limits.hpp such
+// as E <= 256 and k <= 8, which transformer::allocate() also checks for a whole model via can_implement). What only the data can reveal is not checked on the host: ids and token slots
 // are trusted (a bad embedding id reads as a zero row and is skipped by the gradient; a negative
 // gather row gives a zero row), except in moe_dispatch, whose counts must reach the host anyway: sync_counts
 // reports expert ids outside [0, E).
 //
 // Nothing synchronises except download and sync_counts (ops.hpp). Memory: alloc is cudaMalloc plus a
 // zeroing cudaMemsetAsync on the stream; buffers free with cudaFree (which waits for the device).
-// Kernels: gemm.cuh (cuBLAS), norm.cuh (rmsnorm, rope), elementwise.cuh (swiglu, add, embedding),
-// moe.cuh (router, dispatch, combine), attention.cuh (flash attention and the probability maps).
+// Kernels: linear.cuh (cuBLAS through kd/cuda/gemm.cuh), norm.cuh (rmsnorm, rope), elementwise.cuh
+// (swiglu, add, embedding), moe_dispatch.cuh (router, dispatch, combine), flash_attention.cuh (flash
+// attention and the probability maps).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -35,10 +37,11 @@
 #include <kd/cuda/context.cuh>
 #include <kd/model/cuda/flash_attention.cuh>
 #include <kd/model/cuda/elementwise.cuh>
-#include <kd/model/cuda/gemm.cuh>
+#include <kd/model/cuda/linear.cuh>
 #include <kd/model/cuda/grouped_gemm.cuh>
 #include <kd/model/cuda/moe_dispatch.cuh>
 #include <kd/model/cuda/norm.cuh>
+#include <kd/model/cuda_limits.hpp>
 #include <kd/model/op_check.hpp>
 #include <kd/model/ops.hpp>
 #include <kd/core/status.hpp>
@@ -103,33 +106,6 @@ class device_array {
   std::size_t n_ = 0;
 };
 
-namespace detail {
-
-struct cuda_ops_prefix {
-  static constexpr const char* value = "cuda_ops::";
-};
-using op_check = model::detail::basic_op_check<cuda_ops_prefix>;
-
-inline op_check router_check(const char* op, std::int64_t n, std::int64_t e, std::int64_t k) {
-  op_check c(op);
-  c.nonneg(n, "N").positive(e, "E").positive(k, "k").fits_int(n, "N");
-  c.that(k <= e, errc::invalid_argument, "k = " + std::to_string(k) + " exceeds E = " + std::to_string(e));
-  c.that(e <= kRouterMaxExperts, errc::invalid_argument,
-         "E = " + std::to_string(e) + " exceeds the CUDA router's " + std::to_string(kRouterMaxExperts) + " experts");
-  c.that(k <= kRouterMaxTopK, errc::invalid_argument,
-         "k = " + std::to_string(k) + " exceeds the CUDA router's top-" + std::to_string(kRouterMaxTopK));
-  c.that(n * k <= std::numeric_limits<index_t>::max(), errc::invalid_argument, "N * k does not fit index_t");
-  return c;
-}
-
-inline op_check combine_check(const char* op, const index_t* token_slot, std::int64_t n, std::int64_t k, std::int64_t h) {
-  op_check c(op);
-  c.nonneg(n, "N").positive(k, "k").nonneg(h, "H").ptr(token_slot, n * k, "token_slot");
-  c.that(n * k <= std::numeric_limits<index_t>::max(), errc::invalid_argument, "N * k does not fit index_t");
-  return c;
-}
-
-}  // namespace detail
 }  // namespace cuda
 
 template <class T>
@@ -149,6 +125,8 @@ class cuda_ops {
   explicit cuda_ops(::kd::cuda::context& ctx) : ctx_(&ctx) {}
 
   static const char* name() { return "cuda"; }
+  // The CUDA kernels' limits on a whole model (cuda_limits.hpp); transformer::allocate() calls it.
+  static status can_implement(const arch& a) { return cuda::can_implement(a); }
   [[nodiscard]] ::kd::cuda::context& context() const noexcept { return *ctx_; }
   [[nodiscard]] cudaStream_t stream() const noexcept { return ctx_->stream(); }
 
@@ -171,7 +149,8 @@ class cuda_ops {
   // pinned memory it must stay untouched until the stream reaches the copy.
   template <class U>
   status upload(const U* host, std::size_t n, U* dst) {
-    KD_TRY(check("upload").ptr(host, static_cast<i64>(n), "host").ptr(dst, static_cast<i64>(n), "dst").done());
+    check c("upload");
+    KD_TRY(model::detail::upload_args(c, host, n, dst).done());
     if (n == 0) return {};
     if constexpr (std::is_same_v<U, I>)  // new positions: the rope_cache table is stale
       if (cos_sin_.pos != nullptr && dst < cos_sin_.pos + cos_sin_.tokens && cos_sin_.pos < dst + n) cos_sin_.pos = nullptr;
@@ -181,7 +160,8 @@ class cuda_ops {
   // Device to host; waits for the stream, so the host copy is complete on return.
   template <class U>
   status download(const U* src, std::size_t n, U* host) {
-    KD_TRY(check("download").ptr(src, static_cast<i64>(n), "src").ptr(host, static_cast<i64>(n), "host").done());
+    check c("download");
+    KD_TRY(model::detail::download_args(c, src, n, host).done());
     KD_TRY(sync_counts());
     if (n == 0) return {};
     KD_CUDA_TRY(cudaMemcpyAsync(host, src, n * sizeof(U), cudaMemcpyDeviceToHost, stream()), "cuda_ops::download");
@@ -190,14 +170,16 @@ class cuda_ops {
   }
   template <class U>
   status fill_zero(U* p, std::size_t n) {
-    KD_TRY(check("fill_zero").ptr(p, static_cast<i64>(n), "p").done());
+    check c("fill_zero");
+    KD_TRY(model::detail::fill_zero_args(c, p, n).done());
     if (n == 0) return {};
     KD_CUDA_TRY(cudaMemsetAsync(p, 0, n * sizeof(U), stream()), "cuda_ops::fill_zero");
     return {};
   }
   template <class U>
   status copy(const U* src, U* dst, std::size_t n) {
-    KD_TRY(check("copy").ptr(src, static_cast<i64>(n), "src").ptr(dst, static_cast<i64>(n), "dst").done());
+    check c("copy");
+    KD_TRY(model::detail::copy_args(c, src, dst, n).done());
     if (n == 0 || src == dst) return {};
     KD_CUDA_TRY(cudaMemcpyAsync(dst, src, n * sizeof(U), cudaMemcpyDeviceToDevice, stream()), "cuda_ops::copy");
     return {};
@@ -219,7 +201,8 @@ class cuda_ops {
     return {};
   }
   status add(T* y, const T* x, std::size_t n) {
-    KD_TRY(check("add").ptr(y, static_cast<i64>(n), "y").ptr(x, static_cast<i64>(n), "x").done());
+    check c("add");
+    KD_TRY(model::detail::add_args(c, y, x, n).done());
     return cuda::detail::launch_add(stream(), y, x, static_cast<i64>(n));
   }
 
@@ -227,16 +210,22 @@ class cuda_ops {
   // dense (cuBLAS, fp32 accumulation)
   // ---------------------------------------------------------------------------------------------
   status linear(const T* x, const T* w, T* y, i64 M, i64 N, i64 K, bool accumulate) {
+    check c("linear");
+    KD_TRY(gemm_fits(model::detail::linear_args(c, x, w, y, M, N, K), M, N, K).done());
     cublasHandle_t h = nullptr;
     KD_TRY(ctx_->cublas(h));
     return cuda::detail::linear(h, stream(), x, w, y, M, N, K, accumulate);
   }
   status linear_dx(const T* dy, const T* w, T* dx, i64 M, i64 N, i64 K, bool accumulate) {
+    check c("linear_dx");
+    KD_TRY(gemm_fits(model::detail::linear_dx_args(c, dy, w, dx, M, N, K), M, N, K).done());
     cublasHandle_t h = nullptr;
     KD_TRY(ctx_->cublas(h));
     return cuda::detail::linear_dx(h, stream(), dy, w, dx, M, N, K, accumulate);
   }
   status linear_dw(const T* dy, const T* x, T* dw, i64 M, i64 N, i64 K, bool accumulate = true) {
+    check c("linear_dw");
+    KD_TRY(gemm_fits(model::detail::linear_dw_args(c, dy, x, dw, M, N, K), M, N, K).done());
     cublasHandle_t h = nullptr;
     KD_TRY(ctx_->cublas(h));
     return cuda::detail::linear_dw(h, stream(), dy, x, dw, M, N, K, accumulate);
@@ -248,7 +237,8 @@ class cuda_ops {
   // rope_cache call or upload into pos: a model computes it once a forward instead of once an op (each
   // build is a kernel of its own, four a layer). The caller promises pos does not change meanwhile.
   status rope_cache(const I* pos, i64 tokens, i64 D, double theta) {
-    KD_TRY(rope_checks("rope_cache", tokens, 1, D, theta, pos).done());
+    check c("rope_cache");
+    KD_TRY(rope_fits(model::detail::rope_cache_args(c, pos, tokens, D, theta), tokens, 1, D).done());
     cos_sin_.pos = nullptr;
     if (tokens == 0) return {};
     const auto n = static_cast<std::size_t>(tokens * (D / 2));
@@ -267,12 +257,14 @@ class cuda_ops {
   // wider matrix (0: heads * D), as the q and k parts of the fused QKV projection and its gradient are.
   status rmsnorm_rope(const T* x, const T* w, T* y, A* rstd, const I* pos, i64 tokens, i64 heads, i64 D, double eps,
                       double theta, i64 x_ld = 0) {
-    const i64 HD = heads * D;
-    if (x_ld == 0) x_ld = HD;
     {
       check c("rmsnorm_rope");
-      KD_TRY(model::detail::head_rows_ld(c, x_ld, heads, D, "x").done());
+      KD_TRY(rope_fits(model::detail::rmsnorm_rope_args(c, x, w, y, rstd, pos, tokens, heads, D, eps, theta, x_ld), tokens,
+                       heads, D)
+                 .done());
     }
+    const i64 HD = heads * D;
+    if (x_ld == 0) x_ld = HD;
     if (!cuda::detail::rope_fusable<T>(D, x, w, y, y) || (x_ld * static_cast<i64>(sizeof(T))) % 16 != 0) {
       if (x_ld != HD) {  // gather the slice first; rmsnorm works row by row, so in place is fine
         KD_TRY(copy_rows(x, x_ld, y, HD, tokens, HD));
@@ -281,13 +273,6 @@ class cuda_ops {
       KD_TRY(rmsnorm(x, w, y, rstd, tokens * heads, D, eps));
       return rope(y, pos, tokens, heads, D, theta, false);
     }
-    KD_TRY(rope_checks("rmsnorm_rope", tokens, heads, D, theta, pos)
-               .finite(eps, "eps")
-               .ptr(x, tokens > 0 ? (tokens - 1) * x_ld + HD : 0, "x")
-               .ptr(w, D, "w")
-               .ptr(y, tokens * HD, "y")
-               .ptr(rstd, tokens * heads, "rstd")
-               .done());
     if (tokens == 0) return {};
     const float2* cs = cached_cos_sin(pos, tokens, D, theta);
     if (cs == nullptr) {
@@ -302,18 +287,15 @@ class cuda_ops {
   }
   status rmsnorm_rope_bwd(const T* x, const T* w, const A* rstd, const I* pos, const T* dy, T* dx, T* dw, i64 tokens,
                           i64 heads, i64 D, double theta, i64 ld = 0, bool accumulate_dw = true) {
+    {
+      check c("rmsnorm_rope_bwd");
+      KD_TRY(rope_fits(model::detail::rmsnorm_rope_bwd_args(c, x, w, rstd, pos, dy, dx, dw, tokens, heads, D, theta, ld,
+                                                            accumulate_dw),
+                       tokens, heads, D)
+                 .done());
+    }
     const i64 HD = heads * D;
     if (ld == 0) ld = HD;
-    const i64 sliced = tokens > 0 ? (tokens - 1) * ld + HD : 0;
-    check c = rope_checks("rmsnorm_rope_bwd", tokens, heads, D, theta, pos);
-    KD_TRY(model::detail::head_rows_ld(c, ld, heads, D, "x / dx")
-               .ptr(x, sliced, "x")
-               .ptr(w, D, "w")
-               .ptr(rstd, tokens * heads, "rstd")
-               .ptr(dy, tokens * HD, "dy")
-               .ptr(dx, sliced, "dx")
-               .ptr(dw, D, "dw")
-               .done());
     if (tokens == 0) return accumulate_dw ? status{} : fill_zero(dw, static_cast<std::size_t>(D));
     const i64 R = tokens * heads;
     if (!cuda::detail::rope_fusable<T>(D, x, w, dy, dx) || (ld * static_cast<i64>(sizeof(T))) % 16 != 0) {
@@ -350,12 +332,18 @@ class cuda_ops {
   // The experts' GEMMs (grouped_gemm.cuh): spread over side streams when more than one group has rows.
   status grouped_linear(const T* x, const T* w, T* y, const std::int64_t* counts, i64 G, i64 N, i64 K,
                         bool accumulate) {
+    KD_TRY(sync_counts());  // counts may be those of a dispatch still on their way
+    check args("grouped_linear");
+    KD_TRY(model::detail::grouped_linear_args(args, x, w, y, counts, G, N, K).done());
     return on_groups(counts, G, [&](cublasHandle_t h, cudaStream_t s, i64 g, i64 r, i64 c) {
       return cuda::detail::linear(h, s, x + r * K, w + g * N * K, y + r * N, c, N, K, accumulate);
     });
   }
   status grouped_linear_dx(const T* dy, const T* w, T* dx, const std::int64_t* counts, i64 G, i64 N, i64 K,
                            bool accumulate) {
+    KD_TRY(sync_counts());
+    check args("grouped_linear_dx");
+    KD_TRY(model::detail::grouped_linear_dx_args(args, dy, w, dx, counts, G, N, K).done());
     return on_groups(counts, G, [&](cublasHandle_t h, cudaStream_t s, i64 g, i64 r, i64 c) {
       return cuda::detail::linear_dx(h, s, dy + r * N, w + g * N * K, dx + r * K, c, N, K, accumulate);
     });
@@ -364,7 +352,9 @@ class cuda_ops {
   status grouped_linear_dw(const T* dy, const T* x, T* dw, const std::int64_t* counts, i64 G, i64 N, i64 K,
                            bool accumulate = true) {
     KD_TRY(sync_counts());
-    if (!accumulate && counts != nullptr)
+    check args("grouped_linear_dw");
+    KD_TRY(model::detail::grouped_linear_dw_args(args, dy, x, dw, counts, G, N, K).done());
+    if (!accumulate)
       for (i64 g = 0; g < G; ++g)
         if (counts[g] == 0) KD_TRY(fill_zero(dw + g * N * K, static_cast<std::size_t>(N * K)));
     return on_groups(counts, G, [&](cublasHandle_t h, cudaStream_t s, i64 g, i64 r, i64 c) {
@@ -374,12 +364,14 @@ class cuda_ops {
 
   // out[i] = table[ids[i]] (an id outside [0, V) gives a zero row; ids are the caller's to check).
   status embedding(const I* ids, const T* table, T* out, i64 n, i64 V, i64 H) {
-    KD_TRY(embedding_check("embedding", ids, n, V, H).ptr(table, V * H, "table").ptr(out, n * H, "out").done());
+    check c("embedding");
+    KD_TRY(model::detail::embedding_args(c, ids, table, out, n, V, H).fits_int(n, "n").fits_int(V, "V").done());
     return cuda::detail::launch_gather_rows(stream(), table, ids, out, n, H, V, "embedding kernel launch");
   }
   // dtable[ids[i]] += dout[i]: sorted by id, each table row summed once in fp32 (deterministic).
   status embedding_dw(const I* ids, const T* dout, T* dtable, i64 n, i64 V, i64 H) {
-    KD_TRY(embedding_check("embedding_dw", ids, n, V, H).ptr(dout, n * H, "dout").ptr(dtable, V * H, "dtable").done());
+    check c("embedding_dw");
+    KD_TRY(model::detail::embedding_dw_args(c, ids, dout, dtable, n, V, H).fits_int(n, "n").fits_int(V, "V").done());
     if (n == 0 || H == 0) return {};
     std::size_t bytes = 0;
     KD_TRY(cuda::detail::embedding_dw_scratch_bytes(n, static_cast<std::int32_t>(V), bytes));
@@ -391,33 +383,15 @@ class cuda_ops {
   // x_copy (optional): also receives x, written by the same pass (the residual stream's copy a layer adds
   // its branch to, without a separate copy kernel reading x again).
   status rmsnorm(const T* x, const T* w, T* y, A* rstd, i64 R, i64 D, double eps, T* x_copy = nullptr) {
-    KD_TRY(check("rmsnorm")
-               .nonneg(R, "R")
-               .positive(D, "D")
-               .fits_int(D, "D")
-               .finite(eps, "eps")
-               .that(eps >= 0.0, errc::invalid_argument, "eps is negative")
-               .ptr(x, R * D, "x")
-               .ptr(w, R > 0 ? D : 0, "w")
-               .ptr(y, R * D, "y")
-               .ptr(rstd, R, "rstd")
-               .done());
+    check c("rmsnorm");
+    KD_TRY(model::detail::rmsnorm_args(c, x, w, y, rstd, R, D, eps).fits_int(D, "D").done());
     return cuda::detail::launch_rmsnorm(stream(), x, w, y, rstd, R, D, static_cast<float>(eps), x_copy);
   }
 
   status rmsnorm_bwd(const T* x, const T* w, const A* rstd, const T* dy, T* dx, T* dw, i64 R, i64 D, bool accumulate_dx,
                      bool accumulate_dw = true) {
-    KD_TRY(check("rmsnorm_bwd")
-               .nonneg(R, "R")
-               .positive(D, "D")
-               .fits_int(D, "D")
-               .ptr(x, R * D, "x")
-               .ptr(w, R > 0 ? D : 0, "w")
-               .ptr(rstd, R, "rstd")
-               .ptr(dy, R * D, "dy")
-               .ptr(dx, R * D, "dx")
-               .ptr(dw, accumulate_dw && R == 0 ? 0 : D, "dw")
-               .done());
+    check c("rmsnorm_bwd");
+    KD_TRY(model::detail::rmsnorm_bwd_args(c, x, w, rstd, dy, dx, dw, R, D, accumulate_dw).fits_int(D, "D").done());
     if (R == 0) return accumulate_dw ? status{} : fill_zero(dw, static_cast<std::size_t>(D));
     void* scratch = nullptr;
     KD_TRY(ctx_->scratch(cuda::detail::rmsnorm_bwd_scratch_bytes(R, D), scratch));
@@ -428,7 +402,8 @@ class cuda_ops {
   // HF rotate-half RoPE in place. inv_freq = theta^(-2i/D) in double, built on the device once per
   // (D, theta) and kept; angles formed and range-reduced in double, sin/cos in fp32 (norm.cuh).
   status rope(T* x, const I* pos, i64 tokens, i64 heads, i64 D, double theta, bool inverse) {
-    KD_TRY(rope_checks("rope", tokens, heads, D, theta, pos).ptr(x, tokens * heads * D, "x").done());
+    check c("rope");
+    KD_TRY(rope_fits(model::detail::rope_args(c, x, pos, tokens, heads, D, theta), tokens, heads, D).done());
     if (tokens == 0) return {};
     const double* inv_freq = nullptr;
     KD_TRY(rope_table(D, theta, inv_freq));
@@ -436,17 +411,13 @@ class cuda_ops {
   }
 
   status swiglu(const T* gu, T* h, i64 R, i64 I_) {
-    KD_TRY(check("swiglu").nonneg(R, "R").positive(I_, "I").ptr(gu, R * 2 * I_, "gu").ptr(h, R * I_, "h").done());
+    check c("swiglu");
+    KD_TRY(model::detail::swiglu_args(c, gu, h, R, I_).done());
     return cuda::detail::launch_swiglu(stream(), gu, h, R, I_);
   }
   status swiglu_bwd(const T* gu, const T* dh, T* dgu, i64 R, i64 I_) {
-    KD_TRY(check("swiglu_bwd")
-               .nonneg(R, "R")
-               .positive(I_, "I")
-               .ptr(gu, R * 2 * I_, "gu")
-               .ptr(dh, R * I_, "dh")
-               .ptr(dgu, R * 2 * I_, "dgu")
-               .done());
+    check c("swiglu_bwd");
+    KD_TRY(model::detail::swiglu_bwd_args(c, gu, dh, dgu, R, I_).done());
     return cuda::detail::launch_swiglu_bwd(stream(), gu, dh, dgu, R, I_);
   }
 
@@ -500,24 +471,16 @@ class cuda_ops {
   // mixture of experts (kd/model/cuda/moe_dispatch.cuh)
   // ---------------------------------------------------------------------------------------------
   status router(const T* logits, A* probs, I* topk_idx, A* topk_w, i64 N, i64 E, i64 k, bool renorm) {
-    KD_TRY(cuda::detail::router_check("router", N, E, k)
-               .ptr(logits, N * E, "logits")
-               .ptr(probs, N * E, "probs")
-               .ptr(topk_idx, N * k, "topk_idx")
-               .ptr(topk_w, N * k, "topk_w")
-               .done());
+    check c("router");
+    KD_TRY(router_fits(model::detail::router_args(c, logits, probs, topk_idx, topk_w, N, E, k), N, E, k).done());
     return cuda::detail::launch_router(stream(), logits, probs, topk_idx, topk_w, N, E, k, renorm);
   }
 
   // dlogits overwritten; dprobs_extra [N, E] may be null. topk_idx is trusted to hold ids in [0, E).
   status router_bwd(const A* probs, const I* topk_idx, const A* dtopk_w, const A* dprobs_extra, T* dlogits, i64 N, i64 E,
                     i64 k, bool renorm) {
-    KD_TRY(cuda::detail::router_check("router_bwd", N, E, k)
-               .ptr(probs, N * E, "probs")
-               .ptr(topk_idx, N * k, "topk_idx")
-               .ptr(dtopk_w, N * k, "dtopk_w")
-               .ptr(dlogits, N * E, "dlogits")
-               .done());
+    check c("router_bwd");
+    KD_TRY(router_fits(model::detail::router_bwd_args(c, probs, topk_idx, dtopk_w, dlogits, N, E, k), N, E, k).done());
     return cuda::detail::launch_router_bwd(stream(), probs, topk_idx, dtopk_w, dprobs_extra, dlogits, N, E, k, renorm);
   }
 
@@ -526,11 +489,8 @@ class cuda_ops {
   // Expert ids outside [0, E) come back from sync_counts() as errc::out_of_range (slot_token / token_slot
   // are then incomplete).
   status moe_dispatch(const I* topk_idx, i64 N, i64 E, i64 k, I* slot_token, I* token_slot, std::int64_t* counts_host) {
-    KD_TRY(cuda::detail::router_check("moe_dispatch", N, E, k)
-               .ptr(topk_idx, N * k, "topk_idx")
-               .ptr(slot_token, N * k, "slot_token")
-               .ptr(token_slot, N * k, "token_slot")
-               .ptr(counts_host, E, "counts_host")
+    check c("moe_dispatch");
+    KD_TRY(router_fits(model::detail::moe_dispatch_args(c, topk_idx, N, E, k, slot_token, token_slot, counts_host), N, E, k)
                .done());
     KD_TRY(sync_counts());  // an earlier dispatch nobody collected
     void* scratch = nullptr;
@@ -545,17 +505,15 @@ class cuda_ops {
 
   // out[s] = x[rows[s]] (a negative row gives a zero row).
   status gather_rows(const T* x, const I* rows, T* out, i64 S, i64 H) {
-    KD_TRY(check("gather_rows").nonneg(S, "S").nonneg(H, "H").ptr(rows, S, "rows").ptr(x, S * H, "x").ptr(out, S * H, "out").done());
+    check c("gather_rows");
+    KD_TRY(model::detail::gather_rows_args(c, x, rows, out, S, H).done());
     return cuda::detail::launch_gather_rows(stream(), x, rows, out, S, H, std::numeric_limits<i64>::max(),
                                             "gather_rows kernel launch");
   }
 
   status moe_combine(const T* y, const I* token_slot, const A* topk_w, const T* residual, T* out, i64 N, i64 k, i64 H) {
-    KD_TRY(cuda::detail::combine_check("moe_combine", token_slot, N, k, H)
-               .ptr(y, N * k * H, "y")
-               .ptr(topk_w, N * k, "topk_w")
-               .ptr(out, N * H, "out")
-               .done());
+    check c("moe_combine");
+    KD_TRY(model::detail::moe_combine_args(c, y, token_slot, topk_w, out, N, k, H).done());
     return cuda::detail::launch_combine<T, true>(stream(), y, token_slot, topk_w, residual, out, N, k, H,
                                                  "moe_combine kernel launch");
   }
@@ -563,59 +521,36 @@ class cuda_ops {
   // dy (overwritten: every slot of a permutation token_slot, as moe_dispatch makes it) and dtopk_w (overwritten).
   status moe_combine_bwd(const T* y, const I* token_slot, const A* topk_w, const T* dout, T* dy, A* dtopk_w, i64 N, i64 k,
                          i64 H) {
-    KD_TRY(cuda::detail::combine_check("moe_combine_bwd", token_slot, N, k, H)
-               .ptr(y, N * k * H, "y")
-               .ptr(topk_w, N * k, "topk_w")
-               .ptr(dout, N * H, "dout")
-               .ptr(dy, N * k * H, "dy")
-               .ptr(dtopk_w, N * k, "dtopk_w")
-               .done());
+    check c("moe_combine_bwd");
+    KD_TRY(model::detail::moe_combine_bwd_args(c, y, token_slot, topk_w, dout, dy, dtopk_w, N, k, H).done());
     return cuda::detail::launch_combine_bwd(stream(), y, token_slot, topk_w, dout, dy, dtopk_w, N, k, H);
   }
 
   status moe_gather_add(const T* dy_slots, const I* token_slot, T* dx, i64 N, i64 k, i64 H, bool accumulate,
                         const T* dlogits = nullptr, const T* w_router = nullptr, i64 E = 0) {
-    KD_TRY(cuda::detail::combine_check("moe_gather_add", token_slot, N, k, H)
-               .ptr(dy_slots, N * k * H, "dy_slots")
-               .ptr(dx, N * H, "dx")
-               .nonneg(E, "E")
+    check c("moe_gather_add");
+    KD_TRY(model::detail::moe_gather_add_args(c, dy_slots, token_slot, dx, N, k, H, dlogits, w_router, E)
                .fits_int(E, "E")
-               .ptr(dlogits, N * E, "dlogits")
-               .ptr(w_router, E * H, "w_router")
                .done());
     return cuda::detail::launch_combine<T, false>(stream(), dy_slots, token_slot, nullptr, accumulate ? dx : nullptr, dx,
                                                   N, k, H, "moe_gather_add kernel launch", dlogits, w_router, E);
   }
 
  private:
-  // The argument checks shared by rope, rmsnorm_rope and rmsnorm_rope_bwd.
-  check rope_checks(const char* op, i64 tokens, i64 heads, i64 D, double theta, const I* pos) const {
-    check c(op);
-    c.nonneg(tokens, "tokens")
-        .positive(heads, "heads")
-        .positive(D, "D")
-        .that(D % 2 == 0, errc::invalid_argument, "D = " + std::to_string(D) + " is odd")
-        .that(D <= kRopeMaxDim, errc::out_of_range,
-              "D = " + std::to_string(D) + " exceeds the CUDA RoPE's " + std::to_string(kRopeMaxDim))
-        .finite(theta, "theta")
-        .that(theta > 0.0, errc::invalid_argument, "theta must be positive")
-        .fits_int(tokens, "tokens")
-        .fits_int(heads * D, "heads * D")
-        .ptr(pos, tokens, "pos");
-    return c;
+  // This backend's own checks, after the shared ones (op_check.hpp): kernel extents that must fit an int
+  // and the kernels' limits (cuda_limits.hpp).
+  static check& gemm_fits(check& c, i64 M, i64 N, i64 K) { return c.fits_int(M, "M").fits_int(N, "N").fits_int(K, "K"); }
+  static check& rope_fits(check& c, i64 tokens, i64 heads, i64 D) {
+    return cuda::detail::rope_limits(c, D).fits_int(tokens, "tokens").fits_int(heads * D, "heads * D");
   }
+  static check& router_fits(check& c, i64 N, i64 E, i64 k) { return cuda::detail::router_limits(c, E, k).fits_int(N, "N"); }
 
   // Runs f(handle, stream, group, first_row, rows) for every non-empty group: on the main stream when
   // there is one, else spread over the side streams between a fork and a join.
   template <class F>
   status on_groups(const std::int64_t* counts, i64 G, F&& f) {
-    if (counts == nullptr && G > 0) return {errc::invalid_argument, "cuda_ops::grouped_linear: counts is null"};
-    KD_TRY(sync_counts());  // counts may be those of a dispatch still on their way
-    i64 busy = 0;
-    for (i64 g = 0; g < G; ++g) {
-      if (counts[g] < 0) return {errc::invalid_argument, "cuda_ops::grouped_linear: negative group size"};
-      busy += counts[g] > 0 ? 1 : 0;
-    }
+    i64 busy = 0;  // counts were checked (and collected by sync_counts) by the op
+    for (i64 g = 0; g < G; ++g) busy += counts[g] > 0 ? 1 : 0;
     if (busy <= 1) {
       cublasHandle_t h = nullptr;
       KD_TRY(ctx_->cublas(h));
@@ -642,14 +577,6 @@ class cuda_ops {
   }
   std::unique_ptr<cuda::stream_pool> pool_;
   cuda::detail::dispatch_counts counts_;
-
-  static constexpr i64 kRopeMaxDim = 8192;  // cos/sin of a token in shared memory: 4 * D bytes
-
-  static check embedding_check(const char* op, const I* ids, i64 n, i64 V, i64 H) {
-    check c(op);
-    c.nonneg(n, "n").positive(V, "V").nonneg(H, "H").fits_int(n, "n").fits_int(V, "V").ptr(ids, n, "ids");
-    return c;
-  }
 
   // The inv_freq table of (D, theta), built on first use (in stream order, no synchronisation).
   status rope_table(i64 D, double theta, const double*& out) {
