@@ -303,7 +303,7 @@ teacher_summary train_teacher(model_t& t, const corpus& c, std::int64_t steps, s
       rz_sum += zr.loss;
       g.d_router_logits.emplace_back(l, d.data());
     }
-    const double layers = static_cast<double>(g.d_router_logits.size());
+    const double layers = std::max<double>(1.0, static_cast<double>(g.d_router_logits.size()));
     kd::objective_evaluation ev;
     kd::check(obj.combine(step, {{"lm", cr.ce}, {"load_balance", lb_sum / layers}, {"router_z", rz_sum / layers}}, ev));
     kd::record(log, ev);
@@ -450,7 +450,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::int64_t steps = 4000, teacher_steps = 400, transfer_tokens = 6000;
+  std::int64_t steps = 4000, teacher_steps = 2000, transfer_tokens = 6000;
   std::uint64_t seed = 20240607;
   std::string jsonl_path;
   for (int i = 1; i < argc; ++i) {
