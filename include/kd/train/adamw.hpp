@@ -16,7 +16,8 @@
 // themselves when they are float, a separate fp32 copy when they are 16-bit (bf16/fp16), rounded into
 // the parameters after each step, so updates smaller than a bf16 ulp still accumulate.
 // The schedule: linear warm-up from 0 to `peak` over warmup_steps, then cosine decay to `floor` at
-// total_steps, `floor` after that. Step t is 1-based (the first update uses lr(1)).
+// total_steps, `floor` after that (total_steps == warmup_steps: no decay, `peak` after the warm-up).
+// Step t is 1-based (the first update uses lr(1)).
 // State (step, m, v, master) saves to and loads from a binary stream; a resumed run reproduces the
 // uninterrupted one bit for bit.
 #pragma once
@@ -24,7 +25,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <istream>
 #include <numbers>
 #include <ostream>
