@@ -1,0 +1,267 @@
+// kd/train/adamw.hpp: AdamW over a flat parameter arena (CPU reference), and its learning-rate schedule.
+//
+// The model keeps every parameter and gradient in one contiguous arena (kd/model/parameters.hpp); the
+// optimizer sees the same arena as a list of tensor segments, each with its own weight-decay flag. One
+// step is two passes, the shape a fused CUDA kernel follows:
+//   1. norm   = sqrt(sum over segments of g^2)                     (global norm, fp64 accumulation)
+//      NaN/Inf -> error status naming the first non-finite tensor; nothing is updated, step not counted
+//      clip   = max_grad_norm > 0 && norm > max_grad_norm ? max_grad_norm / norm : 1
+//   2. t += 1, lr = schedule.lr(t), per element (fp32):
+//      g = clip * grad
+//      m = beta1 m + (1 - beta1) g
+//      v = beta2 v + (1 - beta2) g^2
+//      p = p - lr * weight_decay * p                                (decoupled: only if the tensor decays)
+//      p = p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+// (torch.optim.AdamW's order and formula). The fp32 value of p is the master weight: the parameters
+// themselves when they are float, a separate fp32 copy when they are 16-bit (bf16/fp16), rounded into
+// the parameters after each step, so updates smaller than a bf16 ulp still accumulate.
+// The schedule: linear warm-up from 0 to `peak` over warmup_steps, then cosine decay to `floor` at
+// total_steps, `floor` after that (total_steps == warmup_steps: no decay, `peak` after the warm-up).
+// Step t is 1-based (the first update uses lr(1)).
+// State (step, m, v, master) saves to and loads from a binary stream; a resumed run reproduces the
+// uninterrupted one bit for bit.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <istream>
+#include <numbers>
+#include <ostream>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <kd/core/numeric.hpp>
+#include <kd/core/status.hpp>
+#include <kd/model/parameters.hpp>
+
+namespace kd {
+
+// Linear warm-up then cosine decay to a floor.
+struct lr_schedule {
+  double peak = 1e-3;
+  double floor = 0.0;
+  std::int64_t warmup_steps = 0;
+  std::int64_t total_steps = 1;  // the step at which the cosine reaches `floor`
+
+  [[nodiscard]] double lr(std::int64_t step) const noexcept {
+    if (step < warmup_steps) return peak * static_cast<double>(step < 0 ? 0 : step) / static_cast<double>(warmup_steps);
+    if (step >= total_steps) return total_steps > warmup_steps ? floor : peak;
+    const double progress =
+        static_cast<double>(step - warmup_steps) / static_cast<double>(total_steps - warmup_steps);
+    return floor + (peak - floor) * 0.5 * (1.0 + std::cos(std::numbers::pi * progress));
+  }
+
+  [[nodiscard]] status validate() const {
+    if (!std::isfinite(peak) || !(peak > 0.0))
+      return {errc::invalid_argument, "lr_schedule: peak must be finite and positive, got " + std::to_string(peak)};
+    if (!std::isfinite(floor) || floor < 0.0 || floor > peak)
+      return {errc::invalid_argument, "lr_schedule: floor must be in [0, peak], got " + std::to_string(floor)};
+    if (warmup_steps < 0 || total_steps < warmup_steps)
+      return {errc::invalid_argument, "lr_schedule: need 0 <= warmup_steps <= total_steps, got " +
+                                          std::to_string(warmup_steps) + " and " + std::to_string(total_steps)};
+    return {};
+  }
+};
+
+struct adamw_options {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;  // decoupled; applied only to segments with decay = true
+  double max_grad_norm = 0.0;  // global-norm clipping threshold; 0 = no clipping
+  lr_schedule schedule;
+
+  [[nodiscard]] status validate() const {
+    auto bad = [](const char* what, double v) {
+      return status{errc::invalid_argument, std::string("adamw: ") + what + ", got " + std::to_string(v)};
+    };
+    if (!(beta1 >= 0.0 && beta1 < 1.0)) return bad("beta1 must be in [0, 1)", beta1);
+    if (!(beta2 >= 0.0 && beta2 < 1.0)) return bad("beta2 must be in [0, 1)", beta2);
+    if (!std::isfinite(eps) || !(eps > 0.0)) return bad("eps must be finite and positive", eps);
+    if (!std::isfinite(weight_decay) || weight_decay < 0.0) return bad("weight_decay must be finite and >= 0", weight_decay);
+    if (!std::isfinite(max_grad_norm) || max_grad_norm < 0.0)
+      return bad("max_grad_norm must be finite and >= 0", max_grad_norm);
+    return schedule.validate();
+  }
+};
+
+// One tensor of the arena: [offset, offset + numel), decayed or not. Elements outside every segment
+// (alignment padding) are never read or written.
+struct adamw_segment {
+  std::string name;
+  std::size_t offset = 0, numel = 0;
+  bool decay = true;
+};
+
+// Which tensor kinds weight decay applies to (matrices always decay).
+struct decay_policy {
+  bool norms = false;       // RMSNorm weights
+  bool biases = false;      // names ending in "bias"
+  bool embeddings = false;  // the token embedding (and a tied head, which is the same tensor)
+};
+
+// The segments of a model's parameter table, decay flags from the policy.
+inline std::vector<adamw_segment> model_segments(const model::parameter_table& table, decay_policy p = {}) {
+  std::vector<adamw_segment> out;
+  for (const model::param_entry& e : table.entries()) {
+    bool decay = true;
+    const bool bias = e.name.size() >= 4 && e.name.compare(e.name.size() - 4, 4, "bias") == 0;
+    if (e.kind == model::param_kind::norm) decay = p.norms;
+    else if (bias) decay = p.biases;
+    else if (e.offset == table.embed()) decay = p.embeddings;
+    out.push_back({e.name, e.offset, e.numel, decay});
+  }
+  return out;
+}
+
+struct adamw_step_result {
+  std::int64_t step = 0;    // the step just taken (1-based)
+  double lr = 0.0;          // its learning rate
+  double grad_norm = 0.0;   // global gradient norm before clipping
+  double clip_scale = 1.0;  // factor the gradients were multiplied by
+};
+
+// T: parameter storage (float, bfloat16 or half). Gradients may have any storage type.
+template <class T>
+class adamw {
+  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16> || std::is_same_v<T, half>,
+                "kd: adamw stores parameters as float, kd::bfloat16 or kd::half.");
+
+ public:
+  static constexpr bool keeps_master = !std::is_same_v<T, float>;
+
+  // Validates the options and segments against the arena `params` and sets up zero m and v (and the
+  // fp32 master copy of 16-bit parameters). Resets the step count.
+  status init(std::vector<adamw_segment> segments, std::span<const T> params, const adamw_options& o) {
+    KD_TRY(o.validate());
+    std::vector<bool> used(params.size(), false);
+    for (const adamw_segment& s : segments) {
+      if (s.offset > params.size() || s.numel > params.size() - s.offset)
+        return {errc::out_of_range, "adamw: tensor '" + s.name + "' [" + std::to_string(s.offset) + ", +" +
+                                        std::to_string(s.numel) + ") lies outside the arena of " +
+                                        std::to_string(params.size()) + " elements"};
+      for (std::size_t i = s.offset; i < s.offset + s.numel; ++i) {
+        if (used[i]) return {errc::invalid_argument, "adamw: tensor '" + s.name + "' overlaps another segment"};
+        used[i] = true;
+      }
+    }
+    opt_ = o;
+    segments_ = std::move(segments);
+    step_ = 0;
+    m_.assign(params.size(), 0.0f);
+    v_.assign(params.size(), 0.0f);
+    master_.clear();
+    if constexpr (keeps_master) {
+      master_.resize(params.size());
+      for (std::size_t i = 0; i < params.size(); ++i) master_[i] = load_as<float>(params[i]);
+    }
+    return {};
+  }
+
+  // One update of `params` from `grads` (both the whole arena). On an error nothing changes.
+  template <class G>
+  status step(std::span<T> params, std::span<const G> grads, adamw_step_result& out) {
+    if (params.size() != m_.size() || grads.size() != m_.size())
+      return {errc::shape_mismatch, "adamw: arena of " + std::to_string(m_.size()) + " elements (init), got " +
+                                        std::to_string(params.size()) + " parameters and " +
+                                        std::to_string(grads.size()) + " gradients"};
+    double sumsq = 0.0;
+    for (const adamw_segment& s : segments_) {
+      double t = 0.0;
+      for (std::size_t i = s.offset; i < s.offset + s.numel; ++i) {
+        const double g = load_as<double>(grads[i]);
+        t += g * g;
+      }
+      if (!std::isfinite(t))
+        return {errc::non_finite, "adamw: gradient norm is not finite at step " + std::to_string(step_ + 1) +
+                                      " (tensor '" + s.name + "'); no update applied"};
+      sumsq += t;
+    }
+    const double norm = std::sqrt(sumsq);
+    if (!std::isfinite(norm))
+      return {errc::non_finite, "adamw: gradient norm overflows at step " + std::to_string(step_ + 1) +
+                                    "; no update applied"};
+    const double clip = opt_.max_grad_norm > 0.0 && norm > opt_.max_grad_norm ? opt_.max_grad_norm / norm : 1.0;
+
+    ++step_;
+    const double lr = opt_.schedule.lr(step_);
+    const double t = static_cast<double>(step_);
+    // Scalars of the element loop, in fp32 as a kernel would receive them.
+    // 1 - beta comes from double: float(1 - 0.999) is within an ulp of 1e-3, 1 - float(0.999) is 2.4e-5 off.
+    const float b1 = static_cast<float>(opt_.beta1), b2 = static_cast<float>(opt_.beta2);
+    const float c1 = static_cast<float>(1.0 - opt_.beta1), c2 = static_cast<float>(1.0 - opt_.beta2);
+    const float step_size = static_cast<float>(lr / (1.0 - std::pow(opt_.beta1, t)));
+    const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(opt_.beta2, t)));
+    const float eps = static_cast<float>(opt_.eps), scale = static_cast<float>(clip);
+    const float decay = static_cast<float>(1.0 - lr * opt_.weight_decay);
+    for (const adamw_segment& s : segments_) {
+      for (std::size_t i = s.offset; i < s.offset + s.numel; ++i) {
+        const float g = scale * load_as<float>(grads[i]);
+        const float m = m_[i] = b1 * m_[i] + c1 * g;
+        const float v = v_[i] = b2 * v_[i] + c2 * g * g;
+        float p = keeps_master ? master_[i] : load_as<float>(params[i]);
+        if (s.decay) p *= decay;
+        p -= step_size * m / (std::sqrt(v) * inv_sqrt_bc2 + eps);
+        if constexpr (keeps_master) master_[i] = p;
+        params[i] = store_as<T>(p);
+      }
+    }
+    out = {step_, lr, norm, clip};
+    return {};
+  }
+
+  [[nodiscard]] std::int64_t steps_taken() const noexcept { return step_; }
+  [[nodiscard]] const adamw_options& options() const noexcept { return opt_; }
+  [[nodiscard]] const std::vector<adamw_segment>& segments() const noexcept { return segments_; }
+  [[nodiscard]] std::span<const float> m() const noexcept { return m_; }
+  [[nodiscard]] std::span<const float> v() const noexcept { return v_; }
+  // fp32 master weights (empty for float parameters, which are their own master).
+  [[nodiscard]] std::span<const float> master() const noexcept { return master_; }
+
+  // Binary state: magic, storage size, step, arena size, m, v, master. Options and segments are not
+  // stored: init() with the run's own before load().
+  status save(std::ostream& os) const {
+    const std::uint64_t header[4] = {magic, sizeof(T), static_cast<std::uint64_t>(step_), m_.size()};
+    os.write(reinterpret_cast<const char*>(header), sizeof header);
+    for (const auto* vec : {&m_, &v_, &master_})
+      os.write(reinterpret_cast<const char*>(vec->data()), static_cast<std::streamsize>(vec->size() * sizeof(float)));
+    if (!os) return {errc::io_error, "adamw: writing the optimizer state failed"};
+    return {};
+  }
+
+  // Replaces step, m, v and master with a saved state of the same arena and storage type.
+  status load(std::istream& is) {
+    std::uint64_t header[4] = {};
+    if (!is.read(reinterpret_cast<char*>(header), sizeof header))
+      return {errc::io_error, "adamw: optimizer state truncated (header)"};
+    if (header[0] != magic) return {errc::invalid_argument, "adamw: not an optimizer state (bad magic)"};
+    if (header[1] != sizeof(T))
+      return {errc::invalid_argument, "adamw: state saved for " + std::to_string(header[1]) +
+                                          "-byte parameters, this optimizer stores " + std::to_string(sizeof(T))};
+    if (header[3] != m_.size())
+      return {errc::shape_mismatch, "adamw: state of an arena of " + std::to_string(header[3]) +
+                                        " elements, this optimizer has " + std::to_string(m_.size())};
+    std::vector<float> m(m_.size()), v(v_.size()), master(master_.size());
+    for (auto* vec : {&m, &v, &master})
+      if (!is.read(reinterpret_cast<char*>(vec->data()), static_cast<std::streamsize>(vec->size() * sizeof(float))))
+        return {errc::io_error, "adamw: optimizer state truncated"};
+    step_ = static_cast<std::int64_t>(header[2]);
+    m_ = std::move(m);
+    v_ = std::move(v);
+    master_ = std::move(master);
+    return {};
+  }
+
+ private:
+  static constexpr std::uint64_t magic = 0x31574d4144416b64ull;  // "kdADAMW1"
+
+  adamw_options opt_;
+  std::vector<adamw_segment> segments_;
+  std::int64_t step_ = 0;
+  std::vector<float> m_, v_, master_;
+};
+
+}  // namespace kd
