@@ -5,6 +5,7 @@
 #include <kd/core/status.hpp>
 #include <kd/core/numeric.hpp>
 #include <kd/core/tensor.hpp>
+#include <kd/core/rng.hpp>
 #include <kd/policy/backend.hpp>
 #include <kd/policy/precision.hpp>
 #include <kd/policy/normalization.hpp>
@@ -23,3 +24,4 @@
 #include <kd/train/early_stopping.hpp>
 #include <kd/train/loss_scaler.hpp>
 #include <kd/train/finite_guard.hpp>
+#include <kd/train/adamw.hpp>
