@@ -4,7 +4,7 @@
 # Run HERE (a Debian 12 machine with apt): downloads the .debs of libeigen3-dev, doctest-dev,
 # libbenchmark-dev, libbenchmark1debian and nlohmann-json3-dev into .deps/ and unpacks them into .deps/root/
 # (git-ignored). Ship .deps/root to the device (it is ignored, so name it explicitly, e.g. the
-# device tool's carry: [".deps/root"]), then on the device either run scripts/device_build.sh or
+# device tool's carry: [".deps"]), then on the device run `cmake --workflow --preset device` (CMakePresets.json) or
 # by hand:
 #   cmake -S . -B build-device -DCMAKE_PREFIX_PATH=$PWD/.deps/root/usr ...
 #   LD_LIBRARY_PATH=$PWD/.deps/root/usr/lib/x86_64-linux-gnu ctest --test-dir build-device

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# kd's benchmark driver, on the GPU machine: builds through the `device` preset (dependencies from
+# scripts/fetch_device_deps.sh, carried as .deps), then runs the chosen steps in one run on one card and
+# prints the side-by-side tables for benchmarks/RESULTS.md. Logs and tables go to $OUT (or build/bench).
+#   bash scripts/bench.sh [kernels] [model] [timing]        (default: kernels model)
+#   kernels  the fused loss kernels (kd_bench_cuda) against PyTorch eager and torch.compile (torch_baseline.py)
+#   model    a training step of the seed teacher and student (kd_model bench) against transformers eager and
+#            torch.compile (model_bench_torch.py); KD_BENCH_ARCHS="teacher" or "student" limits it
+#   timing   per-op GPU times of the model at the seed geometry (test_cuda_model_ops' timing case)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+logs="${OUT:-build/bench}"
+mkdir -p "$logs"
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(kernels model)
+want() { local s; for s in "${steps[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
+export PATH="/usr/local/cuda/bin:$PATH"
+export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+bin=build/device
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/device.txt"
+cmake --preset device >"$logs/configure.log" 2>&1 || { tail -20 "$logs/configure.log"; exit 1; }
+targets=()
+want kernels && targets+=(kd_bench_cuda)
+want model && targets+=(kd_model)
+want timing && targets+=(test_cuda_model_ops)
+cmake --build --preset device --target "${targets[@]}" >"$logs/build.log" 2>&1 ||
+  { grep -E "error" "$logs/build.log" | head -40; exit 1; }
+rc=0
+if want kernels; then
+  "$bin/benchmarks/kd_bench_cuda" --benchmark_format=json --benchmark_out="$logs/kd_bench.json" \
+    --benchmark_out_format=json >/dev/null || rc=1
+  [[ -n "${KD_BENCH_KD_ONLY:-}" ]] || python3 benchmarks/torch_baseline.py >"$logs/torch.jsonl" || rc=1
+  python3 benchmarks/make_table.py "$logs/kd_bench.json" "$logs/torch.jsonl" | tee "$logs/table.md"
+fi
+if want model; then
+  : >"$logs/model_bench.jsonl"
+  for arch in ${KD_BENCH_ARCHS:-teacher student}; do
+    "$bin/examples/kd_model" bench --arch "$arch" --preset seed --batch 8 --seq 1024 --steps 20 --warmup 5 \
+      --profile 1 2>"$logs/kd_profile_$arch.md" | tee -a "$logs/model_bench.jsonl"
+    [[ -n "${KD_BENCH_KD_ONLY:-}" ]] && continue
+    for mode in eager compile; do
+      python3 benchmarks/model_bench_torch.py --kd-tool "$bin/examples/kd_model" --arch "$arch" --preset seed \
+        --batch 8 --seq 1024 --steps 20 --warmup 5 --mode "$mode" 2>>"$logs/torch_bench.err" | tail -1 \
+        | tee -a "$logs/model_bench.jsonl"
+    done
+  done
+  python3 benchmarks/model_table.py "$logs/model_bench.jsonl" | tee "$logs/model_table.md"
+fi
+if want timing; then
+  "$bin/tests/cuda/test_cuda_model_ops" -tc="*timing*" --no-skip >"$logs/op_timing.log" 2>&1 || rc=1
+  grep -E "us, " "$logs/op_timing.log" | sed 's/^.*MESSAGE: //'
+fi
+exit $rc
