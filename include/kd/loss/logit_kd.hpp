@@ -246,7 +246,7 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
         g = q - p;
       } else {
         for (index_t j = 0; j < k; ++j) g[j] = math.dq(p[j], logp[j], q[j], logq[j]);
-        const A c = static_cast<A>((q * g).template cast<double>().sum());
+        const A c = detail::sum_in_double(q * g);
         g = q * (g - c);
       }
       if (!o.accumulate_grad)
