@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <span>
 #include <string>
 #include <string_view>
@@ -172,10 +173,14 @@ status check_scaled_logit(const T& x, float inv_temp, double temperature, const 
                           std::string_view component) {
   const double v = load_as<double>(x);
   if (!std::isfinite(v)) return non_finite_at(v, tensor, r, c, component);
-  if (!scaled_logit_ok(static_cast<float>(v), inv_temp))
-    return {errc::non_finite, "logit " + std::to_string(v) + " in " + tensor + " at token " + std::to_string(r) +
-                                  ", column " + std::to_string(c) + " overflows float when divided by temperature " +
-                                  std::to_string(temperature) + in_component(component)};
+  if (!scaled_logit_ok(static_cast<float>(v), inv_temp)) {
+    char msg[96];  // %g: std::to_string would print 3e38 with 39 digits
+    std::snprintf(msg, sizeof msg, "logit %g in ", v);
+    std::string text = msg;
+    std::snprintf(msg, sizeof msg, " overflows float when divided by temperature %g", temperature);
+    return {errc::non_finite, text + tensor + " at token " + std::to_string(r) + ", column " + std::to_string(c) + msg +
+                                  in_component(component)};
+  }
   return {};
 }
 

@@ -356,9 +356,9 @@ struct loss_impl<cuda::backend, feature_tag> {
     p.ignore_index = o.ignore_index;
     p.eps = static_cast<float>(o.eps);
     p.grad_scale = static_cast<float>(o.grad_scale);
-    const auto kind = ::kd::detail::divisor_of<Loss::reduction_info.mean>(o);
-    if (kind == ::kd::detail::divisor_kind::active_tokens && !labels.empty()) p.divisor_dev = count;
-    else p.divisor = ::kd::detail::token_divisor(kind, o, n);
+    const auto div_kind = ::kd::detail::divisor_of<Loss::reduction_info.mean>(o);
+    if (div_kind == ::kd::detail::divisor_kind::active_tokens && !labels.empty()) p.divisor_dev = count;
+    else p.divisor = ::kd::detail::token_divisor(div_kind, o, n);
     p.partial = partial;
     p.error = err;
     p.component = ctx.component_slot(comp);
