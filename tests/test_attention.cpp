@@ -623,6 +623,25 @@ TEST_CASE("attention loss: bad input is reported with a code and a message") {
     const kd::status st = run(t.view(), s.view(), gv);
     CHECK(st.code() == kd::errc::shape_mismatch);
     CHECK(contains(st.message(), "student gradient"));
+    CHECK(contains(st.message(), "component 'attention'"));
+  }
+  SUBCASE("null pointers are rejected on the CPU too, naming the component") {
+    loss.options.component = "attn_layer2";
+    const kd::status st = run(t.view(), s.view(), kd::tensor3_view<double>{nullptr, batch * 2, len, len});
+    CHECK(st.code() == kd::errc::invalid_argument);
+    CHECK(contains(st.message(), "null"));
+    CHECK(contains(st.message(), "component 'attn_layer2'"));
+  }
+  SUBCASE("softmax_kl: a finite score that overflows at the temperature is rejected") {
+    loss.options.temperature = 0.5;
+    t.at(5, 2, 1) = 3e38;
+    const kd::status st = run(t.view(), s.view(), g.view());
+    CHECK(st.code() == kd::errc::non_finite);
+    CHECK(contains(st.message(), "teacher attention scores (map 5) at token 2, column 1"));
+    CHECK(contains(st.message(), "overflows"));
+    CHECK(contains(st.message(), "component 'attention'"));
+    t.at(5, 2, 1) = 1e30;
+    CHECK(run(t.view(), s.view(), g.view()).ok());
   }
   SUBCASE("empty inputs") {
     kd::status st = run(kd::tensor3_view<double>{t.v.data(), 0, len, len}, s.view(), g.view());

@@ -407,3 +407,39 @@ TEST_CASE("cross_entropy bad input") {
     CHECK_THROWS_WITH_AS(kd::check(st), doctest::Contains("z_loss_weight"), kd::error);
   }
 }
+
+TEST_CASE("cross_entropy bad input: gradient shape, stride and null errors name the component") {
+  for (const char* component : {"", "student_lm"}) {
+    ce_fixture f;
+    f.o.component = component;
+    const std::string quoted = std::string("'") + (*component ? component : "lm") + "'";
+    CAPTURE(quoted);
+    check_status(f.call({f.x.data(), 4, 6}, {f.grad.data(), 4, 5}, f.labels), kd::errc::shape_mismatch,
+                 {"logit gradient", quoted.c_str()});
+    check_status(f.call({f.x.data(), 4, 6}, {f.grad.data(), 4, 6, 5}, f.labels), kd::errc::shape_mismatch,
+                 {"logit gradient", "stride 5", quoted.c_str()});
+    check_status(f.call({nullptr, 4, 6}, {f.grad.data(), 4, 6}, f.labels), kd::errc::invalid_argument,
+                 {"logits", "null", quoted.c_str()});
+    check_status(f.call({f.x.data(), 0, 6}, {f.grad.data(), 0, 6}, {}), kd::errc::empty_input, {quoted.c_str()});
+  }
+}
+
+// The fp32 CPU reference sums rows in double: it matches fp64 on the same inputs to ~1e-6 at V = 50,304.
+TEST_CASE("cross_entropy: fp32 CPU reference matches fp64 to 1e-6 relative at V = 50,304") {
+  const index_t n = 3, cols = 50304;
+  auto g = kdtest::rng(108);
+  batch b = make_batch(g, n, cols, cols, {}, 2.0);
+  std::vector<float> x(b.logits.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    x[i] = static_cast<float>(b.logits[i]);
+    b.logits[i] = x[i];
+  }
+  kd::cross_entropy<kd::token_mean, kd::fp32> ce32;
+  kd::cross_entropy<kd::token_mean, kd::fp64> ce64;
+  ce32.options.z_loss_weight = ce64.options.z_loss_weight = 1e-2;
+  kd::cross_entropy_result r32, r64;
+  REQUIRE(ce32(kd::cpu, kd::matrix_view<const float>(x.data(), n, cols), b.labels, r32).ok());
+  REQUIRE(ce64(kd::cpu, b.view(), b.labels, r64).ok());
+  CHECK(kdtest::rel_error(r32.ce, r64.ce) < 1e-6);
+  CHECK(kdtest::rel_error(r32.z_loss, r64.z_loss) < 1e-6);
+}

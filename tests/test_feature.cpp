@@ -569,16 +569,19 @@ TEST_CASE("feature loss: bad input is reported with a code and a message") {
     kd::status s = f.run();
     CHECK(s.code() == kd::errc::shape_mismatch);
     CHECK(kdtest::contains(s.message(), "student hidden gradient"));
+    CHECK(kdtest::contains(s.message(), "component 'feature'"));  // gradient errors name it too
     f.dx = MatD::Zero(f.n, f.ds);
     f.dw = MatD::Zero(f.ds, f.dt);
     s = f.run();
     CHECK(s.code() == kd::errc::shape_mismatch);
     CHECK(kdtest::contains(s.message(), "projection gradient"));
+    CHECK(kdtest::contains(s.message(), "component 'feature'"));  // gradient errors name it too
     f.dw = MatD::Zero(f.dt, f.ds);
     f.db = MatD::Zero(1, f.dt - 1);
     s = f.run();
     CHECK(s.code() == kd::errc::shape_mismatch);
     CHECK(kdtest::contains(s.message(), "bias gradient"));
+    CHECK(kdtest::contains(s.message(), "component 'feature'"));  // gradient errors name it too
   }
   SUBCASE("a gradient without its parameter") {
     f.b = MatD();

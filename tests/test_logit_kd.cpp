@@ -790,3 +790,124 @@ TEST_CASE("kd::check throws kd::error carrying code and message") {
   CHECK_NOTHROW(kd::check(kd::ok_status()));
   CHECK(kd::to_string(kd::errc::non_finite) == "non-finite value");
 }
+
+// =====================================================================================================
+// 9. Defects found by a long-double reference run
+// =====================================================================================================
+// fp32 CPU vs fp64 CPU at a realistic vocabulary: the fp32 reference accumulates its row sums in double,
+// so its loss agrees with the fp64 one to ~1e-6 relative (term-by-term float sums drift by ~3e-5).
+TEST_CASE_TEMPLATE("logit_kd fp32 CPU reference matches fp64 to 1e-6 relative at V = 50,304", D, kd::jsd, kd::tvd) {
+  using namespace kd;
+  const index_t n = 3, v = 50304;
+  auto g = kdtest::rng(91);
+  problem pr = make_problem(g, n, v, v, {}, 2.0);
+  const auto t = rounded<float>(pr.teacher);
+  const auto s = rounded<float>(pr.student);
+  pr.teacher = kdtest::to_doubles(t);
+  pr.student = kdtest::to_doubles(s);
+  logit_kd<D, token_mean, precision_set<fp32, fp32>> loss32;
+  kd64<D> loss64;
+  loss_result r32, r64;
+  REQUIRE(loss32(cpu, matrix_view<const float>(t.data(), n, v), matrix_view<const float>(s.data(), n, v), pr.labels, r32).ok());
+  REQUIRE(loss64(cpu, pr.t(), pr.s(), pr.labels, r64).ok());
+  CAPTURE(r32.loss);
+  CAPTURE(r64.loss);
+  CHECK(kdtest::rel_error(r32.loss, r64.loss) < 1e-6);
+}
+
+// A finite logit whose x / T overflows float (the CUDA kernel's y = x * float(1/T) * log2(e)) is rejected
+// by the CPU backend too, on the side each divergence reads, with and without a vocab map.
+TEST_CASE_TEMPLATE("logit_kd: a finite logit that overflows at the temperature is rejected, naming the row", D,
+                   kd::forward_kl, kd::reverse_kl, kd::skew_kl, kd::jsd, kd::tvd) {
+  using namespace kd;
+  const index_t n = 3, v = 6;
+  auto g = kdtest::rng(92);
+  std::vector<float> t(n * v), s(n * v), grad(n * v);
+  kdtest::fill_normal(t, g);
+  kdtest::fill_normal(s, g);
+  const std::vector<std::int32_t> labels{0, 1, 2};
+  vocab_map map;
+  REQUIRE(vocab_map::from_pairs({{0, 0}, {1, 1}, {2, 2}, {3, 3}, {4, 4}, {5, 5}}, v, v, map).ok());
+  for (const bool mapped : {false, true}) {
+    for (const bool teacher_side : {true, false}) {
+      CAPTURE(mapped);
+      CAPTURE(teacher_side);
+      auto tt = t, ss = s;
+      (teacher_side ? tt : ss)[1 * v + 2] = 3e38f;
+      logit_kd<D, token_mean, precision_set<fp32, fp32>> loss;
+      loss.options.temperature = 0.5;
+      loss.options.component = "distill";
+      if (mapped) loss.options.map = &map;
+      loss_result res;
+      KD_CHECK_STATUS(loss(cpu, matrix_view<const float>(tt.data(), n, v), matrix_view<const float>(ss.data(), n, v),
+                           labels, res, matrix_view<float>(grad.data(), n, v)),
+                      errc::non_finite, teacher_side ? "teacher logits" : "student logits", "token 1", "column 2",
+                      "overflows", "temperature", "'distill'");
+      // Forward only too.
+      KD_CHECK_STATUS(loss(cpu, matrix_view<const float>(tt.data(), n, v), matrix_view<const float>(ss.data(), n, v),
+                           labels, res),
+                      errc::non_finite, "token 1", "overflows");
+      // A large logit that stays finite once scaled is accepted.
+      (teacher_side ? tt : ss)[1 * v + 2] = 1e30f;
+      CHECK(loss(cpu, matrix_view<const float>(tt.data(), n, v), matrix_view<const float>(ss.data(), n, v), labels, res,
+                 matrix_view<float>(grad.data(), n, v))
+                .ok());
+    }
+  }
+}
+
+TEST_CASE("linear_logit_kd: a teacher logit that overflows at the temperature is rejected") {
+  using namespace kd;
+  const index_t n = 2, d = 3, v = 5;
+  auto g = kdtest::rng(93);
+  std::vector<float> h(n * d), w(v * d), t(n * v), dh(n * d), dw(v * d);
+  kdtest::fill_normal(h, g);
+  kdtest::fill_normal(w, g);
+  kdtest::fill_normal(t, g);
+  t[1 * v + 3] = -3e38f;
+  linear_logit_kd<forward_kl> loss;
+  loss.options.temperature = 0.5;
+  loss_result res;
+  KD_CHECK_STATUS(loss(cpu, matrix_view<const float>(h.data(), n, d), matrix_view<const float>(w.data(), v, d),
+                       matrix_view<const float>(t.data(), n, v), std::span<const std::int32_t>{}, res,
+                       matrix_view<float>(dh.data(), n, d), matrix_view<float>(dw.data(), v, d)),
+                  errc::non_finite, "teacher logits", "token 1", "column 3", "overflows", "'kd'");
+}
+
+// Every validation error names the component, including gradient shape / stride / null checks.
+TEST_CASE("logit_kd and linear_logit_kd: gradient shape, stride and null errors name the component") {
+  bad_input_fixture f;
+  for (const char* component : {"", "distill/t0"}) {
+    const std::string quoted = std::string("'") + (*component ? component : "kd") + "'";
+    CAPTURE(quoted);
+    kd::logit_kd_options o;
+    o.component = component;
+    KD_CHECK_STATUS(f.call(o, {f.t.data(), 4, 6}, {f.s.data(), 4, 6}, {f.grad.data(), 3, 6}, f.labels),
+                    kd::errc::shape_mismatch, "student gradient", quoted.c_str());
+    KD_CHECK_STATUS(f.call(o, {f.t.data(), 4, 6}, {f.s.data(), 4, 6}, {f.grad.data(), 4, 6, 3}, f.labels),
+                    kd::errc::shape_mismatch, "student gradient", "stride 3", quoted.c_str());
+    KD_CHECK_STATUS(f.call(o, {nullptr, 4, 6}, {f.s.data(), 4, 6}, {f.grad.data(), 4, 6}, f.labels),
+                    kd::errc::invalid_argument, "teacher logits", "null", quoted.c_str());
+    kd::linear_logit_kd<kd::forward_kl> lin;
+    lin.options.component = component;
+    std::vector<float> h(4 * 3, 0.5f), w(6 * 3, 0.25f), t(4 * 6, 0.f), dh(4 * 3), dw(6 * 3);
+    kd::loss_result res;
+    KD_CHECK_STATUS(lin(kd::cpu, kd::matrix_view<const float>(h.data(), 4, 3), kd::matrix_view<const float>(w.data(), 6, 3),
+                        kd::matrix_view<const float>(t.data(), 4, 6), f.labels, res,
+                        kd::matrix_view<float>(dh.data(), 4, 2), kd::matrix_view<float>(dw.data(), 6, 3)),
+                    kd::errc::shape_mismatch, "hidden gradient", quoted.c_str());
+  }
+}
+
+// TVD's convention at an exact tie p == q: the sign is 0, so an identical pair has zero gradient.
+TEST_CASE("logit_kd tvd: at p == q (identical logits) the loss and the gradient are exactly 0") {
+  bad_input_fixture f;
+  f.t = f.s;
+  kd64<kd::tvd> loss;
+  kd::loss_result res;
+  REQUIRE(loss(kd::cpu, kd::matrix_view<const double>(f.t.data(), 4, 6), kd::matrix_view<const double>(f.s.data(), 4, 6),
+               f.labels, res, kd::matrix_view<double>(f.grad.data(), 4, 6))
+              .ok());
+  CHECK(res.loss == 0.0);
+  for (double x : f.grad) CHECK(x == 0.0);
+}

@@ -364,9 +364,22 @@ TEST_CASE("router losses: bad input is reported with a code and a message") {
     kd::status s = lb(kd::cpu, logits.view(), ids_view(ids, tokens, 1), r, g.view());
     CHECK(s.code() == kd::errc::shape_mismatch);
     CHECK(contains(s.message(), "router gradient"));
+    CHECK(contains(s.message(), "component 'load_balance'"));
     s = z(kd::cpu, logits.view(), r, g.view());
     CHECK(s.code() == kd::errc::shape_mismatch);
     CHECK(contains(s.message(), "router gradient"));
+    CHECK(contains(s.message(), "component 'router_z'"));
+    // Stride and null errors of the gradient name the component too (one validation for both backends).
+    const kd::matrix_view<double> strided(grad.view().data, tokens, e, e - 1);
+    s = lb(kd::cpu, logits.view(), ids_view(ids, tokens, 1), r, strided);
+    CHECK(s.code() == kd::errc::shape_mismatch);
+    CHECK(contains(s.message(), "router gradient"));
+    CHECK(contains(s.message(), "component 'load_balance'"));
+    z.options.component = "moe/z";
+    s = z(kd::cpu, logits.view(), r, kd::matrix_view<double>(nullptr, tokens, e));
+    CHECK(s.code() == kd::errc::invalid_argument);
+    CHECK(contains(s.message(), "router gradient"));
+    CHECK(contains(s.message(), "component 'moe/z'"));
   }
   SUBCASE("negative or non-finite coefficient") {
     for (double c : {-1e-3, std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {

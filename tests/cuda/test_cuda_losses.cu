@@ -220,6 +220,14 @@ TEST_CASE("CUDA bad input: clear status, deferred data errors named") {
   kd::logit_kd<kd::forward_kl> l;
   kd::cuda::device_loss out{loss.data, nullptr};
   const kd::cuda::backend be{&ctx};
+  // Runs l on teacher rows `th` and returns what sync_status then reports (the kernel's deferred error).
+  auto deferred = [&](const std::vector<float>& th) {
+    t.upload(th);
+    REQUIRE(l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n, v), {}, out,
+              kd::matrix_view<float>(g.data, n, v))
+                .ok());
+    return ctx.sync_status();
+  };
 
   SUBCASE("shape mismatch") {
     const auto st = l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n - 1, v),
@@ -251,12 +259,8 @@ TEST_CASE("CUDA bad input: clear status, deferred data errors named") {
   SUBCASE("NaN in the teacher is named with component and token") {
     auto th = random_storage<float>(n * v, 1.0, rng());
     th[3 * v + 17] = std::nanf("");
-    t.upload(th);
     l.options.component = "kd_final";
-    REQUIRE(l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n, v), {}, out,
-              kd::matrix_view<float>(g.data, n, v))
-                .ok());
-    const auto st = ctx.sync_status();
+    const auto st = deferred(th);
     CHECK(st.code() == kd::errc::non_finite);
     CHECK(st.message().find("teacher") != std::string::npos);
     CHECK(st.message().find("token 3") != std::string::npos);
@@ -268,4 +272,74 @@ TEST_CASE("CUDA bad input: clear status, deferred data errors named") {
             kd::matrix_view<float>(g.data, n, v))
               .code() == kd::errc::invalid_argument);
   }
+  SUBCASE("host-side errors name the component (gradient stride, labels count, null device_loss)") {
+    l.options.component = "kd_mid";
+    auto st = l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n, v), {}, out,
+                kd::matrix_view<float>(g.data, n, v, v - 1));
+    CHECK(st.code() == kd::errc::shape_mismatch);
+    CHECK(st.message().find("student gradient") != std::string::npos);
+    CHECK(st.message().find("'kd_mid'") != std::string::npos);
+    device_buffer<std::int32_t> lab(n);
+    st = l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n, v),
+           std::span<const std::int32_t>(lab.data, n - 1), out, kd::matrix_view<float>(g.data, n, v));
+    CHECK(st.code() == kd::errc::shape_mismatch);
+    CHECK(st.message().find("'kd_mid'") != std::string::npos);
+    kd::cuda::device_loss none{};
+    st = l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n, v), {}, none,
+           kd::matrix_view<float>(g.data, n, v));
+    CHECK(st.code() == kd::errc::invalid_argument);
+    CHECK(st.message().find("'kd_mid'") != std::string::npos);
+    const auto* bad = reinterpret_cast<const float*>(reinterpret_cast<const char*>(s.data) + 2);
+    st = l(be, kd::matrix_view<const float>(t.data, n, v - 1), kd::matrix_view<const float>(bad, n, v - 1), {}, out,
+           kd::matrix_view<float>(g.data, n, v - 1));
+    CHECK(st.code() == kd::errc::misaligned);
+    CHECK(st.message().find("'kd_mid'") != std::string::npos);
+  }
+  SUBCASE("a finite teacher logit that overflows at the temperature is flagged, as on the CPU") {
+    auto th = random_storage<float>(n * v, 1.0, rng());
+    th[2 * v + 5] = 3e38f;
+    l.options.temperature = 0.5;
+    const auto st = deferred(th);
+    CHECK(st.code() == kd::errc::non_finite);
+    CHECK(st.message().find("teacher") != std::string::npos);
+    CHECK(st.message().find("token 2") != std::string::npos);
+    // The CPU reference rejects the same row through the same rule.
+    std::vector<float> sh(n * v, 0.f);
+    std::vector<float> gh(n * v);
+    kd::loss_result r;
+    const auto cst = l(kd::cpu, kd::matrix_view<const float>(th.data(), n, v), kd::matrix_view<const float>(sh.data(), n, v),
+                       {}, r, kd::matrix_view<float>(gh.data(), n, v));
+    CHECK(cst.code() == kd::errc::non_finite);
+    CHECK(cst.message().find("token 2") != std::string::npos);
+  }
+}
+
+TEST_CASE("context::cached_buffer uploads once per key and returns the same device buffer") {
+  kd::cuda::context ctx;
+  int made = 0;
+  auto make = [&] {
+    ++made;
+    return std::vector<unsigned char>{1, 2, 3, 4};
+  };
+  const void* a = nullptr;
+  const void* b = nullptr;
+  REQUIRE(ctx.cached_buffer(42, make, a).ok());
+  REQUIRE(ctx.cached_buffer(42, make, b).ok());
+  CHECK(a == b);
+  CHECK(made == 1);
+  std::vector<unsigned char> back(4);
+  REQUIRE(cudaMemcpy(back.data(), a, 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+  CHECK(back == std::vector<unsigned char>{1, 2, 3, 4});
+  // A vocab_map's device copy lives in that cache: the second upload returns the same pointers.
+  kd::vocab_map m;
+  REQUIRE(kd::vocab_map::from_pairs({{0, 1}, {2, 1}, {3, 0}}, 4, 3, m).ok());
+  kd::cuda::detail::device_map d1, d2;
+  REQUIRE(kd::cuda::detail::upload_map(ctx, m, d1).ok());
+  REQUIRE(kd::cuda::detail::upload_map(ctx, m, d2).ok());
+  CHECK(d1.support == d2.support);
+  CHECK(d1.slots == 2);
+  std::vector<int> host(2 + 3 + 3);
+  REQUIRE(cudaMemcpy(host.data(), d1.support, host.size() * sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess);
+  // support {0, 1}; offsets {0, 1, 3}; teacher ids grouped by slot: {3 | 0, 2}
+  CHECK(host == std::vector<int>{0, 1, 0, 1, 3, 3, 0, 2});
 }

@@ -11,6 +11,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -18,7 +19,6 @@
 #include <vector>
 
 #include <kd/core/status.hpp>
-#include <kd/loss/vocab_map.hpp>
 
 namespace kd::cuda {
 
@@ -58,7 +58,7 @@ class context {
   ~context() {
     if (cublas_ != nullptr) cublasDestroy(cublas_);
     if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
-    for (auto& [id, m] : maps_) release_map(m);
+    for (auto& [key, b] : cache_) cudaFree(b.data);
     if (scratch_ != nullptr) cudaFree(scratch_);
     if (error_ != nullptr) cudaFree(error_);
   }
@@ -151,47 +151,36 @@ class context {
                                   " (component '" + comp + "')"};
   }
 
-  // Device copy of a vocab_map, uploaded once per map (keyed by the map's id).
-  struct device_map {
-    int* support = nullptr;       // [K] student id of each slot
-    int* offsets = nullptr;       // [K + 1] CSR offsets into teacher_ids
-    int* teacher_ids = nullptr;   // teacher ids grouped by slot
-    long long slots = 0;
-  };
-  status upload_map(const vocab_map& m, device_map& out) {
-    if (auto it = maps_.find(m.id()); it != maps_.end()) {
-      out = it->second;
+  // A device buffer kept for the context's lifetime under a caller-chosen 64-bit key (e.g. a
+  // vocab_map's id): components cache device copies of immutable host objects here, so each is
+  // uploaded once per context instead of once per call. On the first request for `key`, make() returns
+  // the host bytes (a std::vector<unsigned char>), which are uploaded; later requests return the same
+  // buffer without calling make().
+  template <class Make>
+  status cached_buffer(std::uint64_t key, Make&& make, const void*& out) {
+    if (auto it = cache_.find(key); it != cache_.end()) {
+      out = it->second.data;
       return {};
     }
-    const auto support = m.student_support();
-    std::vector<int> slot_of(static_cast<std::size_t>(m.student_vocab()), -1);
-    for (std::size_t j = 0; j < support.size(); ++j) slot_of[static_cast<std::size_t>(support[j])] = static_cast<int>(j);
-    std::vector<int> offsets(support.size() + 1, 0), tids(static_cast<std::size_t>(m.size()));
-    for (auto s : m.student_ids()) ++offsets[static_cast<std::size_t>(slot_of[static_cast<std::size_t>(s)]) + 1];
-    for (std::size_t j = 0; j < support.size(); ++j) offsets[j + 1] += offsets[j];
-    std::vector<int> fill(offsets.begin(), offsets.end() - 1);
-    for (std::size_t e = 0; e < tids.size(); ++e)
-      tids[static_cast<std::size_t>(fill[static_cast<std::size_t>(slot_of[static_cast<std::size_t>(m.student_ids()[e])])]++)] =
-          m.teacher_ids()[e];
-    device_map d;
-    d.slots = static_cast<long long>(support.size());
-    KD_CUDA_TRY(cudaMalloc(&d.support, support.size() * sizeof(int)), "cudaMalloc (vocab map)");
-    KD_CUDA_TRY(cudaMalloc(&d.offsets, offsets.size() * sizeof(int)), "cudaMalloc (vocab map)");
-    KD_CUDA_TRY(cudaMalloc(&d.teacher_ids, tids.size() * sizeof(int)), "cudaMalloc (vocab map)");
-    KD_CUDA_TRY(cudaMemcpy(d.support, support.data(), support.size() * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy");
-    KD_CUDA_TRY(cudaMemcpy(d.offsets, offsets.data(), offsets.size() * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy");
-    KD_CUDA_TRY(cudaMemcpy(d.teacher_ids, tids.data(), tids.size() * sizeof(int), cudaMemcpyHostToDevice), "cudaMemcpy");
-    maps_.emplace(m.id(), d);
+    const std::vector<unsigned char> host = make();
+    void* d = nullptr;
+    if (!host.empty()) {
+      KD_CUDA_TRY(cudaMalloc(&d, host.size()), "cudaMalloc (kd device cache)");
+      if (const cudaError_t e = cudaMemcpy(d, host.data(), host.size(), cudaMemcpyHostToDevice); e != cudaSuccess) {
+        cudaFree(d);
+        return detail::cuda_status(e, "cudaMemcpy (kd device cache)");
+      }
+    }
+    cache_.emplace(key, cached{d, host.size()});
     out = d;
     return {};
   }
 
  private:
-  static void release_map(device_map& m) {
-    cudaFree(m.support);
-    cudaFree(m.offsets);
-    cudaFree(m.teacher_ids);
-  }
+  struct cached {
+    void* data = nullptr;
+    std::size_t bytes = 0;
+  };
 
   cudaStream_t stream_;
   cublasHandle_t cublas_ = nullptr;
@@ -202,7 +191,7 @@ class context {
   std::size_t scratch_bytes_ = 0;
   unsigned long long* error_ = nullptr;
   std::vector<std::string> components_;
-  std::unordered_map<std::uint64_t, device_map> maps_;
+  std::unordered_map<std::uint64_t, cached> cache_;
 };
 
 // The backend argument of a loss call: a context (stream, scratch, error word).

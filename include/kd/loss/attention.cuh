@@ -232,10 +232,9 @@ struct loss_impl<cuda::backend, attention_tag> {
     // The finiteness scan is the kernel's (the maps are device memory).
     head_map fallback;
     const head_map* hm = nullptr;
-    KD_TRY(::kd::detail::validate_attention(o, teacher, student, dstudent, fallback, hm));
+    ::kd::detail::kd_scaling sc;
+    KD_TRY(::kd::detail::validate_attention(o, teacher, student, dstudent, kl, fallback, hm, sc));
     const bool want_grad = !dstudent.empty();
-    if (teacher.data == nullptr || student.data == nullptr || (want_grad && dstudent.data == nullptr))
-      return {errc::invalid_argument, "an attention map pointer is null" + ic};
     if (o.student_heads > kAttnMaxStudentHeads)
       return {errc::invalid_argument, "the CUDA attention loss supports at most " + std::to_string(kAttnMaxStudentHeads) +
                                           " student heads, got " + std::to_string(o.student_heads) + ic};
@@ -265,10 +264,11 @@ struct loss_impl<cuda::backend, attention_tag> {
     p.causal = o.causal;
     p.want_grad = want_grad;
     p.accumulate = o.accumulate_grad;
-    const double rows = static_cast<double>(p.rows);
-    p.k2 = static_cast<float>(1.0 / o.temperature) * kLog2e;
-    p.loss_scale = kl ? static_cast<float>(o.temperature * o.temperature) : 1.f;
-    p.grad_factor = kl ? static_cast<float>(o.grad_scale / rows * o.temperature) : static_cast<float>(2.0 * o.grad_scale / rows);
+    const double rows = sc.divisor_for(p.rows);
+    p.k2 = sc.inv_temp * kLog2e;
+    p.loss_scale = static_cast<float>(sc.loss_scale);
+    // none: d/ds (s - t)^2 = 2 (s - t); the kernel applies the factor 2 through grad_factor.
+    p.grad_factor = static_cast<float>((kl ? 1.0 : 2.0) * sc.grad_factor(p.rows));
     p.component = ctx.component_slot(o.component);
     for (int h = 0; h < o.student_heads; ++h) {
       const auto& g = hm->teacher_heads[static_cast<std::size_t>(h)];

@@ -114,25 +114,34 @@ struct attention_tag {};
 namespace detail {
 // NaN/Inf scan of one [T x T] score map (map index m = batch * heads + head); causal maps are scanned
 // on and below the diagonal only, the part the loss reads.
+// softmax_kl divides the scores by the temperature: `sc` then applies the overflow rule too.
 template <class T>
 status check_scores_finite(const matrix_view<T>& map, bool causal, const char* tensor, index_t m,
-                           std::string_view component) {
+                           std::string_view component, const kd_scaling* sc = nullptr) {
   const std::string name = std::string(tensor) + " (map " + std::to_string(m) + ")";
-  for (index_t r = 0; r < map.rows; ++r)
-    KD_TRY(check_row_finite(map.row(r), causal ? std::min(r + 1, map.cols) : map.cols, r, name.c_str(), component));
+  for (index_t r = 0; r < map.rows; ++r) {
+    const index_t keys = causal ? std::min(r + 1, map.cols) : map.cols;
+    if (sc == nullptr) KD_TRY(check_row_finite(map.row(r), keys, r, name.c_str(), component));
+    else KD_TRY(check_scaled_row(map.row(r), keys, {}, sc->inv_temp, sc->temperature, r, name.c_str(), component));
+  }
   return {};
 }
 
 // Shape, parameter and head-map checks shared by every backend. Reads no tensor element, so the views
 // may point to device memory. On success `hm` is the head map the call uses: options.heads, or
-// head_map::uniform(student_heads, teacher_heads) built into `fallback` (only once the shapes passed).
+// head_map::uniform(student_heads, teacher_heads) built into `fallback` (only once the shapes passed),
+// and `scaling` the temperature conventions (softmax_kl: T^2 on the loss, T on the gradient; none:
+// T = 1) over the divisor of every query row.
 template <class TT, class ST, class GT>
 status validate_attention(const attention_options& o, const tensor3_view<TT>& teacher, const tensor3_view<ST>& student,
-                          const tensor3_view<GT>& dstudent, head_map& fallback, const head_map*& hm) {
+                          const tensor3_view<GT>& dstudent, bool softmax, head_map& fallback, const head_map*& hm,
+                          kd_scaling& scaling) {
   const std::string ic = in_component(o.component);
   if (o.student_heads <= 0 || o.teacher_heads <= 0)
     return {errc::invalid_argument, "head counts must be positive" + ic};
   if (student.empty() || teacher.empty()) return {errc::empty_input, "attention maps are empty" + ic};
+  if (teacher.data == nullptr || student.data == nullptr || (!dstudent.empty() && dstudent.data == nullptr))
+    return {errc::invalid_argument, "an attention map pointer is null"};
   if (student.rows != student.cols || teacher.rows != teacher.cols)
     return {errc::shape_mismatch, "attention maps must be square [T x T]" + ic};
   if (student.rows != teacher.rows)
@@ -153,6 +162,10 @@ status validate_attention(const attention_options& o, const tensor3_view<TT>& te
   const head_map& m = o.heads != nullptr ? *o.heads : fallback;
   if (status s = m.check(o.student_heads, o.teacher_heads); !s.ok()) return {s.code(), s.message() + ic};
   hm = &m;
+  token_options to;
+  to.grad_scale = o.grad_scale;
+  if (!std::isfinite(o.grad_scale)) return {errc::invalid_argument, "grad_scale is not finite"};
+  scaling = make_kd_scaling<true>(to, softmax ? o.temperature : 1.0, softmax);
   return {};
 }
 
@@ -161,11 +174,11 @@ status validate_attention(const attention_options& o, const tensor3_view<TT>& te
 // -inf (or garbage) and must not be rejected.
 template <class TT, class ST>
 status check_attention_finite(const attention_options& o, const tensor3_view<TT>& teacher,
-                              const tensor3_view<ST>& student) {
+                              const tensor3_view<ST>& student, const kd_scaling* sc) {
   for (index_t b = 0; b < teacher.batch; ++b)
-    KD_TRY(check_scores_finite(teacher[b], o.causal, "teacher attention scores", b, o.component));
+    KD_TRY(check_scores_finite(teacher[b], o.causal, "teacher attention scores", b, o.component, sc));
   for (index_t b = 0; b < student.batch; ++b)
-    KD_TRY(check_scores_finite(student[b], o.causal, "student attention scores", b, o.component));
+    KD_TRY(check_scores_finite(student[b], o.causal, "student attention scores", b, o.component, sc));
   return {};
 }
 }  // namespace detail
@@ -187,7 +200,8 @@ struct attention_loss {
     KD_CHECK_TEACHER_DTYPE(P::teacher, TT);
     KD_CHECK_STUDENT_DTYPE(P::student, ST);
     KD_CHECK_GRAD_DTYPE(P::student, GT);
-    return loss_impl<Backend, attention_tag>::run(backend, *this, teacher, student, out, dstudent);
+    return detail::with_component(loss_impl<Backend, attention_tag>::run(backend, *this, teacher, student, out, dstudent),
+                                  detail::component_or(options, "attention"));
   }
   template <class Backend, class TT, class ST, class Out>
   status operator()(const Backend& backend, tensor3_view<TT> teacher, tensor3_view<ST> student, Out& out) const {
@@ -203,21 +217,25 @@ struct loss_impl<cpu_backend, attention_tag> {
     using A = detail::common_accum_for<typename Loss::precisions>;
     using Arr = Eigen::Array<A, Eigen::Dynamic, 1>;
     const auto& o = loss.options;
-    const std::string ic = detail::in_component(o.component);
+    constexpr bool kl = Loss::normalization_info.softmax;
     head_map fallback;
     const head_map* heads = nullptr;
-    KD_TRY(detail::validate_attention(o, teacher, student, dstudent, fallback, heads));
-    KD_TRY(detail::check_attention_finite(o, teacher, student));
+    detail::kd_scaling sc;
+    KD_TRY(detail::validate_attention(o, teacher, student, dstudent, kl, fallback, heads, sc));
+    KD_TRY(detail::check_attention_finite(o, teacher, student, kl ? &sc : nullptr));
     const head_map& hm = *heads;
 
     const index_t batch = student.batch / o.student_heads, t_len = student.rows;
     const index_t rows = student.batch * t_len;
-    const A temp = static_cast<A>(o.temperature);
-    constexpr bool kl = Loss::normalization_info.softmax;
-    const A loss_scale = kl ? temp * temp : A(1);
-    const A gscale = static_cast<A>(o.grad_scale / static_cast<double>(rows)) * (kl ? temp : A(1));
+    const A temp = static_cast<A>(sc.temperature);
+    const A gscale = static_cast<A>(sc.grad_factor(rows));
+    // Row sums and the total in double: this is the reference the CUDA kernel is checked against.
+    auto lse_of = [](const auto& x) {
+      const A m = x.maxCoeff();
+      return m + static_cast<A>(std::log((x - m).exp().template cast<double>().sum()));
+    };
     Arr target(t_len), s(t_len), g(t_len);
-    A total = A(0);
+    double total = 0.0;
     for (index_t bi = 0; bi < batch; ++bi) {
       for (int h = 0; h < o.student_heads; ++h) {
         const auto smap = student[bi * o.student_heads + h];
@@ -232,9 +250,7 @@ struct loss_impl<cpu_backend, attention_tag> {
             const auto tmap = teacher[bi * o.teacher_heads + gh];
             for (index_t k = 0; k < keys; ++k) sv[k] = load_as<A>(tmap(i, k)) / (kl ? temp : A(1));
             if constexpr (kl) {
-              const A m = sv.maxCoeff();
-              const A lse = m + std::log((sv - m).exp().sum());
-              tgt += (sv - lse).exp();
+              tgt += (sv - lse_of(sv)).exp();
             } else {
               tgt += sv;
             }
@@ -242,14 +258,12 @@ struct loss_impl<cpu_backend, attention_tag> {
           tgt /= static_cast<A>(group.size());
           for (index_t k = 0; k < keys; ++k) sv[k] = load_as<A>(smap(i, k)) / (kl ? temp : A(1));
           if constexpr (kl) {
-            const A m = sv.maxCoeff();
-            const A lse = m + std::log((sv - m).exp().sum());
-            const auto logq = sv - lse;
+            const auto logq = sv - lse_of(sv);
             for (index_t k = 0; k < keys; ++k)
-              if (tgt[k] > A(0)) total += tgt[k] * (std::log(tgt[k]) - logq[k]);
+              if (tgt[k] > A(0)) total += static_cast<double>(tgt[k] * (std::log(tgt[k]) - logq[k]));
             gv = logq.exp() - tgt;
           } else {
-            total += (sv - tgt).square().sum();
+            total += (sv - tgt).square().template cast<double>().sum();
             gv = A(2) * (sv - tgt);
           }
           if (dstudent.empty()) continue;
@@ -262,9 +276,9 @@ struct loss_impl<cpu_backend, attention_tag> {
       }
     }
     out.tokens = rows;
-    out.normalizer = static_cast<double>(rows);
-    out.loss = static_cast<double>(total * loss_scale) / static_cast<double>(rows);
-    if (!std::isfinite(out.loss)) return {errc::non_finite, "the loss is not finite" + ic};
+    out.normalizer = sc.divisor_for(rows);
+    out.loss = total * sc.loss_scale / out.normalizer;
+    if (!std::isfinite(out.loss)) return {errc::non_finite, "the loss is not finite"};
     return {};
   }
 };

@@ -151,23 +151,12 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
     using namespace cuda::detail;
     const auto& o = loss.options;
     const auto comp = ::kd::detail::component_or(o, "lm");
-    const std::string ic = ::kd::detail::in_component(comp);
     if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
-    if (out.ce == nullptr) return {errc::invalid_argument, "device_cross_entropy.ce is null" + ic};
-    KD_TRY(::kd::detail::validate_view(logits, "logits"));
-    if (logits.empty()) return {errc::empty_input, "logits are empty" + ic};
-    if (static_cast<index_t>(labels.size()) != logits.rows)
-      return {errc::shape_mismatch, "cross-entropy needs one label per token: " + std::to_string(labels.size()) +
-                                        " labels for " + std::to_string(logits.rows) + " rows" + ic};
-    if (o.vocab < 0 || o.vocab > logits.cols) return {errc::out_of_range, "vocab exceeds the logit columns" + ic};
-    if (!(o.z_loss_weight >= 0) || !std::isfinite(o.z_loss_weight))
-      return {errc::invalid_argument, "z_loss_weight must be finite and >= 0" + ic};
-    if (o.global_tokens < 0) return {errc::invalid_argument, "global_tokens is negative" + ic};
-    if (want_grad) {
-      KD_TRY(::kd::detail::validate_view(dlogits, "logit gradient"));
-      KD_TRY(::kd::detail::same_shape(dlogits, "logit gradient", logits, "logits"));
-      KD_TRY(check_alignment(dlogits.data, "logit gradient", comp));
-    }
+    if (out.ce == nullptr) return {errc::invalid_argument, "device_cross_entropy.ce is null"};
+    index_t vocab = 0;
+    KD_TRY(::kd::detail::validate_cross_entropy(loss, logits, labels, false, dlogits, want_grad, vocab));
+    // Device-specific: vector loads need aligned rows.
+    if (want_grad) KD_TRY(check_alignment(dlogits.data, "logit gradient", comp));
     KD_TRY(check_alignment(logits.data, "logits", comp));
 
     cuda::context& ctx = *be.ctx;
@@ -179,7 +168,7 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
     p.g_stride = want_grad ? dlogits.stride : 0;
     p.rows = logits.rows;
     p.cols = logits.cols;
-    p.vocab = o.vocab > 0 ? o.vocab : logits.cols;
+    p.vocab = vocab;
     p.labels = labels.data();
     p.ignore_index = o.ignore_index;
     p.z_weight = static_cast<float>(o.z_loss_weight);
@@ -193,7 +182,7 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
       cluster *= 2;
     p.chunk = ((p.vocab + cluster - 1) / cluster + 7) / 8 * 8;
     const std::size_t smem = p.chunk * sizeof(ST);
-    if (smem > kSliceLimit) return {errc::invalid_argument, "the vocabulary is too large for one 8-block cluster" + ic};
+    if (smem > kSliceLimit) return {errc::invalid_argument, "the vocabulary is too large for one 8-block cluster"};
 
     void* scratch = nullptr;
     const std::size_t n_part = static_cast<std::size_t>(p.rows) * cluster;
@@ -204,9 +193,9 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
     long long* count = reinterpret_cast<long long*>(static_cast<char*>(scratch) + 2 * part_bytes);
     KD_TRY(ctx.error_word(p.error));
     KD_TRY(launch_count_tokens(p.labels, p.rows, p.ignore_index, count, stream));
-    if (!Loss::reduction_info.mean) p.divisor = 1.0;
-    else if (o.global_tokens > 0) p.divisor = static_cast<double>(o.global_tokens);
-    else p.divisor_dev = count;
+    const auto kind = ::kd::detail::divisor_of<Loss::reduction_info.mean>(o);
+    if (kind == ::kd::detail::divisor_kind::active_tokens) p.divisor_dev = count;
+    else p.divisor = ::kd::detail::token_divisor(kind, o, 0);
 
     auto kernel = cross_entropy_kernel<ST, std::remove_const_t<GT>>;
     KD_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),

@@ -54,40 +54,46 @@ struct cross_entropy {
     KD_CHECK_STUDENT_DTYPE(P, ST);
     KD_CHECK_GRAD_DTYPE(P, GT);
     static_assert(!std::is_const_v<GT>, "kd: the gradient tensor must be writable.");
-    return loss_impl<Backend, cross_entropy_tag>::run(backend, *this, as_const(logits), labels, out, dlogits, true);
+    return detail::with_component(
+        loss_impl<Backend, cross_entropy_tag>::run(backend, *this, as_const(logits), labels, out, dlogits, true),
+        detail::component_or(options, "lm"));
   }
   template <class Backend, class ST, class Out>
   status operator()(const Backend& backend, matrix_view<ST> logits, std::span<const std::int32_t> labels,
                     Out& out) const {
     KD_CHECK_STUDENT_DTYPE(P, ST);
-    return loss_impl<Backend, cross_entropy_tag>::run(backend, *this, as_const(logits), labels, out,
-                                                      matrix_view<storage>{}, false);
+    return detail::with_component(loss_impl<Backend, cross_entropy_tag>::run(backend, *this, as_const(logits), labels,
+                                                                              out, matrix_view<storage>{}, false),
+                                  detail::component_or(options, "lm"));
   }
 };
 
 namespace detail {
+// The one validation of a cross_entropy call, shared by both backends. Label values are read only
+// when `labels_on_host` (the CUDA kernel checks device labels itself). Returns the label vocabulary.
 template <class Loss, class ST, class GT>
 status validate_cross_entropy(const Loss& loss, const matrix_view<ST>& logits, std::span<const std::int32_t> labels,
-                              const matrix_view<GT>& dlogits, bool want_grad) {
+                              bool labels_on_host, const matrix_view<GT>& dlogits, bool want_grad, index_t& vocab) {
   const auto& o = loss.options;
   token_options named = o;
   named.component = component_or(o, "lm");
   KD_TRY(validate_view(logits, "logits"));
-  if (logits.rows == 0 || logits.cols == 0) return {errc::empty_input, "logits are empty" + in_component(named.component)};
+  if (logits.rows == 0 || logits.cols == 0) return {errc::empty_input, "logits are empty"};
   if (o.vocab < 0 || o.vocab > logits.cols)
     return {errc::out_of_range, "vocab " + std::to_string(o.vocab) + " exceeds the " + std::to_string(logits.cols) +
-                                    " logit columns" + in_component(named.component)};
+                                    " logit columns"};
   if (static_cast<index_t>(labels.size()) != logits.rows)
     return {errc::shape_mismatch, "cross-entropy needs one label per token: " + std::to_string(labels.size()) +
-                                      " labels for " + std::to_string(logits.rows) + " rows" + in_component(named.component)};
+                                      " labels for " + std::to_string(logits.rows) + " rows"};
   if (!std::isfinite(o.z_loss_weight) || o.z_loss_weight < 0)
-    return {errc::invalid_argument, "z_loss_weight must be finite and >= 0" + in_component(named.component)};
+    return {errc::invalid_argument, "z_loss_weight must be finite and >= 0"};
   if (want_grad) {
     KD_TRY(validate_view(dlogits, "logit gradient"));
     KD_TRY(same_shape(dlogits, "logit gradient", logits, "logits"));
   }
-  KD_TRY(check_labels(labels, logits.rows, o.vocab > 0 ? o.vocab : logits.cols, named));
-  KD_TRY(check_token_options(named, count_active(labels, logits.rows, o.ignore_index)));
+  vocab = o.vocab > 0 ? o.vocab : logits.cols;
+  KD_TRY(check_labels(labels, logits.rows, vocab, named, labels_on_host));
+  KD_TRY(check_token_options(named, labels_on_host ? count_active(labels, logits.rows, o.ignore_index) : 0));
   return {};
 }
 }  // namespace detail
@@ -102,15 +108,15 @@ struct loss_impl<cpu_backend, cross_entropy_tag> {
     using Vec = Eigen::Array<A, Eigen::Dynamic, 1>;
     const auto& o = loss.options;
     const auto comp = detail::component_or(o, "lm");
-    KD_TRY(detail::validate_cross_entropy(loss, logits, labels, dlogits, want_grad));
+    index_t v = 0;
+    KD_TRY(detail::validate_cross_entropy(loss, logits, labels, true, dlogits, want_grad, v));
     const index_t n = logits.rows;
-    const index_t v = o.vocab > 0 ? o.vocab : logits.cols;
     const index_t active = detail::count_active(labels, n, o.ignore_index);
     const double divisor = detail::token_divisor<Loss::reduction_info.mean>(o, active);
     const A gscale = static_cast<A>(o.grad_scale / divisor);
     const A zw = static_cast<A>(o.z_loss_weight / divisor);
     Vec s(v);
-    A ce = A(0), z = A(0);
+    double ce = 0.0, z = 0.0;  // the reference: row sums and the token sum in double
     for (index_t r = 0; r < n; ++r) {
       const bool act = detail::token_active(labels, r, o.ignore_index);
       if (want_grad && !o.accumulate_grad)
@@ -119,10 +125,10 @@ struct loss_impl<cpu_backend, cross_entropy_tag> {
       KD_TRY(detail::check_row_finite(logits.row(r), v, r, "logits", comp));
       for (index_t c = 0; c < v; ++c) s[c] = load_as<A>(logits(r, c));
       const A m = s.maxCoeff();
-      const A lse = m + std::log((s - m).exp().sum());
+      const A lse = m + static_cast<A>(std::log((s - m).exp().template cast<double>().sum()));
       const auto y = labels[static_cast<std::size_t>(r)];
-      ce += lse - s[y];
-      z += lse * lse;
+      ce += static_cast<double>(lse - s[y]);
+      z += static_cast<double>(lse) * static_cast<double>(lse);
       if (!want_grad) continue;
       const A zfac = gscale + zw * A(2) * lse;  // coefficient of softmax(s)
       for (index_t c = 0; c < v; ++c) {
@@ -132,10 +138,9 @@ struct loss_impl<cpu_backend, cross_entropy_tag> {
     }
     out.tokens = active;
     out.normalizer = divisor;
-    out.ce = static_cast<double>(ce) / divisor;
-    out.z_loss = static_cast<double>(z) / divisor;
-    if (!std::isfinite(out.ce) || !std::isfinite(out.z_loss))
-      return {errc::non_finite, "the loss is not finite" + detail::in_component(comp)};
+    out.ce = ce / divisor;
+    out.z_loss = z / divisor;
+    if (!std::isfinite(out.ce) || !std::isfinite(out.z_loss)) return {errc::non_finite, "the loss is not finite"};
     return {};
   }
 };

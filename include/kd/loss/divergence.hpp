@@ -6,10 +6,13 @@
 //   jsd          beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q   (GKD's generalized
 //                JSD; beta = 0.5 is the symmetric JSD; beta = 0 or 1 makes m equal q or p and the loss 0)
 //   skew_kl      KL(p || m),  m = alpha p + (1 - alpha) q   (alpha = 0 is forward KL)
-//   tvd          0.5 sum |p - q|
+//   tvd          0.5 sum |p - q|   (at an exact tie p_j = q_j the sign of p_j - q_j is taken as 0: dL/dq_j = 0,
+//                a valid subgradient)
 // Gradients are taken with respect to the student's scaled logits z = s / T:
 //   dL/dz_j = q_j (g_j - sum_i q_i g_i), with g = dL/dq;  forward KL reduces to q - p.
 // Terms with p_j = 0 contribute 0 (0 log 0 = 0).
+// Temperature: every backend scales a logit x as y = x * k2 in float, k2 = float(1 / T) * log2(e) (the
+// CUDA kernels' arithmetic); a finite logit whose y overflows (3e38 at T = 0.5) is rejected like a NaN.
 #pragma once
 
 #include <cmath>
@@ -59,6 +62,20 @@ KD_HOST_DEVICE inline float div_log(float x) { return ::logf(x); }
 KD_HOST_DEVICE inline double div_log(double x) { return ::log(x); }
 template <class A>
 KD_HOST_DEVICE inline A div_abs(A x) { return x < A(0) ? -x : x; }
+
+// float(1 / T): the inverse temperature as every backend multiplies by it.
+KD_HOST_DEVICE inline float inverse_temperature(double temperature) { return 1.f / static_cast<float>(temperature); }
+
+// The one overflow rule for tempered logits: x is usable at temperature T when x * k2 is finite in float,
+// k2 = inv_temp * log2(e) (a fused kernel flags the row when the base-2 log-sum-exp of those values is not).
+KD_HOST_DEVICE inline bool scaled_logit_ok(float x, float inv_temp) {
+  const float y = x * (inv_temp * 1.4426950408889634f);
+#ifdef __CUDA_ARCH__
+  return isfinite(y);
+#else
+  return std::isfinite(y);
+#endif
+}
 
 // Per-element pieces of a divergence, evaluated in accumulation type A.
 //   term(p, logp, q, logq): the contribution of one vocabulary entry to the loss.

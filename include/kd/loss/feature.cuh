@@ -264,16 +264,9 @@ struct loss_impl<cuda::backend, feature_tag> {
     const auto& o = loss.options;
     const token_options named = ::kd::detail::feature_named_options(loss);
     const std::string_view comp = named.component;
-    const std::string ic = ::kd::detail::in_component(comp);
     if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
-    if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null" + ic};
+    if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null"};
     KD_TRY(::kd::detail::validate_feature_shapes(loss, x, w, b, t, labels, dx, dw, db));
-    // The label values live on the device: the count against global_tokens is checked only when it is
-    // known here (no labels: every row counts).
-    KD_TRY(::kd::detail::check_token_options(named, labels.empty() ? x.rows : 0));
-    if (!dx.empty()) KD_TRY(::kd::detail::validate_view(dx, "student hidden gradient"));
-    if (!dw.empty()) KD_TRY(::kd::detail::validate_view(dw, "projection gradient"));
-    if (!db.empty()) KD_TRY(::kd::detail::validate_view(db, "bias gradient"));
     KD_TRY(check_alignment(x.data, "student hidden", comp));
     KD_TRY(check_alignment(t.data, "teacher hidden", comp));
     if (!w.empty()) KD_TRY(check_alignment(w.data, "projection", comp));
@@ -363,10 +356,9 @@ struct loss_impl<cuda::backend, feature_tag> {
     p.ignore_index = o.ignore_index;
     p.eps = static_cast<float>(o.eps);
     p.grad_scale = static_cast<float>(o.grad_scale);
-    if (!Loss::reduction_info.mean) p.divisor = 1.0;
-    else if (o.global_tokens > 0) p.divisor = static_cast<double>(o.global_tokens);
-    else if (!labels.empty()) p.divisor_dev = count;
-    else p.divisor = static_cast<double>(n);
+    const auto div_kind = ::kd::detail::divisor_of<Loss::reduction_info.mean>(o);
+    if (div_kind == ::kd::detail::divisor_kind::active_tokens && !labels.empty()) p.divisor_dev = count;
+    else p.divisor = ::kd::detail::token_divisor(div_kind, o, n);
     p.partial = partial;
     p.error = err;
     p.component = ctx.component_slot(comp);

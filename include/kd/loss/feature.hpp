@@ -54,8 +54,10 @@ struct feature_loss {
     KD_CHECK_GRAD_DTYPE(P::student, GS);
     KD_CHECK_GRAD_DTYPE(P::projection, GW);
     KD_CHECK_GRAD_DTYPE(P::projection, GB);
-    return loss_impl<Backend, feature_tag>::run(backend, *this, as_const(student), as_const(projection), as_const(bias),
-                                                as_const(teacher), labels, out, dstudent, dprojection, dbias);
+    return detail::with_component(
+        loss_impl<Backend, feature_tag>::run(backend, *this, as_const(student), as_const(projection), as_const(bias),
+                                             as_const(teacher), labels, out, dstudent, dprojection, dbias),
+        detail::component_or(options, "feature"));
   }
 
   // Forward only.
@@ -81,7 +83,8 @@ token_options feature_named_options(const Loss& loss) {
 
 // Shapes, strides, options and the label count: everything that needs no tensor or label memory, so
 // a backend whose tensors live on a device (kd/loss/feature.cuh) runs it unchanged. The data checks
-// (label values, the token count against global_tokens, NaN/Inf) are validate_feature's second half.
+// (label values, the token count against global_tokens, NaN/Inf) are validate_feature's second half;
+// global_tokens is checked against the token count here only when there are no labels.
 template <class Loss, class ST, class WT, class BT, class TT, class GS, class GW, class GB>
 status validate_feature_shapes(const Loss& loss, const matrix_view<ST>& x, const matrix_view<WT>& w,
                                const matrix_view<BT>& b, const matrix_view<TT>& t, std::span<const std::int32_t> labels,
@@ -109,18 +112,22 @@ status validate_feature_shapes(const Loss& loss, const matrix_view<ST>& x, const
     return {errc::shape_mismatch, "projection bias is " + shape_string(b.rows, b.cols) + " but must be [1 x " +
                                       std::to_string(t.cols) + "]" + ic};
   if (!(o.eps > 0) || !std::isfinite(o.eps)) return {errc::invalid_argument, "eps must be finite and > 0" + ic};
-  if (!dx.empty()) KD_TRY(same_shape(dx, "student hidden gradient", x, "student hidden"));
+  if (!dx.empty()) {
+    KD_TRY(validate_view(dx, "student hidden gradient"));
+    KD_TRY(same_shape(dx, "student hidden gradient", x, "student hidden"));
+  }
   if (!dw.empty()) {
     if (w.empty()) return {errc::invalid_argument, "a projection gradient was given without a projection" + ic};
+    KD_TRY(validate_view(dw, "projection gradient"));
     KD_TRY(same_shape(dw, "projection gradient", w, "projection"));
   }
   if (!db.empty()) {
     if (b.empty()) return {errc::invalid_argument, "a bias gradient was given without a bias" + ic};
+    KD_TRY(validate_view(db, "bias gradient"));
     KD_TRY(same_shape(db, "bias gradient", b, "projection bias"));
   }
-  // check_labels returns its count mismatch before it reads a single label.
-  if (!labels.empty() && static_cast<index_t>(labels.size()) != x.rows)
-    KD_TRY(check_labels(labels, x.rows, std::numeric_limits<std::int32_t>::max(), named));
+  KD_TRY(check_labels(labels, x.rows, std::numeric_limits<std::int32_t>::max(), named, false));
+  KD_TRY(check_token_options(named, labels.empty() ? x.rows : 0));
   return {};
 }
 
@@ -146,21 +153,21 @@ A feature_row(const Arr& y, const Arr& t, Arr& g, A eps) {
   const A d = static_cast<A>(y.size());
   if constexpr (K == feature_norm_kind::none) {
     g = A(2) * (y - t);
-    return (y - t).square().sum();
+    return sum_in_double((y - t).square());
   } else if constexpr (K == feature_norm_kind::sqrt_dim_mse) {
     g = A(2) * (y - t) / d;
-    return (y - t).square().sum() / d;
+    return sum_in_double((y - t).square()) / d;
   } else if constexpr (K == feature_norm_kind::rms_mse) {
-    const A ry = std::sqrt(y.square().sum() / d + eps);
-    const A rt = std::sqrt(t.square().sum() / d + eps);
+    const A ry = std::sqrt(sum_in_double(y.square()) / d + eps);
+    const A rt = std::sqrt(sum_in_double(t.square()) / d + eps);
     const Arr diff = y / ry - t / rt;
     const Arr a = A(2) * diff / d;  // dL/du
-    g = a / ry - (a * y).sum() * y / (d * ry * ry * ry);
-    return diff.square().sum() / d;
+    g = a / ry - sum_in_double(a * y) * y / (d * ry * ry * ry);
+    return sum_in_double(diff.square()) / d;
   } else {
-    const A ny = std::sqrt(y.square().sum() + eps);
-    const A nt = std::sqrt(t.square().sum() + eps);
-    const A dot = (y * t).sum();
+    const A ny = std::sqrt(sum_in_double(y.square()) + eps);
+    const A nt = std::sqrt(sum_in_double(t.square()) + eps);
+    const A dot = sum_in_double(y * t);
     g = -(t / (ny * nt) - dot * y / (ny * ny * ny * nt));
     return A(1) - dot / (ny * nt);
   }
@@ -197,7 +204,7 @@ struct loss_impl<cpu_backend, feature_tag> {
     const double divisor = detail::token_divisor<Loss::reduction_info.mean>(o, active);
     Mat dY = Mat::Zero(n, dt);
     Arr yr(dt), tr(dt), g(dt);
-    A total = A(0);
+    double total = 0.0;  // the token sum in double (rows are summed in double by feature_row)
     for (index_t r = 0; r < n; ++r) {
       if (!detail::token_active(labels, r, o.ignore_index)) continue;
       yr = Y.row(r).transpose().array();
@@ -208,9 +215,8 @@ struct loss_impl<cpu_backend, feature_tag> {
     dY *= static_cast<A>(o.grad_scale / divisor);
     out.tokens = active;
     out.normalizer = divisor;
-    out.loss = static_cast<double>(total) / divisor;
-    if (!std::isfinite(out.loss))
-      return {errc::non_finite, "the loss is not finite" + detail::in_component(detail::component_or(o, "feature"))};
+    out.loss = total / divisor;
+    if (!std::isfinite(out.loss)) return {errc::non_finite, "the loss is not finite"};
 
     auto store = [&](auto view, const Mat& m) {
       for (index_t r = 0; r < view.rows; ++r)

@@ -45,14 +45,13 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
                     matrix_view<GH> dh, matrix_view<GW> dw) {
     using namespace cuda::detail;
     const auto& o = loss.options;
-    const auto comp = ::kd::detail::component_or(o, "kd");
-    const std::string ic = ::kd::detail::in_component(comp);
     static_assert(std::is_same_v<HT, WT>, "kd: the CUDA linear_logit_kd needs the hidden states and LM head in one dtype.");
     if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
-    if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null" + ic};
-    KD_TRY(::kd::detail::validate_linear_kd(loss, h, w, t, dh, dw));
+    if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null"};
+    ::kd::detail::kd_scaling sc;
+    KD_TRY(::kd::detail::validate_linear_kd(loss, h, w, t, labels, dh, dw, sc));
     if (h.stride != h.cols || w.stride != w.cols || (!dh.empty() && dh.stride != dh.cols) || (!dw.empty() && dw.stride != dw.cols))
-      return {errc::shape_mismatch, "the CUDA linear_logit_kd needs contiguous hidden, weight and gradient rows" + ic};
+      return {errc::shape_mismatch, "the CUDA linear_logit_kd needs contiguous hidden, weight and gradient rows"};
     cuda::context& ctx = *be.ctx;
     const cudaStream_t stream = ctx.stream();
     cublasHandle_t blas = nullptr;
@@ -82,12 +81,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     long long* count = reinterpret_cast<long long*>(base + logits_bytes + dw_bytes + partial_bytes);
     unsigned long long* err = nullptr;
     KD_TRY(ctx.error_word(err));
-    if (!labels.empty()) {
-      if (static_cast<long long>(labels.size()) != n)
-        return {errc::shape_mismatch, "labels has " + std::to_string(labels.size()) + " entries for " + std::to_string(n) +
-                                          " tokens" + ic};
-      KD_TRY(launch_count_tokens(labels.data(), n, o.ignore_index, count, stream));
-    }
+    if (!labels.empty()) KD_TRY(launch_count_tokens(labels.data(), n, o.ignore_index, count, stream));
 
     int cluster = 0;
     for (long long r0 = 0; r0 < n; r0 += chunk) {
@@ -101,7 +95,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       if (cluster == 0) cluster = l.cluster;
       l.p.partial = partial + r0 * cluster;
       l.p.error = err;
-      bind_divisor(inner, l.p, labels.empty() ? nullptr : count, n);
+      bind_divisor(sc, l.p, labels.empty() ? nullptr : count, n);
       KD_TRY(enqueue_logit_kd(l, stream));
       // dh[r0:r0+rows] = dlogits W ;  dW (+)= dlogits^T h[r0:r0+rows]
       if (!dh.empty())
@@ -117,7 +111,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       KD_CUDA_TRY(cudaGetLastError(), "round_store kernel launch");
     }
     logit_kd_params div;
-    bind_divisor(inner, div, labels.empty() ? nullptr : count, n);
+    bind_divisor(sc, div, labels.empty() ? nullptr : count, n);
     return launch_finish_loss(partial, n * cluster, div.divisor_dev, div.divisor, labels.empty() ? nullptr : count,
                               labels.empty() ? n : -1, out, stream);
   }

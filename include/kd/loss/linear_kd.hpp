@@ -44,8 +44,10 @@ struct linear_logit_kd {
     KD_CHECK_TEACHER_DTYPE(P::teacher, TT);
     KD_CHECK_GRAD_DTYPE(P::student, GH);
     KD_CHECK_GRAD_DTYPE(P::projection, GW);
-    return loss_impl<Backend, linear_kd_tag>::run(backend, *this, as_const(hidden), as_const(weight), as_const(teacher),
-                                                  labels, out, dhidden, dweight);
+    return detail::with_component(loss_impl<Backend, linear_kd_tag>::run(backend, *this, as_const(hidden),
+                                                                          as_const(weight), as_const(teacher), labels,
+                                                                          out, dhidden, dweight),
+                                  detail::component_or(options, "kd"));
   }
 
   // The logit_kd equivalent of this loss on logits held in accumulation type A (what the CPU reference
@@ -55,24 +57,36 @@ struct linear_logit_kd {
 };
 
 namespace detail {
+// The checks of the LM-head product, shared by both backends (the per-chunk logit_kd validates the rest:
+// its own plan carries the same scaling). Label values are checked by the per-chunk logit_kd.
 template <class Loss, class HT, class WT, class TT, class GH, class GW>
 status validate_linear_kd(const Loss& loss, const matrix_view<HT>& h, const matrix_view<WT>& w, const matrix_view<TT>& t,
-                          const matrix_view<GH>& dh, const matrix_view<GW>& dw) {
-  const auto comp = component_or(loss.options, "kd");
-  const std::string ic = in_component(comp);
+                          std::span<const std::int32_t> labels, const matrix_view<GH>& dh, const matrix_view<GW>& dw,
+                          kd_scaling& scaling) {
+  const auto& o = loss.options;
   KD_TRY(validate_view(h, "student hidden"));
   KD_TRY(validate_view(w, "LM head weight"));
   KD_TRY(validate_view(t, "teacher logits"));
-  if (h.empty() || w.empty()) return {errc::empty_input, "hidden states or LM head are empty" + ic};
+  if (h.empty() || w.empty()) return {errc::empty_input, "hidden states or LM head are empty"};
   if (w.cols != h.cols)
     return {errc::shape_mismatch, "LM head is " + shape_string(w.rows, w.cols) + " but the hidden width is " +
-                                      std::to_string(h.cols) + ic};
+                                      std::to_string(h.cols)};
   if (t.rows != h.rows)
     return {errc::shape_mismatch, "teacher logits have " + std::to_string(t.rows) + " tokens but hidden has " +
-                                      std::to_string(h.rows) + ic};
-  if (loss.options.chunk_rows <= 0) return {errc::invalid_argument, "chunk_rows must be positive" + ic};
-  if (!dh.empty()) KD_TRY(same_shape(dh, "hidden gradient", h, "student hidden"));
-  if (!dw.empty()) KD_TRY(same_shape(dw, "LM head gradient", w, "LM head weight"));
+                                      std::to_string(h.rows)};
+  if (!labels.empty() && static_cast<index_t>(labels.size()) != h.rows)
+    return {errc::shape_mismatch, "labels has " + std::to_string(labels.size()) + " entries but hidden has " +
+                                      std::to_string(h.rows) + " tokens"};
+  if (o.chunk_rows <= 0) return {errc::invalid_argument, "chunk_rows must be positive"};
+  if (!dh.empty()) {
+    KD_TRY(validate_view(dh, "hidden gradient"));
+    KD_TRY(same_shape(dh, "hidden gradient", h, "student hidden"));
+  }
+  if (!dw.empty()) {
+    KD_TRY(validate_view(dw, "LM head gradient"));
+    KD_TRY(same_shape(dw, "LM head gradient", w, "LM head weight"));
+  }
+  scaling = make_kd_scaling<Loss::reduction_info.mean>(o, o.temperature, o.scale_by_t2);
   return {};
 }
 }  // namespace detail
@@ -86,7 +100,8 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
     using A = detail::common_accum_for<typename Loss::precisions>;
     using Mat = Eigen::Matrix<A, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     const auto& o = loss.options;
-    KD_TRY(detail::validate_linear_kd(loss, h, w, t, dh, dw));
+    detail::kd_scaling sc;
+    KD_TRY(detail::validate_linear_kd(loss, h, w, t, labels, dh, dw, sc));
     const index_t n = h.rows, d = h.cols, v = w.rows;
     auto load = [](auto view, index_t r0, index_t rows) {
       Mat m(rows, view.cols);
@@ -100,9 +115,10 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
     typename Loss::template logit_loss<A> inner;
     static_cast<logit_kd_options&>(inner.options) = o;
     const index_t active = detail::count_active(labels, n, o.ignore_index);
-    if (inner.options.global_tokens == 0 && Loss::reduction_info.mean) inner.options.global_tokens = std::max<index_t>(active, 1);
+    const double divisor = sc.divisor_for(active);
+    // Chunks are divided by the whole call's divisor, not their own token count.
+    if (sc.divisor == detail::divisor_kind::active_tokens) inner.options.global_tokens = static_cast<index_t>(divisor);
     inner.options.accumulate_grad = false;
-    inner.options.grad_scale = o.grad_scale;
     double total = 0.0;
     for (index_t r0 = 0; r0 < n; r0 += o.chunk_rows) {
       const index_t rows = std::min(o.chunk_rows, n - r0);
@@ -125,8 +141,8 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
       for (index_t r = 0; r < v; ++r)
         for (index_t c = 0; c < d; ++c) detail::put_grad(dw(r, c), dW(r, c), o.accumulate_grad);
     out.tokens = active;
-    out.normalizer = Loss::reduction_info.mean ? static_cast<double>(inner.options.global_tokens) : 1.0;
-    out.loss = total / out.normalizer;
+    out.normalizer = divisor;
+    out.loss = total / divisor;
     return {};
   }
 };

@@ -28,6 +28,7 @@
 #include <kd/cuda/detail/reduce.cuh>
 #include <kd/cuda/detail/storage.cuh>
 #include <kd/loss/logit_kd.hpp>
+#include <kd/loss/vocab_map.cuh>
 
 namespace kd {
 namespace cuda::detail {
@@ -273,10 +274,12 @@ struct logit_kd_launch {
   int cluster = 1;
   std::size_t smem = 0;
   void (*kernel)(const logit_kd_params) = nullptr;
+  ::kd::detail::kd_scaling scaling;  // for bind_divisor
 };
 
-// Host-side validation and launch geometry. Labels live on the device, so their values are checked
-// by the kernel; everything else is checked here.
+// Launch geometry from the shared validation (kd::detail::validate_logit_kd) plus the checks that are
+// truly device-specific (alignment, cluster size). Label values live on the device and are checked by
+// the kernel.
 template <class Loss, class TT, class ST, class GT>
 status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teacher, matrix_view<const ST> student,
                      std::span<const std::int32_t> labels, matrix_view<GT> dstudent, bool want_grad,
@@ -284,11 +287,8 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   using D = typename Loss::divergence;
   const auto& o = loss.options;
   const auto comp = ::kd::detail::component_or(o, "kd");
-  KD_TRY(::kd::detail::validate_logit_kd(loss, teacher, student, std::span<const std::int32_t>{}, dstudent, want_grad));
-  if (!labels.empty() && static_cast<index_t>(labels.size()) != student.rows)
-    return {errc::shape_mismatch, "labels has " + std::to_string(labels.size()) + " entries but the logits have " +
-                                      std::to_string(student.rows) + " rows" + ::kd::detail::in_component(comp)};
-  if (o.global_tokens < 0) return {errc::invalid_argument, "global_tokens is negative" + ::kd::detail::in_component(comp)};
+  ::kd::detail::logit_kd_plan plan;
+  KD_TRY(::kd::detail::validate_logit_kd(loss, teacher, student, labels, false, dstudent, want_grad, plan));
   KD_TRY(check_alignment(teacher.data, "teacher logits", comp));
   KD_TRY(check_alignment(student.data, "student logits", comp));
   if (want_grad) KD_TRY(check_alignment(dstudent.data, "student gradient", comp));
@@ -308,24 +308,21 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   p.want_grad = want_grad;
   p.accumulate = o.accumulate_grad;
   p.component = ctx.component_slot(comp);
-  const float temp = static_cast<float>(o.temperature);
-  p.inv_temp = 1.f / temp;
-  p.loss_scale = o.scale_by_t2 ? temp * temp : 1.f;
-  p.grad_base = static_cast<float>(o.grad_scale) * p.loss_scale / temp;
+  out.scaling = plan.scaling;
+  p.inv_temp = plan.scaling.inv_temp;
+  p.loss_scale = static_cast<float>(plan.scaling.loss_scale);
+  p.grad_base = static_cast<float>(plan.scaling.grad_base);
   if constexpr (Loss::divergence_info.uses_beta) p.param = static_cast<float>(o.beta);
   if constexpr (Loss::divergence_info.uses_alpha) p.param = static_cast<float>(o.alpha);
   const bool map = o.map != nullptr;
+  p.support = plan.support;
+  p.label_vocab = plan.label_vocab;
   if (map) {
-    context::device_map dm;
-    KD_TRY(ctx.upload_map(*o.map, dm));
-    p.support = dm.slots;
+    device_map dm;
+    KD_TRY(upload_map(ctx, *o.map, dm));
     p.map_support = dm.support;
     p.map_offsets = dm.offsets;
     p.map_teacher = dm.teacher_ids;
-    p.label_vocab = student.cols;
-  } else {
-    p.support = o.vocab > 0 ? o.vocab : student.cols;
-    p.label_vocab = p.support;
   }
   // Vector paths need 16-byte aligned rows everywhere (slices start at multiples of 8 elements).
   p.vector_ok = !map && rows_aligned(teacher) && rows_aligned(student) && (!want_grad || rows_aligned(dstudent));
@@ -340,7 +337,7 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   out.smem = ((p.chunk * tc_bytes + 15) / 16) * 16 + p.chunk * sizeof(ST);
   if (out.smem > kSliceLimit)
     return {errc::invalid_argument, "the vocabulary (" + std::to_string(p.support) +
-                                        " entries) is too large for one 8-block cluster" + ::kd::detail::in_component(comp)};
+                                        " entries) is too large for one 8-block cluster"};
   out.cluster = cluster;
   using G = std::remove_const_t<GT>;
   out.kernel = map ? logit_kd_kernel<D, TT, ST, G, true> : logit_kd_kernel<D, TT, ST, G, false>;
@@ -367,14 +364,16 @@ inline status enqueue_logit_kd(const logit_kd_launch& l, cudaStream_t stream) {
   return {};
 }
 
-// The divisor of a token reduction on the device: the global count if given, else the labels' count.
-template <class Loss>
-void bind_divisor(const Loss& loss, logit_kd_params& p, const long long* count_dev, long long rows) {
+// The token divisor (kd::detail::kd_scaling's kind) bound for the kernel: 1, global_tokens, or the
+// labels' count on the device (all rows when there are no labels).
+inline void bind_divisor(const ::kd::detail::kd_scaling& sc, logit_kd_params& p, const long long* count_dev,
+                         long long rows) {
+  using ::kd::detail::divisor_kind;
   p.divisor_dev = nullptr;
-  if (!Loss::reduction_info.mean) p.divisor = 1.0;
-  else if (loss.options.global_tokens > 0) p.divisor = static_cast<double>(loss.options.global_tokens);
-  else if (count_dev != nullptr) p.divisor_dev = count_dev;
-  else p.divisor = static_cast<double>(rows);
+  p.divisor = 1.0;
+  if (sc.divisor == divisor_kind::global_tokens) p.divisor = sc.divisor_for(0);
+  else if (sc.divisor == divisor_kind::active_tokens && count_dev != nullptr) p.divisor_dev = count_dev;
+  else if (sc.divisor == divisor_kind::active_tokens) p.divisor = sc.divisor_for(rows);
 }
 
 }  // namespace cuda::detail
@@ -387,8 +386,7 @@ struct loss_impl<cuda::backend, logit_kd_tag> {
                     matrix_view<GT> dstudent, bool want_grad) {
     using namespace cuda::detail;
     if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
-    if (out.value == nullptr)
-      return {errc::invalid_argument, "device_loss.value is null" + ::kd::detail::in_component(::kd::detail::component_or(loss.options, "kd"))};
+    if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null"};
     cuda::context& ctx = *be.ctx;
     const cudaStream_t stream = ctx.stream();
     logit_kd_launch l;
@@ -401,7 +399,7 @@ struct loss_impl<cuda::backend, logit_kd_tag> {
     long long* count = reinterpret_cast<long long*>(static_cast<char*>(scratch) + partial_bytes);
     KD_TRY(ctx.error_word(l.p.error));
     if (l.p.labels != nullptr) KD_TRY(launch_count_tokens(l.p.labels, l.p.rows, l.p.ignore_index, count, stream));
-    bind_divisor(loss, l.p, l.p.labels != nullptr ? count : nullptr, l.p.rows);
+    bind_divisor(l.scaling, l.p, l.p.labels != nullptr ? count : nullptr, l.p.rows);
     KD_TRY(enqueue_logit_kd(l, stream));
     return launch_finish_loss(l.p.partial, l.p.rows * l.cluster, l.p.divisor_dev, l.p.divisor,
                               l.p.labels != nullptr ? count : nullptr, l.p.labels == nullptr ? l.p.rows : -1, out, stream);

@@ -64,8 +64,9 @@ struct logit_kd {
     KD_CHECK_STUDENT_DTYPE(P::student, ST);
     KD_CHECK_GRAD_DTYPE(P::student, GT);
     static_assert(!std::is_const_v<GT>, "kd: the gradient tensor must be writable.");
-    return loss_impl<Backend, logit_kd_tag>::run(backend, *this, as_const(teacher), as_const(student), labels, out,
-                                                 dstudent, true);
+    return detail::with_component(loss_impl<Backend, logit_kd_tag>::run(backend, *this, as_const(teacher),
+                                                                         as_const(student), labels, out, dstudent, true),
+                                  detail::component_or(options, "kd"));
   }
 
   // Forward only.
@@ -74,53 +75,67 @@ struct logit_kd {
                     std::span<const std::int32_t> labels, Out& out) const {
     KD_CHECK_TEACHER_DTYPE(P::teacher, TT);
     KD_CHECK_STUDENT_DTYPE(P::student, ST);
-    return loss_impl<Backend, logit_kd_tag>::run(backend, *this, as_const(teacher), as_const(student), labels, out,
-                                                 matrix_view<student_storage>{}, false);
+    return detail::with_component(
+        loss_impl<Backend, logit_kd_tag>::run(backend, *this, as_const(teacher), as_const(student), labels, out,
+                                              matrix_view<student_storage>{}, false),
+        detail::component_or(options, "kd"));
   }
 };
 
 namespace detail {
 
-// Validation shared by every backend: shapes, parameters, labels, map.
+// What validation hands both backends: the support the two distributions live on, the label
+// vocabulary, and the temperature / divisor conventions.
+struct logit_kd_plan {
+  index_t support = 0;      // K: the first `vocab` columns (shared vocabulary) or the map's support slots
+  index_t label_vocab = 0;  // labels must lie in [0, label_vocab)
+  kd_scaling scaling;
+};
+
+// The one validation of a logit_kd call (shapes, parameters, labels, map), shared by every backend.
+// Label values are read only when `labels_on_host` (the CUDA kernel checks device labels itself).
 template <class Loss, class TT, class ST, class GT>
 status validate_logit_kd(const Loss& loss, const matrix_view<TT>& teacher, const matrix_view<ST>& student,
-                         std::span<const std::int32_t> labels, const matrix_view<GT>& dstudent, bool want_grad) {
+                         std::span<const std::int32_t> labels, bool labels_on_host, const matrix_view<GT>& dstudent,
+                         bool want_grad, logit_kd_plan& plan) {
   const auto& o = loss.options;
-  const auto comp = component_or(o, "kd");
   KD_TRY(validate_view(teacher, "teacher logits"));
   KD_TRY(validate_view(student, "student logits"));
-  if (student.rows == 0 || student.cols == 0)
-    return {errc::empty_input, "student logits are empty" + in_component(comp)};
+  if (student.rows == 0 || student.cols == 0) return {errc::empty_input, "student logits are empty"};
   if (teacher.rows != student.rows)
-    return {errc::shape_mismatch, "teacher logits have " + std::to_string(teacher.rows) + " tokens but student logits have " +
-                                      std::to_string(student.rows) + in_component(comp)};
+    return {errc::shape_mismatch, "teacher logits have " + std::to_string(teacher.rows) +
+                                      " tokens but student logits have " + std::to_string(student.rows)};
   if (!(o.temperature > 0.0) || !std::isfinite(o.temperature))
-    return {errc::invalid_argument, "temperature must be > 0, got " + std::to_string(o.temperature) + in_component(comp)};
+    return {errc::invalid_argument, "temperature must be > 0, got " + std::to_string(o.temperature)};
   if (Loss::divergence_info.uses_beta && !(o.beta >= 0.0 && o.beta <= 1.0))
-    return {errc::invalid_argument, "jsd beta must lie in [0, 1], got " + std::to_string(o.beta) + in_component(comp)};
+    return {errc::invalid_argument, "jsd beta must lie in [0, 1], got " + std::to_string(o.beta)};
   if (Loss::divergence_info.uses_alpha && !(o.alpha >= 0.0 && o.alpha <= 1.0))
-    return {errc::invalid_argument, "skew_kl alpha must lie in [0, 1], got " + std::to_string(o.alpha) + in_component(comp)};
-  index_t label_vocab = student.cols;
+    return {errc::invalid_argument, "skew_kl alpha must lie in [0, 1], got " + std::to_string(o.alpha)};
+  plan.label_vocab = student.cols;
   if (o.map != nullptr) {
     KD_TRY(o.map->check_fits(teacher.cols, student.cols));
+    plan.support = static_cast<index_t>(o.map->student_support().size());
   } else {
     if (teacher.cols != student.cols)
-      return {errc::shape_mismatch, "teacher logits have " + std::to_string(teacher.cols) + " columns but student logits have " +
-                                        std::to_string(student.cols) + "; pass a vocab_map to distill across vocabularies" +
-                                        in_component(comp)};
+      return {errc::shape_mismatch, "teacher logits have " + std::to_string(teacher.cols) +
+                                        " columns but student logits have " + std::to_string(student.cols) +
+                                        "; pass a vocab_map to distill across vocabularies"};
     if (o.vocab < 0 || o.vocab > student.cols)
-      return {errc::out_of_range, "vocab " + std::to_string(o.vocab) + " exceeds the " + std::to_string(student.cols) +
-                                      " logit columns" + in_component(comp)};
-    if (o.vocab > 0) label_vocab = o.vocab;
+      return {errc::out_of_range, "vocab " + std::to_string(o.vocab) + " exceeds the " +
+                                      std::to_string(student.cols) + " logit columns"};
+    if (o.vocab > 0) plan.label_vocab = o.vocab;
+    plan.support = plan.label_vocab;
   }
   if (want_grad) {
     KD_TRY(validate_view(dstudent, "student gradient"));
     KD_TRY(same_shape(dstudent, "student gradient", student, "student logits"));
   }
   token_options named = o;
-  named.component = comp;
-  KD_TRY(check_labels(labels, student.rows, label_vocab, named));
-  KD_TRY(check_token_options(named, count_active(labels, student.rows, o.ignore_index)));
+  named.component = component_or(o, "kd");
+  KD_TRY(check_labels(labels, student.rows, plan.label_vocab, named, labels_on_host));
+  // Device labels cannot be counted here; global_tokens is then checked for sign only.
+  KD_TRY(check_token_options(named, labels_on_host ? count_active(labels, student.rows, o.ignore_index) : 0));
+  plan.scaling = make_kd_scaling<Loss::reduction_info.mean>(o, o.temperature, o.scale_by_t2);
   return {};
 }
 
@@ -137,20 +152,20 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
     using D = typename Loss::divergence;
     const auto& o = loss.options;
     const auto comp = detail::component_or(o, "kd");
-    KD_TRY(detail::validate_logit_kd(loss, teacher, student, labels, dstudent, want_grad));
+    detail::logit_kd_plan plan;
+    KD_TRY(detail::validate_logit_kd(loss, teacher, student, labels, true, dstudent, want_grad, plan));
 
     const index_t n = student.rows;
     const vocab_map* map = o.map;
     // Columns the two distributions live on: student ids (support) and the teacher columns read.
     std::vector<std::int32_t> support;
     if (map == nullptr) {
-      const index_t v = o.vocab > 0 ? o.vocab : student.cols;
-      support.resize(static_cast<std::size_t>(v));
-      for (index_t j = 0; j < v; ++j) support[static_cast<std::size_t>(j)] = static_cast<std::int32_t>(j);
+      support.resize(static_cast<std::size_t>(plan.support));
+      for (index_t j = 0; j < plan.support; ++j) support[static_cast<std::size_t>(j)] = static_cast<std::int32_t>(j);
     } else {
       support.assign(map->student_support().begin(), map->student_support().end());
     }
-    const index_t k = static_cast<index_t>(support.size());
+    const index_t k = plan.support;
     // Without a map the teacher's first k columns are read; with one, only the mapped teacher ids (padded
     // and unmapped teacher columns are never read: a huge or non-finite logit there must not matter).
     const index_t teacher_read = map == nullptr ? k : map->size();
@@ -161,17 +176,28 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
       for (index_t j = 0; j < k; ++j) slot[static_cast<std::size_t>(support[static_cast<std::size_t>(j)])] = static_cast<std::int32_t>(j);
     }
 
-    const A temp = static_cast<A>(o.temperature);
-    const A t2 = o.scale_by_t2 ? temp * temp : A(1);
+    const detail::kd_scaling& sc = plan.scaling;
+    const A temp = static_cast<A>(sc.temperature);
     const index_t active = detail::count_active(labels, n, o.ignore_index);
-    const double divisor = detail::token_divisor<Loss::reduction_info.mean>(o, active);
-    const A grad_factor = static_cast<A>(o.grad_scale / divisor) * t2 / temp;
+    const double divisor = sc.divisor_for(active);
+    const A grad_factor = static_cast<A>(sc.grad_factor(active));
     detail::divergence_math<D, A> math;
     if constexpr (Loss::divergence_info.uses_beta) math.param = static_cast<A>(o.beta);
     if constexpr (Loss::divergence_info.uses_alpha) math.param = static_cast<A>(o.alpha);
+    // Row sums are accumulated in double whatever A is: this is the reference the other backends are
+    // checked against, and float term-by-term sums drift by ~1e-5 relative at V = 50k.
+    auto lse = [](const Vec& x) {
+      const A mx = x.maxCoeff();
+      return mx + static_cast<A>(std::log((x - mx).exp().template cast<double>().sum()));
+    };
+    // Only the columns the two distributions live on are read (and checked): never the padding.
+    const std::span<const std::int32_t> teacher_cols =
+        map == nullptr ? std::span<const std::int32_t>{} : map->teacher_ids();
+    const std::span<const std::int32_t> student_cols =
+        map == nullptr ? std::span<const std::int32_t>{} : std::span<const std::int32_t>(support);
 
     Vec tz(teacher_read), logp(k), logq(k), p(k), q(k), g(k);
-    A total = A(0);
+    double total = 0.0;
     for (index_t r = 0; r < n; ++r) {
       const bool active_row = detail::token_active(labels, r, o.ignore_index);
       if (!active_row) {
@@ -179,15 +205,10 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
           for (index_t c = 0; c < student.cols; ++c) dstudent(r, c) = store_as<GT>(A(0));
         continue;
       }
-      // Only the columns the two distributions live on are read (and checked): never the padding.
-      if (map == nullptr) {
-        KD_TRY(detail::check_row_finite(teacher.row(r), k, r, "teacher logits", comp));
-        KD_TRY(detail::check_row_finite(student.row(r), k, r, "student logits", comp));
-      } else {
-        KD_TRY(detail::check_cols_finite(teacher.row(r), map->teacher_ids(), r, "teacher logits", comp));
-        KD_TRY(detail::check_cols_finite(student.row(r), std::span<const std::int32_t>(support), r,
-                                         "student logits", comp));
-      }
+      KD_TRY(detail::check_scaled_row(teacher.row(r), map == nullptr ? k : 0, teacher_cols, sc.inv_temp,
+                                      sc.temperature, r, "teacher logits", comp));
+      KD_TRY(detail::check_scaled_row(student.row(r), map == nullptr ? k : 0, student_cols, sc.inv_temp,
+                                      sc.temperature, r, "student logits", comp));
       // Teacher log-probabilities over the support. With a map, tz[e] is the scaled logit of the e-th
       // mapped teacher id, so the teacher's log-sum-exp runs over mapped columns only.
       if (map == nullptr) {
@@ -196,8 +217,7 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
         const auto tids = map->teacher_ids();
         for (index_t e = 0; e < teacher_read; ++e) tz[e] = load_as<A>(teacher(r, tids[static_cast<std::size_t>(e)])) / temp;
       }
-      const A tmax = tz.maxCoeff();
-      const A tlse = tmax + std::log((tz - tmax).exp().sum());
+      const A tlse = lse(tz);
       if (map == nullptr) {
         logp = tz - tlse;
       } else {
@@ -210,25 +230,23 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
           const A hi = std::max(logp[j], lp);
           logp[j] = hi + std::log(std::exp(logp[j] - hi) + std::exp(lp - hi));
         }
-        const A m = logp.maxCoeff();
-        logp -= m + std::log((logp - m).exp().sum());
+        logp -= lse(logp);
       }
       p = logp.exp();
       // Student log-probabilities over the support.
       for (index_t j = 0; j < k; ++j) logq[j] = load_as<A>(student(r, support[static_cast<std::size_t>(j)])) / temp;
-      const A smax = logq.maxCoeff();
-      logq -= smax + std::log((logq - smax).exp().sum());
+      logq -= lse(logq);
       q = logq.exp();
 
-      A row_loss = A(0);
-      for (index_t j = 0; j < k; ++j) row_loss += math.term(p[j], logp[j], q[j], logq[j]);
+      double row_loss = 0.0;
+      for (index_t j = 0; j < k; ++j) row_loss += static_cast<double>(math.term(p[j], logp[j], q[j], logq[j]));
       total += row_loss;
       if (!want_grad) continue;
       if constexpr (std::is_same_v<D, forward_kl>) {
         g = q - p;
       } else {
         for (index_t j = 0; j < k; ++j) g[j] = math.dq(p[j], logp[j], q[j], logq[j]);
-        const A c = (q * g).sum();
+        const A c = detail::sum_in_double(q * g);
         g = q * (g - c);
       }
       if (!o.accumulate_grad)
@@ -238,9 +256,8 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
     }
     out.tokens = active;
     out.normalizer = divisor;
-    out.loss = static_cast<double>(total * t2) / divisor;
-    if (!std::isfinite(out.loss))
-      return {errc::non_finite, "the loss is not finite" + detail::in_component(comp)};
+    out.loss = total * sc.loss_scale / divisor;
+    if (!std::isfinite(out.loss)) return {errc::non_finite, "the loss is not finite"};
     return {};
   }
 };

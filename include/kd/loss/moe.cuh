@@ -210,14 +210,10 @@ struct loss_impl<cuda::backend, load_balance_tag> {
     const std::string ic = ::kd::detail::in_component(o.component);
     if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
     if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null" + ic};
-    KD_TRY(::kd::detail::validate_router_shape(logits, o));
+    KD_TRY(::kd::detail::validate_router_shape(logits, dlogits, o));
     const long long t_count = logits.rows, e_count = logits.cols;
     KD_TRY(::kd::detail::validate_expert_ids_shape(ids, t_count, e_count, o.component));
-    if (!dlogits.empty()) {
-      KD_TRY(::kd::detail::validate_view(dlogits, "router gradient"));
-      KD_TRY(::kd::detail::same_shape(dlogits, "router gradient", logits, "router logits"));
-      KD_TRY(check_alignment(dlogits.data, "router gradient", o.component));
-    }
+    if (!dlogits.empty()) KD_TRY(check_alignment(dlogits.data, "router gradient", o.component));
     KD_TRY(check_alignment(logits.data, "router logits", o.component));
     KD_TRY(check_alignment(ids.data, "expert ids", o.component));
 
@@ -269,12 +265,8 @@ struct loss_impl<cuda::backend, router_z_tag> {
     const std::string ic = ::kd::detail::in_component(o.component);
     if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
     if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null" + ic};
-    KD_TRY(::kd::detail::validate_router_shape(logits, o));
-    if (!dlogits.empty()) {
-      KD_TRY(::kd::detail::validate_view(dlogits, "router gradient"));
-      KD_TRY(::kd::detail::same_shape(dlogits, "router gradient", logits, "router logits"));
-      KD_TRY(check_alignment(dlogits.data, "router gradient", o.component));
-    }
+    KD_TRY(::kd::detail::validate_router_shape(logits, dlogits, o));
+    if (!dlogits.empty()) KD_TRY(check_alignment(dlogits.data, "router gradient", o.component));
     KD_TRY(check_alignment(logits.data, "router logits", o.component));
 
     cuda::context& ctx = *be.ctx;

@@ -35,19 +35,23 @@ namespace detail {
 // The router checks split in two: the shape and option half reads no tensor memory (a device backend,
 // kd/loss/moe.cuh, runs it on device pointers and checks the values in its kernels); validate_router
 // and validate_expert_ids add the value checks of the CPU reference.
-template <class LT>
-status validate_router_shape(const matrix_view<LT>& logits, const router_options& o) {
+template <class LT, class GT>
+status validate_router_shape(const matrix_view<LT>& logits, const matrix_view<GT>& dlogits, const router_options& o) {
   const std::string ic = in_component(o.component);
   KD_TRY(validate_view(logits, "router logits"));
   if (logits.empty()) return {errc::empty_input, "router logits are empty" + ic};
   if (!std::isfinite(o.coefficient) || o.coefficient < 0)
     return {errc::invalid_argument, "coefficient must be finite and >= 0" + ic};
+  if (!dlogits.empty()) {
+    KD_TRY(validate_view(dlogits, "router gradient"));
+    KD_TRY(same_shape(dlogits, "router gradient", logits, "router logits"));
+  }
   return {};
 }
 
-template <class LT>
-status validate_router(const matrix_view<LT>& logits, const router_options& o) {
-  KD_TRY(validate_router_shape(logits, o));
+template <class LT, class GT>
+status validate_router(const matrix_view<LT>& logits, const matrix_view<GT>& dlogits, const router_options& o) {
+  KD_TRY(validate_router_shape(logits, dlogits, o));
   KD_TRY(check_finite(logits, "router logits", o.component));
   return {};
 }
@@ -96,7 +100,9 @@ struct load_balance_loss {
                     Out& out, matrix_view<GT> dlogits) const {
     KD_CHECK_STUDENT_DTYPE(P, LT);
     KD_CHECK_GRAD_DTYPE(P, GT);
-    return loss_impl<Backend, load_balance_tag>::run(backend, *this, as_const(router_logits), expert_ids, out, dlogits);
+    return detail::with_component(
+        loss_impl<Backend, load_balance_tag>::run(backend, *this, as_const(router_logits), expert_ids, out, dlogits),
+        detail::component_or(options, "load_balance"));
   }
   template <class Backend, class LT, class Out>
   status operator()(const Backend& backend, matrix_view<LT> router_logits, matrix_view<const std::int32_t> expert_ids,
@@ -116,7 +122,8 @@ struct router_z_loss {
                     matrix_view<GT> dlogits) const {
     KD_CHECK_STUDENT_DTYPE(P, LT);
     KD_CHECK_GRAD_DTYPE(P, GT);
-    return loss_impl<Backend, router_z_tag>::run(backend, *this, as_const(router_logits), out, dlogits);
+    return detail::with_component(loss_impl<Backend, router_z_tag>::run(backend, *this, as_const(router_logits), out, dlogits),
+                                  detail::component_or(options, "router_z"));
   }
   template <class Backend, class LT, class Out>
   status operator()(const Backend& backend, matrix_view<LT> router_logits, Out& out) const {
@@ -132,30 +139,31 @@ struct loss_impl<cpu_backend, load_balance_tag> {
     using A = typename Loss::precision_policy::accum_type;
     using Mat = Eigen::Array<A, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     const auto& o = loss.options;
-    KD_TRY(detail::validate_router(logits, o));
+    KD_TRY(detail::validate_router(logits, dlogits, o));
     const index_t t_count = logits.rows, e_count = logits.cols;
     KD_TRY(detail::validate_expert_ids(ids, t_count, e_count, o.component));
-    if (!dlogits.empty()) KD_TRY(detail::same_shape(dlogits, "router gradient", logits, "router logits"));
     Mat q(t_count, e_count);
     for (index_t t = 0; t < t_count; ++t) {
       for (index_t e = 0; e < e_count; ++e) q(t, e) = load_as<A>(logits(t, e));
       const A m = q.row(t).maxCoeff();
       q.row(t) = (q.row(t) - m).exp();
-      q.row(t) /= q.row(t).sum();
+      q.row(t) /= detail::sum_in_double(q.row(t));
     }
     Eigen::Array<A, 1, Eigen::Dynamic> f = Eigen::Array<A, 1, Eigen::Dynamic>::Zero(e_count);
     for (index_t t = 0; t < t_count; ++t)
       for (index_t j = 0; j < ids.cols; ++j) f[ids(t, j)] += A(1);
     f /= static_cast<A>(ids.cols * t_count);
-    const Eigen::Array<A, 1, Eigen::Dynamic> p_mean = q.colwise().sum() / static_cast<A>(t_count);
+    // Token and expert sums in double (the reference the CUDA kernels are checked against).
+    const Eigen::Array<A, 1, Eigen::Dynamic> p_mean =
+        (q.template cast<double>().colwise().sum() / static_cast<double>(t_count)).template cast<A>();
     const A coef = static_cast<A>(o.coefficient) * static_cast<A>(e_count);
-    out.loss = static_cast<double>(coef * (f * p_mean).sum());
+    out.loss = static_cast<double>(coef) * (f * p_mean).template cast<double>().sum();
     out.tokens = t_count;
     out.normalizer = static_cast<double>(t_count);
     if (!dlogits.empty()) {
       const Eigen::Array<A, 1, Eigen::Dynamic> c = coef * f / static_cast<A>(t_count);
       for (index_t t = 0; t < t_count; ++t) {
-        const A dot = (q.row(t) * c).sum();
+        const A dot = detail::sum_in_double(q.row(t) * c);
         for (index_t e = 0; e < e_count; ++e)
           detail::put_grad(dlogits(t, e), static_cast<A>(o.grad_scale) * q(t, e) * (c[e] - dot), o.accumulate_grad);
       }
@@ -172,23 +180,22 @@ struct loss_impl<cpu_backend, router_z_tag> {
     using A = typename Loss::precision_policy::accum_type;
     using Arr = Eigen::Array<A, Eigen::Dynamic, 1>;
     const auto& o = loss.options;
-    KD_TRY(detail::validate_router(logits, o));
-    if (!dlogits.empty()) KD_TRY(detail::same_shape(dlogits, "router gradient", logits, "router logits"));
+    KD_TRY(detail::validate_router(logits, dlogits, o));
     const index_t t_count = logits.rows, e_count = logits.cols;
     const A coef = static_cast<A>(o.coefficient);
     Arr z(e_count);
-    A total = A(0);
+    double total = 0.0;  // row and token sums in double: the reference
     for (index_t t = 0; t < t_count; ++t) {
       for (index_t e = 0; e < e_count; ++e) z[e] = load_as<A>(logits(t, e));
       const A m = z.maxCoeff();
-      const A lse = m + std::log((z - m).exp().sum());
-      total += lse * lse;
+      const A lse = m + static_cast<A>(std::log((z - m).exp().template cast<double>().sum()));
+      total += static_cast<double>(lse) * static_cast<double>(lse);
       if (dlogits.empty()) continue;
       const A scale = static_cast<A>(o.grad_scale) * coef * A(2) * lse / static_cast<A>(t_count);
       for (index_t e = 0; e < e_count; ++e)
         detail::put_grad(dlogits(t, e), scale * std::exp(z[e] - lse), o.accumulate_grad);
     }
-    out.loss = static_cast<double>(coef * total) / static_cast<double>(t_count);
+    out.loss = static_cast<double>(coef) * total / static_cast<double>(t_count);
     out.tokens = t_count;
     out.normalizer = static_cast<double>(t_count);
     return {};

@@ -1,0 +1,57 @@
+// kd/loss/vocab_map.cuh: the device copy of a kd::vocab_map, cached in the CUDA context.
+//
+// The kernels read a map as CSR: for each support slot (student id) the teacher ids that map to it.
+// The layout is built and uploaded once per context and map (keyed by the map's id through
+// kd::cuda::context::cached_buffer), so a loss call never allocates or copies it again.
+#pragma once
+
+#include <cstddef>
+#include <cstring>
+#include <vector>
+
+#include <kd/cuda/context.cuh>
+#include <kd/loss/vocab_map.hpp>
+
+namespace kd::cuda::detail {
+
+// Device pointers into one cached buffer laid out as [support K | offsets K + 1 | teacher ids M].
+struct device_map {
+  const int* support = nullptr;      // [K] student id of each slot
+  const int* offsets = nullptr;      // [K + 1] CSR offsets into teacher_ids
+  const int* teacher_ids = nullptr;  // teacher ids grouped by slot
+  long long slots = 0;
+};
+
+// The host image of that layout.
+inline std::vector<unsigned char> device_map_image(const vocab_map& m) {
+  const auto support = m.student_support();
+  const std::size_t k = support.size(), n = static_cast<std::size_t>(m.size());
+  std::vector<int> slot_of(static_cast<std::size_t>(m.student_vocab()), -1);
+  for (std::size_t j = 0; j < k; ++j) slot_of[static_cast<std::size_t>(support[j])] = static_cast<int>(j);
+  std::vector<int> all(k + (k + 1) + n, 0);
+  int* off = all.data() + k;
+  int* tids = off + k + 1;
+  for (std::size_t j = 0; j < k; ++j) all[j] = support[j];
+  for (auto s : m.student_ids()) ++off[slot_of[static_cast<std::size_t>(s)] + 1];
+  for (std::size_t j = 0; j < k; ++j) off[j + 1] += off[j];
+  std::vector<int> fill(off, off + k);
+  for (std::size_t e = 0; e < n; ++e)
+    tids[fill[static_cast<std::size_t>(slot_of[static_cast<std::size_t>(m.student_ids()[e])])]++] = m.teacher_ids()[e];
+  std::vector<unsigned char> bytes(all.size() * sizeof(int));
+  std::memcpy(bytes.data(), all.data(), bytes.size());
+  return bytes;
+}
+
+// The map's device copy, uploaded on first use in this context.
+inline status upload_map(context& ctx, const vocab_map& m, device_map& out) {
+  const void* buf = nullptr;
+  KD_TRY(ctx.cached_buffer(m.id(), [&] { return device_map_image(m); }, buf));
+  const auto k = static_cast<long long>(m.student_support().size());
+  out.support = static_cast<const int*>(buf);
+  out.offsets = out.support + k;
+  out.teacher_ids = out.offsets + k + 1;
+  out.slots = k;
+  return {};
+}
+
+}  // namespace kd::cuda::detail
