@@ -312,6 +312,40 @@ TEST_CASE("CUDA bad input: clear status, deferred data errors named") {
     CHECK(cst.code() == kd::errc::non_finite);
     CHECK(cst.message().find("token 2") != std::string::npos);
   }
+  SUBCASE("a finite logit that overflows to -inf at the temperature is flagged on either side, as on the CPU") {
+    // -3e38 / 0.5 is -inf in float: the row's log-sum-exp alone stays finite, so the kernel must see it
+    // per element (before the fix the loss came out inf or NaN with an ok status).
+    l.options.temperature = 0.5;
+    auto th = random_storage<float>(n * v, 1.0, rng());
+    th[1 * v + 9] = -3e38f;
+    auto st = deferred(th);
+    CHECK(st.code() == kd::errc::non_finite);
+    CHECK(st.message().find("teacher") != std::string::npos);
+    CHECK(st.message().find("token 1") != std::string::npos);
+    auto sh = random_storage<float>(n * v, 1.0, rng());
+    sh[3 * v + 1000] = -3e38f;
+    s.upload(sh);
+    st = deferred(random_storage<float>(n * v, 1.0, rng()));
+    CHECK(st.code() == kd::errc::non_finite);
+    CHECK(st.message().find("student") != std::string::npos);
+    CHECK(st.message().find("token 3") != std::string::npos);
+    // Through a vocab map too (the gather branch of the kernel).
+    kd::vocab_map m;
+    std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+    for (std::int32_t i = 0; i < static_cast<std::int32_t>(v); ++i) pairs.emplace_back(i, i / 2);
+    REQUIRE(kd::vocab_map::from_pairs(pairs, v, v / 2, m).ok());
+    s.upload(random_storage<float>(n * v, 1.0, rng()));
+    l.options.map = &m;
+    th = random_storage<float>(n * v, 1.0, rng());
+    th[2 * v + 77] = -3e38f;
+    t.upload(th);
+    REQUIRE(l(be, kd::matrix_view<const float>(t.data, n, v), kd::matrix_view<const float>(s.data, n, v / 2), {}, out,
+              kd::matrix_view<float>(g.data, n, v / 2))
+                .ok());
+    st = ctx.sync_status();
+    CHECK(st.code() == kd::errc::non_finite);
+    CHECK(st.message().find("token 2") != std::string::npos);
+  }
 }
 
 TEST_CASE("context::cached_buffer uploads once per key and returns the same device buffer") {

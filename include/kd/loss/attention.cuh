@@ -126,12 +126,12 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const __grid_co
     for (int j = 0; j < kAttnMaxGroup; ++j) {
       if (j < gsize) {
         const float x = to_float(trow[j][k]);
-        bad = bad || !isfinite(x);
+        bad = bad || !isfinite(KL ? x * p.k2 : x);  // softmax_kl: scaled_logit_ok, the CPU's rule
         if constexpr (KL) tacc[j].add(x * p.k2);
       }
     }
     const float x = to_float(srow[k]);
-    bad = bad || !isfinite(x);
+    bad = bad || !isfinite(KL ? x * p.k2 : x);
     if constexpr (KL) sacc.add(x * p.k2);
   }
   float tlse[kAttnMaxGroup];  // log2 of each teacher head's partition sum (softmax_kl)

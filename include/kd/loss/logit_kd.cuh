@@ -134,6 +134,8 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   if constexpr (!Map) zero_uncovered();
 
   // Pass 1: copy the slices into shared memory with running base-2 log-sum-exps of y = x / T * log2(e).
+  // Strict adds: a y that overflows float (either sign) makes the row's log-sum-exp non-finite, so the
+  // row is reported, the rule of scaled_logit_ok that the CPU reference applies per element.
   const float k2 = p.inv_temp * kLog2e;
   lse_acc acc[2];  // [0] teacher (or mapped mass), [1] student
   if constexpr (Map) {
@@ -143,24 +145,25 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
       const long long slot = j0 + j;
       lse_acc g;
-      for (int e = p.map_offsets[slot]; e < p.map_offsets[slot + 1]; ++e) g.add(to_float(trow[p.map_teacher[e]]) * k2);
+      for (int e = p.map_offsets[slot]; e < p.map_offsets[slot + 1]; ++e)
+        g.add(lse_acc::strict(to_float(trow[p.map_teacher[e]]) * k2));
       const float lp = g.value();
       tcache[j] = lp;
       acc[0].add(lp);
       const ST sv = srow[p.map_support[slot]];
       scache[j] = sv;
-      acc[1].add(to_float(sv) * k2);
+      acc[1].add(lse_acc::strict(to_float(sv) * k2));
     }
   } else if (p.vector_ok) {
     // Both slices in flight at once through the bulk-copy engine.
     const long long bt = bulk_bytes<TT>(n_local), bs = bulk_bytes<ST>(n_local);
     if (threadIdx.x == 0) start_bulk(&bar, tcache, trow + j0, bt, scache, srow + j0, bs);
     mbar_wait(&bar, 0);
-    lse_of_slice(trow + j0, tcache, n_local, bt / static_cast<long long>(sizeof(TT)), k2, acc[0]);
-    lse_of_slice(srow + j0, scache, n_local, bs / static_cast<long long>(sizeof(ST)), k2, acc[1]);
+    lse_of_slice<true>(trow + j0, tcache, n_local, bt / static_cast<long long>(sizeof(TT)), k2, acc[0]);
+    lse_of_slice<true>(srow + j0, scache, n_local, bs / static_cast<long long>(sizeof(ST)), k2, acc[1]);
   } else {
-    copy_slice_with_lse(trow + j0, tcache, n_local, k2, acc[0]);
-    copy_slice_with_lse(srow + j0, scache, n_local, k2, acc[1]);
+    copy_slice_with_lse<true>(trow + j0, tcache, n_local, k2, acc[0]);
+    copy_slice_with_lse<true>(srow + j0, scache, n_local, k2, acc[1]);
   }
   acc[0] = block_lse(acc[0], red_lse);
   acc[1] = block_lse(acc[1], red_lse);

@@ -51,6 +51,10 @@ struct lse_acc {
     if (m == -INFINITY) return {m, 0.f};
     return {m, a.s * fast_exp2(a.m - m) + b.s * fast_exp2(b.m - m)};
   }
+  // For tempered logits: y = -inf means x / T overflowed float (the loss terms would be inf or NaN, while
+  // the sum itself stays finite). Strict adds turn it into NaN, so value() is NaN and the row is
+  // reported; a plain add keeps -inf as probability 0 (cross-entropy's raw logits).
+  __device__ static float strict(float y) { return y == -INFINITY ? NAN : y; }
   // log2 of the sum.
   __device__ float value() const { return m + log2f(s); }
 };

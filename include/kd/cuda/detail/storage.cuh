@@ -100,14 +100,15 @@ __device__ __forceinline__ void store_grad_vec(uint4* dst, float (&g)[vec_n<GT>]
 
 // Copies n elements of a row slice into shared memory element by element (rows that are not 16-byte
 // aligned, where bulk copies cannot be used), adding y = x * scale of each to a running base-2
-// log-sum-exp.
-template <class T>
+// log-sum-exp (Strict: a y of -inf poisons it, see lse_acc::strict).
+template <bool Strict = false, class T>
 __device__ void copy_slice_with_lse(const T* __restrict__ src, T* __restrict__ dst, long long n, float scale,
                                     lse_acc& acc) {
   for (long long i = threadIdx.x; i < n; i += blockDim.x) {
     const T v = src[i];
     dst[i] = v;
-    acc.add(to_float(v) * scale);
+    const float y = to_float(v) * scale;
+    acc.add(Strict ? lse_acc::strict(y) : y);
   }
 }
 
@@ -157,7 +158,7 @@ __device__ __forceinline__ void start_bulk(unsigned long long* bar, void* d0, co
 
 // After the bulk copy landed: copies the unaligned tail [from, n) through registers, then adds every
 // element's y = x * scale to a running base-2 log-sum-exp, reading shared memory in 16-byte vectors.
-template <class T>
+template <bool Strict = false, class T>
 __device__ void lse_of_slice(const T* __restrict__ src, T* __restrict__ dst, long long n, long long from, float scale,
                              lse_acc& acc) {
   for (long long i = from + threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
@@ -169,10 +170,13 @@ __device__ void lse_of_slice(const T* __restrict__ src, T* __restrict__ dst, lon
     float f[vn];
     unpack<T>(d4[i], f);
 #pragma unroll
-    for (int k = 0; k < vn; ++k) f[k] *= scale;
+    for (int k = 0; k < vn; ++k) f[k] = Strict ? lse_acc::strict(f[k] * scale) : f[k] * scale;
     acc.add_vec(f);
   }
-  for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) acc.add(to_float(dst[i]) * scale);
+  for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) {
+    const float y = to_float(dst[i]) * scale;
+    acc.add(Strict ? lse_acc::strict(y) : y);
+  }
 }
 
 template <class T>
