@@ -8,6 +8,8 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <utility>
+#include <vector>
 
 #include <kd/kd.cuh>
 
@@ -192,6 +194,47 @@ void BM_linear_kd_bf16(benchmark::State& state) {
     cudaFree(p);
 }
 
+// Logit KD across vocabularies: teacher logits 151,936 wide mapped onto a 50,304-wide student through a
+// Qwen3 -> GPT-2-shaped map (42,256 shared strings plus many-to-one entries), gradient into its own
+// buffer (range(1) = 0) or written over the student logits (1, what linear + KD does). Bytes counted:
+// the mapped teacher columns and the student row read once, the student gradient row written once.
+void BM_logit_kd_map_bf16(benchmark::State& state) {
+  const long long n = state.range(0), tv = 151936, sv = 50304;
+  const bool in_place = state.range(1) != 0;
+  using T = kd::bfloat16;
+  std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+  for (std::int32_t i = 0; i < 42256; ++i) pairs.emplace_back(i * 3 + 1, static_cast<std::int32_t>((i * 7919LL) % 50257));
+  for (std::int32_t i = 0; i < 1024; ++i) pairs.emplace_back(140000 + i, i % 50257);
+  kd::vocab_map map;
+  if (!kd::vocab_map::from_pairs(pairs, tv, sv, map).ok()) return state.SkipWithError("vocab_map");
+  T* t = device_random<T>(n * tv, 7, 2.f);
+  T* s = device_random<T>(n * sv, 8, 1.f);
+  T* g = s;
+  float* loss = nullptr;
+  if (!in_place) BENCH_CHECK(cudaMalloc(&g, n * sv * sizeof(T)));
+  BENCH_CHECK(cudaMalloc(&loss, sizeof(float)));
+  kd::cuda::context ctx;
+  kd::logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16>> l;
+  l.options.temperature = 2.0;
+  l.options.map = &map;
+  kd::cuda::device_loss out{loss, nullptr};
+  time_calls(state, [&] {
+    const auto st = l(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(t, n, tv), kd::matrix_view<const T>(s, n, sv),
+                      {}, out, kd::matrix_view<T>(g, n, sv));
+    if (!st.ok()) state.SkipWithError(st.message().c_str());
+  });
+  // In place, later calls read gradients as logits: finite values, the same work per element.
+  const auto sync = ctx.sync_status();
+  if (!sync.ok()) state.SkipWithError(sync.message().c_str());
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * n *
+                          (static_cast<int64_t>(map.size()) + 2 * sv) * static_cast<int64_t>(sizeof(T)));
+  state.counters["extra_MB"] = static_cast<double>(ctx.scratch_capacity()) / 1e6;
+  cudaFree(t);
+  cudaFree(s);
+  if (!in_place) cudaFree(g);
+  cudaFree(loss);
+}
+
 // The table's shapes at the default slice budget (third argument, KiB), then a sweep of the budget
 // for the smaller shapes: one run compares cluster sizes on one card.
 void shapes(benchmark::internal::Benchmark* b) {
@@ -208,6 +251,7 @@ void budget_sweep(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Apply(shapes);
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_sweep_logit_kd_forward_kl")->Apply(budget_sweep);
 BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Args({4096, 50304, 52})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+BENCHMARK(BM_logit_kd_map_bf16)->Args({4096, 0})->Args({4096, 1})->Args({16384, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_linear_kd_bf16)->Args({16384, 50304})->Args({16384, 151936})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304, 52})->Args({16384, 50304, 52})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_cross_entropy_bf16)->Name("BM_sweep_cross_entropy")->Args({4096, 50304, 100})->Args({4096, 50304, 26})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
