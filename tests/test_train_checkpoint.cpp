@@ -71,7 +71,7 @@ struct live_run {
   kd::early_stopping stopping{{3, 0.0}};
   kd::dynamic_loss_scaler scaler{{1024.0, 2.0, 0.5, 2, 1.0, 65536.0}};
   kd::objective objective;
-  std::string loader_state;  // an extension part's live state (a data loader's position)
+  std::string loader_state = "shard-0:offset-0";  // an extension part's live state (a data loader's position)
   kd::run_state<cpu, Config, kd::adamw<float>> state;
 
   live_run(const Config& c, std::uint64_t seed, std::int64_t steps) : config(c), model(backend, km::make_arch(c)) {
@@ -83,21 +83,9 @@ struct live_run {
     o.max_grad_norm = 1.0;
     std::span<float> params(model.params(), model.table().size());
     kd::check(optimizer.init(kd::model_segments(model.table()), params, o));
-    auto g = kdtest::rng(seed);
-    std::vector<float> grads(params.size());
-    for (std::int64_t t = 0; t < steps; ++t) {
-      kdtest::fill_normal(grads, g);
-      kd::adamw_step_result r;
-      kd::check(optimizer.step(params, std::span<const float>(grads), r));
-      ++step;
-      for (int i = 0; i < 3; ++i) (void)data_rng.next();
-      (void)dropout_rng.next();
-      bool stop = false;
-      kd::check(stopping.update(3.0 - 0.1 * static_cast<double>(t) + 0.2 * static_cast<double>(t % 2), false, stop));
-      (void)scaler.update(t == 1);
-    }
+    data_rng.state = seed;
+    advance(steps);
     objective.add("kd", kd::schedule<kd::curve::cosine>{0.0, 1.0, 50, 0, 0}).temperature(kd::schedule<kd::curve::linear>{4.0, 1.0, 40, 0, 0});
-    loader_state = "shard-" + std::to_string(seed) + ":offset-" + std::to_string(step * 4096);
 
     state.model = &model;
     state.model_config = &config;
@@ -111,6 +99,24 @@ struct live_run {
     state.extra.push_back(loader_part());
   }
   live_run(const live_run&) = delete;
+
+  // `n` training steps: gradients drawn from data_rng (so a resumed run must restore it to continue
+  // the same way), an optimizer step, an evaluation and a loss-scaler update each.
+  void advance(std::int64_t n) {
+    std::span<float> params(model.params(), model.table().size());
+    std::vector<float> grads(params.size());
+    for (std::int64_t i = 0; i < n; ++i) {
+      for (float& g : grads) g = static_cast<float>(data_rng.normal());
+      kd::adamw_step_result r;
+      kd::check(optimizer.step(params, std::span<const float>(grads), r));
+      const auto t = step++;
+      (void)dropout_rng.next();
+      bool stop = false;
+      kd::check(stopping.update(3.0 - 0.1 * static_cast<double>(t) + 0.2 * static_cast<double>(t % 2), false, stop));
+      (void)scaler.update(t == 1);
+      loader_state = "shard-0:offset-" + std::to_string(step * 4096);
+    }
+  }
 
   kd::checkpoint_part loader_part() {
     return {"data",
@@ -233,6 +239,20 @@ TEST_CASE("run checkpoint: every part round-trips bit for bit (tiny student and 
   SUBCASE("teacher") { round_trip(km::tiny_teacher()); }
 }
 
+TEST_CASE("run checkpoint: a resumed run continues exactly as the uninterrupted one") {
+  temp_dir dir;
+  live_run<km::dense_config> whole(km::tiny_student(), 5, 6);
+  live_run<km::dense_config> first(km::tiny_student(), 5, 3);
+  REQUIRE(kd::save_run_checkpoint(dir.path.string(), first.state));
+  live_run<km::dense_config> resumed(km::tiny_student(), 8, 1);  // another seed: only the load makes it agree
+  std::string found;
+  REQUIRE(kd::find_latest_checkpoint(dir.path.string(), found));
+  REQUIRE(kd::load_run_checkpoint(found, resumed.state));
+  resumed.advance(3);
+  CHECK(resumed.step == 6);
+  CHECK(resumed.fingerprint() == whole.fingerprint());
+}
+
 TEST_CASE("run checkpoint: a damaged part is refused by name and the live run is untouched") {
   live_run<km::dense_config> probe(km::tiny_student(), 1, 1);
   temp_dir dir;
@@ -273,6 +293,15 @@ TEST_CASE("run checkpoint: a mismatched or unparsable checkpoint is refused by n
     km::dense_config other = km::tiny_student();
     other.rope_theta = 500000.0;  // same arena size: only the config check can see it
     refused("model_config", "differs from this run's", [](const fs::path&, auto&) {}, other);
+  }
+  SUBCASE("weights of another dtype than the run's arena") {
+    refused("model_config", "another dtype", [](const fs::path& d, auto&) {
+      auto j = nlohmann::json::parse(read_all(d / "config.json"));
+      REQUIRE(j.at("dtype") == "float32");
+      j["dtype"] = "bfloat16";
+      if (j.contains("torch_dtype")) j["torch_dtype"] = "bfloat16";
+      rewrite_part(d, "config.json", j.dump());
+    });
   }
   SUBCASE("a model of another architecture") {
     // The teacher's config.json and weights in place of the student's (manifest fixed up).

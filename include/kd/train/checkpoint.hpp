@@ -18,7 +18,8 @@
 // names a complete directory, or a stale `latest` that find_latest_checkpoint() steps over.
 // Reading: every part's size and checksum are checked, then every part is parsed into temporaries and
 // checked against the live run (model config and dtype, arena size, objective schedule, run config,
-// set of parts); only when all of that passed is the live state replaced. Errors name the checkpoint
+// set of parts); only when all of that passed is the live state replaced. The staging costs one more
+// copy of the parameters on the model's backend and one on the host, plus a copy of the optimizer. Errors name the checkpoint
 // directory, the part and its file: "checkpoint 'run/step-40': part 'optimizer' (optimizer.bin):
 // checksum mismatch (the file was modified or damaged)".
 // One writer per run directory (a second concurrent writer is not detected).
