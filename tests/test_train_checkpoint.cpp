@@ -32,20 +32,7 @@ using model_t = km::transformer<cpu>;
 
 namespace {
 
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("kd_ckpt_test_" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-};
+using kdtest::temp_dir;
 
 std::string read_all(const fs::path& p) {
   std::ifstream f(p, std::ios::binary);
