@@ -27,20 +27,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct temp_dir {
-  fs::path path;
-  temp_dir() {
-    std::random_device rd;
-    path = fs::temp_directory_path() / ("kd_model_test_" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-};
+using kdtest::temp_dir;
 
 // Random weights of a size where every nonlinearity matters (HF's 0.02 leaves the model nearly linear);
 // norm weights drawn around 1 so their gradients are not all alike.

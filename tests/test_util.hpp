@@ -8,6 +8,7 @@
 //   kdtest::numeric_gradient               the whole gradient of f at x by central differences
 //   kdtest::norm / rel_error               ||a - b|| / ||b|| (absolute ||a - b|| when b is 0)
 //   kdtest::contains                       substring test for error messages
+//   kdtest::temp_dir                       a fresh directory under the system temp dir, removed at scope exit
 //
 // Header-only and free of doctest macros so any test (or benchmark) can include it.
 #pragma once
@@ -15,11 +16,13 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <random>
 #include <span>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <type_traits>
 #include <vector>
 
@@ -130,5 +133,20 @@ inline double rel_error(double a, double b) { return b != 0.0 ? std::abs(a - b) 
 inline bool contains(std::string_view haystack, std::string_view needle) {
   return haystack.find(needle) != std::string_view::npos;
 }
+
+struct temp_dir {
+  std::filesystem::path path;
+  explicit temp_dir(std::string_view prefix = "kd_test_") {
+    std::random_device rd;
+    path = std::filesystem::temp_directory_path() / (std::string(prefix) + std::to_string(rd()) + std::to_string(rd()));
+    std::filesystem::create_directories(path);
+  }
+  ~temp_dir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  temp_dir(const temp_dir&) = delete;
+  temp_dir& operator=(const temp_dir&) = delete;
+};
 
 }  // namespace kdtest

@@ -47,6 +47,19 @@ class early_stopping {
   [[nodiscard]] std::int64_t evaluations_without_improvement() const noexcept { return bad_; }
   [[nodiscard]] bool should_stop() const noexcept { return stop_; }
 
+  // The mutable state, for run checkpoints (options belong to the run's config).
+  struct snapshot {
+    double best = std::numeric_limits<double>::infinity();
+    std::int64_t bad = 0;
+    bool stop = false;
+  };
+  [[nodiscard]] snapshot state() const noexcept { return {best_, bad_, stop_}; }
+  void restore(const snapshot& s) noexcept {
+    best_ = s.best;
+    bad_ = s.bad;
+    stop_ = s.stop;
+  }
+
  private:
   options opt_{};
   double best_ = std::numeric_limits<double>::infinity();

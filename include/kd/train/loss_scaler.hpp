@@ -39,6 +39,19 @@ class dynamic_loss_scaler {
   [[nodiscard]] double inverse_scale() const noexcept { return 1.0 / scale_; }
   [[nodiscard]] std::int64_t skipped_steps() const noexcept { return skipped_; }
 
+  // The mutable state, for run checkpoints (options belong to the run's config).
+  struct snapshot {
+    double scale = 0.0;
+    std::int64_t clean = 0;
+    std::int64_t skipped = 0;
+  };
+  [[nodiscard]] snapshot state() const noexcept { return {scale_, clean_, skipped_}; }
+  void restore(const snapshot& s) noexcept {
+    scale_ = s.scale;
+    clean_ = s.clean;
+    skipped_ = s.skipped;
+  }
+
   // Call once per step with whether any gradient was non-finite. Returns true if the optimizer step
   // must be skipped.
   bool update(bool found_non_finite) {
