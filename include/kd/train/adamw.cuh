@@ -65,23 +65,63 @@ struct adamw_device_state {
   int skip;
 };
 
-template <class X, int V>
-struct alignas(V * sizeof(X)) adamw_vec {
-  X x[V];
-};
+// V elements of X as 32-bit words, moved in 16-byte accesses (one 8-byte access for 8 bytes). The
+// stores go through __stwb: plain vector stores came out of nvcc split into 4-byte ones.
+template <int W>
+__device__ __forceinline__ void load_words(const void* p, unsigned (&w)[W]) {
+  if constexpr (W % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < W / 4; ++q) {
+      const uint4 u = static_cast<const uint4*>(p)[q];
+      w[4 * q] = u.x;
+      w[4 * q + 1] = u.y;
+      w[4 * q + 2] = u.z;
+      w[4 * q + 3] = u.w;
+    }
+  } else {
+    static_assert(W == 2);
+    const uint2 u = *static_cast<const uint2*>(p);
+    w[0] = u.x;
+    w[1] = u.y;
+  }
+}
+template <int W>
+__device__ __forceinline__ void store_words(void* p, const unsigned (&w)[W]) {
+  if constexpr (W % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < W / 4; ++q)
+      __stwb(static_cast<uint4*>(p) + q, make_uint4(w[4 * q], w[4 * q + 1], w[4 * q + 2], w[4 * q + 3]));
+  } else {
+    static_assert(W == 2);
+    __stwb(static_cast<uint2*>(p), make_uint2(w[0], w[1]));
+  }
+}
 
 template <class X, int V>
 __device__ __forceinline__ void load_vec(const X* p, float (&f)[V]) {
-  const adamw_vec<X, V> r = *reinterpret_cast<const adamw_vec<X, V>*>(p);
+  constexpr int W = V * static_cast<int>(sizeof(X)) / 4;
+  unsigned w[W];
+  load_words<W>(p, w);
 #pragma unroll
-  for (int k = 0; k < V; ++k) f[k] = to_float(r.x[k]);
+  for (int k = 0; k < W; ++k) {
+    if constexpr (sizeof(X) == 4) {
+      f[k] = __uint_as_float(w[k]);
+    } else {
+      f[2 * k] = to_float(X::from_bits(static_cast<std::uint16_t>(w[k] & 0xffffu)));
+      f[2 * k + 1] = to_float(X::from_bits(static_cast<std::uint16_t>(w[k] >> 16)));
+    }
+  }
 }
 template <class X, int V>
 __device__ __forceinline__ void store_vec(X* p, const float (&f)[V]) {
-  adamw_vec<X, V> r;
+  constexpr int W = V * static_cast<int>(sizeof(X)) / 4;
+  unsigned w[W];
 #pragma unroll
-  for (int k = 0; k < V; ++k) r.x[k] = from_float<X>(f[k]);
-  *reinterpret_cast<adamw_vec<X, V>*>(p) = r;
+  for (int k = 0; k < W; ++k) {
+    if constexpr (sizeof(X) == 4) w[k] = __float_as_uint(f[k]);
+    else w[k] = static_cast<unsigned>(from_float<X>(f[2 * k]).bits) | (static_cast<unsigned>(from_float<X>(f[2 * k + 1]).bits) << 16);
+  }
+  store_words<W>(p, w);
 }
 
 // Visits a chunk: scalar elements up to the first multiple of V, then V-vectors, then a scalar tail.
