@@ -173,30 +173,44 @@ void step_both(kd::cuda::context& ctx, kd::cuda::adamw<T>& gpu, arena<T>& pd, ar
   CHECK(rg.clip_scale == doctest::Approx(rc.clip_scale).epsilon(1e-12));
 }
 
-// `clip_factor` sets max_grad_norm relative to the expected norm of N(0, 1) gradients: 0.5 clips every
-// step, 0 never clips, 4 is set but never reached.
-template <class T, class G>
-void check_against_cpu(double clip_factor, std::size_t shift, int steps = 5) {
+// The GPU and CPU optimizers on the same fresh arena. `clip_factor` sets max_grad_norm relative to the
+// expected norm of N(0, 1) gradients: 0.5 clips every step, 0 never clips, 4 is set but never reached.
+template <class T, class G = T>
+struct twin_run {
   std::size_t n = 0;
-  const auto segs = odd_segments(n);
-  const auto o = options(clip_factor * std::sqrt(double(segment_elements(segs))));
-  const auto p0 = random_storage<T>(n, 1.0, rng());
-  arena<T> pd(n, shift);
-  arena<G> gd(n, shift);
-  pd.upload(p0);
+  std::vector<kd::adamw_segment> segs = odd_segments(n);
+  kd::adamw_options o;
+  std::vector<T> p0, ph;
+  arena<T> pd;
+  arena<G> gd;
   kd::cuda::context ctx;
   kd::cuda::adamw<T> gpu;
-  REQUIRE(gpu.init(ctx, segs, pd.cspan(), o).ok());
   kd::adamw<T> cpu;
-  auto ph = p0;
-  REQUIRE(cpu.init(segs, ph, o).ok());
-  INFO("arena ", n, " elements, shift ", shift, ", max_grad_norm ", o.max_grad_norm);
-  for (int s = 0; s < steps; ++s) step_both(ctx, gpu, pd, gd, cpu, ph);
+
+  explicit twin_run(double clip_factor, std::size_t shift = 0)
+      : o(options(clip_factor * std::sqrt(double(segment_elements(segs))))),
+        p0(random_storage<T>(n, 1.0, rng())),
+        ph(p0),
+        pd(n, shift),
+        gd(n, shift) {
+    pd.upload(p0);
+    REQUIRE(gpu.init(ctx, segs, pd.cspan(), o).ok());
+    REQUIRE(cpu.init(segs, ph, o).ok());
+  }
+  void step() { step_both(ctx, gpu, pd, gd, cpu, ph); }
+  void compare() { compare_state(ctx, gpu, pd.download(), cpu, ph, p0); }
+};
+
+template <class T, class G>
+void check_against_cpu(double clip_factor, std::size_t shift, int steps = 5) {
+  twin_run<T, G> run(clip_factor, shift);
+  INFO("arena ", run.n, " elements, shift ", shift, ", max_grad_norm ", run.o.max_grad_norm);
+  for (int s = 0; s < steps; ++s) run.step();
   kd::adamw_step_result r;
-  REQUIRE(gpu.result(ctx, r).ok());
+  REQUIRE(run.gpu.result(run.ctx, r).ok());
   if (clip_factor > 0 && clip_factor < 1) CHECK(r.clip_scale < 1.0);
   else CHECK(r.clip_scale == 1.0);
-  compare_state(ctx, gpu, pd.download(), cpu, ph, p0);
+  run.compare();
 }
 
 }  // namespace
@@ -213,20 +227,15 @@ TEST_CASE_TEMPLATE("cuda adamw: a non-finite gradient changes nothing and sync_s
                    kd::bfloat16) {
   for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     CAPTURE(bad);
-    std::size_t n = 0;
-    const auto segs = odd_segments(n);
-    const auto o = options(0.5 * std::sqrt(double(segment_elements(segs))));
-    const auto p0 = random_storage<T>(n, 1.0, rng());
-    arena<T> pd(n, 0), gd(n, 0);
-    pd.upload(p0);
-    kd::cuda::context ctx;
-    kd::cuda::adamw<T> gpu;
-    REQUIRE(gpu.init(ctx, segs, pd.cspan(), o).ok());
-    kd::adamw<T> cpu;
-    auto ph = p0;
-    REQUIRE(cpu.init(segs, ph, o).ok());
-    step_both(ctx, gpu, pd, gd, cpu, ph);
-    step_both(ctx, gpu, pd, gd, cpu, ph);
+    twin_run<T> run(0.5);
+    kd::cuda::context& ctx = run.ctx;
+    arena<T> &pd = run.pd, &gd = run.gd;
+    kd::cuda::adamw<T>& gpu = run.gpu;
+    kd::adamw<T>& cpu = run.cpu;
+    const auto& segs = run.segs;
+    const std::size_t n = run.n;
+    run.step();
+    run.step();
 
     std::int64_t step0 = 0, step1 = 0;
     std::vector<float> m0, v0, w0, m1, v1, w1;
@@ -245,7 +254,7 @@ TEST_CASE_TEMPLATE("cuda adamw: a non-finite gradient changes nothing and sync_s
     CHECK(st.message().find("'t4'") != std::string::npos);
     CHECK(ctx.sync_status().ok());  // reported once
     kd::adamw_step_result rc;
-    CHECK(cpu.step(std::span<T>(ph), std::span<const T>(gh), rc).code() == kd::errc::non_finite);
+    CHECK(cpu.step(std::span<T>(run.ph), std::span<const T>(gh), rc).code() == kd::errc::non_finite);
 
     REQUIRE(gpu.download(ctx, step1, m1, v1, w1).ok());
     const auto params_after = pd.download();
@@ -259,21 +268,19 @@ TEST_CASE_TEMPLATE("cuda adamw: a non-finite gradient changes nothing and sync_s
     CHECK(r.step == 2);
 
     // The run goes on: the next good step is step 3 on both.
-    step_both(ctx, gpu, pd, gd, cpu, ph);
-    compare_state(ctx, gpu, pd.download(), cpu, ph, p0);
+    run.step();
+    run.compare();
   }
 }
 
 TEST_CASE_TEMPLATE("cuda adamw: the state moves between the GPU and CPU optimizers", T, float, kd::bfloat16) {
-  std::size_t n = 0;
-  const auto segs = odd_segments(n);
-  const auto o = options(0.5 * std::sqrt(double(segment_elements(segs))));
-  const auto p0 = random_storage<T>(n, 1.0, rng());
-  arena<T> pd(n, 0), gd(n, 0);
-  pd.upload(p0);
-  kd::cuda::context ctx;
-  kd::cuda::adamw<T> gpu;
-  REQUIRE(gpu.init(ctx, segs, pd.cspan(), o).ok());
+  twin_run<T> run(0.5);
+  kd::cuda::context& ctx = run.ctx;
+  arena<T> &pd = run.pd, &gd = run.gd;
+  kd::cuda::adamw<T>& gpu = run.gpu;
+  const auto& segs = run.segs;
+  const auto& o = run.o;
+  const std::size_t n = run.n;
   for (int s = 0; s < 3; ++s) {
     gd.upload(random_storage<T>(n, 1.0, rng()));
     REQUIRE(gpu.step(ctx, pd.span(), gd.cspan()).ok());
@@ -283,14 +290,14 @@ TEST_CASE_TEMPLATE("cuda adamw: the state moves between the GPU and CPU optimize
   // GPU -> CPU: a CPU optimizer on the GPU's parameters loads the GPU's state and both go on alike.
   std::stringstream saved;
   REQUIRE(gpu.save(ctx, saved).ok());
-  auto ph = pd.download();
-  kd::adamw<T> cpu;
+  auto& ph = run.ph = pd.download();
+  auto& cpu = run.cpu;
   REQUIRE(cpu.init(segs, ph, o).ok());
   const auto loaded = cpu.load(saved);
   REQUIRE_MESSAGE(loaded.ok(), loaded.message());
   CHECK(cpu.steps_taken() == 3);
-  for (int s = 0; s < 2; ++s) step_both(ctx, gpu, pd, gd, cpu, ph);
-  compare_state(ctx, gpu, pd.download(), cpu, ph, p0);
+  for (int s = 0; s < 2; ++s) run.step();
+  run.compare();
 
   // CPU -> GPU: a fresh GPU optimizer on the CPU's parameters loads the CPU's state.
   std::stringstream saved_cpu;
@@ -302,7 +309,7 @@ TEST_CASE_TEMPLATE("cuda adamw: the state moves between the GPU and CPU optimize
   const auto loaded2 = gpu2.load(ctx, saved_cpu);
   REQUIRE_MESSAGE(loaded2.ok(), loaded2.message());
   for (int s = 0; s < 2; ++s) step_both(ctx, gpu2, pd2, gd, cpu, ph);
-  compare_state(ctx, gpu2, pd2.download(), cpu, ph, p0);
+  compare_state(ctx, gpu2, pd2.download(), cpu, ph, run.p0);
 
   // A state of another storage type or arena is refused.
   std::stringstream again;

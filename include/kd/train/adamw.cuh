@@ -266,11 +266,9 @@ __global__ void adamw_master_kernel(const T* __restrict__ params, float* __restr
 // 16-bit parameters live on the device, owned by the optimizer.
 template <class T>
 class adamw {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16> || std::is_same_v<T, half>,
-                "kd: adamw stores parameters as float, kd::bfloat16 or kd::half.");
-
  public:
-  static constexpr bool keeps_master = !std::is_same_v<T, float>;
+  // The CPU reference's rule (and, by instantiating it, its check of T).
+  static constexpr bool keeps_master = kd::adamw<T>::keeps_master;
 
   adamw() = default;
   adamw(const adamw&) = delete;
