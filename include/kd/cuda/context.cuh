@@ -32,7 +32,7 @@ namespace detail {
 
 // Deferred error codes recorded by kernels.
 enum class device_error : unsigned { none = 0, label_out_of_range = 1, non_finite = 2 };
-enum class device_tensor : unsigned { teacher = 1, student = 2, labels = 3, hidden = 4, scores = 5, router = 6 };
+enum class device_tensor : unsigned { teacher = 1, student = 2, labels = 3, hidden = 4, scores = 5, router = 6, gradients = 7 };
 
 // Key layout: row (40 bits) | code (8) | tensor (8) | component slot (8): atomicMin keeps the lowest row.
 __host__ __device__ inline unsigned long long encode_error(long long row, device_error code, device_tensor tensor,
@@ -122,6 +122,10 @@ class context {
     return static_cast<unsigned>(components_.size() - 1);
   }
 
+  // Names the rows of a component's errors where a row is a tensor (the optimizer's segments), so
+  // sync_status() can say which tensor held a non-finite gradient.
+  void name_rows(unsigned slot, std::vector<std::string> names) { row_names_[slot] = std::move(names); }
+
   // Waits for the stream, then reports (and clears) the first error any kernel recorded.
   status sync_status() {
     KD_CUDA_TRY(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
@@ -147,6 +151,14 @@ class context {
                                                   ? "an expert id outside the router's experts at token "
                                                   : "a label outside the vocabulary at token ") +
                                       std::to_string(row) + " (component '" + comp + "')"};
+    if (tensor == detail::device_tensor::gradients) {
+      const auto it = row_names_.find(slot);
+      const std::string which = it != row_names_.end() && static_cast<std::size_t>(row) < it->second.size()
+                                    ? "'" + it->second[static_cast<std::size_t>(row)] + "'"
+                                    : "#" + std::to_string(row);
+      return {errc::non_finite, "non-finite gradient in tensor " + which + " (component '" + comp +
+                                    "'); no parameter was updated and the step was not counted"};
+    }
     return {errc::non_finite, std::string("NaN or Inf in ") + tname + " at token " + std::to_string(row) +
                                   " (component '" + comp + "')"};
   }
@@ -192,6 +204,7 @@ class context {
   unsigned long long* error_ = nullptr;
   std::vector<std::string> components_;
   std::unordered_map<std::uint64_t, cached> cache_;
+  std::unordered_map<unsigned, std::vector<std::string>> row_names_;
 };
 
 // The backend argument of a loss call: a context (stream, scratch, error word).

@@ -46,7 +46,8 @@ struct lr_schedule {
   std::int64_t warmup_steps = 0;
   std::int64_t total_steps = 1;  // the step at which the cosine reaches `floor`
 
-  [[nodiscard]] double lr(std::int64_t step) const noexcept {
+  // Host and device: the CUDA optimizer computes lr(step) on the device (kd/train/adamw.cuh).
+  [[nodiscard]] KD_HOST_DEVICE double lr(std::int64_t step) const noexcept {
     if (step < warmup_steps) return peak * static_cast<double>(step < 0 ? 0 : step) / static_cast<double>(warmup_steps);
     if (step >= total_steps) return total_steps > warmup_steps ? floor : peak;
     const double progress =
@@ -117,6 +118,96 @@ inline std::vector<adamw_segment> model_segments(const model::parameter_table& t
   return out;
 }
 
+// The fp32 scalars of one update, as a kernel receives them. One definition for the CPU reference and
+// the CUDA kernel (kd/train/adamw.cuh), which computes them on the device from the step it counts there.
+struct adamw_scalars {
+  float b1, b2, c1, c2, step_size, inv_sqrt_bc2, eps, scale, decay;
+
+  KD_HOST_DEVICE static adamw_scalars make(const adamw_options& o, std::int64_t step, double lr, double clip) {
+    const double t = static_cast<double>(step);
+    // 1 - beta comes from double: float(1 - 0.999) is within an ulp of 1e-3, 1 - float(0.999) is 2.4e-5 off.
+    return {static_cast<float>(o.beta1),
+            static_cast<float>(o.beta2),
+            static_cast<float>(1.0 - o.beta1),
+            static_cast<float>(1.0 - o.beta2),
+            static_cast<float>(lr / (1.0 - std::pow(o.beta1, t))),
+            static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(o.beta2, t))),
+            static_cast<float>(o.eps),
+            static_cast<float>(clip),
+            static_cast<float>(1.0 - lr * o.weight_decay)};
+  }
+};
+
+// One element of the update (fp32): raw gradient g, moments m and v (updated in place), fp32 weight p
+// in, the new weight out. The same function runs on the CPU and in the CUDA kernel.
+KD_HOST_DEVICE inline float adamw_update(float g, float& m, float& v, float p, bool decay, const adamw_scalars& s) {
+  g *= s.scale;
+  m = s.b1 * m + s.c1 * g;
+  v = s.b2 * v + s.c2 * g * g;
+  if (decay) p *= s.decay;
+  return p - s.step_size * m / (std::sqrt(v) * s.inv_sqrt_bc2 + s.eps);
+}
+
+namespace detail {
+
+// Segments must lie inside an arena of n elements and not overlap.
+inline status check_adamw_segments(const std::vector<adamw_segment>& segments, std::size_t n) {
+  std::vector<bool> used(n, false);
+  for (const adamw_segment& s : segments) {
+    if (s.offset > n || s.numel > n - s.offset)
+      return {errc::out_of_range, "adamw: tensor '" + s.name + "' [" + std::to_string(s.offset) + ", +" +
+                                      std::to_string(s.numel) + ") lies outside the arena of " + std::to_string(n) +
+                                      " elements"};
+    for (std::size_t i = s.offset; i < s.offset + s.numel; ++i) {
+      if (used[i]) return {errc::invalid_argument, "adamw: tensor '" + s.name + "' overlaps another segment"};
+      used[i] = true;
+    }
+  }
+  return {};
+}
+
+// The optimizer state stream, shared by the CPU and CUDA optimizers (a checkpoint moves between them):
+// header {magic, storage size, step, arena size}, then m, v and master as fp32 (master empty for float).
+inline constexpr std::uint64_t adamw_magic = 0x31574d4144416b64ull;  // "kdADAMW1"
+
+inline status write_adamw_state(std::ostream& os, std::uint64_t storage_size, std::int64_t step,
+                                std::span<const float> m, std::span<const float> v, std::span<const float> master) {
+  const std::uint64_t header[4] = {adamw_magic, storage_size, static_cast<std::uint64_t>(step), m.size()};
+  os.write(reinterpret_cast<const char*>(header), sizeof header);
+  for (std::span<const float> vec : {m, v, master})
+    os.write(reinterpret_cast<const char*>(vec.data()), static_cast<std::streamsize>(vec.size() * sizeof(float)));
+  if (!os) return {errc::io_error, "adamw: writing the optimizer state failed"};
+  return {};
+}
+
+// Reads a state of an arena of n elements into m, v and (when with_master) master; nothing is changed
+// on an error.
+inline status read_adamw_state(std::istream& is, std::uint64_t storage_size, std::size_t n, bool with_master,
+                               std::int64_t& step, std::vector<float>& m_out, std::vector<float>& v_out,
+                               std::vector<float>& master_out) {
+  std::uint64_t header[4] = {};
+  if (!is.read(reinterpret_cast<char*>(header), sizeof header))
+    return {errc::io_error, "adamw: optimizer state truncated (header)"};
+  if (header[0] != adamw_magic) return {errc::invalid_argument, "adamw: not an optimizer state (bad magic)"};
+  if (header[1] != storage_size)
+    return {errc::invalid_argument, "adamw: state saved for " + std::to_string(header[1]) +
+                                        "-byte parameters, this optimizer stores " + std::to_string(storage_size)};
+  if (header[3] != n)
+    return {errc::shape_mismatch, "adamw: state of an arena of " + std::to_string(header[3]) +
+                                      " elements, this optimizer has " + std::to_string(n)};
+  std::vector<float> m(n), v(n), master(with_master ? n : 0);
+  for (auto* vec : {&m, &v, &master})
+    if (!is.read(reinterpret_cast<char*>(vec->data()), static_cast<std::streamsize>(vec->size() * sizeof(float))))
+      return {errc::io_error, "adamw: optimizer state truncated"};
+  step = static_cast<std::int64_t>(header[2]);
+  m_out = std::move(m);
+  v_out = std::move(v);
+  master_out = std::move(master);
+  return {};
+}
+
+}  // namespace detail
+
 struct adamw_step_result {
   std::int64_t step = 0;    // the step just taken (1-based)
   double lr = 0.0;          // its learning rate
@@ -137,17 +228,7 @@ class adamw {
   // fp32 master copy of 16-bit parameters). Resets the step count.
   status init(std::vector<adamw_segment> segments, std::span<const T> params, const adamw_options& o) {
     KD_TRY(o.validate());
-    std::vector<bool> used(params.size(), false);
-    for (const adamw_segment& s : segments) {
-      if (s.offset > params.size() || s.numel > params.size() - s.offset)
-        return {errc::out_of_range, "adamw: tensor '" + s.name + "' [" + std::to_string(s.offset) + ", +" +
-                                        std::to_string(s.numel) + ") lies outside the arena of " +
-                                        std::to_string(params.size()) + " elements"};
-      for (std::size_t i = s.offset; i < s.offset + s.numel; ++i) {
-        if (used[i]) return {errc::invalid_argument, "adamw: tensor '" + s.name + "' overlaps another segment"};
-        used[i] = true;
-      }
-    }
+    KD_TRY(detail::check_adamw_segments(segments, params.size()));
     opt_ = o;
     segments_ = std::move(segments);
     step_ = 0;
@@ -188,23 +269,11 @@ class adamw {
 
     ++step_;
     const double lr = opt_.schedule.lr(step_);
-    const double t = static_cast<double>(step_);
-    // Scalars of the element loop, in fp32 as a kernel would receive them.
-    // 1 - beta comes from double: float(1 - 0.999) is within an ulp of 1e-3, 1 - float(0.999) is 2.4e-5 off.
-    const float b1 = static_cast<float>(opt_.beta1), b2 = static_cast<float>(opt_.beta2);
-    const float c1 = static_cast<float>(1.0 - opt_.beta1), c2 = static_cast<float>(1.0 - opt_.beta2);
-    const float step_size = static_cast<float>(lr / (1.0 - std::pow(opt_.beta1, t)));
-    const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(opt_.beta2, t)));
-    const float eps = static_cast<float>(opt_.eps), scale = static_cast<float>(clip);
-    const float decay = static_cast<float>(1.0 - lr * opt_.weight_decay);
+    const adamw_scalars sc = adamw_scalars::make(opt_, step_, lr, clip);
     for (const adamw_segment& s : segments_) {
       for (std::size_t i = s.offset; i < s.offset + s.numel; ++i) {
-        const float g = scale * load_as<float>(grads[i]);
-        const float m = m_[i] = b1 * m_[i] + c1 * g;
-        const float v = v_[i] = b2 * v_[i] + c2 * g * g;
-        float p = keeps_master ? master_[i] : load_as<float>(params[i]);
-        if (s.decay) p *= decay;
-        p -= step_size * m / (std::sqrt(v) * inv_sqrt_bc2 + eps);
+        const float p = adamw_update(load_as<float>(grads[i]), m_[i], v_[i],
+                                     keeps_master ? master_[i] : load_as<float>(params[i]), s.decay, sc);
         if constexpr (keeps_master) master_[i] = p;
         params[i] = store_as<T>(p);
       }
@@ -223,41 +292,14 @@ class adamw {
 
   // Binary state: magic, storage size, step, arena size, m, v, master. Options and segments are not
   // stored: init() with the run's own before load().
-  status save(std::ostream& os) const {
-    const std::uint64_t header[4] = {magic, sizeof(T), static_cast<std::uint64_t>(step_), m_.size()};
-    os.write(reinterpret_cast<const char*>(header), sizeof header);
-    for (const auto* vec : {&m_, &v_, &master_})
-      os.write(reinterpret_cast<const char*>(vec->data()), static_cast<std::streamsize>(vec->size() * sizeof(float)));
-    if (!os) return {errc::io_error, "adamw: writing the optimizer state failed"};
-    return {};
-  }
+  status save(std::ostream& os) const { return detail::write_adamw_state(os, sizeof(T), step_, m_, v_, master_); }
 
   // Replaces step, m, v and master with a saved state of the same arena and storage type.
   status load(std::istream& is) {
-    std::uint64_t header[4] = {};
-    if (!is.read(reinterpret_cast<char*>(header), sizeof header))
-      return {errc::io_error, "adamw: optimizer state truncated (header)"};
-    if (header[0] != magic) return {errc::invalid_argument, "adamw: not an optimizer state (bad magic)"};
-    if (header[1] != sizeof(T))
-      return {errc::invalid_argument, "adamw: state saved for " + std::to_string(header[1]) +
-                                          "-byte parameters, this optimizer stores " + std::to_string(sizeof(T))};
-    if (header[3] != m_.size())
-      return {errc::shape_mismatch, "adamw: state of an arena of " + std::to_string(header[3]) +
-                                        " elements, this optimizer has " + std::to_string(m_.size())};
-    std::vector<float> m(m_.size()), v(v_.size()), master(master_.size());
-    for (auto* vec : {&m, &v, &master})
-      if (!is.read(reinterpret_cast<char*>(vec->data()), static_cast<std::streamsize>(vec->size() * sizeof(float))))
-        return {errc::io_error, "adamw: optimizer state truncated"};
-    step_ = static_cast<std::int64_t>(header[2]);
-    m_ = std::move(m);
-    v_ = std::move(v);
-    master_ = std::move(master);
-    return {};
+    return detail::read_adamw_state(is, sizeof(T), m_.size(), keeps_master, step_, m_, v_, master_);
   }
 
  private:
-  static constexpr std::uint64_t magic = 0x31574d4144416b64ull;  // "kdADAMW1"
-
   adamw_options opt_;
   std::vector<adamw_segment> segments_;
   std::int64_t step_ = 0;
