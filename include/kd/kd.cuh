@@ -10,3 +10,4 @@
 #include <kd/loss/feature.cuh>
 #include <kd/loss/moe.cuh>
 #include <kd/loss/attention.cuh>
+#include <kd/train/adamw.cuh>

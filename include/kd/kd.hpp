@@ -25,3 +25,4 @@
 #include <kd/train/loss_scaler.hpp>
 #include <kd/train/finite_guard.hpp>
 #include <kd/train/adamw.hpp>
+#include <kd/train/interrupt.hpp>
