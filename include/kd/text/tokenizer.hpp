@@ -19,11 +19,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -491,6 +493,46 @@ inline status load_tokenizer(std::string_view name, const std::string& data_dir,
   if (name == "gpt2")
     return tokenizer::from_gpt2(data_dir + "/tokenizers/gpt2/encoder.json", data_dir + "/tokenizers/gpt2/vocab.bpe", out);
   return {errc::invalid_argument, "unknown tokenizer '" + std::string(name) + "' (expected qwen3 or gpt2)"};
+}
+
+// Encodes a large text on `threads` threads (0: hardware concurrency), each with its own clone. The text
+// is cut only after a '\n' followed by an ASCII letter: both reference regexes end a piece there, no added
+// token contains a newline and NFC never joins across it, so the ids equal one encode() of the whole text.
+inline status encode_parallel(const tokenizer& tok, std::string_view text, encoding& out, unsigned threads = 0,
+                              std::string_view name = "text") {
+  if (!tok.loaded()) return {errc::invalid_argument, "tokenizer not loaded"};
+  KD_TRY(validate_utf8(text, name));
+  if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+  std::vector<std::size_t> cuts{0};
+  const std::size_t want = std::max<std::size_t>(1, std::min<std::size_t>(threads * 4, text.size() / (1 << 16) + 1));
+  for (std::size_t k = 1; k < want; ++k) {
+    std::size_t c = std::max(cuts.back() + 1, text.size() * k / want);
+    while (c < text.size() && !(text[c - 1] == '\n' && ((text[c] | 0x20) >= 'a' && (text[c] | 0x20) <= 'z'))) ++c;
+    if (c >= text.size()) break;
+    cuts.push_back(c);
+  }
+  cuts.push_back(text.size());
+  const std::size_t chunks = cuts.size() - 1;
+  std::vector<encoding> parts(chunks);
+  std::vector<status> results(chunks);
+  std::atomic<std::size_t> next{0};
+  auto work = [&] {
+    tokenizer t = tok.clone();
+    for (std::size_t c; (c = next.fetch_add(1)) < chunks;)
+      results[c] = t.encode(text.substr(cuts[c], cuts[c + 1] - cuts[c]), parts[c], name,
+                            static_cast<std::uint32_t>(cuts[c]));
+  };
+  std::vector<std::thread> pool;
+  for (unsigned i = 1; i < std::min<std::size_t>(threads, chunks); ++i) pool.emplace_back(work);
+  work();
+  for (auto& th : pool) th.join();
+  for (std::size_t c = 0; c < chunks; ++c) {
+    KD_TRY(results[c]);
+    out.ids.insert(out.ids.end(), parts[c].ids.begin(), parts[c].ids.end());
+    out.begin.insert(out.begin.end(), parts[c].begin.begin(), parts[c].begin.end());
+    out.end.insert(out.end.end(), parts[c].end.begin(), parts[c].end.end());
+  }
+  return ok_status();
 }
 
 }  // namespace kd::text
