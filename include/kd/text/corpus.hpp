@@ -156,8 +156,8 @@ inline status default_corpus(const std::string& data_dir, std::vector<document>&
 }
 
 // Train/validation split, never random by line. by_document: the named documents are validation.
-// tail_range: the last `fraction` of every document's bytes (moved forward to the next line start) is
-// validation (a cut inside a line moves to the next line start). describe() records the split for the manifest.
+// tail_range: the last `fraction` of every document's bytes is validation (a cut inside a line moves to
+// the next line start). describe() records the split for the manifest.
 struct split_spec {
   enum kind_t { tail_range, by_document } kind = tail_range;
   double fraction = 0.02;
