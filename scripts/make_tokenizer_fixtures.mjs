@@ -83,3 +83,10 @@ writeFileSync(file, JSON.stringify({
   cases: out,
 }, null, 1) + "\n");
 console.log(`wrote ${out.length} cases to ${file}`);
+
+// The CLI test (examples/kd_text_encode.cmake): a file with every case, and each tokenizer's ids of it as
+// `kd_text encode` prints them (one line, decimal ids separated by spaces).
+const sample = cases.filter((t) => t.length > 0).join("\n");
+writeFileSync(resolve(root, "tests/text_fixtures/sample.txt"), sample);
+writeFileSync(resolve(root, "tests/text_fixtures/sample.qwen3.ids"), Array.from(qwen3.encode(sample)).join(" ") + "\n");
+writeFileSync(resolve(root, "tests/text_fixtures/sample.gpt2.ids"), gpt2.encode(sample).join(" ") + "\n");
