@@ -3,10 +3,12 @@
 // cover the text, decode(encode(x)) == x, and clear errors for bad input and missing files.
 #include <doctest/doctest.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <unistd.h>
 
 #include <kd/text/tokenizer.hpp>
 
@@ -120,6 +122,14 @@ TEST_CASE("bad input and missing files give clear errors") {
   CHECK_FALSE(s.ok());
   CHECK(s.message().find("/nonexistent/tokenizers/qwen3/tokenizer.json: cannot open") != std::string::npos);
   CHECK(s.message().find("scripts/fetch_text_data.sh") != std::string::npos);
+  const std::string junk = "/tmp/kd_text_test_junk_" + std::to_string(::getpid()) + ".json";
+  std::ofstream(junk) << "{\"model\": ";
+  s = kd::text::tokenizer::from_hf_json(junk, t);
+  CHECK(s.message() == junk + ": not valid JSON");
+  std::ofstream(junk) << "{\"model\": {\"type\": \"Unigram\"}}";
+  s = kd::text::tokenizer::from_hf_json(junk, t);
+  CHECK(s.message() == junk + ": model is not a BPE with vocab and merges");
+  std::remove(junk.c_str());
   s = kd::text::load_tokenizer("llama", data_dir(), t);
   CHECK(s.code() == kd::errc::invalid_argument);
 

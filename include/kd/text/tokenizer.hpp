@@ -146,6 +146,18 @@ class tokenizer {
     std::unique_ptr<pcre2_code, detail::pcre2_deleter> regex;
     bool nfc = false;
     std::uint64_t hash = 0;
+
+    // Merge `rank`: byte-level strings a and b, both and their concatenation in the vocabulary.
+    status add_merge(std::string_view a, std::string_view b, std::uint32_t rank, const std::string& where) {
+      std::string left, right;
+      if (!detail::unicode_to_bytes(a, left) || !detail::unicode_to_bytes(b, right))
+        return {errc::io_error, where + ": merge " + std::to_string(rank) + " is not byte-level"};
+      auto il = bytes_id.find(left), ir = bytes_id.find(right), im = bytes_id.find(left + right);
+      if (il == bytes_id.end() || ir == bytes_id.end() || im == bytes_id.end())
+        return {errc::io_error, where + ": merge " + std::to_string(rank) + " names a token not in the vocabulary"};
+      merges.try_emplace(detail::pair_key(il->second, ir->second), rank, im->second);  // the first rank wins
+      return ok_status();
+    }
   };
 
   static status finish(std::shared_ptr<model> m, std::string_view pattern, std::string_view what, tokenizer& out);
@@ -238,7 +250,6 @@ inline status tokenizer::from_hf_json(const std::string& path, tokenizer& out) {
     pattern = (*split)["pattern"]["Regex"].get<std::string>();
   else
     return {errc::io_error, path + ": no Split pre-tokenizer regex found"};
-  std::string left, right;
   std::uint32_t rank = 0;
   for (const auto& mg : mj["merges"]) {
     std::string a, b;
@@ -254,13 +265,7 @@ inline status tokenizer::from_hf_json(const std::string& path, tokenizer& out) {
     } else {
       return {errc::io_error, path + ": merge " + std::to_string(rank) + " is neither a pair nor a string"};
     }
-    if (!detail::unicode_to_bytes(a, left) || !detail::unicode_to_bytes(b, right))
-      return {errc::io_error, path + ": merge " + std::to_string(rank) + " is not byte-level"};
-    auto il = m->bytes_id.find(left), ir = m->bytes_id.find(right), im = m->bytes_id.find(left + right);
-    if (il == m->bytes_id.end() || ir == m->bytes_id.end() || im == m->bytes_id.end())
-      return {errc::io_error, path + ": merge " + std::to_string(rank) + " names a token not in the vocab"};
-    m->merges.try_emplace(detail::pair_key(il->second, ir->second), rank, im->second);
-    ++rank;
+    KD_TRY(m->add_merge(a, b, rank++, path));
   }
   return finish(std::move(m), pattern, path, out);
 }
@@ -285,7 +290,6 @@ inline status tokenizer::from_gpt2(const std::string& encoder_json, const std::s
   }
   std::string_view rest(merges);
   std::uint32_t rank = 0;
-  std::string left, right;
   bool first = true;
   while (!rest.empty()) {
     const auto nl = rest.find('\n');
@@ -296,13 +300,7 @@ inline status tokenizer::from_gpt2(const std::string& encoder_json, const std::s
     if (line.empty()) continue;
     const auto sp = line.find(' ');
     if (sp == std::string_view::npos) return {errc::io_error, vocab_bpe + ": merge line without a space"};
-    if (!detail::unicode_to_bytes(line.substr(0, sp), left) || !detail::unicode_to_bytes(line.substr(sp + 1), right))
-      return {errc::io_error, vocab_bpe + ": merge " + std::to_string(rank) + " is not byte-level"};
-    auto il = m->bytes_id.find(left), ir = m->bytes_id.find(right), im = m->bytes_id.find(left + right);
-    if (il == m->bytes_id.end() || ir == m->bytes_id.end() || im == m->bytes_id.end())
-      return {errc::io_error, vocab_bpe + ": merge " + std::to_string(rank) + " names a token not in encoder.json"};
-    m->merges.try_emplace(detail::pair_key(il->second, ir->second), rank, im->second);
-    ++rank;
+    KD_TRY(m->add_merge(line.substr(0, sp), line.substr(sp + 1), rank++, vocab_bpe));
   }
   return finish(std::move(m), gpt2_pattern, encoder_json, out);
 }
