@@ -7,8 +7,8 @@ same run, printed side by side (a benchmarks/RESULTS.md table), and an exactness
 
 Needs `tokenizers` (no network: the files come from .data/, filled by scripts/fetch_text_data.sh and
 carried to the machine). HF's single-thread number is Tokenizer.encode of the whole text; the all-threads
-number is encode_batch over the same chunks kd cuts (after a newline followed by an ASCII letter, where
-both tokenizers' pre-tokenizer regexes end a piece, so chunked ids equal whole-text ids).
+number is encode_batch over the same chunks kd cuts (kd::text::safe_cut: before an ASCII letter that follows
+a newline that follows a printable ASCII character, where chunked ids equal whole-text ids).
 """
 import argparse
 import json
@@ -51,7 +51,7 @@ def main():
     # The chunks kd cuts for its parallel encoder.
     want = max(1, min(args.threads * 4, nbytes // 65536 + 1))
     cuts = [0]
-    starts = [m.end() for m in re.finditer(r"\n(?=[A-Za-z])", text)]
+    starts = [m.end() for m in re.finditer(r"(?<=[\x21-\x7e])\n(?=[A-Za-z])", text)]
     k = 1
     for s in starts:
         if k >= want:

@@ -10,6 +10,7 @@
 #include <string>
 #include <unistd.h>
 
+#include <kd/core/rng.hpp>
 #include <kd/text/tokenizer.hpp>
 
 namespace {
@@ -136,4 +137,46 @@ TEST_CASE("bad input and missing files give clear errors") {
   std::uint32_t id = 999999;
   std::string out;
   CHECK(q.decode(&id, 1, out).code() == kd::errc::out_of_range);
+}
+
+TEST_CASE("random text: decode(encode(x)) is x (GPT-2) or NFC(x) (Qwen3); parallel equals serial") {
+  // Code points from every class the regexes distinguish: letters of several scripts, digits, marks,
+  // spaces of several kinds, newlines, punctuation, symbols, emoji pieces, the added-token alphabet.
+  const std::vector<std::string> pool = {"a", "Z", "é", "e\xcc\x81", "ß", "中", "ا", "ж", "1", "٣", "\xcc\x88", " ", "  ",
+                                         "\t", "\n", "\r\n", "\xc2\xa0", "\xe3\x80\x80", ".", "'", "'s", "'LL", "<|", "|>",
+                                         "endoftext", "im_start", "\xf0\x9f\x91\xa8", "\xe2\x80\x8d", "\xef\xb8\x8f", "$",
+                                         "\xf0\x9d\x94\x98", "\xea\xb0\x80", "\xe1\x84\x80\xe1\x85\xa1"};
+  kd::rng r(2026);
+  auto& q = get("qwen3");
+  auto& g = get("gpt2");
+  std::string big;
+  for (int c = 0; c < 300; ++c) {
+    std::string s;
+    const auto n = 1 + r.below(60);
+    for (std::uint64_t i = 0; i < n; ++i) s += pool[r.below(pool.size())];
+    big += s + (c % 2 ? "\nWord " : "\n\nWord ");
+    for (auto* t : {&q, &g}) {
+      kd::text::encoding e;
+      REQUIRE(t->encode(s, e).ok());
+      std::string back;
+      REQUIRE(t->decode(e.ids.data(), e.ids.size(), back).ok());
+      std::string want = s;
+      if (t == &q) {
+        auto* nfc = utf8proc_NFC(reinterpret_cast<const utf8proc_uint8_t*>(s.c_str()));
+        want = reinterpret_cast<const char*>(nfc);
+        std::free(nfc);
+      }
+      CHECK(back == want);
+      CHECK(e.end.back() == s.size());
+    }
+  }
+  for (int k = 0; k < 3; ++k) big += "\n\n\nEnd.\nStart  \nNext " + big;  // > 3 x 64 KiB: several chunks
+  REQUIRE(big.size() > 3 * 65536);
+  for (auto* t : {&q, &g}) {
+    kd::text::encoding a, b;
+    REQUIRE(t->encode(big, a).ok());
+    REQUIRE(kd::text::encode_parallel(*t, big, b, 4).ok());
+    CHECK(a.ids == b.ids);
+    CHECK(a.begin == b.begin);
+  }
 }

@@ -6,7 +6,8 @@
 //    is plain text (only its id exists).
 // encode() returns ids and each token's [begin, end) byte offsets in the ORIGINAL text. Tokens are byte
 // sequences, so a token may end inside a multi-byte character. Where NFC changed the text, a token's
-// offsets are widened to whole normalization runs (a starter and its combining marks).
+// offsets are widened to whole normalization runs (a starter, its combining marks and any starter that
+// composes with it).
 // Speed: the text is validated as UTF-8 once and PCRE2 then matches with PCRE2_NO_UTF_CHECK (otherwise it
 // re-validates the whole subject on every call); BPE looks merges up in one hash map keyed by the id
 // pair and caches words. A tokenizer is immutable after loading except for its word cache, so use one
@@ -81,6 +82,23 @@ inline bool unicode_to_bytes(std::string_view s, std::string& out) {
     i += len;
   }
   return true;
+}
+
+inline std::string nfc(std::string_view s) {
+  utf8proc_uint8_t* dst = nullptr;
+  const utf8proc_ssize_t len = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()),
+                                            static_cast<utf8proc_ssize_t>(s.size()), &dst,
+                                            static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
+  std::string out = len < 0 ? std::string(s) : std::string(reinterpret_cast<const char*>(dst), static_cast<std::size_t>(len));
+  std::free(dst);
+  return out;
+}
+
+// Whether NFC joins the starter `next` to the run before it (NFC(run + next) != NFC(run) + NFC(next)).
+inline bool composes_with(std::string_view run, std::string_view next) {
+  std::string both(run);
+  both += next;
+  return nfc(both) != nfc(run) + nfc(next);
 }
 
 inline std::uint64_t pair_key(std::uint32_t a, std::uint32_t b) { return (std::uint64_t{a} << 32) | b; }
@@ -383,8 +401,8 @@ inline void tokenizer::encode_segment(std::string_view seg, std::uint32_t base, 
     pretokenize(seg, base, out);
     return;
   }
-  // NFC run by run (a run: a code point of combining class 0 and the non-starters after it), so each
-  // normalized byte knows the original run it came from.
+  // NFC run by run (a run: a code point of combining class 0, the non-starters after it and any starter
+  // that composes with it), so each normalized byte knows the original run it came from.
   std::string norm;
   std::vector<std::uint32_t> run_begin, run_end;  // per normalized byte: its run in seg
   const auto* p = reinterpret_cast<const utf8proc_uint8_t*>(seg.data());
@@ -396,30 +414,22 @@ inline void tokenizer::encode_segment(std::string_view seg, std::uint32_t base, 
     j += utf8proc_iterate(p + j, n - j, &cp);
     while (j < n) {
       const utf8proc_ssize_t len = utf8proc_iterate(p + j, n - j, &cp);
-      if (utf8proc_get_property(cp)->combining_class == 0) break;
+      // A starter ends the run unless it composes with it (Hangul jamo, a few vowel signs: never ASCII).
+      if (utf8proc_get_property(cp)->combining_class == 0 &&
+          (cp < 0x80 || !detail::composes_with(seg.substr(static_cast<std::size_t>(i), static_cast<std::size_t>(j - i)),
+                                                seg.substr(static_cast<std::size_t>(j), static_cast<std::size_t>(len)))))
+        break;
       j += len;
     }
-    bool ascii_run = j - i == 1;
-    if (ascii_run) {
-      norm.push_back(seg[static_cast<std::size_t>(i)]);
-    } else {
-      utf8proc_uint8_t* dst = nullptr;
-      const utf8proc_ssize_t len = utf8proc_map(p + i, j - i, &dst, static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
-      if (len < 0) norm.append(seg.substr(static_cast<std::size_t>(i), static_cast<std::size_t>(j - i)));
-      else norm.append(reinterpret_cast<const char*>(dst), static_cast<std::size_t>(len));
-      std::free(dst);
-    }
+    if (j - i == 1) norm.push_back(seg[static_cast<std::size_t>(i)]);  // ASCII
+    else norm += detail::nfc(seg.substr(static_cast<std::size_t>(i), static_cast<std::size_t>(j - i)));
     run_begin.resize(norm.size(), static_cast<std::uint32_t>(i));
     run_end.resize(norm.size(), static_cast<std::uint32_t>(j));
     i = j;
   }
-  // Runs normalized one by one equal the whole segment normalized except where a starter composes with
-  // the starter before it (Hangul jamo, a few Indic vowel signs): then normalize the segment whole and
-  // map every token to the whole segment.
-  utf8proc_uint8_t* whole = nullptr;
-  const utf8proc_ssize_t wlen = utf8proc_map(p, n, &whole, static_cast<utf8proc_option_t>(UTF8PROC_STABLE | UTF8PROC_COMPOSE));
-  std::string whole_s = wlen < 0 ? std::string(seg) : std::string(reinterpret_cast<const char*>(whole), static_cast<std::size_t>(wlen));
-  std::free(whole);
+  // Runs normalized one by one equal the whole segment normalized (composing starters join their run);
+  // should they ever differ, the whole segment's NFC is used and every token maps to the whole segment.
+  std::string whole_s = detail::nfc(seg);
   if (whole_s == seg) {  // already NFC: exact byte offsets
     pretokenize(seg, base, out);
     return;
@@ -493,9 +503,20 @@ inline status load_tokenizer(std::string_view name, const std::string& data_dir,
   return {errc::invalid_argument, "unknown tokenizer '" + std::string(name) + "' (expected qwen3 or gpt2)"};
 }
 
-// Encodes a large text on `threads` threads (0: hardware concurrency), each with its own clone. The text
-// is cut only after a '\n' followed by an ASCII letter: both reference regexes end a piece there, no added
-// token contains a newline and NFC never joins across it, so the ids equal one encode() of the whole text.
+// True when the text may be cut before byte c without changing any token: c follows a '\n' that itself
+// follows a printable ASCII non-space, and starts an ASCII letter. Both reference regexes end a piece
+// there, and they end it the same way at the end of a chunk (a whitespace run of two or more before a
+// letter would not: GPT-2's \s+(?!\S) splits off its last character only when a letter follows). No added
+// token holds a newline, and NFC never joins across one.
+inline bool safe_cut(std::string_view text, std::size_t c) {
+  if (c < 2 || c >= text.size()) return false;
+  const auto before = static_cast<unsigned char>(text[c - 2]);
+  const auto letter = static_cast<unsigned char>(text[c] | 0x20);
+  return text[c - 1] == '\n' && before > 0x20 && before < 0x7f && letter >= 'a' && letter <= 'z';
+}
+
+// Encodes a large text on `threads` threads (0: hardware concurrency), each with its own clone, cutting it
+// only where safe_cut() holds, so the ids and offsets equal one encode() of the whole text.
 inline status encode_parallel(const tokenizer& tok, std::string_view text, encoding& out, unsigned threads = 0,
                               std::string_view name = "text") {
   if (!tok.loaded()) return {errc::invalid_argument, "tokenizer not loaded"};
@@ -505,7 +526,7 @@ inline status encode_parallel(const tokenizer& tok, std::string_view text, encod
   const std::size_t want = std::max<std::size_t>(1, std::min<std::size_t>(threads * 4, text.size() / (1 << 16) + 1));
   for (std::size_t k = 1; k < want; ++k) {
     std::size_t c = std::max(cuts.back() + 1, text.size() * k / want);
-    while (c < text.size() && !(text[c - 1] == '\n' && ((text[c] | 0x20) >= 'a' && (text[c] | 0x20) <= 'z'))) ++c;
+    while (c < text.size() && !safe_cut(text, c)) ++c;
     if (c >= text.size()) break;
     cuts.push_back(c);
   }
