@@ -31,8 +31,13 @@ deb_extract() {
   local pkg=$1 dest=$data/corpus/deb/$1
   [[ -f $dest/.done ]] && return 0
   local tmp; tmp=$(mktemp -d)
-  (cd "$tmp" && apt-get download -q "$pkg" >/dev/null 2>&1) ||
-    { rm -rf "$tmp"; die "apt-get download $pkg failed (run apt-get update first?)"; }
+  if ! (cd "$tmp" && apt-get download -q "$pkg" >/dev/null 2>&1); then
+    # Package lists may be missing on a fresh image: refresh them once (root or sudo) and retry.
+    local sudo=(); [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1 && sudo=(sudo)
+    "${sudo[@]}" apt-get update -q >/dev/null 2>&1 || true
+    (cd "$tmp" && apt-get download -q "$pkg" >/dev/null 2>&1) ||
+      { rm -rf "$tmp"; die "apt-get download $pkg failed (run apt-get update first?)"; }
+  fi
   rm -rf "$dest"; mkdir -p "$dest"
   dpkg-deb -x "$tmp"/*.deb "$dest"
   rm -rf "$tmp"; touch "$dest/.done"
