@@ -22,6 +22,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -100,6 +101,11 @@ inline bool composes_with(std::string_view run, std::string_view next) {
   both += next;
   return nfc(both) != nfc(run) + nfc(next);
 }
+
+struct string_hash {
+  using is_transparent = void;
+  std::size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+};
 
 inline std::uint64_t pair_key(std::uint32_t a, std::uint32_t b) { return (std::uint64_t{a} << 32) | b; }
 
@@ -185,7 +191,7 @@ class tokenizer {
 
   std::shared_ptr<const model> m_;
   std::unique_ptr<pcre2_match_data, detail::pcre2_deleter> match_;
-  std::unordered_map<std::string, std::vector<std::uint32_t>> cache_;
+  std::unordered_map<std::string, std::vector<std::uint32_t>, detail::string_hash, std::equal_to<>> cache_;
   std::vector<std::uint32_t> word_ids_;
 };
 
@@ -326,7 +332,7 @@ inline status tokenizer::from_gpt2(const std::string& encoder_json, const std::s
 // BPE of one pre-token: repeatedly merge the adjacent pair of lowest rank (leftmost on ties).
 inline void tokenizer::bpe_word(std::string_view word, std::vector<std::uint32_t>& ids) {
   if (word.size() < 64) {
-    auto it = cache_.find(std::string(word));
+    auto it = cache_.find(word);  // heterogeneous lookup: no string built per word
     if (it != cache_.end()) {
       ids.insert(ids.end(), it->second.begin(), it->second.end());
       return;
