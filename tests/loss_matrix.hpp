@@ -1,0 +1,777 @@
+// tests/loss_matrix.hpp: a generated test matrix for the token losses, in the style of ggml's
+// test-backend-ops: each loss declares its parameter space (a *_space), generate() takes the product and
+// prunes impossible combinations, and run_*_case() runs one case through a backend executor and checks it
+// against the fp64 CPU reference. The executor is the only backend-specific part (tests/test_loss_matrix.cpp
+// runs kd::cpu on host vectors, tests/cuda/test_cuda_loss_matrix.cu uploads and runs kd::cuda), so the CPU
+// and CUDA matrices share the generator, the inputs, the reference and the verdicts.
+//
+// Every case draws fresh inputs from its own seed (run seed x case index; the run seed comes from
+// KD_MATRIX_SEED or std::random_device and is printed with every failure), poisons its gradient outputs with
+// NaN unless it accumulates, and compares the loss, the token count and every gradient element (relative to
+// the reference gradient's max-abs). Bad-input cases must be rejected: an unexpected ok fails.
+// Free of doctest macros: the test files turn verdicts into CHECKs.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <map>
+#include <memory>
+#include <random>
+#include <span>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include <kd/kd.hpp>
+
+namespace kdmatrix {
+
+using kd::index_t;
+
+// ---------------------------------------------------------------------------------------------
+// Parameter values
+// ---------------------------------------------------------------------------------------------
+enum class prec { fp32, bf16, fp16 };
+enum class div_kind { forward_kl, reverse_kl, jsd, skew_kl, tvd };
+enum class vocab_layout { shared, padded, mapped };  // one vocabulary; padded columns; teacher -> student map
+enum class ignore_mode { none, some, all };          // no labels / every third row ignored / every row ignored
+enum class reduce_mode { sum, mean, mean_global };   // kd::none; token_mean; token_mean with global_tokens
+
+inline const char* name_of(prec p) { return p == prec::fp32 ? "fp32" : p == prec::bf16 ? "bf16" : "fp16"; }
+inline const char* name_of(div_kind d) {
+  constexpr const char* n[] = {"forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"};
+  return n[static_cast<int>(d)];
+}
+inline const char* name_of(vocab_layout l) {
+  return l == vocab_layout::shared ? "shared" : l == vocab_layout::padded ? "padded" : "mapped";
+}
+inline const char* name_of(ignore_mode i) {
+  return i == ignore_mode::none ? "no-labels" : i == ignore_mode::some ? "some-ignored" : "all-ignored";
+}
+inline const char* name_of(reduce_mode r) {
+  return r == reduce_mode::sum ? "sum" : r == reduce_mode::mean ? "mean" : "mean-global";
+}
+
+// Storage type of a precision, as a tag passed to generic lambdas.
+template <class T>
+struct type_tag {
+  using type = T;
+};
+template <class F>
+decltype(auto) with_storage(prec p, F&& f) {
+  switch (p) {
+    case prec::fp32: return f(type_tag<float>{});
+    case prec::bf16: return f(type_tag<kd::bfloat16>{});
+    default: return f(type_tag<kd::half>{});
+  }
+}
+template <class F>
+decltype(auto) with_divergence(div_kind d, F&& f) {
+  switch (d) {
+    case div_kind::forward_kl: return f(type_tag<kd::forward_kl>{});
+    case div_kind::reverse_kl: return f(type_tag<kd::reverse_kl>{});
+    case div_kind::jsd: return f(type_tag<kd::jsd>{});
+    case div_kind::skew_kl: return f(type_tag<kd::skew_kl>{});
+    default: return f(type_tag<kd::tvd>{});
+  }
+}
+template <class F>
+decltype(auto) with_reduction(reduce_mode r, F&& f) {
+  if (r == reduce_mode::sum) return f(type_tag<kd::none>{});
+  return f(type_tag<kd::token_mean>{});
+}
+
+// Tolerances: fp32 storage ~1e-5 relative, 16-bit storage ~1e-2 (inputs are rounded to storage before the
+// reference sees them, so only accumulation and output rounding differ).
+inline double tolerance(prec p) { return p == prec::fp32 ? 2e-5 : 1e-2; }
+
+// ---------------------------------------------------------------------------------------------
+// Seeds
+// ---------------------------------------------------------------------------------------------
+inline std::uint64_t splitmix(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// KD_MATRIX_SEED=<n> reproduces a run; otherwise a fresh seed per run.
+inline std::uint64_t run_seed() {
+  static const std::uint64_t s = [] {
+    if (const char* e = std::getenv("KD_MATRIX_SEED")) return static_cast<std::uint64_t>(std::strtoull(e, nullptr, 10));
+    return (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^ std::random_device{}();
+  }();
+  return s;
+}
+
+// KD_MATRIX_ONLY=<substring> runs only the cases whose name contains it.
+inline bool selected(const std::string& name) {
+  const char* e = std::getenv("KD_MATRIX_ONLY");
+  return e == nullptr || name.find(e) != std::string::npos;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics and verdicts
+// ---------------------------------------------------------------------------------------------
+struct verdict {
+  bool ok = true;
+  std::string what;  // case name and numbers on failure
+  double loss_err = 0, grad_err = 0;
+};
+
+// Cases run and worst errors per precision (reported with MESSAGE at the end of each test).
+struct stats {
+  long cases[3] = {0, 0, 0};
+  long bad_inputs = 0;
+  double worst_loss[3] = {0, 0, 0}, worst_grad[3] = {0, 0, 0};
+  std::vector<std::string> failures;
+
+  void add(prec p, const verdict& v) {
+    const int i = static_cast<int>(p);
+    ++cases[i];
+    // NaN errors count as failures, not as worst errors.
+    if (v.loss_err == v.loss_err) worst_loss[i] = std::max(worst_loss[i], v.loss_err);
+    if (v.grad_err == v.grad_err) worst_grad[i] = std::max(worst_grad[i], v.grad_err);
+    if (!v.ok) failures.push_back(v.what);
+  }
+  void add_bad(const verdict& v) {
+    ++bad_inputs;
+    if (!v.ok) failures.push_back(v.what);
+  }
+  [[nodiscard]] std::string summary(const std::string& title) const {
+    std::string s = title + ": " + std::to_string(cases[0] + cases[1] + cases[2]) + " cases, " +
+                    std::to_string(bad_inputs) + " bad-input cases, " + std::to_string(failures.size()) +
+                    " failed (run seed " + std::to_string(run_seed()) + ")";
+    for (int i = 0; i < 3; ++i) {
+      if (cases[i] == 0) continue;
+      char buf[160];
+      std::snprintf(buf, sizeof buf, "; %s: %ld cases, worst loss err %.3g, worst grad err %.3g",
+                    name_of(static_cast<prec>(i)), cases[i], worst_loss[i], worst_grad[i]);
+      s += buf;
+    }
+    return s;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Inputs
+// ---------------------------------------------------------------------------------------------
+using rng_t = std::mt19937_64;
+
+template <class T>
+T from_double(double v) {
+  return kd::store_as<T>(static_cast<float>(v));
+}
+template <>
+inline float from_double<float>(double v) {
+  return static_cast<float>(v);
+}
+template <class T>
+std::vector<double> to_doubles(const std::vector<T>& v) {
+  std::vector<double> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = kd::load_as<double>(v[i]);
+  return out;
+}
+template <class T>
+std::vector<T> normal_storage(std::size_t n, double stddev, rng_t& g) {
+  std::normal_distribution<double> d(0.0, stddev);
+  std::vector<T> out(n);
+  for (auto& x : out) x = from_double<T>(d(g));
+  return out;
+}
+template <class T>
+std::vector<T> nan_storage(std::size_t n) {
+  return std::vector<T>(n, from_double<T>(std::numeric_limits<double>::quiet_NaN()));
+}
+
+// Worst |a - b| over the elements, relative to the max-abs of the reference b (NaN in a gives NaN).
+inline double max_rel_error(const std::vector<double>& a, const std::vector<double>& b, double scale_floor = 0) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
+  double scale = scale_floor, worst = 0;
+  for (double x : b) scale = std::max(scale, std::abs(x));
+  if (scale == 0) scale = 1;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double e = std::abs(a[i] - b[i]);
+    if (!(e == e)) return std::numeric_limits<double>::quiet_NaN();
+    worst = std::max(worst, e / scale);
+  }
+  return worst;
+}
+
+// Vocabulary shapes: teacher columns (real ones first, the rest padding), student likewise.
+struct vocab_shape {
+  index_t t_cols = 0, t_real = 0, s_cols = 0, s_real = 0;
+};
+
+// A many-to-one teacher -> student map: real teacher ids not 2 mod 5 map to a scrambled student id among the
+// real ones (more teacher ids than student ids, so several land on one); padded ids on both sides never.
+inline const kd::vocab_map* shared_map(const vocab_shape& s) {
+  static std::map<std::tuple<index_t, index_t, index_t, index_t>, std::unique_ptr<kd::vocab_map>> cache;
+  auto& slot = cache[{s.t_cols, s.t_real, s.s_cols, s.s_real}];
+  if (!slot) {
+    std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+    for (index_t t = 0; t < s.t_real; ++t)
+      if (t % 5 != 2)
+        pairs.emplace_back(static_cast<std::int32_t>(t), static_cast<std::int32_t>((t * 7919 + 13) % s.s_real));
+    slot = std::make_unique<kd::vocab_map>();
+    if (!kd::vocab_map::from_pairs(pairs, s.t_cols, s.s_cols, *slot).ok()) slot.reset();
+  }
+  return slot.get();
+}
+
+// Fills padding columns (c >= real) of a rows x cols matrix with huge logits: counted by mistake, they
+// would dominate the softmax.
+template <class T>
+void poison_padding(std::vector<T>& m, index_t rows, index_t cols, index_t real) {
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c = real; c < cols; ++c) m[static_cast<std::size_t>(r * cols + c)] = from_double<T>((c % 2 ? 3e4 : -3e4));
+}
+
+inline std::vector<std::int32_t> make_labels(ignore_mode m, index_t n, index_t vocab, rng_t& g, bool required) {
+  std::vector<std::int32_t> labels;
+  if (m == ignore_mode::none && !required) return labels;
+  std::uniform_int_distribution<std::int32_t> pick(0, static_cast<std::int32_t>(vocab - 1));
+  for (index_t i = 0; i < n; ++i) {
+    const bool ignored = m == ignore_mode::all || (m == ignore_mode::some && i % 3 == 1);
+    labels.push_back(ignored ? kd::default_ignore_index : pick(g));
+  }
+  return labels;
+}
+
+// ---------------------------------------------------------------------------------------------
+// logit_kd and linear_logit_kd cases
+// ---------------------------------------------------------------------------------------------
+struct logit_case {
+  std::size_t index = 0;
+  std::uint64_t seed = 0;
+  div_kind div = div_kind::forward_kl;
+  double temperature = 1;
+  vocab_layout layout = vocab_layout::shared;
+  ignore_mode ignore = ignore_mode::none;
+  bool inplace = false;     // gradient buffer aliases the student logits (logit_kd only)
+  reduce_mode reduce = reduce_mode::mean;
+  bool accumulate = false;
+  prec p = prec::fp32;
+  index_t n = 1;
+  vocab_shape shape;
+  index_t hidden = 0;       // linear_logit_kd: hidden width (0 = logit_kd)
+  index_t chunk_rows = 0;   // linear_logit_kd
+
+  [[nodiscard]] bool linear() const { return hidden > 0; }
+  [[nodiscard]] std::string name() const {
+    std::string s = std::string(linear() ? "linear_logit_kd" : "logit_kd") + "#" + std::to_string(index) + " " +
+                    name_of(div) + " T=" + std::to_string(temperature).substr(0, 4) + " " + name_of(layout) + " " +
+                    name_of(ignore) + " " + name_of(reduce) + (inplace ? " in-place" : "") +
+                    (accumulate ? " accumulate" : "") + " " + name_of(p) + " N=" + std::to_string(n) +
+                    " Vt=" + std::to_string(shape.t_cols) + "/" + std::to_string(shape.t_real) +
+                    " Vs=" + std::to_string(shape.s_cols) + "/" + std::to_string(shape.s_real);
+    if (linear()) s += " d=" + std::to_string(hidden) + " chunk=" + std::to_string(chunk_rows);
+    return s + " seed=" + std::to_string(seed);
+  }
+};
+
+// The parameter space of logit_kd (hidden == 0) or linear_logit_kd (hidden > 0).
+struct logit_space {
+  std::vector<div_kind> divs{div_kind::forward_kl, div_kind::reverse_kl, div_kind::jsd, div_kind::skew_kl,
+                             div_kind::tvd};
+  std::vector<double> temps{0.5, 1, 2, 4};
+  std::vector<vocab_layout> layouts{vocab_layout::shared, vocab_layout::padded, vocab_layout::mapped};
+  std::vector<ignore_mode> ignores{ignore_mode::none, ignore_mode::some, ignore_mode::all};
+  std::vector<bool> inplace{false, true};
+  std::vector<reduce_mode> reduces{reduce_mode::sum, reduce_mode::mean, reduce_mode::mean_global};
+  std::vector<bool> accumulate{false, true};
+  std::vector<prec> precs{prec::fp32, prec::bf16, prec::fp16};
+  std::vector<index_t> ns{1, 7, 31};
+  // shared: t == s, no padding; padded: t == s with padding; mapped: both sides padded.
+  vocab_shape shared{97, 97, 97, 97}, padded{101, 89, 101, 89}, mapped{67, 61, 41, 37};
+  index_t hidden = 0;
+  std::vector<index_t> chunk_rows{0};
+};
+
+// The product of a space, minus impossible combinations: an in-place gradient needs logit_kd (linear's
+// gradients have other shapes) and no accumulation (the buffer holds the logits, not a gradient);
+// fp16 is not a linear_logit_kd precision here.
+inline std::vector<logit_case> generate(const logit_space& sp, std::size_t first_index = 0) {
+  std::vector<logit_case> out;
+  std::size_t index = first_index;
+  for (auto p : sp.precs)
+    for (auto n : sp.ns)
+      for (auto layout : sp.layouts)
+        for (auto div : sp.divs)
+          for (auto t : sp.temps)
+            for (auto ign : sp.ignores)
+              for (auto red : sp.reduces)
+                for (bool inpl : sp.inplace)
+                  for (bool acc : sp.accumulate)
+                    for (auto chunk : sp.chunk_rows) {
+                      if (inpl && (acc || sp.hidden > 0)) continue;
+                      if (sp.hidden > 0 && p == prec::fp16) continue;
+                      logit_case c;
+                      c.index = index++;
+                      c.seed = splitmix(run_seed() ^ splitmix(c.index));
+                      c.div = div;
+                      c.temperature = t;
+                      c.layout = layout;
+                      c.ignore = ign;
+                      c.inplace = inpl;
+                      c.reduce = red;
+                      c.accumulate = acc;
+                      c.p = p;
+                      c.n = n;
+                      c.shape = layout == vocab_layout::shared ? sp.shared : layout == vocab_layout::padded ? sp.padded : sp.mapped;
+                      c.hidden = sp.hidden;
+                      c.chunk_rows = chunk;
+                      out.push_back(c);
+                    }
+  return out;
+}
+
+// Everything one logit_kd call sees, in host memory; an executor runs it on its backend. With `inplace`
+// the student logits are `grad` (the executor passes one buffer as both).
+template <class T>
+struct logit_io {
+  std::vector<T> teacher, student, grad;
+  index_t t_rows = 0, t_cols = 0, s_rows = 0, s_cols = 0, g_rows = 0, g_cols = 0;
+  std::vector<std::int32_t> labels;
+  bool inplace = false;
+  bool null_grad = false;
+};
+
+// What a backend returns: the status of the call (and, on the GPU, of the deferred data checks).
+struct outcome {
+  kd::status st;
+  double loss = 0;
+  long long tokens = 0;
+};
+
+template <class D, class R, class T>
+using logit_loss_t = kd::logit_kd<D, R, kd::precision_set<kd::precision<T, float>, kd::precision<T, float>>>;
+template <class D, class R, class T>
+using linear_loss_t =
+    kd::linear_logit_kd<D, R, kd::precision_set<kd::precision<T, float>, kd::precision<T, float>, kd::precision<T, float>>>;
+
+template <class Options>
+void set_logit_options(Options& o, const logit_case& c, const std::vector<std::int32_t>& labels) {
+  o.temperature = c.temperature;
+  o.beta = 0.3;
+  o.alpha = 0.2;
+  o.grad_scale = 1.5;
+  o.accumulate_grad = c.accumulate;
+  o.vocab = c.layout == vocab_layout::padded ? c.shape.s_real : 0;
+  o.map = c.layout == vocab_layout::mapped ? shared_map(c.shape) : nullptr;
+  if (c.reduce == reduce_mode::mean_global)
+    o.global_tokens = (labels.empty() ? c.n : kd::count_tokens(labels)) + 5;
+}
+
+// The loss tolerance floor: a divergence near 0 is computed with an absolute error ~ eps * log V per row,
+// so the loss is compared relative to max(|ref|, T^2 * rows / normalizer * 0.05).
+inline double loss_scale(double ref, double t, index_t active, double normalizer) {
+  return std::max(std::abs(ref), 0.05 * t * t * static_cast<double>(std::max<index_t>(active, 1)) / normalizer);
+}
+
+// tvd's gradient is a sign of p - q: inputs with a near tie are redrawn (float and double may disagree).
+template <class R>
+bool has_tvd_tie(const logit_case& c, const std::vector<double>& t64, const std::vector<double>& s64,
+                 const std::vector<std::int32_t>& labels) {
+  kd::logit_kd<kd::forward_kl, R, kd::precision_set<kd::fp64, kd::fp64>> fkl;
+  set_logit_options(fkl.options, c, labels);
+  fkl.options.accumulate_grad = false;
+  fkl.options.grad_scale = 1;
+  std::vector<double> g(s64.size());
+  kd::loss_result r;
+  if (!fkl(kd::cpu, kd::matrix_view<const double>(t64.data(), c.n, c.shape.t_cols),
+           kd::matrix_view<const double>(s64.data(), c.n, c.shape.s_cols), labels, r,
+           kd::matrix_view<double>(g.data(), c.n, c.shape.s_cols))
+           .ok())
+    return false;
+  // g = T (q - p) / normalizer on the support, exactly 0 off it (and on ignored rows).
+  const double f = c.temperature / r.normalizer;
+  for (double x : g)
+    if (x != 0 && std::abs(x) < 1e-5 * f) return true;
+  return false;
+}
+
+inline std::string fmt(const char* f, double a, double b, double c = 0) {
+  char buf[200];
+  std::snprintf(buf, sizeof buf, f, a, b, c);
+  return buf;
+}
+
+// Runs one logit_kd case through exec.logit(loss, io) and checks it against the fp64 CPU reference.
+template <class D, class R, class T, class Exec>
+verdict run_logit_typed(const logit_case& c, Exec& exec) {
+  rng_t g(c.seed);
+  logit_io<T> io;
+  io.t_rows = io.s_rows = io.g_rows = c.n;
+  io.t_cols = c.shape.t_cols;
+  io.s_cols = io.g_cols = c.shape.s_cols;
+  std::vector<double> t64, s64;
+  for (int attempt = 0;; ++attempt) {
+    io.teacher = normal_storage<T>(static_cast<std::size_t>(c.n * io.t_cols), 2.0, g);
+    io.student = normal_storage<T>(static_cast<std::size_t>(c.n * io.s_cols), 1.0, g);
+    poison_padding(io.teacher, c.n, io.t_cols, c.shape.t_real);
+    poison_padding(io.student, c.n, io.s_cols, c.shape.s_real);
+    io.labels = make_labels(c.ignore, c.n, c.shape.s_real, g, false);
+    t64 = to_doubles(io.teacher);
+    s64 = to_doubles(io.student);
+    if (!std::is_same_v<D, kd::tvd> || attempt == 8 || !has_tvd_tie<R>(c, t64, s64, io.labels)) break;
+  }
+  logit_loss_t<D, R, T> loss;
+  set_logit_options(loss.options, c, io.labels);
+
+  kd::logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64>> ref;
+  static_cast<kd::logit_kd_options&>(ref.options) = loss.options;
+  ref.options.accumulate_grad = false;
+  std::vector<double> gref(s64.size());
+  kd::loss_result rr;
+  verdict v;
+  const auto rst = ref(kd::cpu, kd::matrix_view<const double>(t64.data(), c.n, io.t_cols),
+                       kd::matrix_view<const double>(s64.data(), c.n, io.s_cols), io.labels, rr,
+                       kd::matrix_view<double>(gref.data(), c.n, io.s_cols));
+  if (!rst.ok()) return {false, c.name() + ": the fp64 reference failed: " + std::string(rst.message())};
+
+  if (c.accumulate) {
+    io.grad = normal_storage<T>(io.student.size(), 0.1, g);
+    const auto init = to_doubles(io.grad);
+    for (std::size_t i = 0; i < gref.size(); ++i) gref[i] += init[i];
+  } else if (c.inplace) {
+    io.grad = io.student;
+    io.inplace = true;
+  } else {
+    io.grad = nan_storage<T>(io.student.size());
+  }
+  const outcome o = exec.logit(loss, io);
+  if (!o.st.ok()) return {false, c.name() + ": returned an error: " + std::string(o.st.message())};
+  v.loss_err = std::abs(o.loss - rr.loss) / loss_scale(rr.loss, c.temperature, rr.tokens, rr.normalizer);
+  v.grad_err = max_rel_error(to_doubles(io.grad), gref);
+  const double tol = tolerance(c.p);
+  v.ok = v.loss_err <= tol && v.grad_err <= tol && o.tokens == rr.tokens;
+  if (!v.ok)
+    v.what = c.name() + ": " + fmt("loss %.9g ref %.9g (err %.3g)", o.loss, rr.loss, v.loss_err) +
+             fmt(", grad err %.3g (tol %.g)", v.grad_err, tol) + ", tokens " + std::to_string(o.tokens) + " ref " +
+             std::to_string(rr.tokens);
+  return v;
+}
+
+// Everything one linear_logit_kd call sees (hidden [N x d], LM head [V x d], teacher logits [N x Vt]).
+template <class T>
+struct linear_io {
+  std::vector<T> hidden, weight, teacher, dhidden, dweight;
+  index_t n = 0, d = 0, h_cols = 0, w_rows = 0, w_cols = 0, t_rows = 0, t_cols = 0, dh_rows = 0;
+  std::vector<std::int32_t> labels;
+};
+
+template <class T>
+void make_linear_inputs(const logit_case& c, linear_io<T>& io, rng_t& g) {
+  io.n = io.t_rows = io.dh_rows = c.n;
+  io.d = io.h_cols = io.w_cols = c.hidden;
+  io.w_rows = c.shape.s_cols;
+  io.t_cols = c.shape.t_cols;
+  io.hidden = normal_storage<T>(static_cast<std::size_t>(c.n * c.hidden), 1.0, g);
+  io.weight = normal_storage<T>(static_cast<std::size_t>(io.w_rows * c.hidden), 2.0 / std::sqrt(double(c.hidden)), g);
+  // Padded head rows give huge logits (a constant row times the hidden state's sum).
+  for (index_t r = c.shape.s_real; r < io.w_rows; ++r)
+    for (index_t k = 0; k < c.hidden; ++k)
+      io.weight[static_cast<std::size_t>(r * c.hidden + k)] = from_double<T>(100.0 / std::sqrt(double(c.hidden)));
+  io.teacher = normal_storage<T>(static_cast<std::size_t>(c.n * io.t_cols), 2.0, g);
+  poison_padding(io.teacher, c.n, io.t_cols, c.shape.t_real);
+  io.labels = make_labels(c.ignore, c.n, c.shape.s_real, g, false);
+}
+
+// a [m x k] times b [n x k]^T, row-major, in double; with `absolute`, of |a| and |b| (the scale of the
+// rounding error of a sum of products).
+inline std::vector<double> product_abt(const std::vector<double>& a, const std::vector<double>& b, index_t m, index_t n,
+                                       index_t k, bool absolute = false) {
+  std::vector<double> out(static_cast<std::size_t>(m * n), 0.0);
+  for (index_t r = 0; r < m; ++r)
+    for (index_t j = 0; j < n; ++j) {
+      double acc = 0;
+      for (index_t x = 0; x < k; ++x) {
+        const double u = a[static_cast<std::size_t>(r * k + x)], v = b[static_cast<std::size_t>(j * k + x)];
+        acc += absolute ? std::abs(u) * std::abs(v) : u * v;
+      }
+      out[static_cast<std::size_t>(r * n + j)] = acc;
+    }
+  return out;
+}
+inline std::vector<double> transpose(const std::vector<double>& a, index_t rows, index_t cols) {
+  std::vector<double> t(a.size());
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c = 0; c < cols; ++c) t[static_cast<std::size_t>(c * rows + r)] = a[static_cast<std::size_t>(r * cols + c)];
+  return t;
+}
+inline double max_abs(const std::vector<double>& v) {
+  double m = 0;
+  for (double x : v) m = std::max(m, std::abs(x));
+  return m;
+}
+
+// Runs one linear_logit_kd case through exec.linear(loss, io) against the fp64 CPU reference.
+template <class D, class R, class T, class Exec>
+verdict run_linear_typed(const logit_case& c, Exec& exec) {
+  rng_t g(c.seed);
+  linear_io<T> io;
+  std::vector<double> logits;  // fp64 logits of the rounded inputs
+  for (int attempt = 0;; ++attempt) {
+    make_linear_inputs(c, io, g);
+    logits = product_abt(to_doubles(io.hidden), to_doubles(io.weight), c.n, io.w_rows, c.hidden);
+    if (!std::is_same_v<D, kd::tvd> || attempt == 8 || !has_tvd_tie<R>(c, to_doubles(io.teacher), logits, io.labels))
+      break;
+  }
+  linear_loss_t<D, R, T> loss;
+  set_logit_options(loss.options, c, io.labels);
+  loss.options.chunk_rows = c.chunk_rows;
+
+  kd::linear_logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> ref;
+  ref.options = loss.options;
+  ref.options.accumulate_grad = false;
+  const auto h64 = to_doubles(io.hidden), w64 = to_doubles(io.weight), t64 = to_doubles(io.teacher);
+  std::vector<double> dh_ref(h64.size()), dw_ref(w64.size());
+  kd::loss_result rr;
+  const auto rst = ref(kd::cpu, kd::matrix_view<const double>(h64.data(), c.n, c.hidden),
+                       kd::matrix_view<const double>(w64.data(), io.w_rows, c.hidden),
+                       kd::matrix_view<const double>(t64.data(), c.n, io.t_cols), io.labels, rr,
+                       kd::matrix_view<double>(dh_ref.data(), c.n, c.hidden),
+                       kd::matrix_view<double>(dw_ref.data(), io.w_rows, c.hidden));
+  if (!rst.ok()) return {false, c.name() + ": the fp64 reference failed: " + std::string(rst.message())};
+  if (c.accumulate) {
+    io.dhidden = normal_storage<T>(io.hidden.size(), 0.1, g);
+    io.dweight = normal_storage<T>(io.weight.size(), 0.1, g);
+    const auto ih = to_doubles(io.dhidden), iw = to_doubles(io.dweight);
+    for (std::size_t i = 0; i < ih.size(); ++i) dh_ref[i] += ih[i];
+    for (std::size_t i = 0; i < iw.size(); ++i) dw_ref[i] += iw[i];
+  } else {
+    io.dhidden = nan_storage<T>(io.hidden.size());
+    io.dweight = nan_storage<T>(io.weight.size());
+  }
+  const outcome o = exec.linear(loss, io);
+  if (!o.st.ok()) return {false, c.name() + ": returned an error: " + std::string(o.st.message())};
+  verdict v;
+  v.loss_err = std::abs(o.loss - rr.loss) / loss_scale(rr.loss, c.temperature, rr.tokens, rr.normalizer);
+  // dhidden = dlogits W and dW = dlogits^T hidden are sums of cancelling terms: their rounding error scales
+  // with the sums of |terms| (from the fp64 dlogits), which is what a near-zero product is compared to.
+  std::vector<double> dlogits(logits.size());
+  {
+    kd::logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64>> lk;
+    static_cast<kd::logit_kd_options&>(lk.options) = ref.options;
+    kd::loss_result lr;
+    const auto t64 = to_doubles(io.teacher);
+    if (!lk(kd::cpu, kd::matrix_view<const double>(t64.data(), c.n, io.t_cols),
+            kd::matrix_view<const double>(logits.data(), c.n, io.w_rows), io.labels, lr,
+            kd::matrix_view<double>(dlogits.data(), c.n, io.w_rows))
+             .ok())
+      return {false, c.name() + ": the fp64 logit reference failed"};
+  }
+  const double dh_scale = max_abs(product_abt(dlogits, transpose(to_doubles(io.weight), io.w_rows, c.hidden), c.n,
+                                              c.hidden, io.w_rows, true));
+  const double dw_scale = max_abs(product_abt(transpose(dlogits, c.n, io.w_rows), transpose(to_doubles(io.hidden), c.n, c.hidden),
+                                              io.w_rows, c.hidden, c.n, true));
+  const double eh = max_rel_error(to_doubles(io.dhidden), dh_ref, dh_scale),
+               ew = max_rel_error(to_doubles(io.dweight), dw_ref, dw_scale);
+  v.grad_err = (eh == eh && ew == ew) ? std::max(eh, ew) : std::numeric_limits<double>::quiet_NaN();
+  const double tol = tolerance(c.p);
+  // In fp32 the backend's logits are themselves fp32 products (error ~eps |h| |w| sqrt(d)), which 1/T = 2
+  // doubles and a peaked softmax passes on: ~1e-3 of the gradient's scale at T = 0.5 is that floor (measured
+  // over the CPU matrix), not a bug. 16-bit storage keeps its 1e-2.
+  const double gtol = c.p == prec::fp32 ? 3e-3 : tol;
+  v.ok = v.loss_err <= tol && v.grad_err <= gtol && o.tokens == rr.tokens;
+  if (!v.ok)
+    v.what = c.name() + ": " + fmt("loss %.9g ref %.9g (err %.3g)", o.loss, rr.loss, v.loss_err) +
+             fmt(", dhidden err %.3g, dweight err %.3g (tol %.g)", eh, ew, gtol) +
+             ", tokens " + std::to_string(o.tokens) + " ref " + std::to_string(rr.tokens);
+  return v;
+}
+
+template <class Exec>
+verdict run_logit_case(const logit_case& c, Exec& exec) {
+  return with_storage(c.p, [&](auto tt) {
+    return with_divergence(c.div, [&](auto dt) {
+      return with_reduction(c.reduce, [&](auto rt) {
+        using T = typename decltype(tt)::type;
+        using D = typename decltype(dt)::type;
+        using R = typename decltype(rt)::type;
+        if (!c.linear()) return run_logit_typed<D, R, T>(c, exec);
+        if constexpr (std::is_same_v<T, kd::half>)
+          return verdict{false, c.name() + ": fp16 is not a linear_logit_kd precision of this matrix"};
+        else
+          return run_linear_typed<D, R, T>(c, exec);
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad inputs: each must be rejected (by the call, or on the GPU by the deferred data checks)
+// ---------------------------------------------------------------------------------------------
+enum class logit_bad {
+  teacher_rows, teacher_cols, label_out_of_range, label_negative, label_count, nan_teacher, inf_teacher,
+  nan_student, inf_student, overflow_student, overflow_teacher, null_grad, short_grad, vocab_too_big,
+  zero_temperature, count_
+};
+inline const char* name_of(logit_bad b) {
+  constexpr const char* n[] = {"teacher rows != student rows", "teacher columns do not fit", "label == label vocabulary",
+                               "label -7", "labels count != rows", "NaN teacher logit", "Inf teacher logit",
+                               "NaN student logit", "Inf student logit", "student logit 3e38 at T=0.5",
+                               "teacher logit 3e38 at T=0.5", "null gradient", "gradient one row short",
+                               "options.vocab > columns", "temperature 0"};
+  return n[static_cast<int>(b)];
+}
+
+// Set v at (r, c) of a row-major rows x cols matrix.
+template <class T>
+void put(std::vector<T>& m, index_t cols, index_t r, index_t c, double v) {
+  m[static_cast<std::size_t>(r * cols + c)] = from_double<T>(v);
+}
+
+// A valid 5-row logit_kd case with one defect; `layout` picks shared or mapped vocabularies.
+template <class T, class Exec>
+verdict run_logit_bad_typed(logit_bad b, prec p, vocab_layout layout, Exec& exec, std::uint64_t seed) {
+  logit_case c;
+  c.p = p;
+  c.layout = layout;
+  c.n = 5;
+  c.seed = seed;
+  c.temperature = 2;
+  const logit_space sp;
+  c.shape = layout == vocab_layout::mapped ? sp.mapped : layout == vocab_layout::padded ? sp.padded : sp.shared;
+  const std::string what = std::string("logit_kd bad input '") + name_of(b) + "' " + name_of(p) + " " +
+                           name_of(layout) + " seed=" + std::to_string(seed);
+  if ((b == logit_bad::overflow_student || b == logit_bad::overflow_teacher) && p == prec::fp16) return {true, {}};
+  if (b == logit_bad::vocab_too_big && layout == vocab_layout::mapped) return {true, {}};
+  rng_t g(seed);
+  logit_io<T> io;
+  io.t_rows = io.s_rows = io.g_rows = c.n;
+  io.t_cols = c.shape.t_cols;
+  io.s_cols = io.g_cols = c.shape.s_cols;
+  io.labels = make_labels(ignore_mode::none, c.n, c.shape.s_real, g, true);
+  logit_loss_t<kd::forward_kl, kd::token_mean, T> loss;
+  set_logit_options(loss.options, c, io.labels);
+  const kd::vocab_map* map = loss.options.map;
+  const index_t tc = map ? map->teacher_ids()[0] : 0, sc = map ? map->student_support()[0] : 0;
+  if (b == logit_bad::teacher_rows) io.t_rows = c.n - 1;
+  if (b == logit_bad::teacher_cols) io.t_cols = map ? c.shape.t_cols - 1 : c.shape.t_cols + 1;
+  io.teacher = normal_storage<T>(static_cast<std::size_t>(io.t_rows * io.t_cols), 2.0, g);
+  io.student = normal_storage<T>(static_cast<std::size_t>(c.n * io.s_cols), 1.0, g);
+  const index_t r = c.n - 1;
+  switch (b) {
+    // With a map every student column is a label (the student's own padding included).
+    case logit_bad::label_out_of_range:
+      io.labels[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(map ? c.shape.s_cols : c.shape.s_real);
+      break;
+    case logit_bad::label_negative: io.labels[0] = -7; break;
+    case logit_bad::label_count: io.labels.pop_back(); break;
+    case logit_bad::nan_teacher: put(io.teacher, io.t_cols, r, tc, std::numeric_limits<double>::quiet_NaN()); break;
+    case logit_bad::inf_teacher: put(io.teacher, io.t_cols, r, tc, std::numeric_limits<double>::infinity()); break;
+    case logit_bad::nan_student: put(io.student, io.s_cols, r, sc, std::numeric_limits<double>::quiet_NaN()); break;
+    case logit_bad::inf_student: put(io.student, io.s_cols, r, sc, -std::numeric_limits<double>::infinity()); break;
+    case logit_bad::overflow_student: put(io.student, io.s_cols, r, sc, 3e38); loss.options.temperature = 0.5; break;
+    case logit_bad::overflow_teacher: put(io.teacher, io.t_cols, r, tc, 3e38); loss.options.temperature = 0.5; break;
+    case logit_bad::null_grad: io.null_grad = true; break;
+    case logit_bad::short_grad: io.g_rows = c.n - 1; break;
+    case logit_bad::vocab_too_big: loss.options.vocab = c.shape.s_cols + 1; break;
+    case logit_bad::zero_temperature: loss.options.temperature = 0; break;
+    default: break;
+  }
+  io.grad = nan_storage<T>(static_cast<std::size_t>(io.g_rows * io.g_cols));
+  const outcome o = exec.logit(loss, io);
+  if (o.st.ok()) return {false, what + ": accepted (loss " + std::to_string(o.loss) + ")"};
+  return {true, {}};
+}
+
+template <class Exec>
+void run_logit_bad_inputs(Exec& exec, stats& s, const std::vector<prec>& precs) {
+  std::uint64_t k = 0;
+  for (auto p : precs)
+    for (auto layout : {vocab_layout::shared, vocab_layout::padded, vocab_layout::mapped})
+      for (int b = 0; b < static_cast<int>(logit_bad::count_); ++b)
+        s.add_bad(with_storage(p, [&](auto tt) {
+          return run_logit_bad_typed<typename decltype(tt)::type>(static_cast<logit_bad>(b), p, layout, exec,
+                                                                  splitmix(run_seed() ^ (0xbad0000 + k++)));
+        }));
+}
+
+enum class linear_bad {
+  head_width, teacher_rows, label_out_of_range, nan_hidden, nan_weight, nan_teacher, inf_teacher, overflow_teacher,
+  short_dhidden, zero_chunk, count_
+};
+inline const char* name_of(linear_bad b) {
+  constexpr const char* n[] = {"LM head width != hidden width", "teacher rows != hidden rows", "label == label vocabulary",
+                               "NaN hidden", "NaN LM head", "NaN teacher logit", "Inf teacher logit",
+                               "teacher logit 3e38 at T=0.5", "dhidden one row short", "chunk_rows 0"};
+  return n[static_cast<int>(b)];
+}
+
+template <class T, class Exec>
+verdict run_linear_bad_typed(linear_bad b, prec p, vocab_layout layout, Exec& exec, std::uint64_t seed) {
+  if (b == linear_bad::overflow_teacher && p == prec::fp16) return {true, {}};
+  logit_case c;
+  c.p = p;
+  c.layout = layout;
+  c.n = 6;
+  c.hidden = 8;
+  c.chunk_rows = 4;
+  c.temperature = 2;
+  c.seed = seed;
+  const logit_space sp;
+  c.shape = layout == vocab_layout::mapped ? sp.mapped : layout == vocab_layout::padded ? sp.padded : sp.shared;
+  const std::string what = std::string("linear_logit_kd bad input '") + name_of(b) + "' " + name_of(p) + " " +
+                           name_of(layout) + " seed=" + std::to_string(seed);
+  rng_t g(seed);
+  linear_io<T> io;
+  make_linear_inputs(c, io, g);
+  io.labels = make_labels(ignore_mode::some, c.n, c.shape.s_real, g, true);
+  linear_loss_t<kd::forward_kl, kd::token_mean, T> loss;
+  set_logit_options(loss.options, c, io.labels);
+  loss.options.chunk_rows = c.chunk_rows;
+  const kd::vocab_map* map = loss.options.map;
+  const index_t tc = map ? map->teacher_ids()[0] : 0;
+  const index_t r = c.n - 1;  // an active row (rows 1 mod 3 are ignored)
+  switch (b) {
+    case linear_bad::head_width:
+      io.w_cols = c.hidden + 1;
+      io.weight = normal_storage<T>(static_cast<std::size_t>(io.w_rows * io.w_cols), 0.3, g);
+      break;
+    case linear_bad::teacher_rows:
+      io.t_rows = c.n - 1;
+      io.teacher.resize(static_cast<std::size_t>(io.t_rows * io.t_cols));
+      break;
+    case linear_bad::label_out_of_range:
+      io.labels[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(map ? c.shape.s_cols : c.shape.s_real);
+      break;
+    case linear_bad::nan_hidden: put(io.hidden, io.h_cols, r, 0, std::numeric_limits<double>::quiet_NaN()); break;
+    case linear_bad::nan_weight: put(io.weight, io.w_cols, map ? map->student_support()[0] : 0, 0, std::numeric_limits<double>::quiet_NaN()); break;
+    case linear_bad::nan_teacher: put(io.teacher, io.t_cols, r, tc, std::numeric_limits<double>::quiet_NaN()); break;
+    case linear_bad::inf_teacher: put(io.teacher, io.t_cols, r, tc, std::numeric_limits<double>::infinity()); break;
+    case linear_bad::overflow_teacher: put(io.teacher, io.t_cols, r, tc, 3e38); loss.options.temperature = 0.5; break;
+    case linear_bad::short_dhidden: io.dh_rows = c.n - 1; break;
+    case linear_bad::zero_chunk: loss.options.chunk_rows = 0; break;
+    default: break;
+  }
+  io.dhidden = nan_storage<T>(static_cast<std::size_t>(io.dh_rows * io.h_cols));
+  io.dweight = nan_storage<T>(static_cast<std::size_t>(io.w_rows * io.w_cols));
+  const outcome o = exec.linear(loss, io);
+  if (o.st.ok()) return {false, what + ": accepted (loss " + std::to_string(o.loss) + ")"};
+  return {true, {}};
+}
+
+template <class Exec>
+void run_linear_bad_inputs(Exec& exec, stats& s, const std::vector<prec>& precs) {
+  std::uint64_t k = 0;
+  for (auto p : precs)
+    for (auto layout : {vocab_layout::shared, vocab_layout::padded, vocab_layout::mapped})
+      for (int b = 0; b < static_cast<int>(linear_bad::count_); ++b)
+        s.add_bad(with_storage(p, [&](auto tt) {
+          using T = typename decltype(tt)::type;
+          if constexpr (std::is_same_v<T, kd::half>)
+            return verdict{false, "fp16 is not a linear_logit_kd precision of this matrix"};
+          else
+            return run_linear_bad_typed<T>(static_cast<linear_bad>(b), p, layout, exec,
+                                           splitmix(run_seed() ^ (0x11bad000 + k++)));
+        }));
+}
+
+}  // namespace kdmatrix

@@ -1,0 +1,86 @@
+// The generated loss matrix (tests/loss_matrix.hpp) on the CPU backend: fp32 / bf16 / fp16 storage against
+// the fp64 CPU reference, in-place gradients, every option product, and the bad inputs.
+// KD_MATRIX_SEED=<n> reproduces a run; KD_MATRIX_ONLY=<substring> runs the cases whose name contains it.
+#include <doctest/doctest.h>
+
+#include <span>
+#include <vector>
+
+#include <kd/kd.hpp>
+
+#include "loss_matrix.hpp"
+
+using namespace kdmatrix;
+
+namespace {
+
+// Runs the io of a case on kd::cpu, on host memory.
+struct cpu_exec {
+  template <class Loss, class T>
+  outcome logit(const Loss& loss, logit_io<T>& io) {
+    kd::loss_result r;
+    const T* student = io.inplace ? io.grad.data() : io.student.data();
+    outcome o;
+    o.st = loss(kd::cpu, kd::matrix_view<const T>(io.teacher.data(), io.t_rows, io.t_cols),
+                kd::matrix_view<const T>(student, io.s_rows, io.s_cols), std::span<const std::int32_t>(io.labels), r,
+                kd::matrix_view<T>(io.null_grad ? nullptr : io.grad.data(), io.g_rows, io.g_cols));
+    o.loss = r.loss;
+    o.tokens = r.tokens;
+    return o;
+  }
+  template <class Loss, class T>
+  outcome linear(const Loss& loss, linear_io<T>& io) {
+    kd::loss_result r;
+    outcome o;
+    o.st = loss(kd::cpu, kd::matrix_view<const T>(io.hidden.data(), io.n, io.h_cols),
+                kd::matrix_view<const T>(io.weight.data(), io.w_rows, io.w_cols),
+                kd::matrix_view<const T>(io.teacher.data(), io.t_rows, io.t_cols),
+                std::span<const std::int32_t>(io.labels), r, kd::matrix_view<T>(io.dhidden.data(), io.dh_rows, io.h_cols),
+                kd::matrix_view<T>(io.dweight.data(), io.w_rows, io.w_cols));
+    o.loss = r.loss;
+    o.tokens = r.tokens;
+    return o;
+  }
+};
+
+// The first failures one by one (name and numbers), then the count: thousands of lines help nobody.
+void report(const stats& s, const std::string& title) {
+  std::size_t shown = 0;
+  for (const auto& f : s.failures)
+    if (shown++ < 40) FAIL_CHECK(f);
+  CHECK_MESSAGE(s.failures.empty(), s.failures.size(), " failing cases in ", title);
+  MESSAGE(s.summary(title));
+}
+
+}  // namespace
+
+TEST_CASE("logit_kd matrix: CPU backend in fp32 / bf16 / fp16 against the fp64 reference") {
+  cpu_exec exec;
+  stats s;
+  for (const auto& c : generate(logit_space{}))
+    if (selected(c.name())) s.add(c.p, run_logit_case(c, exec));
+  report(s, "logit_kd matrix (CPU)");
+}
+
+TEST_CASE("linear_logit_kd matrix: CPU backend in fp32 / bf16 against the fp64 reference") {
+  logit_space sp;
+  sp.hidden = 8;
+  sp.temps = {0.5, 2};
+  sp.inplace = {false};
+  sp.precs = {prec::fp32, prec::bf16};
+  sp.ns = {1, 7, 12};
+  sp.chunk_rows = {3, 4, 2048};  // 3 divides 12, not 7; 4 divides neither 7 nor 1 ... and 12; 2048 = one chunk
+  cpu_exec exec;
+  stats s;
+  for (const auto& c : generate(sp))
+    if (selected(c.name())) s.add(c.p, run_logit_case(c, exec));
+  report(s, "linear_logit_kd matrix (CPU)");
+}
+
+TEST_CASE("bad inputs are rejected by every CPU logit loss") {
+  cpu_exec exec;
+  stats s;
+  run_logit_bad_inputs(exec, s, {prec::fp32, prec::bf16, prec::fp16});
+  run_linear_bad_inputs(exec, s, {prec::fp32, prec::bf16});
+  report(s, "logit bad inputs (CPU)");
+}
