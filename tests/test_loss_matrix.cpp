@@ -41,6 +41,37 @@ struct cpu_exec {
     o.tokens = r.tokens;
     return o;
   }
+  template <class Loss, class T>
+  outcome ce(const Loss& loss, ce_io<T>& io) {
+    kd::cross_entropy_result r;
+    const T* logits = io.inplace ? io.grad.data() : io.logits.data();
+    outcome o;
+    o.st = loss(kd::cpu, kd::matrix_view<const T>(logits, io.rows, io.cols), std::span<const std::int32_t>(io.labels), r,
+                kd::matrix_view<T>(io.null_grad ? nullptr : io.grad.data(), io.g_rows, io.cols));
+    o.loss = r.ce;
+    o.z_loss = r.z_loss;
+    o.tokens = r.tokens;
+    return o;
+  }
+  template <class P, class T>
+  outcome router(const kd::load_balance_loss<P>& loss, router_io<T>& io) {
+    kd::loss_result r;
+    outcome o;
+    o.st = loss(kd::cpu, kd::matrix_view<const T>(io.logits.data(), io.rows, io.cols),
+                kd::matrix_view<const std::int32_t>(io.ids.data(), io.id_rows, io.k), r,
+                kd::matrix_view<T>(io.grad.data(), io.g_rows, io.cols));
+    o.loss = r.loss;
+    return o;
+  }
+  template <class P, class T>
+  outcome router(const kd::router_z_loss<P>& loss, router_io<T>& io) {
+    kd::loss_result r;
+    outcome o;
+    o.st = loss(kd::cpu, kd::matrix_view<const T>(io.logits.data(), io.rows, io.cols), r,
+                kd::matrix_view<T>(io.grad.data(), io.g_rows, io.cols));
+    o.loss = r.loss;
+    return o;
+  }
 };
 
 // The first failures one by one (name and numbers), then the count: thousands of lines help nobody.
@@ -77,10 +108,29 @@ TEST_CASE("linear_logit_kd matrix: CPU backend in fp32 / bf16 against the fp64 r
   report(s, "linear_logit_kd matrix (CPU)");
 }
 
-TEST_CASE("bad inputs are rejected by every CPU logit loss") {
+TEST_CASE("cross_entropy matrix: CPU backend in fp32 / bf16 / fp16 against the fp64 reference") {
   cpu_exec exec;
   stats s;
-  run_logit_bad_inputs(exec, s, {prec::fp32, prec::bf16, prec::fp16});
+  for (const auto& c : generate(ce_space{}))
+    if (selected(c.name())) s.add(c.p, run_ce_case(c, exec));
+  report(s, "cross_entropy matrix (CPU)");
+}
+
+TEST_CASE("load_balance_loss / router_z_loss matrix: CPU backend against the fp64 reference") {
+  cpu_exec exec;
+  stats s;
+  for (const auto& c : generate(router_space{}))
+    if (selected(c.name())) s.add(c.p, run_router_case(c, exec));
+  report(s, "router loss matrix (CPU)");
+}
+
+TEST_CASE("bad inputs are rejected by every CPU loss") {
+  cpu_exec exec;
+  stats s;
+  const std::vector<prec> all{prec::fp32, prec::bf16, prec::fp16};
+  run_logit_bad_inputs(exec, s, all);
   run_linear_bad_inputs(exec, s, {prec::fp32, prec::bf16});
-  report(s, "logit bad inputs (CPU)");
+  run_ce_bad_inputs(exec, s, all);
+  run_router_bad_inputs(exec, s, all);
+  report(s, "bad inputs (CPU)");
 }

@@ -24,6 +24,7 @@ struct cuda_exec {
   kd::cuda::context ctx;
   device_buffer<float> loss_d{1};
   device_buffer<long long> tokens_d{1};
+  device_buffer<float> z_d{1};
 
   template <class T>
   static void upload(device_buffer<T>& d, const std::vector<T>& h) {
@@ -37,8 +38,13 @@ struct cuda_exec {
     if (o.st.ok()) {
       o.loss = loss_d.download()[0];
       o.tokens = tokens_d.download()[0];
+      o.z_loss = z_d.download()[0];
     }
     return o;
+  }
+  void poison_results() {
+    poison_results();
+    z_d.poison();
   }
 
   template <class Loss, class T>
@@ -49,8 +55,7 @@ struct cuda_exec {
     upload(s, io.student);
     upload(g, io.grad);  // NaN poison, the accumulation start, or (in place) the student logits
     upload(lab, io.labels);
-    loss_d.poison();
-    tokens_d.poison();
+    poison_results();
     const T* student = io.inplace ? g.data : s.data;
     kd::cuda::device_loss out{loss_d.data, tokens_d.data};
     const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(t.data, io.t_rows, io.t_cols),
@@ -73,8 +78,7 @@ struct cuda_exec {
     upload(dh, io.dhidden);
     upload(dw, io.dweight);
     upload(lab, io.labels);
-    loss_d.poison();
-    tokens_d.poison();
+    poison_results();
     kd::cuda::device_loss out{loss_d.data, tokens_d.data};
     const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(h.data, io.n, io.h_cols),
                          kd::matrix_view<const T>(w.data, io.w_rows, io.w_cols),
@@ -87,6 +91,55 @@ struct cuda_exec {
       io.dhidden = dh.download();
       io.dweight = dw.download();
     }
+    return o;
+  }
+
+  template <class Loss, class T>
+  outcome ce(const Loss& loss, ce_io<T>& io) {
+    device_buffer<T> l(io.logits.size()), g(io.grad.size());
+    device_buffer<std::int32_t> lab(io.labels.size());
+    upload(l, io.logits);
+    upload(g, io.grad);
+    upload(lab, io.labels);
+    poison_results();
+    const T* logits = io.inplace ? g.data : l.data;
+    kd::cuda::device_cross_entropy out{loss_d.data, z_d.data, tokens_d.data};
+    const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(logits, io.rows, io.cols),
+                         std::span<const std::int32_t>(io.labels.empty() ? nullptr : lab.data, io.labels.size()), out,
+                         kd::matrix_view<T>(io.null_grad ? nullptr : g.data, io.g_rows, io.cols));
+    const outcome o = finish(st);
+    if (o.st.ok()) io.grad = g.download();
+    return o;
+  }
+
+  // The router losses report no token count: tokens_d stays at a value finish() reads but no test checks.
+  template <class P, class T>
+  outcome router(const kd::load_balance_loss<P>& loss, router_io<T>& io) {
+    device_buffer<T> l(io.logits.size()), g(io.grad.size());
+    device_buffer<std::int32_t> ids(io.ids.size());
+    upload(l, io.logits);
+    upload(g, io.grad);
+    upload(ids, io.ids);
+    poison_results();
+    kd::cuda::device_loss out{loss_d.data, nullptr};
+    const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(l.data, io.rows, io.cols),
+                         kd::matrix_view<const std::int32_t>(ids.data, io.id_rows, io.k), out,
+                         kd::matrix_view<T>(g.data, io.g_rows, io.cols));
+    const outcome o = finish(st);
+    if (o.st.ok()) io.grad = g.download();
+    return o;
+  }
+  template <class P, class T>
+  outcome router(const kd::router_z_loss<P>& loss, router_io<T>& io) {
+    device_buffer<T> l(io.logits.size()), g(io.grad.size());
+    upload(l, io.logits);
+    upload(g, io.grad);
+    poison_results();
+    kd::cuda::device_loss out{loss_d.data, nullptr};
+    const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(l.data, io.rows, io.cols), out,
+                         kd::matrix_view<T>(g.data, io.g_rows, io.cols));
+    const outcome o = finish(st);
+    if (o.st.ok()) io.grad = g.download();
     return o;
   }
 };
@@ -171,10 +224,50 @@ TEST_CASE("linear_logit_kd matrix: CUDA backend against the fp64 CPU reference")
   report(s, "linear_logit_kd matrix (CUDA)");
 }
 
-TEST_CASE("bad inputs are rejected by every CUDA logit loss") {
+TEST_CASE("cross_entropy matrix: CUDA backend against the fp64 CPU reference") {
   cuda_exec exec;
   stats s;
-  run_logit_bad_inputs(exec, s, {prec::fp32, prec::bf16, prec::fp16});
+  ce_space sp;
+  sp.shared_cols = 1031;
+  sp.padded_cols = 1031;
+  sp.padded_vocab = 1021;
+  sp.ns = {1, 7, 33};
+  for (const auto& c : generate(sp))
+    if (selected(c.name())) s.add(c.p, run_ce_case(c, exec));
+  // The seed run's student vocabulary, padded: 50,304 columns, 50,257 real; and Qwen3's 151,936 / 151,669.
+  for (auto [cols, vocab] : {std::pair<kd::index_t, kd::index_t>{50304, 50257}, {151936, 151669}}) {
+    ce_space large;
+    large.layouts = {vocab_layout::padded};
+    large.ignores = {ignore_mode::some};
+    large.reduces = {reduce_mode::mean};
+    large.accumulate = {false};
+    large.padded_cols = cols;
+    large.padded_vocab = vocab;
+    large.ns = {5};
+    for (const auto& c : generate(large, 100000 + static_cast<std::size_t>(cols)))
+      if (selected(c.name())) s.add(c.p, run_ce_case(c, exec));
+  }
+  report(s, "cross_entropy matrix (CUDA)");
+}
+
+TEST_CASE("load_balance_loss / router_z_loss matrix: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  router_space sp;
+  sp.experts = {8, 61, 128};
+  sp.ns = {1, 7, 33, 4096};
+  for (const auto& c : generate(sp))
+    if (selected(c.name())) s.add(c.p, run_router_case(c, exec));
+  report(s, "router loss matrix (CUDA)");
+}
+
+TEST_CASE("bad inputs are rejected by every CUDA loss") {
+  cuda_exec exec;
+  stats s;
+  const std::vector<prec> all{prec::fp32, prec::bf16, prec::fp16};
+  run_logit_bad_inputs(exec, s, all);
   run_linear_bad_inputs(exec, s, {prec::fp32, prec::bf16});
-  report(s, "logit bad inputs (CUDA)");
+  run_ce_bad_inputs(exec, s, all);
+  run_router_bad_inputs(exec, s, all);
+  report(s, "bad inputs (CUDA)");
 }
