@@ -1160,4 +1160,305 @@ void run_router_bad_inputs(Exec& exec, stats& s, const std::vector<prec>& precs)
         }));
 }
 
+// ---------------------------------------------------------------------------------------------
+// feature_loss
+// ---------------------------------------------------------------------------------------------
+enum class feature_norm { none, sqrt_dim_mse, rms_mse, cosine };
+enum class projection_kind { identity, weight_and_bias, weight_only };
+inline const char* name_of(feature_norm n) {
+  constexpr const char* s[] = {"none", "sqrt_dim_mse", "rms_mse", "cosine"};
+  return s[static_cast<int>(n)];
+}
+inline const char* name_of(projection_kind k) {
+  return k == projection_kind::identity ? "identity" : k == projection_kind::weight_and_bias ? "W+b" : "W";
+}
+
+struct feature_case {
+  std::size_t index = 0;
+  std::uint64_t seed = 0;
+  feature_norm norm = feature_norm::sqrt_dim_mse;
+  projection_kind proj = projection_kind::weight_and_bias;
+  ignore_mode ignore = ignore_mode::none;
+  reduce_mode reduce = reduce_mode::mean;
+  bool accumulate = false;
+  prec p = prec::fp32;
+  index_t n = 1, ds = 12, dt = 20;  // student width, teacher width (identity: ds = dt)
+  [[nodiscard]] std::string name() const {
+    return "feature_loss#" + std::to_string(index) + " " + name_of(norm) + " " + name_of(proj) + " " + name_of(ignore) +
+           " " + name_of(reduce) + (accumulate ? " accumulate " : " ") + name_of(p) + " N=" + std::to_string(n) +
+           " ds=" + std::to_string(ds) + " D=" + std::to_string(dt) + " seed=" + std::to_string(seed);
+  }
+};
+
+struct feature_space {
+  std::vector<feature_norm> norms{feature_norm::none, feature_norm::sqrt_dim_mse, feature_norm::rms_mse,
+                                  feature_norm::cosine};
+  std::vector<projection_kind> projs{projection_kind::identity, projection_kind::weight_and_bias,
+                                     projection_kind::weight_only};
+  std::vector<ignore_mode> ignores{ignore_mode::none, ignore_mode::some, ignore_mode::all};
+  std::vector<reduce_mode> reduces{reduce_mode::sum, reduce_mode::mean, reduce_mode::mean_global};
+  std::vector<bool> accumulate{false, true};
+  std::vector<prec> precs{prec::fp32, prec::bf16, prec::fp16};
+  std::vector<index_t> ns{1, 7, 33};
+  index_t ds = 12, dt = 20;
+};
+
+inline std::vector<feature_case> generate(const feature_space& sp, std::size_t first_index = 0) {
+  std::vector<feature_case> out;
+  std::size_t index = first_index;
+  for (auto p : sp.precs)
+    for (auto n : sp.ns)
+      for (auto norm : sp.norms)
+        for (auto proj : sp.projs)
+          for (auto ign : sp.ignores)
+            for (auto red : sp.reduces)
+              for (bool acc : sp.accumulate) {
+                feature_case c;
+                c.index = index++;
+                c.seed = splitmix(run_seed() ^ splitmix(c.index + 0xfea000000ull));
+                c.norm = norm;
+                c.proj = proj;
+                c.ignore = ign;
+                c.reduce = red;
+                c.accumulate = acc;
+                c.p = p;
+                c.n = n;
+                c.dt = sp.dt;
+                c.ds = proj == projection_kind::identity ? sp.dt : sp.ds;
+                out.push_back(c);
+              }
+  return out;
+}
+
+template <class T>
+struct feature_io {
+  std::vector<T> x, w, b, t, dx, dw, db;  // w, b (and dw, db) empty when absent
+  index_t n = 0, ds = 0, dt = 0;
+  std::vector<std::int32_t> labels;
+};
+
+template <class F>
+decltype(auto) with_feature_norm(feature_norm n, F&& f) {
+  switch (n) {
+    case feature_norm::none: return f(type_tag<kd::none>{});
+    case feature_norm::sqrt_dim_mse: return f(type_tag<kd::sqrt_dim_mse>{});
+    case feature_norm::rms_mse: return f(type_tag<kd::rms_mse>{});
+    default: return f(type_tag<kd::cosine>{});
+  }
+}
+
+// Poisons (or, accumulating, fills with random values and adds to the reference) one gradient output.
+template <class T>
+void init_grad(std::vector<T>& grad, std::size_t size, bool accumulate, std::vector<double>& ref, rng_t& g) {
+  if (size == 0) {
+    grad.clear();
+    return;
+  }
+  if (!accumulate) {
+    grad = nan_storage<T>(size);
+    return;
+  }
+  grad = normal_storage<T>(size, 0.1 * std::max(max_abs(ref), 1e-3), g);
+  const auto init = to_doubles(grad);
+  for (std::size_t i = 0; i < size; ++i) ref[i] += init[i];
+}
+
+template <class Norm, class R, class T, class Exec>
+verdict run_feature_typed(const feature_case& c, Exec& exec) {
+  rng_t g(c.seed);
+  feature_io<T> io;
+  io.n = c.n;
+  io.ds = c.ds;
+  io.dt = c.dt;
+  io.x = normal_storage<T>(static_cast<std::size_t>(c.n * c.ds), 1.0, g);
+  io.t = normal_storage<T>(static_cast<std::size_t>(c.n * c.dt), 1.0, g);
+  if (c.proj != projection_kind::identity)
+    io.w = normal_storage<T>(static_cast<std::size_t>(c.dt * c.ds), 1.0 / std::sqrt(double(c.ds)), g);
+  if (c.proj == projection_kind::weight_and_bias) io.b = normal_storage<T>(static_cast<std::size_t>(c.dt), 0.1, g);
+  io.labels = make_labels(c.ignore, c.n, 1000, g, false);
+  using P = kd::precision<T, float>;
+  kd::feature_loss<Norm, R, kd::precision_set<P, P, P>> loss;
+  loss.options.grad_scale = 1.5;
+  loss.options.accumulate_grad = c.accumulate;
+  if (c.reduce == reduce_mode::mean_global)
+    loss.options.global_tokens = (io.labels.empty() ? c.n : kd::count_tokens(io.labels)) + 5;
+
+  kd::feature_loss<Norm, R, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> ref;
+  ref.options = loss.options;
+  ref.options.accumulate_grad = false;
+  const auto x64 = to_doubles(io.x), w64 = to_doubles(io.w), b64 = to_doubles(io.b), t64 = to_doubles(io.t);
+  std::vector<double> dx_ref(x64.size()), dw_ref(w64.size()), db_ref(b64.size());
+  auto view = [](const std::vector<double>& v, index_t r, index_t cols) {
+    return v.empty() ? kd::matrix_view<const double>{} : kd::matrix_view<const double>(v.data(), r, cols);
+  };
+  auto mview = [](std::vector<double>& v, index_t r, index_t cols) {
+    return v.empty() ? kd::matrix_view<double>{} : kd::matrix_view<double>(v.data(), r, cols);
+  };
+  kd::loss_result rr;
+  const auto rst = ref(kd::cpu, view(x64, c.n, c.ds), view(w64, c.dt, c.ds), view(b64, 1, c.dt), view(t64, c.n, c.dt),
+                       io.labels, rr, mview(dx_ref, c.n, c.ds), mview(dw_ref, c.dt, c.ds), mview(db_ref, 1, c.dt));
+  if (!rst.ok()) return {false, c.name() + ": the fp64 reference failed: " + std::string(rst.message())};
+  init_grad(io.dx, io.x.size(), c.accumulate, dx_ref, g);
+  init_grad(io.dw, io.w.size(), c.accumulate, dw_ref, g);
+  init_grad(io.db, io.b.size(), c.accumulate, db_ref, g);
+  const outcome o = exec.feature(loss, io);
+  if (!o.st.ok()) return {false, c.name() + ": returned an error: " + std::string(o.st.message())};
+  verdict v;
+  const double floor = 1e-3 * static_cast<double>(std::max<index_t>(rr.tokens, 1)) / rr.normalizer;
+  v.loss_err = std::abs(o.loss - rr.loss) / std::max(std::abs(rr.loss), floor);
+  const double ex = max_rel_error(to_doubles(io.dx), dx_ref), ew = max_rel_error(to_doubles(io.dw), dw_ref),
+               eb = max_rel_error(to_doubles(io.db), db_ref);
+  v.grad_err = (ex == ex && ew == ew && eb == eb) ? std::max({ex, ew, eb}) : std::numeric_limits<double>::quiet_NaN();
+  const double tol = tolerance(c.p);
+  v.ok = v.loss_err <= tol && v.grad_err <= grad_tolerance(c.p) && o.tokens == rr.tokens;
+  if (!v.ok)
+    v.what = c.name() + ": " + fmt("loss %.9g ref %.9g (err %.3g)", o.loss, rr.loss, v.loss_err) +
+             fmt(", dx err %.3g, dW err %.3g", ex, ew) + fmt(", db err %.3g (tol %.g)", eb, grad_tolerance(c.p)) +
+             ", tokens " + std::to_string(o.tokens) + " ref " + std::to_string(rr.tokens);
+  return v;
+}
+
+template <class Exec>
+verdict run_feature_case(const feature_case& c, Exec& exec) {
+  return with_storage(c.p, [&](auto tt) {
+    return with_feature_norm(c.norm, [&](auto nt) {
+      return with_reduction(c.reduce, [&](auto rt) {
+        return run_feature_typed<typename decltype(nt)::type, typename decltype(rt)::type, typename decltype(tt)::type>(
+            c, exec);
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention_loss
+// ---------------------------------------------------------------------------------------------
+struct attention_case {
+  std::size_t index = 0;
+  std::uint64_t seed = 0;
+  bool softmax_kl = true;  // else kd::none (raw-score MSE)
+  int student_heads = 1, teacher_heads = 1;
+  bool causal = true;
+  double temperature = 1;
+  bool accumulate = false;
+  prec p = prec::fp32;
+  index_t batch = 1, seq = 1;
+  [[nodiscard]] std::string name() const {
+    return "attention_loss#" + std::to_string(index) + (softmax_kl ? " softmax_kl" : " none") + " heads " +
+           std::to_string(student_heads) + "<-" + std::to_string(teacher_heads) + (causal ? " causal" : " full") +
+           " T=" + fmt("%g", temperature, 0) + (accumulate ? " accumulate " : " ") + name_of(p) +
+           " B=" + std::to_string(batch) + " S=" + std::to_string(seq) + " seed=" + std::to_string(seed);
+  }
+};
+
+struct attention_space {
+  std::vector<bool> softmax_kl{false, true};
+  std::vector<std::pair<int, int>> heads{{2, 2}, {3, 4}, {9, 16}, {4, 2}};  // student <- teacher (uniform head map)
+  std::vector<bool> causal{true, false};
+  std::vector<double> temps{1, 2};  // softmax_kl only
+  std::vector<bool> accumulate{false, true};
+  std::vector<prec> precs{prec::fp32, prec::bf16, prec::fp16};
+  std::vector<index_t> batches{1, 2};
+  std::vector<index_t> seqs{1, 5, 17};
+};
+
+inline std::vector<attention_case> generate(const attention_space& sp, std::size_t first_index = 0) {
+  std::vector<attention_case> out;
+  std::size_t index = first_index;
+  for (auto p : sp.precs)
+    for (bool kl : sp.softmax_kl)
+      for (auto [hs, ht] : sp.heads)
+        for (bool causal : sp.causal)
+          for (double t : sp.temps)
+            for (bool acc : sp.accumulate)
+              for (auto b : sp.batches)
+                for (auto s : sp.seqs) {
+                  if (!kl && t != sp.temps.front()) continue;  // the temperature only scales softmax_kl
+                  attention_case c;
+                  c.index = index++;
+                  c.seed = splitmix(run_seed() ^ splitmix(c.index + 0xa77000000ull));
+                  c.softmax_kl = kl;
+                  c.student_heads = hs;
+                  c.teacher_heads = ht;
+                  c.causal = causal;
+                  c.temperature = t;
+                  c.accumulate = acc;
+                  c.p = p;
+                  c.batch = b;
+                  c.seq = s;
+                  out.push_back(c);
+                }
+  return out;
+}
+
+template <class T>
+struct attention_io {
+  std::vector<T> teacher, student, grad;
+  index_t t_maps = 0, s_maps = 0, seq = 0;
+};
+
+template <class Norm, class T, class Exec>
+verdict run_attention_typed(const attention_case& c, Exec& exec) {
+  rng_t g(c.seed);
+  attention_io<T> io;
+  io.seq = c.seq;
+  io.t_maps = c.batch * c.teacher_heads;
+  io.s_maps = c.batch * c.student_heads;
+  const auto map_size = static_cast<std::size_t>(c.seq * c.seq);
+  io.teacher = normal_storage<T>(io.t_maps * map_size, 2.0, g);
+  io.student = normal_storage<T>(io.s_maps * map_size, 1.0, g);
+  // Causal: the entries above the diagonal are masked (-inf in a real model) and must never be read.
+  if (c.causal)
+    for (auto* m : {&io.teacher, &io.student})
+      for (std::size_t e = 0; e < m->size(); ++e)
+        if (static_cast<index_t>(e % map_size) % c.seq > static_cast<index_t>(e % map_size) / c.seq)
+          (*m)[e] = from_double<T>(-std::numeric_limits<double>::infinity());
+  kd::attention_options o;
+  o.student_heads = c.student_heads;
+  o.teacher_heads = c.teacher_heads;
+  o.causal = c.causal;
+  o.temperature = c.temperature;
+  o.grad_scale = 1.5;
+  o.accumulate_grad = c.accumulate;
+  using P = kd::precision<T, float>;
+  kd::attention_loss<Norm, kd::precision_set<P, P>> loss;
+  loss.options = o;
+  kd::attention_loss<Norm, kd::precision_set<kd::fp64, kd::fp64>> ref;
+  ref.options = o;
+  ref.options.accumulate_grad = false;
+  auto t64 = to_doubles(io.teacher), s64 = to_doubles(io.student);
+  std::vector<double> gref(s64.size());
+  kd::loss_result rr;
+  const auto rst = ref(kd::cpu, kd::tensor3_view<const double>{t64.data(), io.t_maps, c.seq, c.seq},
+                       kd::tensor3_view<const double>{s64.data(), io.s_maps, c.seq, c.seq}, rr,
+                       kd::tensor3_view<double>{gref.data(), io.s_maps, c.seq, c.seq});
+  if (!rst.ok()) return {false, c.name() + ": the fp64 reference failed: " + std::string(rst.message())};
+  // Masked entries of the gradient: compared as written (the reference writes 0 there); never NaN.
+  if (c.accumulate) {
+    init_grad(io.grad, io.student.size(), true, gref, g);
+  } else {
+    io.grad = nan_storage<T>(io.student.size());
+  }
+  const outcome out = exec.attention(loss, io);
+  if (!out.st.ok()) return {false, c.name() + ": returned an error: " + std::string(out.st.message())};
+  verdict v;
+  v.loss_err = std::abs(out.loss - rr.loss) / std::max(std::abs(rr.loss), 1e-3);
+  v.grad_err = max_rel_error(to_doubles(io.grad), gref);
+  const double tol = tolerance(c.p);
+  v.ok = v.loss_err <= tol && v.grad_err <= grad_tolerance(c.p);
+  if (!v.ok)
+    v.what = c.name() + ": " + fmt("loss %.9g ref %.9g (err %.3g)", out.loss, rr.loss, v.loss_err) +
+             fmt(", grad err %.3g (tol %.g)", v.grad_err, grad_tolerance(c.p));
+  return v;
+}
+
+template <class Exec>
+verdict run_attention_case(const attention_case& c, Exec& exec) {
+  return with_storage(c.p, [&](auto tt) {
+    using T = typename decltype(tt)::type;
+    if (c.softmax_kl) return run_attention_typed<kd::softmax_kl, T>(c, exec);
+    return run_attention_typed<kd::none, T>(c, exec);
+  });
+}
+
 }  // namespace kdmatrix

@@ -72,6 +72,33 @@ struct cpu_exec {
     o.loss = r.loss;
     return o;
   }
+  template <class Loss, class T>
+  outcome feature(const Loss& loss, feature_io<T>& io) {
+    auto cv = [](const std::vector<T>& v, index_t r, index_t c) {
+      return v.empty() ? kd::matrix_view<const T>{} : kd::matrix_view<const T>(v.data(), r, c);
+    };
+    auto mv = [](std::vector<T>& v, index_t r, index_t c) {
+      return v.empty() ? kd::matrix_view<T>{} : kd::matrix_view<T>(v.data(), r, c);
+    };
+    kd::loss_result r;
+    outcome o;
+    o.st = loss(kd::cpu, cv(io.x, io.n, io.ds), cv(io.w, io.dt, io.ds), cv(io.b, 1, io.dt), cv(io.t, io.n, io.dt),
+                std::span<const std::int32_t>(io.labels), r, mv(io.dx, io.n, io.ds), mv(io.dw, io.dt, io.ds),
+                mv(io.db, 1, io.dt));
+    o.loss = r.loss;
+    o.tokens = r.tokens;
+    return o;
+  }
+  template <class Loss, class T>
+  outcome attention(const Loss& loss, attention_io<T>& io) {
+    kd::loss_result r;
+    outcome o;
+    o.st = loss(kd::cpu, kd::tensor3_view<const T>{io.teacher.data(), io.t_maps, io.seq, io.seq},
+                kd::tensor3_view<const T>{io.student.data(), io.s_maps, io.seq, io.seq}, r,
+                kd::tensor3_view<T>{io.grad.data(), io.s_maps, io.seq, io.seq});
+    o.loss = r.loss;
+    return o;
+  }
 };
 
 // The first failures one by one (name and numbers), then the count: thousands of lines help nobody.
@@ -122,6 +149,22 @@ TEST_CASE("load_balance_loss / router_z_loss matrix: CPU backend against the fp6
   for (const auto& c : generate(router_space{}))
     if (selected(c.name())) s.add(c.p, run_router_case(c, exec));
   report(s, "router loss matrix (CPU)");
+}
+
+TEST_CASE("feature_loss matrix: CPU backend against the fp64 reference") {
+  cpu_exec exec;
+  stats s;
+  for (const auto& c : generate(feature_space{}))
+    if (selected(c.name())) s.add(c.p, run_feature_case(c, exec));
+  report(s, "feature_loss matrix (CPU)");
+}
+
+TEST_CASE("attention_loss matrix: CPU backend against the fp64 reference") {
+  cpu_exec exec;
+  stats s;
+  for (const auto& c : generate(attention_space{}))
+    if (selected(c.name())) s.add(c.p, run_attention_case(c, exec));
+  report(s, "attention_loss matrix (CPU)");
 }
 
 TEST_CASE("bad inputs are rejected by every CPU loss") {
