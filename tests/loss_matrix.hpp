@@ -1233,7 +1233,7 @@ inline std::vector<feature_case> generate(const feature_space& sp, std::size_t f
 template <class T>
 struct feature_io {
   std::vector<T> x, w, b, t, dx, dw, db;  // w, b (and dw, db) empty when absent
-  index_t n = 0, ds = 0, dt = 0;
+  index_t n = 0, ds = 0, dt = 0, t_rows = 0, dx_rows = 0, w_rows = 0, w_cols = 0;
   std::vector<std::int32_t> labels;
 };
 
@@ -1267,9 +1267,9 @@ template <class Norm, class R, class T, class Exec>
 verdict run_feature_typed(const feature_case& c, Exec& exec) {
   rng_t g(c.seed);
   feature_io<T> io;
-  io.n = c.n;
-  io.ds = c.ds;
-  io.dt = c.dt;
+  io.n = io.t_rows = io.dx_rows = c.n;
+  io.ds = io.w_cols = c.ds;
+  io.dt = io.w_rows = c.dt;
   io.x = normal_storage<T>(static_cast<std::size_t>(c.n * c.ds), 1.0, g);
   io.t = normal_storage<T>(static_cast<std::size_t>(c.n * c.dt), 1.0, g);
   if (c.proj != projection_kind::identity)
@@ -1394,7 +1394,7 @@ inline std::vector<attention_case> generate(const attention_space& sp, std::size
 template <class T>
 struct attention_io {
   std::vector<T> teacher, student, grad;
-  index_t t_maps = 0, s_maps = 0, seq = 0;
+  index_t t_maps = 0, s_maps = 0, g_maps = 0, seq = 0;
 };
 
 template <class Norm, class T, class Exec>
@@ -1403,7 +1403,7 @@ verdict run_attention_typed(const attention_case& c, Exec& exec) {
   attention_io<T> io;
   io.seq = c.seq;
   io.t_maps = c.batch * c.teacher_heads;
-  io.s_maps = c.batch * c.student_heads;
+  io.s_maps = io.g_maps = c.batch * c.student_heads;
   const auto map_size = static_cast<std::size_t>(c.seq * c.seq);
   io.teacher = normal_storage<T>(io.t_maps * map_size, 2.0, g);
   io.student = normal_storage<T>(io.s_maps * map_size, 1.0, g);
@@ -1459,6 +1459,104 @@ verdict run_attention_case(const attention_case& c, Exec& exec) {
     if (c.softmax_kl) return run_attention_typed<kd::softmax_kl, T>(c, exec);
     return run_attention_typed<kd::none, T>(c, exec);
   });
+}
+
+// Bad inputs of feature_loss and attention_loss.
+enum class feature_bad { teacher_rows, projection_shape, nan_student, nan_teacher, inf_projection, short_dx,
+                         label_count, count_ };
+inline const char* name_of(feature_bad b) {
+  constexpr const char* n[] = {"teacher rows != student rows", "projection [D x ds+1]", "NaN student hidden", "NaN teacher hidden", "Inf projection",
+                               "dstudent one row short", "labels count != rows"};
+  return n[static_cast<int>(b)];
+}
+
+template <class Exec>
+void run_feature_bad_inputs(Exec& exec, stats& s, const std::vector<prec>& precs) {
+  std::uint64_t k = 0;
+  for (auto p : precs)
+    for (int bi = 0; bi < static_cast<int>(feature_bad::count_); ++bi)
+      s.add_bad(with_storage(p, [&](auto tt) {
+        using T = typename decltype(tt)::type;
+        const auto b = static_cast<feature_bad>(bi);
+        const std::uint64_t seed = splitmix(run_seed() ^ (0xfeabad00 + k++));
+        rng_t g(seed);
+        feature_io<T> io;
+        io.n = io.t_rows = io.dx_rows = 5;
+        io.ds = io.w_cols = 12;
+        io.dt = io.w_rows = 20;
+        io.x = normal_storage<T>(60, 1.0, g);
+        io.t = normal_storage<T>(100, 1.0, g);
+        io.w = normal_storage<T>(240, 0.3, g);
+        io.b = normal_storage<T>(20, 0.1, g);
+        io.labels = make_labels(ignore_mode::some, 5, 1000, g, true);
+        switch (b) {
+          case feature_bad::teacher_rows: io.t_rows = 4; io.t.resize(80); break;
+          case feature_bad::projection_shape: io.w_cols = 13; io.w = normal_storage<T>(260, 0.3, g); break;
+          case feature_bad::nan_student: put(io.x, 12, 3, 3, std::numeric_limits<double>::quiet_NaN()); break;
+          case feature_bad::nan_teacher: put(io.t, 20, 3, 19, std::numeric_limits<double>::quiet_NaN()); break;
+          case feature_bad::inf_projection: put(io.w, 12, 2, 2, std::numeric_limits<double>::infinity()); break;
+          case feature_bad::short_dx: io.dx_rows = 4; break;
+          case feature_bad::label_count: io.labels.pop_back(); break;
+          default: break;
+        }
+        io.dx = nan_storage<T>(static_cast<std::size_t>(io.dx_rows * io.ds));
+        io.dw = nan_storage<T>(io.w.size());
+        io.db = nan_storage<T>(20);
+        using P = kd::precision<T, float>;
+        kd::feature_loss<kd::sqrt_dim_mse, kd::token_mean, kd::precision_set<P, P, P>> loss;
+        const outcome o = exec.feature(loss, io);
+        if (o.st.ok())
+          return verdict{false, std::string("feature_loss bad input '") + name_of(b) + "' " + name_of(p) +
+                                    " seed=" + std::to_string(seed) + ": accepted"};
+        return verdict{};
+      }));
+}
+
+enum class attention_bad { teacher_maps, nan_student, inf_teacher, short_grad, zero_temperature, count_ };
+inline const char* name_of(attention_bad b) {
+  constexpr const char* n[] = {"teacher maps != batch x teacher heads", "NaN student score (unmasked)",
+                               "Inf teacher score (unmasked)", "gradient one map short", "temperature 0"};
+  return n[static_cast<int>(b)];
+}
+
+template <class Exec>
+void run_attention_bad_inputs(Exec& exec, stats& s, const std::vector<prec>& precs) {
+  std::uint64_t k = 0;
+  for (auto p : precs)
+    for (int bi = 0; bi < static_cast<int>(attention_bad::count_); ++bi)
+      s.add_bad(with_storage(p, [&](auto tt) {
+        using T = typename decltype(tt)::type;
+        const auto b = static_cast<attention_bad>(bi);
+        const std::uint64_t seed = splitmix(run_seed() ^ (0xa77bad00 + k++));
+        rng_t g(seed);
+        attention_io<T> io;
+        io.seq = 5;
+        io.t_maps = 2 * 4;
+        io.s_maps = io.g_maps = 2 * 3;
+        io.teacher = normal_storage<T>(static_cast<std::size_t>(io.t_maps * 25), 2.0, g);
+        io.student = normal_storage<T>(static_cast<std::size_t>(io.s_maps * 25), 1.0, g);
+        kd::attention_options o;
+        o.student_heads = 3;
+        o.teacher_heads = 4;
+        o.causal = true;
+        switch (b) {
+          case attention_bad::teacher_maps: io.t_maps = 7; io.teacher.resize(175); break;
+          case attention_bad::nan_student: put(io.student, 5, 4, 2, std::numeric_limits<double>::quiet_NaN()); break;
+          case attention_bad::inf_teacher: put(io.teacher, 5, 9, 0, std::numeric_limits<double>::infinity()); break;
+          case attention_bad::short_grad: io.g_maps = 5; break;
+          case attention_bad::zero_temperature: o.temperature = 0; break;
+          default: break;
+        }
+        io.grad = nan_storage<T>(static_cast<std::size_t>(io.g_maps * 25));
+        using P = kd::precision<T, float>;
+        kd::attention_loss<kd::softmax_kl, kd::precision_set<P, P>> loss;
+        loss.options = o;
+        const outcome out = exec.attention(loss, io);
+        if (out.st.ok())
+          return verdict{false, std::string("attention_loss bad input '") + name_of(b) + "' " + name_of(p) +
+                                    " seed=" + std::to_string(seed) + ": accepted"};
+        return verdict{};
+      }));
 }
 
 }  // namespace kdmatrix

@@ -82,8 +82,8 @@ struct cpu_exec {
     };
     kd::loss_result r;
     outcome o;
-    o.st = loss(kd::cpu, cv(io.x, io.n, io.ds), cv(io.w, io.dt, io.ds), cv(io.b, 1, io.dt), cv(io.t, io.n, io.dt),
-                std::span<const std::int32_t>(io.labels), r, mv(io.dx, io.n, io.ds), mv(io.dw, io.dt, io.ds),
+    o.st = loss(kd::cpu, cv(io.x, io.n, io.ds), cv(io.w, io.w_rows, io.w_cols), cv(io.b, 1, io.dt), cv(io.t, io.t_rows, io.dt),
+                std::span<const std::int32_t>(io.labels), r, mv(io.dx, io.dx_rows, io.ds), mv(io.dw, io.w_rows, io.w_cols),
                 mv(io.db, 1, io.dt));
     o.loss = r.loss;
     o.tokens = r.tokens;
@@ -95,7 +95,7 @@ struct cpu_exec {
     outcome o;
     o.st = loss(kd::cpu, kd::tensor3_view<const T>{io.teacher.data(), io.t_maps, io.seq, io.seq},
                 kd::tensor3_view<const T>{io.student.data(), io.s_maps, io.seq, io.seq}, r,
-                kd::tensor3_view<T>{io.grad.data(), io.s_maps, io.seq, io.seq});
+                kd::tensor3_view<T>{io.grad.data(), io.g_maps, io.seq, io.seq});
     o.loss = r.loss;
     return o;
   }
@@ -175,5 +175,7 @@ TEST_CASE("bad inputs are rejected by every CPU loss") {
   run_linear_bad_inputs(exec, s, {prec::fp32, prec::bf16});
   run_ce_bad_inputs(exec, s, all);
   run_router_bad_inputs(exec, s, all);
+  run_feature_bad_inputs(exec, s, all);
+  run_attention_bad_inputs(exec, s, all);
   report(s, "bad inputs (CPU)");
 }

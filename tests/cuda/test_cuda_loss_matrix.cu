@@ -43,8 +43,17 @@ struct cuda_exec {
     return o;
   }
   void poison_results() {
-    poison_results();
+    loss_d.poison();
+    tokens_d.poison();
     z_d.poison();
+  }
+  template <class T>
+  static kd::matrix_view<const T> cview(const device_buffer<T>& d, index_t r, index_t c) {
+    return d.count == 0 ? kd::matrix_view<const T>{} : kd::matrix_view<const T>(d.data, r, c);
+  }
+  template <class T>
+  static kd::matrix_view<T> mview(device_buffer<T>& d, index_t r, index_t c) {
+    return d.count == 0 ? kd::matrix_view<T>{} : kd::matrix_view<T>(d.data, r, c);
   }
 
   template <class Loss, class T>
@@ -107,6 +116,50 @@ struct cuda_exec {
     const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(logits, io.rows, io.cols),
                          std::span<const std::int32_t>(io.labels.empty() ? nullptr : lab.data, io.labels.size()), out,
                          kd::matrix_view<T>(io.null_grad ? nullptr : g.data, io.g_rows, io.cols));
+    const outcome o = finish(st);
+    if (o.st.ok()) io.grad = g.download();
+    return o;
+  }
+
+  template <class Loss, class T>
+  outcome feature(const Loss& loss, feature_io<T>& io) {
+    device_buffer<T> x(io.x.size()), w(io.w.size()), b(io.b.size()), t(io.t.size()), dx(io.dx.size()),
+        dw(io.dw.size()), db(io.db.size());
+    device_buffer<std::int32_t> lab(io.labels.size());
+    upload(x, io.x);
+    upload(w, io.w);
+    upload(b, io.b);
+    upload(t, io.t);
+    upload(dx, io.dx);
+    upload(dw, io.dw);
+    upload(db, io.db);
+    upload(lab, io.labels);
+    poison_results();
+    kd::cuda::device_loss out{loss_d.data, tokens_d.data};
+    const auto st = loss(kd::cuda::backend{&ctx}, cview(x, io.n, io.ds), cview(w, io.w_rows, io.w_cols), cview(b, 1, io.dt),
+                         cview(t, io.t_rows, io.dt),
+                         std::span<const std::int32_t>(io.labels.empty() ? nullptr : lab.data, io.labels.size()), out,
+                         mview(dx, io.dx_rows, io.ds), mview(dw, io.w_rows, io.w_cols), mview(db, 1, io.dt));
+    const outcome o = finish(st);
+    if (o.st.ok()) {
+      if (!io.dx.empty()) io.dx = dx.download();
+      if (!io.dw.empty()) io.dw = dw.download();
+      if (!io.db.empty()) io.db = db.download();
+    }
+    return o;
+  }
+
+  template <class Loss, class T>
+  outcome attention(const Loss& loss, attention_io<T>& io) {
+    device_buffer<T> t(io.teacher.size()), s(io.student.size()), g(io.grad.size());
+    upload(t, io.teacher);
+    upload(s, io.student);
+    upload(g, io.grad);
+    poison_results();
+    kd::cuda::device_loss out{loss_d.data, nullptr};
+    const auto st = loss(kd::cuda::backend{&ctx}, kd::tensor3_view<const T>{t.data, io.t_maps, io.seq, io.seq},
+                         kd::tensor3_view<const T>{s.data, io.s_maps, io.seq, io.seq}, out,
+                         kd::tensor3_view<T>{g.data, io.g_maps, io.seq, io.seq});
     const outcome o = finish(st);
     if (o.st.ok()) io.grad = g.download();
     return o;
@@ -261,6 +314,37 @@ TEST_CASE("load_balance_loss / router_z_loss matrix: CUDA backend against the fp
   report(s, "router loss matrix (CUDA)");
 }
 
+TEST_CASE("feature_loss matrix: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  feature_space sp;
+  for (const auto& c : generate(sp))
+    if (selected(c.name())) s.add(c.p, run_feature_case(c, exec));
+  // The seed run's widths: student 576 -> teacher 1024, 4096 tokens.
+  feature_space seed;
+  seed.ds = 576;
+  seed.dt = 1024;
+  seed.projs = {projection_kind::weight_and_bias};
+  seed.ignores = {ignore_mode::some};
+  seed.reduces = {reduce_mode::mean};
+  seed.accumulate = {false};
+  seed.precs = {prec::fp32, prec::bf16};
+  seed.ns = {4096};
+  for (const auto& c : generate(seed, 100000))
+    if (selected(c.name())) s.add(c.p, run_feature_case(c, exec));
+  report(s, "feature_loss matrix (CUDA)");
+}
+
+TEST_CASE("attention_loss matrix: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  attention_space sp;
+  sp.seqs = {1, 5, 17, 128};
+  for (const auto& c : generate(sp))
+    if (selected(c.name())) s.add(c.p, run_attention_case(c, exec));
+  report(s, "attention_loss matrix (CUDA)");
+}
+
 TEST_CASE("bad inputs are rejected by every CUDA loss") {
   cuda_exec exec;
   stats s;
@@ -269,5 +353,7 @@ TEST_CASE("bad inputs are rejected by every CUDA loss") {
   run_linear_bad_inputs(exec, s, {prec::fp32, prec::bf16});
   run_ce_bad_inputs(exec, s, all);
   run_router_bad_inputs(exec, s, all);
+  run_feature_bad_inputs(exec, s, all);
+  run_attention_bad_inputs(exec, s, all);
   report(s, "bad inputs (CUDA)");
 }
