@@ -1559,4 +1559,32 @@ void run_attention_bad_inputs(Exec& exec, stats& s, const std::vector<prec>& pre
       }));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Drivers shared by the CPU and CUDA tests
+// ---------------------------------------------------------------------------------------------
+template <class Exec> verdict run_case(const logit_case& c, Exec& e) { return run_logit_case(c, e); }
+template <class Exec> verdict run_case(const ce_case& c, Exec& e) { return run_ce_case(c, e); }
+template <class Exec> verdict run_case(const router_case& c, Exec& e) { return run_router_case(c, e); }
+template <class Exec> verdict run_case(const feature_case& c, Exec& e) { return run_feature_case(c, e); }
+template <class Exec> verdict run_case(const attention_case& c, Exec& e) { return run_attention_case(c, e); }
+
+// Runs every selected case of a generated list into s.
+template <class Cases, class Exec>
+void run_all(const Cases& cases, Exec& exec, stats& s) {
+  for (const auto& c : cases)
+    if (selected(c.name())) s.add(c.p, run_case(c, exec));
+}
+
+// Every loss's bad inputs (linear_logit_kd in fp32 and bf16 only).
+template <class Exec>
+void run_all_bad_inputs(Exec& exec, stats& s) {
+  const std::vector<prec> all{prec::fp32, prec::bf16, prec::fp16};
+  run_logit_bad_inputs(exec, s, all);
+  run_linear_bad_inputs(exec, s, {prec::fp32, prec::bf16});
+  run_ce_bad_inputs(exec, s, all);
+  run_router_bad_inputs(exec, s, all);
+  run_feature_bad_inputs(exec, s, all);
+  run_attention_bad_inputs(exec, s, all);
+}
+
 }  // namespace kdmatrix

@@ -115,8 +115,7 @@ void report(const stats& s, const std::string& title) {
 TEST_CASE("logit_kd matrix: CPU backend in fp32 / bf16 / fp16 against the fp64 reference") {
   cpu_exec exec;
   stats s;
-  for (const auto& c : generate(logit_space{}))
-    if (selected(c.name())) s.add(c.p, run_logit_case(c, exec));
+  run_all(generate(logit_space{}), exec, s);
   report(s, "logit_kd matrix (CPU)");
 }
 
@@ -130,52 +129,41 @@ TEST_CASE("linear_logit_kd matrix: CPU backend in fp32 / bf16 against the fp64 r
   sp.chunk_rows = {3, 4, 2048};  // 3 divides 12, not 7; 4 divides neither 7 nor 1 ... and 12; 2048 = one chunk
   cpu_exec exec;
   stats s;
-  for (const auto& c : generate(sp))
-    if (selected(c.name())) s.add(c.p, run_logit_case(c, exec));
+  run_all(generate(sp), exec, s);
   report(s, "linear_logit_kd matrix (CPU)");
 }
 
 TEST_CASE("cross_entropy matrix: CPU backend in fp32 / bf16 / fp16 against the fp64 reference") {
   cpu_exec exec;
   stats s;
-  for (const auto& c : generate(ce_space{}))
-    if (selected(c.name())) s.add(c.p, run_ce_case(c, exec));
+  run_all(generate(ce_space{}), exec, s);
   report(s, "cross_entropy matrix (CPU)");
 }
 
 TEST_CASE("load_balance_loss / router_z_loss matrix: CPU backend against the fp64 reference") {
   cpu_exec exec;
   stats s;
-  for (const auto& c : generate(router_space{}))
-    if (selected(c.name())) s.add(c.p, run_router_case(c, exec));
+  run_all(generate(router_space{}), exec, s);
   report(s, "router loss matrix (CPU)");
 }
 
 TEST_CASE("feature_loss matrix: CPU backend against the fp64 reference") {
   cpu_exec exec;
   stats s;
-  for (const auto& c : generate(feature_space{}))
-    if (selected(c.name())) s.add(c.p, run_feature_case(c, exec));
+  run_all(generate(feature_space{}), exec, s);
   report(s, "feature_loss matrix (CPU)");
 }
 
 TEST_CASE("attention_loss matrix: CPU backend against the fp64 reference") {
   cpu_exec exec;
   stats s;
-  for (const auto& c : generate(attention_space{}))
-    if (selected(c.name())) s.add(c.p, run_attention_case(c, exec));
+  run_all(generate(attention_space{}), exec, s);
   report(s, "attention_loss matrix (CPU)");
 }
 
 TEST_CASE("bad inputs are rejected by every CPU loss") {
   cpu_exec exec;
   stats s;
-  const std::vector<prec> all{prec::fp32, prec::bf16, prec::fp16};
-  run_logit_bad_inputs(exec, s, all);
-  run_linear_bad_inputs(exec, s, {prec::fp32, prec::bf16});
-  run_ce_bad_inputs(exec, s, all);
-  run_router_bad_inputs(exec, s, all);
-  run_feature_bad_inputs(exec, s, all);
-  run_attention_bad_inputs(exec, s, all);
+  run_all_bad_inputs(exec, s);
   report(s, "bad inputs (CPU)");
 }

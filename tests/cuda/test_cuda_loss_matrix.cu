@@ -206,8 +206,7 @@ void report(const stats& s, const std::string& title) {
 }
 
 void run_space(const logit_space& sp, std::size_t first_index, cuda_exec& exec, stats& s) {
-  for (const auto& c : generate(sp, first_index))
-    if (selected(c.name())) s.add(c.p, run_logit_case(c, exec));
+  run_all(generate(sp, first_index), exec, s);
 }
 
 // Mid-sized vocabularies for the full product (cheap for the fp64 reference).
@@ -285,8 +284,7 @@ TEST_CASE("cross_entropy matrix: CUDA backend against the fp64 CPU reference") {
   sp.padded_cols = 1031;
   sp.padded_vocab = 1021;
   sp.ns = {1, 7, 33};
-  for (const auto& c : generate(sp))
-    if (selected(c.name())) s.add(c.p, run_ce_case(c, exec));
+  run_all(generate(sp), exec, s);
   // The seed run's student vocabulary, padded: 50,304 columns, 50,257 real; and Qwen3's 151,936 / 151,669.
   for (auto [cols, vocab] : {std::pair<kd::index_t, kd::index_t>{50304, 50257}, {151936, 151669}}) {
     ce_space large;
@@ -297,8 +295,7 @@ TEST_CASE("cross_entropy matrix: CUDA backend against the fp64 CPU reference") {
     large.padded_cols = cols;
     large.padded_vocab = vocab;
     large.ns = {5};
-    for (const auto& c : generate(large, 100000 + static_cast<std::size_t>(cols)))
-      if (selected(c.name())) s.add(c.p, run_ce_case(c, exec));
+    run_all(generate(large, 100000 + static_cast<std::size_t>(cols)), exec, s);
   }
   report(s, "cross_entropy matrix (CUDA)");
 }
@@ -309,8 +306,7 @@ TEST_CASE("load_balance_loss / router_z_loss matrix: CUDA backend against the fp
   router_space sp;
   sp.experts = {8, 61, 128};
   sp.ns = {1, 7, 33, 4096};
-  for (const auto& c : generate(sp))
-    if (selected(c.name())) s.add(c.p, run_router_case(c, exec));
+  run_all(generate(sp), exec, s);
   report(s, "router loss matrix (CUDA)");
 }
 
@@ -318,8 +314,7 @@ TEST_CASE("feature_loss matrix: CUDA backend against the fp64 CPU reference") {
   cuda_exec exec;
   stats s;
   feature_space sp;
-  for (const auto& c : generate(sp))
-    if (selected(c.name())) s.add(c.p, run_feature_case(c, exec));
+  run_all(generate(sp), exec, s);
   // The seed run's widths: student 576 -> teacher 1024, 4096 tokens.
   feature_space seed;
   seed.ds = 576;
@@ -330,8 +325,7 @@ TEST_CASE("feature_loss matrix: CUDA backend against the fp64 CPU reference") {
   seed.accumulate = {false};
   seed.precs = {prec::fp32, prec::bf16};
   seed.ns = {4096};
-  for (const auto& c : generate(seed, 100000))
-    if (selected(c.name())) s.add(c.p, run_feature_case(c, exec));
+  run_all(generate(seed, 100000), exec, s);
   report(s, "feature_loss matrix (CUDA)");
 }
 
@@ -340,20 +334,13 @@ TEST_CASE("attention_loss matrix: CUDA backend against the fp64 CPU reference") 
   stats s;
   attention_space sp;
   sp.seqs = {1, 5, 17, 128};
-  for (const auto& c : generate(sp))
-    if (selected(c.name())) s.add(c.p, run_attention_case(c, exec));
+  run_all(generate(sp), exec, s);
   report(s, "attention_loss matrix (CUDA)");
 }
 
 TEST_CASE("bad inputs are rejected by every CUDA loss") {
   cuda_exec exec;
   stats s;
-  const std::vector<prec> all{prec::fp32, prec::bf16, prec::fp16};
-  run_logit_bad_inputs(exec, s, all);
-  run_linear_bad_inputs(exec, s, {prec::fp32, prec::bf16});
-  run_ce_bad_inputs(exec, s, all);
-  run_router_bad_inputs(exec, s, all);
-  run_feature_bad_inputs(exec, s, all);
-  run_attention_bad_inputs(exec, s, all);
+  run_all_bad_inputs(exec, s);
   report(s, "bad inputs (CUDA)");
 }
