@@ -1,0 +1,346 @@
+// The generated loss matrix (tests/loss_matrix.hpp) on the CUDA backend against the fp64 CPU reference:
+// the full option product on mid-sized vocabularies, then a few large cases (V = 151,936 with a vocab map
+// onto 50,304 columns, padded 151,669 / 50,257 real; an odd V = 150,001; N = 4096), then the bad inputs
+// (data errors come back through the context's deferred checks). Every failure prints the case name with
+// its seed; KD_MATRIX_SEED=<n> reproduces a run and KD_MATRIX_ONLY=<substring> runs the matching cases.
+#include <doctest/doctest.h>
+
+#include <span>
+#include <vector>
+
+#include <kd/kd.cuh>
+
+#include "../loss_matrix.hpp"
+#include "gpu_util.cuh"
+
+using namespace kdmatrix;
+using kd_test::device_buffer;
+
+namespace {
+
+// Uploads the io of a case, runs it on kd::cuda (one context for the whole matrix), waits for the deferred
+// data checks and downloads the results into the io's gradient vectors.
+struct cuda_exec {
+  kd::cuda::context ctx;
+  device_buffer<float> loss_d{1};
+  device_buffer<long long> tokens_d{1};
+  device_buffer<float> z_d{1};
+
+  template <class T>
+  static void upload(device_buffer<T>& d, const std::vector<T>& h) {
+    if (!h.empty()) d.upload(h);
+  }
+  outcome finish(kd::status st) {
+    outcome o;
+    o.st = st;
+    if (st.ok()) o.st = ctx.sync_status();
+    else (void)ctx.sync_status();
+    if (o.st.ok()) {
+      o.loss = loss_d.download()[0];
+      o.tokens = tokens_d.download()[0];
+      o.z_loss = z_d.download()[0];
+    }
+    return o;
+  }
+  void poison_results() {
+    loss_d.poison();
+    tokens_d.poison();
+    z_d.poison();
+  }
+  template <class T>
+  static kd::matrix_view<const T> cview(const device_buffer<T>& d, index_t r, index_t c) {
+    return d.count == 0 ? kd::matrix_view<const T>{} : kd::matrix_view<const T>(d.data, r, c);
+  }
+  template <class T>
+  static kd::matrix_view<T> mview(device_buffer<T>& d, index_t r, index_t c) {
+    return d.count == 0 ? kd::matrix_view<T>{} : kd::matrix_view<T>(d.data, r, c);
+  }
+
+  template <class Loss, class T>
+  outcome logit(const Loss& loss, logit_io<T>& io) {
+    device_buffer<T> t(io.teacher.size()), s(io.student.size()), g(io.grad.size());
+    device_buffer<std::int32_t> lab(io.labels.size());
+    upload(t, io.teacher);
+    upload(s, io.student);
+    upload(g, io.grad);  // NaN poison, the accumulation start, or (in place) the student logits
+    upload(lab, io.labels);
+    poison_results();
+    const T* student = io.inplace ? g.data : s.data;
+    kd::cuda::device_loss out{loss_d.data, tokens_d.data};
+    const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(t.data, io.t_rows, io.t_cols),
+                         kd::matrix_view<const T>(student, io.s_rows, io.s_cols),
+                         std::span<const std::int32_t>(io.labels.empty() ? nullptr : lab.data, io.labels.size()), out,
+                         kd::matrix_view<T>(io.null_grad ? nullptr : g.data, io.g_rows, io.g_cols));
+    const outcome o = finish(st);
+    if (o.st.ok()) io.grad = g.download();
+    return o;
+  }
+
+  template <class Loss, class T>
+  outcome linear(const Loss& loss, linear_io<T>& io) {
+    device_buffer<T> h(io.hidden.size()), w(io.weight.size()), t(io.teacher.size()), dh(io.dhidden.size()),
+        dw(io.dweight.size());
+    device_buffer<std::int32_t> lab(io.labels.size());
+    upload(h, io.hidden);
+    upload(w, io.weight);
+    upload(t, io.teacher);
+    upload(dh, io.dhidden);
+    upload(dw, io.dweight);
+    upload(lab, io.labels);
+    poison_results();
+    kd::cuda::device_loss out{loss_d.data, tokens_d.data};
+    const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(h.data, io.n, io.h_cols),
+                         kd::matrix_view<const T>(w.data, io.w_rows, io.w_cols),
+                         kd::matrix_view<const T>(t.data, io.t_rows, io.t_cols),
+                         std::span<const std::int32_t>(io.labels.empty() ? nullptr : lab.data, io.labels.size()), out,
+                         kd::matrix_view<T>(dh.data, io.dh_rows, io.h_cols),
+                         kd::matrix_view<T>(dw.data, io.w_rows, io.w_cols));
+    const outcome o = finish(st);
+    if (o.st.ok()) {
+      io.dhidden = dh.download();
+      io.dweight = dw.download();
+    }
+    return o;
+  }
+
+  template <class Loss, class T>
+  outcome ce(const Loss& loss, ce_io<T>& io) {
+    device_buffer<T> l(io.logits.size()), g(io.grad.size());
+    device_buffer<std::int32_t> lab(io.labels.size());
+    upload(l, io.logits);
+    upload(g, io.grad);
+    upload(lab, io.labels);
+    poison_results();
+    const T* logits = io.inplace ? g.data : l.data;
+    kd::cuda::device_cross_entropy out{loss_d.data, z_d.data, tokens_d.data};
+    const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(logits, io.rows, io.cols),
+                         std::span<const std::int32_t>(io.labels.empty() ? nullptr : lab.data, io.labels.size()), out,
+                         kd::matrix_view<T>(io.null_grad ? nullptr : g.data, io.g_rows, io.cols));
+    const outcome o = finish(st);
+    if (o.st.ok()) io.grad = g.download();
+    return o;
+  }
+
+  template <class Loss, class T>
+  outcome feature(const Loss& loss, feature_io<T>& io) {
+    device_buffer<T> x(io.x.size()), w(io.w.size()), b(io.b.size()), t(io.t.size()), dx(io.dx.size()),
+        dw(io.dw.size()), db(io.db.size());
+    device_buffer<std::int32_t> lab(io.labels.size());
+    upload(x, io.x);
+    upload(w, io.w);
+    upload(b, io.b);
+    upload(t, io.t);
+    upload(dx, io.dx);
+    upload(dw, io.dw);
+    upload(db, io.db);
+    upload(lab, io.labels);
+    poison_results();
+    kd::cuda::device_loss out{loss_d.data, tokens_d.data};
+    const auto st = loss(kd::cuda::backend{&ctx}, cview(x, io.n, io.ds), cview(w, io.w_rows, io.w_cols), cview(b, 1, io.dt),
+                         cview(t, io.t_rows, io.dt),
+                         std::span<const std::int32_t>(io.labels.empty() ? nullptr : lab.data, io.labels.size()), out,
+                         mview(dx, io.dx_rows, io.ds), mview(dw, io.w_rows, io.w_cols), mview(db, 1, io.dt));
+    const outcome o = finish(st);
+    if (o.st.ok()) {
+      if (!io.dx.empty()) io.dx = dx.download();
+      if (!io.dw.empty()) io.dw = dw.download();
+      if (!io.db.empty()) io.db = db.download();
+    }
+    return o;
+  }
+
+  template <class Loss, class T>
+  outcome attention(const Loss& loss, attention_io<T>& io) {
+    device_buffer<T> t(io.teacher.size()), s(io.student.size()), g(io.grad.size());
+    upload(t, io.teacher);
+    upload(s, io.student);
+    upload(g, io.grad);
+    poison_results();
+    kd::cuda::device_loss out{loss_d.data, nullptr};
+    const auto st = loss(kd::cuda::backend{&ctx}, kd::tensor3_view<const T>{t.data, io.t_maps, io.seq, io.seq},
+                         kd::tensor3_view<const T>{s.data, io.s_maps, io.seq, io.seq}, out,
+                         kd::tensor3_view<T>{g.data, io.g_maps, io.seq, io.seq});
+    const outcome o = finish(st);
+    if (o.st.ok()) io.grad = g.download();
+    return o;
+  }
+
+  // The router losses report no token count: tokens_d stays at a value finish() reads but no test checks.
+  template <class P, class T>
+  outcome router(const kd::load_balance_loss<P>& loss, router_io<T>& io) {
+    device_buffer<T> l(io.logits.size()), g(io.grad.size());
+    device_buffer<std::int32_t> ids(io.ids.size());
+    upload(l, io.logits);
+    upload(g, io.grad);
+    upload(ids, io.ids);
+    poison_results();
+    kd::cuda::device_loss out{loss_d.data, nullptr};
+    const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(l.data, io.rows, io.cols),
+                         kd::matrix_view<const std::int32_t>(ids.data, io.id_rows, io.k), out,
+                         kd::matrix_view<T>(g.data, io.g_rows, io.cols));
+    const outcome o = finish(st);
+    if (o.st.ok()) io.grad = g.download();
+    return o;
+  }
+  template <class P, class T>
+  outcome router(const kd::router_z_loss<P>& loss, router_io<T>& io) {
+    device_buffer<T> l(io.logits.size()), g(io.grad.size());
+    upload(l, io.logits);
+    upload(g, io.grad);
+    poison_results();
+    kd::cuda::device_loss out{loss_d.data, nullptr};
+    const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(l.data, io.rows, io.cols), out,
+                         kd::matrix_view<T>(g.data, io.g_rows, io.cols));
+    const outcome o = finish(st);
+    if (o.st.ok()) io.grad = g.download();
+    return o;
+  }
+};
+
+void report(const stats& s, const std::string& title) {
+  std::size_t shown = 0;
+  for (const auto& f : s.failures)
+    if (shown++ < 40) FAIL_CHECK(f);
+  CHECK_MESSAGE(s.failures.empty(), s.failures.size(), " failing cases in ", title);
+  MESSAGE(s.summary(title));
+}
+
+void run_space(const logit_space& sp, std::size_t first_index, cuda_exec& exec, stats& s) {
+  run_all(generate(sp, first_index), exec, s);
+}
+
+// Mid-sized vocabularies for the full product (cheap for the fp64 reference).
+logit_space mid_space() {
+  logit_space sp;
+  sp.shared = {1031, 1031, 1031, 1031};
+  sp.padded = {1031, 1021, 1031, 1021};
+  sp.mapped = {2053, 2039, 1031, 1021};
+  sp.ns = {1, 7, 33};
+  return sp;
+}
+
+// The seed run's vocabularies: Qwen3 151,936 (151,669 real) -> GPT-2 50,304 (50,257 real); an odd shared V.
+logit_space large_space() {
+  logit_space sp;
+  sp.shared = {150001, 150001, 150001, 150001};
+  sp.padded = {151936, 151669, 151936, 151669};
+  sp.mapped = {151936, 151669, 50304, 50257};
+  sp.temps = {0.5, 2};
+  sp.ignores = {ignore_mode::some};
+  sp.reduces = {reduce_mode::mean};
+  sp.accumulate = {false};
+  sp.ns = {3};
+  return sp;
+}
+
+}  // namespace
+
+TEST_CASE("logit_kd matrix: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  run_space(mid_space(), 0, exec, s);
+  run_space(large_space(), 100000, exec, s);
+  // Many tokens: N = 4096 on a mid-sized vocabulary.
+  logit_space many = mid_space();
+  many.temps = {2};
+  many.ignores = {ignore_mode::some};
+  many.reduces = {reduce_mode::mean_global};
+  many.accumulate = {false};
+  many.precs = {prec::bf16};
+  many.ns = {4096};
+  run_space(many, 200000, exec, s);
+  report(s, "logit_kd matrix (CUDA)");
+}
+
+TEST_CASE("linear_logit_kd matrix: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  logit_space sp = mid_space();
+  sp.hidden = 64;
+  sp.temps = {0.5, 2};
+  sp.inplace = {false};
+  sp.precs = {prec::fp32, prec::bf16};
+  sp.ns = {1, 7, 33};
+  sp.chunk_rows = {4, 11, 2048};  // 11 divides 33, 4 divides none of 1, 7, 33; 2048 = one chunk
+  run_space(sp, 300000, exec, s);
+  logit_space large = large_space();
+  large.hidden = 32;
+  large.divs = {div_kind::forward_kl, div_kind::jsd};
+  large.temps = {2};
+  large.layouts = {vocab_layout::padded, vocab_layout::mapped};
+  large.inplace = {false};
+  large.precs = {prec::fp32, prec::bf16};
+  large.ns = {100};
+  large.chunk_rows = {48};
+  run_space(large, 400000, exec, s);
+  report(s, "linear_logit_kd matrix (CUDA)");
+}
+
+TEST_CASE("cross_entropy matrix: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  ce_space sp;
+  sp.shared_cols = 1031;
+  sp.padded_cols = 1031;
+  sp.padded_vocab = 1021;
+  sp.ns = {1, 7, 33};
+  run_all(generate(sp), exec, s);
+  // The seed run's student vocabulary, padded: 50,304 columns, 50,257 real; and Qwen3's 151,936 / 151,669.
+  for (auto [cols, vocab] : {std::pair<kd::index_t, kd::index_t>{50304, 50257}, {151936, 151669}}) {
+    ce_space large;
+    large.layouts = {vocab_layout::padded};
+    large.ignores = {ignore_mode::some};
+    large.reduces = {reduce_mode::mean};
+    large.accumulate = {false};
+    large.padded_cols = cols;
+    large.padded_vocab = vocab;
+    large.ns = {5};
+    run_all(generate(large, 100000 + static_cast<std::size_t>(cols)), exec, s);
+  }
+  report(s, "cross_entropy matrix (CUDA)");
+}
+
+TEST_CASE("load_balance_loss / router_z_loss matrix: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  router_space sp;
+  sp.experts = {8, 61, 128};
+  sp.ns = {1, 7, 33, 4096};
+  run_all(generate(sp), exec, s);
+  report(s, "router loss matrix (CUDA)");
+}
+
+TEST_CASE("feature_loss matrix: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  feature_space sp;
+  run_all(generate(sp), exec, s);
+  // The seed run's widths: student 576 -> teacher 1024, 4096 tokens.
+  feature_space seed;
+  seed.ds = 576;
+  seed.dt = 1024;
+  seed.projs = {projection_kind::weight_and_bias};
+  seed.ignores = {ignore_mode::some};
+  seed.reduces = {reduce_mode::mean};
+  seed.accumulate = {false};
+  seed.precs = {prec::fp32, prec::bf16};
+  seed.ns = {4096};
+  run_all(generate(seed, 100000), exec, s);
+  report(s, "feature_loss matrix (CUDA)");
+}
+
+TEST_CASE("attention_loss matrix: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  attention_space sp;
+  sp.seqs = {1, 5, 17, 128};
+  run_all(generate(sp), exec, s);
+  report(s, "attention_loss matrix (CUDA)");
+}
+
+TEST_CASE("bad inputs are rejected by every CUDA loss") {
+  cuda_exec exec;
+  stats s;
+  run_all_bad_inputs(exec, s);
+  report(s, "bad inputs (CUDA)");
+}
