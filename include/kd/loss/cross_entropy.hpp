@@ -115,15 +115,20 @@ struct loss_impl<cpu_backend, cross_entropy_tag> {
     const double divisor = detail::token_divisor<Loss::reduction_info.mean>(o, active);
     const A gscale = static_cast<A>(o.grad_scale / divisor);
     const A zw = static_cast<A>(o.z_loss_weight / divisor);
+    // Every row is checked before any gradient is written: the gradient may be the logits buffer
+    // itself (in place), and a rejected call must leave its inputs as they were.
+    for (index_t r = 0; r < n; ++r)
+      if (detail::token_active(labels, r, o.ignore_index))
+        KD_TRY(detail::check_row_finite(logits.row(r), v, r, "logits", comp));
     Vec s(v);
     double ce = 0.0, z = 0.0;  // the reference: row sums and the token sum in double
     for (index_t r = 0; r < n; ++r) {
       const bool act = detail::token_active(labels, r, o.ignore_index);
+      if (act)  // read the row before its gradient overwrites it (in place)
+        for (index_t c = 0; c < v; ++c) s[c] = load_as<A>(logits(r, c));
       if (want_grad && !o.accumulate_grad)
         for (index_t c = 0; c < logits.cols; ++c) dlogits(r, c) = store_as<GT>(A(0));
       if (!act) continue;
-      KD_TRY(detail::check_row_finite(logits.row(r), v, r, "logits", comp));
-      for (index_t c = 0; c < v; ++c) s[c] = load_as<A>(logits(r, c));
       const A m = s.maxCoeff();
       const A lse = m + static_cast<A>(std::log((s - m).exp().template cast<double>().sum()));
       const auto y = labels[static_cast<std::size_t>(r)];

@@ -196,6 +196,15 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
     const std::span<const std::int32_t> student_cols =
         map == nullptr ? std::span<const std::int32_t>{} : std::span<const std::int32_t>(support);
 
+    // Every active row is checked before any gradient is written: the gradient may be the student
+    // logits themselves (in place), and a rejected call must leave its inputs as they were.
+    for (index_t r = 0; r < n; ++r) {
+      if (!detail::token_active(labels, r, o.ignore_index)) continue;
+      KD_TRY(detail::check_scaled_row(teacher.row(r), map == nullptr ? k : 0, teacher_cols, sc.inv_temp,
+                                      sc.temperature, r, "teacher logits", comp));
+      KD_TRY(detail::check_scaled_row(student.row(r), map == nullptr ? k : 0, student_cols, sc.inv_temp,
+                                      sc.temperature, r, "student logits", comp));
+    }
     Vec tz(teacher_read), logp(k), logq(k), p(k), q(k), g(k);
     double total = 0.0;
     for (index_t r = 0; r < n; ++r) {
@@ -205,10 +214,6 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
           for (index_t c = 0; c < student.cols; ++c) dstudent(r, c) = store_as<GT>(A(0));
         continue;
       }
-      KD_TRY(detail::check_scaled_row(teacher.row(r), map == nullptr ? k : 0, teacher_cols, sc.inv_temp,
-                                      sc.temperature, r, "teacher logits", comp));
-      KD_TRY(detail::check_scaled_row(student.row(r), map == nullptr ? k : 0, student_cols, sc.inv_temp,
-                                      sc.temperature, r, "student logits", comp));
       // Teacher log-probabilities over the support. With a map, tz[e] is the scaled logit of the e-th
       // mapped teacher id, so the teacher's log-sum-exp runs over mapped columns only.
       if (map == nullptr) {
