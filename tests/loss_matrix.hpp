@@ -1442,8 +1442,11 @@ verdict run_attention_typed(const attention_case& c, Exec& exec) {
   const outcome out = exec.attention(loss, io);
   if (!out.st.ok()) return {false, c.name() + ": returned an error: " + std::string(out.st.message())};
   verdict v;
-  v.loss_err = std::abs(out.loss - rr.loss) / std::max(std::abs(rr.loss), 1e-3);
-  v.grad_err = max_rel_error(to_doubles(io.grad), gref);
+  // Floors: a map with one key (S = 1) has loss and gradient exactly 0, where fp32 softmax rounding leaves
+  // ~1e-7; they are compared at 1e-2 of the natural scales (a loss of O(1), a gradient of
+  // grad_scale / normalizer per entry) instead of dividing by zero.
+  v.loss_err = std::abs(out.loss - rr.loss) / std::max(std::abs(rr.loss), 1e-2);
+  v.grad_err = max_rel_error(to_doubles(io.grad), gref, 1e-2 * o.grad_scale / std::max(rr.normalizer, 1.0));
   const double tol = tolerance(c.p);
   v.ok = v.loss_err <= tol && v.grad_err <= grad_tolerance(c.p);
   if (!v.ok)

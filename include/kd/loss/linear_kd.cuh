@@ -1,11 +1,12 @@
 // kd/loss/linear_kd.cuh: fused student LM head + logit distillation on the GPU.
 //
-// Per chunk of `chunk_rows` tokens: logits = hidden W^T (cuBLAS, fp32 accumulation, written in the
-// student storage type into a chunk_rows x V scratch), the fused logit-distillation kernel overwrites
-// those logits with dlogits in place (it reads each slice into shared memory before writing it), then
-// dhidden = dlogits W and dW += dlogits^T hidden (cuBLAS). The N x V logits never exist: extra memory is
-// chunk_rows x V in the storage type, plus V x d floats for dW when W is stored in 16 bits (dW is
-// accumulated over chunks in fp32 and rounded once), plus O(N).
+// Per chunk of `chunk_rows` tokens: logits = hidden W^T (cuBLAS, fp32 accumulation, kept in fp32 in a
+// chunk_rows x V scratch, as the CPU reference keeps them), the fused logit-distillation kernel writes
+// dlogits in the storage type (over the logits themselves when that is float: it reads each slice into
+// shared memory before writing it), then dhidden = dlogits W and dW += dlogits^T hidden (cuBLAS). The
+// N x V logits never exist: extra memory is chunk_rows x V x (4 + the storage size, or 4 for float), plus
+// V x d floats for dW when W is stored in 16 bits (dW is accumulated over chunks in fp32 and rounded once),
+// plus O(N).
 #pragma once
 
 #include <cublas_v2.h>
@@ -59,23 +60,30 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     const long long n = h.rows, d = h.cols, v = w.rows;
     const long long chunk = std::min<long long>(o.chunk_rows, n);
 
-    // The per-chunk loss: logit_kd on logits stored like the hidden states, accumulated in float.
+    // The per-chunk loss: logit_kd on fp32 logits (the GEMM's accumulator, as the CPU reference keeps
+    // them: rounding them to a 16-bit storage type first costs ~1e-2 of the gradient at T = 0.5), with
+    // dlogits written in the storage type for the two backward GEMMs (in place when that is float).
     using Inner = logit_kd<typename Loss::divergence, typename Loss::reduction,
-                           precision_set<typename Loss::precisions::teacher, precision<HT, float>>>;
+                           precision_set<typename Loss::precisions::teacher, precision<float, float>>>;
+    constexpr bool separate_grad = !std::is_same_v<HT, float>;
     Inner inner;
     static_cast<logit_kd_options&>(inner.options) = o;
     inner.options.accumulate_grad = false;
 
-    // Scratch: logits chunk | fp32 dW (16-bit heads) | partials [n * 8 (the largest cluster)] | count.
+    // Scratch: fp32 logits chunk | dlogits chunk (16-bit heads) | fp32 dW (16-bit heads) | partials
+    // [n * 8 (the largest cluster)] | count.
     const bool dw_f32 = !dw.empty() && !std::is_same_v<std::remove_const_t<GW>, float>;
     auto align = [](std::size_t b) { return (b + 255) / 256 * 256; };
-    const std::size_t logits_bytes = align(static_cast<std::size_t>(chunk) * v * sizeof(HT));
+    const std::size_t logits_bytes = align(static_cast<std::size_t>(chunk) * v * sizeof(float)) +
+                                     (separate_grad ? align(static_cast<std::size_t>(chunk) * v * sizeof(HT)) : 0);
     const std::size_t dw_bytes = dw_f32 ? align(static_cast<std::size_t>(v) * d * sizeof(float)) : 0;
     const std::size_t partial_bytes = align(static_cast<std::size_t>(n) * 8 * sizeof(float));
     void* scratch = nullptr;
     KD_TRY(ctx.scratch(logits_bytes + dw_bytes + partial_bytes + 256, scratch));
     auto* base = static_cast<char*>(scratch);
-    HT* logits = reinterpret_cast<HT*>(base);
+    float* logits = reinterpret_cast<float*>(base);
+    HT* dlogits = separate_grad ? reinterpret_cast<HT*>(base + align(static_cast<std::size_t>(chunk) * v * sizeof(float)))
+                                : reinterpret_cast<HT*>(logits);
     float* dw32 = dw_f32 ? reinterpret_cast<float*>(base + logits_bytes) : nullptr;
     float* partial = reinterpret_cast<float*>(base + logits_bytes + dw_bytes);
     long long* count = reinterpret_cast<long long*>(base + logits_bytes + dw_bytes + partial_bytes);
@@ -91,7 +99,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       logit_kd_launch l;
       const auto lab = labels.empty() ? labels : labels.subspan(static_cast<std::size_t>(r0), static_cast<std::size_t>(rows));
       KD_TRY(plan_logit_kd(ctx, inner, matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride),
-                           matrix_view<const HT>(logits, rows, v), lab, matrix_view<HT>(logits, rows, v), true, l));
+                           matrix_view<const float>(logits, rows, v), lab, matrix_view<HT>(dlogits, rows, v), true, l));
       if (cluster == 0) cluster = l.cluster;
       l.p.partial = partial + r0 * cluster;
       l.p.error = err;
@@ -99,11 +107,11 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       KD_TRY(enqueue_logit_kd(l, stream));
       // dh[r0:r0+rows] = dlogits W ;  dW (+)= dlogits^T h[r0:r0+rows]
       if (!dh.empty())
-        KD_TRY(cuda::gemm_rm(blas, rows, d, v, logits, v, false, w.data, d, false, dh.row(r0), d, o.accumulate_grad ? 1.f : 0.f));
+        KD_TRY(cuda::gemm_rm(blas, rows, d, v, dlogits, v, false, w.data, d, false, dh.row(r0), d, o.accumulate_grad ? 1.f : 0.f));
       if (!dw.empty()) {
         const float beta = (r0 == 0 && (dw_f32 || !o.accumulate_grad)) ? 0.f : 1.f;
-        if (dw_f32) KD_TRY(cuda::gemm_rm(blas, v, d, rows, logits, v, true, h.row(r0), d, false, dw32, d, beta));
-        else KD_TRY(cuda::gemm_rm(blas, v, d, rows, logits, v, true, h.row(r0), d, false, dw.data, d, beta));
+        if (dw_f32) KD_TRY(cuda::gemm_rm(blas, v, d, rows, dlogits, v, true, h.row(r0), d, false, dw32, d, beta));
+        else KD_TRY(cuda::gemm_rm(blas, v, d, rows, dlogits, v, true, h.row(r0), d, false, dw.data, d, beta));
       }
     }
     if (dw_f32) {
