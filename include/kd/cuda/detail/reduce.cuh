@@ -48,7 +48,9 @@ struct lse_acc {
   }
   __device__ static lse_acc combine(lse_acc a, lse_acc b) {
     const float m = fmaxf(a.m, b.m);
-    if (m == -INFINITY) return {m, 0.f};
+    // Both empty: keep the sums (0 + 0 for empty threads; NaN when a NaN or -inf input was added to an
+    // accumulator whose max is still -inf, which must reach value() and report the row, not vanish).
+    if (m == -INFINITY) return {m, a.s + b.s};
     return {m, a.s * fast_exp2(a.m - m) + b.s * fast_exp2(b.m - m)};
   }
   // For tempered logits: y = -inf means x / T overflowed float (the loss terms would be inf or NaN, while
