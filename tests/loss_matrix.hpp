@@ -475,6 +475,12 @@ verdict run_logit_typed(const logit_case& c, Exec& exec) {
   const double tol = tolerance(c.p);
   double gtol = grad_tolerance(c.p);
   if constexpr (std::is_same_v<D, kd::tvd>) {
+    // tvd's gradient q_j (+-0.5 - sum q g) cancels when most of q sits on one sign: its largest entry can be
+    // far below its natural size grad_scale * T * max q / 2 / norm, where float's rounding of q lives.
+    // Errors are measured against that size.
+    const double qmax = tvd_tie_q<R>(c, t64, s64, io.labels, 1e300);
+    v.grad_err = max_rel_error(to_doubles(io.grad), gref,
+                               0.5 * loss.options.grad_scale * c.temperature * qmax / std::max(rr.normalizer, 1.0));
     // tvd's gradient is a sign of p - q: entries within float's reach of a tie (1e-3, past the redraw's
     // 3e-5) may take the other sign in a float backend. Their possible effect is added to the tolerance:
     // grad_scale * T * q_j (1 + max q) / norm, over the reference gradient's scale.
