@@ -1,4 +1,4 @@
-// Run checkpoints (kd/train/checkpoint.hpp) and the interrupt guard (kd/train/interrupt.hpp).
+// Run checkpoints (kd/train/run_checkpoint.hpp) and the interrupt guard (kd/train/interrupt.hpp).
 #include <doctest/doctest.h>
 
 #include <csignal>
@@ -20,7 +20,7 @@
 #include <kd/model/config.hpp>
 #include <kd/model/ops_cpu.hpp>
 #include <kd/train/adamw.hpp>
-#include <kd/train/checkpoint.hpp>
+#include <kd/train/run_checkpoint.hpp>
 #include <kd/train/interrupt.hpp>
 
 #include "test_util.hpp"

@@ -1,4 +1,4 @@
-// kd/train/checkpoint.hpp: a training run's checkpoint, written crash-safely and refused when corrupt.
+// kd/train/run_checkpoint.hpp: a training run's checkpoint, written crash-safely and refused when corrupt.
 //
 // Layout of RUN/step-N/ (one directory per checkpoint):
 //   config.json, model.safetensors   the model, HF format (kd/model/checkpoint.hpp): transformers loads
