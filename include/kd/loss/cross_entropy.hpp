@@ -12,8 +12,11 @@
 #include <cmath>
 #include <span>
 #include <string>
+#include <vector>
 
 #include <Eigen/Core>
+
+#include <kd/core/parallel.hpp>
 
 #include <kd/loss/common.hpp>
 #include <kd/policy/backend.hpp>
@@ -120,26 +123,35 @@ struct loss_impl<cpu_backend, cross_entropy_tag> {
     for (index_t r = 0; r < n; ++r)
       if (detail::token_active(labels, r, o.ignore_index))
         KD_TRY(detail::check_row_finite(logits.row(r), v, r, "logits", comp));
-    Vec s(v);
+    // Rows are independent: blocks of rows run on threads (kd/core/parallel.hpp), each row's terms kept
+    // and summed in row order afterwards, so the result does not depend on the thread count.
+    std::vector<double> row_ce(static_cast<std::size_t>(n), 0.0), row_z(static_cast<std::size_t>(n), 0.0);
+    parallel_blocks(n, 40.0 * static_cast<double>(n) * static_cast<double>(v), [&](std::int64_t r0, std::int64_t r1) {
+      Vec s(v);
+      for (index_t r = static_cast<index_t>(r0); r < r1; ++r) {
+        const bool act = detail::token_active(labels, r, o.ignore_index);
+        if (act)  // read the row before its gradient overwrites it (in place)
+          for (index_t c = 0; c < v; ++c) s[c] = load_as<A>(logits(r, c));
+        if (want_grad && !o.accumulate_grad)
+          for (index_t c = 0; c < logits.cols; ++c) dlogits(r, c) = store_as<GT>(A(0));
+        if (!act) continue;
+        const A m = s.maxCoeff();
+        const A lse = m + static_cast<A>(std::log((s - m).exp().template cast<double>().sum()));
+        const auto y = labels[static_cast<std::size_t>(r)];
+        row_ce[static_cast<std::size_t>(r)] = static_cast<double>(lse - s[y]);
+        row_z[static_cast<std::size_t>(r)] = static_cast<double>(lse) * static_cast<double>(lse);
+        if (!want_grad) continue;
+        const A zfac = gscale + zw * A(2) * lse;  // coefficient of softmax(s)
+        for (index_t c = 0; c < v; ++c) {
+          const A g = std::exp(s[c] - lse) * zfac - (c == y ? gscale : A(0));
+          detail::put_grad(dlogits(r, c), g, o.accumulate_grad);
+        }
+      }
+    });
     double ce = 0.0, z = 0.0;  // the reference: row sums and the token sum in double
     for (index_t r = 0; r < n; ++r) {
-      const bool act = detail::token_active(labels, r, o.ignore_index);
-      if (act)  // read the row before its gradient overwrites it (in place)
-        for (index_t c = 0; c < v; ++c) s[c] = load_as<A>(logits(r, c));
-      if (want_grad && !o.accumulate_grad)
-        for (index_t c = 0; c < logits.cols; ++c) dlogits(r, c) = store_as<GT>(A(0));
-      if (!act) continue;
-      const A m = s.maxCoeff();
-      const A lse = m + static_cast<A>(std::log((s - m).exp().template cast<double>().sum()));
-      const auto y = labels[static_cast<std::size_t>(r)];
-      ce += static_cast<double>(lse - s[y]);
-      z += static_cast<double>(lse) * static_cast<double>(lse);
-      if (!want_grad) continue;
-      const A zfac = gscale + zw * A(2) * lse;  // coefficient of softmax(s)
-      for (index_t c = 0; c < v; ++c) {
-        const A g = std::exp(s[c] - lse) * zfac - (c == y ? gscale : A(0));
-        detail::put_grad(dlogits(r, c), g, o.accumulate_grad);
-      }
+      ce += row_ce[static_cast<std::size_t>(r)];
+      z += row_z[static_cast<std::size_t>(r)];
     }
     out.tokens = active;
     out.normalizer = divisor;

@@ -21,6 +21,8 @@
 
 #include <Eigen/Core>
 
+#include <kd/core/parallel.hpp>
+
 #include <kd/loss/common.hpp>
 #include <kd/loss/divergence.hpp>
 #include <kd/policy/backend.hpp>
@@ -205,60 +207,66 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
       KD_TRY(detail::check_scaled_row(student.row(r), map == nullptr ? k : 0, student_cols, sc.inv_temp,
                                       sc.temperature, r, "student logits", comp));
     }
-    Vec tz(teacher_read), logp(k), logq(k), p(k), q(k), g(k);
-    double total = 0.0;
-    for (index_t r = 0; r < n; ++r) {
-      const bool active_row = detail::token_active(labels, r, o.ignore_index);
-      if (!active_row) {
-        if (want_grad && !o.accumulate_grad)
-          for (index_t c = 0; c < student.cols; ++c) dstudent(r, c) = store_as<GT>(A(0));
-        continue;
-      }
-      // Teacher log-probabilities over the support. With a map, tz[e] is the scaled logit of the e-th
-      // mapped teacher id, so the teacher's log-sum-exp runs over mapped columns only.
-      if (map == nullptr) {
-        for (index_t c = 0; c < teacher_read; ++c) tz[c] = load_as<A>(teacher(r, c)) / temp;
-      } else {
-        const auto tids = map->teacher_ids();
-        for (index_t e = 0; e < teacher_read; ++e) tz[e] = load_as<A>(teacher(r, tids[static_cast<std::size_t>(e)])) / temp;
-      }
-      const A tlse = lse(tz);
-      if (map == nullptr) {
-        logp = tz - tlse;
-      } else {
-        // log of summed mass per student id, then renormalize over the support (log-sum-exp throughout).
-        logp.setConstant(-std::numeric_limits<A>::infinity());
-        const auto sids = map->student_ids();
-        for (std::size_t e = 0; e < sids.size(); ++e) {
-          const auto j = slot[static_cast<std::size_t>(sids[e])];
-          const A lp = tz[static_cast<index_t>(e)] - tlse;
-          const A hi = std::max(logp[j], lp);
-          logp[j] = hi + std::log(std::exp(logp[j] - hi) + std::exp(lp - hi));
+    // Rows are independent: blocks of rows on threads, each row's loss kept and summed in row order.
+    std::vector<double> row_total(static_cast<std::size_t>(n), 0.0);
+    const double work = 30.0 * static_cast<double>(n) * static_cast<double>(teacher_read + 2 * k);
+    parallel_blocks(n, work, [&](std::int64_t r0, std::int64_t r1) {
+      Vec tz(teacher_read), logp(k), logq(k), p(k), q(k), g(k);
+      for (index_t r = static_cast<index_t>(r0); r < r1; ++r) {
+        const bool active_row = detail::token_active(labels, r, o.ignore_index);
+        if (!active_row) {
+          if (want_grad && !o.accumulate_grad)
+            for (index_t c = 0; c < student.cols; ++c) dstudent(r, c) = store_as<GT>(A(0));
+          continue;
         }
-        logp -= lse(logp);
-      }
-      p = logp.exp();
-      // Student log-probabilities over the support.
-      for (index_t j = 0; j < k; ++j) logq[j] = load_as<A>(student(r, support[static_cast<std::size_t>(j)])) / temp;
-      logq -= lse(logq);
-      q = logq.exp();
+        // Teacher log-probabilities over the support. With a map, tz[e] is the scaled logit of the e-th
+        // mapped teacher id, so the teacher's log-sum-exp runs over mapped columns only.
+        if (map == nullptr) {
+          for (index_t c = 0; c < teacher_read; ++c) tz[c] = load_as<A>(teacher(r, c)) / temp;
+        } else {
+          const auto tids = map->teacher_ids();
+          for (index_t e = 0; e < teacher_read; ++e) tz[e] = load_as<A>(teacher(r, tids[static_cast<std::size_t>(e)])) / temp;
+        }
+        const A tlse = lse(tz);
+        if (map == nullptr) {
+          logp = tz - tlse;
+        } else {
+          // log of summed mass per student id, then renormalize over the support (log-sum-exp throughout).
+          logp.setConstant(-std::numeric_limits<A>::infinity());
+          const auto sids = map->student_ids();
+          for (std::size_t e = 0; e < sids.size(); ++e) {
+            const auto j = slot[static_cast<std::size_t>(sids[e])];
+            const A lp = tz[static_cast<index_t>(e)] - tlse;
+            const A hi = std::max(logp[j], lp);
+            logp[j] = hi + std::log(std::exp(logp[j] - hi) + std::exp(lp - hi));
+          }
+          logp -= lse(logp);
+        }
+        p = logp.exp();
+        // Student log-probabilities over the support.
+        for (index_t j = 0; j < k; ++j) logq[j] = load_as<A>(student(r, support[static_cast<std::size_t>(j)])) / temp;
+        logq -= lse(logq);
+        q = logq.exp();
 
-      double row_loss = 0.0;
-      for (index_t j = 0; j < k; ++j) row_loss += static_cast<double>(math.term(p[j], logp[j], q[j], logq[j]));
-      total += row_loss;
-      if (!want_grad) continue;
-      if constexpr (std::is_same_v<D, forward_kl>) {
-        g = q - p;
-      } else {
-        for (index_t j = 0; j < k; ++j) g[j] = math.dq(p[j], logp[j], q[j], logq[j]);
-        const A c = detail::sum_in_double(q * g);
-        g = q * (g - c);
+        double row_loss = 0.0;
+        for (index_t j = 0; j < k; ++j) row_loss += static_cast<double>(math.term(p[j], logp[j], q[j], logq[j]));
+        row_total[static_cast<std::size_t>(r)] = row_loss;
+        if (!want_grad) continue;
+        if constexpr (std::is_same_v<D, forward_kl>) {
+          g = q - p;
+        } else {
+          for (index_t j = 0; j < k; ++j) g[j] = math.dq(p[j], logp[j], q[j], logq[j]);
+          const A c = detail::sum_in_double(q * g);
+          g = q * (g - c);
+        }
+        if (!o.accumulate_grad)
+          for (index_t c = 0; c < student.cols; ++c) dstudent(r, c) = store_as<GT>(A(0));
+        for (index_t j = 0; j < k; ++j)
+          detail::put_grad(dstudent(r, support[static_cast<std::size_t>(j)]), grad_factor * g[j], o.accumulate_grad);
       }
-      if (!o.accumulate_grad)
-        for (index_t c = 0; c < student.cols; ++c) dstudent(r, c) = store_as<GT>(A(0));
-      for (index_t j = 0; j < k; ++j)
-        detail::put_grad(dstudent(r, support[static_cast<std::size_t>(j)]), grad_factor * g[j], o.accumulate_grad);
-    }
+    });
+    double total = 0.0;
+    for (double t : row_total) total += t;
     out.tokens = active;
     out.normalizer = divisor;
     out.loss = total * sc.loss_scale / divisor;

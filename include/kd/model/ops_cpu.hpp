@@ -3,7 +3,10 @@
 // Implements every op of kd/model/ops.hpp on host memory. cpu_ops<double> is the reference the CUDA
 // backend and the finite-difference tests are checked against, so every op is written for exactness
 // first: GEMMs go through Eigen (row-major Maps over the caller's memory, no copies), everything else is
-// plain loops accumulating in acc_type (= Real). Host-checkable preconditions (null pointers, sizes,
+// plain loops accumulating in acc_type (= Real). Large GEMMs (an LM head over a 152k vocabulary) are split
+// into output blocks over threads (KD_CPU_THREADS, default: the hardware's): each output element is still
+// one Eigen dot product, and the blocks depend only on the shape and the thread count, so a run repeats
+// bit for bit on the same machine. Host-checkable preconditions (null pointers, sizes,
 // Hq % Hkv, even D for RoPE, k <= E: kd/model/op_check.hpp, shared with the CUDA backend; plus the values
 // of ids and slots, which only the host backend can read) return a kd::status; nothing asserts or throws.
 #pragma once
@@ -22,6 +25,7 @@
 
 #include <Eigen/Core>
 
+#include <kd/core/parallel.hpp>
 #include <kd/model/op_check.hpp>
 #include <kd/model/ops.hpp>
 #include <kd/model/parameters.hpp>
@@ -35,6 +39,7 @@ struct cpu_ops_prefix {
   static constexpr const char* value = "cpu_ops::";
 };
 using cpu_op_check = basic_op_check<cpu_ops_prefix>;
+
 
 }  // namespace detail
 
@@ -116,11 +121,15 @@ class cpu_ops {
   status linear(const T* x, const T* w, T* y, i64 M, i64 N, i64 K, bool accumulate) {
     detail::cpu_op_check c("linear");
     KD_TRY(detail::linear_args(c, x, w, y, M, N, K).done());
-    auto Y = map(y, M, N);
-    if (accumulate)
-      Y.noalias() += cmap(x, M, K) * cmap(w, N, K).transpose();
-    else
-      Y.noalias() = cmap(x, M, K) * cmap(w, N, K).transpose();
+    // Blocks of output columns (weight rows): a 152k-row head splits evenly.
+    ::kd::parallel_blocks(N, 2.0 * M * N * K, [&](i64 n0, i64 n1) {
+      auto Y = map(y, M, N).middleCols(n0, n1 - n0);
+      const auto W = cmap(w, N, K).middleRows(n0, n1 - n0);
+      if (accumulate)
+        Y.noalias() += cmap(x, M, K) * W.transpose();
+      else
+        Y.noalias() = cmap(x, M, K) * W.transpose();
+    });
     return {};
   }
 
@@ -128,11 +137,14 @@ class cpu_ops {
   status linear_dx(const T* dy, const T* w, T* dx, i64 M, i64 N, i64 K, bool accumulate) {
     detail::cpu_op_check c("linear_dx");
     KD_TRY(detail::linear_dx_args(c, dy, w, dx, M, N, K).done());
-    auto DX = map(dx, M, K);
-    if (accumulate)
-      DX.noalias() += cmap(dy, M, N) * cmap(w, N, K);
-    else
-      DX.noalias() = cmap(dy, M, N) * cmap(w, N, K);
+    ::kd::parallel_blocks(M, 2.0 * M * N * K, [&](i64 m0, i64 m1) {
+      auto DX = map(dx, M, K).middleRows(m0, m1 - m0);
+      const auto DY = cmap(dy, M, N).middleRows(m0, m1 - m0);
+      if (accumulate)
+        DX.noalias() += DY * cmap(w, N, K);
+      else
+        DX.noalias() = DY * cmap(w, N, K);
+    });
     return {};
   }
 
@@ -140,10 +152,14 @@ class cpu_ops {
   status linear_dw(const T* dy, const T* x, T* dw, i64 M, i64 N, i64 K, bool accumulate = true) {
     detail::cpu_op_check c("linear_dw");
     KD_TRY(detail::linear_dw_args(c, dy, x, dw, M, N, K).done());
-    if (accumulate)
-      map(dw, N, K).noalias() += cmap(dy, M, N).transpose() * cmap(x, M, K);
-    else
-      map(dw, N, K).noalias() = cmap(dy, M, N).transpose() * cmap(x, M, K);
+    ::kd::parallel_blocks(N, 2.0 * M * N * K, [&](i64 n0, i64 n1) {
+      auto DW = map(dw, N, K).middleRows(n0, n1 - n0);
+      const auto DY = cmap(dy, M, N).middleCols(n0, n1 - n0);
+      if (accumulate)
+        DW.noalias() += DY.transpose() * cmap(x, M, K);
+      else
+        DW.noalias() = DY.transpose() * cmap(x, M, K);
+    });
     return {};
   }
 

@@ -544,8 +544,8 @@ inline status encode_parallel(const tokenizer& tok, std::string_view text, encod
   auto work = [&] {
     tokenizer t = tok.clone();
     for (std::size_t c; (c = next.fetch_add(1)) < chunks;)
-      results[c] = t.encode(text.substr(cuts[c], cuts[c + 1] - cuts[c]), parts[c], name,
-                            static_cast<std::uint32_t>(cuts[c]));
+      static_cast<void>(results[c] = t.encode(text.substr(cuts[c], cuts[c + 1] - cuts[c]), parts[c], name,
+                                              static_cast<std::uint32_t>(cuts[c])));
   };
   std::vector<std::thread> pool;
   for (unsigned i = 1; i < std::min<std::size_t>(threads, chunks); ++i) pool.emplace_back(work);

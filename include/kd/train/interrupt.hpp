@@ -67,8 +67,9 @@ class interrupt_guard {
     sa.sa_flags = SA_RESTART;  // a blocking read in the data loader resumes instead of failing with EINTR
     for (int i = 0; i < 2; ++i) {
       if (::sigaction(signals_[i], &sa, &previous_[i]) != 0) {
-        installed_ = {errc::backend_error, std::string("interrupt_guard: cannot install the handler for ") +
-                                               (i == 0 ? "SIGINT" : "SIGTERM") + ": " + std::strerror(errno)};
+        // (void): nvcc reads the assignment's status& result as a discarded [[nodiscard]] value.
+        static_cast<void>(installed_ = status{errc::backend_error, std::string("interrupt_guard: cannot install the handler for ") +
+                                                                       (i == 0 ? "SIGINT" : "SIGTERM") + ": " + std::strerror(errno)});
         for (int j = 0; j < i; ++j) ::sigaction(signals_[j], &previous_[j], nullptr);
         return;
       }

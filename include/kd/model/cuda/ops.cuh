@@ -568,7 +568,7 @@ class cuda_ops {
     for (i64 g = 0; g < G && s.ok(); ++g) {
       if (counts[g] > 0) {
         const int i = static_cast<int>(used++ % cuda::stream_pool::size);
-        s = f(pool_->handle(i), pool_->stream(i), g, r, counts[g]);
+        static_cast<void>(s = f(pool_->handle(i), pool_->stream(i), g, r, counts[g]));
       }
       r += counts[g];
     }

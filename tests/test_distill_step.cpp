@@ -1,0 +1,238 @@
+// kd::train::teacher_step / distill_step / evaluate_lm on the CPU reference backend (tiny models):
+//  - the chunked LM head (logits never stored whole) gives the losses and the update of one pass over all
+//    rows, because token means use the step's token count, not the chunk's;
+//  - its LM loss equals cross_entropy over the full logits of a forward with logits;
+//  - evaluate_lm's loss, perplexity and bits per byte match a direct computation;
+//  - a step buffers its losses until flush(), which returns them per step, in order;
+//  - the teacher step's router losses and expert shares are reported; misuse is refused.
+#include <doctest/doctest.h>
+
+#include <cmath>
+#include <numbers>
+#include <vector>
+
+#include <kd/model/ops_cpu.hpp>
+#include <kd/train/distill_step.hpp>
+
+namespace {
+
+using cpu = kd::model::cpu_ops<float>;
+using model_t = kd::model::transformer<cpu>;
+namespace km = kd::model;
+
+km::moe_config teacher_cfg() { return km::tiny_teacher(); }
+km::dense_config student_cfg() { return km::tiny_student(); }
+
+// A batch of 3 rows: student seq 8, teacher seq 9; every other student position aligned.
+kd::train::text_batch make_batch(std::uint64_t seed) {
+  kd::rng r(seed);
+  kd::train::text_batch b;
+  b.batch = 3;
+  b.seq = 8;
+  b.teacher_seq = 9;
+  for (int i = 0; i < 3 * 8; ++i) {
+    b.student_ids.push_back(static_cast<std::int32_t>(r.below(61)));
+    b.student_labels.push_back(i % 7 == 6 ? kd::default_ignore_index : static_cast<std::int32_t>(r.below(61)));
+  }
+  for (int i = 0; i < 3 * 9; ++i) {
+    b.teacher_ids.push_back(static_cast<std::int32_t>(r.below(97)));
+    b.teacher_labels.push_back(static_cast<std::int32_t>(r.below(97)));
+  }
+  for (int row = 0; row < 3; ++row)
+    for (int j = 0; j < 8; j += 2) {
+      b.aligned_student.push_back(row * 8 + j);
+      b.aligned_teacher.push_back(row * 9 + j + 1);
+    }
+  return b;
+}
+
+kd::vocab_map make_map() {
+  std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+  for (std::int32_t i = 0; i < 50; ++i) pairs.emplace_back(i * 2 % 97, i);
+  pairs.emplace_back(95, 3);  // many-to-one
+  kd::vocab_map m;
+  kd::check(kd::vocab_map::from_pairs(pairs, 97, 61, m));
+  return m;
+}
+
+kd::adamw_options adamw() {
+  kd::adamw_options o;
+  o.schedule = {.peak = 1e-2, .floor = 1e-3, .warmup_steps = 1, .total_steps = 10};
+  o.max_grad_norm = 1.0;
+  return o;
+}
+
+kd::objective full_objective() {
+  kd::objective obj;
+  obj.add("z_loss", kd::fixed(1e-3)).add("kd", kd::fixed(0.7)).add("feature", kd::fixed(0.3)).add("route", kd::fixed(0.2));
+  obj.temperature(kd::schedule<kd::curve::constant>{2.0, 2.0, 0, 0, 0});
+  return obj;
+}
+
+struct distill_run {
+  cpu b;
+  model_t teacher{b, km::make_arch(teacher_cfg())}, student{b, km::make_arch(student_cfg())};
+  kd::vocab_map map = make_map();
+  kd::objective obj = full_objective();
+  kd::train::distill_step<model_t, model_t> step;
+  explicit distill_run(kd::index_t chunk, std::int64_t window = 1) {
+    kd::check(teacher.allocate(false));
+    kd::check(teacher.initialize(0.3, 1));
+    kd::check(student.allocate(true));
+    kd::check(student.initialize(0.3, 2));
+    kd::train::distill_options o;
+    o.chunk_rows = chunk;
+    o.window = window;
+    o.vocab = 60;
+    kd::check(step.init(&teacher, student, &map, obj, o, adamw()));
+  }
+};
+
+double value(const kd::train::step_record& r, const char* name) {
+  for (const auto& [n, v] : r.values)
+    if (n == name) return v;
+  FAIL("no value for ", name);
+  return 0;
+}
+
+}  // namespace
+
+TEST_CASE("distill_step: chunked head = one pass (losses and the update)") {
+  const auto batch = make_batch(11);
+  distill_run whole(1000), chunked(5);
+  REQUIRE(whole.step.step(batch, 1).ok());
+  REQUIRE(chunked.step.step(batch, 1).ok());
+  std::vector<kd::train::step_record> a, c;
+  REQUIRE(whole.step.flush(a).ok());
+  REQUIRE(chunked.step.flush(c).ok());
+  REQUIRE(a.size() == 1);
+  REQUIRE(c.size() == 1);
+  for (const char* name : {"lm", "z_loss", "kd", "feature", "route"}) {
+    CAPTURE(name);
+    CHECK(value(c[0], name) == doctest::Approx(value(a[0], name)).epsilon(1e-5));
+    CHECK(std::isfinite(value(a[0], name)));
+  }
+  const auto n = whole.student.table().size();
+  double worst = 0;
+  for (std::size_t i = 0; i < n; ++i)
+    worst = std::max(worst, std::abs(static_cast<double>(whole.student.params()[i]) - chunked.student.params()[i]));
+  CHECK(worst < 1e-5);
+}
+
+TEST_CASE("distill_step: the LM value is cross_entropy over the full logits; losses wait for flush()") {
+  const auto batch = make_batch(12);
+  distill_run run(7, /*window=*/2);
+  // Reference: the same student before its update, logits materialised.
+  cpu b;
+  model_t ref(b, km::make_arch(student_cfg()));
+  REQUIRE(ref.allocate(false));
+  std::copy_n(run.student.params(), ref.table().size(), ref.params());
+  km::forward_options fo;
+  fo.training = false;
+  REQUIRE(ref.forward(batch.student_ids, batch.batch, batch.seq, fo));
+  kd::cross_entropy<kd::token_mean, kd::fp32> ce;
+  ce.options.vocab = 60;
+  kd::cross_entropy_result cr;
+  REQUIRE(ce(kd::cpu, kd::matrix_view<const float>(ref.logits(), 24, 61), batch.student_labels, cr).ok());
+
+  REQUIRE(run.step.step(batch, 1).ok());
+  REQUIRE(run.step.step(make_batch(13), 2).ok());
+  CHECK(run.step.step(batch, 3).code() == kd::errc::invalid_argument);  // window full: flush first
+  std::vector<kd::train::step_record> recs;
+  REQUIRE(run.step.flush(recs).ok());
+  REQUIRE(recs.size() == 2);
+  CHECK(recs[0].step == 1);
+  CHECK(recs[1].step == 2);
+  CHECK(value(recs[0], "lm") == doctest::Approx(cr.ce).epsilon(1e-5));
+  CHECK(value(recs[0], "z_loss") == doctest::Approx(cr.z_loss).epsilon(1e-5));
+}
+
+TEST_CASE("distill_step: scratch refuses teacher terms; distillation needs the map") {
+  cpu b;
+  model_t s(b, km::make_arch(student_cfg()));
+  REQUIRE(s.allocate(true));
+  kd::train::distill_step<model_t, model_t> step;
+  kd::objective obj = full_objective();
+  CHECK(step.init(nullptr, s, nullptr, obj, {}, adamw()).code() == kd::errc::invalid_argument);
+  model_t t(b, km::make_arch(teacher_cfg()));
+  REQUIRE(t.allocate(false));
+  CHECK(step.init(&t, s, nullptr, obj, {}, adamw()).code() == kd::errc::invalid_argument);
+  kd::objective bad;
+  bad.add("attention_typo", kd::fixed(1.0));
+  CHECK(step.init(&t, s, nullptr, bad, {}, adamw()).code() == kd::errc::invalid_argument);
+  kd::objective lm_only;
+  REQUIRE(step.init(nullptr, s, nullptr, lm_only, {}, adamw()).ok());
+  REQUIRE(step.step(make_batch(14), 1).ok());
+  std::vector<kd::train::step_record> recs;
+  REQUIRE(step.flush(recs).ok());
+  REQUIRE(recs.size() == 1);
+  CHECK(recs[0].values.size() == 1);  // lm only
+}
+
+TEST_CASE("teacher_step: LM + router losses, expert shares; evaluate_lm against a direct computation") {
+  cpu b;
+  model_t t(b, km::make_arch(teacher_cfg()));
+  REQUIRE(t.allocate(true));
+  REQUIRE(t.initialize(0.3, 5));
+  kd::objective obj;
+  obj.add("load_balance", kd::fixed(1e-2)).add("router_z", kd::fixed(1e-3));
+  kd::train::teacher_step<model_t> step;
+  kd::train::step_options so;
+  so.chunk_rows = 10;
+  so.window = 3;
+  REQUIRE(step.init(t, obj, so, adamw()).ok());
+  std::vector<kd::train::step_record> recs;
+  for (int k = 1; k <= 3; ++k) {
+    const auto batch = make_batch(20 + static_cast<std::uint64_t>(k));
+    REQUIRE(step.step(batch.teacher_ids, batch.teacher_labels, batch.batch, batch.teacher_seq, k).ok());
+  }
+  REQUIRE(step.flush(recs).ok());
+  REQUIRE(recs.size() == 3);
+  for (const auto& r : recs) {
+    CHECK(value(r, "load_balance") >= 0.99);  // Switch's E * sum f P is >= 1 up to rounding, = 1 when balanced
+    CHECK(value(r, "router_z") > 0);
+    CHECK(value(r, "lm") > 0);
+  }
+  const auto shares = step.take_expert_shares();
+  REQUIRE(shares.size() == step.moe_layers().size());
+  for (const auto& l : shares) {
+    double sum = 0;
+    for (double x : l) sum += x;
+    CHECK(sum == doctest::Approx(1.0));
+  }
+
+  // evaluate_lm on a stream of 3 windows of 9 + 1 tokens with known byte offsets.
+  std::vector<std::uint32_t> ids, begin, end;
+  kd::rng r(9);
+  std::uint32_t at = 0;
+  for (int i = 0; i < 28; ++i) {
+    ids.push_back(static_cast<std::uint32_t>(r.below(97)));
+    begin.push_back(at);
+    at += 1 + static_cast<std::uint32_t>(r.below(4));
+    end.push_back(at);
+  }
+  kd::train::lm_eval_result ev;
+  REQUIRE(kd::train::evaluate_lm(t, {ids, begin, end}, 2, 9, 0, 0, 4, ev).ok());
+  // Direct: logits of the same windows, cross_entropy summed, bytes of the predicted tokens.
+  std::vector<std::int32_t> in, lab;
+  std::int64_t bytes = 0;
+  for (int w = 0; w < 3; ++w) {
+    for (int j = 0; j < 9; ++j) {
+      in.push_back(static_cast<std::int32_t>(ids[static_cast<std::size_t>(w * 9 + j)]));
+      lab.push_back(static_cast<std::int32_t>(ids[static_cast<std::size_t>(w * 9 + j + 1)]));
+    }
+    bytes += end[static_cast<std::size_t>(w * 9 + 9)] - end[static_cast<std::size_t>(w * 9)];
+  }
+  km::forward_options fo;
+  fo.training = false;
+  REQUIRE(t.forward(in, 3, 9, fo).ok());
+  kd::cross_entropy<kd::token_mean, kd::fp32> ce;
+  kd::cross_entropy_result cr;
+  REQUIRE(ce(kd::cpu, kd::matrix_view<const float>(t.logits(), 27, 97), lab, cr).ok());
+  CHECK(ev.tokens == 27);
+  CHECK(ev.bytes == bytes);
+  CHECK(ev.loss == doctest::Approx(cr.ce).epsilon(1e-5));
+  CHECK(ev.ppl == doctest::Approx(std::exp(cr.ce)).epsilon(1e-5));
+  CHECK(ev.bits_per_byte == doctest::Approx(cr.ce * 27 / std::numbers::ln2 / static_cast<double>(bytes)).epsilon(1e-5));
+  REQUIRE(ev.expert_shares.size() == step.moe_layers().size());
+}
