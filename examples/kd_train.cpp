@@ -955,6 +955,29 @@ int run_bench(B& b, const options& o, const std::string& backend_name, std::int6
               peak_tflops, static_cast<double>(peak) / 1e9);
   for (const auto& [name, v] : recs.back().values) std::printf("  %s %.4f", name.c_str(), v);
   std::printf("\n");
+  // Where the time goes: the frozen teacher's forward alone, and the student's LM-only step (same batch).
+  kd::model::forward_options fo;
+  fo.training = false;
+  fo.logits = false;
+  auto time_it = [&](auto&& fn) {
+    fn(0);
+    sync();
+    const auto a = std::chrono::steady_clock::now();
+    for (std::int64_t k = 1; k <= steps; ++k) fn(k);
+    sync();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count() / static_cast<double>(steps);
+  };
+  const double t_fwd = time_it([&](std::int64_t) { kd::check(t.forward(tb.teacher_ids, batch, seq, fo)); });
+  kd::objective lm_only;
+  kd::train::distill_step<model_t, model_t> lm_step;
+  kd::check(lm_step.init(nullptr, s, nullptr, lm_only, so, ao));
+  const double t_lm = time_it([&](std::int64_t k) {
+    kd::check(lm_step.step(tb, k + 1));
+    kd::check(lm_step.flush(recs));
+  });
+  std::printf("breakdown: teacher forward %.1f ms, student LM-only step %.1f ms, distillation terms (teacher logits, KD, "
+              "feature, gathers) %.1f ms\n",
+              t_fwd * 1e3, t_lm * 1e3, (dt - t_fwd - t_lm) * 1e3);
   return 0;
 }
 

@@ -145,6 +145,27 @@ TEST_CASE("distill_step: the LM value is cross_entropy over the full logits; los
   CHECK(recs[1].step == 2);
   CHECK(value(recs[0], "lm") == doctest::Approx(cr.ce).epsilon(1e-5));
   CHECK(value(recs[0], "z_loss") == doctest::Approx(cr.z_loss).epsilon(1e-5));
+
+  // KD: logit_kd through the full map on the teacher's full logits, gathered to the aligned student rows
+  // (the step uses the compact head and map: the same loss).
+  model_t tref(b, km::make_arch(teacher_cfg()));
+  REQUIRE(tref.allocate(false));
+  std::copy_n(run.teacher.params(), tref.table().size(), tref.params());
+  REQUIRE(tref.forward(batch.teacher_ids, batch.batch, batch.teacher_seq, fo));
+  std::vector<float> tl(24 * 97, 0.0f);
+  std::vector<std::int32_t> mask(24, kd::default_ignore_index);
+  for (std::size_t k = 0; k < batch.aligned_student.size(); ++k) {
+    const auto r = static_cast<std::size_t>(batch.aligned_student[k]), tr = static_cast<std::size_t>(batch.aligned_teacher[k]);
+    std::copy_n(tref.logits() + tr * 97, 97, tl.begin() + static_cast<std::ptrdiff_t>(r * 97));
+    mask[r] = 0;
+  }
+  kd::logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::fp32, kd::fp32>> kl;
+  kl.options.map = &run.map;
+  kl.options.temperature = 2.0;
+  kd::loss_result kr;
+  REQUIRE(kl(kd::cpu, kd::matrix_view<const float>(tl.data(), 24, 97), kd::matrix_view<const float>(ref.logits(), 24, 61),
+             mask, kr).ok());
+  CHECK(value(recs[0], "kd") == doctest::Approx(kr.loss).epsilon(1e-5));
 }
 
 TEST_CASE("distill_step: scratch refuses teacher terms; distillation needs the map") {
