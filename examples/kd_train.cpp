@@ -73,9 +73,9 @@ using kd::index_t;
 
 // ---- Flags and presets ------------------------------------------------------------------------------
 struct options {
-  std::string cmd, run = "runs/kd_train", data, preset, device = "auto";
+  std::string cmd, run = "runs/kd_train", data, corpus, preset, device = "auto";
   std::int64_t steps = -1, teacher_steps = -1, batch = -1, seq = -1, corpus_bytes = -1, eval_windows = -1;
-  std::int64_t eval_every = -1, ckpt_every = -1, stop_after = 0, patience = 4;
+  std::int64_t eval_every = -1, ckpt_every = -1, stop_after = 0, patience = 4, accum = 1;
   double lr = -1, teacher_lr = -1, w_kd = 1.0, w_feature = 0.5, w_route = 0.1, w_z = 1e-4, w_lb = 1e-2, w_rz = 1e-3;
   double t_start = 2.0, t_end = 1.0, kd_ramp = 0.3;
   std::uint64_t seed = 2026;
@@ -171,10 +171,12 @@ constexpr const char* kUsage =
     "flags:\n"
     "  --run DIR            run folder (default runs/kd_train)\n"
     "  --data DIR           data folder from scripts/fetch_text_data.sh (default $KD_TEXT_DATA or the source tree's .data)\n"
+    "  --corpus PATH        a UTF-8 text file or a folder of them instead of the default corpus (KJV + Austen)\n"
     "  --preset tiny|demo   model and run sizes (default: demo on a GPU, tiny on the CPU)\n"
     "  --device auto|cpu|cuda\n"
     "  --steps N --teacher-steps N --batch B --seq S --lr X --teacher-lr X --corpus-bytes N\n"
     "  --eval-every N --eval-windows N --ckpt-every N --patience N --seed S\n"
+    "  --accum N            students: N micro-batches of --batch rows per optimizer step (gradient accumulation)\n"
     "  --w-kd X --w-feature X --w-route X --w-z X --w-lb X --w-rz X   loss weights (route 0: off)\n"
     "  --temperature A:B    KD temperature, cosine from A to B over the run (default 2:1)\n"
     "  --kd-ramp F          the KD weight ramps from 0 over the first fraction F of the steps (default 0.3)\n"
@@ -202,9 +204,9 @@ bool parse_args(int argc, char** argv, options& o, std::string& err) {
       out = argv[++i];
       return true;
     };
-    static const char* valued[] = {"--run", "--data", "--preset", "--device", "--steps", "--teacher-steps", "--batch",
+    static const char* valued[] = {"--run", "--data", "--corpus", "--preset", "--device", "--steps", "--teacher-steps", "--batch",
                                    "--seq", "--corpus-bytes", "--eval-windows", "--eval-every", "--ckpt-every",
-                                   "--stop-after", "--patience", "--seed", "--lr", "--teacher-lr", "--w-kd",
+                                   "--stop-after", "--patience", "--accum", "--seed", "--lr", "--teacher-lr", "--w-kd",
                                    "--w-feature", "--w-route", "--w-z", "--w-lb", "--w-rz", "--kd-ramp", "--temperature"};
     if (a != "--resume" && std::none_of(std::begin(valued), std::end(valued), [&](const char* f) { return a == f; })) {
       err = "unknown flag " + a;
@@ -216,6 +218,7 @@ bool parse_args(int argc, char** argv, options& o, std::string& err) {
       else if (!value(v)) return false;
       else if (a == "--run") o.run = v;
       else if (a == "--data") o.data = v;
+      else if (a == "--corpus") o.corpus = v;
       else if (a == "--preset") o.preset = v;
       else if (a == "--device") o.device = v;
       else if (a == "--steps") o.steps = std::stoll(v);
@@ -228,6 +231,7 @@ bool parse_args(int argc, char** argv, options& o, std::string& err) {
       else if (a == "--ckpt-every") o.ckpt_every = std::stoll(v);
       else if (a == "--stop-after") o.stop_after = std::stoll(v);
       else if (a == "--patience") o.patience = std::stoll(v);
+      else if (a == "--accum") o.accum = std::stoll(v);
       else if (a == "--seed") o.seed = std::stoull(v);
       else if (a == "--lr") o.lr = std::stod(v);
       else if (a == "--teacher-lr") o.teacher_lr = std::stod(v);
@@ -275,6 +279,7 @@ kd::status check_flags(const options& o, const preset& p) {
   if (p.batch <= 0 || p.seq < 8) return bad("--batch must be positive and --seq at least 8");
   if (p.seq > p.student.max_position_embeddings) return bad("--seq exceeds the preset's max_position_embeddings");
   if (p.eval_every <= 0 || p.ckpt_every <= 0) return bad("--eval-every and --ckpt-every must be positive");
+  if (o.accum < 1 || o.accum > 1024) return bad("--accum must be in [1, 1024]");
   if (!(o.t_start > 0 && o.t_end > 0)) return bad("--temperature must stay > 0");
   if (!(o.kd_ramp >= 0 && o.kd_ramp <= 1)) return bad("--kd-ramp must be in [0, 1]");
   if (o.stop_after < 0 || o.stop_after % kLogEvery != 0)
@@ -294,14 +299,14 @@ json config_json(const Config& c) {
 }
 
 json run_config_json(const options& o, const preset& p, const std::string& backend) {
-  return {{"preset", p.name},       {"backend", backend},        {"seed", o.seed},
+  return {{"preset", p.name},       {"backend", backend},        {"seed", o.seed},  {"corpus", o.corpus.empty() ? "default" : o.corpus},
           {"batch", p.batch},        {"seq", p.seq},              {"steps", p.steps},
           {"teacher_steps", p.teacher_steps}, {"corpus_bytes", p.corpus_bytes}, {"eval_every", p.eval_every},
           {"eval_windows", p.eval_windows}, {"ckpt_every", p.ckpt_every}, {"lr", p.lr},
           {"teacher_lr", p.teacher_lr}, {"w_kd", o.w_kd},       {"w_feature", o.w_feature},
           {"w_route", o.w_route},   {"w_z", o.w_z},              {"w_lb", o.w_lb},
           {"w_rz", o.w_rz},         {"temperature", {o.t_start, o.t_end}}, {"kd_ramp", o.kd_ramp},
-          {"patience", o.patience}, {"teacher", config_json(p.teacher)}, {"student", config_json(p.student)}};
+          {"patience", o.patience}, {"accum", o.accum}, {"teacher", config_json(p.teacher)}, {"student", config_json(p.student)}};
 }
 
 // ---- Data: tokenizers, corpus split, token shards, the vocabulary map ------------------------------
@@ -315,8 +320,8 @@ struct text_data {
 
 kd::train::token_stream stream_of(const kd::text::shard& s) { return {s.ids(), s.begin(), s.end()}; }
 
-kd::status load_data(const std::string& data_dir, const std::string& run, std::int64_t corpus_bytes, text_data& d,
-                     bool verbose) {
+kd::status load_data(const std::string& data_dir, const std::string& corpus, const std::string& run,
+                     std::int64_t corpus_bytes, text_data& d, bool verbose) {
   KD_TRY(kd::text::load_tokenizer("qwen3", data_dir, d.ttok));
   KD_TRY(kd::text::load_tokenizer("gpt2", data_dir, d.stok));
   d.t_real = static_cast<index_t>(d.ttok.vocab_size());
@@ -325,7 +330,8 @@ kd::status load_data(const std::string& data_dir, const std::string& run, std::i
     return {kd::errc::shape_mismatch, "tokenizer vocabularies (" + std::to_string(d.t_real) + ", " +
                                           std::to_string(d.s_real) + ") exceed the heads' rows"};
   std::vector<kd::text::document> docs;
-  KD_TRY(kd::text::default_corpus(data_dir, docs));
+  if (corpus.empty()) KD_TRY(kd::text::default_corpus(data_dir, docs));
+  else KD_TRY(kd::text::read_documents(corpus, docs));
   std::string train, valid;
   KD_TRY(kd::text::split_corpus(docs, {}, train, valid));
   if (corpus_bytes > 0 && static_cast<std::size_t>(corpus_bytes) < train.size()) {
@@ -728,7 +734,8 @@ struct trainer {
     progress bar;
     bar.tty = bar.tty && !quiet;
     bar.first = s0;
-    const std::int64_t tokens_per_step = p.batch * p.seq;
+    const std::int64_t tokens_per_step = o.accum * p.batch * p.seq;
+    std::vector<kd::train::text_batch> micro(static_cast<std::size_t>(o.accum));
     if (!quiet)
       std::printf("%s: Llama %lld layers, hidden %lld, %zu parameters, %s; %lld steps of %lld tokens; %s%s\n", phase.c_str(),
                   static_cast<long long>(p.student.num_hidden_layers), static_cast<long long>(p.student.hidden_size),
@@ -738,9 +745,8 @@ struct trainer {
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<kd::train::step_record> recs;
     for (std::int64_t k = s0 + 1; k <= steps; ++k) {
-      kd::train::text_batch tb;
-      kd::check(loader.next(tb));
-      kd::check(step.step(tb, k));
+      for (auto& tb : micro) kd::check(loader.next(tb));
+      kd::check(step.step(std::span<const kd::train::text_batch>(micro), k));
       const bool due = cadence::due(k) || k == steps;
       if (due) {
         kd::check(step.flush(recs));
@@ -906,7 +912,7 @@ int run_bench(B& b, const options& o, const std::string& backend_name, std::int6
   so.chunk_rows = 2048;
   so.vocab = 50257;
   so.teacher_vocab = 151643;
-  so.window = 1;
+  so.window = kLogEvery;  // as the trainer runs: losses read (one synchronisation) once per logged step
   kd::adamw_options ao;
   ao.schedule = {.peak = 1e-4, .floor = 1e-5, .warmup_steps = 1, .total_steps = 1000};
   kd::check(step.init(&t, s, &map, obj, so, ao));
@@ -926,16 +932,19 @@ int run_bench(B& b, const options& o, const std::string& backend_name, std::int6
   std::int64_t peak = 0;
   auto one = [&](std::int64_t k) {
     kd::check(step.step(tb, k));
-    peak = std::max(peak, used_bytes());
-    kd::check(step.flush(recs));  // one read per step here: the losses are checked every step
-    peak = std::max(peak, used_bytes());
+    if (k % kLogEvery == 0) {
+      peak = std::max(peak, used_bytes());
+      kd::check(step.flush(recs));  // every loss value of the window, checked
+    }
   };
-  for (std::int64_t k = 1; k <= 3; ++k) one(k);
+  for (std::int64_t k = 1; k <= kLogEvery; ++k) one(k);  // warm-up: one logging window
   sync();
+  peak = std::max(peak, used_bytes());
+  const std::int64_t timed = (steps + kLogEvery - 1) / kLogEvery * kLogEvery;  // whole windows
   const auto t0 = std::chrono::steady_clock::now();
-  for (std::int64_t k = 4; k < 4 + steps; ++k) one(k);
+  for (std::int64_t k = kLogEvery + 1; k <= kLogEvery + timed; ++k) one(k);
   sync();
-  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / static_cast<double>(steps);
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / static_cast<double>(timed);
   // Model FLOPs: teacher forward 2 x active parameters, student 6 x parameters, per token, plus attention
   // (causal: half of the 4 x seq x width per layer forward, x3 for the student's backward).
   // Teacher: active parameters (top-k of E experts) less the embedding table (a lookup, not a product).
@@ -973,7 +982,7 @@ int run_bench(B& b, const options& o, const std::string& backend_name, std::int6
   kd::check(lm_step.init(nullptr, s, nullptr, lm_only, so, ao));
   const double t_lm = time_it([&](std::int64_t k) {
     kd::check(lm_step.step(tb, k + 1));
-    kd::check(lm_step.flush(recs));
+    if ((k + 1) % kLogEvery == 0 || k == steps) kd::check(lm_step.flush(recs));
   });
   std::printf("breakdown: teacher forward %.1f ms, student LM-only step %.1f ms, distillation terms (teacher logits, KD, "
               "feature, gathers) %.1f ms\n",
@@ -990,7 +999,7 @@ int run_command(B& b, const options& o, const preset& p, const std::string& back
     cfg << run_config_json(o, p, backend_name).dump(2) << '\n';
   }
   text_data d;
-  kd::check(load_data(data, o.run, p.corpus_bytes, d, true));
+  kd::check(load_data(data, o.corpus, o.run, p.corpus_bytes, d, true));
   trainer<B> tr{b, o, p, d, backend_name};
   json summary = json::object();
   {

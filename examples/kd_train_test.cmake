@@ -71,6 +71,12 @@ run_expect(2 "no-data/tokenizers/qwen3/tokenizer.json: cannot open \\(run script
 file(MAKE_DIRECTORY ${WORK}/partial)
 file(CREATE_LINK ${DATA}/tokenizers ${WORK}/partial/tokenizers SYMBOLIC)
 run_expect(2 "partial/corpus/kjv.txt: missing \\(run scripts/fetch_text_data.sh" teacher --run ${WORK}/C ${common} --data ${WORK}/partial)
+# A corpus that is not UTF-8 is named with the offset of its first bad byte; an empty one is refused.
+string(ASCII 255 bad)
+file(WRITE ${WORK}/bad.txt "In the beginning ${bad} was the word.\n")
+run_expect(2 "bad.txt.*(UTF-8|utf-8)" teacher --run ${WORK}/E ${common} --corpus ${WORK}/bad.txt)
+file(WRITE ${WORK}/empty.txt "")
+run_expect(2 "empty.txt.*empty|empty.*empty.txt" teacher --run ${WORK}/E ${common} --corpus ${WORK}/empty.txt)
 # A diverging run (absurd learning rate) stops at the first non-finite value with what held it named:
 # a loss component, or the tensor whose gradient the optimizer refused (no update applied).
 run_expect(2 "(not finite|NaN|Inf).*(component '[a-z_]+'|tensor '[a-z_.0-9]+')" teacher --run ${WORK}/D ${common} --teacher-lr 1e12)

@@ -460,20 +460,102 @@ class distill_step {
   }
 
   // Enqueues one optimizer step on a text_batch (host ids, labels and aligned positions).
-  status step(const text_batch& tb, std::int64_t step_no) {
+  status step(const text_batch& tb, std::int64_t step_no) { return step(std::span<const text_batch>(&tb, 1), step_no); }
+
+  // One optimizer step over micro-batches of one shape (gradient accumulation). Every loss divides by the
+  // token count of the whole step (global_tokens), so any split of the same rows gives the same losses
+  // and the same update (to float rounding).
+  status step(std::span<const text_batch> micro, std::int64_t step_no) {
+    B& b = s_->backend();
+    if (micro.empty()) return {errc::invalid_argument, "distill_step: no micro-batch"};
+    const text_batch& first = micro.front();
+    const auto n = static_cast<index_t>(first.batch * first.seq);
+    const std::size_t M = micro.size(), C = detail::chunks_of(n, o_.chunk_rows);
+    const std::size_t per_loss = C + 2;  // per micro-batch: kd per chunk, feature, route
+    for (const auto& tb : micro) {
+      if (tb.batch != first.batch || tb.seq != first.seq || tb.teacher_seq != first.teacher_seq)
+        return {errc::shape_mismatch, "distill_step: micro-batches of one step must share one shape"};
+      if (static_cast<index_t>(tb.student_labels.size()) != n || static_cast<index_t>(tb.student_ids.size()) != n ||
+          tb.aligned_student.size() != tb.aligned_teacher.size())
+        return {errc::shape_mismatch, "distill_step: the batch's arrays disagree with its shape"};
+    }
+    if (pending_.empty()) {
+      micro_ = M;
+      chunks_ = C;
+      KD_TRY(slots_.resize(b, static_cast<std::size_t>(o_.window) * M * per_loss, static_cast<std::size_t>(o_.window) * M * C));
+    }
+    if (M != micro_ || C != chunks_)
+      return {errc::invalid_argument, "distill_step: the steps buffered between two flush() calls must share one shape"};
+    if (static_cast<std::int64_t>(pending_.size()) >= o_.window)
+      return {errc::invalid_argument, "distill_step: " + std::to_string(o_.window) + " steps buffered; flush() first"};
+    const std::size_t w = pending_.size();
+    // The step's token counts: the divisors of every micro-batch's losses.
+    index_t lm_tokens = 0, aligned = 0;
+    for (const auto& tb : micro) {
+      lm_tokens += detail::active_count(tb.student_labels, o_.ignore_index);
+      std::vector<char> seen(static_cast<std::size_t>(n), 0);
+      for (auto r : tb.aligned_student) {
+        if (r < 0 || r >= n) return {errc::out_of_range, "distill_step: aligned student row " + std::to_string(r) + " outside the batch"};
+        aligned += seen[static_cast<std::size_t>(r)] ? 0 : 1;
+        seen[static_cast<std::size_t>(r)] = 1;
+      }
+    }
+    if (t_ != nullptr && side_.size() > 0) KD_TRY(b.fill_zero(side_.grads.data(), side_.size()));
+    for (std::size_t m = 0; m < M; ++m)
+      KD_TRY(micro_step(micro[m], step_no, (w * M + m), std::max<index_t>(1, lm_tokens), std::max<index_t>(1, aligned),
+                        m == 0 ? model::grad_mode::overwrite : model::grad_mode::accumulate));
+    KD_TRY(opt_.step(b, s_->params(), s_->grads(), s_->table().size()));
+    if (t_ != nullptr && side_.size() > 0) KD_TRY(side_opt_.step(b, side_.params.data(), side_.grads.data(), side_.size()));
+    pending_.push_back(step_no);
+    return {};
+  }
+
+  // Reads the buffered steps' losses (one synchronisation).
+  status flush(std::vector<step_record>& out) {
+    out.clear();
+    if (pending_.empty()) return {};
+    std::vector<double> v;
+    KD_TRY(slots_.read(s_->backend(), v));
+    // Every micro-batch's value is already divided by the step's token count: they add up.
+    const std::size_t C = chunks_, M = micro_, per_loss = C + 2, L = slots_.loss_count();
+    for (std::size_t w = 0; w < pending_.size(); ++w) {
+      step_record rec;
+      rec.step = pending_[w];
+      double ce = 0, z = 0, kd = 0, feat = 0, route = 0;
+      for (std::size_t m = 0; m < M; ++m) {
+        const std::size_t g = w * M + m;
+        for (std::size_t c = 0; c < C; ++c) {
+          ce += v[L + 2 * (g * C + c)];
+          z += v[L + 2 * (g * C + c) + 1];
+          kd += v[g * per_loss + c];
+        }
+        feat += v[g * per_loss + C];
+        route += v[g * per_loss + C + 1];
+      }
+      rec.values = {{"lm", ce}};
+      if (obj_->has("z_loss")) rec.values.emplace_back("z_loss", z);
+      if (obj_->has("kd")) rec.values.emplace_back("kd", kd);
+      if (obj_->has("feature")) rec.values.emplace_back("feature", feat);
+      if (obj_->has("route")) rec.values.emplace_back("route", route);
+      out.push_back(std::move(rec));
+    }
+    pending_.clear();
+    return {};
+  }
+
+  typename sb::optimizer& optimizer() { return opt_; }
+  typename sb::optimizer& side_optimizer() { return side_opt_; }
+  detail::side_arena<B>& side() { return side_; }
+
+ private:
+  // One micro-batch: forward passes, losses into slot group `g`, backward into the gradient arenas.
+  status micro_step(const text_batch& tb, std::int64_t step_no, std::size_t g, index_t lm_tokens, index_t aligned,
+                    model::grad_mode mode) {
     B& b = s_->backend();
     const auto& sa = s_->arch();
     const auto n = static_cast<index_t>(tb.batch * tb.seq);
     const auto Ds = static_cast<index_t>(sa.hidden), Vs = static_cast<index_t>(sa.vocab);
-    const std::size_t C = detail::chunks_of(n, o_.chunk_rows);
-    const std::size_t per_loss = C + 2;  // kd per chunk, feature, route
-    if (pending_.empty())
-      KD_TRY(slots_.resize(b, static_cast<std::size_t>(o_.window) * per_loss, static_cast<std::size_t>(o_.window) * C));
-    if (static_cast<std::int64_t>(pending_.size()) >= o_.window)
-      return {errc::invalid_argument, "distill_step: " + std::to_string(o_.window) + " steps buffered; flush() first"};
-    const std::size_t w = pending_.size();
-    if (static_cast<index_t>(tb.student_labels.size()) != n || tb.aligned_student.size() != tb.aligned_teacher.size())
-      return {errc::shape_mismatch, "distill_step: the batch's arrays disagree with its shape"};
+    const std::size_t C = chunks_, per_loss = C + 2;
 
     // Host-side index arrays: each student row's teacher row, and the KD mask (0 on aligned rows).
     const bool distill = t_ != nullptr;
@@ -482,7 +564,6 @@ class distill_step {
       gather[static_cast<std::size_t>(tb.aligned_student[k])] = tb.aligned_teacher[k];
       mask[static_cast<std::size_t>(tb.aligned_student[k])] = 0;
     }
-    const index_t aligned = detail::active_count(mask, o_.ignore_index);
     KD_TRY(detail::upload_vector<B>(b, tb.student_labels, labels_, "labels"));
     const auto labels = std::span<const std::int32_t>(labels_.data(), static_cast<std::size_t>(n));
 
@@ -518,13 +599,13 @@ class distill_step {
     KD_TRY((detail::ensure<B, T>(b, dxf_, static_cast<std::size_t>(n) * Ds, "final hidden gradient")));
     KD_TRY((detail::ensure<B, T>(b, hb_.dw, static_cast<std::size_t>(Vs) * Ds, "head gradient")));
     auto ce = ce_;
-    ce.options.global_tokens = std::max<index_t>(1, detail::active_count(tb.student_labels, o_.ignore_index));
+    ce.options.global_tokens = lm_tokens;
     ce.options.grad_scale = obj_->weight("lm", step_no);
     ce.options.z_loss_weight = obj_->weight("z_loss", step_no);
     auto kd = kd_;
     kd.options.temperature = obj_->temperature_at(step_no);
     kd.options.grad_scale = obj_->weight("kd", step_no);
-    kd.options.global_tokens = std::max<index_t>(1, aligned);
+    kd.options.global_tokens = aligned;
     const bool with_kd = distill && obj_->has("kd");
     const auto mask_dev = distill ? std::span<const std::int32_t>(mask_.data(), static_cast<std::size_t>(n))
                                   : std::span<const std::int32_t>();
@@ -532,35 +613,34 @@ class distill_step {
     if (with_kd) {
       const auto& ta = t_->arch();
       KD_TRY((detail::head_pass<B, decltype(ce), kd_loss>(
-          b, slots_, hb_, ce, &kd, s_->final_hidden(), head, n, Vs, Ds, o_.chunk_rows, labels, w * C, dxf_.data(),
+          b, slots_, hb_, ce, &kd, s_->final_hidden(), head, n, Vs, Ds, o_.chunk_rows, labels, g * C, dxf_.data(),
           hb_.dw.data(), tfinal, thead_.data(), compact_map_.teacher_vocab(), static_cast<index_t>(ta.hidden), mask_dev,
-          w * per_loss)));
+          g * per_loss)));
     } else {
       KD_TRY((detail::head_pass<B, decltype(ce), kd_loss>(b, slots_, hb_, ce, nullptr, s_->final_hidden(), head, n, Vs,
-                                                          Ds, o_.chunk_rows, labels, w * C, dxf_.data(), hb_.dw.data())));
+                                                          Ds, o_.chunk_rows, labels, g * C, dxf_.data(), hb_.dw.data())));
     }
-    typename Student::grads_in g;
-    g.d_final_hidden = dxf_.data();
+    typename Student::grads_in gin;
+    gin.d_final_hidden = dxf_.data();
     const auto lb = sb::losses(b);
-    // The feature loss accumulates into its gradients (its student gradient adds to the head's), so the
-    // side arena's gradients start each step at zero.
-    if (distill && side_.size() > 0) KD_TRY(b.fill_zero(side_.grads.data(), side_.size()));
+    // The feature and routing losses accumulate into the side arena's gradients (zeroed once per step by
+    // step()) and the feature loss's student gradient adds to the head's.
     if (distill && obj_->has("feature")) {
       const auto Dt = static_cast<index_t>(t_->arch().hidden);
       auto f = feat_;
       f.options.grad_scale = obj_->weight("feature", step_no);
-      f.options.global_tokens = std::max<index_t>(1, aligned);
+      f.options.global_tokens = aligned;
+      f.options.accumulate_grad = true;  // the side arena's gradients gather over micro-batches
       const T* sx = fs_layer_ == -2 ? s_->final_hidden() : s_->hidden(fs_layer_);
-      T* dsx = dxf_.data();
+      T* dsx = dxf_.data();  // the final hidden: onto the head's gradient of the same state
       if (fs_layer_ != -2) {
         KD_TRY((detail::ensure<B, T>(b, dfeat_, static_cast<std::size_t>(n) * Ds, "feature gradient")));
+        KD_TRY(b.fill_zero(dfeat_.data(), dfeat_.size()));
         dsx = dfeat_.data();
-        g.d_hidden.emplace_back(fs_layer_, dfeat_.data());
-      } else {
-        f.options.accumulate_grad = true;  // onto the head's gradient of the same hidden state
+        gin.d_hidden.emplace_back(fs_layer_, dfeat_.data());
       }
       T* pw = side_.grads.data();
-      decltype(auto) fo_ = slots_.loss(w * per_loss + C);
+      decltype(auto) fo_ = slots_.loss(g * per_loss + C);
       KD_TRY(f(lb, matrix_view<const T>(sx, n, Ds), matrix_view<const T>(side_.params.data(), Dt, Ds),
                matrix_view<const T>(side_.params.data() + static_cast<std::size_t>(Dt) * Ds, 1, Dt),
                matrix_view<const T>(ft_layer_ == -2 ? tfinal : tfeat_.data(), n, Dt), mask_dev, fo_,
@@ -578,57 +658,22 @@ class distill_step {
       KD_TRY(b.linear(hs, side_.params.data() + off, slog_.data(), n, E, Ds, false));
       auto r = route_;
       r.options.grad_scale = obj_->weight("route", step_no);
-      r.options.global_tokens = std::max<index_t>(1, aligned);
-      decltype(auto) ro = slots_.loss(w * per_loss + C + 1);
+      r.options.global_tokens = aligned;
+      decltype(auto) ro = slots_.loss(g * per_loss + C + 1);
       KD_TRY(r(lb, matrix_view<const T>(trouter_.data(), n, E), matrix_view<const T>(slog_.data(), n, E), mask_dev, ro,
                matrix_view<T>(dslog_.data(), n, E)));
       KD_TRY(b.linear_dx(dslog_.data(), side_.params.data() + off, droute_.data(), n, E, Ds, false));
-      KD_TRY(b.linear_dw(dslog_.data(), hs, side_.grads.data() + off, n, E, Ds, false));
-      g.d_hidden.emplace_back(rs_layer_, droute_.data());
+      KD_TRY(b.linear_dw(dslog_.data(), hs, side_.grads.data() + off, n, E, Ds, true));
+      gin.d_hidden.emplace_back(rs_layer_, droute_.data());
     }
 
-    // 3. Backward through the student, the head's gradient added, then the optimizers.
-    KD_TRY(s_->backward(g, model::grad_mode::overwrite));
-    KD_TRY(b.add(s_->grads() + s_->table().head(), hb_.dw.data(), hb_.dw.size()));
-    KD_TRY(opt_.step(b, s_->params(), s_->grads(), s_->table().size()));
-    if (distill && side_.size() > 0) KD_TRY(side_opt_.step(b, side_.params.data(), side_.grads.data(), side_.size()));
-    pending_.push_back(step_no);
-    chunks_ = C;
-    return {};
+    // 3. Backward through the student (the first micro-batch overwrites the gradient arena, the others
+    // add to it), then the head's gradient added.
+    KD_TRY(s_->backward(gin, mode));
+    return b.add(s_->grads() + s_->table().head(), hb_.dw.data(), hb_.dw.size());
   }
 
-  // Reads the buffered steps' losses (one synchronisation).
-  status flush(std::vector<step_record>& out) {
-    out.clear();
-    if (pending_.empty()) return {};
-    std::vector<double> v;
-    KD_TRY(slots_.read(s_->backend(), v));
-    const std::size_t C = chunks_, per_loss = C + 2, L = slots_.loss_count();
-    for (std::size_t w = 0; w < pending_.size(); ++w) {
-      step_record rec;
-      rec.step = pending_[w];
-      double ce = 0, z = 0, kd = 0;
-      for (std::size_t c = 0; c < C; ++c) {
-        ce += v[L + 2 * (w * C + c)];
-        z += v[L + 2 * (w * C + c) + 1];
-        kd += v[w * per_loss + c];
-      }
-      rec.values = {{"lm", ce}};
-      if (obj_->has("z_loss")) rec.values.emplace_back("z_loss", z);
-      if (obj_->has("kd")) rec.values.emplace_back("kd", kd);
-      if (obj_->has("feature")) rec.values.emplace_back("feature", v[w * per_loss + C]);
-      if (obj_->has("route")) rec.values.emplace_back("route", v[w * per_loss + C + 1]);
-      out.push_back(std::move(rec));
-    }
-    pending_.clear();
-    return {};
-  }
 
-  typename sb::optimizer& optimizer() { return opt_; }
-  typename sb::optimizer& side_optimizer() { return side_opt_; }
-  detail::side_arena<B>& side() { return side_; }
-
- private:
   Teacher* t_ = nullptr;
   Student* s_ = nullptr;
   const objective* obj_ = nullptr;
@@ -649,7 +694,7 @@ class distill_step {
   typename B::template buffer<T> dxf_, dfeat_, tfinal_, tfeat_, trouter_, slog_, dslog_, droute_;
   typename B::template buffer<std::int32_t> labels_, gather_, mask_;
   std::vector<std::int64_t> pending_;
-  std::size_t chunks_ = 0;
+  std::size_t chunks_ = 0, micro_ = 1;
 };
 
 // ---------------------------------------------------------------------------------------------------

@@ -34,9 +34,11 @@ struct step_backend<model::cuda_ops<T>> {
 
   class slots {
    public:
+    // Reallocates only when the count changes: a cudaFree would synchronise the device every window.
     status resize(ops& o, std::size_t losses, std::size_t ces) {
       nl_ = losses;
       nc_ = ces;
+      if (buf_.size() == nl_ + 2 * nc_ + 1) return {};
       buf_ = o.template alloc<float>(nl_ + 2 * nc_ + 1);
       if (buf_.size() != nl_ + 2 * nc_ + 1) return {errc::backend_error, "step_backend: cannot allocate loss slots"};
       return {};
