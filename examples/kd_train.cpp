@@ -77,7 +77,7 @@ struct options {
   std::int64_t steps = -1, teacher_steps = -1, batch = -1, seq = -1, corpus_bytes = -1, eval_windows = -1;
   std::int64_t eval_every = -1, ckpt_every = -1, stop_after = 0, patience = 4, accum = 1;
   double lr = -1, teacher_lr = -1, w_kd = 1.0, w_feature = 0.5, w_route = 0.1, w_z = 1e-4, w_lb = 1e-2, w_rz = 1e-3;
-  double t_start = 2.0, t_end = 1.0, kd_ramp = 0.3;
+  double t_start = 2.0, t_end = 1.0, kd_ramp = 0.3, t_ramp = 1.0;
   std::uint64_t seed = 2026;
   bool resume = false;
 };
@@ -178,7 +178,9 @@ constexpr const char* kUsage =
     "  --eval-every N --eval-windows N --ckpt-every N --patience N --seed S\n"
     "  --accum N            students: N micro-batches of --batch rows per optimizer step (gradient accumulation)\n"
     "  --w-kd X --w-feature X --w-route X --w-z X --w-lb X --w-rz X   loss weights (route 0: off)\n"
-    "  --temperature A:B    KD temperature, cosine from A to B over the run (default 2:1)\n"
+    "  --temperature A:B    KD temperature, cosine from A to B (default 2:1)\n"
+    "  --t-ramp F           ... over the first fraction F of the steps (default 1: the whole run; early stopping\n"
+    "                       counts only evaluations after every schedule stopped ramping)\n"
     "  --kd-ramp F          the KD weight ramps from 0 over the first fraction F of the steps (default 0.3)\n"
     "  --resume             continue the phase from its latest checkpoint\n"
     "  --stop-after N       stop after step N as if killed (checkpoint, exit 75): the resume test\n";
@@ -207,7 +209,7 @@ bool parse_args(int argc, char** argv, options& o, std::string& err) {
     static const char* valued[] = {"--run", "--data", "--corpus", "--preset", "--device", "--steps", "--teacher-steps", "--batch",
                                    "--seq", "--corpus-bytes", "--eval-windows", "--eval-every", "--ckpt-every",
                                    "--stop-after", "--patience", "--accum", "--seed", "--lr", "--teacher-lr", "--w-kd",
-                                   "--w-feature", "--w-route", "--w-z", "--w-lb", "--w-rz", "--kd-ramp", "--temperature"};
+                                   "--w-feature", "--w-route", "--w-z", "--w-lb", "--w-rz", "--kd-ramp", "--t-ramp", "--temperature"};
     if (a != "--resume" && std::none_of(std::begin(valued), std::end(valued), [&](const char* f) { return a == f; })) {
       err = "unknown flag " + a;
       return false;
@@ -242,6 +244,7 @@ bool parse_args(int argc, char** argv, options& o, std::string& err) {
       else if (a == "--w-lb") o.w_lb = std::stod(v);
       else if (a == "--w-rz") o.w_rz = std::stod(v);
       else if (a == "--kd-ramp") o.kd_ramp = std::stod(v);
+      else if (a == "--t-ramp") o.t_ramp = std::stod(v);
       else if (a == "--temperature") {
         const auto c = v.find(':');
         o.t_start = std::stod(v.substr(0, c));
@@ -282,6 +285,7 @@ kd::status check_flags(const options& o, const preset& p) {
   if (o.accum < 1 || o.accum > 1024) return bad("--accum must be in [1, 1024]");
   if (!(o.t_start > 0 && o.t_end > 0)) return bad("--temperature must stay > 0");
   if (!(o.kd_ramp >= 0 && o.kd_ramp <= 1)) return bad("--kd-ramp must be in [0, 1]");
+  if (!(o.t_ramp >= 0 && o.t_ramp <= 1)) return bad("--t-ramp must be in [0, 1]");
   if (o.stop_after < 0 || o.stop_after % kLogEvery != 0)
     return bad("--stop-after must be a multiple of the logging cadence (" + std::to_string(kLogEvery) + " steps)");
   if (p.ckpt_every % kLogEvery != 0)
@@ -305,7 +309,7 @@ json run_config_json(const options& o, const preset& p, const std::string& backe
           {"eval_windows", p.eval_windows}, {"ckpt_every", p.ckpt_every}, {"lr", p.lr},
           {"teacher_lr", p.teacher_lr}, {"w_kd", o.w_kd},       {"w_feature", o.w_feature},
           {"w_route", o.w_route},   {"w_z", o.w_z},              {"w_lb", o.w_lb},
-          {"w_rz", o.w_rz},         {"temperature", {o.t_start, o.t_end}}, {"kd_ramp", o.kd_ramp},
+          {"w_rz", o.w_rz},         {"temperature", {o.t_start, o.t_end}}, {"kd_ramp", o.kd_ramp}, {"t_ramp", o.t_ramp},
           {"patience", o.patience}, {"accum", o.accum}, {"teacher", config_json(p.teacher)}, {"student", config_json(p.student)}};
 }
 
@@ -692,7 +696,8 @@ struct trainer {
       obj.add("kd", kd::schedule<typename Policy::kd_curve>{0.0, o.w_kd, ramp, 0, 0});
       if (o.w_feature > 0) obj.add("feature", kd::fixed(o.w_feature));
       if (o.w_route > 0) obj.add("route", kd::fixed(o.w_route));
-      obj.temperature(kd::schedule<kd::curve::cosine>{o.t_start, o.t_end, steps, 0, 0});
+      obj.temperature(kd::schedule<kd::curve::cosine>{
+          o.t_start, o.t_end, static_cast<std::int64_t>(o.t_ramp * static_cast<double>(steps)), 0, 0});
     }
     kd::check(obj.validate());
     kd::train::distill_step<model_t, model_t, Policy> step;

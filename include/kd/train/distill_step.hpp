@@ -16,8 +16,8 @@
 //    dW += dlogits^T x. The teacher's logits exist only for the rows of one chunk (its final hidden
 //    states are gathered to the student's rows first), and only for the teacher ids the vocab map reads:
 //    the frozen teacher's head rows of those ids are gathered once into a compact head (42,257 of
-//    151,936 rows for Qwen3 -> GPT-2), against a compact copy of the map. The loss is the same: with a
-//    map, KD never reads an unmapped teacher column.
+//    151,936 rows for Qwen3 -> GPT-2, padded with zero rows to 42,304), against a compact copy of the
+//    map. The loss is the same: with a map, KD never reads an unmapped teacher column.
 //  - Token means use the whole step's token count (token_options::global_tokens), so the chunking does
 //    not change the loss, and a micro-batch split would not either.
 //  - Loss values land in backend slots (device floats on the GPU). They are read by flush(), once per
@@ -419,11 +419,15 @@ class distill_step {
                                           std::to_string(t_->arch().vocab) + " and " + std::to_string(sa.vocab) + " rows"};
       std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
       for (std::size_t e = 0; e < tids.size(); ++e) pairs.emplace_back(static_cast<std::int32_t>(e), sids[e]);
-      KD_TRY(vocab_map::from_pairs(std::move(pairs), map->size(), map->student_vocab(), compact_map_));
-      kd_.options.map = &compact_map_;
+      // Rows padded to a multiple of 64 (zero weights, never read through the map): the logits' row
+      // stride then stays a multiple of 16 bytes, which cuBLAS's tensor-core kernels need (42,257 is odd).
       const auto Dt = static_cast<std::size_t>(t_->arch().hidden), K = tids.size();
+      const std::size_t padded = (K + 63) / 64 * 64;
+      KD_TRY(vocab_map::from_pairs(std::move(pairs), static_cast<index_t>(padded), map->student_vocab(), compact_map_));
+      kd_.options.map = &compact_map_;
       KD_TRY(detail::upload_vector<B>(b, std::vector<std::int32_t>(tids.begin(), tids.end()), thead_rows_, "mapped teacher ids"));
-      KD_TRY((detail::ensure<B, T>(b, thead_, K * Dt, "compact teacher head")));
+      thead_ = typename B::template buffer<T>{};  // a fresh, zero-filled allocation: the padding rows are 0
+      KD_TRY((detail::ensure<B, T>(b, thead_, padded * Dt, "compact teacher head")));
       KD_TRY(b.gather_rows(t_->params() + t_->table().head(), thead_rows_.data(), thead_.data(), static_cast<std::int64_t>(K),
                            static_cast<std::int64_t>(Dt)));
     }
