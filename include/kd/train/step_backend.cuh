@@ -1,5 +1,7 @@
 // kd/train/step_backend.cuh: kd::train::step_backend for the CUDA model backend (kd::model::cuda_ops<T>).
 //
+// Includes the CUDA implementations of every loss the steps call (cross-entropy, logit KD, feature, router),
+// so a program needs only this header and kd/train/distill_step.hpp.
 // Losses run on the ops' own context (one stream: the model's kernels, the losses and the optimizer are
 // ordered without events). Loss values are device floats that the losses overwrite; read() is the step's
 // only synchronisation and also reports the first error a kernel recorded (a NaN in a named loss
@@ -17,6 +19,9 @@
 
 #include <kd/cuda/context.cuh>
 #include <kd/loss/cross_entropy.cuh>
+#include <kd/loss/feature.cuh>
+#include <kd/loss/logit_kd.cuh>
+#include <kd/loss/moe.cuh>
 #include <kd/model/cuda/ops.cuh>
 #include <kd/train/adamw.cuh>
 #include <kd/train/step_backend.hpp>
