@@ -396,6 +396,14 @@ struct progress {
   }
 };
 
+// The smallest expert share as a fraction of the fair share 1/E, over every MoE layer.
+double min_share_of_fair(const std::vector<std::vector<double>>& shares) {
+  double m = 1e9;
+  for (const auto& layer : shares)
+    for (double x : layer) m = std::min(m, x * static_cast<double>(layer.size()));
+  return m;
+}
+
 // A phase's JSON Lines files: truncated to the resumed step, so a resumed run's log equals an uninterrupted one's.
 kd::status open_log(const fs::path& path, std::int64_t keep_through, std::ofstream& out) {
   std::vector<std::string> kept;
@@ -436,27 +444,6 @@ kd::checkpoint_part arena_part(const std::string& name, B& b, typename B::value_
     auto h = std::make_shared<std::vector<T>>(n);
     std::memcpy(h->data(), bytes.data(), bytes.size());
     commit = [&b, data, n, h] { (void)b.upload(h->data(), n, data); };
-    return {};
-  };
-  return p;
-}
-
-template <class Opt>
-kd::checkpoint_part optimizer_part(const std::string& name, Opt& opt) {
-  kd::checkpoint_part p;
-  p.name = name;
-  p.save = [&opt](std::string& bytes) -> kd::status {
-    std::ostringstream os;
-    KD_TRY(opt.save(os));
-    bytes = os.str();
-    return {};
-  };
-  p.load = [&opt](std::string_view bytes, std::function<void()>& commit) -> kd::status {
-    auto s = std::make_shared<std::string>(bytes);
-    commit = [&opt, s] {
-      std::istringstream is(*s);
-      (void)opt.load(is);
-    };
     return {};
   };
   return p;
@@ -531,15 +518,16 @@ struct trainer {
     return kd::train::evaluate_lm(m, stream_of(valid), p.batch, p.seq, vocab, p.eval_windows, p.chunk_rows, r);
   }
 
-  // Writes one evaluation to eval.jsonl and the console.
+  // Writes one evaluation to eval.jsonl and, unless quiet, the console.
   static void log_eval(std::ofstream& f, const char* phase, std::int64_t step, std::int64_t tokens,
-                       const kd::train::lm_eval_result& r, bool counted) {
+                       const kd::train::lm_eval_result& r, bool counted, bool quiet = false) {
     f << json{{"step", step},         {"tokens", tokens},       {"val_loss", r.loss},
               {"val_ppl", r.ppl},     {"val_bpb", r.bits_per_byte}, {"counted", counted}}
              .dump()
       << '\n';
     f.flush();
-    std::printf("  eval %s step %lld | val loss %.4f | ppl %.1f | %.4f bits/byte%s\n", phase, static_cast<long long>(step),
+    if (!quiet)
+      std::printf("  eval %s step %lld | val loss %.4f | ppl %.1f | %.4f bits/byte%s\n", phase, static_cast<long long>(step),
                 r.loss, r.ppl, r.bits_per_byte, counted ? "" : " | ramping (not counted for early stopping)");
   }
 
@@ -603,9 +591,7 @@ struct trainer {
           if (r.step == s) {
             // expert utilization over the window: the collapse alarm
             const auto shares = step.take_expert_shares();
-            double min_fair = 1e9;
-            for (const auto& layer : shares)
-              for (double x : layer) min_fair = std::min(min_fair, x * static_cast<double>(layer.size()));
+            const double min_fair = min_share_of_fair(shares);
             logger.record("expert_min_share_of_fair", min_fair);
             if (min_fair < 0.25) std::printf("  ALARM step %lld: an expert gets %.1f%% of its fair share of tokens (collapse)\n",
                                               static_cast<long long>(s), 100 * min_fair);
@@ -621,7 +607,7 @@ struct trainer {
         bar.clear();
         log_eval(evals, "teacher", s, s * tokens_per_step, r, true);
         out.final_bpb = r.bits_per_byte;
-        out.best_bpb = std::isnan(out.best_bpb) ? r.bits_per_byte : std::min(out.best_bpb, r.bits_per_byte);
+        out.best_bpb = std::fmin(out.best_bpb, r.bits_per_byte);  // fmin skips the initial NaN
       }
       s0 = s;
       if (due && (s % p.ckpt_every == 0 || guard.requested() || s == o.stop_after)) checkpoint(dir / "ckpt", st);
@@ -704,7 +690,6 @@ struct trainer {
     kd::train::distill_options so;
     so.chunk_rows = p.chunk_rows;
     so.vocab = d.s_real;
-    so.teacher_vocab = d.t_real;
     so.window = kLogEvery;
     so.seed = o.seed;
     kd::check(step.init(teacher.get(), s, &d.map, obj, so, adamw_for(p.lr, steps)));
@@ -727,7 +712,7 @@ struct trainer {
     st.extra.push_back(loader_part(loader, restored));
     if (distill && step.side().size() > 0) {
       st.extra.push_back(arena_part("side_params", b, step.side().params.data(), step.side().size()));
-      st.extra.push_back(optimizer_part("side_optimizer", step.side_optimizer()));
+      st.extra.push_back(kd::optimizer_part("side_optimizer", step.side_optimizer()));
     }
     if (o.resume && !quiet) resume_from(dir / "ckpt", st, s0);
     kd::check(loader.init(stream_of(d.t_train), stream_of(d.s_train), loader_options(), restored));
@@ -771,12 +756,9 @@ struct trainer {
         kd::check(evaluate(s, d.s_valid, d.s_real, r));
         bar.clear();
         const bool ramping = obj.ramping(k) && k < steps;
-        if (!quiet) log_eval(evals, phase.c_str(), k, k * tokens_per_step, r, !ramping);
-        else
-          evals << json{{"step", k}, {"tokens", k * tokens_per_step}, {"val_loss", r.loss}, {"val_ppl", r.ppl},
-                        {"val_bpb", r.bits_per_byte}, {"counted", !ramping}}.dump() << '\n';
+        log_eval(evals, phase.c_str(), k, k * tokens_per_step, r, !ramping, quiet);
         out.final_bpb = r.bits_per_byte;
-        out.best_bpb = std::isnan(out.best_bpb) ? r.bits_per_byte : std::min(out.best_bpb, r.bits_per_byte);
+        out.best_bpb = std::fmin(out.best_bpb, r.bits_per_byte);  // fmin skips the initial NaN
         kd::check(stopper.update(r.loss, ramping, stop));
       }
       s0 = k;
@@ -833,9 +815,7 @@ struct trainer {
       summary[std::string(phase) + "_val_loss"] = r.loss;
       summary[std::string(phase) + "_val_ppl"] = r.ppl;
       if (is_teacher && !r.expert_shares.empty()) {
-        double min_fair = 1e9;
-        for (const auto& l : r.expert_shares)
-          for (double x : l) min_fair = std::min(min_fair, x * static_cast<double>(l.size()));
+        const double min_fair = min_share_of_fair(r.expert_shares);
         summary["teacher_min_expert_share_of_fair"] = min_fair;
       }
     }
@@ -916,7 +896,6 @@ int run_bench(B& b, const options& o, const std::string& backend_name, std::int6
   kd::train::distill_options so;
   so.chunk_rows = 2048;
   so.vocab = 50257;
-  so.teacher_vocab = 151643;
   so.window = kLogEvery;  // as the trainer runs: losses read (one synchronisation) once per logged step
   kd::adamw_options ao;
   ao.schedule = {.peak = 1e-4, .floor = 1e-5, .warmup_steps = 1, .total_steps = 1000};

@@ -15,13 +15,13 @@
 #include <cstdint>
 #include <span>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
 #include <kd/model/ops.hpp>
 #include <kd/model/parameters.hpp>
 #include <kd/core/numeric.hpp>
+#include <kd/core/parallel.hpp>
 #include <kd/core/rng.hpp>
 #include <kd/core/status.hpp>
 
@@ -34,19 +34,14 @@ template <class T>
 void fill_normal(std::vector<T>& out, double stddev, std::uint64_t seed, std::uint64_t stream) {
   const std::size_t n = out.size();
   const std::uint64_t key = stream_key(seed, stream);
-  auto work = [&](std::size_t begin, std::size_t end) {
-    for (std::size_t i = begin; i < end; ++i) {
+  // Counter-based, so the split never changes a value; ~250 units of work per element puts a thread on
+  // each ~64k elements.
+  parallel_blocks(static_cast<std::int64_t>(n), 250.0 * static_cast<double>(n), [&](std::int64_t b, std::int64_t e) {
+    for (auto i = static_cast<std::size_t>(b); i < static_cast<std::size_t>(e); ++i) {
       const double u1 = 1.0 - uniform_at(key, 2 * i);  // (0, 1]
       out[i] = store_as<T>(stddev * box_muller(u1, uniform_at(key, 2 * i + 1)));
     }
-  };
-  const std::size_t threads = std::min<std::size_t>(std::max(1u, std::thread::hardware_concurrency()), n / 65536 + 1);
-  if (threads <= 1) return work(0, n);
-  std::vector<std::thread> pool;
-  const std::size_t chunk = (n + threads - 1) / threads;
-  for (std::size_t t = 0; t < threads; ++t)
-    pool.emplace_back(work, std::min(n, t * chunk), std::min(n, (t + 1) * chunk));
-  for (auto& th : pool) th.join();
+  });
 }
 
 }  // namespace detail

@@ -90,7 +90,6 @@ struct step_options {
 };
 
 struct distill_options : step_options {
-  index_t teacher_vocab = 0;           // real tokens of the teacher's head (0 = every row)
   std::int64_t feature_student_layer = -2;  // -2: the final normed hidden state; l >= -1: hidden(l)
   std::int64_t feature_teacher_layer = -2;
   std::int64_t route_student_layer = -3;    // -3: the middle layer; else the layer whose output feeds the head
@@ -111,16 +110,10 @@ status ensure(B& b, typename B::template buffer<U>& buf, std::size_t n, const ch
 }
 
 template <class B, class U>
-status upload_vector(B& b, const std::vector<U>& host, typename B::template buffer<U>& dev, const char* what) {
+status upload_vector(B& b, std::span<const U> host, typename B::template buffer<U>& dev, const char* what) {
   KD_TRY((ensure<B, U>(b, dev, std::max<std::size_t>(host.size(), 1), what)));
   if (!host.empty()) KD_TRY(b.upload(host.data(), host.size(), dev.data()));
   return {};
-}
-
-inline index_t active_count(std::span<const std::int32_t> labels, std::int32_t ignore) {
-  index_t n = 0;
-  for (auto y : labels) n += y != ignore;
-  return n;
 }
 
 // The indices of a model's MoE layers, and the middle one (-1 without one).
@@ -134,6 +127,34 @@ inline std::int64_t middle_moe_layer(const model::arch& a) {
   const auto moe = moe_layers(a);
   return moe.empty() ? -1 : moe[moe.size() / 2];
 }
+
+// Tokens routed to each expert of each MoE layer, summed over forwards (the model's host counts), and the
+// shares they give: expert-utilization statistics of training windows and of evaluations.
+struct expert_tally {
+  std::vector<std::int64_t> layers;
+  std::vector<std::vector<double>> counts;
+  expert_tally() = default;
+  explicit expert_tally(const model::arch& a)
+      : layers(moe_layers(a)), counts(layers.size(), std::vector<double>(static_cast<std::size_t>(a.experts), 0.0)) {}
+  template <class Model>
+  void add(const Model& m) {
+    for (std::size_t r = 0; r < layers.size(); ++r) {
+      const auto c = m.expert_counts(layers[r]);
+      for (std::size_t e = 0; e < c.size() && e < counts[r].size(); ++e) counts[r][e] += static_cast<double>(c[e]);
+    }
+  }
+  // Each layer's shares (summing to 1; 0 with no token); the tally restarts.
+  std::vector<std::vector<double>> take_shares() {
+    std::vector<std::vector<double>> out = counts;
+    for (auto& c : out) {
+      double total = 0;
+      for (double x : c) total += x;
+      for (double& x : c) x = total > 0 ? x / total : 0.0;
+    }
+    for (auto& c : counts) std::fill(c.begin(), c.end(), 0.0);
+    return out;
+  }
+};
 
 // A plain arena (parameters and gradients of the same layout) in backend memory: the projection and the
 // routing head, which are not part of either model.
@@ -237,7 +258,7 @@ class teacher_step {
     obj_ = &obj;
     o_ = o;
     const auto& a = m.arch();
-    moe_ = detail::moe_layers(a);
+    tally_ = detail::expert_tally(a);
     ce_.options.vocab = o.vocab;
     ce_.options.ignore_index = o.ignore_index;
     ce_.options.component = "lm";
@@ -245,7 +266,6 @@ class teacher_step {
     lb_.options.component = "load_balance";
     rz_.options.component = "router_z";
     rz_.options.accumulate_grad = true;
-    counts_.assign(moe_.size(), std::vector<double>(static_cast<std::size_t>(a.experts), 0.0));
     return opt_.init(m.backend(), model_segments(m.table()), m.params(), m.table().size(), opt);
   }
 
@@ -255,7 +275,7 @@ class teacher_step {
     B& b = m_->backend();
     const auto& a = m_->arch();
     const auto n = static_cast<index_t>(batch * seq);
-    const std::size_t C = detail::chunks_of(n, o_.chunk_rows), R = moe_.size();
+    const std::size_t C = detail::chunks_of(n, o_.chunk_rows), R = tally_.layers.size();
     if (pending_.empty()) KD_TRY(slots_.resize(b, static_cast<std::size_t>(o_.window) * 2 * R, static_cast<std::size_t>(o_.window) * C));
     if (static_cast<std::int64_t>(pending_.size()) >= o_.window)
       return {errc::invalid_argument, "teacher_step: " + std::to_string(o_.window) + " steps buffered; flush() first"};
@@ -263,11 +283,11 @@ class teacher_step {
     model::forward_options fo;
     fo.logits = false;
     KD_TRY(m_->forward(ids, batch, seq, fo));
-    KD_TRY(detail::upload_vector<B>(b, std::vector<std::int32_t>(labels.begin(), labels.end()), labels_, "labels"));
+    KD_TRY((detail::upload_vector<B, std::int32_t>(b, labels, labels_, "labels")));
     KD_TRY((detail::ensure<B, T>(b, dxf_, static_cast<std::size_t>(n) * a.hidden, "final hidden gradient")));
     KD_TRY((detail::ensure<B, T>(b, hb_.dw, static_cast<std::size_t>(a.vocab) * a.hidden, "head gradient")));
     auto ce = ce_;
-    ce.options.global_tokens = std::max<index_t>(1, detail::active_count(labels, o_.ignore_index));
+    ce.options.global_tokens = std::max<index_t>(1, count_tokens(labels, o_.ignore_index));
     ce.options.grad_scale = obj_->weight("lm", step_no);
     ce.options.z_loss_weight = obj_->weight("z_loss", step_no);
     using no_kd = logit_kd<forward_kl, token_mean, precision_set<P, P>>;
@@ -285,7 +305,7 @@ class teacher_step {
     lbl.options.grad_scale = obj_->weight("load_balance", step_no);
     rzl.options.grad_scale = obj_->weight("router_z", step_no);
     for (std::size_t r = 0; r < R; ++r) {
-      const std::int64_t l = moe_[r];
+      const std::int64_t l = tally_.layers[r];
       KD_TRY((detail::ensure<B, T>(b, drouter_[r], static_cast<std::size_t>(n) * E, "router gradient")));
       const auto rl = matrix_view<const T>(m_->router_logits(l), n, E);
       decltype(auto) lo = slots_.loss(w * 2 * R + 2 * r);
@@ -294,9 +314,8 @@ class teacher_step {
                  matrix_view<T>(drouter_[r].data(), n, E)));
       KD_TRY(rzl(lb, rl, zo, matrix_view<T>(drouter_[r].data(), n, E)));
       g.d_router_logits.emplace_back(l, drouter_[r].data());
-      const auto counts = m_->expert_counts(l);
-      for (std::size_t e = 0; e < counts.size() && e < counts_[r].size(); ++e) counts_[r][e] += static_cast<double>(counts[e]);
     }
+    tally_.add(*m_);
     KD_TRY(m_->backward(g, model::grad_mode::overwrite));
     KD_TRY(b.add(m_->grads() + m_->table().head(), hb_.dw.data(), hb_.dw.size()));
     KD_TRY(opt_.step(b, m_->params(), m_->grads(), m_->table().size()));
@@ -310,7 +329,7 @@ class teacher_step {
     if (pending_.empty()) return {};
     std::vector<double> v;
     KD_TRY(slots_.read(m_->backend(), v));
-    const std::size_t R = moe_.size(), L = slots_.loss_count(), C = slots_.ce_count() / static_cast<std::size_t>(o_.window);
+    const std::size_t R = tally_.layers.size(), L = slots_.loss_count(), C = slots_.ce_count() / static_cast<std::size_t>(o_.window);
     for (std::size_t w = 0; w < pending_.size(); ++w) {
       step_record rec;
       rec.step = pending_[w];
@@ -335,26 +354,14 @@ class teacher_step {
   }
 
   // Expert shares since the last call, per MoE layer (each sums to 1), then reset.
-  std::vector<std::vector<double>> take_expert_shares() {
-    std::vector<std::vector<double>> out;
-    for (auto& c : counts_) {
-      double total = 0;
-      for (double x : c) total += x;
-      std::vector<double> s(c.size(), 0.0);
-      for (std::size_t e = 0; e < c.size(); ++e) s[e] = total > 0 ? c[e] / total : 0.0;
-      out.push_back(std::move(s));
-      std::fill(c.begin(), c.end(), 0.0);
-    }
-    return out;
-  }
-  [[nodiscard]] const std::vector<std::int64_t>& moe_layers() const { return moe_; }
+  std::vector<std::vector<double>> take_expert_shares() { return tally_.take_shares(); }
+  [[nodiscard]] const std::vector<std::int64_t>& moe_layers() const { return tally_.layers; }
   typename sb::optimizer& optimizer() { return opt_; }
 
  private:
   Model* m_ = nullptr;
   const objective* obj_ = nullptr;
   step_options o_;
-  std::vector<std::int64_t> moe_;
   cross_entropy<token_mean, P> ce_;
   load_balance_loss<P> lb_;
   router_z_loss<P> rz_;
@@ -364,7 +371,7 @@ class teacher_step {
   typename B::template buffer<T> dxf_;
   typename B::template buffer<std::int32_t> labels_;
   std::vector<typename B::template buffer<T>> drouter_;
-  std::vector<std::vector<double>> counts_;
+  detail::expert_tally tally_;  // also the list of MoE layers
   std::vector<std::int64_t> pending_;
 };
 
@@ -425,7 +432,7 @@ class distill_step {
       const std::size_t padded = (K + 63) / 64 * 64;
       KD_TRY(vocab_map::from_pairs(std::move(pairs), static_cast<index_t>(padded), map->student_vocab(), compact_map_));
       kd_.options.map = &compact_map_;
-      KD_TRY(detail::upload_vector<B>(b, std::vector<std::int32_t>(tids.begin(), tids.end()), thead_rows_, "mapped teacher ids"));
+      KD_TRY((detail::upload_vector<B, std::int32_t>(b, tids, thead_rows_, "mapped teacher ids")));
       thead_ = typename B::template buffer<T>{};  // a fresh, zero-filled allocation: the padding rows are 0
       KD_TRY((detail::ensure<B, T>(b, thead_, padded * Dt, "compact teacher head")));
       KD_TRY(b.gather_rows(t_->params() + t_->table().head(), thead_rows_.data(), thead_.data(), static_cast<std::int64_t>(K),
@@ -496,7 +503,7 @@ class distill_step {
     // The step's token counts: the divisors of every micro-batch's losses.
     index_t lm_tokens = 0, aligned = 0;
     for (const auto& tb : micro) {
-      lm_tokens += detail::active_count(tb.student_labels, o_.ignore_index);
+      lm_tokens += count_tokens(tb.student_labels, o_.ignore_index);
       std::vector<char> seen(static_cast<std::size_t>(n), 0);
       for (auto r : tb.aligned_student) {
         if (r < 0 || r >= n) return {errc::out_of_range, "distill_step: aligned student row " + std::to_string(r) + " outside the batch"};
@@ -568,7 +575,7 @@ class distill_step {
       gather[static_cast<std::size_t>(tb.aligned_student[k])] = tb.aligned_teacher[k];
       mask[static_cast<std::size_t>(tb.aligned_student[k])] = 0;
     }
-    KD_TRY(detail::upload_vector<B>(b, tb.student_labels, labels_, "labels"));
+    KD_TRY((detail::upload_vector<B, std::int32_t>(b, tb.student_labels, labels_, "labels")));
     const auto labels = std::span<const std::int32_t>(labels_.data(), static_cast<std::size_t>(n));
 
     // 1. The frozen teacher: forward only, what the losses need gathered to the student's rows.
@@ -579,8 +586,8 @@ class distill_step {
       fo.training = false;
       fo.logits = false;
       KD_TRY(t_->forward(tb.teacher_ids, tb.batch, tb.teacher_seq, fo));
-      KD_TRY(detail::upload_vector<B>(b, gather, gather_, "aligned rows"));
-      KD_TRY(detail::upload_vector<B>(b, mask, mask_, "KD mask"));
+      KD_TRY((detail::upload_vector<B, std::int32_t>(b, gather, gather_, "aligned rows")));
+      KD_TRY((detail::upload_vector<B, std::int32_t>(b, mask, mask_, "KD mask")));
       const auto Dt = static_cast<index_t>(ta.hidden);
       KD_TRY((detail::ensure<B, T>(b, tfinal_, static_cast<std::size_t>(n) * Dt, "teacher hidden (aligned)")));
       KD_TRY(b.gather_rows(t_->final_hidden(), gather_.data(), tfinal_.data(), n, Dt));
@@ -733,8 +740,7 @@ status evaluate_lm(Model& m, token_stream stream, std::int64_t batch, std::int64
   typename step_backend<B>::slots slots;
   detail::head_buffers<B> hb;
   typename B::template buffer<std::int32_t> labels_dev;
-  const std::vector<std::int64_t> moe = detail::moe_layers(a);
-  std::vector<std::vector<double>> counts(moe.size(), std::vector<double>(static_cast<std::size_t>(a.experts), 0.0));
+  detail::expert_tally tally(a);
   const std::int64_t calls = (windows + batch - 1) / batch;
   const std::size_t C = detail::chunks_of(static_cast<index_t>(batch * seq), chunk_rows);
   KD_TRY(slots.resize(b, 0, static_cast<std::size_t>(calls) * C));
@@ -755,11 +761,8 @@ status evaluate_lm(Model& m, token_stream stream, std::int64_t batch, std::int64
       bytes += static_cast<std::int64_t>(stream.end[p + static_cast<std::size_t>(seq)]) - static_cast<std::int64_t>(stream.end[p]);
     }
     KD_TRY(m.forward(ids, rows, seq, fo));
-    for (std::size_t r = 0; r < moe.size(); ++r) {
-      const auto cnt = m.expert_counts(moe[r]);
-      for (std::size_t e = 0; e < cnt.size() && e < counts[r].size(); ++e) counts[r][e] += static_cast<double>(cnt[e]);
-    }
-    KD_TRY(detail::upload_vector<B>(b, labels, labels_dev, "labels"));
+    tally.add(m);
+    KD_TRY((detail::upload_vector<B, std::int32_t>(b, labels, labels_dev, "labels")));
     const auto n = static_cast<index_t>(rows * seq);
     using no_kd = logit_kd<forward_kl, token_mean, precision_set<P, P>>;
     KD_TRY((detail::head_pass<B, decltype(ce), no_kd>(b, slots, hb, ce, nullptr, m.final_hidden(),
@@ -784,12 +787,7 @@ status evaluate_lm(Model& m, token_stream stream, std::int64_t batch, std::int64
   r.loss = nats / static_cast<double>(tokens);
   r.ppl = std::exp(r.loss);
   r.bits_per_byte = nats / std::numbers::ln2 / static_cast<double>(std::max<std::int64_t>(bytes, 1));
-  for (auto& c : counts) {
-    double total = 0;
-    for (double x : c) total += x;
-    for (double& x : c) x = total > 0 ? x / total : 0.0;
-  }
-  r.expert_shares = std::move(counts);
+  r.expert_shares = tally.take_shares();
   KD_TRY(check_finite_loss("validation loss", 0, r.loss));
   out = std::move(r);
   return {};

@@ -76,6 +76,31 @@ struct checkpoint_part {
   std::function<status(std::string_view bytes, std::function<void()>& commit)> load;
 };
 
+// An optimizer (save(std::ostream&) / load(std::istream&), copyable) as a checkpoint part: the run's own
+// optimizer uses it, and a run with more than one (e.g. a projection's) adds the others to `extra`. A
+// copy takes the load (the live optimizer's arena size and options are what it is checked against) and
+// replaces the live one on commit, so a rejected checkpoint leaves the live optimizer untouched.
+template <class Optimizer>
+checkpoint_part optimizer_part(std::string name, Optimizer& opt) {
+  checkpoint_part p;
+  p.name = std::move(name);
+  p.save = [&opt](std::string& bytes) {
+    std::ostringstream os(std::ios::binary);
+    KD_TRY(opt.save(os));
+    bytes = std::move(os).str();
+    return status{};
+  };
+  p.load = [&opt](std::string_view bytes, std::function<void()>& commit) {
+    auto tmp = std::make_shared<Optimizer>(opt);
+    std::istringstream is{std::string(bytes), std::ios::binary};
+    KD_TRY(tmp->load(is));
+    if (is.peek() != std::char_traits<char>::eof()) return status{errc::io_error, "trailing bytes after the optimizer state"};
+    commit = [&opt, tmp] { opt = std::move(*tmp); };
+    return status{};
+  };
+  return p;
+}
+
 // What a run checkpoint holds: pointers to the live state. model, model_config, optimizer and step are
 // required; a null pointer or an empty run_config / rngs leaves that part out (and a checkpoint that
 // has it is then refused as belonging to another kind of run).
@@ -215,24 +240,10 @@ status collect_parts(S& s, std::vector<part>& out) {
   if (s.model == nullptr || s.model_config == nullptr || s.optimizer == nullptr || s.step == nullptr)
     return {errc::invalid_argument, "run checkpoint: model, model_config, optimizer and step are required"};
 
-  out.push_back({"optimizer", "optimizer.bin",
-                 [&s](std::string& bytes) {
-                   std::ostringstream os(std::ios::binary);
-                   KD_TRY(s.optimizer->save(os));
-                   bytes = std::move(os).str();
-                   return status{};
-                 },
-                 [&s](std::string_view bytes, std::function<void()>& commit) {
-                   // A copy takes the load (the live optimizer's arena size and options are what it is
-                   // checked against); the copy replaces the live one on commit.
-                   auto tmp = std::make_shared<std::remove_cvref_t<decltype(*s.optimizer)>>(*s.optimizer);
-                   std::istringstream is{std::string(bytes), std::ios::binary};
-                   KD_TRY(tmp->load(is));
-                   if (is.peek() != std::char_traits<char>::eof())
-                     return status{errc::io_error, "trailing bytes after the optimizer state"};
-                   commit = [&s, tmp] { *s.optimizer = std::move(*tmp); };
-                   return status{};
-                 }});
+  {
+    checkpoint_part opt = optimizer_part("optimizer", *s.optimizer);
+    out.push_back({opt.name, opt.name + ".bin", std::move(opt.save), std::move(opt.load)});
+  }
 
   out.push_back({"progress", "progress.json",
                  [&s](std::string& bytes) { return dump(json{{"step", *s.step}}, bytes); },
