@@ -58,6 +58,7 @@
 
 #include <kd/kd.cuh>
 #include <kd/model/cuda/ops.cuh>
+#include <kd/model/cuda/profiled_ops.cuh>
 #include <kd/train/step_backend.cuh>
 #endif
 
@@ -80,6 +81,7 @@ struct options {
   double t_start = 2.0, t_end = 1.0, kd_ramp = 0.3, t_ramp = 1.0;
   std::uint64_t seed = 2026;
   bool resume = false;
+  bool deterministic = false;  // GPU: bitwise-repeatable runs (slower attention backward)
 };
 
 struct preset {
@@ -183,6 +185,7 @@ constexpr const char* kUsage =
     "                       counts only evaluations after every schedule stopped ramping)\n"
     "  --kd-ramp F          the KD weight ramps from 0 over the first fraction F of the steps (default 0.3)\n"
     "  --resume             continue the phase from its latest checkpoint\n"
+    "  --deterministic      GPU: bitwise-repeatable runs (attention backward without atomics; slower)\n"
     "  --stop-after N       stop after step N as if killed (checkpoint, exit 75): the resume test\n";
 
 int usage(const std::string& why) {
@@ -210,13 +213,14 @@ bool parse_args(int argc, char** argv, options& o, std::string& err) {
                                    "--seq", "--corpus-bytes", "--eval-windows", "--eval-every", "--ckpt-every",
                                    "--stop-after", "--patience", "--accum", "--seed", "--lr", "--teacher-lr", "--w-kd",
                                    "--w-feature", "--w-route", "--w-z", "--w-lb", "--w-rz", "--kd-ramp", "--t-ramp", "--temperature"};
-    if (a != "--resume" && std::none_of(std::begin(valued), std::end(valued), [&](const char* f) { return a == f; })) {
+    if (a != "--resume" && a != "--deterministic" && std::none_of(std::begin(valued), std::end(valued), [&](const char* f) { return a == f; })) {
       err = "unknown flag " + a;
       return false;
     }
     std::string v;
     try {
       if (a == "--resume") o.resume = true;
+      else if (a == "--deterministic") o.deterministic = true;
       else if (!value(v)) return false;
       else if (a == "--run") o.run = v;
       else if (a == "--data") o.data = v;
@@ -310,7 +314,7 @@ json run_config_json(const options& o, const preset& p, const std::string& backe
           {"teacher_lr", p.teacher_lr}, {"w_kd", o.w_kd},       {"w_feature", o.w_feature},
           {"w_route", o.w_route},   {"w_z", o.w_z},              {"w_lb", o.w_lb},
           {"w_rz", o.w_rz},         {"temperature", {o.t_start, o.t_end}}, {"kd_ramp", o.kd_ramp}, {"t_ramp", o.t_ramp},
-          {"patience", o.patience}, {"accum", o.accum}, {"teacher", config_json(p.teacher)}, {"student", config_json(p.student)}};
+          {"patience", o.patience}, {"accum", o.accum}, {"deterministic", o.deterministic}, {"teacher", config_json(p.teacher)}, {"student", config_json(p.student)}};
 }
 
 // ---- Data: tokenizers, corpus split, token shards, the vocabulary map ------------------------------
@@ -971,6 +975,27 @@ int run_bench(B& b, const options& o, const std::string& backend_name, std::int6
   std::printf("breakdown: teacher forward %.1f ms, student LM-only step %.1f ms, distillation terms (teacher logits, KD, "
               "feature, gathers) %.1f ms\n",
               t_fwd * 1e3, t_lm * 1e3, (dt - t_fwd - t_lm) * 1e3);
+  if constexpr (requires(std::vector<typename B::row> rows) { b.report(rows); }) {
+    // One more logging window with every op, loss and optimizer step bracketed by CUDA events: GPU time
+    // per op and per step; what the ops leave of the wall time is the GPU waiting for the host.
+    b.enable(true);
+    b.reset();
+    const auto a = std::chrono::steady_clock::now();
+    for (std::int64_t k = 1; k <= kLogEvery; ++k) one(2 * kLogEvery + timed + k);
+    std::vector<typename B::row> rows;
+    kd::check(b.report(rows));
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count() * 1e3 / kLogEvery;
+    b.enable(false);
+    double gpu = 0;
+    for (const auto& row : rows) gpu += row.ms;
+    gpu /= kLogEvery;
+    std::printf("profile (one window, events around every op; ms per step): wall %.2f, GPU ops %.2f, GPU idle %.2f\n", wall,
+                gpu, wall - gpu);
+    for (const auto& row : rows)
+      if (row.ms / kLogEvery >= 0.05)
+        std::printf("  %-34s %6lld calls %8.3f ms %5.1f%%\n", row.op.c_str(), row.calls / kLogEvery, row.ms / kLogEvery,
+                    100.0 * row.ms / kLogEvery / gpu);
+  }
   return 0;
 }
 
@@ -1086,7 +1111,8 @@ int main(int argc, char** argv) {
 #if KD_TRAIN_CUDA
       if (use_gpu) {
         kd::cuda::context ctx;
-        kd::model::cuda_ops<kd::bfloat16> b(ctx);
+        kd::model::profiled_ops<kd::bfloat16> b(ctx);  // events off but for the last, profiled window
+        b.enable(false);
         cudaDeviceProp prop{};
         int dev = 0;
         cudaGetDevice(&dev);
@@ -1114,6 +1140,7 @@ int main(int argc, char** argv) {
 #if KD_TRAIN_CUDA
     kd::cuda::context ctx;
     kd::model::cuda_ops<kd::bfloat16> b(ctx);
+    b.set_deterministic(o.deterministic);
     p.teacher.dtype = p.student.dtype = kd::model::weight_dtype::bfloat16;
     cudaDeviceProp prop{};
     int dev = 0;

@@ -37,7 +37,9 @@ using kd::index_t;
 // ---------------------------------------------------------------------------------------------
 enum class prec { fp32, bf16, fp16 };
 enum class div_kind { forward_kl, reverse_kl, jsd, skew_kl, tvd };
-enum class vocab_layout { shared, padded, mapped };  // one vocabulary; padded columns; teacher -> student map
+// one vocabulary; padded columns; a many-to-one teacher -> student map; a one-to-one map whose slot j is
+// teacher column j (kd::vocab_map::contiguous_teacher: the trainer's compact teacher head)
+enum class vocab_layout { shared, padded, mapped, contiguous };
 enum class ignore_mode { none, some, all };          // no labels / every third row ignored / every row ignored
 enum class reduce_mode { sum, mean, mean_global };   // kd::none; token_mean; token_mean with global_tokens
 
@@ -47,7 +49,7 @@ inline const char* name_of(div_kind d) {
   return n[static_cast<int>(d)];
 }
 inline const char* name_of(vocab_layout l) {
-  return l == vocab_layout::shared ? "shared" : l == vocab_layout::padded ? "padded" : "mapped";
+  return l == vocab_layout::shared ? "shared" : l == vocab_layout::padded ? "padded" : l == vocab_layout::mapped ? "mapped" : "contiguous";
 }
 inline const char* name_of(ignore_mode i) {
   return i == ignore_mode::none ? "no-labels" : i == ignore_mode::some ? "some-ignored" : "all-ignored";
@@ -226,6 +228,21 @@ inline const kd::vocab_map* shared_map(const vocab_shape& s) {
   return slot.get();
 }
 
+// A one-to-one map in order: real teacher id t -> student id t + t / q (increasing, skipping some student
+// ids; q chosen so that the last lands among the real student ids). Padded ids on both sides never map.
+inline const kd::vocab_map* contiguous_map(const vocab_shape& s) {
+  static std::map<std::tuple<index_t, index_t, index_t, index_t>, std::unique_ptr<kd::vocab_map>> cache;
+  auto& slot = cache[{s.t_cols, s.t_real, s.s_cols, s.s_real}];
+  if (!slot) {
+    const index_t q = s.t_real / std::max<index_t>(1, s.s_real - s.t_real) + 1;
+    std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+    for (index_t t = 0; t < s.t_real; ++t) pairs.emplace_back(static_cast<std::int32_t>(t), static_cast<std::int32_t>(t + t / q));
+    slot = std::make_unique<kd::vocab_map>();
+    if (!kd::vocab_map::from_pairs(pairs, s.t_cols, s.s_cols, *slot).ok() || !slot->contiguous_teacher()) slot.reset();
+  }
+  return slot.get();
+}
+
 // Fills padding columns (c >= real) of a rows x cols matrix with huge logits: counted by mistake, they
 // would dominate the softmax.
 template <class T>
@@ -291,7 +308,12 @@ struct logit_space {
   std::vector<index_t> ns{1, 7, 31};
   // shared: t == s, no padding; padded: t == s with padding; mapped: both sides padded.
   vocab_shape shared{97, 97, 97, 97}, padded{101, 89, 101, 89}, mapped{67, 61, 41, 37};
+  // contiguous: 68 teacher columns (16-byte rows in fp32: the bulk-copy path; not in 16-bit storage).
+  vocab_shape contiguous{68, 50, 61, 57};
   index_t hidden = 0;
+  [[nodiscard]] vocab_shape shape_of(vocab_layout l) const {
+    return l == vocab_layout::shared ? shared : l == vocab_layout::padded ? padded : l == vocab_layout::mapped ? mapped : contiguous;
+  }
   std::vector<index_t> chunk_rows{0};
 };
 
@@ -328,7 +350,7 @@ inline std::vector<logit_case> generate(const logit_space& sp, std::size_t first
                       c.accumulate = acc;
                       c.p = p;
                       c.n = n;
-                      c.shape = layout == vocab_layout::shared ? sp.shared : layout == vocab_layout::padded ? sp.padded : sp.mapped;
+                      c.shape = sp.shape_of(layout);
                       c.hidden = sp.hidden;
                       c.chunk_rows = chunk;
                       out.push_back(c);
@@ -369,7 +391,7 @@ void set_logit_options(Options& o, const logit_case& c, const std::vector<std::i
   o.grad_scale = 1.5;
   o.accumulate_grad = c.accumulate;
   o.vocab = c.layout == vocab_layout::padded ? c.shape.s_real : 0;
-  o.map = c.layout == vocab_layout::mapped ? shared_map(c.shape) : nullptr;
+  o.map = c.layout == vocab_layout::mapped ? shared_map(c.shape) : c.layout == vocab_layout::contiguous ? contiguous_map(c.shape) : nullptr;
   if (c.reduce == reduce_mode::mean_global)
     o.global_tokens = (labels.empty() ? c.n : kd::count_tokens(labels)) + 5;
 }
@@ -678,11 +700,11 @@ verdict run_logit_bad_typed(logit_bad b, prec p, vocab_layout layout, Exec& exec
   c.seed = seed;
   c.temperature = 2;
   const logit_space sp;
-  c.shape = layout == vocab_layout::mapped ? sp.mapped : layout == vocab_layout::padded ? sp.padded : sp.shared;
+  c.shape = sp.shape_of(layout);
   const std::string what = std::string("logit_kd bad input '") + name_of(b) + "' " + name_of(p) + " " +
                            name_of(layout) + " seed=" + std::to_string(seed);
   if ((b == logit_bad::overflow_student || b == logit_bad::overflow_teacher) && p == prec::fp16) return {true, {}};
-  if (b == logit_bad::vocab_too_big && layout == vocab_layout::mapped) return {true, {}};
+  if (b == logit_bad::vocab_too_big && (layout == vocab_layout::mapped || layout == vocab_layout::contiguous)) return {true, {}};
   rng_t g(seed);
   logit_io<T> io;
   io.t_rows = io.s_rows = io.g_rows = c.n;
@@ -727,7 +749,7 @@ template <class Exec>
 void run_logit_bad_inputs(Exec& exec, stats& s, const std::vector<prec>& precs) {
   std::uint64_t k = 0;
   for (auto p : precs)
-    for (auto layout : {vocab_layout::shared, vocab_layout::padded, vocab_layout::mapped})
+    for (auto layout : {vocab_layout::shared, vocab_layout::padded, vocab_layout::mapped, vocab_layout::contiguous})
       for (int b = 0; b < static_cast<int>(logit_bad::count_); ++b)
         s.add_bad(with_storage(p, [&](auto tt) {
           return run_logit_bad_typed<typename decltype(tt)::type>(static_cast<logit_bad>(b), p, layout, exec,
@@ -758,7 +780,7 @@ verdict run_linear_bad_typed(linear_bad b, prec p, vocab_layout layout, Exec& ex
   c.temperature = 2;
   c.seed = seed;
   const logit_space sp;
-  c.shape = layout == vocab_layout::mapped ? sp.mapped : layout == vocab_layout::padded ? sp.padded : sp.shared;
+  c.shape = sp.shape_of(layout);
   const std::string what = std::string("linear_logit_kd bad input '") + name_of(b) + "' " + name_of(p) + " " +
                            name_of(layout) + " seed=" + std::to_string(seed);
   rng_t g(seed);
@@ -803,7 +825,7 @@ template <class Exec>
 void run_linear_bad_inputs(Exec& exec, stats& s, const std::vector<prec>& precs) {
   std::uint64_t k = 0;
   for (auto p : precs)
-    for (auto layout : {vocab_layout::shared, vocab_layout::padded, vocab_layout::mapped})
+    for (auto layout : {vocab_layout::shared, vocab_layout::padded, vocab_layout::mapped, vocab_layout::contiguous})
       for (int b = 0; b < static_cast<int>(linear_bad::count_); ++b)
         s.add_bad(with_storage(p, [&](auto tt) {
           using T = typename decltype(tt)::type;

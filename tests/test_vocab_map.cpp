@@ -119,6 +119,20 @@ TEST_CASE("vocab_map::from_pairs sorts by teacher id and rejects bad ids") {
   }
 }
 
+TEST_CASE("vocab_map::contiguous_teacher: teacher ids 0..K-1 onto increasing student ids, and nothing else") {
+  kd::vocab_map m;
+  REQUIRE(kd::vocab_map::from_pairs({{2, 7}, {0, 1}, {1, 4}}, 5, 9, m).ok());
+  CHECK(m.contiguous_teacher());  // slot j (student ids 1, 4, 7) reads teacher column j
+  REQUIRE(kd::vocab_map::from_pairs({{0, 1}, {1, 0}}, 5, 9, m).ok());
+  CHECK_FALSE(m.contiguous_teacher());  // student ids out of order
+  REQUIRE(kd::vocab_map::from_pairs({{0, 1}, {2, 4}}, 5, 9, m).ok());
+  CHECK_FALSE(m.contiguous_teacher());  // teacher id 1 skipped
+  REQUIRE(kd::vocab_map::from_pairs({{0, 1}, {1, 1}}, 5, 9, m).ok());
+  CHECK_FALSE(m.contiguous_teacher());  // many-to-one
+  REQUIRE(kd::vocab_map::from_pairs({}, 5, 9, m).ok());
+  CHECK_FALSE(m.contiguous_teacher());
+}
+
 TEST_CASE("vocab_map::check_fits names the side that does not match") {
   kd::vocab_map m;
   REQUIRE(kd::vocab_map::from_pairs({{0, 0}, {1, 2}}, 6, 4, m).ok());

@@ -69,13 +69,19 @@ TEST_CASE("distill_step: CUDA fp32 = CPU fp32 (two steps, the second over micro-
   pair_run<km::cuda_ops<float>> gpu(gb);
   const auto b1 = make_batch(41), b2 = make_batch(42);
   const std::vector<kd::train::text_batch> micro = {row_of(b2, 0), row_of(b2, 1), row_of(b2, 2)};
+  // Steps buffered between two flush() calls share one shape: the whole batch and its micro-batch split
+  // are flushed apart.
+  std::vector<kd::train::step_record> c, g, part;
   REQUIRE(cpu.step.step(b1, 1).ok());
   REQUIRE(gpu.step.step(b1, 1).ok());
+  REQUIRE(cpu.step.flush(c).ok());
+  REQUIRE(gpu.step.flush(g).ok());  // the one synchronisation of a window
   REQUIRE(cpu.step.step(std::span<const kd::train::text_batch>(micro), 2).ok());
   REQUIRE(gpu.step.step(std::span<const kd::train::text_batch>(micro), 2).ok());
-  std::vector<kd::train::step_record> c, g;
-  REQUIRE(cpu.step.flush(c).ok());
-  REQUIRE(gpu.step.flush(g).ok());  // the one synchronisation
+  REQUIRE(cpu.step.flush(part).ok());
+  c.insert(c.end(), part.begin(), part.end());
+  REQUIRE(gpu.step.flush(part).ok());
+  g.insert(g.end(), part.begin(), part.end());
   REQUIRE(c.size() == 2);
   REQUIRE(g.size() == 2);
   for (std::size_t s = 0; s < 2; ++s)

@@ -249,6 +249,21 @@ TEST_CASE("logit_kd matrix: CUDA backend against the fp64 CPU reference") {
   many.precs = {prec::bf16};
   many.ns = {4096};
   run_space(many, 200000, exec, s);
+  // Contiguous maps (slot j reads teacher column j: the trainer's compact teacher head): 16-byte teacher
+  // rows in every precision (the bulk-copy path), rows that are not in 16-bit storage (the register path),
+  // and the trainer's own shape, 42,304 compact teacher columns onto GPT-2's 50,304.
+  logit_space cont = mid_space();
+  cont.layouts = {vocab_layout::contiguous};
+  cont.contiguous = {1032, 1000, 1031, 1021};
+  run_space(cont, 300000, exec, s);
+  cont.contiguous = {1030, 1000, 1031, 1021};
+  cont.precs = {prec::bf16, prec::fp16};
+  cont.temps = {0.5, 2};
+  run_space(cont, 350000, exec, s);
+  logit_space trainer = large_space();
+  trainer.layouts = {vocab_layout::contiguous};
+  trainer.contiguous = {42304, 42257, 50304, 50257};
+  run_space(trainer, 380000, exec, s);
   report(s, "logit_kd matrix (CUDA)");
 }
 
@@ -267,7 +282,8 @@ TEST_CASE("linear_logit_kd matrix: CUDA backend against the fp64 CPU reference")
   large.hidden = 32;
   large.divs = {div_kind::forward_kl, div_kind::jsd};
   large.temps = {2};
-  large.layouts = {vocab_layout::padded, vocab_layout::mapped};
+  large.layouts = {vocab_layout::padded, vocab_layout::mapped, vocab_layout::contiguous};
+  large.contiguous = {42304, 42257, 50304, 50257};
   large.inplace = {false};
   large.precs = {prec::fp32, prec::bf16};
   large.ns = {100};

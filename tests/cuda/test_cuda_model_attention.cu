@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -143,14 +144,15 @@ void reference_probs_backward(const shape& s, const std::vector<double>& q, cons
 }
 
 template <class T>
-void check_attention(const shape& s) {
+void check_attention(const shape& s, bool deterministic = false) {
   namespace mc = kd::model::cuda;
   const auto nq = static_cast<std::size_t>(s.batch * s.seq * s.hq * s.d);
   const auto nk = static_cast<std::size_t>(s.batch * s.seq * s.hkv * s.d);
   const auto nr = static_cast<std::size_t>(s.batch * s.hq * s.seq);
   const auto np = nr * static_cast<std::size_t>(s.seq);
   const float scale = 1.f / std::sqrt(static_cast<float>(s.d));
-  INFO("T=", kd::type_name<T>(), " batch=", s.batch, " seq=", s.seq, " hq=", s.hq, " hkv=", s.hkv, " d=", s.d);
+  INFO("T=", kd::type_name<T>(), " batch=", s.batch, " seq=", s.seq, " hq=", s.hq, " hkv=", s.hkv, " d=", s.d,
+       " deterministic=", deterministic);
 
   const auto qh = random_storage<T>(nq, 1.0, rng());
   const auto kh = random_storage<T>(nk, 1.0, rng());
@@ -184,10 +186,23 @@ void check_attention(const shape& s) {
   dk.poison();
   dv.poison();
   const auto st_bwd = mc::attention_backward<T>(nullptr, q.data, k.data, v.data, o.data, lse.data, dout.data, dq.data, dk.data,
-                                 dv.data, s.batch, s.seq, s.hq, s.hkv, s.d, scale, ws.data);
+                                 dv.data, s.batch, s.seq, s.hq, s.hkv, s.d, scale, ws.data, deterministic);
   REQUIRE_MESSAGE(st_bwd.ok(), st_bwd.message());
   REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
   const auto dqg = to_double(dq.download()), dkg = to_double(dk.download()), dvg = to_double(dv.download());
+  if (deterministic) {  // a second backward gives the same bits
+    const auto dq1 = dq.download(), dk1 = dk.download(), dv1 = dv.download();
+    dq.poison();
+    dk.poison();
+    dv.poison();
+    REQUIRE(mc::attention_backward<T>(nullptr, q.data, k.data, v.data, o.data, lse.data, dout.data, dq.data, dk.data, dv.data,
+                                      s.batch, s.seq, s.hq, s.hkv, s.d, scale, ws.data, true).ok());
+    REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
+    const auto dq2 = dq.download(), dk2 = dk.download(), dv2 = dv.download();
+    CHECK(std::memcmp(dq1.data(), dq2.data(), dq1.size() * sizeof(T)) == 0);
+    CHECK(std::memcmp(dk1.data(), dk2.data(), dk1.size() * sizeof(T)) == 0);
+    CHECK(std::memcmp(dv1.data(), dv2.data(), dv1.size() * sizeof(T)) == 0);
+  }
   CHECK(all_finite(dqg));
   CHECK(all_finite(dkg));
   CHECK(all_finite(dvg));
@@ -247,6 +262,12 @@ TEST_CASE("model attention: bf16 against the fp64 reference") {
   // Tensor-core path edges: seq not a multiple of the 128-row / 128-key tiles, a group of 4, one tile, seq 1.
   const shape extra[] = {{1, 200, 4, 1, 64}, {2, 129, 2, 1, 128}, {1, 64, 3, 3, 64}, {1, 1, 2, 1, 64}};
   for (const auto& s : extra) check_attention<kd::bfloat16>(s);
+}
+
+TEST_CASE("model attention: deterministic backward (row kernels, no atomics) on the flash path's shapes") {
+  // The shapes that take the tensor-core flash backward otherwise: same reference, and bitwise repeatable.
+  const shape s[] = {{2, 77, 4, 2, 64}, {1, 200, 4, 1, 64}, {2, 129, 2, 1, 128}};
+  for (const auto& x : s) check_attention<kd::bfloat16>(x, true);
 }
 
 TEST_CASE("model attention: host-side argument checks") {

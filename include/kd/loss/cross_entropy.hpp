@@ -72,19 +72,14 @@ struct cross_entropy {
 };
 
 namespace detail {
-// The one validation of a cross_entropy call, shared by both backends. Label values are read only
-// when `labels_on_host` (the CUDA kernel checks device labels itself). Returns the label vocabulary.
+// The shapes and weights of a cross_entropy call (also of a vocabulary-parallel one, whose logits are a
+// column slice): views, one label per row, the z-loss weight, the gradient's shape.
 template <class Loss, class ST, class GT>
-status validate_cross_entropy(const Loss& loss, const matrix_view<ST>& logits, std::span<const std::int32_t> labels,
-                              bool labels_on_host, const matrix_view<GT>& dlogits, bool want_grad, index_t& vocab) {
+status validate_cross_entropy_shapes(const Loss& loss, const matrix_view<ST>& logits, std::span<const std::int32_t> labels,
+                                     const matrix_view<GT>& dlogits, bool want_grad) {
   const auto& o = loss.options;
-  token_options named = o;
-  named.component = component_or(o, "lm");
   KD_TRY(validate_view(logits, "logits"));
   if (logits.rows == 0 || logits.cols == 0) return {errc::empty_input, "logits are empty"};
-  if (o.vocab < 0 || o.vocab > logits.cols)
-    return {errc::out_of_range, "vocab " + std::to_string(o.vocab) + " exceeds the " + std::to_string(logits.cols) +
-                                    " logit columns"};
   if (static_cast<index_t>(labels.size()) != logits.rows)
     return {errc::shape_mismatch, "cross-entropy needs one label per token: " + std::to_string(labels.size()) +
                                       " labels for " + std::to_string(logits.rows) + " rows"};
@@ -94,6 +89,21 @@ status validate_cross_entropy(const Loss& loss, const matrix_view<ST>& logits, s
     KD_TRY(validate_view(dlogits, "logit gradient"));
     KD_TRY(same_shape(dlogits, "logit gradient", logits, "logits"));
   }
+  return {};
+}
+
+// The one validation of a cross_entropy call, shared by both backends. Label values are read only
+// when `labels_on_host` (the CUDA kernel checks device labels itself). Returns the label vocabulary.
+template <class Loss, class ST, class GT>
+status validate_cross_entropy(const Loss& loss, const matrix_view<ST>& logits, std::span<const std::int32_t> labels,
+                              bool labels_on_host, const matrix_view<GT>& dlogits, bool want_grad, index_t& vocab) {
+  const auto& o = loss.options;
+  token_options named = o;
+  named.component = component_or(o, "lm");
+  KD_TRY(validate_cross_entropy_shapes(loss, logits, labels, dlogits, want_grad));
+  if (o.vocab < 0 || o.vocab > logits.cols)
+    return {errc::out_of_range, "vocab " + std::to_string(o.vocab) + " exceeds the " + std::to_string(logits.cols) +
+                                    " logit columns"};
   vocab = o.vocab > 0 ? o.vocab : logits.cols;
   KD_TRY(check_labels(labels, logits.rows, vocab, named, labels_on_host));
   KD_TRY(check_token_options(named, labels_on_host ? count_active(labels, logits.rows, o.ignore_index) : 0));

@@ -141,6 +141,15 @@ status validate_logit_kd(const Loss& loss, const matrix_view<TT>& teacher, const
   return {};
 }
 
+// The divergence's math in accumulation type A, with the loss's parameter (jsd's beta, skew_kl's alpha).
+template <class A, class Loss>
+divergence_math<typename Loss::divergence, A> divergence_math_for(const Loss& loss) {
+  divergence_math<typename Loss::divergence, A> math;
+  if constexpr (Loss::divergence_info.uses_beta) math.param = static_cast<A>(loss.options.beta);
+  if constexpr (Loss::divergence_info.uses_alpha) math.param = static_cast<A>(loss.options.alpha);
+  return math;
+}
+
 }  // namespace detail
 
 // CPU reference.
@@ -183,9 +192,7 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
     const index_t active = detail::count_active(labels, n, o.ignore_index);
     const double divisor = sc.divisor_for(active);
     const A grad_factor = static_cast<A>(sc.grad_factor(active));
-    detail::divergence_math<D, A> math;
-    if constexpr (Loss::divergence_info.uses_beta) math.param = static_cast<A>(o.beta);
-    if constexpr (Loss::divergence_info.uses_alpha) math.param = static_cast<A>(o.alpha);
+    const auto math = detail::divergence_math_for<A>(loss);
     // Row sums are accumulated in double whatever A is: this is the reference the other backends are
     // checked against, and float term-by-term sums drift by ~1e-5 relative at V = 50k.
     auto lse = [](const Vec& x) {

@@ -14,12 +14,15 @@
 
 namespace kd::cuda::detail {
 
-// Device pointers into one cached buffer laid out as [support K | offsets K + 1 | teacher ids M].
+// Device pointers into one cached buffer laid out as
+// [support K | offsets K + 1 | teacher ids M | uncovered U].
 struct device_map {
   const int* support = nullptr;      // [K] student id of each slot
   const int* offsets = nullptr;      // [K + 1] CSR offsets into teacher_ids
   const int* teacher_ids = nullptr;  // teacher ids grouped by slot
+  const int* uncovered = nullptr;    // [U] the student ids no slot covers (their KD gradient is 0)
   long long slots = 0;
+  long long uncovered_count = 0;
 };
 
 // The host image of that layout.
@@ -28,7 +31,8 @@ inline std::vector<unsigned char> device_map_image(const vocab_map& m) {
   const std::size_t k = support.size(), n = static_cast<std::size_t>(m.size());
   std::vector<int> slot_of(static_cast<std::size_t>(m.student_vocab()), -1);
   for (std::size_t j = 0; j < k; ++j) slot_of[static_cast<std::size_t>(support[j])] = static_cast<int>(j);
-  std::vector<int> all(k + (k + 1) + n, 0);
+  const std::size_t u = static_cast<std::size_t>(m.student_vocab()) - k;
+  std::vector<int> all(k + (k + 1) + n + u, 0);
   int* off = all.data() + k;
   int* tids = off + k + 1;
   for (std::size_t j = 0; j < k; ++j) all[j] = support[j];
@@ -37,6 +41,9 @@ inline std::vector<unsigned char> device_map_image(const vocab_map& m) {
   std::vector<int> fill(off, off + k);
   for (std::size_t e = 0; e < n; ++e)
     tids[fill[static_cast<std::size_t>(slot_of[static_cast<std::size_t>(m.student_ids()[e])])]++] = m.teacher_ids()[e];
+  int* unc = tids + n;
+  for (std::size_t c = 0; c < slot_of.size(); ++c)
+    if (slot_of[c] < 0) *unc++ = static_cast<int>(c);
   std::vector<unsigned char> bytes(all.size() * sizeof(int));
   std::memcpy(bytes.data(), all.data(), bytes.size());
   return bytes;
@@ -50,7 +57,9 @@ inline status upload_map(context& ctx, const vocab_map& m, device_map& out) {
   out.support = static_cast<const int*>(buf);
   out.offsets = out.support + k;
   out.teacher_ids = out.offsets + k + 1;
+  out.uncovered = out.teacher_ids + m.size();
   out.slots = k;
+  out.uncovered_count = static_cast<long long>(m.student_vocab()) - k;
   return {};
 }
 

@@ -62,6 +62,9 @@ class vocab_map {
     m.support_ = m.student_ids_;
     std::sort(m.support_.begin(), m.support_.end());
     m.support_.erase(std::unique(m.support_.begin(), m.support_.end()), m.support_.end());
+    m.contiguous_ = !m.teacher_ids_.empty();
+    for (std::size_t i = 0; i < m.teacher_ids_.size() && m.contiguous_; ++i)
+      m.contiguous_ = m.teacher_ids_[i] == static_cast<std::int32_t>(i) && (i == 0 || m.student_ids_[i] > m.student_ids_[i - 1]);
     out = std::move(m);
     return {};
   }
@@ -102,6 +105,10 @@ class vocab_map {
   [[nodiscard]] std::span<const std::int32_t> student_ids() const noexcept { return student_ids_; }
   // Sorted distinct student ids that some teacher id maps to: where the aligned distributions live.
   [[nodiscard]] std::span<const std::int32_t> student_support() const noexcept { return support_; }
+  // Teacher ids 0..K-1 map one to one, in order, onto increasing student ids: support slot j reads teacher
+  // column j, so a kernel reads the teacher row as one contiguous slice (a compact teacher head laid out
+  // in the student's order, as kd::train::distill_step builds it).
+  [[nodiscard]] bool contiguous_teacher() const noexcept { return contiguous_; }
 
   // Applies the map to one row of teacher probabilities (teacher_vocab entries): student_probs
   // (student_vocab entries) receives the summed mass of the teacher ids mapped to each student id and 0
@@ -145,6 +152,7 @@ class vocab_map {
   std::vector<std::int32_t> teacher_ids_;
   std::vector<std::int32_t> student_ids_;
   std::vector<std::int32_t> support_;
+  bool contiguous_ = false;
 };
 
 }  // namespace kd

@@ -116,6 +116,16 @@ status upload_vector(B& b, std::span<const U> host, typename B::template buffer<
   return {};
 }
 
+// Profiling hook: a backend with time(name, f) (kd::model::profiled_ops) brackets the losses and the
+// optimizer steps, which are not model ops, so a step's GPU time is accounted for in full.
+template <class B, class F>
+status timed(B& b, const char* name, F&& f) {
+  if constexpr (requires { b.time(name, f); })
+    return b.time(name, f);
+  else
+    return f();
+}
+
 // The indices of a model's MoE layers, and the middle one (-1 without one).
 inline std::vector<std::int64_t> moe_layers(const model::arch& a) {
   std::vector<std::int64_t> moe;
@@ -210,17 +220,19 @@ status head_pass(B& b, typename step_backend<B>::slots& slots, head_buffers<B>& 
       KD_TRY(b.linear(kd_teacher + static_cast<std::size_t>(r0) * ht, wt, hb.tlogits.data(), rows, vt, ht, false));
       decltype(auto) ko = slots.loss(kd_slot0 + c);
       const auto mask = kd_mask.subspan(static_cast<std::size_t>(r0), static_cast<std::size_t>(rows));
-      KD_TRY((*kd_proto)(lb, matrix_view<const T>(hb.tlogits.data(), rows, vt), lg, mask, ko,
-                         matrix_view<T>(hb.dlogits.data(), rows, v)));
+      KD_TRY(timed(b, "loss kd", [&] {
+        return (*kd_proto)(lb, matrix_view<const T>(hb.tlogits.data(), rows, vt), lg, mask, ko,
+                           matrix_view<T>(hb.dlogits.data(), rows, v));
+      }));
       ce.options.accumulate_grad = true;
     }
     decltype(auto) co = slots.ce(ce_slot0 + c);
     if (grad) {
-      KD_TRY(ce(lb, lg, lab, co, matrix_view<T>(hb.dlogits.data(), rows, v)));
+      KD_TRY(timed(b, "loss cross_entropy", [&] { return ce(lb, lg, lab, co, matrix_view<T>(hb.dlogits.data(), rows, v)); }));
       KD_TRY(b.linear_dx(hb.dlogits.data(), w, dx + static_cast<std::size_t>(r0) * h, rows, v, h, false));
       KD_TRY(b.linear_dw(hb.dlogits.data(), x + static_cast<std::size_t>(r0) * h, dw, rows, v, h, r0 > 0));
     } else {
-      KD_TRY(ce(lb, lg, lab, co));
+      KD_TRY(timed(b, "loss cross_entropy", [&] { return ce(lb, lg, lab, co); }));
     }
   }
   return {};
@@ -318,7 +330,7 @@ class teacher_step {
     tally_.add(*m_);
     KD_TRY(m_->backward(g, model::grad_mode::overwrite));
     KD_TRY(b.add(m_->grads() + m_->table().head(), hb_.dw.data(), hb_.dw.size()));
-    KD_TRY(opt_.step(b, m_->params(), m_->grads(), m_->table().size()));
+    KD_TRY(detail::timed(b, "adamw", [&] { return opt_.step(b, m_->params(), m_->grads(), m_->table().size()); }));
     pending_.push_back(step_no);
     return {};
   }
@@ -418,21 +430,32 @@ class distill_step {
     feat_.options.component = "feature";
     route_.options.component = "route";
     if (t_ != nullptr && map != nullptr) {
-      // The compact teacher head: rows of the mapped teacher ids, in the map's order (the teacher is frozen).
-      const auto tids = map->teacher_ids(), sids = map->student_ids();
+      // The compact teacher head: rows of the mapped teacher ids in the order of their student ids (the
+      // teacher is frozen). With a one-to-one map the compact map is then contiguous (slot j reads compact
+      // column j) and the KD kernel reads each teacher row slice in one bulk copy.
+      const auto tids0 = map->teacher_ids(), sids0 = map->student_ids();
       if (map->teacher_vocab() != t_->arch().vocab || map->student_vocab() != sa.vocab)
         return {errc::shape_mismatch, "distill_step: the vocab_map is " + std::to_string(map->teacher_vocab()) + " -> " +
                                           std::to_string(map->student_vocab()) + " but the heads have " +
                                           std::to_string(t_->arch().vocab) + " and " + std::to_string(sa.vocab) + " rows"};
+      std::vector<std::size_t> order(tids0.size());
+      for (std::size_t e = 0; e < order.size(); ++e) order[e] = e;
+      std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t c) {
+        return sids0[a] != sids0[c] ? sids0[a] < sids0[c] : tids0[a] < tids0[c];
+      });
+      std::vector<std::int32_t> tids(order.size());
       std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
-      for (std::size_t e = 0; e < tids.size(); ++e) pairs.emplace_back(static_cast<std::int32_t>(e), sids[e]);
+      for (std::size_t e = 0; e < order.size(); ++e) {
+        tids[e] = tids0[order[e]];
+        pairs.emplace_back(static_cast<std::int32_t>(e), sids0[order[e]]);
+      }
       // Rows padded to a multiple of 64 (zero weights, never read through the map): the logits' row
       // stride then stays a multiple of 16 bytes, which cuBLAS's tensor-core kernels need (42,257 is odd).
       const auto Dt = static_cast<std::size_t>(t_->arch().hidden), K = tids.size();
       const std::size_t padded = (K + 63) / 64 * 64;
       KD_TRY(vocab_map::from_pairs(std::move(pairs), static_cast<index_t>(padded), map->student_vocab(), compact_map_));
       kd_.options.map = &compact_map_;
-      KD_TRY((detail::upload_vector<B, std::int32_t>(b, tids, thead_rows_, "mapped teacher ids")));
+      KD_TRY((detail::upload_vector<B, std::int32_t>(b, std::span<const std::int32_t>(tids), thead_rows_, "mapped teacher ids")));
       thead_ = typename B::template buffer<T>{};  // a fresh, zero-filled allocation: the padding rows are 0
       KD_TRY((detail::ensure<B, T>(b, thead_, padded * Dt, "compact teacher head")));
       KD_TRY(b.gather_rows(t_->params() + t_->table().head(), thead_rows_.data(), thead_.data(), static_cast<std::int64_t>(K),
@@ -515,8 +538,9 @@ class distill_step {
     for (std::size_t m = 0; m < M; ++m)
       KD_TRY(micro_step(micro[m], step_no, (w * M + m), std::max<index_t>(1, lm_tokens), std::max<index_t>(1, aligned),
                         m == 0 ? model::grad_mode::overwrite : model::grad_mode::accumulate));
-    KD_TRY(opt_.step(b, s_->params(), s_->grads(), s_->table().size()));
-    if (t_ != nullptr && side_.size() > 0) KD_TRY(side_opt_.step(b, side_.params.data(), side_.grads.data(), side_.size()));
+    KD_TRY(detail::timed(b, "adamw", [&] { return opt_.step(b, s_->params(), s_->grads(), s_->table().size()); }));
+    if (t_ != nullptr && side_.size() > 0)
+      KD_TRY(detail::timed(b, "adamw (side)", [&] { return side_opt_.step(b, side_.params.data(), side_.grads.data(), side_.size()); }));
     pending_.push_back(step_no);
     return {};
   }
@@ -652,11 +676,13 @@ class distill_step {
       }
       T* pw = side_.grads.data();
       decltype(auto) fo_ = slots_.loss(g * per_loss + C);
-      KD_TRY(f(lb, matrix_view<const T>(sx, n, Ds), matrix_view<const T>(side_.params.data(), Dt, Ds),
-               matrix_view<const T>(side_.params.data() + static_cast<std::size_t>(Dt) * Ds, 1, Dt),
-               matrix_view<const T>(ft_layer_ == -2 ? tfinal : tfeat_.data(), n, Dt), mask_dev, fo_,
-               matrix_view<T>(dsx, n, Ds), matrix_view<T>(pw, Dt, Ds),
-               matrix_view<T>(pw + static_cast<std::size_t>(Dt) * Ds, 1, Dt)));
+      KD_TRY(detail::timed(b, "loss feature", [&] {
+        return f(lb, matrix_view<const T>(sx, n, Ds), matrix_view<const T>(side_.params.data(), Dt, Ds),
+                 matrix_view<const T>(side_.params.data() + static_cast<std::size_t>(Dt) * Ds, 1, Dt),
+                 matrix_view<const T>(ft_layer_ == -2 ? tfinal : tfeat_.data(), n, Dt), mask_dev, fo_,
+                 matrix_view<T>(dsx, n, Ds), matrix_view<T>(pw, Dt, Ds),
+                 matrix_view<T>(pw + static_cast<std::size_t>(Dt) * Ds, 1, Dt));
+      }));
     }
     if (route_on_) {
       const auto& ta = t_->arch();
@@ -671,8 +697,10 @@ class distill_step {
       r.options.grad_scale = obj_->weight("route", step_no);
       r.options.global_tokens = aligned;
       decltype(auto) ro = slots_.loss(g * per_loss + C + 1);
-      KD_TRY(r(lb, matrix_view<const T>(trouter_.data(), n, E), matrix_view<const T>(slog_.data(), n, E), mask_dev, ro,
-               matrix_view<T>(dslog_.data(), n, E)));
+      KD_TRY(detail::timed(b, "loss route", [&] {
+        return r(lb, matrix_view<const T>(trouter_.data(), n, E), matrix_view<const T>(slog_.data(), n, E), mask_dev, ro,
+                 matrix_view<T>(dslog_.data(), n, E));
+      }));
       KD_TRY(b.linear_dx(dslog_.data(), side_.params.data() + off, droute_.data(), n, E, Ds, false));
       KD_TRY(b.linear_dw(dslog_.data(), hs, side_.grads.data() + off, n, E, Ds, true));
       gin.d_hidden.emplace_back(rs_layer_, droute_.data());

@@ -23,6 +23,7 @@
 #include <kd/loss/logit_kd.cuh>
 #include <kd/loss/moe.cuh>
 #include <kd/model/cuda/ops.cuh>
+#include <kd/model/cuda/profiled_ops.cuh>
 #include <kd/train/adamw.cuh>
 #include <kd/train/step_backend.hpp>
 
@@ -128,5 +129,9 @@ struct step_backend<model::cuda_ops<T>> {
     std::shared_ptr<staged> staged_;
   };
 };
+
+// profiled_ops (per-op GPU times for a breakdown) runs the steps as cuda_ops does.
+template <class T>
+struct step_backend<model::profiled_ops<T>> : step_backend<model::cuda_ops<T>> {};
 
 }  // namespace kd::train

@@ -1088,10 +1088,13 @@ inline std::size_t attention_backward_workspace_bytes(int64 batch, int64 seq, in
 }
 
 // dq, dk, dv (overwritten) of attention_forward, from its o and lse. GQA: dk/dv sum over the group.
+// deterministic: the row kernels (every sum in a fixed order) instead of the flash kernel, whose dQ / dK /
+// dV adds are fp32 atomics in arrival order: bitwise-repeatable training (a resumed run then logs the
+// uninterrupted run's losses exactly), at the cost of a slower backward.
 template <class T>
 status attention_backward(cudaStream_t s, const T* q, const T* k, const T* v, const T* o, const float* lse,
                           const T* dout, T* dq, T* dk, T* dv, int64 batch, int64 seq, int64 hq, int64 hkv, int64 d,
-                          float scale, void* workspace) {
+                          float scale, void* workspace, bool deterministic = false) {
   KD_TRY(detail::check_call<T>("attention_backward", scale, batch, seq, hq, hkv, d,
                                 {{q, "q"},
                                  {k, "k"},
@@ -1108,7 +1111,7 @@ status attention_backward(cudaStream_t s, const T* q, const T* k, const T* v, co
   float* dq_acc = reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) +
                                            detail::align_up(static_cast<std::size_t>(rows) * sizeof(float), 256));
   if constexpr (std::is_same_v<T, kd::bfloat16>) {
-    if (detail::flash_eligible<T>(seq, d, {q, k, v, o, dout})) {
+    if (!deterministic && detail::flash_eligible<T>(seq, d, {q, k, v, o, dout})) {
       const int64 nq = rows * d, nk = batch * seq * hkv * d;
       detail::flash_params p = detail::shape_flash_params(q, k, v, seq, hq, hkv, scale);
       p.lse = const_cast<float*>(lse);  // read only in the backward kernel

@@ -129,6 +129,10 @@ class cuda_ops {
   static status can_implement(const arch& a) { return cuda::can_implement(a); }
   [[nodiscard]] ::kd::cuda::context& context() const noexcept { return *ctx_; }
   [[nodiscard]] cudaStream_t stream() const noexcept { return ctx_->stream(); }
+  // Bitwise-repeatable runs: every reduction in a fixed order (the attention backward then runs its row
+  // kernels instead of the flash kernel's fp32 atomics; the other ops are deterministic already).
+  void set_deterministic(bool on) noexcept { deterministic_ = on; }
+  [[nodiscard]] bool deterministic() const noexcept { return deterministic_; }
 
   // ---------------------------------------------------------------------------------------------
   // memory
@@ -442,7 +446,7 @@ class cuda_ops {
     void* ws = nullptr;
     KD_TRY(ctx_->scratch(std::max<std::size_t>(16, cuda::attention_backward_workspace_bytes(batch, seq, Hq, Hkv, D)), ws));
     return cuda::attention_backward<T>(stream(), q, k, v, o, lse, dout, dq, dk, dv, batch, seq, Hq, Hkv, D,
-                                       static_cast<float>(scale), ws);
+                                       static_cast<float>(scale), ws, deterministic_);
   }
 
   status attention_probs(const T* q, const T* k, const A* lse, T* probs, i64 batch, i64 seq, i64 Hq, i64 Hkv, i64 D,
@@ -613,6 +617,7 @@ class cuda_ops {
   }
 
   ::kd::cuda::context* ctx_;
+  bool deterministic_ = false;
   std::vector<rope_entry> rope_tables_;
   cos_sin_entry cos_sin_;
 };
