@@ -27,6 +27,8 @@
 #include <functional>
 #include <memory>
 #include <iostream>
+#include <optional>
+#include <thread>
 #include <map>
 #include <numbers>
 #include <sstream>
@@ -39,6 +41,7 @@
 #include <nlohmann/json.hpp>
 
 #include <kd/kd.hpp>
+#include <kd/core/comm.hpp>
 #include <kd/model/checkpoint.hpp>
 #include <kd/model/ops_cpu.hpp>
 #include <kd/model/transformer.hpp>
@@ -61,6 +64,10 @@
 #include <kd/model/cuda/profiled_ops.cuh>
 #include <kd/train/step_backend.cuh>
 #endif
+#if KD_TRAIN_NCCL
+#include <sys/wait.h>
+#include <kd/cuda/nccl.cuh>
+#endif
 
 #ifndef KD_TRAIN_DEFAULT_DATA
 #define KD_TRAIN_DEFAULT_DATA ".data"
@@ -82,6 +89,10 @@ struct options {
   std::uint64_t seed = 2026;
   bool resume = false;
   bool deterministic = false;  // GPU: bitwise-repeatable runs (slower attention backward)
+  // Data parallel (distill, scratch): --ranks N CPU ranks on threads; --gpus N one process per GPU over
+  // NCCL. --rank R and --nccl-id F are what the GPU launcher passes to the ranks it starts.
+  std::int64_t ranks = 1, gpus = 0, rank = -1;
+  std::string nccl_id;
 };
 
 struct preset {
@@ -186,6 +197,8 @@ constexpr const char* kUsage =
     "  --kd-ramp F          the KD weight ramps from 0 over the first fraction F of the steps (default 0.3)\n"
     "  --resume             continue the phase from its latest checkpoint\n"
     "  --deterministic      GPU: bitwise-repeatable runs (attention backward without atomics; slower)\n"
+    "  --gpus N             distill/scratch data parallel over N GPUs (one process each, NCCL); --batch is per GPU\n"
+    "  --ranks N            distill/scratch data parallel over N CPU ranks (threads); --batch is per rank\n"
     "  --stop-after N       stop after step N as if killed (checkpoint, exit 75): the resume test\n";
 
 int usage(const std::string& why) {
@@ -212,7 +225,8 @@ bool parse_args(int argc, char** argv, options& o, std::string& err) {
     static const char* valued[] = {"--run", "--data", "--corpus", "--preset", "--device", "--steps", "--teacher-steps", "--batch",
                                    "--seq", "--corpus-bytes", "--eval-windows", "--eval-every", "--ckpt-every",
                                    "--stop-after", "--patience", "--accum", "--seed", "--lr", "--teacher-lr", "--w-kd",
-                                   "--w-feature", "--w-route", "--w-z", "--w-lb", "--w-rz", "--kd-ramp", "--t-ramp", "--temperature"};
+                                   "--w-feature", "--w-route", "--w-z", "--w-lb", "--w-rz", "--kd-ramp", "--t-ramp", "--temperature",
+                                   "--ranks", "--gpus", "--rank", "--nccl-id"};
     if (a != "--resume" && a != "--deterministic" && std::none_of(std::begin(valued), std::end(valued), [&](const char* f) { return a == f; })) {
       err = "unknown flag " + a;
       return false;
@@ -249,6 +263,10 @@ bool parse_args(int argc, char** argv, options& o, std::string& err) {
       else if (a == "--w-rz") o.w_rz = std::stod(v);
       else if (a == "--kd-ramp") o.kd_ramp = std::stod(v);
       else if (a == "--t-ramp") o.t_ramp = std::stod(v);
+      else if (a == "--ranks") o.ranks = std::stoll(v);
+      else if (a == "--gpus") o.gpus = std::stoll(v);
+      else if (a == "--rank") o.rank = std::stoll(v);
+      else if (a == "--nccl-id") o.nccl_id = v;
       else if (a == "--temperature") {
         const auto c = v.find(':');
         o.t_start = std::stod(v.substr(0, c));
@@ -287,6 +305,13 @@ kd::status check_flags(const options& o, const preset& p) {
   if (p.seq > p.student.max_position_embeddings) return bad("--seq exceeds the preset's max_position_embeddings");
   if (p.eval_every <= 0 || p.ckpt_every <= 0) return bad("--eval-every and --ckpt-every must be positive");
   if (o.accum < 1 || o.accum > 1024) return bad("--accum must be in [1, 1024]");
+  if (o.ranks < 1 || o.ranks > 256) return bad("--ranks must be in [1, 256]");
+  if (o.gpus < 0 || o.gpus > 64) return bad("--gpus must be in [0, 64]");
+  if ((o.ranks > 1 || o.gpus > 1) && o.cmd != "distill" && o.cmd != "scratch")
+    return bad("--ranks / --gpus (data parallel) apply to distill and scratch; train the teacher on one rank");
+  if (o.ranks > 1 && o.gpus > 1) return bad("--ranks (CPU threads) and --gpus (GPU processes) exclude each other");
+  if (o.rank >= 0 && (o.gpus < 2 || o.rank >= o.gpus || o.nccl_id.empty()))
+    return bad("--rank and --nccl-id are what the --gpus launcher passes to its ranks");
   if (!(o.t_start > 0 && o.t_end > 0)) return bad("--temperature must stay > 0");
   if (!(o.kd_ramp >= 0 && o.kd_ramp <= 1)) return bad("--kd-ramp must be in [0, 1]");
   if (!(o.t_ramp >= 0 && o.t_ramp <= 1)) return bad("--t-ramp must be in [0, 1]");
@@ -308,7 +333,7 @@ json config_json(const Config& c) {
 
 json run_config_json(const options& o, const preset& p, const std::string& backend) {
   return {{"preset", p.name},       {"backend", backend},        {"seed", o.seed},  {"corpus", o.corpus.empty() ? "default" : o.corpus},
-          {"batch", p.batch},        {"seq", p.seq},              {"steps", p.steps},
+          {"global_batch", p.batch * std::max<std::int64_t>(o.ranks, std::max<std::int64_t>(o.gpus, 1))}, {"seq", p.seq},              {"steps", p.steps},
           {"teacher_steps", p.teacher_steps}, {"corpus_bytes", p.corpus_bytes}, {"eval_every", p.eval_every},
           {"eval_windows", p.eval_windows}, {"ckpt_every", p.ckpt_every}, {"lr", p.lr},
           {"teacher_lr", p.teacher_lr}, {"w_kd", o.w_kd},       {"w_feature", o.w_feature},
@@ -495,6 +520,11 @@ struct trainer {
   std::string backend_name;
   using T = typename B::value_type;
   using model_t = kd::model::transformer<B>;
+  // Data parallel: this rank's handle on the group (null: one process). Rank 0 writes the logs, the
+  // checkpoints and the final weights; every rank reads a checkpoint to resume.
+  kd::communicator* comm = nullptr;
+  std::int64_t rank = 0, ranks = 1;
+  bool own_guard = true;  // false: the launching thread holds the process's one interrupt_guard
 
   fs::path phase_dir(const std::string& phase) const { return fs::path(o.run) / phase; }
 
@@ -505,6 +535,8 @@ struct trainer {
     lo.teacher_seq = p.seq + p.seq / 8;
     lo.seed = o.seed;
     lo.teacher_pad = 0;
+    lo.rank = rank;
+    lo.ranks = ranks;
     return lo;
   }
 
@@ -657,7 +689,7 @@ struct trainer {
     std::string found;
     kd::check(kd::find_latest_checkpoint(dir.string(), found));
     kd::check(kd::load_run_checkpoint(found, st));
-    std::printf("resumed from %s (step %lld)\n", found.c_str(), static_cast<long long>(s0));
+    if (rank == 0) std::printf("resumed from %s (step %lld)\n", found.c_str(), static_cast<long long>(s0));
   }
 
   // -- student: distill (teacher != nullptr) or scratch --
@@ -696,6 +728,7 @@ struct trainer {
     so.vocab = d.s_real;
     so.window = kLogEvery;
     so.seed = o.seed;
+    so.comm = comm;
     kd::check(step.init(teacher.get(), s, &d.map, obj, so, adamw_for(p.lr, steps)));
     kd::train::text_loader loader;
     kd::train::loader_state restored;
@@ -720,15 +753,21 @@ struct trainer {
     }
     if (o.resume && !quiet) resume_from(dir / "ckpt", st, s0);
     kd::check(loader.init(stream_of(d.t_train), stream_of(d.s_train), loader_options(), restored));
+    const bool lead = rank == 0;  // the rank that writes; the others compute the same decisions
+    if (!lead) quiet = true;
     std::ofstream log, evals;
-    kd::check(open_log(dir / "log.jsonl", s0, log));
-    kd::check(open_log(dir / "eval.jsonl", s0, evals));
-    kd::metrics_logger<cadence> logger(quiet ? nullptr : &std::cout, &log);
-    kd::interrupt_guard guard;
+    if (lead) {
+      kd::check(open_log(dir / "log.jsonl", s0, log));
+      kd::check(open_log(dir / "eval.jsonl", s0, evals));
+    }
+    kd::metrics_logger<cadence> logger(quiet ? nullptr : &std::cout, lead ? &log : nullptr);
+    std::optional<kd::interrupt_guard> guard;
+    if (own_guard) guard.emplace();
+    const auto interrupted = [] { return kd::detail::interrupt_signal().load(); };
     progress bar;
     bar.tty = bar.tty && !quiet;
     bar.first = s0;
-    const std::int64_t tokens_per_step = o.accum * p.batch * p.seq;
+    const std::int64_t tokens_per_step = o.accum * p.batch * p.seq * ranks;
     std::vector<kd::train::text_batch> micro(static_cast<std::size_t>(o.accum));
     if (!quiet)
       std::printf("%s: Llama %lld layers, hidden %lld, %zu parameters, %s; %lld steps of %lld tokens; %s%s\n", phase.c_str(),
@@ -764,14 +803,23 @@ struct trainer {
         out.final_bpb = r.bits_per_byte;
         out.best_bpb = std::fmin(out.best_bpb, r.bits_per_byte);  // fmin skips the initial NaN
         kd::check(stopper.update(r.loss, ramping, stop));
+        if (comm != nullptr) {  // rank 0's decision for every rank
+          std::int64_t flag = stop ? 1 : 0;
+          kd::check(comm->broadcast_host(&flag, sizeof flag, 0));
+          stop = flag != 0;
+        }
       }
       s0 = k;
-      if (due && (k % p.ckpt_every == 0 || guard.requested() || k == o.stop_after || stop) && !quiet) checkpoint(dir / "ckpt", st);
-      if (due && (guard.requested() || k == o.stop_after)) {
+      // A signal seen by any rank stops every rank at the same logged step.
+      std::int64_t signal = due ? interrupted() : 0;
+      if (due && comm != nullptr) kd::check(comm->all_reduce_host(&signal, 1, kd::reduce_op::max));
+      if (due && (k % p.ckpt_every == 0 || signal != 0 || k == o.stop_after || stop) && !quiet) checkpoint(dir / "ckpt", st);
+      if (due && (signal != 0 || k == o.stop_after)) {
         bar.clear();
-        std::printf("%s: stopped at step %lld (%s); resume with --resume\n", phase.c_str(), static_cast<long long>(k),
-                    guard.requested() ? "signal" : "--stop-after");
-        out.exit = guard.requested() ? 128 + guard.signal_number() : 75;
+        if (lead)
+          std::printf("%s: stopped at step %lld (%s); resume with --resume\n", phase.c_str(), static_cast<long long>(k),
+                      signal != 0 ? "signal" : "--stop-after");
+        out.exit = signal != 0 ? 128 + static_cast<int>(signal) : 75;
         return out;
       }
       if (stop) {
@@ -999,23 +1047,77 @@ int run_bench(B& b, const options& o, const std::string& backend_name, std::int6
   return 0;
 }
 
+// --ranks N on the CPU: one thread per rank, each with its own backend and models, over one thread_group;
+// this thread holds the process's interrupt guard. A rank that fails fails the group (the others' next
+// collective returns an error instead of waiting) and its error is the run's.
 template <class B>
-int run_command(B& b, const options& o, const preset& p, const std::string& backend_name) {
+phase_result run_thread_ranks(const options& o, const preset& p, text_data& d, const std::string& backend,
+                              bool distill, const std::string& phase) {
+  const auto n = static_cast<int>(o.ranks);
+  kd::thread_group group(n, std::chrono::minutes(10));
+  kd::interrupt_guard guard;
+  std::vector<phase_result> results(static_cast<std::size_t>(n));
+  std::vector<std::string> errors(static_cast<std::size_t>(n));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < n; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        B br;
+        trainer<B> tr{br, o, p, d, backend};
+        tr.comm = &group.member(r);
+        tr.rank = r;
+        tr.ranks = n;
+        tr.own_guard = false;
+        results[static_cast<std::size_t>(r)] = tr.run_student(distill, phase);
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(r)] = e.what();
+        group.fail("rank " + std::to_string(r) + " stopped: " + e.what());
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < n; ++r)  // the first rank that failed on its own (not by the group's failure)
+    if (!errors[static_cast<std::size_t>(r)].empty() && errors[static_cast<std::size_t>(r)].find("the group failed") == std::string::npos)
+      kd::check(kd::status(kd::errc::backend_error, "rank " + std::to_string(r) + ": " + errors[static_cast<std::size_t>(r)]));
+  for (int r = 0; r < n; ++r)
+    if (!errors[static_cast<std::size_t>(r)].empty())
+      kd::check(kd::status(kd::errc::backend_error, "rank " + std::to_string(r) + ": " + errors[static_cast<std::size_t>(r)]));
+  std::printf("%s: %d data-parallel CPU ranks, global batch %lld x %lld tokens per step\n", phase.c_str(), n,
+              static_cast<long long>(o.accum * p.batch * n), static_cast<long long>(p.seq));
+  return results[0];
+}
+
+template <class B>
+int run_command(B& b, const options& o, const preset& p, const std::string& backend_name,
+                kd::communicator* comm = nullptr) {
   const std::string data = !o.data.empty() ? o.data : std::getenv("KD_TEXT_DATA") ? std::getenv("KD_TEXT_DATA") : KD_TRAIN_DEFAULT_DATA;
+  const std::int64_t rank = comm != nullptr ? comm->rank() : 0;
   fs::create_directories(o.run);
-  {
+  if (rank == 0) {  // the run's identity (a checkpoint's too: the global batch, not the rank count) + the ranks
+    json cj = run_config_json(o, p, backend_name);
+    cj["ranks"] = std::max<std::int64_t>(o.ranks, std::max<std::int64_t>(o.gpus, 1));
+    cj["batch_per_rank"] = p.batch;
     std::ofstream cfg(fs::path(o.run) / "config.json");
-    cfg << run_config_json(o, p, backend_name).dump(2) << '\n';
+    cfg << cj.dump(2) << '\n';
   }
+  // Rank 0 builds the token shards in the run folder first; the other ranks then open them.
   text_data d;
-  kd::check(load_data(data, o.corpus, o.run, p.corpus_bytes, d, true));
+  if (rank == 0) kd::check(load_data(data, o.corpus, o.run, p.corpus_bytes, d, true));
+  if (comm != nullptr) kd::check(comm->barrier());
+  if (rank != 0) kd::check(load_data(data, o.corpus, o.run, p.corpus_bytes, d, false));
   trainer<B> tr{b, o, p, d, backend_name};
+  if (comm != nullptr) {
+    tr.comm = comm;
+    tr.rank = rank;
+    tr.ranks = comm->size();
+  }
   json summary = json::object();
   {
     std::ifstream in(fs::path(o.run) / "summary.json");
     if (in) try { summary = json::parse(in); } catch (const json::exception&) { summary = json::object(); }
   }
-  auto save_summary = [&] { std::ofstream(fs::path(o.run) / "summary.json") << summary.dump(2) << '\n'; };
+  auto save_summary = [&] {
+    if (rank == 0) std::ofstream(fs::path(o.run) / "summary.json") << summary.dump(2) << '\n';
+  };
   auto record = [&](const char* phase, const phase_result& r) {
     summary[std::string(phase) + "_tokens_per_s"] = r.tokens_per_s;
     summary[std::string(phase) + "_steps"] = r.steps;
@@ -1028,13 +1130,20 @@ int run_command(B& b, const options& o, const preset& p, const std::string& back
     if (r.exit) return r.exit;
     record("teacher", r);
   }
+  // CPU data parallel (--ranks N): N ranks of this process on threads, one thread_group.
+  auto student = [&](bool distill, const char* phase) {
+    if constexpr (std::is_default_constructible_v<B>) {
+      if (o.ranks > 1 && comm == nullptr) return run_thread_ranks<B>(o, p, d, backend_name, distill, phase);
+    }
+    return tr.run_student(distill, phase);
+  };
   if (c == "distill" || c == "demo") {
-    const auto r = tr.run_student(true, "distill");
+    const auto r = student(true, "distill");
     if (r.exit) return r.exit;
     record("distill", r);
   }
   if (c == "scratch" || c == "demo") {
-    const auto r = tr.run_student(false, "scratch");
+    const auto r = student(false, "scratch");
     if (r.exit) return r.exit;
     record("scratch", r);
   }
@@ -1061,6 +1170,100 @@ int run_command(B& b, const options& o, const preset& p, const std::string& back
   }
   return 0;
 }
+
+#if KD_TRAIN_NCCL
+// --gpus N: starts this program once per GPU (--rank r --nccl-id RUN/nccl_id), then waits. A rank that
+// fails (exit code or signal) stops the others (SIGTERM: they checkpoint at their next logged step, or
+// their collectives time out); a signal to the launcher is passed on to every rank.
+int launch_gpu_ranks(int argc, char** argv, const options& o) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < o.gpus)
+    return usage("--gpus " + std::to_string(o.gpus) + ": this machine has " + std::to_string(devices) + " CUDA devices");
+  ::setenv("NCCL_NVLS_ENABLE", "0", 1);  // NVLink multicast stays off (shared machines)
+  fs::create_directories(o.run);
+  const std::string id_file = (fs::path(o.run) / "nccl_id").string();
+  std::error_code ec;
+  fs::remove(id_file, ec);  // a stale id from an earlier run must not be read
+  std::vector<pid_t> pids;
+  for (std::int64_t r = 0; r < o.gpus; ++r) {
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      std::perror("kd_train: fork");
+      for (pid_t q : pids) ::kill(q, SIGTERM);
+      return 3;
+    }
+    if (pid == 0) {
+      std::vector<std::string> args(argv, argv + argc);
+      args.insert(args.end(), {"--rank", std::to_string(r), "--nccl-id", id_file});
+      std::vector<char*> cargs;
+      for (auto& a : args) cargs.push_back(a.data());
+      cargs.push_back(nullptr);
+      ::execv("/proc/self/exe", cargs.data());
+      std::perror("kd_train: exec");
+      ::_exit(127);
+    }
+    pids.push_back(pid);
+  }
+  kd::interrupt_guard guard;
+  bool forwarded = false;
+  int result = 0, failed_rank = -1;
+  std::size_t running = pids.size();
+  while (running > 0) {
+    int status = 0;
+    const pid_t done = ::waitpid(-1, &status, WNOHANG);
+    if (done == 0) {
+      if (guard.requested() && !forwarded) {
+        for (pid_t q : pids) ::kill(q, SIGTERM);
+        forwarded = true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      continue;
+    }
+    if (done < 0) break;
+    --running;
+    const auto r = static_cast<int>(std::find(pids.begin(), pids.end(), done) - pids.begin());
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (code != 0 && result == 0) {
+      result = code;
+      failed_rank = r;
+      if (code != 75 && code < 128) {  // an error, not a requested stop: the other ranks cannot go on
+        std::fprintf(stderr, "kd_train: rank %d failed (exit %d); stopping the other ranks\n", r, code);
+        for (pid_t q : pids)
+          if (q != done) ::kill(q, SIGTERM);
+      }
+    }
+  }
+  if (result != 0 && result != 75)
+    std::fprintf(stderr, "kd_train: data-parallel run stopped: rank %d exited with %d\n", failed_rank, result);
+  return result;
+}
+
+// One rank of --gpus N: its GPU, the group's NCCL id (rank 0 makes it), the communicator, the command.
+int run_gpu_rank(const options& o, preset& p) {
+  if (cudaSetDevice(static_cast<int>(o.rank)) != cudaSuccess) return usage("--rank " + std::to_string(o.rank) + ": no such CUDA device");
+  ncclUniqueId id;
+  if (o.rank == 0) {
+    if (ncclGetUniqueId(&id) != ncclSuccess) kd::check({kd::errc::backend_error, "ncclGetUniqueId failed"});
+    kd::check(kd::cuda::write_nccl_id(o.nccl_id, id));
+  } else {
+    kd::check(kd::cuda::read_nccl_id(o.nccl_id, id, std::chrono::minutes(2)));
+  }
+  kd::cuda::context ctx;
+  kd::model::cuda_ops<kd::bfloat16> b(ctx);
+  b.set_deterministic(o.deterministic);
+  std::unique_ptr<kd::cuda::nccl_communicator> comm;
+  kd::check(kd::cuda::nccl_communicator::create(ctx, static_cast<int>(o.rank), static_cast<int>(o.gpus), id,
+                                                std::chrono::minutes(10), comm));
+  p.teacher.dtype = p.student.dtype = kd::model::weight_dtype::bfloat16;
+  cudaDeviceProp prop{};
+  cudaGetDeviceProperties(&prop, static_cast<int>(o.rank));
+  if (o.rank == 0)
+    std::printf("kd_train: %lld data-parallel ranks over NCCL, %s each, CUDA bf16, '%s' preset; global batch %lld x %lld\n",
+                static_cast<long long>(o.gpus), prop.name, p.name.c_str(), static_cast<long long>(o.accum * p.batch * o.gpus),
+                static_cast<long long>(p.seq));
+  return run_command(b, o, p, std::string("cuda bf16 ") + prop.name, comm.get());
+}
+#endif
 
 bool have_gpu() {
 #if KD_TRAIN_CUDA
@@ -1132,11 +1335,19 @@ int main(int argc, char** argv) {
       kd::model::cpu_ops<float> b;
       return run_bench(b, o, "cpu float32", steps, 1.0, [] { return std::int64_t{0}; }, [] {});
     }
+    if (use_gpu && o.ranks > 1) return usage("--ranks runs CPU ranks (with --device cpu); on GPUs use --gpus N");
+    if (!use_gpu && o.gpus > 1) return usage("--gpus " + std::to_string(o.gpus) + ": no CUDA device");
     if (!use_gpu) {
       kd::model::cpu_ops<float> b;
       p.teacher.dtype = p.student.dtype = kd::model::weight_dtype::float32;
       return run_command(b, o, p, "cpu float32");
     }
+#if KD_TRAIN_NCCL
+    if (o.gpus > 1 && o.rank < 0) return launch_gpu_ranks(argc, argv, o);
+    if (o.gpus > 1) return run_gpu_rank(o, p);
+#else
+    if (o.gpus > 1) return usage("--gpus: this kd_train was built without NCCL");
+#endif
 #if KD_TRAIN_CUDA
     kd::cuda::context ctx;
     kd::model::cuda_ops<kd::bfloat16> b(ctx);

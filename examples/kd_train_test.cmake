@@ -81,3 +81,25 @@ run_expect(2 "empty.txt.*empty|empty.*empty.txt" teacher --run ${WORK}/E ${commo
 # a loss component, or the tensor whose gradient the optimizer refused (no update applied).
 run_expect(2 "(not finite|NaN|Inf).*(component '[a-z_]+'|tensor '[a-z_.0-9]+')" teacher --run ${WORK}/D ${common} --teacher-lr 1e12)
 run_expect(64 "unknown flag" teacher --no-such-flag)
+run_expect(64 "apply to distill and scratch" teacher --run ${WORK}/D ${common} --ranks 2)
+
+# 4. Data parallel on CPU ranks (threads): 2 ranks x 2 rows log the losses of 1 process x 4 rows on the
+#    same global batches (to float rounding: the ranks' gradients are summed in another order), every
+#    rank applies the same update; a run stopped on 2 ranks resumes on 1 (the loader state is global).
+foreach(dp DP1 DP2 DP3)
+  file(MAKE_DIRECTORY ${WORK}/${dp}/teacher)
+  file(COPY ${WORK}/A/teacher/final DESTINATION ${WORK}/${dp}/teacher)
+endforeach()
+run_ok(distill --run ${WORK}/DP1 ${common})
+run_ok(distill --run ${WORK}/DP2 ${common} --batch 2 --ranks 2)
+function(close_files a b what)
+  execute_process(COMMAND ${JSONL_CLOSE} ${a} ${b} 1e-4 1e-6 RESULT_VARIABLE rc ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "${what}: ${a} and ${b} differ beyond float rounding: ${err}")
+  endif()
+endfunction()
+close_files(${WORK}/DP1/distill/log.jsonl ${WORK}/DP2/distill/log.jsonl "2 CPU ranks against 1")
+close_files(${WORK}/DP1/distill/eval.jsonl ${WORK}/DP2/distill/eval.jsonl "2 CPU ranks against 1 (evaluations)")
+run_expect(75 "stopped at step 20" distill --run ${WORK}/DP3 ${common} --batch 2 --ranks 2 --stop-after 20)
+run_expect(0 "resumed from" distill --run ${WORK}/DP3 ${common} --batch 4 --ranks 1 --resume)
+close_files(${WORK}/DP1/distill/log.jsonl ${WORK}/DP3/distill/log.jsonl "2 CPU ranks resumed on 1")

@@ -8,13 +8,16 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <memory>
 #include <numbers>
+#include <thread>
 #include <vector>
 
 #include <kd/model/ops_cpu.hpp>
 #include <kd/train/distill_step.hpp>
 
 #include "distill_fixture.hpp"
+#include "test_util.hpp"
 
 namespace {
 
@@ -29,7 +32,7 @@ struct distill_run {
   kd::vocab_map map = make_map();
   kd::objective obj = full_objective();
   kd::train::distill_step<model_t, model_t> step;
-  explicit distill_run(kd::index_t chunk, std::int64_t window = 1) {
+  explicit distill_run(kd::index_t chunk, std::int64_t window = 1, kd::communicator* comm = nullptr) {
     kd::check(teacher.allocate(false));
     kd::check(teacher.initialize(0.3, 1));
     kd::check(student.allocate(true));
@@ -38,6 +41,7 @@ struct distill_run {
     o.chunk_rows = chunk;
     o.window = window;
     o.vocab = 60;
+    o.comm = comm;
     kd::check(step.init(&teacher, student, &map, obj, o, adamw()));
   }
 };
@@ -236,4 +240,77 @@ TEST_CASE("teacher_step: LM + router losses, expert shares; evaluate_lm against 
   CHECK(ev.ppl == doctest::Approx(std::exp(cr.ce)).epsilon(1e-5));
   CHECK(ev.bits_per_byte == doctest::Approx(cr.ce * 27 / std::numbers::ln2 / static_cast<double>(bytes)).epsilon(1e-5));
   REQUIRE(ev.expert_shares.size() == step.moe_layers().size());
+}
+
+TEST_CASE("distill_step data parallel: one rank = no communicator, bit for bit; three ranks = the whole batch") {
+  const auto b1 = make_batch(51), b2 = make_batch(52);
+  auto params_of = [](const model_t& m) {
+    return std::vector<float>(m.params(), m.params() + m.table().size());
+  };
+  // One rank (solo_communicator): the same bits as no communicator, over two steps.
+  distill_run plain(1000);
+  kd::solo_communicator solo;
+  distill_run one(1000, 1, &solo);
+  std::vector<kd::train::step_record> a, c;
+  for (std::int64_t k = 1; k <= 2; ++k) {
+    REQUIRE(plain.step.step(k == 1 ? b1 : b2, k).ok());
+    REQUIRE(one.step.step(k == 1 ? b1 : b2, k).ok());
+    REQUIRE(plain.step.flush(a).ok());
+    REQUIRE(one.step.flush(c).ok());
+    for (const char* name : {"lm", "z_loss", "kd", "feature", "route"}) {
+      CAPTURE(name);
+      CHECK(value(c[0], name) == value(a[0], name));
+    }
+  }
+  CHECK(params_of(one.student) == params_of(plain.student));
+
+  // Three ranks on threads, one row each, against one process on the three rows: the same losses and
+  // gradients to float rounding, and every rank holds the same parameters after the update.
+  distill_run whole(1000);
+  REQUIRE(whole.step.step(b1, 1).ok());
+  REQUIRE(whole.step.flush(a).ok());
+  kd::thread_group group(3);
+  std::vector<std::unique_ptr<distill_run>> ranks;
+  for (int r = 0; r < 3; ++r) ranks.push_back(std::make_unique<distill_run>(1000, 1, &group.member(r)));
+  std::vector<std::vector<kd::train::step_record>> recs(3);
+  std::vector<kd::status> st(3);
+  std::vector<std::thread> th;
+  for (int r = 0; r < 3; ++r)
+    th.emplace_back([&, r] {
+      const auto ru = static_cast<std::size_t>(r);
+      st[ru] = ranks[ru]->step.step(row_of(b1, r), 1);
+      if (st[ru].ok()) st[ru] = ranks[ru]->step.flush(recs[ru]);
+    });
+  for (auto& t : th) t.join();
+  for (int r = 0; r < 3; ++r) {
+    const auto ru = static_cast<std::size_t>(r);
+    REQUIRE_MESSAGE(st[ru].ok(), st[ru].message());
+    for (const char* name : {"lm", "z_loss", "kd", "feature", "route"}) {
+      CAPTURE(r);
+      CAPTURE(name);
+      CHECK(value(recs[ru][0], name) == doctest::Approx(value(a[0], name)).epsilon(1e-5));
+    }
+  }
+  double d = 0, m = 0;
+  for (std::size_t i = 0; i < whole.student.table().size(); ++i) {
+    d = std::max(d, std::abs(static_cast<double>(ranks[0]->student.grads()[i]) - whole.student.grads()[i]));
+    m = std::max(m, std::abs(static_cast<double>(whole.student.grads()[i])));
+  }
+  CHECK(d / m < 1e-5);
+  CHECK(params_of(ranks[1]->student) == params_of(ranks[0]->student));
+  CHECK(params_of(ranks[2]->student) == params_of(ranks[0]->student));
+}
+
+TEST_CASE("teacher_step refuses a communicator (no data-parallel teacher training)") {
+  cpu b;
+  model_t t(b, km::make_arch(teacher_cfg()));
+  REQUIRE(t.allocate(true).ok());
+  kd::objective obj;
+  kd::solo_communicator solo;
+  kd::train::step_options o;
+  o.comm = &solo;
+  kd::train::teacher_step<model_t> ts;
+  const kd::status s = ts.init(t, obj, o, adamw());
+  CHECK(s.code() == kd::errc::invalid_argument);
+  CHECK(kdtest::contains(s.message(), "data-parallel teacher"));
 }

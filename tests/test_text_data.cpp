@@ -155,3 +155,58 @@ TEST_CASE("loader errors") {
   o.seq = 16;
   CHECK(L.init(f.teacher(), bad, o).code() == kd::errc::shape_mismatch);
 }
+
+TEST_CASE("data parallel: ranks share a global batch, and the state resumes on another rank count") {
+  const auto& f = fx();
+  kd::train::text_loader_options o;
+  o.seq = 64;
+  o.seed = 5;
+  o.prefetch = false;
+  // One process, global batches of 6 rows; then 2 ranks of 3 rows and 3 ranks of 2 rows.
+  o.batch = 6;
+  kd::train::text_loader whole;
+  REQUIRE(whole.init(f.teacher(), f.student(), o).ok());
+  std::vector<kd::train::text_batch> want(5);
+  for (auto& b : want) REQUIRE(whole.next(b).ok());
+  for (std::int64_t ranks : {2, 3}) {
+    CAPTURE(ranks);
+    std::vector<kd::train::text_loader> L(static_cast<std::size_t>(ranks));
+    for (std::int64_t r = 0; r < ranks; ++r) {
+      auto ro = o;
+      ro.batch = 6 / ranks;
+      ro.rank = r;
+      ro.ranks = ranks;
+      REQUIRE(L[static_cast<std::size_t>(r)].init(f.teacher(), f.student(), ro).ok());
+      CHECK(L[static_cast<std::size_t>(r)].batches_per_epoch() == whole.batches_per_epoch());
+    }
+    for (std::size_t k = 0; k < want.size(); ++k) {
+      std::vector<std::uint64_t> windows;
+      std::vector<std::int32_t> ids;
+      for (auto& l : L) {
+        kd::train::text_batch b;
+        REQUIRE(l.next(b).ok());
+        windows.insert(windows.end(), b.windows.begin(), b.windows.end());
+        ids.insert(ids.end(), b.student_ids.begin(), b.student_ids.end());
+        CHECK(b.after == want[k].after);  // the global state on every rank
+      }
+      CHECK(windows == want[k].windows);
+      CHECK(ids == want[k].student_ids);
+    }
+  }
+  // A state saved with 3 ranks resumes one process (same global batch) at the same place.
+  auto ro = o;
+  ro.batch = 2;
+  ro.rank = 1;
+  ro.ranks = 3;
+  kd::train::text_loader r1;
+  REQUIRE(r1.init(f.teacher(), f.student(), ro).ok());
+  kd::train::text_batch b;
+  REQUIRE(r1.next(b).ok());
+  REQUIRE(r1.next(b).ok());
+  kd::train::text_loader resumed;
+  REQUIRE(resumed.init(f.teacher(), f.student(), o, r1.state()).ok());
+  REQUIRE(resumed.next(b).ok());
+  CHECK(same(b, want[2]));
+  ro.rank = 3;
+  CHECK(r1.init(f.teacher(), f.student(), ro).code() == kd::errc::invalid_argument);
+}

@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include <kd/core/numeric.hpp>
 #include <kd/core/status.hpp>
 
 namespace kd {
@@ -39,12 +40,21 @@ class communicator {
   // In place over the group: every rank ends with the reduction of every rank's n values.
   virtual status all_reduce(float* data, std::size_t n, reduce_op op) = 0;
   virtual status all_reduce(double* data, std::size_t n, reduce_op op) = 0;
-  // Host values (token counts, flags): available on return on every kind of communicator.
+  // 16-bit storage (gradients of bf16 / fp16 models): the CPU group adds in float and rounds once; NCCL
+  // reduces in the type itself.
+  virtual status all_reduce(bfloat16* data, std::size_t n, reduce_op op) = 0;
+  virtual status all_reduce(half* data, std::size_t n, reduce_op op) = 0;
+  // Host values (token counts, flags, logged losses): available on return on every kind of communicator.
   virtual status all_reduce_host(std::int64_t* data, std::size_t n, reduce_op op) = 0;
+  virtual status all_reduce_host(double* data, std::size_t n, reduce_op op) = 0;
   // Rank `root`'s n bytes to every rank (host memory).
   virtual status broadcast_host(void* data, std::size_t n, int root) = 0;
   // Returns once every rank has arrived (or the group has failed).
   virtual status barrier() = 0;
+  // Waits for the collectives this rank has enqueued (device communicators run them in stream order),
+  // failing after the group's timeout: call it before a blocking copy that follows collectives. Host
+  // communicators finish each collective before returning: nothing to wait for.
+  virtual status sync() { return {}; }
 };
 
 // One rank: the collectives leave the data as it is.
@@ -54,7 +64,10 @@ class solo_communicator final : public communicator {
   [[nodiscard]] int size() const override { return 1; }
   status all_reduce(float*, std::size_t, reduce_op) override { return {}; }
   status all_reduce(double*, std::size_t, reduce_op) override { return {}; }
+  status all_reduce(bfloat16*, std::size_t, reduce_op) override { return {}; }
+  status all_reduce(half*, std::size_t, reduce_op) override { return {}; }
   status all_reduce_host(std::int64_t*, std::size_t, reduce_op) override { return {}; }
+  status all_reduce_host(double*, std::size_t, reduce_op) override { return {}; }
   status broadcast_host(void*, std::size_t, int root) override {
     return root == 0 ? status{} : status{errc::out_of_range, "broadcast: root " + std::to_string(root) + " outside a group of 1"};
   }
@@ -88,7 +101,12 @@ class thread_group {
     [[nodiscard]] int size() const override { return g_->n_; }
     status all_reduce(float* d, std::size_t n, reduce_op op) override { return g_->reduce(r_, d, n, op, "all_reduce"); }
     status all_reduce(double* d, std::size_t n, reduce_op op) override { return g_->reduce(r_, d, n, op, "all_reduce"); }
+    status all_reduce(bfloat16* d, std::size_t n, reduce_op op) override { return g_->reduce(r_, d, n, op, "all_reduce"); }
+    status all_reduce(half* d, std::size_t n, reduce_op op) override { return g_->reduce(r_, d, n, op, "all_reduce"); }
     status all_reduce_host(std::int64_t* d, std::size_t n, reduce_op op) override {
+      return g_->reduce(r_, d, n, op, "all_reduce_host");
+    }
+    status all_reduce_host(double* d, std::size_t n, reduce_op op) override {
       return g_->reduce(r_, d, n, op, "all_reduce_host");
     }
     status broadcast_host(void* d, std::size_t n, int root) override { return g_->broadcast(r_, d, n, root); }
@@ -134,17 +152,23 @@ class thread_group {
     return {};
   }
 
-  // Element-wise reduction in rank order into every rank's buffer.
+  // Element-wise reduction in rank order into every rank's buffer (16-bit types in float, rounded once).
   template <class V>
   status reduce(int rank, V* data, std::size_t n, reduce_op op, const char* what) {
+    using A = std::conditional_t<std::is_same_v<V, bfloat16> || std::is_same_v<V, half>, float, V>;
     return rendezvous(rank, data, n, sizeof(V), what, [&]() -> status {
       if (n == 0) return {};
-      std::vector<V> acc(static_cast<const V*>(slots_[0].data), static_cast<const V*>(slots_[0].data) + n);
+      std::vector<A> acc(n);
+      for (std::size_t i = 0; i < n; ++i) acc[i] = static_cast<A>(static_cast<const V*>(slots_[0].data)[i]);
       for (std::size_t r = 1; r < slots_.size(); ++r) {
         const V* x = static_cast<const V*>(slots_[r].data);
-        for (std::size_t i = 0; i < n; ++i) acc[i] = op == reduce_op::sum ? acc[i] + x[i] : std::max(acc[i], x[i]);
+        for (std::size_t i = 0; i < n; ++i) {
+          const A v = static_cast<A>(x[i]);
+          acc[i] = op == reduce_op::sum ? acc[i] + v : std::max(acc[i], v);
+        }
       }
-      for (auto& s : slots_) std::copy(acc.begin(), acc.end(), static_cast<V*>(s.data));
+      for (auto& s : slots_)
+        for (std::size_t i = 0; i < n; ++i) static_cast<V*>(s.data)[i] = static_cast<V>(acc[i]);
       return {};
     });
   }

@@ -15,6 +15,9 @@
 // stream_key(seed, epoch); the state (epoch, cursor) with the seed reproduces the stream exactly, so a
 // resumed run sees the same batches. Batches are prepared on a background thread (prefetch) so a trainer
 // never waits on the host; the state reported is that of the batches handed out, not of those prepared.
+// Data parallel: with ranks = R, a step's global batch is the next batch x R windows of the order and
+// rank r gets rows [r * batch, (r + 1) * batch) of it. The state counts global windows, so a run resumes
+// on any rank count whose batch x ranks is the same, with the same global batches.
 
 #include <algorithm>
 #include <condition_variable>
@@ -46,6 +49,7 @@ struct text_loader_options {
   std::int32_t ignore_index = -100;
   bool prefetch = true;
   std::size_t prefetch_depth = 2;
+  std::int64_t rank = 0, ranks = 1;  // data parallel: this rank's share of a global batch of batch x ranks
 };
 
 struct loader_state {
@@ -74,6 +78,9 @@ class text_loader {
     stop();
     if (opt.batch <= 0 || opt.seq <= 0 || opt.teacher_seq < 0)
       return {errc::invalid_argument, "text_loader: batch and seq must be positive"};
+    if (opt.ranks < 1 || opt.rank < 0 || opt.rank >= opt.ranks)
+      return {errc::invalid_argument, "text_loader: rank " + std::to_string(opt.rank) + " outside a group of " +
+                                          std::to_string(opt.ranks)};
     if (teacher.ids.size() != teacher.begin.size() || teacher.ids.size() != teacher.end.size() ||
         student.ids.size() != student.begin.size() || student.ids.size() != student.end.size())
       return {errc::shape_mismatch, "text_loader: ids and offsets of a stream differ in length"};
@@ -82,15 +89,18 @@ class text_loader {
     opt_ = opt;
     if (opt_.teacher_seq == 0) opt_.teacher_seq = opt.seq + opt.seq / 2;
     windows_ = student.ids.empty() ? 0 : (student.ids.size() - 1) / static_cast<std::size_t>(opt.seq);
-    if (windows_ < static_cast<std::size_t>(opt.batch))
+    if (windows_ < static_cast<std::size_t>(opt.batch * opt.ranks))
       return {errc::empty_input, "text_loader: " + std::to_string(windows_) + " windows of " +
                                      std::to_string(opt.seq) + " student tokens, fewer than one batch of " +
-                                     std::to_string(opt.batch)};
+                                     std::to_string(opt.batch * opt.ranks)};
     return restore(start);
   }
 
   [[nodiscard]] std::size_t windows() const { return windows_; }
-  [[nodiscard]] std::uint64_t batches_per_epoch() const { return windows_ / static_cast<std::size_t>(opt_.batch); }
+  // Global batches (batch x ranks windows) per epoch.
+  [[nodiscard]] std::uint64_t batches_per_epoch() const {
+    return windows_ / static_cast<std::size_t>(opt_.batch * opt_.ranks);
+  }
   // State of the batches handed out so far: save it with the checkpoint.
   [[nodiscard]] loader_state state() const { return consumed_; }
 
@@ -175,12 +185,13 @@ class text_loader {
     b.aligned_student.clear();
     b.aligned_teacher.clear();
     b.windows.clear();
-    const std::size_t usable = batches_per_epoch() * static_cast<std::size_t>(B);  // the remainder is dropped
-    for (std::int64_t row = 0; row < B; ++row) {
+    const std::size_t usable = batches_per_epoch() * static_cast<std::size_t>(B * opt_.ranks);  // the remainder is dropped
+    for (std::int64_t g = 0; g < B * opt_.ranks; ++g) {  // the global batch's rows; this rank fills its own
       if (st.cursor >= usable) st = {st.epoch + 1, 0};
       const std::size_t w = order(st.epoch)[st.cursor++];
+      if (g / B != opt_.rank) continue;
       b.windows.push_back(w);
-      fill_row(w, static_cast<std::size_t>(row), b);
+      fill_row(w, static_cast<std::size_t>(g % B), b);
     }
     if (st.cursor >= usable) st = {st.epoch + 1, 0};
     b.after = st;

@@ -23,6 +23,9 @@
 //  - Loss values land in backend slots (device floats on the GPU). They are read by flush(), once per
 //    logged step: the only host synchronisation. flush() combines each buffered step's values through
 //    the objective, which names a NaN/Inf component and its step.
+// Data parallel (step_options::comm): each rank steps on its own rows with a replica of both models; the
+// step's token counts, the gradients (student and side arena) and the logged losses are summed over the
+// group, so every rank applies the update of the global batch (to float rounding of the sums' order).
 // The routing term ("route"): a linear head on a middle student layer predicts, for every aligned token,
 // the teacher's router distribution over experts at a middle MoE layer (forward KL at T = 1). It teaches
 // the dense student which expert the teacher would use for each token; weight 0 turns it off.
@@ -40,6 +43,7 @@
 #include <utility>
 #include <vector>
 
+#include <kd/core/comm.hpp>
 #include <kd/core/rng.hpp>
 #include <kd/core/status.hpp>
 #include <kd/loss/cross_entropy.hpp>
@@ -87,6 +91,10 @@ struct step_options {
   std::int32_t ignore_index = default_ignore_index;
   index_t vocab = 0;                          // real tokens of the model's own head (0 = every row)
   std::int64_t window = 1;                    // steps whose losses are buffered between two flush() calls
+  // Data parallel (distill_step): this rank's handle on the group, or null for one process. Each rank
+  // steps on its own rows; the token counts, the gradients and the logged losses are summed over the
+  // group, so every rank takes the update of the whole global batch.
+  communicator* comm = nullptr;
 };
 
 struct distill_options : step_options {
@@ -266,6 +274,10 @@ class teacher_step {
   // at coefficient 1).
   status init(Model& m, const objective& obj, const step_options& o, const adamw_options& opt) {
     KD_TRY(obj.validate());
+    if (o.comm != nullptr)
+      return {errc::invalid_argument, "teacher_step: data-parallel teacher training is not supported (the Switch "
+                                      "load-balance loss would need the group's expert statistics); train the "
+                                      "teacher on one rank"};
     m_ = &m;
     obj_ = &obj;
     o_ = o;
@@ -534,10 +546,22 @@ class distill_step {
         seen[static_cast<std::size_t>(r)] = 1;
       }
     }
+    if (o_.comm != nullptr) {  // data parallel: every rank divides by the whole group's counts
+      std::int64_t counts[2] = {lm_tokens, aligned};
+      KD_TRY(o_.comm->all_reduce_host(counts, 2, reduce_op::sum));
+      lm_tokens = static_cast<index_t>(counts[0]);
+      aligned = static_cast<index_t>(counts[1]);
+    }
     if (t_ != nullptr && side_.size() > 0) KD_TRY(b.fill_zero(side_.grads.data(), side_.size()));
     for (std::size_t m = 0; m < M; ++m)
       KD_TRY(micro_step(micro[m], step_no, (w * M + m), std::max<index_t>(1, lm_tokens), std::max<index_t>(1, aligned),
                         m == 0 ? model::grad_mode::overwrite : model::grad_mode::accumulate));
+    if (o_.comm != nullptr)  // the gradients of the global batch on every rank (the same update everywhere)
+      KD_TRY(detail::timed(b, "all_reduce", [&]() -> status {
+        KD_TRY(o_.comm->all_reduce(s_->grads(), s_->table().size(), reduce_op::sum));
+        if (t_ != nullptr && side_.size() > 0) KD_TRY(o_.comm->all_reduce(side_.grads.data(), side_.size(), reduce_op::sum));
+        return {};
+      }));
     KD_TRY(detail::timed(b, "adamw", [&] { return opt_.step(b, s_->params(), s_->grads(), s_->table().size()); }));
     if (t_ != nullptr && side_.size() > 0)
       KD_TRY(detail::timed(b, "adamw (side)", [&] { return side_opt_.step(b, side_.params.data(), side_.grads.data(), side_.size()); }));
@@ -550,8 +574,11 @@ class distill_step {
     out.clear();
     if (pending_.empty()) return {};
     std::vector<double> v;
+    if (o_.comm != nullptr) KD_TRY(o_.comm->sync());  // a peer that died mid-collective: an error, not a hang
     KD_TRY(slots_.read(s_->backend(), v));
-    // Every micro-batch's value is already divided by the step's token count: they add up.
+    // Every micro-batch's value is already divided by the step's token count: they add up, over the
+    // micro-batches and over the ranks of a data-parallel group.
+    if (o_.comm != nullptr) KD_TRY(o_.comm->all_reduce_host(v.data(), v.size(), reduce_op::sum));
     const std::size_t C = chunks_, M = micro_, per_loss = C + 2, L = slots_.loss_count();
     for (std::size_t w = 0; w < pending_.size(); ++w) {
       step_record rec;
