@@ -51,6 +51,14 @@ class communicator {
   virtual status broadcast_host(void* data, std::size_t n, int root) = 0;
   // Returns once every rank has arrived (or the group has failed).
   virtual status barrier() = 0;
+  // An all-reduce that may overlap with later work: device communicators start it on a side stream after
+  // everything the stream holds so far and return; the buffer must not be touched until all_reduce_end(),
+  // which orders every started reduction before the stream's later work. Host communicators finish it at
+  // once (as all_reduce).
+  virtual status all_reduce_begin(float* data, std::size_t n, reduce_op op) { return all_reduce(data, n, op); }
+  virtual status all_reduce_begin(bfloat16* data, std::size_t n, reduce_op op) { return all_reduce(data, n, op); }
+  virtual status all_reduce_begin(half* data, std::size_t n, reduce_op op) { return all_reduce(data, n, op); }
+  virtual status all_reduce_end() { return {}; }
   // Waits for the collectives this rank has enqueued (device communicators run them in stream order),
   // failing after the group's timeout: call it before a blocking copy that follows collectives. Host
   // communicators finish each collective before returning: nothing to wait for.

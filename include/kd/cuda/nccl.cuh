@@ -1,7 +1,9 @@
 // kd/cuda/nccl.cuh: kd::communicator over NCCL, one process (rank) per GPU.
 //
 // nccl_communicator's collectives act on device memory in the order of a kd::cuda::context's stream
-// (all_reduce: enqueued, no host wait); the host ones (token counts, logged losses, flags, broadcast of
+// (all_reduce: enqueued, no host wait). NCCL runs on a side stream of the communicator's own, after an
+// event of the context's stream: all_reduce makes the stream wait for it at once, all_reduce_begin only
+// at all_reduce_end, so gradient buckets reduce while the backward goes on. The host ones (token counts, logged losses, flags, broadcast of
 // bytes) stage through a small device buffer and wait. Every wait polls the stream and NCCL's
 // asynchronous error state (a non-blocking communicator: NCCL's own error handling) and gives up after
 // the group's timeout: the communicator is then aborted and the call fails with a message naming this
@@ -93,6 +95,9 @@ class nccl_communicator final : public communicator {
     }
     if (staging_ != nullptr) cudaFree(staging_);
     if (done_ != nullptr) cudaEventDestroy(done_);
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
+    if (reduced_ != nullptr) cudaEventDestroy(reduced_);
+    if (side_ != nullptr) cudaStreamDestroy(side_);
   }
 
   // Joins rank `rank` of `ranks` on the current device, ordered on ctx's stream.
@@ -102,6 +107,9 @@ class nccl_communicator final : public communicator {
       return {errc::invalid_argument, "nccl_communicator: rank " + std::to_string(rank) + " outside a group of " + std::to_string(ranks)};
     std::unique_ptr<nccl_communicator> c(new nccl_communicator(ctx, rank, ranks, timeout));
     KD_CUDA_TRY(cudaEventCreateWithFlags(&c->done_, cudaEventDisableTiming), "nccl_communicator: cudaEventCreate");
+    KD_CUDA_TRY(cudaEventCreateWithFlags(&c->ready_, cudaEventDisableTiming), "nccl_communicator: cudaEventCreate");
+    KD_CUDA_TRY(cudaEventCreateWithFlags(&c->reduced_, cudaEventDisableTiming), "nccl_communicator: cudaEventCreate");
+    KD_CUDA_TRY(cudaStreamCreateWithFlags(&c->side_, cudaStreamNonBlocking), "nccl_communicator: cudaStreamCreate");
     KD_CUDA_TRY(cudaMalloc(&c->staging_, kStaging), "nccl_communicator: cudaMalloc (staging)");
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;  // every NCCL call returns; waits below poll with a timeout
@@ -113,10 +121,20 @@ class nccl_communicator final : public communicator {
 
   [[nodiscard]] int rank() const override { return rank_; }
   [[nodiscard]] int size() const override { return ranks_; }
-  status all_reduce(float* d, std::size_t n, reduce_op op) override { return enqueue(d, n, op); }
-  status all_reduce(double* d, std::size_t n, reduce_op op) override { return enqueue(d, n, op); }
-  status all_reduce(bfloat16* d, std::size_t n, reduce_op op) override { return enqueue(d, n, op); }
-  status all_reduce(half* d, std::size_t n, reduce_op op) override { return enqueue(d, n, op); }
+  status all_reduce(float* d, std::size_t n, reduce_op op) override { return reduce_now(d, n, op); }
+  status all_reduce(double* d, std::size_t n, reduce_op op) override { return reduce_now(d, n, op); }
+  status all_reduce(bfloat16* d, std::size_t n, reduce_op op) override { return reduce_now(d, n, op); }
+  status all_reduce(half* d, std::size_t n, reduce_op op) override { return reduce_now(d, n, op); }
+  status all_reduce_begin(float* d, std::size_t n, reduce_op op) override { return enqueue(d, n, op); }
+  status all_reduce_begin(bfloat16* d, std::size_t n, reduce_op op) override { return enqueue(d, n, op); }
+  status all_reduce_begin(half* d, std::size_t n, reduce_op op) override { return enqueue(d, n, op); }
+  // The context's stream waits for every reduction started so far.
+  status all_reduce_end() override {
+    KD_TRY(live("all_reduce_end"));
+    KD_CUDA_TRY(cudaEventRecord(reduced_, side_), "nccl_communicator: cudaEventRecord");
+    KD_CUDA_TRY(cudaStreamWaitEvent(ctx_->stream(), reduced_, 0), "nccl_communicator: cudaStreamWaitEvent");
+    return {};
+  }
   status all_reduce_host(std::int64_t* d, std::size_t n, reduce_op op) override { return host_reduce(d, n, op); }
   status all_reduce_host(double* d, std::size_t n, reduce_op op) override { return host_reduce(d, n, op); }
   status broadcast_host(void* data, std::size_t n, int root) override {
@@ -126,8 +144,10 @@ class nccl_communicator final : public communicator {
       KD_TRY(live("broadcast_host"));
       auto* bytes = static_cast<unsigned char*>(data) + at;
       KD_CUDA_TRY(cudaMemcpyAsync(staging_, bytes, part, cudaMemcpyHostToDevice, ctx_->stream()), "broadcast_host: cudaMemcpyAsync");
-      KD_TRY(detail::nccl_status(ncclBroadcast(staging_, staging_, part, ncclUint8, root, comm_, ctx_->stream()), "ncclBroadcast", rank_));
+      KD_TRY(after_stream());
+      KD_TRY(detail::nccl_status(ncclBroadcast(staging_, staging_, part, ncclUint8, root, comm_, side_), "ncclBroadcast", rank_));
       KD_TRY(settle("ncclBroadcast"));
+      KD_TRY(all_reduce_end());
       KD_CUDA_TRY(cudaMemcpyAsync(bytes, staging_, part, cudaMemcpyDeviceToHost, ctx_->stream()), "broadcast_host: cudaMemcpyAsync");
       KD_TRY(sync());
     }
@@ -139,7 +159,7 @@ class nccl_communicator final : public communicator {
   }
   // Waits for everything enqueued on the stream so far, within the timeout.
   status sync() override {
-    KD_TRY(live("sync"));
+    KD_TRY(all_reduce_end());  // the side stream's reductions too
     KD_CUDA_TRY(cudaEventRecord(done_, ctx_->stream()), "nccl_communicator: cudaEventRecord");
     const auto until = std::chrono::steady_clock::now() + timeout_;
     for (;;) {
@@ -196,14 +216,26 @@ class nccl_communicator final : public communicator {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
   }
+  // The side stream waits for what the context's stream holds so far.
+  status after_stream() {
+    KD_CUDA_TRY(cudaEventRecord(ready_, ctx_->stream()), "nccl_communicator: cudaEventRecord");
+    KD_CUDA_TRY(cudaStreamWaitEvent(side_, ready_, 0), "nccl_communicator: cudaStreamWaitEvent");
+    return {};
+  }
+  // Every NCCL call of this communicator goes to the one side stream: they run in the order issued.
   template <class T>
   status enqueue(T* d, std::size_t n, reduce_op op) {
     KD_TRY(live("all_reduce"));
     if (n == 0) return {};
-    KD_TRY(detail::nccl_status(ncclAllReduce(d, d, n, detail::nccl_type<T>(), op == reduce_op::sum ? ncclSum : ncclMax, comm_,
-                                             ctx_->stream()),
+    KD_TRY(after_stream());
+    KD_TRY(detail::nccl_status(ncclAllReduce(d, d, n, detail::nccl_type<T>(), op == reduce_op::sum ? ncclSum : ncclMax, comm_, side_),
                                "ncclAllReduce", rank_));
     return settle("ncclAllReduce");
+  }
+  template <class T>
+  status reduce_now(T* d, std::size_t n, reduce_op op) {
+    KD_TRY(enqueue(d, n, op));
+    return all_reduce_end();
   }
   template <class T>
   status host_reduce(T* d, std::size_t n, reduce_op op) {
@@ -213,7 +245,7 @@ class nccl_communicator final : public communicator {
       KD_TRY(live("all_reduce_host"));
       T* dev = static_cast<T*>(staging_);
       KD_CUDA_TRY(cudaMemcpyAsync(dev, d + at, part * sizeof(T), cudaMemcpyHostToDevice, ctx_->stream()), "all_reduce_host: cudaMemcpyAsync");
-      KD_TRY(enqueue(dev, part, op));
+      KD_TRY(reduce_now(dev, part, op));
       KD_CUDA_TRY(cudaMemcpyAsync(d + at, dev, part * sizeof(T), cudaMemcpyDeviceToHost, ctx_->stream()), "all_reduce_host: cudaMemcpyAsync");
       KD_TRY(sync());
     }
@@ -225,7 +257,8 @@ class nccl_communicator final : public communicator {
   std::chrono::milliseconds timeout_;
   ncclComm_t comm_ = nullptr;
   void* staging_ = nullptr;
-  cudaEvent_t done_ = nullptr;
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t done_ = nullptr, ready_ = nullptr, reduced_ = nullptr;
   bool failed_ = false;
 };
 

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <utility>
@@ -65,6 +66,10 @@ struct backward_inputs {
   std::vector<std::pair<std::int64_t, const T*>> d_hidden;         // layer l -> [tokens, hidden] w.r.t. hidden(l)
   std::vector<std::pair<std::int64_t, const T*>> d_attention;      // layer l -> [batch, heads, seq, seq]
   std::vector<std::pair<std::int64_t, const T*>> d_router_logits;  // layer l -> [tokens, experts]
+  // Called after layer l's backward (l from the last layer down): its parameters' gradients (and those of
+  // every later layer and the final norm) are then final, so a data-parallel step can start reducing them
+  // while the earlier layers run (kd::train::distill_step's gradient buckets).
+  std::function<status(std::int64_t)> on_layer_done;
 };
 
 // How backward() writes the gradient arena.
@@ -249,6 +254,7 @@ class transformer {
     KD_TRY(add_hidden_grad(g, arch_.num_layers() - 1));
     for (std::int64_t l = arch_.num_layers() - 1; l >= 0; --l) {
       KD_TRY(layer_backward(l, g, acc));
+      if (g.on_layer_done) KD_TRY(g.on_layer_done(l));
       KD_TRY(add_hidden_grad(g, l - 1));
     }
     // The embedding's gradient is a scatter-add; a tied table already holds the head's gradient.

@@ -95,6 +95,9 @@ struct step_options {
   // steps on its own rows; the token counts, the gradients and the logged losses are summed over the
   // group, so every rank takes the update of the whole global batch.
   communicator* comm = nullptr;
+  // Data parallel: gradients are reduced in buckets of at least this many elements, each started as soon
+  // as the backward has finished its layers (on NCCL, on a side stream while the earlier layers run).
+  std::size_t bucket_elements = std::size_t{1} << 22;
 };
 
 struct distill_options : step_options {
@@ -171,6 +174,40 @@ struct expert_tally {
     }
     for (auto& c : counts) std::fill(c.begin(), c.end(), 0.0);
     return out;
+  }
+};
+
+// Data-parallel gradient buckets over a model's arena, which holds [embedding | layer 0 | ... | layer L-1 |
+// final norm | head if untied]. The backward finishes the final norm first, then the layers from the last
+// down: after layer l, [layer l, final norm] is final. Each bucket is a contiguous range started once it
+// holds bucket_elements; finish() starts the rest (embedding, earliest layers, the head after its gradient
+// was added). Every element is reduced exactly once, as by one all-reduce of the whole arena.
+struct grad_buckets {
+  std::size_t hi = 0, bucket = 0;
+  void start(const model::parameter_table& t, std::size_t bucket_elements) {
+    hi = t.final_norm() + static_cast<std::size_t>(t.arch().hidden);
+    bucket = std::max<std::size_t>(bucket_elements, 1);
+  }
+  template <class T>
+  static status begin(communicator& c, T* g, std::size_t n) {
+    if constexpr (std::is_same_v<T, double>) return c.all_reduce(g, n, reduce_op::sum);
+    else return c.all_reduce_begin(g, n, reduce_op::sum);
+  }
+  template <class T>
+  status layer_done(communicator& c, T* g, const model::parameter_table& t, std::int64_t l) {
+    const std::size_t lo = t.layer(l).input_norm;
+    if (hi - lo < bucket) return {};
+    KD_TRY(begin(c, g + lo, hi - lo));
+    hi = lo;
+    return {};
+  }
+  template <class T>
+  status finish(communicator& c, T* g, const model::parameter_table& t) {
+    if (hi > 0) KD_TRY(begin(c, g, hi));
+    const std::size_t tail = t.final_norm() + static_cast<std::size_t>(t.arch().hidden);
+    if (t.size() > tail) KD_TRY(begin(c, g + tail, t.size() - tail));
+    hi = 0;
+    return {};
   }
 };
 
@@ -553,14 +590,15 @@ class distill_step {
       aligned = static_cast<index_t>(counts[1]);
     }
     if (t_ != nullptr && side_.size() > 0) KD_TRY(b.fill_zero(side_.grads.data(), side_.size()));
+    if (o_.comm != nullptr) buckets_.start(s_->table(), o_.bucket_elements);
     for (std::size_t m = 0; m < M; ++m)
       KD_TRY(micro_step(micro[m], step_no, (w * M + m), std::max<index_t>(1, lm_tokens), std::max<index_t>(1, aligned),
-                        m == 0 ? model::grad_mode::overwrite : model::grad_mode::accumulate));
+                        m == 0 ? model::grad_mode::overwrite : model::grad_mode::accumulate, m + 1 == M));
     if (o_.comm != nullptr)  // the gradients of the global batch on every rank (the same update everywhere)
       KD_TRY(detail::timed(b, "all_reduce", [&]() -> status {
-        KD_TRY(o_.comm->all_reduce(s_->grads(), s_->table().size(), reduce_op::sum));
+        KD_TRY(buckets_.finish(*o_.comm, s_->grads(), s_->table()));
         if (t_ != nullptr && side_.size() > 0) KD_TRY(o_.comm->all_reduce(side_.grads.data(), side_.size(), reduce_op::sum));
-        return {};
+        return o_.comm->all_reduce_end();
       }));
     KD_TRY(detail::timed(b, "adamw", [&] { return opt_.step(b, s_->params(), s_->grads(), s_->table().size()); }));
     if (t_ != nullptr && side_.size() > 0)
@@ -612,7 +650,7 @@ class distill_step {
  private:
   // One micro-batch: forward passes, losses into slot group `g`, backward into the gradient arenas.
   status micro_step(const text_batch& tb, std::int64_t step_no, std::size_t g, index_t lm_tokens, index_t aligned,
-                    model::grad_mode mode) {
+                    model::grad_mode mode, bool last) {
     B& b = s_->backend();
     const auto& sa = s_->arch();
     const auto n = static_cast<index_t>(tb.batch * tb.seq);
@@ -734,7 +772,10 @@ class distill_step {
     }
 
     // 3. Backward through the student (the first micro-batch overwrites the gradient arena, the others
-    // add to it), then the head's gradient added.
+    // add to it), then the head's gradient added. Data parallel: the last micro-batch's backward starts
+    // the gradient buckets of the layers it has finished.
+    if (o_.comm != nullptr && last)
+      gin.on_layer_done = [this](std::int64_t l) { return buckets_.layer_done(*o_.comm, s_->grads(), s_->table(), l); };
     KD_TRY(s_->backward(gin, mode));
     return b.add(s_->grads() + s_->table().head(), hb_.dw.data(), hb_.dw.size());
   }
@@ -761,6 +802,7 @@ class distill_step {
   typename B::template buffer<std::int32_t> labels_, gather_, mask_;
   std::vector<std::int64_t> pending_;
   std::size_t chunks_ = 0, micro_ = 1;
+  detail::grad_buckets buckets_;
 };
 
 // ---------------------------------------------------------------------------------------------------
