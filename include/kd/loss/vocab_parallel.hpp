@@ -72,6 +72,44 @@ inline index_t local_real(const vocab_slice& s, index_t cols, index_t real_vocab
   return std::clamp<index_t>(real - s.offset, 0, cols);
 }
 
+// This rank's checks of a vocab_parallel_kd call (both backends; device labels are checked by the kernels).
+template <class Loss, class TT, class ST, class GT>
+status validate_vocab_parallel_kd(const Loss& loss, const vocab_slice& slice, const matrix_view<TT>& teacher,
+                                  const matrix_view<ST>& student, std::span<const std::int32_t> labels, bool labels_on_host,
+                                  const matrix_view<GT>& dstudent, bool want_grad) {
+  const auto& o = loss.options;
+  if (o.map != nullptr)
+    return {errc::invalid_argument, "vocab_parallel_kd: a vocab_map cannot be split by columns; map the teacher first"};
+  KD_TRY(validate_slice(slice, student.cols, o.vocab, "vocab_parallel_kd"));
+  // The shared checks of logit_kd, on this slice (the label range is the full vocabulary's: below).
+  auto whole = loss;
+  whole.options.vocab = 0;
+  whole.options.map = nullptr;
+  logit_kd_plan plan;
+  KD_TRY(validate_logit_kd(whole, teacher, student, std::span<const std::int32_t>{}, true, dstudent, want_grad, plan));
+  if (!labels.empty()) {
+    token_options named = o;
+    named.component = component_or(o, "kd");
+    KD_TRY(check_labels(labels, student.rows, o.vocab > 0 ? o.vocab : slice.vocab, named, labels_on_host));
+    KD_TRY(check_token_options(named, labels_on_host ? count_active(labels, student.rows, o.ignore_index) : 0));
+  }
+  return {};
+}
+
+// Same for vocab_parallel_cross_entropy.
+template <class Loss, class ST, class GT>
+status validate_vocab_parallel_ce(const Loss& loss, const vocab_slice& slice, const matrix_view<ST>& logits,
+                                  std::span<const std::int32_t> labels, bool labels_on_host, const matrix_view<GT>& dlogits,
+                                  bool want_grad) {
+  const auto& o = loss.options;
+  KD_TRY(validate_slice(slice, logits.cols, o.vocab, "vocab_parallel_cross_entropy"));
+  KD_TRY(validate_cross_entropy_shapes(loss, logits, labels, dlogits, want_grad));
+  token_options named = o;
+  named.component = component_or(o, "lm");
+  KD_TRY(check_labels(labels, logits.rows, o.vocab > 0 ? o.vocab : slice.vocab, named, labels_on_host));
+  return check_token_options(named, labels_on_host ? count_active(labels, logits.rows, o.ignore_index) : 0);
+}
+
 }  // namespace detail
 
 // Vocabulary-parallel logit KD (CPU reference): `loss` is a kd::logit_kd (its options without a map);
@@ -88,25 +126,7 @@ status vocab_parallel_kd(const cpu_backend&, const Loss& loss, communicator& com
   const auto teacher = as_const(teacher_in);
   const auto student = as_const(student_in);
   // Local validation, then one agreement across the ranks.
-  status local = [&]() -> status {
-    if (o.map != nullptr)
-      return {errc::invalid_argument, "vocab_parallel_kd: a vocab_map cannot be split by columns; map the teacher first"};
-    KD_TRY(detail::validate_slice(slice, student.cols, o.vocab, "vocab_parallel_kd"));
-    // The shared checks of logit_kd, on this slice (the label range is the full vocabulary's: below).
-    auto whole = loss;
-    whole.options.vocab = 0;
-    whole.options.map = nullptr;
-    detail::logit_kd_plan plan;
-    std::span<const std::int32_t> no_labels;
-    KD_TRY(detail::validate_logit_kd(whole, teacher, student, no_labels, true, dstudent, want_grad, plan));
-    if (!labels.empty()) {
-      token_options named = o;
-      named.component = comp;
-      KD_TRY(detail::check_labels(labels, student.rows, o.vocab > 0 ? o.vocab : slice.vocab, named, true));
-      KD_TRY(detail::check_token_options(named, detail::count_active(labels, student.rows, o.ignore_index)));
-    }
-    return {};
-  }();
+  const status local = detail::validate_vocab_parallel_kd(loss, slice, teacher, student, labels, true, dstudent, want_grad);
   KD_TRY(detail::with_component(detail::agree_on_call(comm, local, "vocab_parallel_kd"), comp));
 
   const index_t n = student.rows, cols = student.cols, kr = detail::local_real(slice, cols, o.vocab);
@@ -204,14 +224,7 @@ status vocab_parallel_cross_entropy(const cpu_backend&, const Loss& loss, commun
   const auto& o = loss.options;
   const auto comp = detail::component_or(o, "lm");
   const auto logits = as_const(logits_in);
-  status local = [&]() -> status {
-    KD_TRY(detail::validate_slice(slice, logits.cols, o.vocab, "vocab_parallel_cross_entropy"));
-    KD_TRY(detail::validate_cross_entropy_shapes(loss, logits, labels, dlogits, want_grad));
-    token_options named = o;
-    named.component = comp;
-    KD_TRY(detail::check_labels(labels, logits.rows, o.vocab > 0 ? o.vocab : slice.vocab, named, true));
-    return detail::check_token_options(named, detail::count_active(labels, logits.rows, o.ignore_index));
-  }();
+  const status local = detail::validate_vocab_parallel_ce(loss, slice, logits, labels, true, dlogits, want_grad);
   KD_TRY(detail::with_component(detail::agree_on_call(comm, local, "vocab_parallel_cross_entropy"), comp));
 
   const index_t n = logits.rows, cols = logits.cols, kr = detail::local_real(slice, cols, o.vocab);
