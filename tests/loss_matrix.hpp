@@ -521,6 +521,27 @@ verdict run_logit_typed(const logit_case& c, Exec& exec) {
 }
 
 // Everything one linear_logit_kd call sees (hidden [N x d], LM head [V x d], teacher logits [N x Vt]).
+// The largest student probability softmax(logits / T) over the support, on the rows that take part.
+template <class Options>
+double student_qmax(const logit_case& c, const std::vector<double>& logits, index_t cols, const std::vector<std::int32_t>& labels,
+                    const Options& o) {
+  std::vector<index_t> support;
+  if (o.map != nullptr) {
+    for (auto j : o.map->student_support()) support.push_back(j);
+  } else {
+    for (index_t j = 0; j < (o.vocab > 0 ? o.vocab : cols); ++j) support.push_back(j);
+  }
+  double qmax = 0;
+  for (index_t r = 0; r < c.n; ++r) {
+    if (!labels.empty() && labels[static_cast<std::size_t>(r)] == o.ignore_index) continue;
+    double m = -std::numeric_limits<double>::infinity(), z = 0;
+    for (auto j : support) m = std::max(m, logits[static_cast<std::size_t>(r * cols + j)] / c.temperature);
+    for (auto j : support) z += std::exp(logits[static_cast<std::size_t>(r * cols + j)] / c.temperature - m);
+    qmax = std::max(qmax, 1.0 / z);  // the largest entry is exp(0) / z
+  }
+  return qmax;
+}
+
 template <class T>
 struct linear_io {
   std::vector<T> hidden, weight, teacher, dhidden, dweight;
@@ -629,10 +650,28 @@ verdict run_linear_typed(const logit_case& c, Exec& exec) {
              .ok())
       return {false, c.name() + ": the fp64 logit reference failed"};
   }
-  const double dh_scale = max_abs(product_abt(dlogits, transpose(to_doubles(io.weight), io.w_rows, c.hidden), c.n,
-                                              c.hidden, io.w_rows, true));
-  const double dw_scale = max_abs(product_abt(transpose(dlogits, c.n, io.w_rows), transpose(to_doubles(io.hidden), c.n, c.hidden),
-                                              io.w_rows, c.hidden, c.n, true));
+  double dh_scale = max_abs(product_abt(dlogits, transpose(to_doubles(io.weight), io.w_rows, c.hidden), c.n,
+                                        c.hidden, io.w_rows, true));
+  double dw_scale = max_abs(product_abt(transpose(dlogits, c.n, io.w_rows), transpose(to_doubles(io.hidden), c.n, c.hidden),
+                                        io.w_rows, c.hidden, c.n, true));
+  // A saturated divergence (jsd or tvd between nearly disjoint, peaked distributions at T < 1) has
+  // gradients far below their natural size grad_scale * T * max q / norm, while float's rounding of q lives
+  // at that size: the products are also compared to a tenth of it, carried through |W| and |h|.
+  {
+    const double qmax = student_qmax(c, logits, io.w_rows, io.labels, loss.options);
+    const double natural = 0.1 * loss.options.grad_scale * c.temperature * qmax / std::max(rr.normalizer, 1.0);
+    const auto w = to_doubles(io.weight), h = to_doubles(io.hidden);
+    double wsum = 0, hsum = 0;
+    for (index_t k = 0; k < c.hidden; ++k) {
+      double a = 0, b = 0;
+      for (index_t j = 0; j < io.w_rows; ++j) a += std::abs(w[static_cast<std::size_t>(j * c.hidden + k)]);
+      for (index_t r = 0; r < c.n; ++r) b += std::abs(h[static_cast<std::size_t>(r * c.hidden + k)]);
+      wsum = std::max(wsum, a);
+      hsum = std::max(hsum, b);
+    }
+    dh_scale = std::max(dh_scale, natural * wsum);
+    dw_scale = std::max(dw_scale, natural * hsum);
+  }
   const double eh = max_rel_error(to_doubles(io.dhidden), dh_ref, dh_scale),
                ew = max_rel_error(to_doubles(io.dweight), dw_ref, dw_scale);
   v.grad_err = (eh == eh && ew == ew) ? std::max(eh, ew) : std::numeric_limits<double>::quiet_NaN();
