@@ -331,9 +331,12 @@ json config_json(const Config& c) {
   return json::parse(s);
 }
 
+// Data-parallel ranks of the run: --ranks (CPU threads) or --gpus (GPU processes), 1 without either.
+std::int64_t world_size(const options& o) { return std::max<std::int64_t>(o.ranks, std::max<std::int64_t>(o.gpus, 1)); }
+
 json run_config_json(const options& o, const preset& p, const std::string& backend) {
   return {{"preset", p.name},       {"backend", backend},        {"seed", o.seed},  {"corpus", o.corpus.empty() ? "default" : o.corpus},
-          {"global_batch", p.batch * std::max<std::int64_t>(o.ranks, std::max<std::int64_t>(o.gpus, 1))}, {"seq", p.seq},              {"steps", p.steps},
+          {"global_batch", p.batch * world_size(o)}, {"seq", p.seq},              {"steps", p.steps},
           {"teacher_steps", p.teacher_steps}, {"corpus_bytes", p.corpus_bytes}, {"eval_every", p.eval_every},
           {"eval_windows", p.eval_windows}, {"ckpt_every", p.ckpt_every}, {"lr", p.lr},
           {"teacher_lr", p.teacher_lr}, {"w_kd", o.w_kd},       {"w_feature", o.w_feature},
@@ -523,8 +526,9 @@ struct trainer {
   // Data parallel: this rank's handle on the group (null: one process). Rank 0 writes the logs, the
   // checkpoints and the final weights; every rank reads a checkpoint to resume.
   kd::communicator* comm = nullptr;
-  std::int64_t rank = 0, ranks = 1;
   bool own_guard = true;  // false: the launching thread holds the process's one interrupt_guard
+  [[nodiscard]] std::int64_t rank() const { return comm != nullptr ? comm->rank() : 0; }
+  [[nodiscard]] std::int64_t ranks() const { return comm != nullptr ? comm->size() : 1; }
 
   fs::path phase_dir(const std::string& phase) const { return fs::path(o.run) / phase; }
 
@@ -535,8 +539,8 @@ struct trainer {
     lo.teacher_seq = p.seq + p.seq / 8;
     lo.seed = o.seed;
     lo.teacher_pad = 0;
-    lo.rank = rank;
-    lo.ranks = ranks;
+    lo.rank = rank();
+    lo.ranks = ranks();
     return lo;
   }
 
@@ -689,7 +693,7 @@ struct trainer {
     std::string found;
     kd::check(kd::find_latest_checkpoint(dir.string(), found));
     kd::check(kd::load_run_checkpoint(found, st));
-    if (rank == 0) std::printf("resumed from %s (step %lld)\n", found.c_str(), static_cast<long long>(s0));
+    if (rank() == 0) std::printf("resumed from %s (step %lld)\n", found.c_str(), static_cast<long long>(s0));
   }
 
   // -- student: distill (teacher != nullptr) or scratch --
@@ -753,7 +757,7 @@ struct trainer {
     }
     if (o.resume && !quiet) resume_from(dir / "ckpt", st, s0);
     kd::check(loader.init(stream_of(d.t_train), stream_of(d.s_train), loader_options(), restored));
-    const bool lead = rank == 0;  // the rank that writes; the others compute the same decisions
+    const bool lead = rank() == 0;  // the rank that writes; the others compute the same decisions
     if (!lead) quiet = true;
     std::ofstream log, evals;
     if (lead) {
@@ -767,7 +771,7 @@ struct trainer {
     progress bar;
     bar.tty = bar.tty && !quiet;
     bar.first = s0;
-    const std::int64_t tokens_per_step = o.accum * p.batch * p.seq * ranks;
+    const std::int64_t tokens_per_step = o.accum * p.batch * p.seq * ranks();
     std::vector<kd::train::text_batch> micro(static_cast<std::size_t>(o.accum));
     if (!quiet)
       std::printf("%s: Llama %lld layers, hidden %lld, %zu parameters, %s; %lld steps of %lld tokens; %s%s\n", phase.c_str(),
@@ -1065,8 +1069,6 @@ phase_result run_thread_ranks(const options& o, const preset& p, text_data& d, c
         B br;
         trainer<B> tr{br, o, p, d, backend};
         tr.comm = &group.member(r);
-        tr.rank = r;
-        tr.ranks = n;
         tr.own_guard = false;
         results[static_cast<std::size_t>(r)] = tr.run_student(distill, phase);
       } catch (const std::exception& e) {
@@ -1094,7 +1096,7 @@ int run_command(B& b, const options& o, const preset& p, const std::string& back
   fs::create_directories(o.run);
   if (rank == 0) {  // the run's identity (a checkpoint's too: the global batch, not the rank count) + the ranks
     json cj = run_config_json(o, p, backend_name);
-    cj["ranks"] = std::max<std::int64_t>(o.ranks, std::max<std::int64_t>(o.gpus, 1));
+    cj["ranks"] = world_size(o);
     cj["batch_per_rank"] = p.batch;
     std::ofstream cfg(fs::path(o.run) / "config.json");
     cfg << cj.dump(2) << '\n';
@@ -1105,11 +1107,7 @@ int run_command(B& b, const options& o, const preset& p, const std::string& back
   if (comm != nullptr) kd::check(comm->barrier());
   if (rank != 0) kd::check(load_data(data, o.corpus, o.run, p.corpus_bytes, d, false));
   trainer<B> tr{b, o, p, d, backend_name};
-  if (comm != nullptr) {
-    tr.comm = comm;
-    tr.rank = rank;
-    tr.ranks = comm->size();
-  }
+  tr.comm = comm;
   json summary = json::object();
   {
     std::ifstream in(fs::path(o.run) / "summary.json");
@@ -1238,30 +1236,18 @@ int launch_gpu_ranks(int argc, char** argv, const options& o) {
   return result;
 }
 
-// One rank of --gpus N: its GPU, the group's NCCL id (rank 0 makes it), the communicator, the command.
-int run_gpu_rank(const options& o, preset& p) {
-  if (cudaSetDevice(static_cast<int>(o.rank)) != cudaSuccess) return usage("--rank " + std::to_string(o.rank) + ": no such CUDA device");
+// One rank of --gpus N joins the group: the NCCL id (rank 0 makes it, the others read it), then the
+// communicator on the rank's context (its GPU already current).
+kd::status join_gpu_group(const options& o, kd::cuda::context& ctx, std::unique_ptr<kd::cuda::nccl_communicator>& comm) {
   ncclUniqueId id;
   if (o.rank == 0) {
-    if (ncclGetUniqueId(&id) != ncclSuccess) kd::check({kd::errc::backend_error, "ncclGetUniqueId failed"});
-    kd::check(kd::cuda::write_nccl_id(o.nccl_id, id));
+    if (ncclGetUniqueId(&id) != ncclSuccess) return {kd::errc::backend_error, "ncclGetUniqueId failed"};
+    KD_TRY(kd::cuda::write_nccl_id(o.nccl_id, id));
   } else {
-    kd::check(kd::cuda::read_nccl_id(o.nccl_id, id, std::chrono::minutes(2)));
+    KD_TRY(kd::cuda::read_nccl_id(o.nccl_id, id, std::chrono::minutes(2)));
   }
-  kd::cuda::context ctx;
-  kd::model::cuda_ops<kd::bfloat16> b(ctx);
-  b.set_deterministic(o.deterministic);
-  std::unique_ptr<kd::cuda::nccl_communicator> comm;
-  kd::check(kd::cuda::nccl_communicator::create(ctx, static_cast<int>(o.rank), static_cast<int>(o.gpus), id,
-                                                std::chrono::minutes(10), comm));
-  p.teacher.dtype = p.student.dtype = kd::model::weight_dtype::bfloat16;
-  cudaDeviceProp prop{};
-  cudaGetDeviceProperties(&prop, static_cast<int>(o.rank));
-  if (o.rank == 0)
-    std::printf("kd_train: %lld data-parallel ranks over NCCL, %s each, CUDA bf16, '%s' preset; global batch %lld x %lld\n",
-                static_cast<long long>(o.gpus), prop.name, p.name.c_str(), static_cast<long long>(o.accum * p.batch * o.gpus),
-                static_cast<long long>(p.seq));
-  return run_command(b, o, p, std::string("cuda bf16 ") + prop.name, comm.get());
+  return kd::cuda::nccl_communicator::create(ctx, static_cast<int>(o.rank), static_cast<int>(o.gpus), id,
+                                             std::chrono::minutes(10), comm);
 }
 #endif
 
@@ -1343,8 +1329,9 @@ int main(int argc, char** argv) {
       return run_command(b, o, p, "cpu float32");
     }
 #if KD_TRAIN_NCCL
-    if (o.gpus > 1 && o.rank < 0) return launch_gpu_ranks(argc, argv, o);
-    if (o.gpus > 1) return run_gpu_rank(o, p);
+    if (o.gpus > 1 && o.rank < 0) return launch_gpu_ranks(argc, argv, o);  // this process starts the ranks
+    if (o.gpus > 1 && cudaSetDevice(static_cast<int>(o.rank)) != cudaSuccess)
+      return usage("--rank " + std::to_string(o.rank) + ": no such CUDA device");
 #else
     if (o.gpus > 1) return usage("--gpus: this kd_train was built without NCCL");
 #endif
@@ -1357,9 +1344,22 @@ int main(int argc, char** argv) {
     int dev = 0;
     cudaGetDevice(&dev);
     cudaGetDeviceProperties(&prop, dev);
-    std::printf("kd_train: %s, CUDA bf16 (fp32 accumulation, fp32 AdamW master weights), '%s' preset\n", prop.name,
-                p.name.c_str());
-    return run_command(b, o, p, std::string("cuda bf16 ") + prop.name);
+    kd::communicator* group = nullptr;  // a rank of --gpus N: its group
+#if KD_TRAIN_NCCL
+    std::unique_ptr<kd::cuda::nccl_communicator> nccl;
+    if (o.gpus > 1) {
+      kd::check(join_gpu_group(o, ctx, nccl));
+      group = nccl.get();
+    }
+#endif
+    if (group == nullptr)
+      std::printf("kd_train: %s, CUDA bf16 (fp32 accumulation, fp32 AdamW master weights), '%s' preset\n", prop.name,
+                  p.name.c_str());
+    else if (group->rank() == 0)
+      std::printf("kd_train: %d data-parallel ranks over NCCL, %s each, CUDA bf16, '%s' preset; global batch %lld x %lld\n",
+                  group->size(), prop.name, p.name.c_str(), static_cast<long long>(o.accum * p.batch * group->size()),
+                  static_cast<long long>(p.seq));
+    return run_command(b, o, p, std::string("cuda bf16 ") + prop.name, group);
 #endif
   } catch (const kd::error& e) {
     std::fprintf(stderr, "kd_train: %s\n", e.what());

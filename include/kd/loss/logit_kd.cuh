@@ -398,9 +398,10 @@ inline status enqueue_logit_kd(const logit_kd_launch& l, cudaStream_t stream) {
 }
 
 // The token divisor (kd::detail::kd_scaling's kind) bound for the kernel: 1, global_tokens, or the
-// labels' count on the device (all rows when there are no labels).
-inline void bind_divisor(const ::kd::detail::kd_scaling& sc, logit_kd_params& p, const long long* count_dev,
-                         long long rows) {
+// labels' count on the device (all rows when there are no labels). Params: any kernel parameter block
+// with divisor_dev and divisor (logit_kd's, the vocabulary-parallel losses').
+template <class Params>
+void bind_divisor(const ::kd::detail::kd_scaling& sc, Params& p, const long long* count_dev, long long rows) {
   using ::kd::detail::divisor_kind;
   p.divisor_dev = nullptr;
   p.divisor = 1.0;

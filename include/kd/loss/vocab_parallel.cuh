@@ -343,10 +343,7 @@ status vocab_parallel_kd(const cuda::backend& be, const Loss& loss, communicator
   KD_TRY(ctx.error_word(p.error));
   long long* count = nullptr;
   KD_TRY(vp_scratch(ctx, p.rows, p, count));
-  using ::kd::detail::divisor_kind;
-  if (sc.divisor == divisor_kind::global_tokens) p.divisor = sc.divisor_for(0);
-  else if (sc.divisor == divisor_kind::active_tokens && p.labels != nullptr) p.divisor_dev = count;
-  else if (sc.divisor == divisor_kind::active_tokens) p.divisor = static_cast<double>(p.rows);
+  bind_divisor(sc, p, p.labels != nullptr ? count : nullptr, p.rows);
   if (p.labels != nullptr) KD_TRY(launch_count_tokens(p.labels, p.rows, p.ignore_index, count, stream));
   const auto grid = static_cast<unsigned>(p.rows);
   vp_max_kernel<TT, ST><<<grid, kVpThreads, 0, stream>>>(p);
