@@ -197,7 +197,7 @@ constexpr const char* kUsage =
     "  --kd-ramp F          the KD weight ramps from 0 over the first fraction F of the steps (default 0.3)\n"
     "  --resume             continue the phase from its latest checkpoint\n"
     "  --deterministic      GPU: bitwise-repeatable runs (attention backward without atomics; slower)\n"
-    "  --gpus N             distill/scratch data parallel over N GPUs (one process each, NCCL); --batch is per GPU\n"
+    "  --gpus N             distill/scratch/bench data parallel over N GPUs (one process each, NCCL); --batch is per GPU\n"
     "  --ranks N            distill/scratch data parallel over N CPU ranks (threads); --batch is per rank\n"
     "  --stop-after N       stop after step N as if killed (checkpoint, exit 75): the resume test\n";
 
@@ -307,8 +307,10 @@ kd::status check_flags(const options& o, const preset& p) {
   if (o.accum < 1 || o.accum > 1024) return bad("--accum must be in [1, 1024]");
   if (o.ranks < 1 || o.ranks > 256) return bad("--ranks must be in [1, 256]");
   if (o.gpus < 0 || o.gpus > 64) return bad("--gpus must be in [0, 64]");
-  if ((o.ranks > 1 || o.gpus > 1) && o.cmd != "distill" && o.cmd != "scratch")
+  if (o.ranks > 1 && o.cmd != "distill" && o.cmd != "scratch")
     return bad("--ranks / --gpus (data parallel) apply to distill and scratch; train the teacher on one rank");
+  if (o.gpus > 1 && o.cmd != "distill" && o.cmd != "scratch" && o.cmd != "bench")
+    return bad("--ranks / --gpus (data parallel) apply to distill and scratch (--gpus also to bench); train the teacher on one rank");
   if (o.ranks > 1 && o.gpus > 1) return bad("--ranks (CPU threads) and --gpus (GPU processes) exclude each other");
   if (o.rank >= 0 && (o.gpus < 2 || o.rank >= o.gpus || o.nccl_id.empty()))
     return bad("--rank and --nccl-id are what the --gpus launcher passes to its ranks");
@@ -929,7 +931,12 @@ int run_grid(trainer<B>& tr, std::int64_t steps) {
 // ../shared/baselines/torch_distill_step.py. Prints ms/step, tokens/s, model FLOP utilisation and peak memory.
 template <class B>
 int run_bench(B& b, const options& o, const std::string& backend_name, std::int64_t steps, double peak_tflops,
-              const std::function<std::int64_t()>& used_bytes, const std::function<void()>& sync) {
+              const std::function<std::int64_t()>& used_bytes, const std::function<void()>& sync,
+              kd::communicator* group = nullptr) {
+  // Data parallel (--gpus N): every rank steps on its own 8 x 1024 tokens with replicas of both models
+  // (same seeds), gradients all-reduced in buckets; rank 0 prints, tokens/s counts the whole group.
+  const int ranks = group != nullptr ? group->size() : 1;
+  const bool lead = group == nullptr || group->rank() == 0;
   using model_t = kd::model::transformer<B>;
   const auto tc = kd::model::seed_teacher();
   const auto sc = kd::model::seed_student();
@@ -940,7 +947,7 @@ int run_bench(B& b, const options& o, const std::string& backend_name, std::int6
   kd::check(s.allocate(true));
   kd::check(s.initialize(sc.initializer_range, o.seed ^ 0x57u));
   // A map like the real one: 42,257 shared strings, injective into the student's 50,257 ids.
-  kd::rng r(o.seed);
+  kd::rng r(o.seed + 7919u * static_cast<std::uint64_t>(group != nullptr ? group->rank() : 0));  // each rank its own tokens
   std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
   for (std::int32_t i = 0; i < 42257; ++i) pairs.emplace_back(i * 3 + 1, i);
   kd::vocab_map map;
@@ -953,6 +960,7 @@ int run_bench(B& b, const options& o, const std::string& backend_name, std::int6
   so.chunk_rows = 2048;
   so.vocab = 50257;
   so.window = kLogEvery;  // as the trainer runs: losses read (one synchronisation) once per logged step
+  so.comm = group;
   kd::adamw_options ao;
   ao.schedule = {.peak = 1e-4, .floor = 1e-5, .warmup_steps = 1, .total_steps = 1000};
   kd::check(step.init(&t, s, &map, obj, so, ao));
@@ -995,15 +1003,20 @@ int run_bench(B& b, const options& o, const std::string& backend_name, std::int6
   const double sp = static_cast<double>(s.table().size());
   const double attn_t = 2.0 * 24 * seq * 16 * 64, attn_s = 6.0 * 30 * seq * 9 * 64;
   const double flops = static_cast<double>(n) * (2.0 * ta + 6.0 * sp + attn_t + attn_s);
-  std::printf("bench (%s): seed geometry %lld x %lld tokens, teacher %zu params frozen, student %zu params, "
-              "LM + KD (T=2, vocab map) + feature, AdamW\n",
-              backend_name.c_str(), static_cast<long long>(batch), static_cast<long long>(seq), t.table().size(),
-              s.table().size());
-  std::printf("kd: %.1f ms/step, %.0f tokens/s, %.1f TFLOP/s model FLOPs (MFU %.1f%% of %.0f), peak %.2f GB in use\n",
-              dt * 1e3, static_cast<double>(n) / dt, flops / dt / 1e12, 100.0 * flops / dt / 1e12 / peak_tflops,
-              peak_tflops, static_cast<double>(peak) / 1e9);
-  for (const auto& [name, v] : recs.back().values) std::printf("  %s %.4f", name.c_str(), v);
-  std::printf("\n");
+  if (lead) {
+    std::printf("bench (%s): seed geometry %lld x %lld tokens%s, teacher %zu params frozen, student %zu params, "
+                "LM + KD (T=2, vocab map) + feature, AdamW\n",
+                backend_name.c_str(), static_cast<long long>(batch), static_cast<long long>(seq),
+                ranks > 1 ? (" per GPU x " + std::to_string(ranks) + " data-parallel ranks (NCCL)").c_str() : "",
+                t.table().size(), s.table().size());
+    std::printf("kd: %.1f ms/step, %.0f tokens/s (%d GPU%s, %.0f per GPU), %.1f TFLOP/s model FLOPs per GPU (MFU %.1f%% of %.0f), "
+                "peak %.2f GB in use\n",
+                dt * 1e3, static_cast<double>(n * ranks) / dt, ranks, ranks > 1 ? "s" : "", static_cast<double>(n) / dt,
+                flops / dt / 1e12, 100.0 * flops / dt / 1e12 / peak_tflops, peak_tflops, static_cast<double>(peak) / 1e9);
+    for (const auto& [name, v] : recs.back().values) std::printf("  %s %.4f", name.c_str(), v);
+    std::printf("\n");
+  }
+  if (ranks > 1) return 0;  // the breakdown and the profile below are the one-GPU step's
   // Where the time goes: the frozen teacher's forward alone, and the student's LM-only step (same batch).
   kd::model::forward_options fo;
   fo.training = false;
@@ -1251,6 +1264,33 @@ kd::status join_gpu_group(const options& o, kd::cuda::context& ctx, std::unique_
 }
 #endif
 
+#if KD_TRAIN_CUDA
+// This process's GPU group: none for one GPU; a rank of --gpus N joins its NCCL group on construction.
+class gpu_group {
+ public:
+  gpu_group(const options& o, kd::cuda::context& ctx) {
+#if KD_TRAIN_NCCL
+    if (o.gpus > 1) kd::check(join_gpu_group(o, ctx, nccl_));
+#else
+    (void)o;
+    (void)ctx;
+#endif
+  }
+  kd::communicator* get() const {
+#if KD_TRAIN_NCCL
+    return nccl_.get();
+#else
+    return nullptr;
+#endif
+  }
+
+ private:
+#if KD_TRAIN_NCCL
+  std::unique_ptr<kd::cuda::nccl_communicator> nccl_;
+#endif
+};
+#endif
+
 bool have_gpu() {
 #if KD_TRAIN_CUDA
   int n = 0;
@@ -1295,11 +1335,21 @@ int main(int argc, char** argv) {
       std::printf("kd_train: %s, on the CPU reference backend (float) with the '%s' preset%s\n",
                   gpu ? "--device cpu" : "no GPU", p.name.c_str(),
                   p.name == "tiny" ? ": narrow models on a slice of the corpus, real tokenizers and vocabularies" : "");
+    if (use_gpu && o.ranks > 1) return usage("--ranks runs CPU ranks (with --device cpu); on GPUs use --gpus N");
+    if (!use_gpu && o.gpus > 1) return usage("--gpus " + std::to_string(o.gpus) + ": no CUDA device");
+#if KD_TRAIN_NCCL
+    if (o.gpus > 1 && o.rank < 0) return launch_gpu_ranks(argc, argv, o);  // this process starts the ranks
+    if (o.gpus > 1 && cudaSetDevice(static_cast<int>(o.rank)) != cudaSuccess)
+      return usage("--rank " + std::to_string(o.rank) + ": no such CUDA device");
+#else
+    if (o.gpus > 1) return usage("--gpus: this kd_train was built without NCCL");
+#endif
     if (o.cmd == "bench") {
       const std::int64_t steps = o.steps > 0 ? o.steps : 10;
 #if KD_TRAIN_CUDA
       if (use_gpu) {
         kd::cuda::context ctx;
+        gpu_group group(o, ctx);
         kd::model::profiled_ops<kd::bfloat16> b(ctx);  // events off but for the last, profiled window
         b.enable(false);
         cudaDeviceProp prop{};
@@ -1315,26 +1365,17 @@ int main(int argc, char** argv) {
           return static_cast<std::int64_t>(t - f) - base;
         };
         return run_bench(b, o, std::string("cuda bf16 ") + prop.name, steps, 989.0, used,
-                         [&] { kd::check(ctx.sync_status()); });
+                         [&] { kd::check(ctx.sync_status()); }, group.get());
       }
 #endif
       kd::model::cpu_ops<float> b;
       return run_bench(b, o, "cpu float32", steps, 1.0, [] { return std::int64_t{0}; }, [] {});
     }
-    if (use_gpu && o.ranks > 1) return usage("--ranks runs CPU ranks (with --device cpu); on GPUs use --gpus N");
-    if (!use_gpu && o.gpus > 1) return usage("--gpus " + std::to_string(o.gpus) + ": no CUDA device");
     if (!use_gpu) {
       kd::model::cpu_ops<float> b;
       p.teacher.dtype = p.student.dtype = kd::model::weight_dtype::float32;
       return run_command(b, o, p, "cpu float32");
     }
-#if KD_TRAIN_NCCL
-    if (o.gpus > 1 && o.rank < 0) return launch_gpu_ranks(argc, argv, o);  // this process starts the ranks
-    if (o.gpus > 1 && cudaSetDevice(static_cast<int>(o.rank)) != cudaSuccess)
-      return usage("--rank " + std::to_string(o.rank) + ": no such CUDA device");
-#else
-    if (o.gpus > 1) return usage("--gpus: this kd_train was built without NCCL");
-#endif
 #if KD_TRAIN_CUDA
     kd::cuda::context ctx;
     kd::model::cuda_ops<kd::bfloat16> b(ctx);
@@ -1344,14 +1385,8 @@ int main(int argc, char** argv) {
     int dev = 0;
     cudaGetDevice(&dev);
     cudaGetDeviceProperties(&prop, dev);
-    kd::communicator* group = nullptr;  // a rank of --gpus N: its group
-#if KD_TRAIN_NCCL
-    std::unique_ptr<kd::cuda::nccl_communicator> nccl;
-    if (o.gpus > 1) {
-      kd::check(join_gpu_group(o, ctx, nccl));
-      group = nccl.get();
-    }
-#endif
+    gpu_group joined(o, ctx);
+    kd::communicator* group = joined.get();  // a rank of --gpus N: its group
     if (group == nullptr)
       std::printf("kd_train: %s, CUDA bf16 (fp32 accumulation, fp32 AdamW master weights), '%s' preset\n", prop.name,
                   p.name.c_str());

@@ -64,6 +64,24 @@ inline kd::adamw_options adamw() {
   return o;
 }
 
+// The fixture's teacher (frozen) and student, initialised as every distillation test does.
+template <class Model>
+void init_models(Model& teacher, Model& student) {
+  kd::check(teacher.allocate(false));
+  kd::check(teacher.initialize(0.3, 1));
+  kd::check(student.allocate(true));
+  kd::check(student.initialize(0.3, 2));
+}
+
+// Step options for the fixture's vocabularies: head chunks of 10 rows, the student's 60 real tokens.
+inline kd::train::distill_options fixture_options(std::int64_t window = 1) {
+  kd::train::distill_options o;
+  o.chunk_rows = 10;
+  o.window = window;
+  o.vocab = 60;
+  return o;
+}
+
 inline kd::objective full_objective() {
   kd::objective obj;
   obj.add("z_loss", kd::fixed(1e-3)).add("kd", kd::fixed(0.7)).add("feature", kd::fixed(0.3)).add("route", kd::fixed(0.2));

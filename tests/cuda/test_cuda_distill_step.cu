@@ -29,15 +29,8 @@ struct pair_run {
   kd::objective obj = full_objective();
   kd::train::distill_step<model_t, model_t> step;
   explicit pair_run(B& b) : teacher(b, km::make_arch(teacher_cfg())), student(b, km::make_arch(student_cfg())) {
-    kd::check(teacher.allocate(false));
-    kd::check(teacher.initialize(0.3, 1));
-    kd::check(student.allocate(true));
-    kd::check(student.initialize(0.3, 2));
-    kd::train::distill_options o;
-    o.chunk_rows = 10;
-    o.window = 2;
-    o.vocab = 60;
-    kd::check(step.init(&teacher, student, &map, obj, o, adamw()));
+    init_models(teacher, student);
+    kd::check(step.init(&teacher, student, &map, obj, fixture_options(2), adamw()));
   }
 };
 

@@ -45,12 +45,15 @@ class staged_communicator final : public kd::communicator {
  private:
   template <class T>
   kd::status staged(T* d, std::size_t n, kd::reduce_op op) {
+    // In the rank's stream order: the copy back must land before the rank's next kernel reads it (a
+    // pageable cudaMemcpy to the device may return before its DMA is done).
     std::vector<T> h(n);
-    if (cudaStreamSynchronize(ctx_->stream()) != cudaSuccess ||
-        cudaMemcpy(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost) != cudaSuccess)
+    if (cudaMemcpyAsync(h.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost, ctx_->stream()) != cudaSuccess ||
+        cudaStreamSynchronize(ctx_->stream()) != cudaSuccess)
       return {kd::errc::backend_error, "staged_communicator: copy to the host"};
     KD_TRY(h_->all_reduce(h.data(), n, op));
-    if (cudaMemcpy(d, h.data(), n * sizeof(T), cudaMemcpyHostToDevice) != cudaSuccess)
+    if (cudaMemcpyAsync(d, h.data(), n * sizeof(T), cudaMemcpyHostToDevice, ctx_->stream()) != cudaSuccess ||
+        cudaStreamSynchronize(ctx_->stream()) != cudaSuccess)
       return {kd::errc::backend_error, "staged_communicator: copy to the device"};
     return {};
   }
@@ -143,7 +146,80 @@ void check_kd(double temperature) {
   }
 }
 
+// Pass 1 alone (kd::cuda::detail::vp_kd_stats_kernel) against double sums on the host: each row's base-2
+// log-sum-exps and E_p[yt - ys] (forward KL's term), 16-byte vector path and element path.
+template <class T>
+void check_stats(kd::index_t cols, kd::index_t real, bool vec) {
+  namespace cd = kd::cuda::detail;
+  const index_t n = 64;
+  auto& g = rng();
+  const auto th = random_storage<T>(static_cast<std::size_t>(n * cols), 3.0, g);
+  const auto sh = random_storage<T>(static_cast<std::size_t>(n * cols), 2.0, g);
+  kd::cuda::context ctx;
+  device_buffer<T> td(th.size()), sd(sh.size());
+  device_buffer<double> mx(static_cast<std::size_t>(3 * n)), loc(static_cast<std::size_t>(2 * n)), sums(static_cast<std::size_t>(3 * n));
+  td.upload(th);
+  sd.upload(sh);
+  cd::vp_params p;
+  p.teacher = td.data;
+  p.student = sd.data;
+  p.t_stride = p.s_stride = cols;
+  p.rows = n;
+  p.cols = cols;
+  p.real = real;
+  p.inv_temp = 0.5f;
+  p.mode = 1;
+  p.mx = mx.data;
+  p.loc = loc.data;
+  p.sums = sums.data;
+  REQUIRE(ctx.error_word(p.error).ok());
+  if (vec) cd::vp_kd_stats_kernel<1, true, T, T><<<static_cast<unsigned>(n), cd::kVpThreads, 0, ctx.stream()>>>(p);
+  else cd::vp_kd_stats_kernel<1, false, T, T><<<static_cast<unsigned>(n), cd::kVpThreads, 0, ctx.stream()>>>(p);
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  const kd::status st = ctx.sync_status();
+  CHECK_MESSAGE(st.ok(), st.message());
+  const auto m = mx.download(), su = sums.download();
+  int bad = 0;
+  for (index_t i = 0; i < n && bad < 3; ++i) {
+    double mt = -INFINITY, ms = -INFINITY;
+    for (index_t j = 0; j < real; ++j) {
+      mt = std::max(mt, kd::load_as<double>(th[static_cast<std::size_t>(i * cols + j)]) * 0.5);
+      ms = std::max(ms, kd::load_as<double>(sh[static_cast<std::size_t>(i * cols + j)]) * 0.5);
+    }
+    double st_ = 0, ss = 0, a = 0;
+    for (index_t j = 0; j < real; ++j) {
+      const double yt = kd::load_as<double>(th[static_cast<std::size_t>(i * cols + j)]) * 0.5;
+      const double ys = kd::load_as<double>(sh[static_cast<std::size_t>(i * cols + j)]) * 0.5;
+      st_ += std::exp(yt - mt);
+      ss += std::exp(ys - ms);
+      a += std::exp(yt - mt) * (yt - ys);
+    }
+    const double lt = (mt + std::log(st_)) / std::log(2.0), ls = (ms + std::log(ss)) / std::log(2.0), ea = a / st_;
+    const auto I = static_cast<std::size_t>(i);
+    const double gt = m[3 * I] + std::log2(su[3 * I]), gs = m[3 * I + 1] + std::log2(su[3 * I + 1]), ga = su[3 * I + 2] / su[3 * I];
+    const bool ok = std::abs(gt - lt) < 1e-5 && std::abs(gs - ls) < 1e-5 && std::abs(ga - ea) < 1e-5 * (1 + std::abs(ea)) && m[3 * I + 2] == 0.0;
+    if (!ok) {
+      ++bad;
+      MESSAGE("row ", i, ": lse2 teacher ", gt, " (", lt, "), student ", gs, " (", ls, "), E_p[yt - ys] ", ga, " (", ea,
+              "), max ", m[3 * I], " sums ", su[3 * I], " ", su[3 * I + 1], " ", su[3 * I + 2], " flag ", m[3 * I + 2]);
+    }
+  }
+  CHECK(bad == 0);
+}
+
 }  // namespace
+
+TEST_CASE("vocab-parallel pass 1 (row statistics) = double sums on the host") {
+  for (bool vec : {false, true}) {
+    CAPTURE(vec);
+    check_stats<float>(50304, 50257, vec);
+    check_stats<kd::bfloat16>(50304, 50257, vec);
+    check_stats<float>(2048, 2048, vec);
+    check_stats<kd::bfloat16>(2048, 2048, vec);
+  }
+  check_stats<float>(1031, 1019, false);
+  check_stats<kd::bfloat16>(1031, 1019, false);
+}
 
 TEST_CASE_TEMPLATE("vocab_parallel_kd (CUDA) on 1, 2, 4 slices = the whole rows", D, kd::forward_kl, kd::reverse_kl, kd::jsd,
                    kd::skew_kl, kd::tvd) {

@@ -44,6 +44,8 @@ inline constexpr int vec_n = 16 / sizeof(T);
 
 template <class T>
 __device__ __forceinline__ void unpack(const uint4& v, float (&f)[vec_n<T>]) {
+  // A const-qualified T would miss the bfloat16 / half branches below and read the bits as floats.
+  static_assert(std::is_same_v<T, std::remove_cv_t<T>>, "unpack takes the storage type itself, not a const-qualified one");
   const unsigned w[4] = {v.x, v.y, v.z, v.w};
   if constexpr (std::is_same_v<T, kd::bfloat16>) {
 #pragma unroll
@@ -66,6 +68,7 @@ __device__ __forceinline__ void unpack(const uint4& v, float (&f)[vec_n<T>]) {
 
 template <class T>
 __device__ __forceinline__ uint4 pack(const float (&f)[vec_n<T>]) {
+  static_assert(std::is_same_v<T, std::remove_cv_t<T>>, "pack takes the storage type itself, not a const-qualified one");
   unsigned w[4];
   if constexpr (std::is_same_v<T, kd::bfloat16>) {
 #pragma unroll
