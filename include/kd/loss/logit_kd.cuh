@@ -267,22 +267,57 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     ::kd::detail::divergence_math<D, float> math;
     math.param = p.param;
     float cq = 0.f;
-    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
-      float dt, ds;
-      log2_pq(j, dt, ds);
+    // Both passes read shared memory and write the gradient in sixteen-byte vectors when every tensor has
+    // one storage type and the rows are aligned (element-wise 2-byte accesses had held reverse KL at
+    // 1.54 TB/s against forward KL's 2.30 at 8192 x 128,256 bf16 on an H200); the rest element by element.
+    constexpr bool kVec = !Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>;
+    constexpr int vn = vec_n<TT>;
+    const long long nv = kVec && p.vector_ok ? n_local / vn : 0;
+    auto terms_of = [&](float dt, float ds) {
       const float logp = dt * kLn2, logq = ds * kLn2, pj = fast_exp2(dt), qj = fast_exp2(ds);
       loss += math.term(pj, logp, qj, logq);
       cq += qj * math.dq(pj, logp, qj, logq);
+    };
+    auto grad_of = [&](float dt, float ds, float c) {
+      const float logp = dt * kLn2, logq = ds * kLn2, pj = fast_exp2(dt), qj = fast_exp2(ds);
+      return factor * qj * (math.dq(pj, logp, qj, logq) - c);
+    };
+    if constexpr (kVec) {
+      const uint4* t4 = reinterpret_cast<const uint4*>(tcache);
+      const uint4* s4 = reinterpret_cast<const uint4*>(scache);
+      for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
+        float ft[vn], fs[vn];
+        unpack<TT>(t4[i], ft);
+        unpack<ST>(s4[i], fs);
+#pragma unroll
+        for (int k = 0; k < vn; ++k) terms_of(ft[k] * k2 - tlse, fs[k] * k2 - slse);
+      }
+    }
+    for (long long j = nv * vn + threadIdx.x; j < n_local; j += blockDim.x) {
+      float dt, ds;
+      log2_pq(j, dt, ds);
+      terms_of(dt, ds);
     }
     if (p.want_grad) {
       cq = block_sum(cq, red_sum);
       float c1[1] = {cq};
       cluster_combine_sum<1>(slots1, c1);
-      for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
+      if constexpr (kVec) {
+        const uint4* t4 = reinterpret_cast<const uint4*>(tcache);
+        const uint4* s4 = reinterpret_cast<const uint4*>(scache);
+        for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
+          float ft[vn], fs[vn];
+          unpack<TT>(t4[i], ft);
+          unpack<ST>(s4[i], fs);
+#pragma unroll
+          for (int k = 0; k < vn; ++k) ft[k] = grad_of(ft[k] * k2 - tlse, fs[k] * k2 - slse, c1[0]);
+          store_grad_vec<GT>(reinterpret_cast<uint4*>(grow + j0) + i, ft, p.accumulate);
+        }
+      }
+      for (long long j = nv * vn + threadIdx.x; j < n_local; j += blockDim.x) {
         float dt, ds;
         log2_pq(j, dt, ds);
-        const float logp = dt * kLn2, logq = ds * kLn2, pj = fast_exp2(dt), qj = fast_exp2(ds);
-        put(j, factor * qj * (math.dq(pj, logp, qj, logq) - c1[0]));
+        put(j, grad_of(dt, ds, c1[0]));
       }
     }
   }
