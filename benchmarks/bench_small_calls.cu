@@ -14,23 +14,14 @@
 #include <kd/cuda/context.cuh>
 #include <kd/kd.cuh>
 
+#include "bench_cuda_util.cuh"
+
 namespace {
 
 using kd::index_t;
 using bf16 = kd::bfloat16;
 
-void ok(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "kd_bench_small_calls: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-void ok(const kd::status& s, const char* what) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "kd_bench_small_calls: %s: %s\n", what, s.message().c_str());
-    std::exit(1);
-  }
-}
+using kd_bench::or_exit;
 
 struct timing {
   double host_us, gpu_us, graph_us;
@@ -38,33 +29,33 @@ struct timing {
 
 timing measure(kd::cuda::context& ctx, const std::function<kd::status()>& call) {
   constexpr int K = 200;
-  for (int i = 0; i < 3; ++i) ok(call(), "warm-up call");
-  ok(ctx.sync_status(), "warm-up");
+  for (int i = 0; i < 3; ++i) or_exit(call(), "warm-up call");
+  or_exit(ctx.sync_status(), "warm-up");
   cudaEvent_t a, b;
-  ok(cudaEventCreate(&a), "event");
-  ok(cudaEventCreate(&b), "event");
-  ok(cudaEventRecord(a, ctx.stream()), "event");
+  or_exit(cudaEventCreate(&a), "event");
+  or_exit(cudaEventCreate(&b), "event");
+  or_exit(cudaEventRecord(a, ctx.stream()), "event");
   const auto h0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < K; ++i) ok(call(), "call");
+  for (int i = 0; i < K; ++i) or_exit(call(), "call");
   const auto h1 = std::chrono::steady_clock::now();
-  ok(cudaEventRecord(b, ctx.stream()), "event");
-  ok(ctx.sync_status(), "calls");
+  or_exit(cudaEventRecord(b, ctx.stream()), "event");
+  or_exit(ctx.sync_status(), "calls");
   float ms = 0;
-  ok(cudaEventElapsedTime(&ms, a, b), "event");
+  or_exit(cudaEventElapsedTime(&ms, a, b), "event");
   timing t{std::chrono::duration<double, std::micro>(h1 - h0).count() / K, 1e3 * ms / K, 0};
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
-  ok(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeGlobal), "begin capture");
-  ok(call(), "captured call");
-  ok(cudaStreamEndCapture(ctx.stream(), &graph), "end capture");
-  ok(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-  ok(cudaGraphLaunch(exec, ctx.stream()), "graph launch");
-  ok(ctx.sync_status(), "graph warm-up");
-  ok(cudaEventRecord(a, ctx.stream()), "event");
-  for (int i = 0; i < K; ++i) ok(cudaGraphLaunch(exec, ctx.stream()), "graph launch");
-  ok(cudaEventRecord(b, ctx.stream()), "event");
-  ok(ctx.sync_status(), "graph replays");
-  ok(cudaEventElapsedTime(&ms, a, b), "event");
+  or_exit(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeGlobal), "begin capture");
+  or_exit(call(), "captured call");
+  or_exit(cudaStreamEndCapture(ctx.stream(), &graph), "end capture");
+  or_exit(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  or_exit(cudaGraphLaunch(exec, ctx.stream()), "graph launch");
+  or_exit(ctx.sync_status(), "graph warm-up");
+  or_exit(cudaEventRecord(a, ctx.stream()), "event");
+  for (int i = 0; i < K; ++i) or_exit(cudaGraphLaunch(exec, ctx.stream()), "graph launch");
+  or_exit(cudaEventRecord(b, ctx.stream()), "event");
+  or_exit(ctx.sync_status(), "graph replays");
+  or_exit(cudaEventElapsedTime(&ms, a, b), "event");
   t.graph_us = 1e3 * ms / K;
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
@@ -78,32 +69,29 @@ timing measure(kd::cuda::context& ctx, const std::function<kd::status()>& call) 
 int main() {
   const index_t V = 50304, vocab = 50257, max_n = 512;
   cudaDeviceProp prop{};
-  ok(cudaGetDeviceProperties(&prop, 0), "properties");
+  or_exit(cudaGetDeviceProperties(&prop, 0), "properties");
   std::printf("kd_bench_small_calls: %s, bf16 logits, V = %lld (%lld real), labels on the device\n\n", prop.name,
               static_cast<long long>(V), static_cast<long long>(vocab));
   const auto e = static_cast<std::size_t>(max_n * V);
   bf16 *t = nullptr, *s = nullptr, *g = nullptr;
   std::int32_t* labels = nullptr;
   float* value = nullptr;
-  ok(cudaMalloc(&t, e * sizeof(bf16)), "malloc");
-  ok(cudaMalloc(&s, e * sizeof(bf16)), "malloc");
-  ok(cudaMalloc(&g, e * sizeof(bf16)), "malloc");
-  ok(cudaMalloc(&labels, max_n * sizeof(std::int32_t)), "malloc");
-  ok(cudaMalloc(&value, 2 * sizeof(float)), "malloc");
+  or_exit(cudaMalloc(&t, e * sizeof(bf16)), "malloc");
+  or_exit(cudaMalloc(&s, e * sizeof(bf16)), "malloc");
+  or_exit(cudaMalloc(&g, e * sizeof(bf16)), "malloc");
+  or_exit(cudaMalloc(&labels, max_n * sizeof(std::int32_t)), "malloc");
+  or_exit(cudaMalloc(&value, 2 * sizeof(float)), "malloc");
+  kd_bench::fill_normal(t, e, 2.0, 7);
+  or_exit(cudaMemcpy(s, t, e * sizeof(bf16), cudaMemcpyDeviceToDevice), "copy");
   {
-    std::vector<bf16> h(e);
-    kd::rng r(7);
-    for (auto& x : h) x = kd::store_as<bf16>(static_cast<float>(r.normal() * 2.0));
-    ok(cudaMemcpy(t, h.data(), e * sizeof(bf16), cudaMemcpyHostToDevice), "upload");
-    ok(cudaMemcpy(s, h.data(), e * sizeof(bf16), cudaMemcpyHostToDevice), "upload");
     std::vector<std::int32_t> l(max_n);
     for (index_t i = 0; i < max_n; ++i) l[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * 7919) % vocab);
-    ok(cudaMemcpy(labels, l.data(), l.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice), "upload");
+    or_exit(cudaMemcpy(labels, l.data(), l.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice), "upload");
   }
   std::printf("| op | N | host us / call | GPU us / call | graph replay GPU us / call |\n|---|---:|---:|---:|---:|\n");
   for (const index_t n : {1, 16, 64, 256, 512}) {
     cudaStream_t stream = nullptr;  // capturable (the legacy default stream is not)
-    ok(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    or_exit(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
     kd::cuda::context ctx(stream);
     const kd::cuda::backend be{&ctx};
     const kd::matrix_view<const bf16> tv(t, n, V), sv(s, n, V);
@@ -121,7 +109,7 @@ int main() {
     const timing c = measure(ctx, [&] { return ce(be, sv, lv, co, gv); });
     std::printf("| cross-entropy | %lld | %.1f | %.1f | %.1f |\n", static_cast<long long>(n), c.host_us, c.gpu_us, c.graph_us);
     std::fflush(stdout);
-    ok(ctx.sync_status(), "end");
+    or_exit(ctx.sync_status(), "end");
     cudaStreamDestroy(stream);
   }
   return 0;

@@ -24,33 +24,14 @@
 #include <kd/kd.hpp>
 #include <kd/loss/vocab_parallel.cuh>
 
+#include "bench_cuda_util.cuh"
+
 namespace {
 
 using kd::index_t;
 using bf16 = kd::bfloat16;
 
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "kd_bench_vocab_parallel: %s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-void check(const kd::status& s, const char* what) {
-  if (!s.ok()) {
-    std::fprintf(stderr, "kd_bench_vocab_parallel: %s: %s\n", what, s.message().c_str());
-    std::exit(1);
-  }
-}
-
-// Normal(0, sd) bf16 values on the device, from a fixed host pattern (timing does not depend on values,
-// but exponentials of constant rows would flatter the kernels).
-void fill(bf16* d, std::size_t n, float sd, std::uint64_t seed) {
-  std::vector<bf16> h(std::min<std::size_t>(n, std::size_t{1} << 24));
-  kd::rng r(seed);
-  for (auto& x : h) x = kd::store_as<bf16>(static_cast<float>(r.normal() * sd));
-  for (std::size_t off = 0; off < n; off += h.size())
-    check_cuda(cudaMemcpy(d + off, h.data(), std::min(h.size(), n - off) * sizeof(bf16), cudaMemcpyHostToDevice), "upload");
-}
+using kd_bench::fill_normal;
 
 struct slice_data {
   bf16 *t = nullptr, *s = nullptr, *g = nullptr;
@@ -58,16 +39,16 @@ struct slice_data {
   float* value = nullptr;
   slice_data(index_t n, index_t w, index_t vocab, std::uint64_t seed) {
     const auto e = static_cast<std::size_t>(n * w);
-    check_cuda(cudaMalloc(&t, e * sizeof(bf16)), "malloc");
-    check_cuda(cudaMalloc(&s, e * sizeof(bf16)), "malloc");
-    check_cuda(cudaMalloc(&g, e * sizeof(bf16)), "malloc");
-    check_cuda(cudaMalloc(&labels, static_cast<std::size_t>(n) * sizeof(std::int32_t)), "malloc");
-    check_cuda(cudaMalloc(&value, 4 * sizeof(float)), "malloc");
-    fill(t, e, 3.f, seed);
-    fill(s, e, 2.f, seed + 1);
+    kd_bench::or_exit(cudaMalloc(&t, e * sizeof(bf16)), "malloc");
+    kd_bench::or_exit(cudaMalloc(&s, e * sizeof(bf16)), "malloc");
+    kd_bench::or_exit(cudaMalloc(&g, e * sizeof(bf16)), "malloc");
+    kd_bench::or_exit(cudaMalloc(&labels, static_cast<std::size_t>(n) * sizeof(std::int32_t)), "malloc");
+    kd_bench::or_exit(cudaMalloc(&value, 4 * sizeof(float)), "malloc");
+    fill_normal(t, e, 3.0, seed);
+    fill_normal(s, e, 2.0, seed + 1);
     std::vector<std::int32_t> l(static_cast<std::size_t>(n));
     for (index_t i = 0; i < n; ++i) l[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * 7919) % vocab);
-    check_cuda(cudaMemcpy(labels, l.data(), l.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice), "upload");
+    kd_bench::or_exit(cudaMemcpy(labels, l.data(), l.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice), "upload");
   }
   ~slice_data() {
     cudaFree(t);
@@ -78,7 +59,6 @@ struct slice_data {
   }
 };
 
-using kd_loss = kd::logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16>>;
 template <class D>
 using kd_loss_of = kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16>>;
 using ce_loss = kd::cross_entropy<kd::token_mean, kd::bf16>;
@@ -126,16 +106,16 @@ kd::status call(op o, kd::cuda::context& ctx, kd::communicator* comm, slice_data
 double time_calls(kd::cuda::context& ctx, int iters, const std::function<void()>& fn) {
   fn();
   fn();
-  check(ctx.sync_status(), "warm-up");
+  kd_bench::or_exit(ctx.sync_status(), "warm-up");
   cudaEvent_t a, b;
-  check_cuda(cudaEventCreate(&a), "event");
-  check_cuda(cudaEventCreate(&b), "event");
-  check_cuda(cudaEventRecord(a, ctx.stream()), "event");
+  kd_bench::or_exit(cudaEventCreate(&a), "event");
+  kd_bench::or_exit(cudaEventCreate(&b), "event");
+  kd_bench::or_exit(cudaEventRecord(a, ctx.stream()), "event");
   for (int i = 0; i < iters; ++i) fn();
-  check_cuda(cudaEventRecord(b, ctx.stream()), "event");
-  check(ctx.sync_status(), "timed calls");
+  kd_bench::or_exit(cudaEventRecord(b, ctx.stream()), "event");
+  kd_bench::or_exit(ctx.sync_status(), "timed calls");
   float ms = 0;
-  check_cuda(cudaEventElapsedTime(&ms, a, b), "event");
+  kd_bench::or_exit(cudaEventElapsedTime(&ms, a, b), "event");
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   return static_cast<double>(ms) / iters;
@@ -144,10 +124,10 @@ double time_calls(kd::cuda::context& ctx, int iters, const std::function<void()>
 double copy_bandwidth() {
   const std::size_t bytes = std::size_t{2} << 30;
   void *a = nullptr, *b = nullptr;
-  check_cuda(cudaMalloc(&a, bytes), "malloc");
-  check_cuda(cudaMalloc(&b, bytes), "malloc");
+  kd_bench::or_exit(cudaMalloc(&a, bytes), "malloc");
+  kd_bench::or_exit(cudaMalloc(&b, bytes), "malloc");
   kd::cuda::context ctx;
-  const double ms = time_calls(ctx, 10, [&] { check_cuda(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, ctx.stream()), "copy"); });
+  const double ms = time_calls(ctx, 10, [&] { kd_bench::or_exit(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, ctx.stream()), "copy"); });
   cudaFree(a);
   cudaFree(b);
   return 2.0 * static_cast<double>(bytes) / (ms * 1e-3) / 1e12;
@@ -163,9 +143,9 @@ int main(int argc, char** argv) {
     else if (std::strcmp(argv[i], "--iters") == 0) iters = std::atoi(argv[i + 1]);
   }
   int devices = 0;
-  check_cuda(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
+  kd_bench::or_exit(cudaGetDeviceCount(&devices), "cudaGetDeviceCount");
   cudaDeviceProp prop{};
-  check_cuda(cudaGetDeviceProperties(&prop, 0), "properties");
+  kd_bench::or_exit(cudaGetDeviceProperties(&prop, 0), "properties");
   std::printf("kd_bench_vocab_parallel: %d x %s, %lld rows, bf16 logits, T = 2, forward + backward, %d calls each\n", devices,
               prop.name, static_cast<long long>(rows), iters);
   std::printf("device-to-device copy bandwidth (GPU 0): %.2f TB/s\n\n", copy_bandwidth());
@@ -182,10 +162,10 @@ int main(int argc, char** argv) {
       const double kd_bytes = static_cast<double>(rows) * static_cast<double>(V) * 2.0 * (o == op::ce ? 2.0 : 3.0);
       double fused_ms = 0;
       {
-        check_cuda(cudaSetDevice(0), "device");
+        kd_bench::or_exit(cudaSetDevice(0), "device");
         kd::cuda::context ctx;
         slice_data d(rows, V, vocab, 11);
-        fused_ms = time_calls(ctx, iters, [&] { check(call(o, ctx, nullptr, d, rows, V, 0, V, vocab), "fused call"); });
+        fused_ms = time_calls(ctx, iters, [&] { kd_bench::or_exit(call(o, ctx, nullptr, d, rows, V, 0, V, vocab), "fused call"); });
       }
       const double fused_bw = kd_bytes / (fused_ms * 1e-3) / 1e12;
       std::printf("| %s | %lld x %lld | %.3f | %.2f |", name(o), static_cast<long long>(rows), static_cast<long long>(V), fused_ms, fused_bw);
@@ -203,7 +183,7 @@ int main(int argc, char** argv) {
         std::vector<std::thread> th;
         for (int r = 0; r < R; ++r)
           th.emplace_back([&, r] {
-            check_cuda(cudaSetDevice(r), "device");
+            kd_bench::or_exit(cudaSetDevice(r), "device");
             kd::cuda::context ctx;
             const index_t a = cut[static_cast<std::size_t>(r)], w = cut[static_cast<std::size_t>(r) + 1] - a;
             slice_data d(rows, w, vocab, 11 + static_cast<std::uint64_t>(r));
@@ -211,10 +191,10 @@ int main(int argc, char** argv) {
             kd::solo_communicator solo;
             kd::communicator* comm = &solo;
             if (R > 1) {
-              check(kd::cuda::nccl_communicator::create(ctx, r, R, id, std::chrono::minutes(2), nccl), "NCCL group");
+              kd_bench::or_exit(kd::cuda::nccl_communicator::create(ctx, r, R, id, std::chrono::minutes(2), nccl), "NCCL group");
               comm = nccl.get();
             }
-            const double t = time_calls(ctx, iters, [&] { check(call(o, ctx, comm, d, rows, w, a, V, vocab), "vocab-parallel call"); });
+            const double t = time_calls(ctx, iters, [&] { kd_bench::or_exit(call(o, ctx, comm, d, rows, w, a, V, vocab), "vocab-parallel call"); });
             if (r == 0) ms = t;
           });
         for (auto& t : th) t.join();

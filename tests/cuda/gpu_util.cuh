@@ -73,6 +73,24 @@ inline bool all_finite(const std::vector<double>& v) {
   return true;
 }
 
+// Columns [a, a + w) of a row-major n x cols matrix (a rank's vocabulary slice), and back: a slice's
+// n x w values into those columns of an n x cols matrix of doubles.
+template <class T>
+std::vector<T> columns(const std::vector<T>& m, kd::index_t n, kd::index_t cols, kd::index_t a, kd::index_t w) {
+  std::vector<T> out;
+  out.reserve(static_cast<std::size_t>(n * w));
+  for (kd::index_t i = 0; i < n; ++i)
+    for (kd::index_t j = 0; j < w; ++j) out.push_back(m[static_cast<std::size_t>(i * cols + a + j)]);
+  return out;
+}
+template <class T>
+void put_columns(const std::vector<T>& slice, kd::index_t n, kd::index_t cols, kd::index_t a, kd::index_t w,
+                 std::vector<double>& m) {
+  for (kd::index_t i = 0; i < n; ++i)
+    for (kd::index_t j = 0; j < w; ++j)
+      m[static_cast<std::size_t>(i * cols + a + j)] = kd::load_as<double>(slice[static_cast<std::size_t>(i * w + j)]);
+}
+
 template <class T>
 constexpr double tolerance() {
   return sizeof(T) == 2 ? 1e-2 : 1e-5;

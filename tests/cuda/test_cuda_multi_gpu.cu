@@ -193,16 +193,6 @@ std::vector<index_t> uneven_cuts(index_t cols, int ranks) {
   return c;
 }
 
-// Columns [a, a + w) of an n x cols matrix.
-template <class T>
-std::vector<T> columns(const std::vector<T>& m, index_t n, index_t cols, index_t a, index_t w) {
-  std::vector<T> out;
-  out.reserve(static_cast<std::size_t>(n * w));
-  for (index_t i = 0; i < n; ++i)
-    for (index_t j = 0; j < w; ++j) out.push_back(m[static_cast<std::size_t>(i * cols + a + j)]);
-  return out;
-}
-
 template <class D>
 void check_vocab_parallel_kd() {
   const int R = gpus();
@@ -252,10 +242,8 @@ void check_vocab_parallel_kd() {
                                  kd::matrix_view<const float>(td.data, n, w), kd::matrix_view<const float>(sd.data, n, w),
                                  std::span<const std::int32_t>(ld.data, labels.size()), out, kd::matrix_view<float>(gd.data, n, w)));
     KD_TRY(ctx.sync_status());
-    const auto gh = gd.download();
+    put_columns(gd.download(), n, cols, a, w, grad);
     value[static_cast<std::size_t>(r)] = vd.download()[0];
-    for (index_t i = 0; i < n; ++i)
-      for (index_t j = 0; j < w; ++j) grad[static_cast<std::size_t>(i * cols + a + j)] = gh[static_cast<std::size_t>(i * w + j)];
     return {};
   });
   for (int r = 0; r < R; ++r) CHECK(value[static_cast<std::size_t>(r)] == doctest::Approx(ref_value).epsilon(1e-5));
@@ -317,9 +305,7 @@ TEST_CASE("vocab_parallel_cross_entropy over NCCL, a slice per GPU = the fused o
                                             out, kd::matrix_view<float>(gd.data, n, w)));
     KD_TRY(ctx.sync_status());
     vals[static_cast<std::size_t>(r)] = vd.download();
-    const auto gh = gd.download();
-    for (index_t i = 0; i < n; ++i)
-      for (index_t j = 0; j < w; ++j) grad[static_cast<std::size_t>(i * cols + a + j)] = gh[static_cast<std::size_t>(i * w + j)];
+    put_columns(gd.download(), n, cols, a, w, grad);
     return {};
   });
   for (int r = 0; r < R; ++r) {

@@ -113,12 +113,7 @@ void check_kd(double temperature) {
     std::vector<kd::status> st(static_cast<std::size_t>(ranks));
     on_gpu_ranks(ranks, [&](int r, kd::communicator& comm, kd::cuda::context& ctx) {
       const index_t a = c[static_cast<std::size_t>(r)], w = c[static_cast<std::size_t>(r) + 1] - a;
-      std::vector<T> ts, ss;
-      for (index_t i = 0; i < n; ++i)
-        for (index_t j = 0; j < w; ++j) {
-          ts.push_back(th[static_cast<std::size_t>(i * cols + a + j)]);
-          ss.push_back(sh[static_cast<std::size_t>(i * cols + a + j)]);
-        }
+      const auto ts = columns(th, n, cols, a, w), ss = columns(sh, n, cols, a, w);
       device_buffer<T> td(ts.size()), sd(ss.size()), gd(ss.size());
       device_buffer<std::int32_t> ld(labels.size());
       device_buffer<float> vd(1);
@@ -132,10 +127,8 @@ void check_kd(double temperature) {
           kd::matrix_view<const T>(sd.data, n, w), std::span<const std::int32_t>(ld.data, labels.size()), out,
           kd::matrix_view<T>(gd.data, n, w));
       if (st[static_cast<std::size_t>(r)].ok()) st[static_cast<std::size_t>(r)] = ctx.sync_status();
-      const auto gh = gd.download();
+      put_columns(gd.download(), n, cols, a, w, grad);
       value[static_cast<std::size_t>(r)] = vd.download()[0];
-      for (index_t i = 0; i < n; ++i)
-        for (index_t j = 0; j < w; ++j) grad[static_cast<std::size_t>(i * cols + a + j)] = kd::load_as<double>(gh[static_cast<std::size_t>(i * w + j)]);
     });
     for (int r = 0; r < ranks; ++r) {
       REQUIRE_MESSAGE(st[static_cast<std::size_t>(r)].ok(), st[static_cast<std::size_t>(r)].message());
@@ -278,9 +271,7 @@ TEST_CASE("vocab_parallel_cross_entropy (CUDA) on 1, 3 slices = cross_entropy on
     std::vector<kd::status> st(static_cast<std::size_t>(ranks));
     on_gpu_ranks(ranks, [&](int r, kd::communicator& comm, kd::cuda::context& ctx) {
       const index_t a = c[static_cast<std::size_t>(r)], w = c[static_cast<std::size_t>(r) + 1] - a;
-      std::vector<float> ss;
-      for (index_t i = 0; i < n; ++i)
-        for (index_t j = 0; j < w; ++j) ss.push_back(sh[static_cast<std::size_t>(i * cols + a + j)]);
+      const auto ss = columns(sh, n, cols, a, w);
       device_buffer<float> sd(ss.size()), gd(ss.size()), vd(2);
       device_buffer<std::int32_t> ld(labels.size());
       sd.upload(ss);
@@ -292,9 +283,7 @@ TEST_CASE("vocab_parallel_cross_entropy (CUDA) on 1, 3 slices = cross_entropy on
           std::span<const std::int32_t>(ld.data, labels.size()), out, kd::matrix_view<float>(gd.data, n, w));
       if (st[static_cast<std::size_t>(r)].ok()) st[static_cast<std::size_t>(r)] = ctx.sync_status();
       vals[static_cast<std::size_t>(r)] = vd.download();
-      const auto gh = gd.download();
-      for (index_t i = 0; i < n; ++i)
-        for (index_t j = 0; j < w; ++j) grad[static_cast<std::size_t>(i * cols + a + j)] = gh[static_cast<std::size_t>(i * w + j)];
+      put_columns(gd.download(), n, cols, a, w, grad);
     });
     for (int r = 0; r < ranks; ++r) {
       REQUIRE_MESSAGE(st[static_cast<std::size_t>(r)].ok(), st[static_cast<std::size_t>(r)].message());
@@ -316,12 +305,7 @@ TEST_CASE("vocab_parallel_kd (CUDA): a NaN in one rank's slice skips the row eve
   std::vector<kd::status> st(2);
   on_gpu_ranks(2, [&](int r, kd::communicator& comm, kd::cuda::context& ctx) {
     const index_t a = r == 0 ? 0 : 150, w = 150;
-    std::vector<float> ts, ss;
-    for (index_t i = 0; i < n; ++i)
-      for (index_t j = 0; j < w; ++j) {
-        ts.push_back(th[static_cast<std::size_t>(i * cols + a + j)]);
-        ss.push_back(sh[static_cast<std::size_t>(i * cols + a + j)]);
-      }
+    const auto ts = columns(th, n, cols, a, w), ss = columns(sh, n, cols, a, w);
     device_buffer<float> td(ts.size()), sd(ss.size()), gd(ss.size()), vd(1);
     td.upload(ts);
     sd.upload(ss);
