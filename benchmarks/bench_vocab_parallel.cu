@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 #include <nccl.h>
 
+#include <barrier>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -103,10 +104,13 @@ kd::status call(op o, kd::cuda::context& ctx, kd::communicator* comm, slice_data
 }
 
 // Mean ms per call over `iters` calls after two warm-up calls, by CUDA events on the context's stream.
-double time_calls(kd::cuda::context& ctx, int iters, const std::function<void()>& fn) {
+// `ready` runs after the warm-up (the ranks' barrier: no rank's events time another's late start).
+double time_calls(kd::cuda::context& ctx, int iters, const std::function<void()>& fn,
+                  const std::function<void()>& ready = {}) {
   fn();
   fn();
   kd_bench::or_exit(ctx.sync_status(), "warm-up");
+  if (ready) ready();
   cudaEvent_t a, b;
   kd_bench::or_exit(cudaEventCreate(&a), "event");
   kd_bench::or_exit(cudaEventCreate(&b), "event");
@@ -180,6 +184,7 @@ int main(int argc, char** argv) {
           std::fprintf(stderr, "kd_bench_vocab_parallel: ncclGetUniqueId failed\n");
           return 1;
         }
+        std::barrier<> start(R);
         std::vector<std::thread> th;
         for (int r = 0; r < R; ++r)
           th.emplace_back([&, r] {
@@ -194,7 +199,8 @@ int main(int argc, char** argv) {
               kd_bench::or_exit(kd::cuda::nccl_communicator::create(ctx, r, R, id, std::chrono::minutes(2), nccl), "NCCL group");
               comm = nccl.get();
             }
-            const double t = time_calls(ctx, iters, [&] { kd_bench::or_exit(call(o, ctx, comm, d, rows, w, a, V, vocab), "vocab-parallel call"); });
+            const double t = time_calls(ctx, iters, [&] { kd_bench::or_exit(call(o, ctx, comm, d, rows, w, a, V, vocab), "vocab-parallel call"); },
+                                      [&] { start.arrive_and_wait(); });
             if (r == 0) ms = t;
           });
         for (auto& t : th) t.join();
