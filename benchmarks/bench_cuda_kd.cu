@@ -159,11 +159,12 @@ void BM_cross_entropy_bf16(benchmark::State& state) {
   cudaFree(labels);
 }
 
-// Student LM head (hidden 576 -> V) + forward KL against given teacher logits, forward+backward with
-// gradients for the hidden states and the head. Minimum bytes: read hidden, W, teacher logits; write
+// Student LM head (hidden d = range(2) -> V) + a divergence against given teacher logits, forward+backward
+// with gradients for the hidden states and the head. Minimum bytes: read hidden, W, teacher logits; write
 // dhidden and dW (the logits never reach memory in full).
+template <class D>
 void BM_linear_kd_bf16(benchmark::State& state) {
-  const long long n = state.range(0), v = state.range(1), d = 576;
+  const long long n = state.range(0), v = state.range(1), d = state.range(2);
   using T = kd::bfloat16;
   T* h = device_random<T>(n * d, 4, 1.f);
   T* w = device_random<T>(v * d, 5, 0.04f);
@@ -174,7 +175,7 @@ void BM_linear_kd_bf16(benchmark::State& state) {
   BENCH_CHECK(cudaMalloc(&dw, v * d * sizeof(T)));
   BENCH_CHECK(cudaMalloc(&loss, sizeof(float)));
   kd::cuda::context ctx;
-  kd::linear_logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16, kd::bf16>> l;
+  kd::linear_logit_kd<D, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16, kd::bf16>> l;
   l.options.temperature = 2.0;
   l.options.chunk_rows = 2048;
   kd::cuda::device_loss out{loss, nullptr};
@@ -252,9 +253,31 @@ BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Apply(shapes);
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_sweep_logit_kd_forward_kl")->Apply(budget_sweep);
 BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Args({4096, 50304, 52})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_logit_kd_map_bf16)->Args({4096, 0})->Args({4096, 1})->Args({16384, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
-BENCHMARK(BM_linear_kd_bf16)->Args({16384, 50304})->Args({16384, 151936})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Args({16384, 50304, 576})->Args({16384, 151936, 576})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304, 52})->Args({16384, 50304, 52})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_cross_entropy_bf16)->Name("BM_sweep_cross_entropy")->Args({4096, 50304, 100})->Args({4096, 50304, 26})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+
+// Issue 12's grid (run with --benchmark_filter=BM_grid): every divergence and cross-entropy over
+// V x N at the default budget; linear + KD at d = 576 and 2048; Liger's fused-linear JSD shape.
+void grid(benchmark::internal::Benchmark* b) {
+  for (long long v : {32000, 50304, 128256, 151936})
+    for (long long n : {2048, 8192, 16384}) b->Args({n, v, 52});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+}
+void linear_grid(benchmark::internal::Benchmark* b) {
+  for (long long d : {576, 2048})
+    for (long long v : {50304, 128256, 151936})
+      for (long long n : {8192, 16384}) b->Args({n, v, d});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+}
+BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_grid_forward_kl")->Apply(grid);
+BENCHMARK(BM_logit_kd_bf16<kd::reverse_kl>)->Name("BM_grid_reverse_kl")->Apply(grid);
+BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Name("BM_grid_jsd")->Apply(grid);
+BENCHMARK(BM_logit_kd_bf16<kd::skew_kl>)->Name("BM_grid_skew_kl")->Apply(grid);
+BENCHMARK(BM_logit_kd_bf16<kd::tvd>)->Name("BM_grid_tvd")->Apply(grid);
+BENCHMARK(BM_cross_entropy_bf16)->Name("BM_grid_cross_entropy")->Apply(grid);
+BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_grid_linear_forward_kl")->Apply(linear_grid);
+BENCHMARK(BM_linear_kd_bf16<kd::jsd>)->Name("BM_grid_linear_jsd")->Args({8192, 128256, 4096})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 
 }  // namespace
 

@@ -19,12 +19,46 @@ def linear_kd(h, w, t, temperature=2.0):
     return kd_forward_kl(h @ w.t(), t, temperature)
 
 
+# The divergences of kd/loss/divergence.hpp at kd's defaults (jsd beta 0.5, skew_kl alpha 0.1), token mean, T^2.
+def _logs(s, t, temperature):
+    return torch.log_softmax(t.float() / temperature, dim=-1), torch.log_softmax(s.float() / temperature, dim=-1)
+
+
+def reverse_kl(s, t, temperature=2.0):
+    logp, logq = _logs(s, t, temperature)
+    return (logq.exp() * (logq - logp)).sum(-1).mean() * temperature * temperature
+
+
+def jsd(s, t, temperature=2.0, beta=0.5):
+    logp, logq = _logs(s, t, temperature)
+    p, q = logp.exp(), logq.exp()
+    logm = torch.log((beta * p + (1 - beta) * q).clamp_min(1e-38))
+    div = beta * (p * (logp - logm)).sum(-1) + (1 - beta) * (q * (logq - logm)).sum(-1)
+    return div.mean() * temperature * temperature
+
+
+def skew_kl(s, t, temperature=2.0, alpha=0.1):
+    logp, logq = _logs(s, t, temperature)
+    p = logp.exp()
+    logm = torch.log((alpha * p + (1 - alpha) * logq.exp()).clamp_min(1e-38))
+    return (p * (logp - logm)).sum(-1).mean() * temperature * temperature
+
+
+def tvd(s, t, temperature=2.0):
+    logp, logq = _logs(s, t, temperature)
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum(-1).mean() * temperature * temperature
+
+
+def linear_jsd(h, w, t, temperature=2.0):
+    return jsd(h @ w.t(), t, temperature)
+
+
 def cross_entropy(s, y):
     return torch.nn.functional.cross_entropy(s.float(), y)
 
 
-def measure(fn, make_inputs, reps=20):
-    for _ in range(3):
+def measure(fn, make_inputs, reps=20, warmup=3):
+    for _ in range(warmup):
         args = make_inputs()
         fn(*args).backward()
     torch.cuda.synchronize()
@@ -47,7 +81,67 @@ def measure(fn, make_inputs, reps=20):
     return times[len(times) // 2], peak_extra / 1e6
 
 
+def guarded(fn, make_inputs, reps):
+    """measure(), with an out-of-memory case reported instead of ending the run."""
+    try:
+        return measure(fn, make_inputs, reps)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None
+
+
+def grid():
+    """Issue 12's grid, the same shapes as kd_bench_cuda's BM_grid cases: smallest first, one JSON line per
+    case (flushed), so a run cut short keeps what it measured. torch.compile(dynamic=True): one compile
+    per op serves every shape, as the default's automatic dynamic shapes do after the second shape."""
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    ops = {"forward_kl": lambda s, t: kd_forward_kl(s, t), "reverse_kl": reverse_kl, "jsd": jsd,
+           "skew_kl": skew_kl, "tvd": tvd, "cross_entropy": None}
+    compiled = {k: torch.compile(f, dynamic=True) for k, f in ops.items() if f is not None}
+    compiled_ce = torch.compile(cross_entropy, dynamic=True)
+    for n in (2048, 8192, 16384):
+        for v in (32000, 50304, 128256, 151936):
+            t = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 2
+            s0 = torch.randn(n, v, device=dev, dtype=torch.bfloat16)
+            y = torch.randint(0, v, (n,), device=dev)
+            for op, fn in ops.items():
+                if op == "cross_entropy":
+                    make = lambda: (s0.detach().clone().requires_grad_(True), y)
+                    eager_fn, comp_fn = cross_entropy, compiled_ce
+                else:
+                    make = lambda: (s0.detach().clone().requires_grad_(True), t)
+                    eager_fn, comp_fn = fn, compiled[op]
+                row = {"op": op, "n": n, "v": v}
+                row["eager_ms"], row["eager_extra_MB"] = guarded(eager_fn, make, 10)
+                row["compile_ms"], row["compile_extra_MB"] = guarded(comp_fn, make, 10)
+                if row["eager_ms"] is None or row["compile_ms"] is None:
+                    row["error"] = "OOM"
+                print(json.dumps(row), flush=True)
+            del t, s0, y
+            torch.cuda.empty_cache()
+    lin = {"linear_forward_kl": (linear_kd, torch.compile(linear_kd, dynamic=True)),
+           "linear_jsd": (linear_jsd, torch.compile(linear_jsd, dynamic=True))}
+    cases = [("linear_forward_kl", n, v, d) for d in (576, 2048) for v in (50304, 128256, 151936) for n in (8192, 16384)]
+    cases.append(("linear_jsd", 8192, 128256, 4096))
+    for op, n, v, d in cases:
+        h0 = torch.randn(n, d, device=dev, dtype=torch.bfloat16)
+        w0 = torch.randn(v, d, device=dev, dtype=torch.bfloat16) * 0.04
+        t = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 2
+        make = lambda: (h0.detach().clone().requires_grad_(True), w0.detach().clone().requires_grad_(True), t)
+        row = {"op": op, "n": n, "v": v, "d": d}
+        row["eager_ms"], row["eager_extra_MB"] = guarded(lin[op][0], make, 5)
+        row["compile_ms"], row["compile_extra_MB"] = guarded(lin[op][1], make, 5)
+        if row["eager_ms"] is None or row["compile_ms"] is None:
+            row["error"] = "OOM"
+        print(json.dumps(row), flush=True)
+        del h0, w0, t
+        torch.cuda.empty_cache()
+
+
 def main():
+    if "--grid" in sys.argv:
+        return grid()
     torch.manual_seed(0)
     dev = torch.device("cuda")
     compiled_kd = torch.compile(kd_forward_kl)

@@ -2,8 +2,11 @@
 # kd's benchmark driver, on the GPU machine: builds through the `device` preset (dependencies from
 # scripts/fetch_device_deps.sh, carried as .deps), then runs the chosen steps in one run on one card and
 # prints the side-by-side tables for benchmarks/RESULTS.md. Logs and tables go to $OUT (or build/bench).
-#   bash scripts/bench.sh [kernels] [model] [timing]        (default: kernels model)
+#   bash scripts/bench.sh [kernels] [grid] [model] [timing]        (default: kernels model)
 #   kernels  the fused loss kernels (kd_bench_cuda) against PyTorch eager and torch.compile (torch_baseline.py)
+#   grid     issue 12's table: every divergence and cross-entropy over V in {32,000, 50,304, 128,256,
+#            151,936} x N in {2048, 8192, 16384}, linear + KD at d = 576 / 2048, kd against eager and
+#            torch.compile (torch_baseline.py --grid), about 8 minutes on an H200
 #   model    a training step of the seed teacher and student (kd_model bench) against transformers eager and
 #            torch.compile (model_bench_torch.py); KD_BENCH_ARCHS="teacher" or "student" limits it
 #   timing   per-op GPU times of the model at the seed geometry (test_cuda_model_ops' timing case)
@@ -20,17 +23,24 @@ bin=build/device
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/device.txt"
 cmake --preset device >"$logs/configure.log" 2>&1 || { tail -20 "$logs/configure.log"; exit 1; }
 targets=()
-want kernels && targets+=(kd_bench_cuda)
+{ want kernels || want grid; } && targets+=(kd_bench_cuda)
 want model && targets+=(kd_model)
 want timing && targets+=(test_cuda_model_ops)
 cmake --build --preset device --target "${targets[@]}" >"$logs/build.log" 2>&1 ||
   { grep -E "error" "$logs/build.log" | head -40; exit 1; }
 rc=0
 if want kernels; then
-  "$bin/benchmarks/kd_bench_cuda" --benchmark_format=json --benchmark_out="$logs/kd_bench.json" \
-    --benchmark_out_format=json >/dev/null || rc=1
+  "$bin/benchmarks/kd_bench_cuda" --benchmark_filter=-BM_grid --benchmark_format=json \
+    --benchmark_out="$logs/kd_bench.json" --benchmark_out_format=json >/dev/null || rc=1
   [[ -n "${KD_BENCH_KD_ONLY:-}" ]] || python3 benchmarks/torch_baseline.py >"$logs/torch.jsonl" || rc=1
   python3 benchmarks/make_table.py "$logs/kd_bench.json" "$logs/torch.jsonl" | tee "$logs/table.md"
+fi
+if want grid; then
+  "$bin/benchmarks/kd_bench_cuda" --benchmark_filter='BM_grid|BM_device_copy' --benchmark_format=json \
+    --benchmark_out="$logs/kd_grid.json" --benchmark_out_format=json >/dev/null || rc=1
+  [[ -n "${KD_BENCH_KD_ONLY:-}" ]] || python3 benchmarks/torch_baseline.py --grid >"$logs/torch_grid.jsonl" || rc=1
+  touch "$logs/torch_grid.jsonl"
+  python3 benchmarks/make_table.py "$logs/kd_grid.json" "$logs/torch_grid.jsonl" | tee "$logs/grid_table.md"
 fi
 if want model; then
   : >"$logs/model_bench.jsonl"

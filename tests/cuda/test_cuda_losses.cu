@@ -23,8 +23,10 @@ struct kd_case {
 };
 
 // Runs logit_kd<D> on the GPU in storage T and compares loss and gradient with the fp64 CPU reference.
+// `shared`: run on that context (several calls on one context), else on a fresh one.
 template <class D, class T>
-void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::index_t teacher_cols = 0) {
+void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::index_t teacher_cols = 0,
+                    kd::cuda::context* shared = nullptr) {
   const kd::index_t tv = map ? teacher_cols : c.v;
   auto th = random_storage<T>(static_cast<std::size_t>(c.n * tv), 2.0, rng());
   auto sh = random_storage<T>(static_cast<std::size_t>(c.n * c.v), 1.0, rng());
@@ -42,7 +44,8 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
   if (!labels.empty()) lab_d.upload(labels);
   gd.poison();
 
-  kd::cuda::context ctx;
+  kd::cuda::context own;
+  kd::cuda::context& ctx = shared != nullptr ? *shared : own;
   kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::precision<T, float>, kd::precision<T, float>>> gpu;
   gpu.options.temperature = c.temperature;
   gpu.options.vocab = c.vocab;
@@ -79,22 +82,24 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
 }
 
 template <class T>
-void check_cross_entropy(kd::index_t n, kd::index_t v, kd::index_t vocab, double z) {
+void check_cross_entropy(kd::index_t n, kd::index_t v, kd::index_t vocab, double z, kd::cuda::context* shared = nullptr) {
   auto sh = random_storage<T>(static_cast<std::size_t>(n * v), 2.0, rng());
   std::vector<std::int32_t> labels;
   std::uniform_int_distribution<int> pick(0, static_cast<int>((vocab > 0 ? vocab : v) - 1));
   for (kd::index_t i = 0; i < n; ++i) labels.push_back(i % 4 == 3 ? -100 : pick(rng()));
   device_buffer<T> sd(sh.size()), gd(sh.size());
   device_buffer<float> ce_d(1), z_d(1);
+  device_buffer<long long> tok_d(1);
   device_buffer<std::int32_t> lab_d(labels.size());
   sd.upload(sh);
   lab_d.upload(labels);
   gd.poison();
-  kd::cuda::context ctx;
+  kd::cuda::context own;
+  kd::cuda::context& ctx = shared != nullptr ? *shared : own;
   kd::cross_entropy<kd::token_mean, kd::precision<T, float>> gpu;
   gpu.options.vocab = vocab;
   gpu.options.z_loss_weight = z;
-  kd::cuda::device_cross_entropy out{ce_d.data, z_d.data, nullptr};
+  kd::cuda::device_cross_entropy out{ce_d.data, z_d.data, tok_d.data};
   REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(sd.data, n, v),
               std::span<const std::int32_t>(lab_d.data, labels.size()), out, kd::matrix_view<T>(gd.data, n, v))
               .ok());
@@ -112,6 +117,7 @@ void check_cross_entropy(kd::index_t n, kd::index_t v, kd::index_t vocab, double
   CHECK(std::abs(ce_d.download()[0] - rr.ce) <= tolerance<T>() * rr.ce);
   CHECK(std::abs(z_d.download()[0] - rr.z_loss) <= tolerance<T>() * rr.z_loss);
   CHECK(rel_error(g, gref) <= tolerance<T>());
+  CHECK(tok_d.download()[0] == rr.tokens);
 }
 
 // A 151,936 -> 50,304 map shaped like Qwen3 -> GPT-2: 42,256 shared strings (an injection) plus a few
@@ -157,6 +163,22 @@ TEST_CASE_TEMPLATE("fused cross-entropy and z-loss", T, float, kd::bfloat16, kd:
   check_cross_entropy<T>(1, 50257, 0, 1e-4);
   check_cross_entropy<T>(17, 50304, 50257, 1e-3);
   check_cross_entropy<T>(5, 151936, 151669, 0.0);
+}
+
+// A call ends in its own kernel: up to kInlineCountRows rows every block counts the labels' tokens and
+// the last block to finish forms the value behind the context's grid ticket; above it a count kernel
+// runs first. Both paths, and the ticket's reuse by consecutive calls on one context (it must be back
+// to zero after each), against the CPU reference.
+TEST_CASE("one context, calls on both sides of the in-kernel token count") {
+  kd::cuda::context ctx;
+  const kd::index_t inline_rows = kd::cuda::detail::kInlineCountRows;
+  for (const kd::index_t n : {kd::index_t{1}, inline_rows, inline_rows + 1, kd::index_t{2500}, kd::index_t{7}}) {
+    CAPTURE(n);
+    check_logit_kd<kd::forward_kl, float>({n, 4003, 2.0, true, 4000}, nullptr, 0, &ctx);
+    check_logit_kd<kd::jsd, kd::bfloat16>({n, 4096, 1.0, true}, nullptr, 0, &ctx);
+    check_logit_kd<kd::reverse_kl, float>({n, 4003, 2.0, false}, nullptr, 0, &ctx);  // no labels: rows
+    check_cross_entropy<float>(n, 4003, 4000, 1e-3, &ctx);
+  }
 }
 
 template <class T>

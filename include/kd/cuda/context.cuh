@@ -16,6 +16,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <kd/core/status.hpp>
@@ -61,6 +62,7 @@ class context {
     for (auto& [key, b] : cache_) cudaFree(b.data);
     if (scratch_ != nullptr) cudaFree(scratch_);
     if (error_ != nullptr) cudaFree(error_);
+    if (ticket_ != nullptr) cudaFree(ticket_);
   }
 
   [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
@@ -96,6 +98,46 @@ class context {
     }
     out = error_;
     return {};
+  }
+
+  // The grid ticket of kernels that end their own reduction (the last block to finish sums the
+  // partials: kd::cuda::detail::last_block_of_grid). Zero between kernels; made on first use.
+  status ticket(unsigned*& out) {
+    if (ticket_ == nullptr) {
+      KD_CUDA_TRY(cudaMalloc(&ticket_, sizeof(unsigned)), "cudaMalloc (kd grid ticket)");
+      KD_CUDA_TRY(cudaMemsetAsync(ticket_, 0, sizeof(unsigned), stream_), "cudaMemsetAsync");
+    }
+    out = ticket_;
+    return {};
+  }
+
+  // Raises a kernel's dynamic shared-memory limit to `bytes`, once per kernel and size: the attribute
+  // call costs about a microsecond of host time, which small calls cannot afford every time.
+  template <class Kernel>
+  status allow_dynamic_smem(Kernel* kernel, std::size_t bytes) {
+    const void* key = reinterpret_cast<const void*>(kernel);
+    for (auto& [k, b] : smem_set_)
+      if (k == key && b >= bytes) return {};
+    KD_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+                "cudaFuncSetAttribute");
+    for (auto& [k, b] : smem_set_)
+      if (k == key) {
+        b = bytes;
+        return {};
+      }
+    smem_set_.emplace_back(key, bytes);
+    return {};
+  }
+
+  // Streaming multiprocessors of the current device (queried once).
+  int sm_count() {
+    if (sm_count_ == 0) {
+      int dev = 0;
+      if (cudaGetDevice(&dev) != cudaSuccess ||
+          cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+        sm_count_ = 1;  // unknown: the launch plans that use it fall back to their plain shape
+    }
+    return sm_count_;
   }
 
   // The context's cuBLAS handle, bound to its stream (created on first use).
@@ -202,6 +244,9 @@ class context {
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
   unsigned long long* error_ = nullptr;
+  unsigned* ticket_ = nullptr;
+  int sm_count_ = 0;
+  std::vector<std::pair<const void*, std::size_t>> smem_set_;  // dynamic shared memory allowed per kernel
   std::vector<std::string> components_;
   std::unordered_map<std::uint64_t, cached> cache_;
   std::unordered_map<unsigned, std::vector<std::string>> row_names_;

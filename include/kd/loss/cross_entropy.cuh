@@ -47,6 +47,15 @@ struct cross_entropy_params {
   float* partial_z = nullptr;   // [rows * C]
   unsigned long long* error = nullptr;
   unsigned component = 0;
+  // The call ends in the kernel (as logit_kd's, kd/loss/logit_kd.cuh): count_inline: each block counts
+  // the tokens (divisor_dev then only marks the divisor as that count); else count_dev holds the count
+  // kernel's. The last block (ticket) writes ce, z_loss (optional) and tokens (optional).
+  bool count_inline = false;
+  const long long* count_dev = nullptr;
+  unsigned* ticket = nullptr;
+  float* out_ce = nullptr;
+  float* out_z = nullptr;
+  long long* out_tokens = nullptr;
 };
 
 template <class ST, class GT>
@@ -58,10 +67,31 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
   extern __shared__ __align__(16) unsigned char smem_raw[];
   ST* cache = reinterpret_cast<ST*>(smem_raw);
   __shared__ float2 red_lse[32];
+  __shared__ float red_sum[32];
+  __shared__ double red_d[32];
   __shared__ cluster_slots<2> slots;
   __shared__ unsigned long long bar;  // bulk-copy completion
   if (threadIdx.x == 0) mbar_init(&bar);
   __syncthreads();
+  const long long tokens =  // this block's count (count_inline), else read from count_dev where needed
+      p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red_sum)) : 0;
+  auto divisor_of_call = [&] {
+    const bool from_count = p.divisor_dev != nullptr;
+    return loss_divisor(from_count, !from_count ? 0 : p.count_inline ? tokens : *p.divisor_dev, p.divisor);
+  };
+  // Every block ends here (each exit path, uniformly per block): the last one forms the call's values.
+  auto finish = [&] {
+    if (!last_block_of_grid(p.ticket)) return;
+    const long long n = p.rows * c_blocks;
+    const double d = divisor_of_call();
+    const double ce = block_sum_ordered(p.partial_ce, n, red_d);
+    const double z = p.out_z != nullptr ? block_sum_ordered(p.partial_z, n, red_d) : 0.0;
+    if (threadIdx.x == 0) {
+      *p.out_ce = static_cast<float>(ce / d);
+      if (p.out_z != nullptr) *p.out_z = static_cast<float>(z / d);
+      if (p.out_tokens != nullptr) *p.out_tokens = p.count_inline ? tokens : *p.count_dev;
+    }
+  };
 
   const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.vocab);
   const long long n_local = std::min<long long>(j0 + p.chunk, p.vocab) - j0;
@@ -84,6 +114,7 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
   if (!active) {
     zero_slice(j0, j0 + n_local);
     if (threadIdx.x == 0) p.partial_ce[out_i] = p.partial_z[out_i] = 0.f;
+    finish();
     return;
   }
   lse_acc acc[1];
@@ -104,6 +135,7 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
       atomicMin(p.error, encode_error(row, device_error::non_finite, device_tensor::student, p.component));
     zero_slice(j0, j0 + n_local);
     if (threadIdx.x == 0) p.partial_ce[out_i] = p.partial_z[out_i] = 0.f;
+    finish();
     return;
   }
   if (threadIdx.x == 0) {
@@ -112,9 +144,11 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
     p.partial_ce[out_i] = mine ? lse - to_float(cache[y - j0]) : 0.f;
     p.partial_z[out_i] = mine ? lse * lse : 0.f;
   }
-  if (!p.want_grad) return;
-  const float divisor = p.divisor_dev != nullptr ? static_cast<float>(std::max<long long>(*p.divisor_dev, 1))
-                                                 : static_cast<float>(p.divisor);
+  if (!p.want_grad) {
+    finish();
+    return;
+  }
+  const float divisor = static_cast<float>(divisor_of_call());
   const float factor = p.grad_base / divisor;
   const float zfac = factor + p.z_weight / divisor * 2.f * lse;  // coefficient of softmax (kd/loss/cross_entropy.hpp)
   long long done = 0;
@@ -137,6 +171,7 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
     if (p.accumulate) g += to_float(grow[j0 + j]);
     grow[j0 + j] = from_float<GT>(g);
   }
+  finish();
 }
 
 }  // namespace detail
@@ -177,9 +212,7 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
     p.accumulate = o.accumulate_grad;
     p.vector_ok = rows_aligned(logits) && (!want_grad || rows_aligned(dlogits));
     p.component = ctx.component_slot(comp);
-    int cluster = 1;
-    while (cluster < 8 && static_cast<std::size_t>((p.vocab + cluster - 1) / cluster) * sizeof(ST) > ctx.slice_budget())
-      cluster *= 2;
+    const int cluster = row_cluster(ctx, p.vocab, sizeof(ST), p.rows, true);
     p.chunk = ((p.vocab + cluster - 1) / cluster + 7) / 8 * 8;
     const std::size_t smem = p.chunk * sizeof(ST);
     if (smem > kSliceLimit) return {errc::invalid_argument, "the vocabulary is too large for one 8-block cluster"};
@@ -192,14 +225,21 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
     p.partial_z = reinterpret_cast<float*>(static_cast<char*>(scratch) + part_bytes);
     long long* count = reinterpret_cast<long long*>(static_cast<char*>(scratch) + 2 * part_bytes);
     KD_TRY(ctx.error_word(p.error));
-    KD_TRY(launch_count_tokens(p.labels, p.rows, p.ignore_index, count, stream));
+    KD_TRY(ctx.ticket(p.ticket));
+    p.out_ce = out.ce;
+    p.out_z = out.z_loss;
+    p.out_tokens = out.tokens;
+    p.count_inline = p.rows <= kInlineCountRows;  // else the count kernel first
+    if (!p.count_inline) {
+      KD_TRY(launch_count_tokens(p.labels, p.rows, p.ignore_index, count, stream));
+      p.count_dev = count;
+    }
     const auto kind = ::kd::detail::divisor_of<Loss::reduction_info.mean>(o);
     if (kind == ::kd::detail::divisor_kind::active_tokens) p.divisor_dev = count;
     else p.divisor = ::kd::detail::token_divisor(kind, o, 0);
 
     auto kernel = cross_entropy_kernel<ST, std::remove_const_t<GT>>;
-    KD_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                "cudaFuncSetAttribute");
+    KD_TRY(ctx.allow_dynamic_smem(kernel, smem));
     cudaLaunchConfig_t cfg{};
     cfg.gridDim = dim3(static_cast<unsigned>(p.rows * cluster));
     cfg.blockDim = dim3(512);
@@ -213,11 +253,6 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     KD_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, p), "cross_entropy kernel launch");
-    KD_TRY(launch_finish_loss(p.partial_ce, static_cast<long long>(n_part), p.divisor_dev, p.divisor, count, -1,
-                              cuda::device_loss{out.ce, out.tokens}, stream));
-    if (out.z_loss != nullptr)
-      KD_TRY(launch_finish_loss(p.partial_z, static_cast<long long>(n_part), p.divisor_dev, p.divisor, count, -1,
-                                cuda::device_loss{out.z_loss, nullptr}, stream));
     return {};
   }
 };

@@ -104,7 +104,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       l.p.partial = partial + r0 * cluster;
       l.p.error = err;
       bind_divisor(sc, l.p, labels.empty() ? nullptr : count, n);
-      KD_TRY(enqueue_logit_kd(l, stream));
+      KD_TRY(enqueue_logit_kd(ctx, l));
       // dh[r0:r0+rows] = dlogits W ;  dW (+)= dlogits^T h[r0:r0+rows]
       if (!dh.empty())
         KD_TRY(cuda::gemm_rm(blas, rows, d, v, dlogits, v, false, w.data, d, false, dh.row(r0), d, o.accumulate_grad ? 1.f : 0.f));

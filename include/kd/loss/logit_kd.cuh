@@ -70,6 +70,15 @@ struct logit_kd_params {
   float* partial = nullptr;     // [rows * C] partial losses (already scaled by loss_scale)
   unsigned long long* error = nullptr;
   unsigned component = 0;
+  // The call's end inside the kernel (small calls: one launch in all). count_inline: every block counts
+  // the labels' tokens itself, and divisor_dev (still non-null when the divisor is that count) is not
+  // read. ticket non-null: the last block sums the partials into value, and tokens (count_dev's count,
+  // the inline count, or rows without labels); else a finish kernel does (linear + KD's chunks).
+  bool count_inline = false;
+  const long long* count_dev = nullptr;
+  unsigned* ticket = nullptr;
+  float* value = nullptr;
+  long long* tokens = nullptr;
 };
 
 // How a kernel reads the support: no map (columns 0..V-1), a general map (CSR: each slot the
@@ -92,11 +101,29 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   ST* scache = reinterpret_cast<ST*>(smem_raw + ((p.chunk * sizeof(TC) + 15) / 16) * 16);
   __shared__ float2 red_lse[32];
   __shared__ float red_sum[32];
+  __shared__ double red_d[32];
   __shared__ cluster_slots<4> slots;
   __shared__ cluster_slots<1> slots1;
   __shared__ unsigned long long bar;  // bulk-copy completion
   if (threadIdx.x == 0) mbar_init(&bar);
   __syncthreads();
+  const float tokens_here =
+      p.count_inline ? block_count_tokens(p.labels, p.rows, p.ignore_index, red_sum) : 0.f;
+  auto divisor_of_call = [&] {
+    const bool from_count = p.divisor_dev != nullptr;
+    return loss_divisor(from_count, !from_count ? 0 : p.count_inline ? static_cast<long long>(tokens_here) : *p.divisor_dev,
+                        p.divisor);
+  };
+  // Every block ends here (each exit path, uniformly per block): the last one forms the call's value.
+  auto finish = [&] {
+    if (p.ticket == nullptr || !last_block_of_grid(p.ticket)) return;
+    const double sum = block_sum_ordered(p.partial, p.rows * c_blocks, red_d);
+    if (threadIdx.x == 0) {
+      *p.value = static_cast<float>(sum / divisor_of_call());
+      if (p.tokens != nullptr)
+        *p.tokens = p.labels == nullptr ? p.rows : p.count_inline ? static_cast<long long>(tokens_here) : *p.count_dev;
+    }
+  };
 
   const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.support);
   const long long j1 = std::min<long long>(j0 + p.chunk, p.support);
@@ -141,6 +168,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
       for (long long c = a + threadIdx.x; c < b; c += blockDim.x) grow[c] = from_float<GT>(0.f);
     }
     if (threadIdx.x == 0) *partial = 0.f;
+    finish();
     return;  // uniform across the cluster: no block waits at a barrier the others skip
   }
   zero_uncovered();
@@ -209,10 +237,10 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
       for (long long j = threadIdx.x; j < n_local; j += blockDim.x)
         grow[Map ? p.map_support[j0 + j] : j0 + j] = from_float<GT>(0.f);
     if (threadIdx.x == 0) *partial = 0.f;
+    finish();
     return;
   }
-  const float divisor = p.divisor_dev != nullptr ? static_cast<float>(std::max<long long>(*p.divisor_dev, 1))
-                                                 : static_cast<float>(p.divisor);
+  const float divisor = static_cast<float>(divisor_of_call());
   const float factor = p.grad_base / divisor;
   // Base-2 log-probabilities of entry j: dt = log2 p, ds = log2 q.
   auto log2_pq = [&](long long j, float& dt, float& ds) {
@@ -291,6 +319,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   }
   loss = block_sum(loss, red_sum);
   if (threadIdx.x == 0) *partial = loss * p.loss_scale;
+  finish();
 }
 
 }  // namespace cuda::detail
@@ -308,11 +337,12 @@ struct logit_kd_launch {
 
 // Launch geometry from the shared validation (kd::detail::validate_logit_kd) plus the checks that are
 // truly device-specific (alignment, cluster size). Label values live on the device and are checked by
-// the kernel.
+// the kernel. spread_rows (row_cluster): few rows may take larger clusters; callers that lay out
+// partials by one cluster size across launches (linear + KD's chunks) leave it off.
 template <class Loss, class TT, class ST, class GT>
 status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teacher, matrix_view<const ST> student,
                      std::span<const std::int32_t> labels, matrix_view<GT> dstudent, bool want_grad,
-                     logit_kd_launch& out) {
+                     logit_kd_launch& out, bool spread_rows = false) {
   using D = typename Loss::divergence;
   const auto& o = loss.options;
   const auto comp = ::kd::detail::component_or(o, "kd");
@@ -364,9 +394,7 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   // Cluster size: the smallest whose per-block slice fits the budget.
   const std::size_t tc_bytes = map && !contiguous ? sizeof(float) : sizeof(TT);
   const std::size_t per_entry = tc_bytes + sizeof(ST);
-  int cluster = 1;
-  while (cluster < 8 && static_cast<std::size_t>((p.support + cluster - 1) / cluster) * per_entry > ctx.slice_budget())
-    cluster *= 2;
+  const int cluster = row_cluster(ctx, p.support, per_entry, p.rows, spread_rows);
   p.chunk = ((p.support + cluster - 1) / cluster + 7) / 8 * 8;
   out.smem = ((p.chunk * tc_bytes + 15) / 16) * 16 + p.chunk * sizeof(ST);
   if (out.smem > kSliceLimit)
@@ -381,9 +409,9 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
 }
 
 // Enqueues a planned launch whose partial, error and divisor fields are bound.
-inline status enqueue_logit_kd(const logit_kd_launch& l, cudaStream_t stream) {
-  KD_CUDA_TRY(cudaFuncSetAttribute(l.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.smem)),
-              "cudaFuncSetAttribute");
+inline status enqueue_logit_kd(context& ctx, const logit_kd_launch& l) {
+  KD_TRY(ctx.allow_dynamic_smem(l.kernel, l.smem));
+  const cudaStream_t stream = ctx.stream();
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(l.p.rows * l.cluster));
   cfg.blockDim = dim3(512);
@@ -427,19 +455,26 @@ struct loss_impl<cuda::backend, logit_kd_tag> {
     cuda::context& ctx = *be.ctx;
     const cudaStream_t stream = ctx.stream();
     logit_kd_launch l;
-    KD_TRY(plan_logit_kd(ctx, loss, teacher, student, labels, dstudent, want_grad, l));
-    // Scratch: partial losses [rows * cluster] and the device token count.
+    KD_TRY(plan_logit_kd(ctx, loss, teacher, student, labels, dstudent, want_grad, l, true));
+    // Scratch: partial losses [rows * cluster] and the device token count. One launch in all when the
+    // labels are few enough to count in every block; else the count kernel first.
     void* scratch = nullptr;
     const std::size_t partial_bytes = ((static_cast<std::size_t>(l.p.rows) * l.cluster * sizeof(float) + 15) / 16) * 16;
     KD_TRY(ctx.scratch(partial_bytes + 64, scratch));
     l.p.partial = static_cast<float*>(scratch);
     long long* count = reinterpret_cast<long long*>(static_cast<char*>(scratch) + partial_bytes);
     KD_TRY(ctx.error_word(l.p.error));
-    if (l.p.labels != nullptr) KD_TRY(launch_count_tokens(l.p.labels, l.p.rows, l.p.ignore_index, count, stream));
-    bind_divisor(l.scaling, l.p, l.p.labels != nullptr ? count : nullptr, l.p.rows);
-    KD_TRY(enqueue_logit_kd(l, stream));
-    return launch_finish_loss(l.p.partial, l.p.rows * l.cluster, l.p.divisor_dev, l.p.divisor,
-                              l.p.labels != nullptr ? count : nullptr, l.p.labels == nullptr ? l.p.rows : -1, out, stream);
+    KD_TRY(ctx.ticket(l.p.ticket));
+    l.p.value = out.value;
+    l.p.tokens = out.tokens;
+    const bool labelled = l.p.labels != nullptr;
+    l.p.count_inline = labelled && l.p.rows <= kInlineCountRows;
+    if (labelled && !l.p.count_inline) {
+      KD_TRY(launch_count_tokens(l.p.labels, l.p.rows, l.p.ignore_index, count, stream));
+      l.p.count_dev = count;
+    }
+    bind_divisor(l.scaling, l.p, labelled ? count : nullptr, l.p.rows);
+    return enqueue_logit_kd(ctx, l);
   }
 };
 

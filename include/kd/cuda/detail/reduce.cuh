@@ -97,6 +97,42 @@ __device__ inline lse_acc block_lse(lse_acc a, float2* scratch) {
   return warp_lse(b);
 }
 
+// A block sum of n floats in double, in a fixed order (each thread a strided run, then shuffles): the
+// same bits for the same n and block size on every launch, so a loss value is reproducible. Reads go
+// through L2 (__ldcg): the partials may have been written by other blocks of this grid just before.
+// Every thread gets the total; `scratch` holds >= 32 doubles.
+__device__ inline double block_sum_ordered(const float* v, long long n, double* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  double s = 0.0;
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) s += static_cast<double>(__ldcg(v + i));
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = s;
+  __syncthreads();
+  s = lane < warps ? scratch[lane] : 0.0;
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  return s;
+}
+
+// True in the one block of a 1-D grid that arrives here last; call from every thread of every block
+// after the block's partial results are stored. The ticket is zero between kernels (the last block
+// resets it), so a loss kernel can end its own reduction without a second launch: at N <= 512 the
+// finish kernel and its dependency were a third of a call (benchmarks/RESULTS.md, small calls).
+__device__ inline bool last_block_of_grid(unsigned* ticket) {
+  __shared__ unsigned last;
+  __syncthreads();  // every partial of this block is stored
+  if (threadIdx.x == 0) {
+    __threadfence();  // ... and visible to the grid before this block takes its ticket
+    last = atomicAdd(ticket, 1u) + 1u == gridDim.x ? 1u : 0u;
+    if (last != 0u) {
+      atomicExch(ticket, 0u);
+      __threadfence();  // the other blocks' partials are read after their tickets
+    }
+  }
+  __syncthreads();
+  return last != 0u;
+}
+
 // Cluster-wide: every block publishes its block result in its own shared slot, the cluster
 // synchronises, and the first warp of each block gathers the C slots through distributed shared memory
 // (lane r reads rank r: C remote loads per block instead of C per thread), combines them with shuffles

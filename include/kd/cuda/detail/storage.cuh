@@ -22,6 +22,18 @@ namespace kd::cuda::detail {
 // kSliceLimit is the hard ceiling.
 inline constexpr std::size_t kSliceLimit = 220 * 1024;
 
+// Cluster size of a row kernel (logit_kd, cross_entropy): the smallest (up to 8 blocks) whose per-block
+// slice of `entries` x `entry_bytes` fits the context's slice budget. spread_rows: for a small call,
+// doubled while the grid stays under half the SMs and each block keeps >= 4096 entries (below that
+// the per-block fixed phases outweigh the shorter copy), so one row at N = 1 still spreads over 4-8 SMs.
+inline int row_cluster(context& ctx, long long entries, std::size_t entry_bytes, long long rows, bool spread_rows) {
+  int c = 1;
+  while (c < 8 && static_cast<std::size_t>((entries + c - 1) / c) * entry_bytes > ctx.slice_budget()) c *= 2;
+  if (spread_rows)
+    while (c < 8 && rows * c * 2 <= ctx.sm_count() && entries / (c * 2) >= 4096) c *= 2;
+  return c;
+}
+
 // kd::half / kd::bfloat16 share the bit layout of __half / __nv_bfloat16 (kd/core/numeric.hpp).
 static_assert(sizeof(__half) == sizeof(kd::half) && sizeof(__nv_bfloat16) == sizeof(kd::bfloat16));
 
@@ -195,12 +207,29 @@ kd::status check_alignment(const T* ptr, const char* what, std::string_view comp
   return {};
 }
 
+// Labels other than ignore_index among labels[0, n), counted by one block (every thread gets the count).
+// Exact: per-thread counts stay far below 2^24.
+__device__ inline float block_count_tokens(const std::int32_t* labels, long long n, int ignore_index, float* scratch) {
+  float local = 0.f;
+  for (long long i = threadIdx.x; i < n; i += blockDim.x) local += labels[i] != ignore_index ? 1.f : 0.f;
+  return block_sum(local, scratch);
+}
+
+// Rows up to which a row kernel counts the labels' tokens in every block instead of after a count
+// kernel: below it the re-reads are L2 hits worth less than the dependent launch they replace (1024
+// labels are 4 KB per block; the rows themselves are >= 32,000 columns).
+inline constexpr long long kInlineCountRows = 1024;
+
+// The token divisor of a loss value: the device count (at least 1) when the divisor is the active
+// tokens, else the host's value (1, rows or global_tokens). Every CUDA loss reduction goes through it.
+__device__ __forceinline__ double loss_divisor(bool from_count, long long count, double host_divisor) {
+  return from_count ? static_cast<double>(count > 0 ? count : 1) : host_divisor;
+}
+
 template <int = 0>  // a template: header-defined kernels must not clash across translation units
 __global__ void count_tokens_kernel(const std::int32_t* labels, long long n, int ignore_index, long long* count) {
   __shared__ float scratch[32];
-  float local = 0.f;  // exact: per-thread counts stay far below 2^24
-  for (long long i = threadIdx.x; i < n; i += blockDim.x) local += labels[i] != ignore_index ? 1.f : 0.f;
-  const float total = block_sum(local, scratch);
+  const float total = block_count_tokens(labels, n, ignore_index, scratch);
   if (threadIdx.x == 0) *count = static_cast<long long>(total);
 }
 
@@ -214,18 +243,11 @@ inline kd::status launch_count_tokens(const std::int32_t* labels, long long n, i
 template <int = 0>
 __global__ void finish_loss_kernel(const float* partial, long long n, const long long* divisor_dev, double divisor,
                                    const long long* count_dev, long long count_host, float* value, long long* tokens) {
-  __shared__ double sh[1024];
-  double s = 0.0;
-  for (long long i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
-  sh[threadIdx.x] = s;
-  __syncthreads();
-  for (unsigned w = blockDim.x / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
-    __syncthreads();
-  }
+  __shared__ double scratch[32];
+  const double sum = block_sum_ordered(partial, n, scratch);
   if (threadIdx.x == 0) {
-    const double d = divisor_dev != nullptr ? static_cast<double>(*divisor_dev > 0 ? *divisor_dev : 1) : divisor;
-    *value = static_cast<float>(sh[0] / d);
+    *value = static_cast<float>(sum / loss_divisor(divisor_dev != nullptr, divisor_dev != nullptr ? *divisor_dev : 0,
+                                                   divisor));
     if (tokens != nullptr) *tokens = count_dev != nullptr ? *count_dev : count_host;
   }
 }
