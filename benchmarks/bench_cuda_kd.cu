@@ -159,16 +159,20 @@ void BM_cross_entropy_bf16(benchmark::State& state) {
   cudaFree(labels);
 }
 
-// Student LM head (hidden d = range(2) -> V) + a divergence against given teacher logits, forward+backward
-// with gradients for the hidden states and the head. Minimum bytes: read hidden, W, teacher logits; write
-// dhidden and dW (the logits never reach memory in full).
-template <class D>
+// Student LM head (hidden d = range(2) -> V) + a divergence against the teacher, forward+backward with
+// gradients for the hidden states and the head; the logits never reach memory in full. The teacher is
+// given as logits [N x V], or (Head) as hidden states of width 1024 (the seed teacher's) and an LM head,
+// whose logits are formed per chunk too. Minimum bytes: read the hidden states, the heads and the teacher
+// logits (or hidden states); write dhidden and dW.
+template <class D, bool Head = false>
 void BM_linear_kd_bf16(benchmark::State& state) {
-  const long long n = state.range(0), v = state.range(1), d = state.range(2);
+  const long long n = state.range(0), v = state.range(1), d = state.range(2), dt = 1024;
   using T = kd::bfloat16;
   T* h = device_random<T>(n * d, 4, 1.f);
   T* w = device_random<T>(v * d, 5, 0.04f);
-  T* t = device_random<T>(n * v, 6, 2.f);
+  T* t = Head ? nullptr : device_random<T>(n * v, 6, 2.f);
+  T* th = Head ? device_random<T>(n * dt, 6, 1.f) : nullptr;
+  T* tw = Head ? device_random<T>(v * dt, 7, 0.06f) : nullptr;
   T *dh = nullptr, *dw = nullptr;
   float* loss = nullptr;
   BENCH_CHECK(cudaMalloc(&dh, n * d * sizeof(T)));
@@ -179,19 +183,28 @@ void BM_linear_kd_bf16(benchmark::State& state) {
   l.options.temperature = 2.0;
   l.options.chunk_rows = 2048;
   kd::cuda::device_loss out{loss, nullptr};
+  const kd::matrix_view<const T> hv(h, n, d), wv(w, v, d);
+  const kd::matrix_view<T> dhv(dh, n, d), dwv(dw, v, d);
   time_calls(state, [&] {
-    const auto st = l(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(h, n, d), kd::matrix_view<const T>(w, v, d),
-                      kd::matrix_view<const T>(t, n, v), {}, out, kd::matrix_view<T>(dh, n, d), kd::matrix_view<T>(dw, v, d));
+    kd::status st;
+    if constexpr (Head)
+      st = l(kd::cuda::backend{&ctx}, hv, wv,
+             kd::teacher_head<T>{kd::matrix_view<const T>(th, n, dt), kd::matrix_view<const T>(tw, v, dt)}, {}, out, dhv, dwv);
+    else
+      st = l(kd::cuda::backend{&ctx}, hv, wv, kd::matrix_view<const T>(t, n, v), {}, out, dhv, dwv);
     if (!st.ok()) state.SkipWithError(st.message().c_str());
   });
   const auto sync = ctx.sync_status();
   if (!sync.ok()) state.SkipWithError(sync.message().c_str());
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * (n * v + 2 * n * d + 2 * v * d) *
+  const long long teacher_elems = Head ? n * dt + v * dt : n * v;
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * (teacher_elems + 2 * n * d + 2 * v * d) *
                           static_cast<int64_t>(sizeof(T)));
   state.counters["extra_MB"] = static_cast<double>(ctx.scratch_capacity()) / 1e6;
-  state.counters["TFLOPs"] = benchmark::Counter(6.0 * n * v * d * state.iterations() / 1e12, benchmark::Counter::kIsRate);
-  for (void* p : {static_cast<void*>(h), static_cast<void*>(w), static_cast<void*>(t), static_cast<void*>(dh),
-                  static_cast<void*>(dw), static_cast<void*>(loss)})
+  state.counters["TFLOPs"] = benchmark::Counter((6.0 * n * v * d + (Head ? 2.0 * n * v * dt : 0.0)) *
+                                                    state.iterations() / 1e12,
+                                                benchmark::Counter::kIsRate);
+  for (void* p : {static_cast<void*>(h), static_cast<void*>(w), static_cast<void*>(t), static_cast<void*>(th),
+                  static_cast<void*>(tw), static_cast<void*>(dh), static_cast<void*>(dw), static_cast<void*>(loss)})
     cudaFree(p);
 }
 
@@ -277,6 +290,7 @@ BENCHMARK(BM_logit_kd_bf16<kd::skew_kl>)->Name("BM_grid_skew_kl")->Apply(grid);
 BENCHMARK(BM_logit_kd_bf16<kd::tvd>)->Name("BM_grid_tvd")->Apply(grid);
 BENCHMARK(BM_cross_entropy_bf16)->Name("BM_grid_cross_entropy")->Apply(grid);
 BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_grid_linear_forward_kl")->Apply(linear_grid);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true)->Name("BM_grid_linear_teacher_head")->Apply(linear_grid);
 BENCHMARK(BM_linear_kd_bf16<kd::jsd>)->Name("BM_grid_linear_jsd")->Args({8192, 128256, 4096})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 
 }  // namespace

@@ -874,6 +874,66 @@ TEST_CASE("linear_logit_kd: a teacher logit that overflows at the temperature is
                   errc::non_finite, "teacher logits", "token 1", "column 3", "overflows", "'kd'");
 }
 
+// The teacher as hidden states and LM head: the same loss and gradients as on its logits computed
+// beforehand (fp64, so the two orders of the same products agree to rounding), with and without a
+// vocabulary map, over several chunks, with ignored labels; bad teacher shapes are named.
+TEST_CASE("linear_logit_kd with a teacher_head equals it on the teacher's logits") {
+  using namespace kd;
+  const index_t n = 7, d = 5, dt = 6, v = 11;
+  auto g = kdtest::rng(94);
+  std::vector<std::int32_t> labels{1, -100, 3, 4, 0, -100, 9};
+  vocab_map map;
+  REQUIRE(vocab_map::from_pairs({{0, 0}, {2, 1}, {3, 1}, {5, 4}, {7, 9}, {8, 10}, {12, 3}}, 13, v, map).ok());
+  for (const bool mapped : {false, true}) {
+    for (const index_t chunk : {index_t{3}, index_t{64}}) {
+      CAPTURE(mapped);
+      CAPTURE(chunk);
+      const index_t vt = mapped ? 13 : v;
+      std::vector<double> h(n * d), w(v * d), th(n * dt), tw(vt * dt), t(n * vt, 0.0);
+      kdtest::fill_normal(h, g);
+      kdtest::fill_normal(w, g);
+      kdtest::fill_normal(th, g);
+      kdtest::fill_normal(tw, g);
+      for (index_t r = 0; r < n; ++r)
+        for (index_t c = 0; c < vt; ++c)
+          for (index_t k = 0; k < dt; ++k) t[r * vt + c] += th[r * dt + k] * tw[c * dt + k];
+      linear_logit_kd<jsd, token_mean, precision_set<fp64, fp64, fp64>> loss;
+      loss.options.temperature = 2.0;
+      loss.options.chunk_rows = chunk;
+      loss.options.map = mapped ? &map : nullptr;
+      std::vector<double> dh0(n * d), dw0(v * d), dh1(n * d), dw1(v * d);
+      loss_result r0, r1;
+      REQUIRE(loss(cpu, matrix_view<const double>(h.data(), n, d), matrix_view<const double>(w.data(), v, d),
+                   matrix_view<const double>(t.data(), n, vt), labels, r0, matrix_view<double>(dh0.data(), n, d),
+                   matrix_view<double>(dw0.data(), v, d))
+                  .ok());
+      const teacher_head<double> head{matrix_view<const double>(th.data(), n, dt), matrix_view<const double>(tw.data(), vt, dt)};
+      REQUIRE(loss(cpu, matrix_view<const double>(h.data(), n, d), matrix_view<const double>(w.data(), v, d), head, labels,
+                   r1, matrix_view<double>(dh1.data(), n, d), matrix_view<double>(dw1.data(), v, d))
+                  .ok());
+      CHECK(r1.loss == doctest::Approx(r0.loss).epsilon(1e-12));
+      CHECK(r1.loss > 0.0);
+      CHECK(r1.tokens == r0.tokens);
+      for (std::size_t i = 0; i < dh0.size(); ++i) CHECK(dh1[i] == doctest::Approx(dh0[i]).epsilon(1e-10));
+      for (std::size_t i = 0; i < dw0.size(); ++i) CHECK(dw1[i] == doctest::Approx(dw0[i]).epsilon(1e-10));
+    }
+  }
+  // Bad teacher shapes.
+  linear_logit_kd<forward_kl> loss;
+  std::vector<float> h(n * d, 0.5f), w(v * d, 0.25f), th(n * dt, 0.5f), tw(v * dt, 0.1f), dh(n * d), dw(v * d);
+  loss_result res;
+  auto call = [&](matrix_view<const float> thv, matrix_view<const float> twv) {
+    return loss(cpu, matrix_view<const float>(h.data(), n, d), matrix_view<const float>(w.data(), v, d),
+                teacher_head<float>{thv, twv}, labels, res, matrix_view<float>(dh.data(), n, d),
+                matrix_view<float>(dw.data(), v, d));
+  };
+  KD_CHECK_STATUS(call({th.data(), n - 1, dt}, {tw.data(), v, dt}), errc::shape_mismatch, "teacher hidden has 6 tokens",
+                  "'kd'");
+  KD_CHECK_STATUS(call({th.data(), n, dt}, {tw.data(), v, dt - 1}), errc::shape_mismatch, "teacher LM head", "width is 6");
+  KD_CHECK_STATUS(call({th.data(), n, dt}, {tw.data(), v - 1, dt}), errc::shape_mismatch, "teacher");  // V_t != V, no map
+  KD_CHECK_STATUS(call({nullptr, n, dt}, {tw.data(), v, dt}), errc::invalid_argument, "teacher hidden", "null");
+}
+
 // Every validation error names the component, including gradient shape / stride / null checks.
 TEST_CASE("logit_kd and linear_logit_kd: gradient shape, stride and null errors name the component") {
   bad_input_fixture f;

@@ -101,7 +101,9 @@ class context {
   }
 
   // The grid ticket of kernels that end their own reduction (the last block to finish sums the
-  // partials: kd::cuda::detail::last_block_of_grid). Zero between kernels; made on first use.
+  // partials: kd::cuda::detail::last_block_of_grid). Zero between kernels; made on first use. So the
+  // calls of one context must not overlap: they run on its stream (a captured graph of them is replayed
+  // on that stream, or ordered with it), as its scratch already requires.
   status ticket(unsigned*& out) {
     if (ticket_ == nullptr) {
       KD_CUDA_TRY(cudaMalloc(&ticket_, sizeof(unsigned)), "cudaMalloc (kd grid ticket)");

@@ -6,7 +6,8 @@
 // shared memory before writing it), then dhidden = dlogits W and dW += dlogits^T hidden (cuBLAS). The
 // N x V logits never exist: extra memory is chunk_rows x V x (4 + the storage size, or 4 for float), plus
 // V x d floats for dW when W is stored in 16 bits (dW is accumulated over chunks in fp32 and rounded once),
-// plus O(N).
+// plus O(N). With a kd::teacher_head, each chunk's teacher logits are a GEMM into an fp32 chunk x V_teacher
+// scratch as well (chunk x V_teacher x 4 more bytes instead of the teacher's N x V_teacher logits).
 #pragma once
 
 #include <cublas_v2.h>
@@ -40,17 +41,54 @@ __global__ void round_store_kernel(const float* src, T* dst, long long rows, lon
 
 template <>
 struct loss_impl<cuda::backend, linear_kd_tag> {
+  // Teacher logits given: each chunk reads its rows in place.
   template <class Loss, class HT, class WT, class TT, class GH, class GW>
   static status run(const cuda::backend& be, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
                     matrix_view<const TT> t, std::span<const std::int32_t> labels, cuda::device_loss& out,
                     matrix_view<GH> dh, matrix_view<GW> dw) {
+    using TeacherPrecision = typename Loss::precisions::teacher;
+    return chunks<TeacherPrecision>(be, loss, h, w, t, 0, labels, out, dh, dw,
+                                    [&](cublasHandle_t, long long r0, long long rows, float*) -> status_or_view<TT> {
+                                      return {{}, matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride)};
+                                    });
+  }
+
+  // Teacher as hidden states and LM head: each chunk's teacher logits are one more GEMM into an fp32
+  // chunk x V_teacher scratch (fp32 accumulation, kept in fp32 as the CPU reference keeps them).
+  template <class Loss, class HT, class WT, class TT, class GH, class GW>
+  static status run(const cuda::backend& be, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
+                    const teacher_head<TT>& th, std::span<const std::int32_t> labels, cuda::device_loss& out,
+                    matrix_view<GH> dh, matrix_view<GW> dw) {
+    const long long vt = th.weight.rows, dt = th.weight.cols;
+    return chunks<precision<float, float>>(
+        be, loss, h, w, th, vt, labels, out, dh, dw,
+        [&](cublasHandle_t blas, long long r0, long long rows, float* tlogits) -> status_or_view<float> {
+          status st = cuda::gemm_rm(blas, rows, vt, dt, th.hidden.row(r0), th.hidden.stride, false, th.weight.data,
+                                    th.weight.stride, true, tlogits, vt, 0.f);
+          return {st, matrix_view<const float>(tlogits, rows, vt)};
+        });
+  }
+
+ private:
+  template <class T>
+  struct status_or_view {
+    status st;
+    matrix_view<const T> view;
+  };
+
+  // The chunk loop of both forms. teacher_cols: columns of the fp32 teacher chunk the teacher callback
+  // fills (0: it reads given logits in place); teacher(blas, r0, rows, scratch) gives the chunk's view.
+  template <class TeacherPrecision, class Loss, class HT, class WT, class Teacher, class GH, class GW, class Fn>
+  static status chunks(const cuda::backend& be, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
+                       const Teacher& teacher_arg, long long teacher_cols, std::span<const std::int32_t> labels,
+                       cuda::device_loss& out, matrix_view<GH> dh, matrix_view<GW> dw, Fn&& teacher) {
     using namespace cuda::detail;
     const auto& o = loss.options;
     static_assert(std::is_same_v<HT, WT>, "kd: the CUDA linear_logit_kd needs the hidden states and LM head in one dtype.");
     if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
     if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null"};
     ::kd::detail::kd_scaling sc;
-    KD_TRY(::kd::detail::validate_linear_kd(loss, h, w, t, labels, dh, dw, sc));
+    KD_TRY(::kd::detail::validate_linear_kd(loss, h, w, teacher_arg, labels, dh, dw, sc));
     if (h.stride != h.cols || w.stride != w.cols || (!dh.empty() && dh.stride != dh.cols) || (!dw.empty() && dw.stride != dw.cols))
       return {errc::shape_mismatch, "the CUDA linear_logit_kd needs contiguous hidden, weight and gradient rows"};
     cuda::context& ctx = *be.ctx;
@@ -64,29 +102,32 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     // them: rounding them to a 16-bit storage type first costs ~1e-2 of the gradient at T = 0.5), with
     // dlogits written in the storage type for the two backward GEMMs (in place when that is float).
     using Inner = logit_kd<typename Loss::divergence, typename Loss::reduction,
-                           precision_set<typename Loss::precisions::teacher, precision<float, float>>>;
+                           precision_set<TeacherPrecision, precision<float, float>>>;
+    using TV = typename TeacherPrecision::storage_type;
     constexpr bool separate_grad = !std::is_same_v<HT, float>;
     Inner inner;
     static_cast<logit_kd_options&>(inner.options) = o;
     inner.options.accumulate_grad = false;
 
-    // Scratch: fp32 logits chunk | dlogits chunk (16-bit heads) | fp32 dW (16-bit heads) | partials
-    // [n * 8 (the largest cluster)] | count.
+    // Scratch: fp32 logits chunk | dlogits chunk (16-bit heads) | fp32 teacher chunk (teacher_head) |
+    // fp32 dW (16-bit heads) | partials [n * 8 (the largest cluster)] | count.
     const bool dw_f32 = !dw.empty() && !std::is_same_v<std::remove_const_t<GW>, float>;
     auto align = [](std::size_t b) { return (b + 255) / 256 * 256; };
     const std::size_t logits_bytes = align(static_cast<std::size_t>(chunk) * v * sizeof(float)) +
                                      (separate_grad ? align(static_cast<std::size_t>(chunk) * v * sizeof(HT)) : 0);
+    const std::size_t teacher_bytes = align(static_cast<std::size_t>(chunk) * teacher_cols * sizeof(float));
     const std::size_t dw_bytes = dw_f32 ? align(static_cast<std::size_t>(v) * d * sizeof(float)) : 0;
     const std::size_t partial_bytes = align(static_cast<std::size_t>(n) * 8 * sizeof(float));
     void* scratch = nullptr;
-    KD_TRY(ctx.scratch(logits_bytes + dw_bytes + partial_bytes + 256, scratch));
+    KD_TRY(ctx.scratch(logits_bytes + teacher_bytes + dw_bytes + partial_bytes + 256, scratch));
     auto* base = static_cast<char*>(scratch);
     float* logits = reinterpret_cast<float*>(base);
     HT* dlogits = separate_grad ? reinterpret_cast<HT*>(base + align(static_cast<std::size_t>(chunk) * v * sizeof(float)))
                                 : reinterpret_cast<HT*>(logits);
-    float* dw32 = dw_f32 ? reinterpret_cast<float*>(base + logits_bytes) : nullptr;
-    float* partial = reinterpret_cast<float*>(base + logits_bytes + dw_bytes);
-    long long* count = reinterpret_cast<long long*>(base + logits_bytes + dw_bytes + partial_bytes);
+    float* tlogits = teacher_cols > 0 ? reinterpret_cast<float*>(base + logits_bytes) : nullptr;
+    float* dw32 = dw_f32 ? reinterpret_cast<float*>(base + logits_bytes + teacher_bytes) : nullptr;
+    float* partial = reinterpret_cast<float*>(base + logits_bytes + teacher_bytes + dw_bytes);
+    long long* count = reinterpret_cast<long long*>(base + logits_bytes + teacher_bytes + dw_bytes + partial_bytes);
     unsigned long long* err = nullptr;
     KD_TRY(ctx.error_word(err));
     if (!labels.empty()) KD_TRY(launch_count_tokens(labels.data(), n, o.ignore_index, count, stream));
@@ -96,9 +137,11 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       const long long rows = std::min(chunk, n - r0);
       // logits[rows x V] = h[r0:r0+rows] W^T
       KD_TRY(cuda::gemm_rm(blas, rows, v, d, h.row(r0), d, false, w.data, d, true, logits, v, 0.f));
+      const auto tv = teacher(blas, r0, rows, tlogits);
+      KD_TRY(tv.st);
       logit_kd_launch l;
       const auto lab = labels.empty() ? labels : labels.subspan(static_cast<std::size_t>(r0), static_cast<std::size_t>(rows));
-      KD_TRY(plan_logit_kd(ctx, inner, matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride),
+      KD_TRY(plan_logit_kd(ctx, inner, matrix_view<const TV>(tv.view.data, rows, tv.view.cols, tv.view.stride),
                            matrix_view<const float>(logits, rows, v), lab, matrix_view<HT>(dlogits, rows, v), true, l));
       if (cluster == 0) cluster = l.cluster;
       l.p.partial = partial + r0 * cluster;

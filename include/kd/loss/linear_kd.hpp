@@ -6,6 +6,9 @@
 // dW = dlogits^T hidden. Backends process `chunk_rows` tokens at a time, so the extra memory is
 // chunk_rows x V logits instead of N x V (the CUDA backend runs the three products through cuBLAS).
 // The CPU reference here computes the logits in the accumulation type, chunk by chunk.
+// The teacher may also come as its final hidden states and LM head (kd::teacher_head): its logits are
+// then formed chunk by chunk too, in the accumulation type, so its N x V_teacher logits never exist
+// either (the trainer's case: 2.5 GB per 8k-token step of a 152k-vocabulary teacher in bf16).
 #pragma once
 
 #include <span>
@@ -23,6 +26,14 @@ struct linear_kd_options : logit_kd_options {
 
 struct linear_kd_tag {};
 
+// A teacher given by its last hidden states [N x d_t] and LM head [V_t x d_t] (V_t: the student's V
+// for a shared vocabulary, the map's teacher columns with a vocab map). No gradient flows to it.
+template <class T>
+struct teacher_head {
+  matrix_view<const T> hidden;
+  matrix_view<const T> weight;
+};
+
 // D, R as in logit_kd; P = precision_set<teacher logits, student hidden, LM-head weight>.
 template <class D, class R = token_mean, class P = precision_set<fp32, fp32, fp32>>
 struct linear_logit_kd {
@@ -39,41 +50,78 @@ struct linear_logit_kd {
   status operator()(const Backend& backend, matrix_view<HT> hidden, matrix_view<WT> weight, matrix_view<TT> teacher,
                     std::span<const std::int32_t> labels, Out& out, matrix_view<GH> dhidden,
                     matrix_view<GW> dweight) const {
+    return call<TT>(backend, hidden, weight, as_const(teacher), labels, out, dhidden, dweight);
+  }
+
+  // The teacher as hidden states and LM head (P::teacher is their storage dtype); as above otherwise.
+  template <class Backend, class HT, class WT, class TT, class Out, class GH, class GW>
+  status operator()(const Backend& backend, matrix_view<HT> hidden, matrix_view<WT> weight,
+                    const teacher_head<TT>& teacher, std::span<const std::int32_t> labels, Out& out,
+                    matrix_view<GH> dhidden, matrix_view<GW> dweight) const {
+    return call<TT>(backend, hidden, weight, teacher, labels, out, dhidden, dweight);
+  }
+
+  // The logit_kd equivalent of this loss on logits held in accumulation type A (what the CPU reference
+  // runs per chunk; the CUDA path keeps its chunk logits in the storage type). TP: the teacher logits'
+  // precision (P::teacher when given, precision<A, A> when formed from a teacher_head).
+  template <class A, class TP = typename P::teacher>
+  using logit_loss = logit_kd<D, R, precision_set<TP, precision<A, A>>>;
+
+ private:
+  // Both teacher forms: the dtype checks (TT: the teacher's element type), then the backend.
+  template <class TT, class Backend, class HT, class WT, class Teacher, class Out, class GH, class GW>
+  status call(const Backend& backend, matrix_view<HT> hidden, matrix_view<WT> weight, const Teacher& teacher,
+              std::span<const std::int32_t> labels, Out& out, matrix_view<GH> dhidden, matrix_view<GW> dweight) const {
     KD_CHECK_STUDENT_DTYPE(P::student, HT);
     KD_CHECK_PROJECTION_DTYPE(P::projection, WT);
     KD_CHECK_TEACHER_DTYPE(P::teacher, TT);
     KD_CHECK_GRAD_DTYPE(P::student, GH);
     KD_CHECK_GRAD_DTYPE(P::projection, GW);
     return detail::with_component(loss_impl<Backend, linear_kd_tag>::run(backend, *this, as_const(hidden),
-                                                                          as_const(weight), as_const(teacher), labels,
-                                                                          out, dhidden, dweight),
+                                                                          as_const(weight), teacher, labels, out,
+                                                                          dhidden, dweight),
                                   detail::component_or(options, "kd"));
   }
-
-  // The logit_kd equivalent of this loss on logits held in accumulation type A (what the CPU reference
-  // runs per chunk; the CUDA path keeps its chunk logits in the storage type).
-  template <class A>
-  using logit_loss = logit_kd<D, R, precision_set<typename P::teacher, precision<A, A>>>;
 };
 
 namespace detail {
 // The checks of the LM-head product, shared by both backends (the per-chunk logit_kd validates the rest:
 // its own plan carries the same scaling). Label values are checked by the per-chunk logit_kd.
-template <class Loss, class HT, class WT, class TT, class GH, class GW>
-status validate_linear_kd(const Loss& loss, const matrix_view<HT>& h, const matrix_view<WT>& w, const matrix_view<TT>& t,
+// The teacher: given logits (a matrix_view) or a teacher_head.
+template <class T>
+status validate_teacher(const matrix_view<T>& t, index_t tokens) {
+  KD_TRY(validate_view(t, "teacher logits"));
+  if (t.rows != tokens)
+    return {errc::shape_mismatch, "teacher logits have " + std::to_string(t.rows) + " tokens but hidden has " +
+                                      std::to_string(tokens)};
+  return {};
+}
+template <class T>
+status validate_teacher(const teacher_head<T>& th, index_t tokens) {
+  KD_TRY(validate_view(th.hidden, "teacher hidden"));
+  KD_TRY(validate_view(th.weight, "teacher LM head weight"));
+  if (th.hidden.empty() || th.weight.empty()) return {errc::empty_input, "teacher hidden states or LM head are empty"};
+  if (th.weight.cols != th.hidden.cols)
+    return {errc::shape_mismatch, "teacher LM head is " + shape_string(th.weight.rows, th.weight.cols) +
+                                      " but the teacher hidden width is " + std::to_string(th.hidden.cols)};
+  if (th.hidden.rows != tokens)
+    return {errc::shape_mismatch, "teacher hidden has " + std::to_string(th.hidden.rows) +
+                                      " tokens but the student hidden has " + std::to_string(tokens)};
+  return {};
+}
+
+template <class Loss, class HT, class WT, class Teacher, class GH, class GW>
+status validate_linear_kd(const Loss& loss, const matrix_view<HT>& h, const matrix_view<WT>& w, const Teacher& t,
                           std::span<const std::int32_t> labels, const matrix_view<GH>& dh, const matrix_view<GW>& dw,
                           kd_scaling& scaling) {
   const auto& o = loss.options;
   KD_TRY(validate_view(h, "student hidden"));
   KD_TRY(validate_view(w, "LM head weight"));
-  KD_TRY(validate_view(t, "teacher logits"));
   if (h.empty() || w.empty()) return {errc::empty_input, "hidden states or LM head are empty"};
   if (w.cols != h.cols)
     return {errc::shape_mismatch, "LM head is " + shape_string(w.rows, w.cols) + " but the hidden width is " +
                                       std::to_string(h.cols)};
-  if (t.rows != h.rows)
-    return {errc::shape_mismatch, "teacher logits have " + std::to_string(t.rows) + " tokens but hidden has " +
-                                      std::to_string(h.rows)};
+  KD_TRY(validate_teacher(t, h.rows));
   if (!labels.empty() && static_cast<index_t>(labels.size()) != h.rows)
     return {errc::shape_mismatch, "labels has " + std::to_string(labels.size()) + " entries but hidden has " +
                                       std::to_string(h.rows) + " tokens"};
@@ -89,6 +137,7 @@ status validate_linear_kd(const Loss& loss, const matrix_view<HT>& h, const matr
   scaling = make_kd_scaling<Loss::reduction_info.mean>(o, o.temperature, o.scale_by_t2);
   return {};
 }
+
 }  // namespace detail
 
 template <>
@@ -97,22 +146,56 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
   static status run(const cpu_backend&, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
                     matrix_view<const TT> t, std::span<const std::int32_t> labels, loss_result& out,
                     matrix_view<GH> dh, matrix_view<GW> dw) {
-    using A = detail::common_accum_for<typename Loss::precisions>;
-    using Mat = Eigen::Matrix<A, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    const auto& o = loss.options;
     detail::kd_scaling sc;
     KD_TRY(detail::validate_linear_kd(loss, h, w, t, labels, dh, dw, sc));
+    using Inner = typename Loss::template logit_loss<accum<Loss>>;
+    return chunks<Inner>(loss, h, w, labels, out, dh, dw, sc, [&](index_t r0, index_t rows) {
+      return matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride);
+    });
+  }
+
+  template <class Loss, class HT, class WT, class TT, class GH, class GW>
+  static status run(const cpu_backend&, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
+                    const teacher_head<TT>& th, std::span<const std::int32_t> labels, loss_result& out,
+                    matrix_view<GH> dh, matrix_view<GW> dw) {
+    using A = accum<Loss>;
+    detail::kd_scaling sc;
+    KD_TRY(detail::validate_linear_kd(loss, h, w, th, labels, dh, dw, sc));
+    const Mat<A> tw = load<A>(th.weight, 0, th.weight.rows);
+    Mat<A> tlogits;
+    using Inner = typename Loss::template logit_loss<A, precision<A, A>>;
+    return chunks<Inner>(loss, h, w, labels, out, dh, dw, sc, [&](index_t r0, index_t rows) {
+      tlogits = load<A>(th.hidden, r0, rows) * tw.transpose();
+      return matrix_view<const A>(tlogits.data(), rows, tlogits.cols());
+    });
+  }
+
+ private:
+  template <class Loss>
+  using accum = detail::common_accum_for<typename Loss::precisions>;
+  template <class A>
+  using Mat = Eigen::Matrix<A, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+  template <class A, class V>
+  static Mat<A> load(const V& view, index_t r0, index_t rows) {
+    Mat<A> m(rows, view.cols);
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < view.cols; ++c) m(r, c) = load_as<A>(view(r0 + r, c));
+    return m;
+  }
+
+  // The chunk loop shared by both teacher forms: teacher(r0, rows) gives the chunk's teacher logits.
+  template <class Inner, class Loss, class HT, class WT, class GH, class GW, class Teacher>
+  static status chunks(const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
+                       std::span<const std::int32_t> labels, loss_result& out, matrix_view<GH> dh, matrix_view<GW> dw,
+                       const detail::kd_scaling& sc, Teacher&& teacher) {
+    using A = accum<Loss>;
+    const auto& o = loss.options;
     const index_t n = h.rows, d = h.cols, v = w.rows;
-    auto load = [](auto view, index_t r0, index_t rows) {
-      Mat m(rows, view.cols);
-      for (index_t r = 0; r < rows; ++r)
-        for (index_t c = 0; c < view.cols; ++c) m(r, c) = load_as<A>(view(r0 + r, c));
-      return m;
-    };
-    const Mat W = load(w, 0, v);
-    Mat dW = Mat::Zero(v, d);
+    const Mat<A> W = load<A>(w, 0, v);
+    Mat<A> dW = Mat<A>::Zero(v, d);
     // One logit_kd over all rows would need N x V; chunks share the global normalizer instead.
-    typename Loss::template logit_loss<A> inner;
+    Inner inner;
     static_cast<logit_kd_options&>(inner.options) = o;
     const index_t active = detail::count_active(labels, n, o.ignore_index);
     const double divisor = sc.divisor_for(active);
@@ -122,16 +205,16 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
     double total = 0.0;
     for (index_t r0 = 0; r0 < n; r0 += o.chunk_rows) {
       const index_t rows = std::min(o.chunk_rows, n - r0);
-      const Mat H = load(h, r0, rows);
-      Mat logits = H * W.transpose();
-      Mat dlogits(rows, v);
+      const Mat<A> H = load<A>(h, r0, rows);
+      Mat<A> logits = H * W.transpose();
+      Mat<A> dlogits(rows, v);
       loss_result part;
       const auto lab = labels.empty() ? labels : labels.subspan(static_cast<std::size_t>(r0), static_cast<std::size_t>(rows));
-      KD_TRY(inner(cpu, matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride),
-                   matrix_view<const A>(logits.data(), rows, v), lab, part, matrix_view<A>(dlogits.data(), rows, v)));
+      KD_TRY(inner(cpu, teacher(r0, rows), matrix_view<const A>(logits.data(), rows, v), lab, part,
+                   matrix_view<A>(dlogits.data(), rows, v)));
       total += part.loss * part.normalizer;
       if (!dh.empty()) {
-        const Mat dH = dlogits * W;
+        const Mat<A> dH = dlogits * W;
         for (index_t r = 0; r < rows; ++r)
           for (index_t c = 0; c < d; ++c) detail::put_grad(dh(r0 + r, c), dH(r, c), o.accumulate_grad);
       }
