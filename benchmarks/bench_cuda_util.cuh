@@ -1,6 +1,6 @@
 // Helpers of the stand-alone GPU benchmark programs (kd_bench_vocab_parallel, kd_bench_small_calls): stop
-// with a message on a failed CUDA or kd call (a benchmark has nothing to recover), and fill device
-// storage with normal values.
+// with a message on a failed CUDA or kd call (a benchmark has nothing to recover), fill device storage
+// with normal values, and measure the card's copy bandwidth (the ceiling a streaming kernel is held to).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -39,6 +39,30 @@ void fill_normal(T* d, std::size_t n, double sd, std::uint64_t seed) {
   for (auto& x : h) x = kd::store_as<T>(static_cast<float>(r.normal() * sd));
   for (std::size_t off = 0; off < n; off += h.size())
     or_exit(cudaMemcpy(d + off, h.data(), std::min(h.size(), n - off) * sizeof(T), cudaMemcpyHostToDevice), "upload");
+}
+
+// Device-to-device copy bandwidth of the current device in TB/s (bytes read plus written): the mean of
+// 10 copies of 2 GiB after one warm-up, timed by CUDA events.
+inline double copy_bandwidth() {
+  const std::size_t bytes = std::size_t{2} << 30;
+  void *a = nullptr, *b = nullptr;
+  or_exit(cudaMalloc(&a, bytes), "malloc (copy bandwidth)");
+  or_exit(cudaMalloc(&b, bytes), "malloc (copy bandwidth)");
+  cudaEvent_t e0, e1;
+  or_exit(cudaEventCreate(&e0), "event");
+  or_exit(cudaEventCreate(&e1), "event");
+  or_exit(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "copy");
+  or_exit(cudaEventRecord(e0), "event");
+  for (int i = 0; i < 10; ++i) or_exit(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy");
+  or_exit(cudaEventRecord(e1), "event");
+  or_exit(cudaEventSynchronize(e1), "event");
+  float ms = 0;
+  or_exit(cudaEventElapsedTime(&ms, e0, e1), "event");
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * 10.0 * static_cast<double>(bytes) / (static_cast<double>(ms) * 1e-3) / 1e12;
 }
 
 }  // namespace kd_bench

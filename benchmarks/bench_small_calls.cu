@@ -2,7 +2,9 @@
 // and planning dominate (issue 12's bar: under 10 us per call). Per op and N, bf16 logits of 50,304
 // columns: host us per call (enqueueing 200 calls back to back, no synchronisation), GPU us per call
 // (CUDA events around those 200 calls: kernels plus the gaps between them), and GPU us per call when one
-// captured call is replayed as a CUDA graph 200 times. Prints a markdown table.
+// captured call is replayed as a CUDA graph 200 times; and the overhead: the direct GPU time minus the
+// time the call's minimum bytes (read the inputs, write the gradient) take at the card's measured copy
+// bandwidth, i.e. what a call costs beyond streaming its data. Prints a markdown table.
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -70,8 +72,11 @@ int main() {
   const index_t V = 50304, vocab = 50257, max_n = 512;
   cudaDeviceProp prop{};
   or_exit(cudaGetDeviceProperties(&prop, 0), "properties");
-  std::printf("kd_bench_small_calls: %s, bf16 logits, V = %lld (%lld real), labels on the device\n\n", prop.name,
-              static_cast<long long>(V), static_cast<long long>(vocab));
+  const double copy_tbs = kd_bench::copy_bandwidth();
+  std::printf("kd_bench_small_calls: %s, bf16 logits, V = %lld (%lld real), labels on the device; copy %.2f TB/s\n\n",
+              prop.name, static_cast<long long>(V), static_cast<long long>(vocab), copy_tbs);
+  // us to stream `arrays` N x V bf16 arrays at copy bandwidth
+  auto stream_us = [&](index_t n, int arrays) { return arrays * 2.0 * static_cast<double>(n * V) / (copy_tbs * 1e12) * 1e6; };
   const auto e = static_cast<std::size_t>(max_n * V);
   bf16 *t = nullptr, *s = nullptr, *g = nullptr;
   std::int32_t* labels = nullptr;
@@ -88,7 +93,8 @@ int main() {
     for (index_t i = 0; i < max_n; ++i) l[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * 7919) % vocab);
     or_exit(cudaMemcpy(labels, l.data(), l.size() * sizeof(std::int32_t), cudaMemcpyHostToDevice), "upload");
   }
-  std::printf("| op | N | host us / call | GPU us / call | graph replay GPU us / call |\n|---|---:|---:|---:|---:|\n");
+  std::printf("| op | N | host us / call | GPU us / call | graph replay GPU us / call | GPU us beyond streaming |\n"
+              "|---|---:|---:|---:|---:|---:|\n");
   for (const index_t n : {1, 16, 64, 256, 512}) {
     cudaStream_t stream = nullptr;  // capturable (the legacy default stream is not)
     or_exit(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
@@ -102,12 +108,14 @@ int main() {
     kdl.options.vocab = vocab;
     kd::cuda::device_loss out{value, nullptr};
     const timing a = measure(ctx, [&] { return kdl(be, tv, sv, lv, out, gv); });
-    std::printf("| logit_kd forward KL | %lld | %.1f | %.1f | %.1f |\n", static_cast<long long>(n), a.host_us, a.gpu_us, a.graph_us);
+    std::printf("| logit_kd forward KL | %lld | %.1f | %.1f | %.1f | %.1f |\n", static_cast<long long>(n), a.host_us, a.gpu_us,
+                a.graph_us, a.gpu_us - stream_us(n, 3));
     kd::cross_entropy<kd::token_mean, kd::bf16> ce;
     ce.options.vocab = vocab;
     kd::cuda::device_cross_entropy co{value, value + 1, nullptr};
     const timing c = measure(ctx, [&] { return ce(be, sv, lv, co, gv); });
-    std::printf("| cross-entropy | %lld | %.1f | %.1f | %.1f |\n", static_cast<long long>(n), c.host_us, c.gpu_us, c.graph_us);
+    std::printf("| cross-entropy | %lld | %.1f | %.1f | %.1f | %.1f |\n", static_cast<long long>(n), c.host_us, c.gpu_us,
+                c.graph_us, c.gpu_us - stream_us(n, 2));
     std::fflush(stdout);
     or_exit(ctx.sync_status(), "end");
     cudaStreamDestroy(stream);

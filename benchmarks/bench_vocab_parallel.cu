@@ -125,18 +125,6 @@ double time_calls(kd::cuda::context& ctx, int iters, const std::function<void()>
   return static_cast<double>(ms) / iters;
 }
 
-double copy_bandwidth() {
-  const std::size_t bytes = std::size_t{2} << 30;
-  void *a = nullptr, *b = nullptr;
-  kd_bench::or_exit(cudaMalloc(&a, bytes), "malloc");
-  kd_bench::or_exit(cudaMalloc(&b, bytes), "malloc");
-  kd::cuda::context ctx;
-  const double ms = time_calls(ctx, 10, [&] { kd_bench::or_exit(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, ctx.stream()), "copy"); });
-  cudaFree(a);
-  cudaFree(b);
-  return 2.0 * static_cast<double>(bytes) / (ms * 1e-3) / 1e12;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -152,7 +140,7 @@ int main(int argc, char** argv) {
   kd_bench::or_exit(cudaGetDeviceProperties(&prop, 0), "properties");
   std::printf("kd_bench_vocab_parallel: %d x %s, %lld rows, bf16 logits, T = 2, forward + backward, %d calls each\n", devices,
               prop.name, static_cast<long long>(rows), iters);
-  std::printf("device-to-device copy bandwidth (GPU 0): %.2f TB/s\n\n", copy_bandwidth());
+  std::printf("device-to-device copy bandwidth (GPU 0): %.2f TB/s\n\n", kd_bench::copy_bandwidth());
   std::vector<int> rank_counts{1};
   for (int r = 2; r <= devices; r *= 2) rank_counts.push_back(r);
   std::printf("| op | N x V | one GPU fused ms | TB/s |");
