@@ -11,6 +11,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -118,16 +119,12 @@ class context {
   template <class Kernel>
   status allow_dynamic_smem(Kernel* kernel, std::size_t bytes) {
     const void* key = reinterpret_cast<const void*>(kernel);
-    for (auto& [k, b] : smem_set_)
-      if (k == key && b >= bytes) return {};
+    auto it = std::find_if(smem_set_.begin(), smem_set_.end(), [&](const auto& e) { return e.first == key; });
+    if (it != smem_set_.end() && it->second >= bytes) return {};
     KD_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
                 "cudaFuncSetAttribute");
-    for (auto& [k, b] : smem_set_)
-      if (k == key) {
-        b = bytes;
-        return {};
-      }
-    smem_set_.emplace_back(key, bytes);
+    if (it != smem_set_.end()) it->second = bytes;
+    else smem_set_.emplace_back(key, bytes);
     return {};
   }
 

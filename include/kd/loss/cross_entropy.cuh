@@ -78,15 +78,12 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
   __syncthreads();
   const long long tokens =  // this block's count (count_inline), else read from count_dev where needed
       p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red_sum)) : 0;
-  auto divisor_of_call = [&] {
-    const bool from_count = p.divisor_dev != nullptr;
-    return loss_divisor(from_count, !from_count ? 0 : p.count_inline ? tokens : *p.divisor_dev, p.divisor);
-  };
+  const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);
   // Every block ends here (each exit path, uniformly per block): the last one forms the call's values.
   auto finish = [&] {
     if (!last_block_of_grid(p.ticket)) return;
     const long long n = p.rows * c_blocks;
-    const double d = divisor_of_call();
+    const double d = call_divisor;
     const double ce = block_sum_ordered(p.partial_ce, n, red_d);
     const double z = p.out_z != nullptr ? block_sum_ordered(p.partial_z, n, red_d) : 0.0;
     if (threadIdx.x == 0) {
@@ -151,7 +148,7 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
     finish();
     return;
   }
-  const float divisor = static_cast<float>(divisor_of_call());
+  const float divisor = static_cast<float>(call_divisor);
   const float factor = p.grad_base / divisor;
   const float zfac = factor + p.z_weight / divisor * 2.f * lse;  // coefficient of softmax (kd/loss/cross_entropy.hpp)
   long long done = 0;

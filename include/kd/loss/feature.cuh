@@ -163,8 +163,7 @@ __global__ void __launch_bounds__(kFeatureThreads) feature_row_kernel(const feat
   if (threadIdx.x == 0) p.partial[row] = use ? loss : 0.f;
   if (p.dy == nullptr) return;  // uniform, and no barrier follows
 
-  const float divisor = p.divisor_dev != nullptr ? static_cast<float>(*p.divisor_dev > 0 ? *p.divisor_dev : 1)
-                                                 : static_cast<float>(p.divisor);
+  const float divisor = static_cast<float>(loss_divisor(p.divisor_dev, p.divisor));
   const float factor = p.grad_scale / divisor;
   float* drow = p.dy + row * d;
   for (long long c = threadIdx.x; c < d; c += blockDim.x) {

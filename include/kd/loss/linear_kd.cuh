@@ -103,7 +103,6 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     // dlogits written in the storage type for the two backward GEMMs (in place when that is float).
     using Inner = logit_kd<typename Loss::divergence, typename Loss::reduction,
                            precision_set<TeacherPrecision, precision<float, float>>>;
-    using TV = typename TeacherPrecision::storage_type;
     constexpr bool separate_grad = !std::is_same_v<HT, float>;
     Inner inner;
     static_cast<logit_kd_options&>(inner.options) = o;
@@ -141,8 +140,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       KD_TRY(tv.st);
       logit_kd_launch l;
       const auto lab = labels.empty() ? labels : labels.subspan(static_cast<std::size_t>(r0), static_cast<std::size_t>(rows));
-      KD_TRY(plan_logit_kd(ctx, inner, matrix_view<const TV>(tv.view.data, rows, tv.view.cols, tv.view.stride),
-                           matrix_view<const float>(logits, rows, v), lab, matrix_view<HT>(dlogits, rows, v), true, l));
+      KD_TRY(plan_logit_kd(ctx, inner, tv.view, matrix_view<const float>(logits, rows, v), lab, matrix_view<HT>(dlogits, rows, v), true, l));
       if (cluster == 0) cluster = l.cluster;
       l.p.partial = partial + r0 * cluster;
       l.p.error = err;

@@ -137,7 +137,6 @@ status validate_linear_kd(const Loss& loss, const matrix_view<HT>& h, const matr
   scaling = make_kd_scaling<Loss::reduction_info.mean>(o, o.temperature, o.scale_by_t2);
   return {};
 }
-
 }  // namespace detail
 
 template <>

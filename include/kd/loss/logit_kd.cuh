@@ -117,21 +117,16 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   __shared__ unsigned long long bar;  // bulk-copy completion
   if (threadIdx.x == 0) mbar_init(&bar);
   __syncthreads();
-  const float tokens_here =
-      p.count_inline ? block_count_tokens(p.labels, p.rows, p.ignore_index, red_sum) : 0.f;
-  auto divisor_of_call = [&] {
-    const bool from_count = p.divisor_dev != nullptr;
-    return loss_divisor(from_count, !from_count ? 0 : p.count_inline ? static_cast<long long>(tokens_here) : *p.divisor_dev,
-                        p.divisor);
-  };
+  const long long tokens =  // this block's count (count_inline), else read from count_dev where needed
+      p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red_sum)) : 0;
+  const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);
   // Every block ends here (each exit path, uniformly per block): the last one forms the call's value.
   auto finish = [&] {
     if (p.ticket == nullptr || !last_block_of_grid(p.ticket)) return;
     const double sum = block_sum_ordered(p.partial, p.rows * c_blocks, red_d);
     if (threadIdx.x == 0) {
-      *p.value = static_cast<float>(sum / divisor_of_call());
-      if (p.tokens != nullptr)
-        *p.tokens = p.labels == nullptr ? p.rows : p.count_inline ? static_cast<long long>(tokens_here) : *p.count_dev;
+      *p.value = static_cast<float>(sum / call_divisor);
+      if (p.tokens != nullptr) *p.tokens = p.labels == nullptr ? p.rows : p.count_inline ? tokens : *p.count_dev;
     }
   };
 
@@ -250,8 +245,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     finish();
     return;
   }
-  const float divisor = static_cast<float>(divisor_of_call());
-  const float factor = p.grad_base / divisor;
+  const float factor = p.grad_base / static_cast<float>(call_divisor);
   // Base-2 log-probabilities of entry j: dt = log2 p, ds = log2 q.
   auto log2_pq = [&](long long j, float& dt, float& ds) {
     if constexpr (Csr) dt = tcache[j] - tlse;

@@ -212,17 +212,6 @@ __device__ inline vp_total vp_block(vp_acc v, float3* sh) {
   return t;
 }
 
-__device__ inline double vp_block_sum(double v, double* sh) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) sh[warp] = v;
-  __syncthreads();
-  double t = 0.0;
-  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) t += sh[w];  // fixed order
-  return t;
-}
-
 // Pass 1, KD: both log-sum-exps and the mode's term, one read of the slice. d is measured from the
 // row's first column's difference d0 (added back in double): the sum then carries no offset between
 // the two models' logits, which would otherwise cancel against the lse difference in float.
@@ -383,8 +372,8 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_terms_kernel(const vp_params
     loss = fl;
     cq = fc;
   }
-  loss = vp_block_sum(loss, sh);
-  cq = vp_block_sum(cq, sh);
+  loss = block_sum_double(loss, sh);
+  cq = block_sum_double(cq, sh);
   if (threadIdx.x == 0) {
     p.terms[2 * r] = loss;
     p.terms[2 * r + 1] = cq;
@@ -392,7 +381,7 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_terms_kernel(const vp_params
 }
 
 __device__ inline float vp_divisor(const vp_params& p) {
-  return p.divisor_dev != nullptr ? static_cast<float>(*p.divisor_dev > 0 ? *p.divisor_dev : 1) : static_cast<float>(p.divisor);
+  return static_cast<float>(loss_divisor(p.divisor_dev, p.divisor));
 }
 
 // G elements of a row from column c (a multiple of G): one vector load when all are real columns, else

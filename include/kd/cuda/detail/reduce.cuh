@@ -97,21 +97,27 @@ __device__ inline lse_acc block_lse(lse_acc a, float2* scratch) {
   return warp_lse(b);
 }
 
-// A block sum of n floats in double, in a fixed order (each thread a strided run, then shuffles): the
-// same bits for the same n and block size on every launch, so a loss value is reproducible. Reads go
-// through L2 (__ldcg): the partials may have been written by other blocks of this grid just before.
-// Every thread gets the total; `scratch` holds >= 32 doubles.
+// A block sum of doubles in a fixed order (shuffles within each warp, then the warps' sums in turn):
+// the same bits for the same inputs and block size on every launch. Every thread gets the total;
+// `scratch` holds >= 32 doubles.
+__device__ inline double block_sum_double(double v, double* scratch) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = (blockDim.x + 31) >> 5;
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double t = 0.0;
+  for (int w = 0; w < warps; ++w) t += scratch[w];
+  return t;
+}
+
+// A block sum of n floats in double, in a fixed order (each thread a strided run, then
+// block_sum_double), so a loss value is reproducible. Reads go through L2 (__ldcg): the partials may
+// have been written by other blocks of this grid just before.
 __device__ inline double block_sum_ordered(const float* v, long long n, double* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
   double s = 0.0;
   for (long long i = threadIdx.x; i < n; i += blockDim.x) s += static_cast<double>(__ldcg(v + i));
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = s;
-  __syncthreads();
-  s = lane < warps ? scratch[lane] : 0.0;
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  return s;
+  return block_sum_double(s, scratch);
 }
 
 // True in the one block of a 1-D grid that arrives here last; call from every thread of every block

@@ -220,10 +220,15 @@ __device__ inline float block_count_tokens(const std::int32_t* labels, long long
 // labels are 4 KB per block; the rows themselves are >= 32,000 columns).
 inline constexpr long long kInlineCountRows = 1024;
 
-// The token divisor of a loss value: the device count (at least 1) when the divisor is the active
-// tokens, else the host's value (1, rows or global_tokens). Every CUDA loss reduction goes through it.
-__device__ __forceinline__ double loss_divisor(bool from_count, long long count, double host_divisor) {
-  return from_count ? static_cast<double>(count > 0 ? count : 1) : host_divisor;
+// The token divisor of a loss value and its gradient: when the divisor is the active tokens
+// (divisor_dev non-null), their count, at least 1: the device count *divisor_dev, or `inline_count`
+// when the kernel counted the labels itself (count_inline); else the host's value (1, rows or
+// global_tokens). Every CUDA loss goes through it.
+__device__ __forceinline__ double loss_divisor(const long long* divisor_dev, double host_divisor,
+                                               bool count_inline = false, long long inline_count = 0) {
+  if (divisor_dev == nullptr) return host_divisor;
+  const long long count = count_inline ? inline_count : *divisor_dev;
+  return static_cast<double>(count > 0 ? count : 1);
 }
 
 template <int = 0>  // a template: header-defined kernels must not clash across translation units
@@ -246,8 +251,7 @@ __global__ void finish_loss_kernel(const float* partial, long long n, const long
   __shared__ double scratch[32];
   const double sum = block_sum_ordered(partial, n, scratch);
   if (threadIdx.x == 0) {
-    *value = static_cast<float>(sum / loss_divisor(divisor_dev != nullptr, divisor_dev != nullptr ? *divisor_dev : 0,
-                                                   divisor));
+    *value = static_cast<float>(sum / loss_divisor(divisor_dev, divisor));
     if (tokens != nullptr) *tokens = count_dev != nullptr ? *count_dev : count_host;
   }
 }
