@@ -6,6 +6,7 @@
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <utility>
@@ -99,11 +100,12 @@ void time_calls(benchmark::State& state, F&& call) {
   cudaEventDestroy(e1);
 }
 
-template <class D>
-void BM_logit_kd_bf16(benchmark::State& state) {
+// Logit KD on given logits, teacher and student in one storage type T (bf16 or float), gradient into
+// its own buffer. range: N, V, shared-memory slice budget in KiB.
+template <class D, class T>
+void BM_logit_kd(benchmark::State& state) {
   const long long n = state.range(0), v = state.range(1);
   const std::size_t budget_kb = state.range(2);  // shared-memory slice budget (the cluster-size knob)
-  using T = kd::bfloat16;
   T* t = device_random<T>(n * v, 1, 2.f);
   T* s = device_random<T>(n * v, 2, 1.f);
   T* g = nullptr;
@@ -112,7 +114,8 @@ void BM_logit_kd_bf16(benchmark::State& state) {
   BENCH_CHECK(cudaMalloc(&loss, sizeof(float)));
   kd::cuda::context ctx;
   ctx.set_slice_budget(budget_kb * 1024);
-  kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16>> l;
+  using P = kd::precision<T, float>;
+  kd::logit_kd<D, kd::token_mean, kd::precision_set<P, P>> l;
   l.options.temperature = 2.0;
   kd::cuda::device_loss out{loss, nullptr};
   time_calls(state, [&] {
@@ -130,10 +133,15 @@ void BM_logit_kd_bf16(benchmark::State& state) {
   cudaFree(loss);
 }
 
-void BM_cross_entropy_bf16(benchmark::State& state) {
+template <class D>
+void BM_logit_kd_bf16(benchmark::State& state) {
+  BM_logit_kd<D, kd::bfloat16>(state);
+}
+
+template <class T>
+void BM_cross_entropy(benchmark::State& state) {
   const long long n = state.range(0), v = state.range(1);
   const std::size_t budget_kb = state.range(2);
-  using T = kd::bfloat16;
   T* s = device_random<T>(n * v, 3, 2.f);
   T* g = nullptr;
   float* ce = nullptr;
@@ -144,7 +152,7 @@ void BM_cross_entropy_bf16(benchmark::State& state) {
   BENCH_CHECK(cudaMemset(labels, 0, n * sizeof(std::int32_t)));
   kd::cuda::context ctx;
   ctx.set_slice_budget(budget_kb * 1024);
-  kd::cross_entropy<kd::token_mean, kd::bf16> l;
+  kd::cross_entropy<kd::token_mean, kd::precision<T, float>> l;
   kd::cuda::device_cross_entropy out{ce, nullptr, nullptr};
   time_calls(state, [&] {
     const auto st = l(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(s, n, v),
@@ -158,15 +166,17 @@ void BM_cross_entropy_bf16(benchmark::State& state) {
   cudaFree(ce);
   cudaFree(labels);
 }
+void BM_cross_entropy_bf16(benchmark::State& state) { BM_cross_entropy<kd::bfloat16>(state); }
 
 // Student LM head (hidden d = range(2) -> V) + a divergence against the teacher, forward+backward with
 // gradients for the hidden states and the head; the logits never reach memory in full. The teacher is
 // given as logits [N x V], or (Head) as hidden states of width 1024 (the seed teacher's) and an LM head,
-// whose logits are formed per chunk too. Minimum bytes: read the hidden states, the heads and the teacher
-// logits (or hidden states); write dhidden and dW.
+// whose logits are formed per chunk too. range(3): chunk_rows (2048 in the grid). Minimum bytes: read
+// the hidden states, the heads and the teacher logits (or hidden states); write dhidden and dW.
 template <class D, bool Head = false>
 void BM_linear_kd_bf16(benchmark::State& state) {
   const long long n = state.range(0), v = state.range(1), d = state.range(2), dt = 1024;
+  const long long chunk = state.range(3);
   using T = kd::bfloat16;
   T* h = device_random<T>(n * d, 4, 1.f);
   T* w = device_random<T>(v * d, 5, 0.04f);
@@ -181,7 +191,7 @@ void BM_linear_kd_bf16(benchmark::State& state) {
   kd::cuda::context ctx;
   kd::linear_logit_kd<D, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16, kd::bf16>> l;
   l.options.temperature = 2.0;
-  l.options.chunk_rows = 2048;
+  l.options.chunk_rows = chunk;
   kd::cuda::device_loss out{loss, nullptr};
   const kd::matrix_view<const T> hv(h, n, d), wv(w, v, d);
   const kd::matrix_view<T> dhv(dh, n, d), dwv(dw, v, d);
@@ -208,19 +218,71 @@ void BM_linear_kd_bf16(benchmark::State& state) {
     cudaFree(p);
 }
 
-// Logit KD across vocabularies: teacher logits 151,936 wide mapped onto a 50,304-wide student through a
-// Qwen3 -> GPT-2-shaped map (42,256 shared strings plus many-to-one entries), gradient into its own
-// buffer (range(1) = 0) or written over the student logits (1, what linear + KD does). Bytes counted:
+// The GEMMs alone of linear_kd's chunk loop at the same shapes, operand types and chunking (range: N, V,
+// d, chunk rows; Head: the teacher-head GEMM too): per chunk logits[chunk x V] (fp32) = h W^T,
+// dh = dlogits W, dW += dlogits^T h (fp32). Its time is the floor of the cuBLAS chunk design, and 4/3 of
+// it (the student GEMM once more, to recompute the logits after their normalizer is known) the floor of
+// any design that never stores the logits, at cuBLAS's own GEMM rate.
+template <bool Head = false>
+void BM_linear_gemms_bf16(benchmark::State& state) {
+  const long long n = state.range(0), v = state.range(1), d = state.range(2), chunk = state.range(3), dt = 1024;
+  using T = kd::bfloat16;
+  T* h = device_random<T>(n * d, 4, 1.f);
+  T* w = device_random<T>(v * d, 5, 0.04f);
+  T* th = Head ? device_random<T>(n * dt, 6, 1.f) : nullptr;
+  T* tw = Head ? device_random<T>(v * dt, 7, 0.06f) : nullptr;
+  T* dlogits = device_random<T>(chunk * v, 8, 1e-4f);
+  T* dh = nullptr;
+  float *logits = nullptr, *tlogits = nullptr, *dw32 = nullptr;
+  BENCH_CHECK(cudaMalloc(&dh, n * d * sizeof(T)));
+  BENCH_CHECK(cudaMalloc(&logits, chunk * v * sizeof(float)));
+  if (Head) BENCH_CHECK(cudaMalloc(&tlogits, chunk * v * sizeof(float)));
+  BENCH_CHECK(cudaMalloc(&dw32, v * d * sizeof(float)));
+  cublasHandle_t blas = nullptr;
+  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) return state.SkipWithError("cublasCreate");
+  kd::status st;
+  time_calls(state, [&] {
+    for (long long r0 = 0; r0 < n && st.ok(); r0 += chunk) {
+      const long long rows = std::min(chunk, n - r0);
+      st = kd::cuda::gemm_rm(blas, rows, v, d, h + r0 * d, d, false, w, d, true, logits, v, 0.f);
+      if (Head && st.ok()) st = kd::cuda::gemm_rm(blas, rows, v, dt, th + r0 * dt, dt, false, tw, dt, true, tlogits, v, 0.f);
+      if (st.ok()) st = kd::cuda::gemm_rm(blas, rows, d, v, dlogits, v, false, w, d, false, dh + r0 * d, d, 0.f);
+      if (st.ok()) st = kd::cuda::gemm_rm(blas, v, d, rows, dlogits, v, true, h + r0 * d, d, false, dw32, d, r0 == 0 ? 0.f : 1.f);
+    }
+  });
+  if (!st.ok()) state.SkipWithError(st.message().c_str());
+  state.counters["TFLOPs"] = benchmark::Counter((6.0 * n * v * d + (Head ? 2.0 * n * v * dt : 0.0)) *
+                                                    state.iterations() / 1e12,
+                                                benchmark::Counter::kIsRate);
+  cublasDestroy(blas);
+  for (void* p : {static_cast<void*>(h), static_cast<void*>(w), static_cast<void*>(th), static_cast<void*>(tw),
+                  static_cast<void*>(dlogits), static_cast<void*>(dh), static_cast<void*>(logits),
+                  static_cast<void*>(tlogits), static_cast<void*>(dw32)})
+    cudaFree(p);
+}
+
+// Logit KD across vocabularies, range(1) the map: 0, teacher logits 151,936 wide mapped onto a
+// 50,304-wide student through a Qwen3 -> GPT-2-shaped map (42,256 shared strings plus many-to-one
+// entries: the general CSR path); 1, a compact teacher head of 42,304 columns mapped one to one onto
+// increasing student ids (kd::vocab_map::contiguous_teacher, the trainer's case). range(2): gradient
+// into its own buffer (0) or written over the student logits (1, what linear + KD does). Bytes counted:
 // the mapped teacher columns and the student row read once, the student gradient row written once.
+template <class D>
 void BM_logit_kd_map_bf16(benchmark::State& state) {
-  const long long n = state.range(0), tv = 151936, sv = 50304;
-  const bool in_place = state.range(1) != 0;
+  const bool contiguous = state.range(1) != 0;
+  const long long n = state.range(0), tv = contiguous ? 42304 : 151936, sv = 50304;
+  const bool in_place = state.range(2) != 0;
   using T = kd::bfloat16;
   std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
-  for (std::int32_t i = 0; i < 42256; ++i) pairs.emplace_back(i * 3 + 1, static_cast<std::int32_t>((i * 7919LL) % 50257));
-  for (std::int32_t i = 0; i < 1024; ++i) pairs.emplace_back(140000 + i, i % 50257);
+  if (contiguous) {
+    for (std::int32_t i = 0; i < tv; ++i) pairs.emplace_back(i, static_cast<std::int32_t>((i * 50257LL) / tv));
+  } else {
+    for (std::int32_t i = 0; i < 42256; ++i) pairs.emplace_back(i * 3 + 1, static_cast<std::int32_t>((i * 7919LL) % 50257));
+    for (std::int32_t i = 0; i < 1024; ++i) pairs.emplace_back(140000 + i, i % 50257);
+  }
   kd::vocab_map map;
   if (!kd::vocab_map::from_pairs(pairs, tv, sv, map).ok()) return state.SkipWithError("vocab_map");
+  if (contiguous && !map.contiguous_teacher()) return state.SkipWithError("the compact map is not contiguous");
   T* t = device_random<T>(n * tv, 7, 2.f);
   T* s = device_random<T>(n * sv, 8, 1.f);
   T* g = s;
@@ -228,7 +290,7 @@ void BM_logit_kd_map_bf16(benchmark::State& state) {
   if (!in_place) BENCH_CHECK(cudaMalloc(&g, n * sv * sizeof(T)));
   BENCH_CHECK(cudaMalloc(&loss, sizeof(float)));
   kd::cuda::context ctx;
-  kd::logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16>> l;
+  kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16>> l;
   l.options.temperature = 2.0;
   l.options.map = &map;
   kd::cuda::device_loss out{loss, nullptr};
@@ -265,13 +327,16 @@ void budget_sweep(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Apply(shapes);
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_sweep_logit_kd_forward_kl")->Apply(budget_sweep);
 BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Args({4096, 50304, 52})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
-BENCHMARK(BM_logit_kd_map_bf16)->Args({4096, 0})->Args({4096, 1})->Args({16384, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
-BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Args({16384, 50304, 576})->Args({16384, 151936, 576})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_logit_kd_map_bf16<kd::forward_kl>)->Args({4096, 0, 0})->Args({4096, 0, 1})->Args({16384, 0, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Args({16384, 50304, 576, 2048})->Args({16384, 151936, 576, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304, 52})->Args({16384, 50304, 52})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_cross_entropy_bf16)->Name("BM_sweep_cross_entropy")->Args({4096, 50304, 100})->Args({4096, 50304, 26})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 
-// Issue 12's grid (run with --benchmark_filter=BM_grid): every divergence and cross-entropy over
-// V x N at the default budget; linear + KD at d = 576 and 2048; Liger's fused-linear JSD shape.
+// Issue 12's grid (run with --benchmark_filter='BM_grid|BM_gemms|BM_chunks'): every divergence and
+// cross-entropy over V x N at the default budget, in bf16, in fp32 (a subset) and through both kinds of
+// vocab map; linear + KD at d = 576 and 2048 with the teacher as logits or as hidden states + head, and
+// Liger's fused-linear JSD shape, each beside the time of its GEMMs alone (BM_gemms); linear + KD's
+// chunk-size sweep (BM_chunks).
 void grid(benchmark::internal::Benchmark* b) {
   for (long long v : {32000, 50304, 128256, 151936})
     for (long long n : {2048, 8192, 16384}) b->Args({n, v, 52});
@@ -280,7 +345,24 @@ void grid(benchmark::internal::Benchmark* b) {
 void linear_grid(benchmark::internal::Benchmark* b) {
   for (long long d : {576, 2048})
     for (long long v : {50304, 128256, 151936})
-      for (long long n : {8192, 16384}) b->Args({n, v, d});
+      for (long long n : {8192, 16384}) b->Args({n, v, d, 2048});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+}
+// fp32 storage: the smallest and largest of each extent.
+void grid_f32(benchmark::internal::Benchmark* b) {
+  for (long long v : {32000, 151936})
+    for (long long n : {2048, 16384}) b->Args({n, v, 52});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+}
+// With a vocab map (both kinds), gradient into its own buffer.
+void grid_map(benchmark::internal::Benchmark* b) {
+  for (long long kind : {0, 1})
+    for (long long n : {2048, 8192, 16384}) b->Args({n, kind, 0});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+}
+// Linear + KD's memory against its time: chunk rows from 256 to all of N at one shape.
+void linear_chunks(benchmark::internal::Benchmark* b) {
+  for (long long c : {256, 512, 1024, 2048, 4096, 8192}) b->Args({8192, 151936, 576, c});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 }
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_grid_forward_kl")->Apply(grid);
@@ -291,7 +373,22 @@ BENCHMARK(BM_logit_kd_bf16<kd::tvd>)->Name("BM_grid_tvd")->Apply(grid);
 BENCHMARK(BM_cross_entropy_bf16)->Name("BM_grid_cross_entropy")->Apply(grid);
 BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_grid_linear_forward_kl")->Apply(linear_grid);
 BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true)->Name("BM_grid_linear_teacher_head")->Apply(linear_grid);
-BENCHMARK(BM_linear_kd_bf16<kd::jsd>)->Name("BM_grid_linear_jsd")->Args({8192, 128256, 4096})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_linear_kd_bf16<kd::jsd>)->Name("BM_grid_linear_jsd")->Args({8192, 128256, 4096, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_linear_gemms_bf16<false>)->Name("BM_gemms_linear_forward_kl")->Apply(linear_grid);
+BENCHMARK(BM_linear_gemms_bf16<true>)->Name("BM_gemms_linear_teacher_head")->Apply(linear_grid);
+BENCHMARK(BM_linear_gemms_bf16<false>)->Name("BM_gemms_linear_jsd")->Args({8192, 128256, 4096, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_chunks_linear_forward_kl")->Apply(linear_chunks);
+BENCHMARK(BM_logit_kd<kd::forward_kl, float>)->Name("BM_grid_forward_kl_f32")->Apply(grid_f32);
+BENCHMARK(BM_logit_kd<kd::reverse_kl, float>)->Name("BM_grid_reverse_kl_f32")->Apply(grid_f32);
+BENCHMARK(BM_logit_kd<kd::jsd, float>)->Name("BM_grid_jsd_f32")->Apply(grid_f32);
+BENCHMARK(BM_logit_kd<kd::skew_kl, float>)->Name("BM_grid_skew_kl_f32")->Apply(grid_f32);
+BENCHMARK(BM_logit_kd<kd::tvd, float>)->Name("BM_grid_tvd_f32")->Apply(grid_f32);
+BENCHMARK(BM_cross_entropy<float>)->Name("BM_grid_cross_entropy_f32")->Apply(grid_f32);
+BENCHMARK(BM_logit_kd_map_bf16<kd::forward_kl>)->Name("BM_grid_forward_kl_map")->Apply(grid_map);
+BENCHMARK(BM_logit_kd_map_bf16<kd::reverse_kl>)->Name("BM_grid_reverse_kl_map")->Apply(grid_map);
+BENCHMARK(BM_logit_kd_map_bf16<kd::jsd>)->Name("BM_grid_jsd_map")->Apply(grid_map);
+BENCHMARK(BM_logit_kd_map_bf16<kd::skew_kl>)->Name("BM_grid_skew_kl_map")->Apply(grid_map);
+BENCHMARK(BM_logit_kd_map_bf16<kd::tvd>)->Name("BM_grid_tvd_map")->Apply(grid_map);
 
 }  // namespace
 

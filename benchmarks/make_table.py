@@ -10,7 +10,7 @@ def main(kd_path, torch_path):
     device = kd.get("context", {}).get("device", "?")
     rows = {}
     sweep = []
-    grid = {}
+    grid, gemms, chunks = {}, {}, {}
     copy_tbs = None
     for b in kd["benchmarks"]:
         name = b["name"]
@@ -20,14 +20,17 @@ def main(kd_path, torch_path):
         if name.startswith("BM_sweep"):
             sweep.append(b)
             continue
-        if name.startswith("BM_grid_"):
+        prefix = next((p for p in ("BM_grid_", "BM_gemms_", "BM_chunks_") if name.startswith(p)), None)
+        if prefix:
             parts = name.split("/")
-            grid[(parts[0][len("BM_grid_"):], int(parts[1]), int(parts[2]), int(parts[3]))] = b
+            key = (parts[0][len(prefix):],) + tuple(int(x) for x in parts[1:4])
+            {"BM_grid_": grid, "BM_gemms_": gemms, "BM_chunks_": chunks}[prefix][key + ((int(parts[4]),) if
+                                                                                     prefix == "BM_chunks_" else ())] = b
             continue
         parts = name.split("/")
         op = parts[0]
         n, v = int(parts[1]), int(parts[2])
-        rows[(op, n, v)] = b
+        rows[(op, n, v) + tuple(int(x) for x in parts[3:] if x.isdigit())] = b
     torch_rows = {}
     for line in open(torch_path):
         line = line.strip()
@@ -39,7 +42,9 @@ def main(kd_path, torch_path):
     if rows:
         print_main(rows, torch_rows, copy_tbs)
     if grid:
-        print_grid(grid, torch_rows, copy_tbs)
+        print_grid(grid, torch_rows, copy_tbs, gemms)
+    if chunks:
+        print_chunks(chunks)
     if sweep:
         print_sweep(sweep, copy_tbs)
 
@@ -49,14 +54,17 @@ def print_main(rows, torch_rows, copy_tbs):
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     names = {"BM_logit_kd_bf16<kd::forward_kl>": "kd_forward_kl", "BM_cross_entropy_bf16": "cross_entropy",
              "BM_linear_kd_bf16<kd::forward_kl>": "linear_kd"}
-    for (op, n, v), b in sorted(rows.items()):
+    for (op, n, v, *rest), b in sorted(rows.items()):
         kd_ms = b["real_time"] if b.get("time_unit") == "ms" else b["real_time"] / 1e6
         tbs = b["bytes_per_second"] / 1e12
         t = torch_rows.get((names.get(op, ""), n, v), {})
         eager, comp = t.get("eager_ms"), t.get("compile_ms")
         speed = f"{comp / kd_ms:.2f}x" if comp else "-"
         fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else "-"
-        print(f"| {op.replace('BM_', '')} | {n} x {v} | {fmt(eager)} | {fmt(comp)} | {kd_ms:.3f} | {speed} | {tbs:.2f} | "
+        shape = f"{n} x {v}"
+        if "_map_" in op:  # range: N, map kind, in place
+            shape = f"{n}, {'contiguous' if v else 'csr'} map" + (", in place" if rest and rest[0] else "")
+        print(f"| {op.replace('BM_', '')} | {shape} | {fmt(eager)} | {fmt(comp)} | {kd_ms:.3f} | {speed} | {tbs:.2f} | "
               f"{100 * tbs / copy_tbs:.0f}% | {fmt(t.get('eager_extra_MB'))} | {fmt(t.get('compile_extra_MB'))} | "
               f"{b.get('extra_MB', float('nan')):.1f} |")
 
@@ -72,24 +80,84 @@ def print_sweep(sweep, copy_tbs):
               f"{tbs:.2f} | {100 * tbs / copy_tbs:.0f}% |")
 
 
-def print_grid(grid, torch_rows, copy_tbs):
-    """Issue 12's grid: per op and shape, eager / torch.compile / kd, kd's bandwidth and its share of copy."""
+def table_head(intro, cols):
+    """A table's introduction (a paragraph), its header row and separator."""
+    print("\n" + intro + "\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+
+
+def ms_of(b):
+    return b["real_time"] if b.get("time_unit") == "ms" else b["real_time"] / 1e6
+
+
+def print_grid(grid, torch_rows, copy_tbs, gemms):
+    """Issue 12's grid: per op and shape, eager / torch.compile / kd, kd's bandwidth and its share of copy;
+    fp32 and vocab-map rows in tables of their own; linear + KD beside the time of its GEMMs alone."""
     fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else "-"
-    print("\nGrid (bf16, T = 2, forward + backward; linear rows: third size is the hidden width d):\n")
-    print("| op | N x V | eager ms | compile ms | kd ms | kd vs eager | kd vs compile | kd TB/s (min bytes) | % of copy | compile extra MB | kd extra MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    order = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "cross_entropy", "linear_forward_kl", "linear_jsd"]
-    for key in sorted(grid, key=lambda k: (order.index(k[0]) if k[0] in order else 99, k[3], k[2], k[1])):
-        op, n, v, third = key
-        b = grid[key]
-        kd_ms = b["real_time"]
-        tbs = b["bytes_per_second"] / 1e12
-        t = torch_rows.get((op, n, v, third), {})
-        eager, comp = t.get("eager_ms"), t.get("compile_ms")
-        shape = f"{n} x {v}" + (f" x {third}" if op.startswith("linear") else "")
-        vs = lambda x: f"{x / kd_ms:.2f}x" if isinstance(x, float) else (t.get("error", "-") if t else "-")
-        print(f"| {op} | {shape} | {fmt(eager)} | {fmt(comp)} | {kd_ms:.3f} | {vs(eager)} | {vs(comp)} | {tbs:.2f} | "
-              f"{100 * tbs / copy_tbs:.0f}% | {fmt(t.get('compile_extra_MB'))} | {b.get('extra_MB', float('nan')):.1f} |")
+    order = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "cross_entropy"]
+    base = lambda op: op.removesuffix("_f32").removesuffix("_map")
+    sort_key = lambda k: (order.index(base(k[0])) if base(k[0]) in order else 99, k[0], k[3], k[2], k[1])
+    elementwise = [k for k in grid if not k[0].startswith("linear") and not k[0].endswith("_map")]
+    for suffix, title in (("", "bf16"), ("_f32", "fp32")):
+        keys = sorted((k for k in elementwise if k[0].endswith("_f32") == (suffix == "_f32")), key=sort_key)
+        if not keys:
+            continue
+        table_head(f"Grid ({title}, T = 2, forward + backward):",
+                   ["op", "N x V", "eager ms", "compile ms", "kd ms", "kd vs eager", "kd vs compile",
+                    "kd TB/s (min bytes)", "% of copy", "compile extra MB", "kd extra MB"])
+        for key in keys:
+            op, n, v, third = key
+            b = grid[key]
+            kd_ms = ms_of(b)
+            tbs = b["bytes_per_second"] / 1e12
+            t = torch_rows.get((op, n, v, third), {})
+            eager, comp = t.get("eager_ms"), t.get("compile_ms")
+            vs = lambda x: f"{x / kd_ms:.2f}x" if isinstance(x, float) else (t.get("error", "-") if t else "-")
+            print(f"| {op} | {n} x {v} | {fmt(eager)} | {fmt(comp)} | {kd_ms:.3f} | {vs(eager)} | {vs(comp)} | {tbs:.2f} | "
+                  f"{100 * tbs / copy_tbs:.0f}% | {fmt(t.get('compile_extra_MB'))} | {b.get('extra_MB', float('nan')):.1f} |")
+    maps = sorted((k for k in grid if k[0].endswith("_map")), key=sort_key)
+    if maps:
+        table_head("With a vocab map (bf16, T = 2; student 50,304 columns; csr: a 151,936-column teacher through a\n"
+                   "Qwen3 -> GPT-2-shaped map; contiguous: a compact 42,304-column teacher head). Minimum bytes: the\n"
+                   "mapped teacher columns and the student row read once, the gradient written once.",
+                   ["op", "N", "map", "kd ms", "kd TB/s (min bytes)", "% of copy", "kd extra MB"])
+        for key in maps:
+            op, n, kind, _ = key
+            b = grid[key]
+            tbs = b["bytes_per_second"] / 1e12
+            print(f"| {op.removesuffix('_map')} | {n} | {'contiguous' if kind else 'csr'} | {ms_of(b):.3f} | {tbs:.2f} | "
+                  f"{100 * tbs / copy_tbs:.0f}% | {b.get('extra_MB', float('nan')):.1f} |")
+    linear = sorted((k for k in grid if k[0].startswith("linear")), key=lambda k: (k[0], k[3], k[2], k[1]))
+    if linear:
+        table_head("Linear + KD (bf16, T = 2, chunk 2048 rows; N x V x d; teacher_head: the teacher as 1024-wide hidden\n"
+                   "states and a head). GEMMs alone: the same cuBLAS calls without the loss kernel (the chunk design's\n"
+                   "floor); x 4/3: the floor of a design that never stores the logits and recomputes them once.",
+                   ["op", "N x V x d", "eager ms", "compile ms", "kd ms", "kd vs eager", "kd vs compile",
+                    "GEMMs alone ms", "GEMMs x 4/3 vs compile", "kd TFLOP/s", "compile extra MB", "kd extra MB"])
+        for key in linear:
+            op, n, v, d = key
+            b = grid[key]
+            kd_ms = ms_of(b)
+            t = torch_rows.get((op, n, v, d), {})
+            eager, comp = t.get("eager_ms"), t.get("compile_ms")
+            vs = lambda x: f"{x / kd_ms:.2f}x" if isinstance(x, float) else (t.get("error", "-") if t else "-")
+            g = gemms.get(key)
+            g_ms = ms_of(g) if g else None
+            floor = f"{comp / (g_ms * 4 / 3):.2f}x" if g_ms and isinstance(comp, float) else "-"
+            tf = b.get("TFLOPs")
+            tf = f"{tf:.0f}" if isinstance(tf, float) else "-"  # a rate counter: TFLOP/s already
+            print(f"| {op} | {n} x {v} x {d} | {fmt(eager)} | {fmt(comp)} | {kd_ms:.3f} | {vs(eager)} | {vs(comp)} | "
+                  f"{fmt(g_ms)} | {floor} | {tf} | {fmt(t.get('compile_extra_MB'))} | {b.get('extra_MB', float('nan')):.1f} |")
+
+
+def print_chunks(chunks):
+    table_head("Linear + KD's chunk rows against its time and memory (bf16, T = 2):",
+               ["op", "N x V x d", "chunk rows", "kd ms", "kd extra MB"])
+    for key in sorted(chunks, key=lambda k: k[4]):
+        op, n, v, d, c = key
+        b = chunks[key]
+        print(f"| {op} | {n} x {v} x {d} | {c} | {ms_of(b):.3f} | {b.get('extra_MB', float('nan')):.1f} |")
 
 
 if __name__ == "__main__":

@@ -90,58 +90,90 @@ def guarded(fn, make_inputs, reps):
         return None, None
 
 
-def grid():
+def linear_teacher_head(h, w, th, tw, temperature=2.0):
+    """The teacher given as its last hidden states and LM head: its logits formed here, without gradient."""
+    with torch.no_grad():
+        t = th @ tw.t()
+    return kd_forward_kl(h @ w.t(), t, temperature)
+
+
+def grid(parts=("bf16", "fp32", "linear"), only=None):
     """Issue 12's grid, the same shapes as kd_bench_cuda's BM_grid cases: smallest first, one JSON line per
     case (flushed), so a run cut short keeps what it measured. torch.compile(dynamic=True): one compile
-    per op serves every shape, as the default's automatic dynamic shapes do after the second shape."""
+    per op serves every shape, as the default's automatic dynamic shapes do after the second shape.
+    parts: bf16 (every divergence and cross-entropy over the full grid), fp32 (its subset in fp32: op
+    names end in _f32), linear (linear + KD with the teacher as logits or as hidden states + head, and
+    Liger's fused-linear JSD shape). only: the divergences / cross_entropy to run (all by default)."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     ops = {"forward_kl": lambda s, t: kd_forward_kl(s, t), "reverse_kl": reverse_kl, "jsd": jsd,
            "skew_kl": skew_kl, "tvd": tvd, "cross_entropy": None}
-    compiled = {k: torch.compile(f, dynamic=True) for k, f in ops.items() if f is not None}
-    compiled_ce = torch.compile(cross_entropy, dynamic=True)
-    for n in (2048, 8192, 16384):
-        for v in (32000, 50304, 128256, 151936):
-            t = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 2
-            s0 = torch.randn(n, v, device=dev, dtype=torch.bfloat16)
-            y = torch.randint(0, v, (n,), device=dev)
-            for op, fn in ops.items():
-                if op == "cross_entropy":
-                    make = lambda: (s0.detach().clone().requires_grad_(True), y)
-                    eager_fn, comp_fn = cross_entropy, compiled_ce
-                else:
-                    make = lambda: (s0.detach().clone().requires_grad_(True), t)
-                    eager_fn, comp_fn = fn, compiled[op]
-                row = {"op": op, "n": n, "v": v}
-                row["eager_ms"], row["eager_extra_MB"] = guarded(eager_fn, make, 10)
-                row["compile_ms"], row["compile_extra_MB"] = guarded(comp_fn, make, 10)
-                if row["eager_ms"] is None or row["compile_ms"] is None:
-                    row["error"] = "OOM"
-                print(json.dumps(row), flush=True)
-            del t, s0, y
-            torch.cuda.empty_cache()
+    if only:
+        ops = {k: f for k, f in ops.items() if k in only}
+    if "bf16" in parts or "fp32" in parts:
+        compiled = {k: torch.compile(f, dynamic=True) for k, f in ops.items() if f is not None}
+        compiled_ce = torch.compile(cross_entropy, dynamic=True)
+    shapes = []
+    if "bf16" in parts:
+        shapes += [(n, v, torch.bfloat16, "") for n in (2048, 8192, 16384) for v in (32000, 50304, 128256, 151936)]
+    if "fp32" in parts:
+        shapes += [(n, v, torch.float32, "_f32") for v in (32000, 151936) for n in (2048, 16384)]
+    for n, v, dtype, suffix in shapes:
+        t = torch.randn(n, v, device=dev, dtype=dtype) * 2
+        s0 = torch.randn(n, v, device=dev, dtype=dtype)
+        y = torch.randint(0, v, (n,), device=dev)
+        for op, fn in ops.items():
+            if op == "cross_entropy":
+                make = lambda: (s0.detach().clone().requires_grad_(True), y)
+                eager_fn, comp_fn = cross_entropy, compiled_ce
+            else:
+                make = lambda: (s0.detach().clone().requires_grad_(True), t)
+                eager_fn, comp_fn = fn, compiled[op]
+            row = {"op": op + suffix, "n": n, "v": v}
+            row["eager_ms"], row["eager_extra_MB"] = guarded(eager_fn, make, 10)
+            row["compile_ms"], row["compile_extra_MB"] = guarded(comp_fn, make, 10)
+            if row["eager_ms"] is None or row["compile_ms"] is None:
+                row["error"] = "OOM"
+            print(json.dumps(row), flush=True)
+        del t, s0, y
+        torch.cuda.empty_cache()
+    if "linear" not in parts:
+        return
     lin = {"linear_forward_kl": (linear_kd, torch.compile(linear_kd, dynamic=True)),
+           "linear_teacher_head": (linear_teacher_head, torch.compile(linear_teacher_head, dynamic=True)),
            "linear_jsd": (linear_jsd, torch.compile(linear_jsd, dynamic=True))}
-    cases = [("linear_forward_kl", n, v, d) for d in (576, 2048) for v in (50304, 128256, 151936) for n in (8192, 16384)]
+    cases = [(op, n, v, d) for op in ("linear_forward_kl", "linear_teacher_head") for d in (576, 2048)
+             for v in (50304, 128256, 151936) for n in (8192, 16384)]
     cases.append(("linear_jsd", 8192, 128256, 4096))
+    dt = 1024  # the seed teacher's hidden width, as kd_bench_cuda's teacher-head cases
     for op, n, v, d in cases:
         h0 = torch.randn(n, d, device=dev, dtype=torch.bfloat16)
         w0 = torch.randn(v, d, device=dev, dtype=torch.bfloat16) * 0.04
-        t = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 2
-        make = lambda: (h0.detach().clone().requires_grad_(True), w0.detach().clone().requires_grad_(True), t)
+        if op == "linear_teacher_head":
+            th = torch.randn(n, dt, device=dev, dtype=torch.bfloat16)
+            tw = torch.randn(v, dt, device=dev, dtype=torch.bfloat16) * 0.06
+            make = lambda: (h0.detach().clone().requires_grad_(True), w0.detach().clone().requires_grad_(True), th, tw)
+        else:
+            t = torch.randn(n, v, device=dev, dtype=torch.bfloat16) * 2
+            make = lambda: (h0.detach().clone().requires_grad_(True), w0.detach().clone().requires_grad_(True), t)
         row = {"op": op, "n": n, "v": v, "d": d}
         row["eager_ms"], row["eager_extra_MB"] = guarded(lin[op][0], make, 5)
         row["compile_ms"], row["compile_extra_MB"] = guarded(lin[op][1], make, 5)
         if row["eager_ms"] is None or row["compile_ms"] is None:
             row["error"] = "OOM"
         print(json.dumps(row), flush=True)
-        del h0, w0, t
+        del h0, w0
+        t = th = tw = None
         torch.cuda.empty_cache()
 
 
 def main():
     if "--grid" in sys.argv:
-        return grid()
+        # --grid [bf16,fp32,linear] [--ops jsd,skew_kl]: the parts and divergences to run (all by default)
+        i = sys.argv.index("--grid")
+        wanted = sys.argv[i + 1].split(",") if i + 1 < len(sys.argv) and not sys.argv[i + 1].startswith("-") else None
+        only = sys.argv[sys.argv.index("--ops") + 1].split(",") if "--ops" in sys.argv else None
+        return grid(tuple(wanted) if wanted else ("bf16", "fp32", "linear"), only)
     torch.manual_seed(0)
     dev = torch.device("cuda")
     compiled_kd = torch.compile(kd_forward_kl)

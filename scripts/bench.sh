@@ -5,8 +5,10 @@
 #   bash scripts/bench.sh [kernels] [grid] [model] [timing]        (default: kernels model)
 #   kernels  the fused loss kernels (kd_bench_cuda) against PyTorch eager and torch.compile (torch_baseline.py)
 #   grid     issue 12's table: every divergence and cross-entropy over V in {32,000, 50,304, 128,256,
-#            151,936} x N in {2048, 8192, 16384}, linear + KD at d = 576 / 2048, kd against eager and
-#            torch.compile (torch_baseline.py --grid), about 8 minutes on an H200
+#            151,936} x N in {2048, 8192, 16384} (bf16; fp32 on a subset; through both kinds of vocab
+#            map), linear + KD at d = 576 / 2048 with the teacher as logits or as hidden states + head,
+#            beside its GEMMs alone, and its chunk sweep; kd against eager and torch.compile
+#            (torch_baseline.py --grid); KD_GRID_PARTS=bf16,fp32,map,linear picks parts
 #   model    a training step of the seed teacher and student (kd_model bench) against transformers eager and
 #            torch.compile (model_bench_torch.py); KD_BENCH_ARCHS="teacher" or "student" limits it
 #   timing   per-op GPU times of the model at the seed geometry (test_cuda_model_ops' timing case)
@@ -36,9 +38,20 @@ if want kernels; then
   python3 benchmarks/make_table.py "$logs/kd_bench.json" "$logs/torch.jsonl" | tee "$logs/table.md"
 fi
 if want grid; then
-  "$bin/benchmarks/kd_bench_cuda" --benchmark_filter='BM_grid|BM_device_copy' --benchmark_format=json \
+  # KD_GRID_PARTS (comma-separated, default all): bf16, fp32, map (kd only), linear (with its GEMMs-alone
+  # rows and the chunk sweep).
+  parts="${KD_GRID_PARTS:-bf16,fp32,map,linear}"
+  filter="BM_device_copy"
+  [[ ,$parts, == *,bf16,* ]] &&
+    filter+='|BM_grid_(forward_kl|reverse_kl|jsd|skew_kl|tvd|cross_entropy)/'
+  [[ ,$parts, == *,fp32,* ]] && filter+='|BM_grid_[a-z_]*_f32/'
+  [[ ,$parts, == *,map,* ]] && filter+='|BM_grid_[a-z_]*_map/'
+  [[ ,$parts, == *,linear,* ]] && filter+='|BM_grid_linear|BM_gemms_|BM_chunks_'
+  torch_parts=$(echo "$parts" | tr ',' '\n' | grep -vx map | paste -sd, -)
+  "$bin/benchmarks/kd_bench_cuda" --benchmark_filter="$filter" --benchmark_format=json \
     --benchmark_out="$logs/kd_grid.json" --benchmark_out_format=json >/dev/null || rc=1
-  [[ -n "${KD_BENCH_KD_ONLY:-}" ]] || python3 benchmarks/torch_baseline.py --grid >"$logs/torch_grid.jsonl" || rc=1
+  [[ -n "${KD_BENCH_KD_ONLY:-}" || -z "$torch_parts" ]] ||
+    python3 benchmarks/torch_baseline.py --grid "$torch_parts" >"$logs/torch_grid.jsonl" || rc=1
   touch "$logs/torch_grid.jsonl"
   python3 benchmarks/make_table.py "$logs/kd_grid.json" "$logs/torch_grid.jsonl" | tee "$logs/grid_table.md"
 fi

@@ -260,6 +260,12 @@ TEST_CASE("logit_kd matrix: CUDA backend against the fp64 CPU reference") {
   cont.precs = {prec::bf16, prec::fp16};
   cont.temps = {0.5, 2};
   run_space(cont, 350000, exec, s);
+  // 16-byte student rows as well (and a gradient in the student's type): the span kernel, whose blocks
+  // bulk-copy the student columns their slots cover and write the gradient back from shared memory.
+  cont = mid_space();
+  cont.layouts = {vocab_layout::contiguous};
+  cont.contiguous = {1032, 1000, 1040, 1021};
+  run_space(cont, 360000, exec, s);
   logit_space trainer = large_space();
   trainer.layouts = {vocab_layout::contiguous};
   trainer.contiguous = {42304, 42257, 50304, 50257};

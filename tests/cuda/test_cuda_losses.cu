@@ -159,6 +159,30 @@ TEST_CASE_TEMPLATE("fused logit KD through the 152k -> 50k vocabulary map", T, f
   check_logit_kd<kd::reverse_kl, T>({3, 50304, 1.0, false}, &map, 151936);
 }
 
+// Contiguous maps (teacher column j -> the j-th student id, increasing): the span kernel, whose blocks
+// bulk-copy the student columns their slots cover, on maps with an uncovered head, gaps and tail; a
+// map whose one wide gap makes the planner take a larger cluster; and one whose spans fit no cluster
+// (the gather kernel instead).
+TEST_CASE_TEMPLATE("fused logit KD through contiguous maps of every spacing", T, float, kd::bfloat16) {
+  const auto make = [](kd::index_t k, kd::index_t student_cols, auto&& student_of) {
+    std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+    for (kd::index_t t = 0; t < k; ++t) pairs.emplace_back(static_cast<std::int32_t>(t), static_cast<std::int32_t>(student_of(t)));
+    kd::vocab_map m;
+    REQUIRE(kd::vocab_map::from_pairs(pairs, k, student_cols, m).ok());
+    REQUIRE(m.contiguous_teacher());
+    return m;
+  };
+  const auto gaps = make(3000, 4096, [](kd::index_t t) { return 37 + t + t / 5; });
+  check_logit_kd<kd::forward_kl, T>({5, 4096, 2.0, true}, &gaps, 3000);
+  check_logit_kd<kd::jsd, T>({4, 4096, 0.5, false}, &gaps, 3000);
+  // 1504: the 2-block cluster's chunk, so the one gap falls between its blocks.
+  const auto one_gap = make(3000, 204000, [](kd::index_t t) { return t < 1504 ? t : 200000 + t; });
+  check_logit_kd<kd::forward_kl, T>({3, 204000, 2.0, true}, &one_gap, 3000);
+  check_logit_kd<kd::tvd, T>({3, 204000, 1.0, false}, &one_gap, 3000);
+  const auto sparse = make(3000, 1200000, [](kd::index_t t) { return 400 * t + 3; });
+  check_logit_kd<kd::reverse_kl, T>({2, 1200000, 2.0, true}, &sparse, 3000);
+}
+
 TEST_CASE_TEMPLATE("fused cross-entropy and z-loss", T, float, kd::bfloat16, kd::half) {
   check_cross_entropy<T>(1, 50257, 0, 1e-4);
   check_cross_entropy<T>(17, 50304, 50257, 1e-3);

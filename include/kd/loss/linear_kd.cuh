@@ -8,6 +8,12 @@
 // V x d floats for dW when W is stored in 16 bits (dW is accumulated over chunks in fp32 and rounded once),
 // plus O(N). With a kd::teacher_head, each chunk's teacher logits are a GEMM into an fp32 chunk x V_teacher
 // scratch as well (chunk x V_teacher x 4 more bytes instead of the teacher's N x V_teacher logits).
+// What bounds it (H200, 2026-12-04, bf16, T = 2, chunk 2048, benchmarks/RESULTS.md session 6): the
+// cuBLAS GEMMs take 59-63% of a call at d = 576 and 78-87% at d = 2048 (the rest is the loss kernel over
+// the fp32 logits); kd is 1.5-1.8x torch.compile at d = 576 and 1.2-1.3x at d = 2048. A design that
+// never stores the logits must form them twice (once for the normalizer, once for the gradient): at
+// cuBLAS's own GEMM rate its floor is 4/3 of these GEMMs, 1.9-2.2x torch.compile at d = 576 and
+// 1.0-1.15x at d = 2048, so only a GEMM faster than cuBLAS's would reach 2x there.
 #pragma once
 
 #include <cublas_v2.h>

@@ -17,6 +17,19 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// log2(x) in one MUFU.LG2 and 1 / x in one MUFU.RCP (both flush subnormal inputs and outputs: callers
+// pass normal numbers only).
+__device__ __forceinline__ float fast_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float fast_rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // A running log-sum-exp in base 2 (inputs are pre-multiplied by log2(e)): max m and sum s of
 // 2^(y - m). Base 2 because exp2f is a single MUFU.EX2; combining two accumulators is exact.
 struct lse_acc {
