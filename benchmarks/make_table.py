@@ -21,11 +21,10 @@ def main(kd_path, torch_path):
             sweep.append(b)
             continue
         prefix = next((p for p in ("BM_grid_", "BM_gemms_", "BM_chunks_") if name.startswith(p)), None)
-        if prefix:
+        if prefix:  # key: the op and the benchmark's numeric arguments
             parts = name.split("/")
-            key = (parts[0][len(prefix):],) + tuple(int(x) for x in parts[1:4])
-            {"BM_grid_": grid, "BM_gemms_": gemms, "BM_chunks_": chunks}[prefix][key + ((int(parts[4]),) if
-                                                                                     prefix == "BM_chunks_" else ())] = b
+            key = (parts[0][len(prefix):],) + tuple(int(x) for x in parts[1:] if x.isdigit())
+            {"BM_grid_": grid, "BM_gemms_": gemms, "BM_chunks_": chunks}[prefix][key] = b
             continue
         parts = name.split("/")
         op = parts[0]
@@ -136,7 +135,7 @@ def print_grid(grid, torch_rows, copy_tbs, gemms):
                    ["op", "N x V x d", "eager ms", "compile ms", "kd ms", "kd vs eager", "kd vs compile",
                     "GEMMs alone ms", "GEMMs x 4/3 vs compile", "kd TFLOP/s", "compile extra MB", "kd extra MB"])
         for key in linear:
-            op, n, v, d = key
+            op, n, v, d, _ = key  # the last argument: chunk rows
             b = grid[key]
             kd_ms = ms_of(b)
             t = torch_rows.get((op, n, v, d), {})

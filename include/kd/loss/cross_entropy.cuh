@@ -101,12 +101,11 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
   auto finish = [&] {
     if (!last_block_of_grid(p.ticket)) return;
     const long long n = p.rows * c_blocks;
-    const double d = call_divisor;
     const double ce = block_sum_ordered(p.partial_ce, n, red_d);
     const double z = p.out_z != nullptr ? block_sum_ordered(p.partial_z, n, red_d) : 0.0;
     if (threadIdx.x == 0) {
-      *p.out_ce = static_cast<float>(ce / d);
-      if (p.out_z != nullptr) *p.out_z = static_cast<float>(z / d);
+      *p.out_ce = static_cast<float>(ce / call_divisor);
+      if (p.out_z != nullptr) *p.out_z = static_cast<float>(z / call_divisor);
       if (p.out_tokens != nullptr) *p.out_tokens = p.count_inline ? tokens : *p.count_dev;
     }
   };

@@ -166,14 +166,12 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   }
   // An active row's bulk copies start before anything else: their latency overlaps the label count
   // below (at N = 1 that left the GPU time at 10.2 us: the launch and the cluster's barriers dominate).
-  constexpr bool kBulkBoth = MK == map_kind::none, kBulkTeacher = MK == map_kind::contiguous;
-  const bool early_bulk = (kBulkBoth || kBulkTeacher || Span) && active && p.vector_ok;
   if (threadIdx.x == 0) {
     mbar_init(&bar);
-    if (early_bulk) {
-      if constexpr (kBulkBoth)
+    if (!Csr && active && p.vector_ok) {  // the CSR map gathers its teacher columns instead
+      if constexpr (MK == map_kind::none)
         start_bulk(&bar, tcache, trow + j0, bulk_bytes<TT>(n_local), scache, srow + j0, bulk_bytes<ST>(n_local));
-      else if constexpr (kBulkTeacher)
+      else if constexpr (MK == map_kind::contiguous)
         start_bulk(&bar, tcache, trow + j0, bulk_bytes<TT>(n_local), nullptr, nullptr, 0);
       else if constexpr (Span)
         start_bulk(&bar, tcache, trow + j0, bulk_bytes<TT>(n_local), scache, srow + a0,
@@ -213,15 +211,15 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
       const long long a = std::min<long long>(rank * per, p.uncovered), b = std::min<long long>(a + per, p.uncovered);
       for (long long c = a + threadIdx.x; c < b; c += blockDim.x) grow[p.map_uncovered[c]] = from_float<GT>(0.f);
     } else if (rank == c_blocks - 1) {
-      for (long long c = p.support + threadIdx.x; c < p.student_cols; c += blockDim.x) grow[c] = from_float<GT>(0.f);
+      zero_range(p.support, p.student_cols);
     }
   };
 
   if (!active) {
     if (p.want_grad && !p.accumulate) {
       const long long per = (p.student_cols + c_blocks - 1) / c_blocks;
-      const long long a = std::min<long long>(rank * per, p.student_cols), b = std::min<long long>(a + per, p.student_cols);
-      for (long long c = a + threadIdx.x; c < b; c += blockDim.x) grow[c] = from_float<GT>(0.f);
+      const long long a = std::min<long long>(rank * per, p.student_cols);
+      zero_range(a, std::min<long long>(a + per, p.student_cols));
     }
     if (threadIdx.x == 0) *partial = 0.f;
     finish();
