@@ -103,9 +103,7 @@ void time_calls(benchmark::State& state, F&& call) {
 // Logit KD on given logits, teacher and student in one storage type T (bf16 or float), gradient into
 // its own buffer. range: N, V, shared-memory slice budget in KiB.
 template <class D, class T>
-void BM_logit_kd(benchmark::State& state) {
-  const long long n = state.range(0), v = state.range(1);
-  const std::size_t budget_kb = state.range(2);  // shared-memory slice budget (the cluster-size knob)
+void run_logit_kd(benchmark::State& state, long long n, long long v, std::size_t budget_kb, kd::cuda::row_schedule schedule) {
   T* t = device_random<T>(n * v, 1, 2.f);
   T* s = device_random<T>(n * v, 2, 1.f);
   T* g = nullptr;
@@ -114,6 +112,7 @@ void BM_logit_kd(benchmark::State& state) {
   BENCH_CHECK(cudaMalloc(&loss, sizeof(float)));
   kd::cuda::context ctx;
   ctx.set_slice_budget(budget_kb * 1024);
+  ctx.set_schedule(schedule);
   using P = kd::precision<T, float>;
   kd::logit_kd<D, kd::token_mean, kd::precision_set<P, P>> l;
   l.options.temperature = 2.0;
@@ -131,6 +130,19 @@ void BM_logit_kd(benchmark::State& state) {
   cudaFree(s);
   cudaFree(g);
   cudaFree(loss);
+}
+
+// range: N, V, shared-memory slice budget in KiB (the per-row kernel's cluster-size knob).
+template <class D, class T>
+void BM_logit_kd(benchmark::State& state) {
+  run_logit_kd<D, T>(state, state.range(0), state.range(1), static_cast<std::size_t>(state.range(2)),
+                     kd::cuda::row_schedule::automatic);
+}
+// The row schedules side by side (kd::cuda::row_schedule): range N, V, schedule (0 the planner's
+// choice, 1 per-row clusters, 2 the ring kernel where it applies), at the default slice budget.
+template <class D, class T>
+void BM_logit_kd_schedule(benchmark::State& state) {
+  run_logit_kd<D, T>(state, state.range(0), state.range(1), 52, static_cast<kd::cuda::row_schedule>(state.range(2)));
 }
 
 template <class D>
@@ -384,6 +396,24 @@ BENCHMARK(BM_logit_kd<kd::jsd, float>)->Name("BM_grid_jsd_f32")->Apply(grid_f32)
 BENCHMARK(BM_logit_kd<kd::skew_kl, float>)->Name("BM_grid_skew_kl_f32")->Apply(grid_f32);
 BENCHMARK(BM_logit_kd<kd::tvd, float>)->Name("BM_grid_tvd_f32")->Apply(grid_f32);
 BENCHMARK(BM_cross_entropy<float>)->Name("BM_grid_cross_entropy_f32")->Apply(grid_f32);
+void schedules(benchmark::internal::Benchmark* b) {
+  for (long long v : {32000, 50304, 128256, 151936})
+    for (long long n : {2048, 8192, 16384})
+      for (long long sch : {0, 1, 2}) b->Args({n, v, sch});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+}
+void schedules_f32(benchmark::internal::Benchmark* b) {
+  for (long long v : {32000, 50304})
+    for (long long n : {2048, 16384})
+      for (long long sch : {0, 1, 2}) b->Args({n, v, sch});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+}
+BENCHMARK(BM_logit_kd_schedule<kd::forward_kl, kd::bfloat16>)->Name("BM_schedule_forward_kl")->Apply(schedules);
+BENCHMARK(BM_logit_kd_schedule<kd::reverse_kl, kd::bfloat16>)->Name("BM_schedule_reverse_kl")->Apply(schedules);
+BENCHMARK(BM_logit_kd_schedule<kd::jsd, kd::bfloat16>)->Name("BM_schedule_jsd")->Apply(schedules);
+BENCHMARK(BM_logit_kd_schedule<kd::skew_kl, kd::bfloat16>)->Name("BM_schedule_skew_kl")->Apply(schedules);
+BENCHMARK(BM_logit_kd_schedule<kd::tvd, kd::bfloat16>)->Name("BM_schedule_tvd")->Apply(schedules);
+BENCHMARK(BM_logit_kd_schedule<kd::forward_kl, float>)->Name("BM_schedule_forward_kl_f32")->Apply(schedules_f32);
 BENCHMARK(BM_logit_kd_map_bf16<kd::forward_kl>)->Name("BM_grid_forward_kl_map")->Apply(grid_map);
 BENCHMARK(BM_logit_kd_map_bf16<kd::reverse_kl>)->Name("BM_grid_reverse_kl_map")->Apply(grid_map);
 BENCHMARK(BM_logit_kd_map_bf16<kd::jsd>)->Name("BM_grid_jsd_map")->Apply(grid_map);

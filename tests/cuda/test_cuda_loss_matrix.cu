@@ -273,6 +273,44 @@ TEST_CASE("logit_kd matrix: CUDA backend against the fp64 CPU reference") {
   report(s, "logit_kd matrix (CUDA)");
 }
 
+// The ring kernel (kd/loss/logit_kd_ring.cuh: persistent clusters, a ring of row slices per block), forced
+// by the context's schedule wherever it applies (16-byte rows, no map, one storage type): rows of 1 to 300
+// per call over 1 to 36 resident clusters per cluster size, so clusters see 0, 1 and many rows; shared
+// and padded vocabularies (1,032 columns, 1,021 real: an unaligned tail slice), and the option product.
+TEST_CASE("logit_kd matrix, ring schedule: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  exec.ctx.set_schedule(kd::cuda::row_schedule::ring);
+  stats s;
+  logit_space sp = mid_space();
+  sp.shared = {1032, 1032, 1032, 1032};
+  sp.padded = {1032, 1021, 1032, 1021};
+  sp.layouts = {vocab_layout::shared, vocab_layout::padded};
+  sp.ns = {1, 33};
+  run_space(sp, 500000, exec, s);
+  sp.ns = {300};
+  sp.temps = {2};
+  sp.reduces = {reduce_mode::mean};
+  sp.precs = {prec::fp32, prec::bf16};
+  run_space(sp, 550000, exec, s);
+  // 8-block clusters of three 75 KB slices (the largest 16-bit vocabulary the ring takes), several rows
+  // per cluster; and 3-block clusters (50,304 columns in fp32).
+  logit_space large = large_space();
+  large.shared = {151936, 151936, 151936, 151936};
+  large.padded = {151936, 151669, 151936, 151669};
+  large.layouts = {vocab_layout::shared, vocab_layout::padded};
+  // (Not fp16: at 151,936 columns the gradients, ~1e-7 after the token mean, are fp16 subnormals.)
+  large.precs = {prec::bf16};
+  large.ns = {40};
+  large.inplace = {false, true};
+  run_space(large, 600000, exec, s);
+  large.shared = {50304, 50304, 50304, 50304};
+  large.padded = {50304, 50257, 50304, 50257};
+  large.precs = {prec::fp32};
+  large.accumulate = {false, true};
+  run_space(large, 700000, exec, s);
+  report(s, "logit_kd matrix, ring schedule (CUDA)");
+}
+
 TEST_CASE("linear_logit_kd matrix: CUDA backend against the fp64 CPU reference") {
   cuda_exec exec;
   stats s;

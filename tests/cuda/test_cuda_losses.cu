@@ -26,7 +26,7 @@ struct kd_case {
 // `shared`: run on that context (several calls on one context), else on a fresh one.
 template <class D, class T>
 void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::index_t teacher_cols = 0,
-                    kd::cuda::context* shared = nullptr) {
+                    kd::cuda::context* shared = nullptr, kd::cuda::row_schedule schedule = kd::cuda::row_schedule::automatic) {
   const kd::index_t tv = map ? teacher_cols : c.v;
   auto th = random_storage<T>(static_cast<std::size_t>(c.n * tv), 2.0, rng());
   auto sh = random_storage<T>(static_cast<std::size_t>(c.n * c.v), 1.0, rng());
@@ -46,6 +46,7 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
 
   kd::cuda::context own;
   kd::cuda::context& ctx = shared != nullptr ? *shared : own;
+  if (shared == nullptr) ctx.set_schedule(schedule);
   kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::precision<T, float>, kd::precision<T, float>>> gpu;
   gpu.options.temperature = c.temperature;
   gpu.options.vocab = c.vocab;
@@ -151,6 +152,22 @@ TEST_CASE_TEMPLATE("fused forward KL across sizes", T, float, kd::bfloat16, kd::
   check_logit_kd<kd::forward_kl, T>({33, 50304, 1.0, true, 50257});  // padded vocabulary
   check_logit_kd<kd::forward_kl, T>({6, 151936, 4.0, true});    // 8-block clusters
   check_logit_kd<kd::jsd, T>({6, 151936, 2.0});
+}
+
+// Many rows: the planner's automatic choice is the ring kernel (persistent clusters, kd/loss/
+// logit_kd_ring.cuh) from two rows per resident cluster; the same calls with one cluster per row.
+TEST_CASE_TEMPLATE("fused logit KD over many rows, both row schedules", T, float, kd::bfloat16, kd::half) {
+  using kd::cuda::row_schedule;
+  for (const auto sch : {row_schedule::automatic, row_schedule::per_row}) {
+    CAPTURE(static_cast<int>(sch));
+    check_logit_kd<kd::forward_kl, T>({700, 32000, 2.0, true}, nullptr, 0, nullptr, sch);
+    check_logit_kd<kd::reverse_kl, T>({500, 50304, 1.0, true, 50257}, nullptr, 0, nullptr, sch);
+    check_logit_kd<kd::jsd, T>({300, 50304, 2.0, false}, nullptr, 0, nullptr, sch);
+    check_logit_kd<kd::skew_kl, T>({300, 32000, 0.5, true}, nullptr, 0, nullptr, sch);
+    // (TVD: the ring-forced matrix, whose tolerance allows for sign flips at near-ties of p and q.)
+    check_logit_kd<kd::reverse_kl, T>({300, 32000, 4.0, true}, nullptr, 0, nullptr, sch);
+    if constexpr (!std::is_same_v<T, float>) check_logit_kd<kd::forward_kl, T>({70, 151936, 2.0, true, 151669}, nullptr, 0, nullptr, sch);
+  }
 }
 
 TEST_CASE_TEMPLATE("fused logit KD through the 152k -> 50k vocabulary map", T, float, kd::bfloat16) {
@@ -281,8 +298,17 @@ TEST_CASE_TEMPLATE("fused linear + KD with the teacher as hidden states and LM h
   check_linear_kd<T, kd::reverse_kl>(5, 96, 50304, 2048, 128);
 }
 
-TEST_CASE("CUDA bad input: clear status, deferred data errors named") {
+template <kd::cuda::row_schedule S>
+struct schedule_is {
+  static constexpr kd::cuda::row_schedule value = S;
+};
+
+// Both row kernels: the per-row clusters and the ring (forced for these few rows; "NaN rows among many
+// rows" gives its clusters several rows each).
+TEST_CASE_TEMPLATE("CUDA bad input: clear status, deferred data errors named", Sch,
+                   schedule_is<kd::cuda::row_schedule::automatic>, schedule_is<kd::cuda::row_schedule::ring>) {
   kd::cuda::context ctx;
+  ctx.set_schedule(Sch::value);
   const kd::index_t n = 4, v = 1024;
   device_buffer<float> t(n * v), s(n * v), g(n * v), loss(1);
   t.upload(random_storage<float>(n * v, 1.0, rng()));
@@ -335,6 +361,29 @@ TEST_CASE("CUDA bad input: clear status, deferred data errors named") {
     CHECK(st.message().find("teacher") != std::string::npos);
     CHECK(st.message().find("token 3") != std::string::npos);
     CHECK(st.message().find("kd_final") != std::string::npos);
+  }
+  SUBCASE("NaN rows among many rows: the lowest is named, bad rows get a zero gradient, the others are kept") {
+    const kd::index_t rows = 600;
+    device_buffer<float> t2(rows * v), s2(rows * v), g2(rows * v);
+    auto th = random_storage<float>(rows * v, 1.0, rng());
+    auto sh = random_storage<float>(rows * v, 1.0, rng());
+    th[301 * v + 5] = std::nanf("");
+    sh[450 * v + 1000] = INFINITY;
+    t2.upload(th);
+    s2.upload(sh);
+    g2.poison();
+    REQUIRE(l(be, kd::matrix_view<const float>(t2.data, rows, v), kd::matrix_view<const float>(s2.data, rows, v), {}, out,
+              kd::matrix_view<float>(g2.data, rows, v))
+                .ok());
+    const auto st = ctx.sync_status();
+    CHECK(st.code() == kd::errc::non_finite);
+    CHECK(st.message().find("teacher") != std::string::npos);
+    CHECK(st.message().find("token 301") != std::string::npos);
+    const auto g = g2.download();
+    CHECK(all_finite(std::vector<double>(g.begin(), g.end())));
+    for (const kd::index_t r : {kd::index_t{301}, kd::index_t{450}})
+      CHECK(std::all_of(g.begin() + r * v, g.begin() + (r + 1) * v, [](float x) { return x == 0.f; }));
+    CHECK(std::any_of(g.begin() + 302 * v, g.begin() + 303 * v, [](float x) { return x != 0.f; }));
   }
   SUBCASE("temperature <= 0") {
     l.options.temperature = 0;

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -48,9 +49,36 @@ inline status cuda_status(cudaError_t e, const char* what) {
   return {errc::backend_error, std::string(what) + ": " + cudaGetErrorString(e)};
 }
 
+// The launch configuration of a 1-D grid of 1-D thread-block clusters (cudaLaunchKernelEx). Not
+// copyable: cfg points at the struct's own attribute.
+struct cluster_launch {
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg{};
+  cluster_launch(long long blocks, int cluster, int threads, std::size_t smem, cudaStream_t stream) {
+    cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+    cfg.blockDim = dim3(static_cast<unsigned>(threads));
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  cluster_launch(const cluster_launch&) = delete;
+  cluster_launch& operator=(const cluster_launch&) = delete;
+};
+
 }  // namespace detail
 
 #define KD_CUDA_TRY(expr, what) KD_TRY(::kd::cuda::detail::cuda_status((expr), (what)))
+
+// How logit_kd schedules the rows of an unmapped call (kd/loss/logit_kd.cuh): automatic (the planner's
+// choice: the persistent ring kernel when there are at least two rows per resident cluster and its
+// stages fit), per_row (one cluster per row), or ring (wherever its stages fit). A knob for tests and
+// benchmarks, like the slice budget.
+enum class row_schedule { automatic, per_row, ring };
 
 class context {
  public:
@@ -72,6 +100,8 @@ class context {
   // default is what benchmarks/RESULTS.md measured best.
   [[nodiscard]] std::size_t slice_budget() const noexcept { return slice_budget_; }
   void set_slice_budget(std::size_t bytes) noexcept { slice_budget_ = bytes; }
+  [[nodiscard]] row_schedule schedule() const noexcept { return schedule_; }
+  void set_schedule(row_schedule s) noexcept { schedule_ = s; }
 
   // Device scratch currently held (the O(N) extra memory of the losses).
   [[nodiscard]] std::size_t scratch_capacity() const noexcept { return scratch_bytes_; }
@@ -125,6 +155,25 @@ class context {
                 "cudaFuncSetAttribute");
     if (it != smem_set_.end()) it->second = bytes;
     else smem_set_.emplace_back(key, bytes);
+    return {};
+  }
+
+  // Clusters of `cluster` blocks of `threads` threads and `smem` bytes of dynamic shared memory that fit
+  // on the device at once (a persistent kernel's grid), queried once per kernel and shape: the query
+  // costs microseconds of host time. Call after allow_dynamic_smem for that size.
+  template <class Kernel>
+  status max_active_clusters(Kernel* kernel, int cluster, int threads, std::size_t smem, int& out) {
+    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), cluster, smem);
+    for (const auto& [k, n] : active_clusters_)
+      if (k == key) {
+        out = n;
+        return {};
+      }
+    const detail::cluster_launch l(cluster, cluster, threads, smem, stream_);
+    int n = 0;
+    KD_CUDA_TRY(cudaOccupancyMaxActiveClusters(&n, kernel, &l.cfg), "cudaOccupancyMaxActiveClusters");
+    active_clusters_.emplace_back(key, n);
+    out = n;
     return {};
   }
 
@@ -245,7 +294,9 @@ class context {
   unsigned long long* error_ = nullptr;
   unsigned* ticket_ = nullptr;
   int sm_count_ = 0;
+  row_schedule schedule_ = row_schedule::automatic;
   std::vector<std::pair<const void*, std::size_t>> smem_set_;  // dynamic shared memory allowed per kernel
+  std::vector<std::pair<std::tuple<const void*, int, std::size_t>, int>> active_clusters_;
   std::vector<std::string> components_;
   std::unordered_map<std::uint64_t, cached> cache_;
   std::unordered_map<unsigned, std::vector<std::string>> row_names_;

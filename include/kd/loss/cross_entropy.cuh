@@ -243,19 +243,8 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
 
     auto kernel = cross_entropy_kernel<ST, std::remove_const_t<GT>>;
     KD_TRY(ctx.allow_dynamic_smem(kernel, smem));
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(static_cast<unsigned>(p.rows * cluster));
-    cfg.blockDim = dim3(512);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    KD_CUDA_TRY(cudaLaunchKernelEx(&cfg, kernel, p), "cross_entropy kernel launch");
+    const cluster_launch l(p.rows * cluster, cluster, 512, smem, stream);
+    KD_CUDA_TRY(cudaLaunchKernelEx(&l.cfg, kernel, p), "cross_entropy kernel launch");
     return {};
   }
 };

@@ -47,60 +47,12 @@
 #include <kd/cuda/detail/reduce.cuh>
 #include <kd/cuda/detail/storage.cuh>
 #include <kd/loss/logit_kd.hpp>
+#include <kd/loss/logit_kd_math.cuh>
+#include <kd/loss/logit_kd_ring.cuh>
 #include <kd/loss/vocab_map.cuh>
 
 namespace kd {
 namespace cuda::detail {
-
-struct logit_kd_params {
-  const void* teacher = nullptr;
-  long long t_stride = 0;
-  const void* student = nullptr;
-  long long s_stride = 0;
-  void* grad = nullptr;
-  long long g_stride = 0;
-  long long rows = 0;
-  long long support = 0;        // K: columns (shared vocab) or slots (map)
-  long long student_cols = 0;   // full student row width (padding included)
-  long long chunk = 0;          // support entries per block
-  const int* map_support = nullptr;
-  const int* map_offsets = nullptr;
-  const int* map_teacher = nullptr;
-  const int* map_uncovered = nullptr;
-  long long uncovered = 0;
-  const std::int32_t* labels = nullptr;
-  int ignore_index = -100;
-  long long label_vocab = 0;
-  float inv_temp = 1.f;
-  float loss_scale = 1.f;       // T^2 or 1
-  float grad_base = 1.f;        // grad_scale * loss_scale / T (divided by the divisor in the kernel)
-  float param = 0.5f;           // beta / alpha
-  const long long* divisor_dev = nullptr;  // token count computed on the device, or null
-  double divisor = 1.0;                    // used when divisor_dev is null
-  bool want_grad = false;
-  bool accumulate = false;
-  bool vector_ok = false;       // 16-byte aligned rows: vectorized copies
-  float* partial = nullptr;     // [rows * C] partial losses (already scaled by loss_scale)
-  unsigned long long* error = nullptr;
-  unsigned component = 0;
-  // The call's end inside the kernel (small calls: one launch in all). count_inline: every block counts
-  // the labels' tokens itself, and divisor_dev (still non-null when the divisor is that count) is not
-  // read. ticket non-null: the last block sums the partials into value, and tokens (count_dev's count,
-  // the inline count, or rows without labels); else a finish kernel does (linear + KD's chunks).
-  bool count_inline = false;
-  const long long* count_dev = nullptr;
-  unsigned* ticket = nullptr;
-  float* value = nullptr;
-  long long* tokens = nullptr;
-};
-
-// How a kernel reads the support: no map (columns 0..V-1), a general map (CSR: each slot the
-// log-sum-exp of its teacher ids), a contiguous map (slot j is teacher column j) whose student
-// columns are gathered from global memory, or a contiguous map whose blocks each bulk-copy the span of
-// student columns their slots cover (span: the planner's choice when the spans fit shared memory and
-// the gradient has the student's storage type; the gradient is formed in shared memory and written
-// back as 16-byte vectors).
-enum class map_kind { none, csr, contiguous, span };
 
 template <class D, class TT, class ST, class GT, map_kind MK>
 __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params p) {
@@ -332,23 +284,8 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   // 8192 x 128,256 bf16 on an H200.
   auto sweep = [&](bool write, auto&& fn) {
     long long done = 0;
-    if constexpr (!Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>) {
-      if (p.vector_ok) {
-        constexpr int vn = vec_n<TT>;
-        const long long nv = n_local / vn;
-        const uint4* t4 = reinterpret_cast<const uint4*>(tcache);
-        const uint4* s4 = reinterpret_cast<const uint4*>(scache);
-        for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
-          float ft[vn], fs[vn];
-          unpack<TT>(t4[i], ft);
-          unpack<ST>(s4[i], fs);
-#pragma unroll
-          for (int k = 0; k < vn; ++k) ft[k] = fn(ft[k] * k2 - tlse, fs[k] * k2 - slse);
-          if (write) store_grad_vec<GT>(reinterpret_cast<uint4*>(grow + j0) + i, ft, p.accumulate);
-        }
-        done = nv * vn;
-      }
-    }
+    if constexpr (!Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>)
+      if (p.vector_ok) done = sweep_vectors<TT>(tcache, scache, grow + j0, n_local, k2, tlse, slse, write, p.accumulate, fn);
     for (long long j = done + threadIdx.x; j < n_local; j += blockDim.x) {
       float dt, ds;
       log2_pq(j, dt, ds);
@@ -356,75 +293,20 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
       if (write) put(j, g);
     }
   };
-  float loss = 0.f;
-  if constexpr (std::is_same_v<D, forward_kl>) {
-    // KL = ln 2 * sum p (log2 p - log2 q); dL/dz = q - p: one sweep.
-    sweep(p.want_grad, [&](float dt, float ds) {
-      const float pk = fast_exp2(dt), qk = fast_exp2(ds);
-      loss += pk * (dt - ds);
-      return factor * (qk - pk);
-    });
-    loss *= kLn2;
-  } else if constexpr (std::is_same_v<D, jsd> || std::is_same_v<D, skew_kl>) {
-    // The mixture divergences, in base 2 with their shared factors formed once per entry (m = a p +
-    // (1 - a) q, its log2 in one MUFU.LG2, 1 / m in one MUFU.RCP): ncu had JSD issue-bound at 77% of
-    // issue slots and 19% of DRAM bandwidth through the generic divergence_math path (8192 x 128,256
-    // bf16, H200). Where m is below float's normal range both distributions are < 2^-126 / min(a, 1 - a)
-    // there, and the entry's terms are taken as 0 (the reference's are below 1e-36).
-    //   JSD (a = beta):  D = a sum p (log p - log m) + (1 - a) sum q (log q - log m),
-    //                    q dD/dq = (1 - a) q (log q - log m)
-    //   skew KL (a = alpha): D = sum p (log p - log m), q dD/dq = -(1 - a) p q / m
-    // The gradient is q (dD/dq - C), C the row's sum of q dD/dq: a sweep for the terms and C, the
-    // cluster's sum, a second sweep.
-    constexpr bool J = std::is_same_v<D, jsd>;
-    const float a = p.param, a1 = 1.f - a;
-    float cq = 0.f;
-    sweep(false, [&](float dt, float ds) {
-      const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = a * pk + a1 * qk;
-      const bool normal = m >= 1.17549435e-38f;
-      const float lm = normal ? fast_log2(m) : dt;
-      if constexpr (J) {
-        const float u = normal ? a1 * qk * (ds - lm) : 0.f;
-        loss += a * pk * (dt - lm) + u;
-        cq += u;
-      } else {
-        loss += pk * (dt - lm);
-        cq += normal ? pk * qk * fast_rcp(m) : 0.f;
-      }
-      return 0.f;
-    });
-    loss *= kLn2;
-    if (p.want_grad) {
-      cq = block_sum(cq, red_sum);
-      float c1[1] = {J ? cq * kLn2 : -a1 * cq};
-      cluster_combine_sum<1>(slots1, c1);
-      const float c = c1[0], g1 = J ? a1 * kLn2 : -a1;
-      sweep(true, [&](float dt, float ds) {
-        const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = a * pk + a1 * qk;
-        if (!(m >= 1.17549435e-38f)) return -factor * qk * c;
-        const float dq = J ? g1 * (ds - fast_log2(m)) : g1 * pk * fast_rcp(m);
-        return factor * qk * (dq - c);
-      });
-    }
-  } else {
-    // The gradient needs the row's sum q * dD/dq: a sweep for the terms, the cluster's sum, a second sweep.
-    ::kd::detail::divergence_math<D, float> math;
-    math.param = p.param;
-    float cq = 0.f;
-    sweep(false, [&](float dt, float ds) {
-      const float logp = dt * kLn2, logq = ds * kLn2, pj = fast_exp2(dt), qj = fast_exp2(ds);
-      loss += math.term(pj, logp, qj, logq);
-      cq += qj * math.dq(pj, logp, qj, logq);
-      return 0.f;
-    });
+  // The divergence's entries (kd/loss/logit_kd_math.cuh): forward KL in one sweep; the others a sweep
+  // for the terms and the row's sum C, the cluster's sum, a gradient sweep.
+  using E = kd_entry<D>;
+  E e(p.param, factor);
+  float loss = 0.f, cq = 0.f;
+  sweep(E::one_sweep && p.want_grad, [&](float dt, float ds) { return e.first(dt, ds, loss, cq); });
+  loss = E::loss_of(loss);
+  if constexpr (!E::one_sweep) {
     if (p.want_grad) {
       cq = block_sum(cq, red_sum);
       float c1[1] = {cq};
       cluster_combine_sum<1>(slots1, c1);
-      sweep(true, [&](float dt, float ds) {
-        const float logp = dt * kLn2, logq = ds * kLn2, pj = fast_exp2(dt), qj = fast_exp2(ds);
-        return factor * qj * (math.dq(pj, logp, qj, logq) - c1[0]);
-      });
+      e.set_c(c1[0]);
+      sweep(true, [&](float dt, float ds) { return e.grad(dt, ds); });
     }
   }
   if constexpr (Span) {
@@ -476,15 +358,59 @@ namespace cuda::detail {
 struct logit_kd_launch {
   logit_kd_params p;
   int cluster = 1;
+  long long clusters = 0;  // the grid in clusters: one per row, or the ring kernel's resident clusters
   std::size_t smem = 0;
   void (*kernel)(const logit_kd_params) = nullptr;
   ::kd::detail::kd_scaling scaling;  // for bind_divisor
 };
 
+// The ring kernel's geometry (kd/loss/logit_kd_ring.cuh) for a planned unmapped call, when it applies:
+// the smallest cluster whose per-block slice of a row fits kRingSliceTarget (else 8 blocks), as many
+// slices per block as fit (3 or 4; fewer than 3 leave the per-row kernel), and a grid of the clusters
+// that fit on the device at once. Automatic scheduling takes it where it measured faster (below).
+template <class D, class T>
+status plan_ring(context& ctx, logit_kd_launch& l) {
+  logit_kd_params& p = l.p;
+  if (p.rows <= 0 || ctx.schedule() == row_schedule::per_row) return {};
+  const auto chunk_of = [&](int c) { return ((p.support + c - 1) / c + 7) / 8 * 8; };
+  const auto slice_of = [](long long chunk) {
+    return 2 * static_cast<std::size_t>((chunk * static_cast<long long>(sizeof(T)) + 15) / 16 * 16);
+  };
+  int c = 1;
+  while (c < 8 && slice_of(chunk_of(c)) > kRingSliceTarget) ++c;
+  const std::size_t slice = slice_of(chunk_of(c));
+  const int stages = static_cast<int>(std::min<std::size_t>(kRingMaxStages, kRingSmemLimit / slice));
+  if (stages < 3) return {};
+  auto* kernel = logit_kd_ring_kernel<D, T>;
+  const std::size_t smem = static_cast<std::size_t>(stages) * slice;
+  KD_TRY(ctx.allow_dynamic_smem(kernel, smem));
+  int active = 0;
+  KD_TRY(ctx.max_active_clusters(kernel, c, kRingThreads, smem, active));
+  if (active < 1) return {};
+  if (ctx.schedule() == row_schedule::automatic) {
+    // Where it measured faster than one cluster per row (H200, 2026-12-04, benchmarks/RESULTS.md session
+    // 7: 1.16-1.29x at V = 32,000, bf16 and fp32, every divergence): 2-4 blocks a cluster whose threads
+    // share a slice's 16-byte vectors evenly (>= 90% of the last sweep step busy), and at least two
+    // rows per resident cluster. Uneven shares (V = 50,304 on 4 blocks: 77%) measured 0.76-0.86x, and
+    // 8-block clusters 0.88-1.03x: the per-row kernel keeps those.
+    const long long vecs = (chunk_of(c) * static_cast<long long>(sizeof(T)) + 15) / 16;
+    const long long steps = (vecs + kRingThreads - 1) / kRingThreads;
+    const bool even = vecs * 10 >= steps * kRingThreads * 9;
+    if (c < 2 || c > 4 || !even || p.rows < 2LL * active) return {};
+  }
+  l.kernel = kernel;
+  l.cluster = c;
+  l.clusters = std::min<long long>(p.rows, active);
+  l.smem = smem;
+  p.chunk = chunk_of(c);
+  p.stages = stages;
+  return {};
+}
+
 // Launch geometry from the shared validation (kd::detail::validate_logit_kd) plus the checks that are
 // truly device-specific (alignment, cluster size). Label values live on the device and are checked by
-// the kernel. spread_rows (row_cluster): few rows may take larger clusters; callers that lay out
-// partials by one cluster size across launches (linear + KD's chunks) leave it off.
+// the kernel. spread_rows (row_cluster): few rows may take larger clusters, many rows the ring kernel;
+// callers that lay out partials by one cluster size across launches (linear + KD's chunks) leave it off.
 template <class Loss, class TT, class ST, class GT>
 status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teacher, matrix_view<const ST> student,
                      std::span<const std::int32_t> labels, matrix_view<GT> dstudent, bool want_grad,
@@ -580,26 +506,20 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
     }
   }
   out.cluster = cluster;
+  out.clusters = p.rows;
+  // Many aligned unmapped rows in one storage type: the ring kernel, where the call owns its partials'
+  // layout (linear + KD lays its chunks' partials out by one cluster size, so it keeps one cluster a row).
+  if constexpr (std::is_same_v<TT, ST> && std::is_same_v<ST, G>)
+    if (!map && spread_rows && p.vector_ok) KD_TRY((plan_ring<D, TT>(ctx, out)));
   return {};
 }
 
 // Enqueues a planned launch whose partial, error and divisor fields are bound.
 inline status enqueue_logit_kd(context& ctx, const logit_kd_launch& l) {
   KD_TRY(ctx.allow_dynamic_smem(l.kernel, l.smem));
-  const cudaStream_t stream = ctx.stream();
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(l.p.rows * l.cluster));
-  cfg.blockDim = dim3(512);
-  cfg.dynamicSmemBytes = l.smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(l.cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  KD_CUDA_TRY(cudaLaunchKernelEx(&cfg, l.kernel, l.p), "logit_kd kernel launch");
+  // 512 threads: the per-row kernel's launch bounds, and the ring's (kRingThreads).
+  const cluster_launch c((l.clusters > 0 ? l.clusters : l.p.rows) * l.cluster, l.cluster, 512, l.smem, ctx.stream());
+  KD_CUDA_TRY(cudaLaunchKernelEx(&c.cfg, l.kernel, l.p), "logit_kd kernel launch");
   return {};
 }
 

@@ -110,6 +110,34 @@ __device__ inline lse_acc block_lse(lse_acc a, float2* scratch) {
   return warp_lse(b);
 }
 
+// Two log-sum-exps (or two sums) reduced over the block at once: one pair of barriers for both.
+__device__ inline void block_lse_pair(lse_acc (&a)[2], float4* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  a[0] = warp_lse(a[0]);
+  a[1] = warp_lse(a[1]);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = make_float4(a[0].m, a[0].s, a[1].m, a[1].s);
+  __syncthreads();
+  lse_acc b[2];
+  if (lane < warps) {
+    const float4 v = scratch[lane];
+    b[0] = {v.x, v.y};
+    b[1] = {v.z, v.w};
+  }
+  a[0] = warp_lse(b[0]);
+  a[1] = warp_lse(b[1]);
+}
+__device__ inline float2 block_sum_pair(float2 v, float2* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  v.x = warp_sum(v.x);
+  v.y = warp_sum(v.y);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < warps ? scratch[lane] : make_float2(0.f, 0.f);
+  return make_float2(warp_sum(v.x), warp_sum(v.y));
+}
+
 // A block sum of doubles in a fixed order (shuffles within each warp, then the warps' sums in turn):
 // the same bits for the same inputs and block size on every launch. Every thread gets the total;
 // `scratch` holds >= 32 doubles.
@@ -151,6 +179,12 @@ __device__ inline bool last_block_of_grid(unsigned* ticket) {
   __syncthreads();
   return last != 0u;
 }
+
+// The cluster barrier in two halves (barrier.cluster.arrive / wait): work placed between them overlaps
+// the other blocks' arrival. Arrive releases this block's earlier shared-memory writes to the cluster;
+// wait acquires theirs. Every thread of every block calls both, alternately.
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
 // Cluster-wide: every block publishes its block result in its own shared slot, the cluster
 // synchronises, and the first warp of each block gathers the C slots through distributed shared memory
