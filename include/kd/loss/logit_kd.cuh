@@ -26,6 +26,8 @@
 // A call is one launch up to kInlineCountRows rows: each block counts the labels' tokens itself and the
 // last block to finish forms the loss value (the context's grid ticket); above that a token-count kernel
 // runs first. Host cost per call 4.4-5.1 us, GPU 10.2 us at N = 1 (kd_bench_small_calls, H200).
+// Many rows of an unmapped call may run instead in the ring kernel (kd/loss/logit_kd_ring.cuh: persistent
+// clusters, row slices refilled by bulk copies while the threads compute); plan_ring says where.
 // What bounds it (H200, 2026-12-04, bf16, T = 2, benchmarks/RESULTS.md session 6): instruction issue,
 // not HBM. ncu (8192 x 128,256, ncu's locked clocks): forward KL issues in 66% of cycles with DRAM at
 // 40%; JSD, before its base-2 rewrite, in 77% with DRAM at 19%. Each block alternates between waiting
