@@ -75,9 +75,8 @@ struct cluster_launch {
 #define KD_CUDA_TRY(expr, what) KD_TRY(::kd::cuda::detail::cuda_status((expr), (what)))
 
 // How logit_kd schedules the rows of an unmapped call (kd/loss/logit_kd.cuh): automatic (the planner's
-// choice: the persistent ring kernel when there are at least two rows per resident cluster and its
-// stages fit), per_row (one cluster per row), or ring (wherever its stages fit). A knob for tests and
-// benchmarks, like the slice budget.
+// choice: the persistent ring kernel where it measured faster, see plan_ring), per_row (one cluster per
+// row), or ring (wherever its slices fit). A knob for tests and benchmarks, like the slice budget.
 enum class row_schedule { automatic, per_row, ring };
 
 class context {
@@ -163,7 +162,7 @@ class context {
   // costs microseconds of host time. Call after allow_dynamic_smem for that size.
   template <class Kernel>
   status max_active_clusters(Kernel* kernel, int cluster, int threads, std::size_t smem, int& out) {
-    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), cluster, smem);
+    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), cluster, threads, smem);
     for (const auto& [k, n] : active_clusters_)
       if (k == key) {
         out = n;
@@ -296,7 +295,7 @@ class context {
   int sm_count_ = 0;
   row_schedule schedule_ = row_schedule::automatic;
   std::vector<std::pair<const void*, std::size_t>> smem_set_;  // dynamic shared memory allowed per kernel
-  std::vector<std::pair<std::tuple<const void*, int, std::size_t>, int>> active_clusters_;
+  std::vector<std::pair<std::tuple<const void*, int, int, std::size_t>, int>> active_clusters_;
   std::vector<std::string> components_;
   std::unordered_map<std::uint64_t, cached> cache_;
   std::unordered_map<unsigned, std::vector<std::string>> row_names_;

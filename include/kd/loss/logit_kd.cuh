@@ -107,17 +107,10 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   auto span_pos = [&](long long j) { return static_cast<long long>(__ldg(p.map_support + j0 + j)) - a0; };
 
   // Ignored or invalid rows: zero gradient, zero loss. The decision is the same in every block.
-  bool active = true;
-  if (p.labels != nullptr) {
-    const int y = p.labels[row];
-    if (y == p.ignore_index) {
-      active = false;
-    } else if (y < 0 || y >= p.label_vocab) {
-      active = false;
-      if (rank == 0 && threadIdx.x == 0)
-        atomicMin(p.error, encode_error(row, device_error::label_out_of_range, device_tensor::labels, p.component));
-    }
-  }
+  const row_label label = label_of_row(p, row);
+  const bool active = label == row_label::active;
+  if (label == row_label::out_of_range && rank == 0 && threadIdx.x == 0)
+    atomicMin(p.error, encode_error(row, device_error::label_out_of_range, device_tensor::labels, p.component));
   // An active row's bulk copies start before anything else: their latency overlaps the label count
   // below (at N = 1 that left the GPU time at 10.2 us: the launch and the cluster's barriers dominate).
   if (threadIdx.x == 0) {
@@ -137,22 +130,13 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
       p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red_sum)) : 0;
   const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);
   // Every block ends here (each exit path, uniformly per block): the last one forms the call's value.
-  auto finish = [&] {
-    if (p.ticket == nullptr || !last_block_of_grid(p.ticket)) return;
-    const double sum = block_sum_ordered(p.partial, p.rows * c_blocks, red_d);
-    if (threadIdx.x == 0) {
-      *p.value = static_cast<float>(sum / call_divisor);
-      if (p.tokens != nullptr) *p.tokens = p.labels == nullptr ? p.rows : p.count_inline ? tokens : *p.count_dev;
-    }
-  };
+  auto finish = [&] { finish_call(p, p.rows * c_blocks, call_divisor, tokens, red_d); };
 
   // Gradient columns no support entry covers: padding (shared vocab) or unmapped ids (map). The gradient
   // may alias the student logits (linear + KD runs in place), but these columns are never read, so they
   // are zeroed at once, without ordering: the last block the padding of a shared vocab, every block its
   // share of the map's list of uncovered student ids.
-  auto zero_range = [&](long long a, long long b) {
-    for (long long c = a + threadIdx.x; c < b; c += blockDim.x) grow[c] = from_float<GT>(0.f);
-  };
+  auto zero_range = [&](long long a, long long b) { zero_columns(grow, a, b); };
   auto zero_uncovered = [&]() {
     if (!p.want_grad || p.accumulate) return;
     if constexpr (Span) {
@@ -280,15 +264,16 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
 
   // Pass 2 (and 3): loss terms and gradients from shared memory. sweep(write, fn) visits every entry of
   // this block's slice with its base-2 log-probabilities (dt = log2 p, ds = log2 q); fn returns the
-  // entry's gradient, stored when `write`. Sixteen-byte vectors (shared-memory reads and gradient stores)
-  // when every tensor has one storage type and the rows are aligned, the rest element by element:
-  // element-wise 2-byte accesses had held reverse KL at 1.54 TB/s against forward KL's 2.30 at
-  // 8192 x 128,256 bf16 on an H200.
+  // entry's gradient, stored when `write`. Sixteen-byte vectors (sweep_slice) when every tensor has one
+  // storage type and the rows are aligned, else element by element.
   auto sweep = [&](bool write, auto&& fn) {
-    long long done = 0;
-    if constexpr (!Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>)
-      if (p.vector_ok) done = sweep_vectors<TT>(tcache, scache, grow + j0, n_local, k2, tlse, slse, write, p.accumulate, fn);
-    for (long long j = done + threadIdx.x; j < n_local; j += blockDim.x) {
+    if constexpr (!Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>) {
+      if (p.vector_ok) {
+        sweep_slice<TT>(tcache, scache, grow + j0, n_local, k2, tlse, slse, write, p.accumulate, fn);
+        return;
+      }
+    }
+    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
       float dt, ds;
       log2_pq(j, dt, ds);
       const float g = fn(dt, ds);
@@ -374,13 +359,14 @@ template <class D, class T>
 status plan_ring(context& ctx, logit_kd_launch& l) {
   logit_kd_params& p = l.p;
   if (p.rows <= 0 || ctx.schedule() == row_schedule::per_row) return {};
-  const auto chunk_of = [&](int c) { return ((p.support + c - 1) / c + 7) / 8 * 8; };
+  const auto chunk_of = [&](int c) { return row_chunk(p.support, c); };
   const auto slice_of = [](long long chunk) {
     return 2 * static_cast<std::size_t>((chunk * static_cast<long long>(sizeof(T)) + 15) / 16 * 16);
   };
   int c = 1;
   while (c < 8 && slice_of(chunk_of(c)) > kRingSliceTarget) ++c;
-  const std::size_t slice = slice_of(chunk_of(c));
+  const long long chunk = chunk_of(c);
+  const std::size_t slice = slice_of(chunk);
   const int stages = static_cast<int>(std::min<std::size_t>(kRingMaxStages, kRingSmemLimit / slice));
   if (stages < 3) return {};
   auto* kernel = logit_kd_ring_kernel<D, T>;
@@ -395,7 +381,7 @@ status plan_ring(context& ctx, logit_kd_launch& l) {
     // share a slice's 16-byte vectors evenly (>= 90% of the last sweep step busy), and at least two
     // rows per resident cluster. Uneven shares (V = 50,304 on 4 blocks: 77%) measured 0.76-0.86x, and
     // 8-block clusters 0.88-1.03x: the per-row kernel keeps those.
-    const long long vecs = (chunk_of(c) * static_cast<long long>(sizeof(T)) + 15) / 16;
+    const long long vecs = (chunk * static_cast<long long>(sizeof(T)) + 15) / 16;
     const long long steps = (vecs + kRingThreads - 1) / kRingThreads;
     const bool even = vecs * 10 >= steps * kRingThreads * 9;
     if (c < 2 || c > 4 || !even || p.rows < 2LL * active) return {};
@@ -404,7 +390,7 @@ status plan_ring(context& ctx, logit_kd_launch& l) {
   l.cluster = c;
   l.clusters = std::min<long long>(p.rows, active);
   l.smem = smem;
-  p.chunk = chunk_of(c);
+  p.chunk = chunk;
   p.stages = stages;
   return {};
 }
@@ -469,7 +455,7 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   const std::size_t tc_bytes = map && !contiguous ? sizeof(float) : sizeof(TT);
   const std::size_t per_entry = tc_bytes + sizeof(ST);
   int cluster = row_cluster(ctx, p.support, per_entry, p.rows, spread_rows);
-  const auto chunk_of = [&](int c) { return ((p.support + c - 1) / c + 7) / 8 * 8; };
+  const auto chunk_of = [&](int c) { return row_chunk(p.support, c); };
   p.chunk = chunk_of(cluster);
   out.smem = ((p.chunk * tc_bytes + 15) / 16) * 16 + p.chunk * sizeof(ST);
   if (out.smem > kSliceLimit)

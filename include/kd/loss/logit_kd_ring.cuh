@@ -78,11 +78,7 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
   auto row_of = [&](long long i) { return cid + i * ncl; };
   auto trow = [&](long long i) { return static_cast<const T*>(p.teacher) + row_of(i) * p.t_stride; };
   auto srow = [&](long long i) { return static_cast<const T*>(p.student) + row_of(i) * p.s_stride; };
-  auto active = [&](long long i) {
-    if (p.labels == nullptr) return true;
-    const int y = p.labels[row_of(i)];
-    return y != p.ignore_index && y >= 0 && y < p.label_vocab;
-  };
+  auto active = [&](long long i) { return label_of_row(p, row_of(i)) == row_label::active; };
   // Thread 0: row i's slices into slot i % S. An inactive row moves no bytes but still completes the
   // slot's phase, so every row waits on its slot with the same parity rule.
   auto issue = [&](long long i) {
@@ -143,19 +139,10 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
     slse = warp_lse(g[1]).value();
     ok = active(i) && isfinite(tlse) && isfinite(slse);
   };
-  // A sweep over row i's slice: 16-byte vectors, then the unaligned tail one by one.
+  // A sweep over row i's slice (16-byte vectors, then the unaligned tail).
   auto sweep = [&](long long i, bool write, auto&& fn) {
-    const T* t = tc(i);
-    const T* s = sc(i);
     T* g = p.want_grad ? static_cast<T*>(p.grad) + row_of(i) * p.g_stride + j0 : nullptr;
-    const long long done = sweep_vectors<T>(t, s, g, n_local, k2, tlse, slse, write, p.accumulate, fn);
-    for (long long j = done + threadIdx.x; j < n_local; j += blockDim.x) {
-      float v = fn(to_float(t[j]) * k2 - tlse, to_float(s[j]) * k2 - slse);
-      if (write) {
-        if (p.accumulate) v += to_float(g[j]);
-        g[j] = from_float<T>(v);
-      }
-    }
+    sweep_slice<T>(tc(i), sc(i), g, n_local, k2, tlse, slse, write, p.accumulate, fn);
   };
   // Two-sweep divergences: row i's loss terms and its warp sums of C, published to the cluster.
   auto terms_pass = [&](long long i) {
@@ -185,18 +172,16 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
       }
     } else {
       if (rank == 0 && threadIdx.x == 0) {
-        const int y = p.labels != nullptr ? p.labels[row] : 0;
-        if (p.labels != nullptr && y != p.ignore_index && (y < 0 || y >= p.label_vocab))
+        const row_label label = label_of_row(p, row);
+        if (label == row_label::out_of_range)
           atomicMin(p.error, encode_error(row, device_error::label_out_of_range, device_tensor::labels, p.component));
-        else if (active(i))
+        else if (label == row_label::active)
           atomicMin(p.error, encode_error(row, device_error::non_finite,
                                           isfinite(tlse) ? device_tensor::student : device_tensor::teacher, p.component));
       }
-      if (p.want_grad && !p.accumulate)
-        for (long long c = j0 + threadIdx.x; c < j0 + n_local; c += blockDim.x) grow[c] = from_float<T>(0.f);
+      if (p.want_grad && !p.accumulate) zero_columns(grow, j0, j0 + n_local);
     }
-    if (p.want_grad && !p.accumulate && rank == c_blocks - 1)  // padding columns
-      for (long long c = p.support + threadIdx.x; c < p.student_cols; c += blockDim.x) grow[c] = from_float<T>(0.f);
+    if (p.want_grad && !p.accumulate && rank == c_blocks - 1) zero_columns(grow, p.support, p.student_cols);  // padding
     // The slot is free once every warp is done with it; thread 0 refills it. A block barrier: the
     // cluster wait that follows holds the warps together anyway, and compute-sanitizer's racecheck
     // does not follow a per-warp release through an mbarrier to the bulk copy (it reported the copy
@@ -239,12 +224,7 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
   // The block's loss (rows of its cluster, its slice) in partial[block]: a fixed layout for a fixed grid.
   const float block_loss = block_sum(loss_total, red_sum);
   if (threadIdx.x == 0) p.partial[blockIdx.x] = block_loss * p.loss_scale;
-  if (p.ticket == nullptr || !last_block_of_grid(p.ticket)) return;
-  const double sum = block_sum_ordered(p.partial, gridDim.x, red_d);
-  if (threadIdx.x == 0) {
-    *p.value = static_cast<float>(sum / call_divisor);
-    if (p.tokens != nullptr) *p.tokens = p.labels == nullptr ? p.rows : p.count_inline ? tokens : *p.count_dev;
-  }
+  finish_call(p, gridDim.x, call_divisor, tokens, red_d);
 }
 
 }  // namespace kd::cuda::detail

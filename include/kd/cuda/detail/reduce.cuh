@@ -44,21 +44,6 @@ struct lse_acc {
       s += fast_exp2(y - m);
     }
   }
-  // Adds n values with one rescale: the n exponentials are independent (instruction-level parallelism).
-  template <int N>
-  __device__ void add_vec(const float (&y)[N]) {
-    float vm = y[0];
-#pragma unroll
-    for (int i = 1; i < N; ++i) vm = fmaxf(vm, y[i]);
-    if (vm > m) {
-      s *= fast_exp2(m - vm);
-      m = vm;
-    }
-    float t = 0.f;
-#pragma unroll
-    for (int i = 0; i < N; ++i) t += fast_exp2(y[i] - m);
-    s += t;  // a NaN input reaches s through t (fmaxf alone would drop it)
-  }
   __device__ static lse_acc combine(lse_acc a, lse_acc b) {
     const float m = fmaxf(a.m, b.m);
     // Both empty: keep the sums (0 + 0 for empty threads; NaN when a NaN or -inf input was added to an
@@ -108,34 +93,6 @@ __device__ inline lse_acc block_lse(lse_acc a, float2* scratch) {
   lse_acc b;
   if (lane < warps) b = {scratch[lane].x, scratch[lane].y};
   return warp_lse(b);
-}
-
-// Two log-sum-exps (or two sums) reduced over the block at once: one pair of barriers for both.
-__device__ inline void block_lse_pair(lse_acc (&a)[2], float4* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  a[0] = warp_lse(a[0]);
-  a[1] = warp_lse(a[1]);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = make_float4(a[0].m, a[0].s, a[1].m, a[1].s);
-  __syncthreads();
-  lse_acc b[2];
-  if (lane < warps) {
-    const float4 v = scratch[lane];
-    b[0] = {v.x, v.y};
-    b[1] = {v.z, v.w};
-  }
-  a[0] = warp_lse(b[0]);
-  a[1] = warp_lse(b[1]);
-}
-__device__ inline float2 block_sum_pair(float2 v, float2* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  v.x = warp_sum(v.x);
-  v.y = warp_sum(v.y);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  v = lane < warps ? scratch[lane] : make_float2(0.f, 0.f);
-  return make_float2(warp_sum(v.x), warp_sum(v.y));
 }
 
 // A block sum of doubles in a fixed order (shuffles within each warp, then the warps' sums in turn):
