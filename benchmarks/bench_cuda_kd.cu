@@ -412,6 +412,7 @@ BENCHMARK(BM_logit_kd_schedule<kd::jsd, kd::bfloat16>)->Name("BM_schedule_jsd")-
 BENCHMARK(BM_logit_kd_schedule<kd::skew_kl, kd::bfloat16>)->Name("BM_schedule_skew_kl")->Apply(schedules);
 BENCHMARK(BM_logit_kd_schedule<kd::tvd, kd::bfloat16>)->Name("BM_schedule_tvd")->Apply(schedules);
 BENCHMARK(BM_logit_kd_schedule<kd::forward_kl, float>)->Name("BM_schedule_forward_kl_f32")->Apply(schedules_f32);
+BENCHMARK(BM_logit_kd_schedule<kd::reverse_kl, float>)->Name("BM_schedule_reverse_kl_f32")->Apply(schedules_f32);
 BENCHMARK(BM_logit_kd_map_bf16<kd::forward_kl>)->Name("BM_grid_forward_kl_map")->Apply(grid_map);
 BENCHMARK(BM_logit_kd_map_bf16<kd::reverse_kl>)->Name("BM_grid_reverse_kl_map")->Apply(grid_map);
 BENCHMARK(BM_logit_kd_map_bf16<kd::jsd>)->Name("BM_grid_jsd_map")->Apply(grid_map);

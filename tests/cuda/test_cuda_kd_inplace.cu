@@ -165,5 +165,7 @@ TEST_CASE_TEMPLATE("fused logit KD through a map, gradient written over the stud
   check_inplace_map<kd::forward_kl, T>(dense, 5);
   check_inplace_map<kd::skew_kl, T>(dense, 3);
   check_inplace_map<kd::reverse_kl, T>(partial, 4);
-  check_inplace_map<kd::tvd, T>(partial, 2);
+  // (TVD in place through maps: the loss matrix, which redraws inputs with a near tie of p and q, where
+  // float and the fp64 reference may take different signs; random draws here failed that way ~1 in 10.)
+  check_inplace_map<kd::jsd, T>(partial, 2);
 }

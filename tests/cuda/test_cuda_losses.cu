@@ -20,6 +20,7 @@ struct kd_case {
   double temperature = 2.0;
   bool labels = false;
   kd::index_t vocab = 0;  // real columns (0 = all)
+  double offset = 0.0;    // != 0: student = 0.9 teacher + offset + noise (close distributions, shifted logits)
 };
 
 // Runs logit_kd<D> on the GPU in storage T and compares loss and gradient with the fp64 CPU reference.
@@ -29,7 +30,10 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
                     kd::cuda::context* shared = nullptr, kd::cuda::row_schedule schedule = kd::cuda::row_schedule::automatic) {
   const kd::index_t tv = map ? teacher_cols : c.v;
   auto th = random_storage<T>(static_cast<std::size_t>(c.n * tv), 2.0, rng());
-  auto sh = random_storage<T>(static_cast<std::size_t>(c.n * c.v), 1.0, rng());
+  auto sh = random_storage<T>(static_cast<std::size_t>(c.n * c.v), c.offset != 0.0 ? 0.3 : 1.0, rng());
+  if (c.offset != 0.0)
+    for (std::size_t i = 0; i < sh.size(); ++i)
+      sh[i] = kd::store_as<T>(static_cast<float>(0.9 * kd::load_as<double>(th[i]) + c.offset + kd::load_as<double>(sh[i])));
   std::vector<std::int32_t> labels;
   if (c.labels) {
     std::uniform_int_distribution<int> pick(0, static_cast<int>((c.vocab > 0 ? c.vocab : c.v) - 1));
@@ -167,6 +171,20 @@ TEST_CASE_TEMPLATE("fused logit KD over many rows, both row schedules", T, float
     // (TVD: the ring-forced matrix, whose tolerance allows for sign flips at near-ties of p and q.)
     check_logit_kd<kd::reverse_kl, T>({300, 32000, 4.0, true}, nullptr, 0, nullptr, sch);
     if constexpr (!std::is_same_v<T, float>) check_logit_kd<kd::forward_kl, T>({70, 151936, 2.0, true, 151669}, nullptr, 0, nullptr, sch);
+  }
+}
+
+// Softmax ignores a constant added to a row, so a student whose logits sit far from the teacher's can
+// still be close to it. Reverse KL forms the row's KL in pass 1 from a q-weighted sum of ys - yt (the
+// logits' difference, here ~100-150 bits a term) minus the two log-normalizers: the sum is taken around
+// a reference offset so that it does not lose the small KL (~0.01 nats) to float cancellation.
+TEST_CASE_TEMPLATE("reverse KL between logits far apart but distributions close", T, kd::bfloat16, kd::half) {
+  using kd::cuda::row_schedule;
+  for (const auto sch : {row_schedule::automatic, row_schedule::per_row}) {
+    CAPTURE(static_cast<int>(sch));
+    check_logit_kd<kd::reverse_kl, T>({300, 32000, 2.0, true, 0, 200.0}, nullptr, 0, nullptr, sch);
+    check_logit_kd<kd::reverse_kl, T>({200, 50304, 2.0, false, 0, -150.0}, nullptr, 0, nullptr, sch);
+    check_logit_kd<kd::reverse_kl, T>({3, 151936, 1.0, true, 0, 120.0}, nullptr, 0, nullptr, sch);
   }
 }
 

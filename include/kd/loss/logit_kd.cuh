@@ -72,11 +72,20 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   TC* tcache = reinterpret_cast<TC*>(smem_raw);
   ST* scache = reinterpret_cast<ST*>(smem_raw + ((p.chunk * sizeof(TC) + 15) / 16) * 16);
-  __shared__ float2 red_lse[32];
+  // block_lse's scratch, and reverse KL's block_lse_w (16 warps: the kernel runs 512 threads) in the same
+  // bytes: static shared memory decides whether three 76 KB slices fit an SM (V = 151,936 in 16 bits).
+  __shared__ union {
+    float2 pair[32];
+    float4 quad[16];
+  } red_lse;
   __shared__ float red_sum[32];
   __shared__ double red_d[32];
   __shared__ cluster_slots<4> slots;
   __shared__ cluster_slots<1> slots1;
+  using E = kd_entry<D>;
+  // Reverse KL without a map: the row's KL rides on pass 1 (kd_entry<reverse_kl>::online).
+  constexpr bool Online = online_c<E> && MK == map_kind::none;
+  __shared__ std::conditional_t<Online, cluster_slots<6>, char> slots6;
   __shared__ unsigned long long bar;  // bulk-copy completion
   const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.support);
   const long long j1 = std::min<long long>(j0 + p.chunk, p.support);
@@ -219,14 +228,31 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     const long long bt = bulk_bytes<TT>(n_local), bs = bulk_bytes<ST>(n_local);
     mbar_wait(&bar, 0);
     lse_of_slice<true>(trow + j0, tcache, n_local, bt / static_cast<long long>(sizeof(TT)), k2, acc[0]);
-    lse_of_slice<true>(srow + j0, scache, n_local, bs / static_cast<long long>(sizeof(ST)), k2, acc[1]);
+    if constexpr (Online) {
+      for (long long i = bs / static_cast<long long>(sizeof(ST)) + threadIdx.x; i < n_local; i += blockDim.x)
+        scache[i] = srow[j0 + i];
+      __syncthreads();
+    } else {
+      lse_of_slice<true>(srow + j0, scache, n_local, bs / static_cast<long long>(sizeof(ST)), k2, acc[1]);
+    }
   } else {
     copy_slice_with_lse<true>(trow + j0, tcache, n_local, k2, acc[0]);
     copy_slice_with_lse<true>(srow + j0, scache, n_local, k2, acc[1]);
+    if constexpr (Online) __syncthreads();  // the weighted sweep reads both slices in 16-byte vectors
   }
-  acc[0] = block_lse(acc[0], red_lse);
-  acc[1] = block_lse(acc[1], red_lse);
-  cluster_combine_lse<2>(slots, acc);  // its cluster barriers end pass 1: every read of the row is done
+  // Reverse KL: the student's sweep of exponentials also sums q (ys - yt) (over shared memory, after the
+  // copies), and the cluster combines both in one exchange.
+  lse_wacc sw;
+  if constexpr (Online) sw = thread_lse_weighted<true>(scache, tcache, n_local, k2, acc[0].m);
+  acc[0] = block_lse(acc[0], red_lse.pair);
+  if constexpr (Online) {
+    sw = block_lse_w(sw, red_lse.quad);
+    cluster_combine_lse_w(slots6, acc[0], sw);  // as below: every read of the row is done after it
+    acc[1] = sw.lse();
+  } else {
+    acc[1] = block_lse(acc[1], red_lse.pair);
+    cluster_combine_lse<2>(slots, acc);  // its cluster barriers end pass 1: every read of the row is done
+  }
   const float tlse = acc[0].value();  // log2 of the teacher's (or the mapped mass's) partition sum
   const float slse = acc[1].value();
   if (!isfinite(tlse) || !isfinite(slse)) {
@@ -282,12 +308,19 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   };
   // The divergence's entries (kd/loss/logit_kd_math.cuh): forward KL in one sweep; the others a sweep
   // for the terms and the row's sum C, the cluster's sum, a gradient sweep.
-  using E = kd_entry<D>;
   E e(p.param, factor);
   float loss = 0.f, cq = 0.f;
-  sweep(E::one_sweep && p.want_grad, [&](float dt, float ds) { return e.first(dt, ds, loss, cq); });
-  loss = E::loss_of(loss);
-  if constexpr (!E::one_sweep) {
+  if constexpr (Online) {
+    // The row's KL from pass 1: its loss (once, from the cluster's first block) and the gradient sweep.
+    const float kl = E::kl_bits(acc[0], sw);
+    loss = rank == 0 && threadIdx.x == 0 ? E::loss_of(kl) : 0.f;
+    e.set_c(kl);
+    if (p.want_grad) sweep(true, [&](float dt, float ds) { return e.grad(dt, ds); });
+  } else {
+    sweep(E::one_sweep && p.want_grad, [&](float dt, float ds) { return e.first(dt, ds, loss, cq); });
+    loss = E::loss_of(loss);
+  }
+  if constexpr (!E::one_sweep && !Online) {
     if (p.want_grad) {
       cq = block_sum(cq, red_sum);
       float c1[1] = {cq};

@@ -5,8 +5,10 @@
 // clusters with a ring of row slices) hold a row's slice in shared memory and visit every entry with its
 // base-2 log-probabilities dt = log2 p, ds = log2 q. kd_entry<D> is what each entry contributes: the
 // loss term, and the gradient dL/dz = q (dD/dq - sum_i q_i dD/dq_i) times the call's factor. Forward KL
-// needs no row sum (its gradient is q - p: one sweep); the others take a sweep for the loss terms and
-// the row's sum C = sum q dD/dq, the cluster's sum of C, and a gradient sweep.
+// needs no row sum (its gradient is q - p: one sweep); reverse KL's row sum is KL + 1, which pass 1
+// forms without a mapped support (kd_entry<reverse_kl>::online: one sweep after pass 1); the others take
+// a sweep for the loss terms and the row's sum C = sum q dD/dq, the cluster's sum of C, and a gradient
+// sweep.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -105,7 +107,7 @@ __device__ inline void finish_call(const logit_kd_params& p, long long n, double
   }
 }
 
-// Per-entry math, generic form: divergence_math in natural logs (reverse KL, TVD).
+// Per-entry math, generic form: divergence_math in natural logs (TVD).
 template <class D>
 struct kd_entry {
   static constexpr bool one_sweep = false;
@@ -127,6 +129,38 @@ struct kd_entry {
     return factor * qj * (math.dq(pj, logp, qj, logq) - c);
   }
 };
+
+// Reverse KL: KL = ln 2 * sum q (log2 q - log2 p), q dD/dq summed over the row = KL + 1, so
+// dL/dz = q (ln 2 (log2 q - log2 p) - KL). `online`: the unmapped kernels get the row's KL from pass 1
+// (thread_lse_weighted: the q-weighted sum of ys - yt rides on the student's log-sum-exp) and run the
+// gradient sweep only; mapped rows take the sweep of terms (first) as the other divergences do. c is
+// the row's KL in bits either way.
+template <>
+struct kd_entry<reverse_kl> {
+  static constexpr bool one_sweep = false;
+  static constexpr bool online = true;
+  float factor = 0.f, c = 0.f;
+  __device__ kd_entry(float, float factor_) : factor(factor_ * kLn2) {}
+  __device__ float first(float dt, float ds, float& loss, float& cq) const {
+    const float u = fast_exp2(ds) * (ds - dt);
+    loss += u;
+    cq += u;
+    return 0.f;
+  }
+  __device__ static float loss_of(float sum) { return sum * kLn2; }
+  __device__ void set_c(float kl_bits) { c = kl_bits; }
+  // The row's KL in bits from the cluster's combined pass-1 statistics: sum q (ys - yt) - slse + tlse
+  // = (w / s + s.m - rt) - (s.m + log2 s.s) + (t.m + log2 t.s); the student maximum cancels exactly,
+  // and one log of the sums' ratio replaces two logs of ~log2 V each.
+  __device__ static float kl_bits(const lse_acc& t, const lse_wacc& s) {
+    return s.w / s.s + (t.m - s.rt) + log2f(t.s / s.s);
+  }
+  __device__ float grad(float dt, float ds) const { return factor * fast_exp2(ds) * (ds - dt - c); }
+};
+
+// Which kernels take the online row statistics (kd_entry<reverse_kl>::online).
+template <class E>
+inline constexpr bool online_c = requires { E::online; };
 
 // Forward KL: KL = ln 2 * sum p (log2 p - log2 q); dL/dz = q - p: one sweep.
 template <>

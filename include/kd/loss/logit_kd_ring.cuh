@@ -9,8 +9,8 @@
 // as soon as row i's gradient is written, so the copy engine always has rows in flight while the
 // threads compute. No block-wide reduction sits on a row's path: each warp stores its partial
 // statistics in its own slot, every warp of the cluster combines all C x 16 slots itself through
-// distributed shared memory, and the cluster's exchanges (the two log-sum-exps; the row sum C of the
-// two-sweep divergences) are split barriers with a sweep of another row between arrive and wait. Slots
+// distributed shared memory, and the cluster's exchanges (the two log-sum-exps, with reverse KL's
+// q-weighted sum; the row sum C of the two-sweep divergences) are split barriers with a sweep of another row between arrive and wait. Slots
 // alternate by row parity, so a fast block never overwrites what a slow one still reads. The losses add
 // up per thread over the rows; each block writes one partial (a fixed layout for a fixed grid).
 // Scope: unmapped rows, 16-byte aligned, one storage type for teacher, student and gradient (the
@@ -50,7 +50,8 @@ template <class D, class T>
 __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const logit_kd_params p) {
   namespace cg = cooperative_groups;
   using E = kd_entry<D>;
-  constexpr bool two = !E::one_sweep;
+  constexpr bool online = online_c<E>;  // reverse KL: the row's KL from pass 1, then one gradient sweep
+  constexpr bool two = !E::one_sweep && !online;
   constexpr int kWarps = kRingThreads / 32;
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned rank = cluster.block_rank(), c_blocks = cluster.num_blocks();
@@ -62,9 +63,11 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ unsigned long long full[kRingMaxStages];  // slot s: row i's slices landed (i % S == s)
   // Each warp's partial statistics, by row parity, read by every warp of the cluster (no block-wide
-  // reduction, so no __syncthreads on a row's path): (t.m, t.s, s.m, s.s) and the two-sweep sum C.
+  // reduction, so no __syncthreads on a row's path): (t.m, t.s, s.m, s.s), reverse KL's (w, rt) and the
+  // two-sweep sum C.
   __shared__ float4 lse_slot[2][kWarps];
   __shared__ float q_slot[2][kWarps];
+  __shared__ std::conditional_t<online, float2[2][kWarps], char> w_slot;  // reverse KL: the student's (w, rt)
   __shared__ float red_sum[32];
   __shared__ double red_d[32];
 
@@ -104,6 +107,7 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
   auto lse_pass = [&](long long i) {
     mbar_wait(&full[i % S], static_cast<unsigned>((i / S) & 1));
     lse_acc acc[2];
+    lse_wacc sw;
     if (active(i)) {  // uniform in the block
       T* t = tc(i);
       T* s = sc(i);
@@ -116,27 +120,52 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
         }
         __syncthreads();
       }
-      acc[0] = warp_lse(thread_lse<true>(t, n_local, k2));
-      acc[1] = warp_lse(thread_lse<true>(s, n_local, k2));
+      acc[0] = thread_lse<true>(t, n_local, k2);
+      if constexpr (online) {
+        sw = warp_lse_w(thread_lse_weighted<true>(s, t, n_local, k2, acc[0].m));
+        acc[1] = sw.lse();
+      } else {
+        acc[1] = warp_lse(thread_lse<true>(s, n_local, k2));
+      }
+      acc[0] = warp_lse(acc[0]);
     }
     // Safe to overwrite: this parity's previous values (row i - 2) were gathered by every block before
     // it arrived for row i - 1, and this block has waited for that.
-    if (lane == 0) lse_slot[i & 1][warp] = make_float4(acc[0].m, acc[0].s, acc[1].m, acc[1].s);
+    if (lane == 0) {
+      lse_slot[i & 1][warp] = make_float4(acc[0].m, acc[0].s, acc[1].m, acc[1].s);
+      if constexpr (online) w_slot[i & 1][warp] = make_float2(sw.w, sw.rt);
+    }
   };
   // After the cluster wait: every warp combines all the cluster's warp slots itself (lane l reads slots
   // l, l + 32, ...; the same order in every warp, so every thread of the cluster gets the same bits).
   float tlse = 0.f, slse = 0.f;
   bool ok = false;  // row active and both log-sum-exps finite
   const unsigned n_slots = c_blocks * kWarps;
+  float row_kl = 0.f;  // reverse KL: the row's KL in bits, from the gather
   auto gather_lse = [&](long long i) {
     lse_acc g[2];
+    lse_wacc gw;
     for (unsigned k = lane; k < n_slots; k += 32) {
       const float4 v = *cluster.map_shared_rank(&lse_slot[i & 1][k % kWarps], k / kWarps);
       g[0] = lse_acc::combine(g[0], lse_acc{v.x, v.y});
-      g[1] = lse_acc::combine(g[1], lse_acc{v.z, v.w});
+      if constexpr (online) {
+        const float2 w = *cluster.map_shared_rank(&w_slot[i & 1][k % kWarps], k / kWarps);
+        gw = lse_wacc::combine(gw, lse_wacc{v.z, v.w, w.x, w.y});
+      } else {
+        g[1] = lse_acc::combine(g[1], lse_acc{v.z, v.w});
+      }
     }
-    tlse = warp_lse(g[0]).value();
-    slse = warp_lse(g[1]).value();
+    g[0] = warp_lse(g[0]);
+    if constexpr (online) {
+      gw = warp_lse_w(gw);
+      g[1] = gw.lse();
+      row_kl = E::kl_bits(g[0], gw);
+      e.set_c(row_kl);
+    } else {
+      g[1] = warp_lse(g[1]);
+    }
+    tlse = g[0].value();
+    slse = g[1].value();
     ok = active(i) && isfinite(tlse) && isfinite(slse);
   };
   // A sweep over row i's slice (16-byte vectors, then the unaligned tail).
@@ -165,6 +194,9 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
     if (ok) {
       if constexpr (two) {
         if (p.want_grad) sweep(i, true, [&](float dt, float ds) { return e.grad(dt, ds); });
+      } else if constexpr (online) {
+        if (p.want_grad) sweep(i, true, [&](float dt, float ds) { return e.grad(dt, ds); });
+        if (rank == 0 && threadIdx.x == 0) loss_total += E::loss_of(row_kl);  // once per row
       } else {
         float loss = 0.f, unused = 0.f;
         sweep(i, p.want_grad, [&](float dt, float ds) { return e.first(dt, ds, loss, unused); });
@@ -194,9 +226,9 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
   };
 
   // The pipeline. Arrive (A) and wait (W) alternate on the one cluster barrier, with a sweep of another
-  // row between them: forward KL L(0) A W | L(1) A G(0) W | L(2) A G(1) W ...; the two-sweep divergences
-  // L(0) A W T(0) A | L(1) W A G(0) W T(1) A | ... (L: a row's log-sum-exp pass, T: its terms and C,
-  // G: its gradient; each W is followed by the gather of what the last A published).
+  // row between them: forward and reverse KL L(0) A W | L(1) A G(0) W | L(2) A G(1) W ...; the
+  // two-sweep divergences L(0) A W T(0) A | L(1) W A G(0) W T(1) A | ... (L: a row's log-sum-exp pass,
+  // T: its terms and C, G: its gradient; each W is followed by the gather of what the last A published).
   if (nrows > 0) {
     lse_pass(0);
     cluster_arrive();

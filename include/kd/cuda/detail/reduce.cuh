@@ -59,6 +59,33 @@ struct lse_acc {
   __device__ float value() const { return m + log2f(s); }
 };
 
+// A student's log-sum-exp with the q-weighted sum of ys - yt riding on it (reverse KL's pass 1: the
+// row's KL is known before any gradient sweep, so no sweep of loss terms and no second cluster sum).
+// w = sum 2^(ys - m) ((ys - m) - (yt - rt)) around a teacher reference rt (the first sweep's teacher
+// maximum), so a constant offset between teacher and student logits, which leaves the divergence
+// unchanged, adds nothing to w: sum q (ys - yt) = w / s + m - rt. Two accumulators combine at the
+// reference of the one with the larger max; the conversion adds ((m_a - m) + (rt - rt_a)) s_a, two
+// differences of nearby maxima. Against the fp64 reference (32,000 entries, float emulation, KL ~0.004-
+// 0.2 nats) this form is as accurate as summing q (log q - log p) entry by entry, and 20-600x more so
+// when the student's logits sit 30-1000 away from the teacher's.
+struct lse_wacc {
+  float m = -INFINITY;
+  float s = 0.f;
+  float w = 0.f;
+  float rt = 0.f;
+  __device__ static lse_wacc combine(lse_wacc a, lse_wacc b) {
+    const float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return {m, a.s + b.s, a.w + b.w, 0.f};  // both empty (or NaN: kept, as lse_acc)
+    const float fa = fast_exp2(a.m - m), fb = fast_exp2(b.m - m);
+    const float rt = a.m >= b.m ? a.rt : b.rt;
+    // An empty side has s = w = 0 and scale 0; its reference is never used.
+    const float wa = a.m == -INFINITY ? 0.f : (a.w + ((a.m - m) + (rt - a.rt)) * a.s) * fa;
+    const float wb = b.m == -INFINITY ? 0.f : (b.w + ((b.m - m) + (rt - b.rt)) * b.s) * fb;
+    return {m, a.s * fa + b.s * fb, wa + wb, rt};
+  }
+  __device__ lse_acc lse() const { return {m, s}; }
+};
+
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr float kLn2 = 0.6931471805599453f;
 
@@ -70,6 +97,15 @@ __device__ inline lse_acc warp_lse(lse_acc a) {
   for (int o = 16; o > 0; o >>= 1) {
     lse_acc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
     a = lse_acc::combine(a, b);
+  }
+  return a;
+}
+
+__device__ inline lse_wacc warp_lse_w(lse_wacc a) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const lse_wacc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o),
+                     __shfl_xor_sync(0xffffffffu, a.w, o), __shfl_xor_sync(0xffffffffu, a.rt, o)};
+    a = lse_wacc::combine(a, b);
   }
   return a;
 }
@@ -93,6 +129,18 @@ __device__ inline lse_acc block_lse(lse_acc a, float2* scratch) {
   lse_acc b;
   if (lane < warps) b = {scratch[lane].x, scratch[lane].y};
   return warp_lse(b);
+}
+
+// (scratch: one entry per warp of the block)
+__device__ inline lse_wacc block_lse_w(lse_wacc a, float4* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  a = warp_lse_w(a);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = make_float4(a.m, a.s, a.w, a.rt);
+  __syncthreads();
+  lse_wacc b;
+  if (lane < warps) b = {scratch[lane].x, scratch[lane].y, scratch[lane].z, scratch[lane].w};
+  return warp_lse_w(b);
 }
 
 // A block sum of doubles in a fixed order (shuffles within each warp, then the warps' sums in turn):
@@ -212,6 +260,24 @@ __device__ inline void cluster_combine_lse(cluster_slots<2 * N>& mine, lse_acc (
     }
   });
   for (int i = 0; i < N; ++i) accs[i] = lse_acc{vals[2 * i], vals[2 * i + 1]};
+}
+
+// Same for a teacher log-sum-exp and a student's weighted one (reverse KL): slots hold (t.m, t.s, m, s, w, rt).
+__device__ inline void cluster_combine_lse_w(cluster_slots<6>& mine, lse_acc& t, lse_wacc& sw) {
+  float vals[6] = {t.m, t.s, sw.m, sw.s, sw.w, sw.rt};
+  const float empty[6] = {-INFINITY, 0.f, -INFINITY, 0.f, 0.f, 0.f};
+  cluster_combine<6>(mine, vals, empty, [](float (&a)[6], const float (&b)[6]) {
+    const lse_acc c = lse_acc::combine(lse_acc{a[0], a[1]}, lse_acc{b[0], b[1]});
+    const lse_wacc d = lse_wacc::combine(lse_wacc{a[2], a[3], a[4], a[5]}, lse_wacc{b[2], b[3], b[4], b[5]});
+    a[0] = c.m;
+    a[1] = c.s;
+    a[2] = d.m;
+    a[3] = d.s;
+    a[4] = d.w;
+    a[5] = d.rt;
+  });
+  t = lse_acc{vals[0], vals[1]};
+  sw = lse_wacc{vals[2], vals[3], vals[4], vals[5]};
 }
 
 }  // namespace kd::cuda::detail

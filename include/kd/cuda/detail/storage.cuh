@@ -198,12 +198,14 @@ __device__ __forceinline__ unsigned minmax2(unsigned a, unsigned b) {
 // exactly where lse_acc::strict would (the smallest x gives the smallest y: scale > 0). NaN inputs reach
 // the sum through their exponentials; a thread with no finite x keeps m = -inf (an empty accumulator,
 // or NaN in s).
+// (The first of thread_lse's two sweeps.)
 template <bool Strict, class T>
-__device__ lse_acc thread_lse(const T* __restrict__ smem, long long n, float scale) {
+__device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long long n, float& hi, float& lo) {
   constexpr int vn = vec_n<T>;
   const long long nv = n / vn;
   const uint4* s4 = reinterpret_cast<const uint4*>(smem);
-  float hi = -INFINITY, lo = INFINITY;
+  hi = -INFINITY;
+  lo = INFINITY;
   if constexpr (sizeof(T) == 2) {
     constexpr unsigned neg_inf2 = std::is_same_v<T, kd::bfloat16> ? 0xff80ff80u : 0xfc00fc00u;
     unsigned mx = neg_inf2, mn = neg_inf2 ^ 0x80008000u;
@@ -229,6 +231,15 @@ __device__ lse_acc thread_lse(const T* __restrict__ smem, long long n, float sca
     hi = fmaxf(hi, x);
     if constexpr (Strict) lo = fminf(lo, x);
   }
+}
+
+template <bool Strict, class T>
+__device__ lse_acc thread_lse(const T* __restrict__ smem, long long n, float scale) {
+  constexpr int vn = vec_n<T>;
+  const long long nv = n / vn;
+  const uint4* s4 = reinterpret_cast<const uint4*>(smem);
+  float hi, lo;
+  thread_extremes<Strict>(smem, n, hi, lo);
   const float m = hi == -INFINITY ? 0.f : hi * scale;  // no finite x: 2^(x * scale) stays 0 (or NaN)
   float s0 = 0.f, s1 = 0.f;
   for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
@@ -242,6 +253,58 @@ __device__ lse_acc thread_lse(const T* __restrict__ smem, long long n, float sca
   }
   for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) s0 += fast_exp2(fmaf(to_float(smem[i]), scale, -m));
   lse_acc acc{hi == -INFINITY ? -INFINITY : m, s0 + s1};
+  if constexpr (Strict)
+    if (lo * scale == -INFINITY) acc.s = NAN;
+  return acc;
+}
+
+// thread_lse of the student slice with reverse KL's weighted sum (lse_wacc) over the same elements:
+// w = sum 2^(ys - m) ((ys - m) - (yt - mt)) with reference rt = mt, this thread's teacher maximum (its
+// thread_lse's m over the teacher slice). Three instructions an element more than thread_lse (an FFMA
+// for yt - mt, an FADD and an FFMA), in place of a sweep of loss terms.
+template <bool Strict, class T, class TT>
+__device__ lse_wacc thread_lse_weighted(const T* __restrict__ smem, const TT* __restrict__ teacher, long long n,
+                                        float scale, float mt) {
+  float hi, lo, s0 = 0.f, s1 = 0.f, w0 = 0.f, w1 = 0.f, m = 0.f, mt_ = 0.f;
+  auto frame = [&] {
+    m = hi == -INFINITY ? 0.f : hi * scale;
+    mt_ = mt == -INFINITY ? m : mt;  // no finite teacher value here: the row is reported anyway
+  };
+  auto add = [&](float x, float t, float& s, float& w) {
+    const float a = fmaf(x, scale, -m), e = fast_exp2(a);
+    s += e;
+    w = fmaf(e, a - fmaf(t, scale, -mt_), w);
+  };
+  if constexpr (std::is_same_v<T, TT>) {  // 16-byte vectors, in thread_extremes' order
+    constexpr int vn = vec_n<T>;
+    const long long nv = n / vn;
+    const uint4* s4 = reinterpret_cast<const uint4*>(smem);
+    const uint4* t4 = reinterpret_cast<const uint4*>(teacher);
+    thread_extremes<Strict>(smem, n, hi, lo);
+    frame();
+    for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
+      float f[vn], g[vn];
+      unpack<T>(s4[i], f);
+      unpack<T>(t4[i], g);
+#pragma unroll
+      for (int k = 0; k < vn; k += 2) {
+        add(f[k], g[k], s0, w0);
+        add(f[k + 1], g[k + 1], s1, w1);
+      }
+    }
+    for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) add(to_float(smem[i]), to_float(teacher[i]), s0, w0);
+  } else {  // mixed storage (linear + KD's fp32 logits against a 16-bit teacher): element by element
+    hi = -INFINITY;
+    lo = INFINITY;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+      const float x = to_float(smem[i]);
+      hi = fmaxf(hi, x);
+      lo = fminf(lo, x);
+    }
+    frame();
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) add(to_float(smem[i]), to_float(teacher[i]), s0, w0);
+  }
+  lse_wacc acc{hi == -INFINITY ? -INFINITY : m, s0 + s1, w0 + w1, mt_};
   if constexpr (Strict)
     if (lo * scale == -INFINITY) acc.s = NAN;
   return acc;
