@@ -32,9 +32,11 @@
 // not HBM. ncu (8192 x 128,256, ncu's locked clocks): forward KL issues in 66% of cycles with DRAM at
 // 40%; JSD, before its base-2 rewrite, in 77% with DRAM at 19%. Each block alternates between waiting
 // for its slice and computing on it, and 3-4 blocks per SM overlap those phases only partly. Forward KL
-// streams at 2.1-2.4 TB/s of minimum bytes for V >= 50,304 (49-57% of the 4.2 TB/s copy), reverse KL /
-// TVD at 1.6-1.9 (a second sweep and a cluster sum), JSD / skew KL at 1.4-1.5 (two sweeps with a
-// log2 and a reciprocal per entry each).
+// streams at 2.1-2.4 TB/s of minimum bytes for V >= 50,304 (49-57% of the 4.2 TB/s copy); reverse KL at
+// 2.0-2.2 (48-53%, session 8: its KL rides on pass 1, so it has one sweep after it as forward KL);
+// TVD at 1.6-1.9 (a second sweep and a cluster sum), JSD / skew KL at 1.4-1.5 (two sweeps with a log2
+// and a reciprocal per entry each). Static shared memory counts: at V = 151,936 in 16 bits three 76 KB
+// slices fit an SM only with the static part at ~700 B (reverse KL at 1.2 KB ran 2 blocks, 0.98x).
 #pragma once
 
 #include <cooperative_groups.h>

@@ -21,7 +21,8 @@
 // What bounds it (H200, 2026-12-04, benchmarks/RESULTS.md session 7): latency, with one block of 16
 // warps per SM. ncu at 8192 x 32,000 forward KL: DRAM 36%, 1.12 eligible warps per scheduler, no warp
 // eligible in 41% of cycles. Where the planner takes it (V = 32,000: 2-block clusters, evenly shared
-// slices) it runs at 1.16-1.27x the per-row kernel (forward KL 50-56% of copy in bf16, 56-61% in fp32).
+// slices) it runs at 1.16-1.27x the per-row kernel (forward KL 50-56% of copy in bf16, 56-61% in fp32;
+// reverse KL, with its KL from pass 1, 1.27-1.48x and 48-58%, session 8).
 // On unevenly shared slices (V = 50,304 on 4 blocks) it ran 0.72-0.86x, on 8-block clusters 0.84-1.01x.
 #pragma once
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""The table of a same-run A/B (scripts/bench_ab.sh run): ab_base_R.json and ab_head_R.json in DIR, R = 1..
+Prints, per benchmark both sides ran: every repetition's time, the speed of head against base (best
+against best) and head's bandwidth as a share of the copy bandwidth the same runs measured.
+    python3 benchmarks/ab_table.py DIR [BASE_REVISION]"""
+import glob
+import json
+import os
+import re
+import sys
+
+
+def load(path):
+    rows, copy = {}, None
+    for b in json.load(open(path))["benchmarks"]:
+        name = b["name"].split("/iterations")[0]
+        if name.startswith("BM_device_copy"):
+            copy = b["bytes_per_second"] / 1e12
+        elif "bytes_per_second" in b:
+            rows[name] = (b["real_time"], b["bytes_per_second"] / 1e12)
+    return rows, copy
+
+
+def main():
+    d = sys.argv[1]
+    runs, copies = {}, []
+    for path in sorted(glob.glob(os.path.join(d, "ab_*_*.json"))):
+        m = re.match(r"ab_(base|head)_(\d+)\.json$", os.path.basename(path))
+        if not m:
+            continue
+        rows, copy = load(path)
+        if copy:
+            copies.append(copy)
+        for name, x in rows.items():
+            runs.setdefault(name, {}).setdefault(m.group(1), []).append(x)
+    if not runs:
+        sys.exit(f"no A/B results in {d}")
+    copy = sum(copies) / len(copies) if copies else None
+    base = f" (base {sys.argv[2][:12]})" if len(sys.argv) > 2 else ""
+    print(f"copy {min(copies):.2f}-{max(copies):.2f} TB/s{base}" if copies else f"no copy baseline{base}")
+    print("| benchmark | base ms | head ms | head / base speed | head % of copy |")
+    print("|---|---|---|---:|---:|")
+    for name in sorted(runs):
+        b, h = runs[name].get("base"), runs[name].get("head")
+        if not b or not h:
+            continue
+        share = f"{max(x[1] for x in h) / copy * 100:.0f}%" if copy else "-"
+        print(f"| {name[3:]} | {' / '.join(f'{x[0]:.3f}' for x in b)} | {' / '.join(f'{x[0]:.3f}' for x in h)} "
+              f"| {min(x[0] for x in b) / min(x[0] for x in h):.2f}x | {share} |")
+
+
+if __name__ == "__main__":
+    main()
