@@ -308,8 +308,9 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
       if (write) put(j, g);
     }
   };
-  // The divergence's entries (kd/loss/logit_kd_math.cuh): forward KL in one sweep; the others a sweep
-  // for the terms and the row's sum C, the cluster's sum, a gradient sweep.
+  // The divergence's entries (kd/loss/logit_kd_math.cuh): forward KL in one sweep, reverse KL without a
+  // map in one after pass 1's KL; the others a sweep for the terms and the row's sum C, the cluster's
+  // sum, a gradient sweep.
   E e(p.param, factor);
   float loss = 0.f, cq = 0.f;
   if constexpr (Online) {

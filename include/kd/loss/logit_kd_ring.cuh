@@ -10,9 +10,10 @@
 // threads compute. No block-wide reduction sits on a row's path: each warp stores its partial
 // statistics in its own slot, every warp of the cluster combines all C x 16 slots itself through
 // distributed shared memory, and the cluster's exchanges (the two log-sum-exps, with reverse KL's
-// q-weighted sum; the row sum C of the two-sweep divergences) are split barriers with a sweep of another row between arrive and wait. Slots
-// alternate by row parity, so a fast block never overwrites what a slow one still reads. The losses add
-// up per thread over the rows; each block writes one partial (a fixed layout for a fixed grid).
+// q-weighted sum; the row sum C of the two-sweep divergences) are split barriers with a sweep of
+// another row between arrive and wait. Slots alternate by row parity, so a fast block never overwrites
+// what a slow one still reads. The losses add up per thread over the rows; each block writes one
+// partial (a fixed layout for a fixed grid).
 // Scope: unmapped rows, 16-byte aligned, one storage type for teacher, student and gradient (the
 // planner's choice when there are at least two rows per resident cluster and three slices fit: V up to
 // 151,936 in 16-bit storage, about 64,000 in fp32). In place and accumulating gradients, ignored and
