@@ -110,6 +110,16 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
               .ok());
   const auto st = ctx.sync_status();
   REQUIRE_MESSAGE(st.ok(), st.message());
+  // The same call without a gradient (evaluation): no gradient sweep at all for forward and reverse KL
+  // (reverse KL's value comes from pass 1 alone), the terms sweep only for the others.
+  device_buffer<float> eval_d(1);
+  device_buffer<long long> eval_tok(1);
+  kd::cuda::device_loss eval_out{eval_d.data, eval_tok.data};
+  REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(td.data, c.n, tv), kd::matrix_view<const T>(sd.data, c.n, c.v),
+              lab_span, eval_out)
+              .ok());
+  const auto st_eval = ctx.sync_status();
+  REQUIRE_MESSAGE(st_eval.ok(), st_eval.message());
 
   auto td64 = to_double(th), sd64 = to_double(sh);
   std::vector<double> gref(sh.size());
@@ -127,6 +137,10 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
   CHECK(std::abs(loss - rr.loss) <= tolerance<T>() * std::max(std::abs(rr.loss), 1e-3));
   CHECK(rel_error(g, gref) <= tolerance<T>());
   CHECK(tok_d.download()[0] == rr.tokens);
+  const double eval = eval_d.download()[0];
+  INFO("without a gradient: loss gpu=", eval);
+  CHECK(std::abs(eval - rr.loss) <= tolerance<T>() * std::max(std::abs(rr.loss), 1e-3));
+  CHECK(eval_tok.download()[0] == rr.tokens);
 }
 
 template <class T>
