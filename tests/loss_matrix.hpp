@@ -28,6 +28,8 @@
 
 #include <kd/kd.hpp>
 
+#include "tvd_ties.hpp"
+
 namespace kdmatrix {
 
 using kd::index_t;
@@ -403,37 +405,14 @@ inline double loss_scale(double ref, double t, index_t active, double normalizer
 }
 
 // tvd's gradient is a sign of p - q: inputs with a near tie (|p - q| below 3e-5 of max(p, q), where float
-// and double may disagree) are redrawn. p and q come from two fp64 forward-KL gradients, T (q - p) / norm
-// and, against a uniform student (zero logits: q = 1 / k on the support), T (1 / k - p) / norm.
-// The largest q_j among entries within `rel` of a tie (0 if none): where a float backend may take the other
-// sign, the gradient may move by up to T q_j / norm (entry j) and T q_k q_j / norm (every other entry k).
+// and double may disagree) are redrawn (tests/tvd_ties.hpp). The largest q_j among entries within `rel`
+// of a tie (0 if none).
 template <class R>
 double tvd_tie_q(const logit_case& c, const std::vector<double>& t64, const std::vector<double>& s64,
                  const std::vector<std::int32_t>& labels, double rel) {
-  kd::logit_kd<kd::forward_kl, R, kd::precision_set<kd::fp64, kd::fp64>> fkl;
-  set_logit_options(fkl.options, c, labels);
-  fkl.options.accumulate_grad = false;
-  fkl.options.grad_scale = 1;
-  const std::vector<double> zeros(s64.size(), 0.0);
-  std::vector<double> g(s64.size()), gu(s64.size());
-  kd::loss_result r;
-  auto run = [&](const std::vector<double>& student, std::vector<double>& grad) {
-    return fkl(kd::cpu, kd::matrix_view<const double>(t64.data(), c.n, c.shape.t_cols),
-               kd::matrix_view<const double>(student.data(), c.n, c.shape.s_cols), labels, r,
-               kd::matrix_view<double>(grad.data(), c.n, c.shape.s_cols))
-        .ok();
-  };
-  if (!run(s64, g) || !run(zeros, gu)) return 0;
-  const double f = r.normalizer / c.temperature;
-  const double k = fkl.options.map ? static_cast<double>(fkl.options.map->student_support().size())
-                                   : static_cast<double>(fkl.options.vocab > 0 ? fkl.options.vocab : c.shape.s_cols);
-  double worst = 0;
-  for (std::size_t i = 0; i < g.size(); ++i) {
-    if (gu[i] == 0 && g[i] == 0) continue;  // off the support or an ignored row
-    const double p = 1.0 / k - gu[i] * f, q = p + g[i] * f;
-    if (std::abs(q - p) < rel * std::max(p, q)) worst = std::max(worst, q);
-  }
-  return worst;
+  kd::logit_kd_options o;
+  set_logit_options(o, c, labels);
+  return kdtest::tvd_tie_q<R>(o, c.n, c.shape.t_cols, c.shape.s_cols, t64, s64, labels, rel).value_or(0);
 }
 template <class R>
 bool has_tvd_tie(const logit_case& c, const std::vector<double>& t64, const std::vector<double>& s64,

@@ -9,6 +9,7 @@
 
 #include <kd/kd.cuh>
 
+#include "../tvd_ties.hpp"
 #include "gpu_util.cuh"
 
 using namespace kd_test;
@@ -22,41 +23,6 @@ struct kd_case {
   kd::index_t vocab = 0;  // real columns (0 = all)
   double offset = 0.0;    // != 0: student = 0.9 teacher + offset + noise (close distributions, shifted logits)
 };
-
-// TVD's gradient is a sign of p - q: where p_j and q_j agree to float rounding (|p - q| below 3e-5 of
-// max(p, q)), the GPU and the fp64 reference may take different signs, a jump of q_j in the gradient
-// (~1 draw in 10 failed that way at 10^5 entries). True when the inputs have such an entry on the
-// support (any vocabulary map): p and q from two fp64 forward-KL gradients, (q - p) / (T divisor) and,
-// against a uniform student (zero logits: q = 1 / k on the support), (1 / k - p) / (T divisor). As the
-// loss matrix (tests/loss_matrix.hpp), the caller redraws such inputs.
-template <class T>
-bool tvd_near_tie(const kd::logit_kd_options& o, kd::index_t n, kd::index_t tv, kd::index_t v, const std::vector<T>& th,
-                  const std::vector<T>& sh, const std::vector<std::int32_t>& labels) {
-  kd::logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::fp64, kd::fp64>> fkl;
-  fkl.options = o;
-  fkl.options.scale_by_t2 = false;
-  fkl.options.grad_scale = 1.0;
-  fkl.options.accumulate_grad = false;
-  const auto t64 = to_double(th), s64 = to_double(sh);
-  const std::vector<double> zeros(s64.size(), 0.0);
-  std::vector<double> g(s64.size()), gu(s64.size());
-  kd::loss_result r;
-  auto run = [&](const std::vector<double>& student, std::vector<double>& grad) {
-    return fkl(kd::cpu, kd::matrix_view<const double>(t64.data(), n, tv), kd::matrix_view<const double>(student.data(), n, v),
-               labels, r, kd::matrix_view<double>(grad.data(), n, v))
-        .ok();
-  };
-  REQUIRE(run(s64, g));
-  REQUIRE(run(zeros, gu));
-  const double f = r.normalizer * o.temperature;
-  const double k = o.map ? static_cast<double>(o.map->student_support().size()) : static_cast<double>(o.vocab > 0 ? o.vocab : v);
-  for (std::size_t i = 0; i < g.size(); ++i) {
-    if (gu[i] == 0 && g[i] == 0) continue;  // off the support or an ignored row
-    const double p = 1.0 / k - gu[i] * f, q = p + g[i] * f;
-    if (std::abs(q - p) < 3e-5 * std::max(p, q)) return true;
-  }
-  return false;
-}
 
 // Runs logit_kd<D> on the GPU in storage T and compares loss and gradient with the fp64 CPU reference.
 // `shared`: run on that context (several calls on one context), else on a fresh one.
@@ -89,8 +55,15 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
     }
   };
   draw();
+  // TVD: inputs with an entry within 3e-5 of a tie of p and q are redrawn, as in the loss matrix (where
+  // float and the fp64 reference may take different signs: ~1 draw in 10 failed so at 10^5 entries).
+  auto near_tie = [&] {
+    const auto q = kdtest::tvd_tie_q<kd::token_mean>(gpu.options, c.n, tv, c.v, to_double(th), to_double(sh), labels, 3e-5);
+    REQUIRE(q.has_value());
+    return *q > 0;
+  };
   if constexpr (std::is_same_v<D, kd::tvd>)
-    for (int attempt = 0; attempt < 8 && tvd_near_tie(gpu.options, c.n, tv, c.v, th, sh, labels); ++attempt) draw();
+    for (int attempt = 0; attempt < 8 && near_tie(); ++attempt) draw();
   device_buffer<T> td(th.size()), sd(sh.size()), gd(sh.size());
   device_buffer<float> loss_d(1);
   device_buffer<long long> tok_d(1);

@@ -189,16 +189,8 @@ __device__ __forceinline__ unsigned minmax2(unsigned a, unsigned b) {
   return r;
 }
 
-// This thread's base-2 log-sum-exp of y = x * scale over the elements of a shared-memory slice it visits
-// (16-byte vectors i = threadIdx.x + k * blockDim.x, then the scalar tail): a sweep for the thread's
-// largest and smallest x (packed 16-bit min / max, two elements an instruction), then a sweep of
-// 2^(x * scale - m) in one FFMA and one MUFU.EX2 each. No per-element branch, rescale or -inf test:
-// the online form took 9 instructions an element against 5 here (kd/loss/logit_kd.cuh's pass 1 and
-// cross-entropy's). Strict: a y of -inf (x * scale overflowed, or x = -inf) poisons the sum with NaN,
-// exactly where lse_acc::strict would (the smallest x gives the smallest y: scale > 0). NaN inputs reach
-// the sum through their exponentials; a thread with no finite x keeps m = -inf (an empty accumulator,
-// or NaN in s).
-// (The first of thread_lse's two sweeps.)
+// The thread's largest x (and smallest, Strict) over the slice elements it visits: thread_lse's first
+// sweep.
 template <bool Strict, class T>
 __device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long long n, float& hi, float& lo) {
   constexpr int vn = vec_n<T>;
@@ -233,6 +225,15 @@ __device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long
   }
 }
 
+// This thread's base-2 log-sum-exp of y = x * scale over the elements of a shared-memory slice it visits
+// (16-byte vectors i = threadIdx.x + k * blockDim.x, then the scalar tail): a sweep for the thread's
+// largest and smallest x (packed 16-bit min / max, two elements an instruction), then a sweep of
+// 2^(x * scale - m) in one FFMA and one MUFU.EX2 each. No per-element branch, rescale or -inf test:
+// the online form took 9 instructions an element against 5 here (kd/loss/logit_kd.cuh's pass 1 and
+// cross-entropy's). Strict: a y of -inf (x * scale overflowed, or x = -inf) poisons the sum with NaN,
+// exactly where lse_acc::strict would (the smallest x gives the smallest y: scale > 0). NaN inputs reach
+// the sum through their exponentials; a thread with no finite x keeps m = -inf (an empty accumulator,
+// or NaN in s).
 template <bool Strict, class T>
 __device__ lse_acc thread_lse(const T* __restrict__ smem, long long n, float scale) {
   constexpr int vn = vec_n<T>;
