@@ -815,6 +815,39 @@ TEST_CASE_TEMPLATE("logit_kd fp32 CPU reference matches fp64 to 1e-6 relative at
   CHECK(kdtest::rel_error(r32.loss, r64.loss) < 1e-6);
 }
 
+// Close distributions (KL ~0.04-0.07 nats), logits around 0 or shifted: in float the two log-normalizers'
+// rounding was most of the value's error (forward and reverse KL 1.6e-6 to 2.3e-5, skew KL 3e-6 to 3.2e-5
+// at V = 50,304). The backend gives it back per row (divergence_math::lse_correction): forward and reverse
+// KL 5e-10 to 5.4e-8, skew KL 8.8e-7 to 4.3e-6 (its log m per entry); JSD is left as it was (<= 6.8e-6).
+TEST_CASE_TEMPLATE("logit_kd fp32 CPU: KL of close distributions, shifted logits, within a few 1e-6 of fp64", D,
+                   kd::forward_kl, kd::reverse_kl, kd::skew_kl) {
+  using namespace kd;
+  const index_t n = 3, v = 50304;
+  auto g = kdtest::rng(93);
+  for (const double temperature : {1.0, 2.0})
+    for (const double offset : {0.0, 30.0, -150.0}) {
+      CAPTURE(temperature);
+      CAPTURE(offset);
+      const auto base = kdtest::normal(static_cast<std::size_t>(n * v), g, 0.0, 2.0);
+      const auto noise = kdtest::normal(static_cast<std::size_t>(n * v), g, 0.0, 0.3);
+      std::vector<double> student(base.size());
+      for (std::size_t i = 0; i < base.size(); ++i) student[i] = 0.9 * base[i] + offset + noise[i];
+      const auto t = rounded<float>(base);
+      const auto s = rounded<float>(student);
+      const auto t64 = kdtest::to_doubles(t), s64 = kdtest::to_doubles(s);
+      logit_kd<D, token_mean, precision_set<fp32, fp32>> loss32;
+      kd64<D> loss64;
+      loss32.options.temperature = loss64.options.temperature = temperature;
+      loss32.options.alpha = loss64.options.alpha = 0.2;
+      loss_result r32, r64;
+      REQUIRE(loss32(cpu, matrix_view<const float>(t.data(), n, v), matrix_view<const float>(s.data(), n, v), {}, r32).ok());
+      REQUIRE(loss64(cpu, matrix_view<const double>(t64.data(), n, v), matrix_view<const double>(s64.data(), n, v), {}, r64).ok());
+      CAPTURE(r32.loss);
+      CAPTURE(r64.loss);
+      CHECK(kdtest::rel_error(r32.loss, r64.loss) < (std::is_same_v<D, skew_kl> ? 1e-5 : 5e-7));
+    }
+}
+
 // A finite logit whose x / T overflows float (the CUDA kernel's y = x * float(1/T) * log2(e)) is rejected
 // by the CPU backend too, on the side each divergence reads, with and without a vocab map.
 TEST_CASE_TEMPLATE("logit_kd: a finite logit that overflows at the temperature is rejected, naming the row", D,

@@ -13,6 +13,7 @@
 #include <functional>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include <kd/kd.hpp>
@@ -189,6 +190,51 @@ TEST_CASE_TEMPLATE("vocab_parallel_kd on 1-4 slices equals logit_kd on whole row
                    kd::jsd, kd::skew_kl, kd::tvd) {
   check_kd_slices<D>(2.0, false, 0);
   check_kd_slices<D>(0.5, true, 20);
+}
+
+// In float, close distributions and shifted logits: the value within a few 1e-6 of the fp64 whole-row
+// value on every slice count (A's rounding of the log-normalizers given back per row, as in kd::logit_kd).
+TEST_CASE_TEMPLATE("vocab_parallel_kd in fp32 on 1-4 slices: close distributions, shifted logits", D, kd::forward_kl,
+                   kd::reverse_kl, kd::skew_kl) {
+  const index_t n = 3, cols = 20011;
+  auto g = kdtest::rng(17);
+  for (const double offset : {30.0, -150.0}) {
+    CAPTURE(offset);
+    const auto base = kdtest::normal(static_cast<std::size_t>(n * cols), g, 0.0, 2.0);
+    const auto noise = kdtest::normal(static_cast<std::size_t>(n * cols), g, 0.0, 0.3);
+    std::vector<float> t(base.size()), s(base.size());
+    for (std::size_t i = 0; i < base.size(); ++i) {
+      t[i] = static_cast<float>(base[i]);
+      s[i] = static_cast<float>(0.9 * base[i] + offset + noise[i]);
+    }
+    const auto t64 = kdtest::to_doubles(t), s64 = kdtest::to_doubles(s);
+    kd::logit_kd<D, kd::token_mean, P64> ref_loss;
+    ref_loss.options.temperature = 2.0;
+    ref_loss.options.alpha = 0.2;
+    kd::loss_result ref;
+    REQUIRE(ref_loss(kd::cpu, kd::matrix_view<const double>(t64.data(), n, cols),
+                     kd::matrix_view<const double>(s64.data(), n, cols), {}, ref)
+                .ok());
+    kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::fp32, kd::fp32>> loss;
+    loss.options = ref_loss.options;
+    for (int ranks : {1, 2, 4}) {
+      CAPTURE(ranks);
+      const auto c = cuts(cols, ranks);
+      std::vector<kd::loss_result> res(static_cast<std::size_t>(ranks));
+      const auto st = on_ranks(ranks, [&](int r, kd::communicator& comm) {
+        const index_t a = c[static_cast<std::size_t>(r)], w = c[static_cast<std::size_t>(r) + 1] - a;
+        return kd::vocab_parallel_kd(kd::cpu, loss, comm, kd::vocab_slice{a, cols},
+                                     kd::matrix_view<const float>(t.data() + a, n, w, cols),
+                                     kd::matrix_view<const float>(s.data() + a, n, w, cols), {},
+                                     res[static_cast<std::size_t>(r)], kd::matrix_view<float>(), false);
+      });
+      for (int r = 0; r < ranks; ++r) {
+        REQUIRE_MESSAGE(st[static_cast<std::size_t>(r)].ok(), st[static_cast<std::size_t>(r)].message());
+        CHECK(res[static_cast<std::size_t>(r)].loss ==
+              doctest::Approx(ref.loss).epsilon(std::is_same_v<D, kd::skew_kl> ? 1e-5 : 5e-7));
+      }
+    }
+  }
 }
 
 TEST_CASE("vocab_parallel_cross_entropy on 1-4 slices equals cross_entropy (with z-loss) on whole rows") {

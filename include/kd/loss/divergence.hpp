@@ -96,6 +96,30 @@ template <Divergence D, class A>
 struct divergence_math {
   A param = A(0.5);  // beta for jsd, alpha for skew_kl
 
+  // A backend that holds the two log-normalizers in float subtracts each rounded, off by e_t (teacher)
+  // and e_s (student) nats: p and q are then scaled by exp(-e_t), exp(-e_s), and the row's value moves
+  // by -w (e_t - e_s) to first order, with w this weight (d/dlog-scale of p minus that of q, at q = p):
+  // forward KL 1 (KL(p||q)'s sum p is not renormalized), reverse KL -1, skew KL 1 - alpha; JSD 0 (its
+  // change is a KL(p||m) e_t + ..., second order for close p and q); TVD 0 (first order, but by
+  // sum p sign(p - q) / 2, which no normalizer gives: left as it is). The CUDA kernels add w (e_t - e_s)
+  // back once per row: for close distributions the normalizers' rounding was most of the float error
+  // of the value.
+  KD_HOST_DEVICE A lse_gap_weight() const {
+    if constexpr (std::same_as<D, forward_kl>) return A(1);
+    else if constexpr (std::same_as<D, reverse_kl>) return A(-1);
+    else if constexpr (std::same_as<D, skew_kl>) return A(1) - param;
+    else return A(0);
+  }
+  // A row's value with both corrections, where e_t and e_s are known exactly (the CPU backends in float:
+  // their doubles): the sum's weights (p for forward and skew KL, q for reverse KL) are scaled by
+  // exp(-e), so the sum is scaled back by exp(e) (what is left after the gap when the weighting side's
+  // logits sit far out: e * KL, ~1e-5 relative at 150 from zero), then the gap above.
+  double lse_correction(double value, double e_t, double e_s) const {
+    const double w = static_cast<double>(lse_gap_weight());
+    if (w == 0.0) return value;
+    return value * std::exp(std::same_as<D, reverse_kl> ? e_s : e_t) + w * (e_t - e_s);
+  }
+
   KD_HOST_DEVICE A term(A p, A logp, A q, A logq) const {
     if constexpr (std::same_as<D, forward_kl>) {
       return p > A(0) ? p * (logp - logq) : A(0);

@@ -169,6 +169,9 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
     tlse = g[0].value();
     slse = g[1].value();
     ok = active(i) && isfinite(tlse) && isfinite(slse);
+    // Forward and skew KL: the float log-sum-exps' rounding (lse_gap_bits), once per row, into the loss.
+    if constexpr (!online && E::lse_gap)
+      if (ok && rank == 0 && threadIdx.x == 0) loss_total += E::loss_of(e.gap_weight() * lse_gap_bits(g[0], g[1]));
   };
   // A sweep over row i's slice (16-byte vectors, then the unaligned tail).
   auto sweep = [&](long long i, bool write, auto&& fn) {

@@ -5,9 +5,10 @@
 // device memory in stream order (kd::cuda::nccl_communicator). One block per row, 16-byte loads where
 // the rows are aligned, and only O(rows) numbers cross the link; no rank ever holds a full row:
 //   1. stats: one read of the slice gives each row's online log-sum-exp (max, sum) of the scaled teacher
-//      and student logits and, for forward / reverse KL, the sum of w * (y_w - y_other) under the same
-//      running max (w: the teacher's, resp. the student's, probabilities)  -> all-reduce (max) of the
-//      maxima and a bad-logit flag, a rescale of the sums to the global maxima, all-reduce (sum).
+//      and student logits (each taken from a per-row reference) and, for forward / reverse KL, the sum of
+//      w * (y_w - y_other) under the same running max (w: the teacher's, resp. the student's,
+//      probabilities)  -> all-reduce (max) of the maxima and a bad-logit flag, a rescale of the sums to
+//      the global maxima, all-reduce (sum).
 //      Forward and reverse KL are then known: KL = E_w[y_w - y_o] - lse_w + lse_o.
 //   2. (JSD, skew KL, TVD) the row terms and sum q * dD/dq, which need the global lse -> all-reduce (sum).
 //   3. the slice's gradient, and the row losses -> the loss value (fixed-order sum, then the divisor).
@@ -212,9 +213,15 @@ __device__ inline vp_total vp_block(vp_acc v, float3* sh) {
   return t;
 }
 
-// Pass 1, KD: both log-sum-exps and the mode's term, one read of the slice. d is measured from the
-// row's first column's difference d0 (added back in double): the sum then carries no offset between
-// the two models' logits, which would otherwise cancel against the lse difference in float.
+// Pass 1, KD: both log-sum-exps and the mode's term, one read of the slice. Each model's scaled logits are
+// taken from a per-row reference, this rank's first column (rt, rs; 0 where it is not finite), in one
+// FFMA: y - r = x * sc - r keeps the product exact and rounds at the size of y - r, not of y. So the
+// weighting side's term d = (yt - rt) - (ys - rs) carries no offset between the two models' logits, and
+// neither log-sum-exp is rounded at the logits' size; rt and rs are added back in double (the maxima
+// and the term's sum). Against long double (a float emulation of this order, kd_lse_rounding: 1,019 to
+// 151,936 columns, 1-4 ranks, student = 0.9 teacher + offset + noise) the value errs by 2e-7 to 2.3e-6
+// relative at offsets 0-400, where scaled logits rounded at their own size erred by 6e-6 to 1.9e-4 at
+// offsets 30-400 (benchmarks/NOTES.md, session 9).
 template <int Mode, bool Vec, class TT, class ST>
 __global__ void __launch_bounds__(kVpThreads) vp_kd_stats_kernel(const vp_params p) {
   __shared__ float3 sh[32];
@@ -224,21 +231,21 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_stats_kernel(const vp_params
   const TT* t = static_cast<const TT*>(p.teacher) + r * p.t_stride;
   const ST* s = static_cast<const ST*>(p.student) + r * p.s_stride;
   vp_acc at, as;  // the term rides on the weighting side's accumulator
-  float d0 = 0.f;
-  if (act && Mode != 0 && p.real > 0) {
-    const float dt = (to_float(t[0]) - to_float(s[0])) * p.inv_temp;
-    d0 = Mode == 1 ? dt : -dt;
-    if (!isfinite(d0)) d0 = 0.f;
+  float rt = 0.f, rs = 0.f;
+  if (act && p.real > 0) {
+    rt = to_float(t[0]) * sc;
+    rs = to_float(s[0]) * sc;
+    if (!isfinite(rt)) rt = 0.f;
+    if (!isfinite(rs)) rs = 0.f;
   }
   auto group = [&](const auto& xt, const auto& xs) {
     constexpr int G = sizeof(xt) / sizeof(float);
     float yt[G], ys[G], d[G];
 #pragma unroll
     for (int i = 0; i < G; ++i) {
-      yt[i] = lse_acc::strict(xt[i] * sc);
-      ys[i] = lse_acc::strict(xs[i] * sc);
-      const float dn = (xt[i] - xs[i]) * p.inv_temp;
-      d[i] = (Mode == 1 ? dn : -dn) - d0;
+      yt[i] = lse_acc::strict(fmaf(xt[i], sc, -rt));
+      ys[i] = lse_acc::strict(fmaf(xs[i], sc, -rs));
+      d[i] = Mode == 1 ? yt[i] - ys[i] : ys[i] - yt[i];
     }
     at.add(yt, d, Mode == 1);
     as.add(ys, d, Mode == 2);
@@ -254,15 +261,18 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_stats_kernel(const vp_params
                                       p.component));
     const bool ok = act && !bt && !bs;
     double* mx = p.mx + 3 * r;
-    mx[0] = ok ? tt.m : -INFINITY;
-    mx[1] = ok ? ts.m : -INFINITY;
+    // A slice with no column keeps -inf (its sums are 0): the rescale gives it no weight.
+    mx[0] = ok ? tt.m + static_cast<double>(rt) : -INFINITY;
+    mx[1] = ok ? ts.m + static_cast<double>(rs) : -INFINITY;
     mx[2] = act && !ok ? 1.0 : 0.0;
     p.loc[2 * r] = mx[0];
     p.loc[2 * r + 1] = mx[1];
+    // The term in bits, the references' difference added back: sum w (y_w - y_o) = a + (r_w - r_o) s.
+    const double dr = static_cast<double>(rt) - static_cast<double>(rs);
     double* su = p.sums + 3 * r;
     su[0] = ok ? tt.s : 0.0;
     su[1] = ok ? ts.s : 0.0;
-    su[2] = !ok ? 0.0 : Mode == 1 ? tt.a + static_cast<double>(d0) * tt.s : Mode == 2 ? ts.a + static_cast<double>(d0) * ts.s : 0.0;
+    su[2] = !ok ? 0.0 : Mode == 1 ? tt.a + dr * tt.s : Mode == 2 ? ts.a - dr * ts.s : 0.0;
   }
 }
 
@@ -335,13 +345,23 @@ __device__ inline float vp_lse2(const vp_params& p, long long r, int k) {
   return static_cast<float>(p.mx[3 * r + k] + log2(p.sums[3 * r + k]));
 }
 
-// Forward / reverse KL of row r from the pass-1 sums (natural log units):
+// Pass 2 (JSD, skew KL, TVD) subtracts the float lse's (vp_lse2): its row sum is off by their rounding's
+// gap in bits times divergence_math::lse_gap_weight (skew KL 1 - a; here the exact values are the
+// doubles), added back once per row after the all-reduce. Forward and reverse KL's value is formed in
+// double from pass 1 (vp_kl_row).
+__device__ inline double vp_lse_gap_bits(const vp_params& p, long long r) {
+  const double lt = p.mx[3 * r] + log2(p.sums[3 * r]), ls = p.mx[3 * r + 1] + log2(p.sums[3 * r + 1]);
+  return (static_cast<double>(static_cast<float>(lt)) - static_cast<double>(static_cast<float>(ls))) - (lt - ls);
+}
+
+// Forward / reverse KL of row r from the pass-1 sums (all in bits; the result in natural log units):
 //   KL = E_w[y_w - y_o] - lse_w + lse_o.
 __device__ inline double vp_kl_row(const vp_params& p, long long r) {
   const double* mx = p.mx + 3 * r;
   const double* su = p.sums + 3 * r;
-  const double lt = (mx[0] + log2(su[0])) * static_cast<double>(kLn2), ls = (mx[1] + log2(su[1])) * static_cast<double>(kLn2);
-  return p.mode == 1 ? su[2] / su[0] - lt + ls : su[2] / su[1] - ls + lt;
+  const double lt = mx[0] + log2(su[0]), ls = mx[1] + log2(su[1]);
+  const double bits = p.mode == 1 ? su[2] / su[0] - lt + ls : su[2] / su[1] - ls + lt;
+  return bits * static_cast<double>(kLn2);
 }
 
 // Pass 2 (JSD, skew KL, TVD): the row's divergence terms and sum q * dD/dq over this slice.
@@ -434,7 +454,11 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_grad_kernel(const vp_params 
   const long long r = blockIdx.x;
   const bool use = vp_active(p, r) && p.mx[3 * r + 2] == 0.0;
   constexpr int Mode = vp_mode<D>;
-  const double row = !use ? 0.0 : Mode != 0 ? vp_kl_row(p, r) : p.terms[2 * r];
+  double row = !use ? 0.0 : Mode != 0 ? vp_kl_row(p, r) : p.terms[2 * r];
+  if constexpr (Mode == 0) {  // after the all-reduce: once per row, the same on every rank
+    const double w = ::kd::detail::divergence_math<D, double>{p.param}.lse_gap_weight();
+    if (use && w != 0.0) row += w * vp_lse_gap_bits(p, r) * static_cast<double>(kLn2);
+  }
   if (threadIdx.x == 0) p.partial[r] = use ? static_cast<float>(row * p.loss_scale) : 0.f;
   if (!p.want_grad) return;
   const TT* t = static_cast<const TT*>(p.teacher) + r * p.t_stride;

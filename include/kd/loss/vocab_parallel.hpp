@@ -170,9 +170,13 @@ status vocab_parallel_kd(const cpu_backend&, const Loss& loss, communicator& com
   }
   KD_TRY(comm.all_reduce(sm.data(), sm.size(), reduce_op::sum));
   std::vector<A> tlse(N), slse(N);
+  std::vector<double> et(N, 0.0), es(N, 0.0);  // A's rounding of each lse (0 for A = double)
   for (std::size_t r = 0; r < N; ++r) {
     tlse[r] = static_cast<A>(mx[2 * r]) + static_cast<A>(std::log(sm[2 * r]));
     slse[r] = static_cast<A>(mx[2 * r + 1]) + static_cast<A>(std::log(sm[2 * r + 1]));
+    if (!detail::token_active(labels, static_cast<index_t>(r), o.ignore_index)) continue;
+    et[r] = static_cast<double>(tlse[r]) - (mx[2 * r] + std::log(sm[2 * r]));
+    es[r] = static_cast<double>(slse[r]) - (mx[2 * r + 1] + std::log(sm[2 * r + 1]));
   }
   // Row terms of the loss and of the gradient's constant sum q * dD/dq.
   std::vector<double> terms(2 * N, 0.0);
@@ -205,8 +209,10 @@ status vocab_parallel_kd(const cpu_backend&, const Loss& loss, communicator& com
       }
     }
   }
+  // Each row's value with A's rounding of the lse's given back, after the all-reduce (the same on every
+  // rank; divergence_math::lse_correction, as kd::logit_kd's CPU backend).
   double total = 0.0;
-  for (std::size_t r = 0; r < N; ++r) total += terms[2 * r];
+  for (std::size_t r = 0; r < N; ++r) total += math.lse_correction(terms[2 * r], et[r], es[r]);
   out.tokens = active;
   out.normalizer = divisor;
   out.loss = total * sc.loss_scale / divisor;
