@@ -15,6 +15,8 @@
 #include <random>
 #include <vector>
 
+#include <kd/loss/divergence.hpp>
+
 namespace {
 
 using row = std::vector<float>;
@@ -71,7 +73,8 @@ void one_gpu(const row& t, const row& s, float temperature, div d, double a, dou
     sum += part;
   }
   const float gap = ((ft.log2s - fs.log2s) - std::log2(ft.s / fs.s)) - (ft.round - fs.round);
-  const float w = d == div::forward ? 1.f : a1;  // divergence_math::lse_gap_weight
+  const float w = d == div::forward ? kd::detail::divergence_math<kd::forward_kl, float>{}.lse_gap_weight()
+                                    : kd::detail::divergence_math<kd::skew_kl, float>{af}.lse_gap_weight();
   plain = sum * 0.6931471805599453;
   corrected = (static_cast<float>(sum) + w * gap) * 0.6931471805599453;
 }

@@ -828,12 +828,9 @@ TEST_CASE_TEMPLATE("logit_kd fp32 CPU: KL of close distributions, shifted logits
     for (const double offset : {0.0, 30.0, -150.0}) {
       CAPTURE(temperature);
       CAPTURE(offset);
-      const auto base = kdtest::normal(static_cast<std::size_t>(n * v), g, 0.0, 2.0);
-      const auto noise = kdtest::normal(static_cast<std::size_t>(n * v), g, 0.0, 0.3);
-      std::vector<double> student(base.size());
-      for (std::size_t i = 0; i < base.size(); ++i) student[i] = 0.9 * base[i] + offset + noise[i];
-      const auto t = rounded<float>(base);
-      const auto s = rounded<float>(student);
+      const auto pair = kdtest::close_pair(static_cast<std::size_t>(n * v), g, offset);
+      const auto t = rounded<float>(pair.teacher);
+      const auto s = rounded<float>(pair.student);
       const auto t64 = kdtest::to_doubles(t), s64 = kdtest::to_doubles(s);
       logit_kd<D, token_mean, precision_set<fp32, fp32>> loss32;
       kd64<D> loss64;

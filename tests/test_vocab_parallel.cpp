@@ -200,13 +200,8 @@ TEST_CASE_TEMPLATE("vocab_parallel_kd in fp32 on 1-4 slices: close distributions
   auto g = kdtest::rng(17);
   for (const double offset : {30.0, -150.0}) {
     CAPTURE(offset);
-    const auto base = kdtest::normal(static_cast<std::size_t>(n * cols), g, 0.0, 2.0);
-    const auto noise = kdtest::normal(static_cast<std::size_t>(n * cols), g, 0.0, 0.3);
-    std::vector<float> t(base.size()), s(base.size());
-    for (std::size_t i = 0; i < base.size(); ++i) {
-      t[i] = static_cast<float>(base[i]);
-      s[i] = static_cast<float>(0.9 * base[i] + offset + noise[i]);
-    }
+    const auto pair = kdtest::close_pair(static_cast<std::size_t>(n * cols), g, offset);
+    const std::vector<float> t(pair.teacher.begin(), pair.teacher.end()), s(pair.student.begin(), pair.student.end());
     const auto t64 = kdtest::to_doubles(t), s64 = kdtest::to_doubles(s);
     kd::logit_kd<D, kd::token_mean, P64> ref_loss;
     ref_loss.options.temperature = 2.0;

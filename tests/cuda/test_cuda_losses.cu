@@ -45,10 +45,8 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
   std::vector<std::int32_t> labels;
   auto draw = [&] {
     th = random_storage<T>(static_cast<std::size_t>(c.n * tv), 2.0, rng());
-    sh = random_storage<T>(static_cast<std::size_t>(c.n * c.v), c.offset != 0.0 ? 0.3 : 1.0, rng());
-    if (c.offset != 0.0)
-      for (std::size_t i = 0; i < sh.size(); ++i)
-        sh[i] = kd::store_as<T>(static_cast<float>(0.9 * kd::load_as<double>(th[i]) + c.offset + kd::load_as<double>(sh[i])));
+    sh = c.offset != 0.0 ? close_student(th, c.offset, rng())
+                         : random_storage<T>(static_cast<std::size_t>(c.n * c.v), 1.0, rng());
     labels.clear();
     if (c.labels) {
       std::uniform_int_distribution<int> pick(0, static_cast<int>((c.vocab > 0 ? c.vocab : c.v) - 1));

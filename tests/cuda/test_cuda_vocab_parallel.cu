@@ -88,11 +88,8 @@ void check_kd(double temperature, double offset = 0.0, double value_eps = 2e-5) 
   const index_t n = 13, cols = 1031, real = 1019;
   auto& g = rng();
   const auto th = random_storage<T>(static_cast<std::size_t>(n * cols), 2.0, g);
-  auto sh = random_storage<T>(static_cast<std::size_t>(n * cols), offset != 0.0 ? 0.3 : 2.0, g);
-  if (offset != 0.0)
-    for (std::size_t i = 0; i < sh.size(); ++i)
-      sh[i] = kd::store_as<T>(
-          static_cast<float>(0.9 * kd::load_as<double>(th[i]) + offset + kd::load_as<double>(sh[i])));
+  const auto sh =
+      offset != 0.0 ? close_student(th, offset, g) : random_storage<T>(static_cast<std::size_t>(n * cols), 2.0, g);
   std::vector<std::int32_t> labels(static_cast<std::size_t>(n));
   for (index_t i = 0; i < n; ++i) labels[static_cast<std::size_t>(i)] = i % 4 == 1 ? kd::default_ignore_index : static_cast<std::int32_t>((i * 37) % real);
   // Reference: the CPU on whole rows, in double, from the same stored values.

@@ -103,7 +103,8 @@ struct divergence_math {
   // change is a KL(p||m) e_t + ..., second order for close p and q); TVD 0 (first order, but by
   // sum p sign(p - q) / 2, which no normalizer gives: left as it is). The CUDA kernels add w (e_t - e_s)
   // back once per row: for close distributions the normalizers' rounding was most of the float error
-  // of the value.
+  // of the value. has_lse_gap: whether the weight can be nonzero (kernels compile the gap only then).
+  static constexpr bool has_lse_gap = !std::same_as<D, jsd> && !std::same_as<D, tvd>;
   KD_HOST_DEVICE A lse_gap_weight() const {
     if constexpr (std::same_as<D, forward_kl>) return A(1);
     else if constexpr (std::same_as<D, reverse_kl>) return A(-1);
@@ -162,6 +163,15 @@ struct divergence_math {
     }
   }
 };
+
+// A log-sum-exp m + l (max and log of the shifted sum, in double) held in A, and A's rounding of it
+// (exactly 0 for A = double): the e_t, e_s that divergence_math::lse_correction gives back.
+template <class A>
+A rounded_lse(double m, double l, double& rounding) {
+  const A v = static_cast<A>(m) + static_cast<A>(l);
+  rounding = static_cast<double>(v) - (m + l);
+  return v;
+}
 
 }  // namespace detail
 }  // namespace kd

@@ -322,8 +322,9 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   } else {
     // Forward and skew KL (and reverse KL's sweep of terms): the float log-sum-exps' rounding, once per
     // row, taken before the sweep so that acc[] is not kept alive through it (that cost 72-88 B of spills).
-    if constexpr (E::lse_gap)
-      if (rank == 0 && threadIdx.x == 0) loss = e.gap_weight() * lse_gap_bits(acc[0], acc[1]);
+    using M = ::kd::detail::divergence_math<D, float>;
+    if constexpr (M::has_lse_gap)
+      if (rank == 0 && threadIdx.x == 0) loss = M{p.param}.lse_gap_weight() * lse_gap_bits(acc[0], acc[1]);
     sweep(E::one_sweep && p.want_grad, [&](float dt, float ds) { return e.first(dt, ds, loss, cq); });
     loss = E::loss_of(loss);
   }

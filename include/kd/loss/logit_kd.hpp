@@ -202,10 +202,7 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
     // (divergence_math::lse_correction).
     auto lse = [](const Vec& x, double& rounding) {
       const A mx = x.maxCoeff();
-      const double l = std::log((x - mx).exp().template cast<double>().sum());
-      const A v = mx + static_cast<A>(l);
-      rounding = static_cast<double>(v) - (static_cast<double>(mx) + l);
-      return v;
+      return detail::rounded_lse<A>(mx, std::log((x - mx).exp().template cast<double>().sum()), rounding);
     };
     // Only the columns the two distributions live on are read (and checked): never the padding.
     const std::span<const std::int32_t> teacher_cols =

@@ -115,9 +115,8 @@ __device__ inline void finish_call(const logit_kd_params& p, long long n, double
 //   gap = (log2f(t.s) - log2f(s.s)) - log2f(t.s / s.s) - (et - es),
 // et: the rounding of t.m + log2f(t.s) (TwoSum; __fadd_rn is never contracted or reordered). The row's
 // KL in bits is sum p (dt - ds) + gap; the other divergences weigh the gap by
-// divergence_math::lse_gap_weight (reverse KL -1, skew KL 1 - a, JSD and TVD 0), through
-// kd_entry::gap_weight where kd_entry::lse_gap. The gradient needs no such term (the constant cancels in
-// q - p, and in ds - dt - c). Against fp64, a float emulation of the sweep (32,000 to 151,936 columns,
+// divergence_math::lse_gap_weight (reverse KL -1, skew KL 1 - a; JSD and TVD 0: !has_lse_gap). The
+// gradient needs no such term (the constant cancels in q - p, and in ds - dt - c). Against fp64, a float emulation of the sweep (32,000 to 151,936 columns,
 // student = 0.9 teacher + offset + noise, KL 0.016-0.22 nats, offsets 0-400): forward KL's value erred
 // by 4.8e-6 to 5.5e-4 relative without it, 3e-7 to 1.7e-5 with it; skew KL's (a = 0.1-0.9) by 1.7e-5 to
 // 8.9e-4 without, 1e-6 to 4.1e-5 with.
@@ -134,7 +133,6 @@ __device__ inline float lse_gap_bits(const lse_acc& t, const lse_acc& s) {
 template <class D>
 struct kd_entry {
   static constexpr bool one_sweep = false;
-  static constexpr bool lse_gap = false;  // TVD: see lse_gap_bits
   ::kd::detail::divergence_math<D, float> math;
   float factor = 0.f;  // grad_scale * loss_scale / T / divisor
   float c = 0.f;       // the row's sum of q dD/dq (set_c, before the gradient sweep)
@@ -163,8 +161,6 @@ template <>
 struct kd_entry<reverse_kl> {
   static constexpr bool one_sweep = false;
   static constexpr bool online = true;
-  static constexpr bool lse_gap = true;  // the sweep of terms (mapped rows): sum q (ds - dt) - gap
-  __device__ static float gap_weight() { return ::kd::detail::divergence_math<reverse_kl, float>{}.lse_gap_weight(); }
   float factor = 0.f, c = 0.f;
   __device__ kd_entry(float, float factor_) : factor(factor_ * kLn2) {}
   __device__ float first(float dt, float ds, float& loss, float& cq) const {
@@ -192,8 +188,6 @@ inline constexpr bool online_c = requires { E::online; };
 template <>
 struct kd_entry<forward_kl> {
   static constexpr bool one_sweep = true;
-  static constexpr bool lse_gap = true;  // sum p (dt - ds) + gap
-  __device__ static float gap_weight() { return ::kd::detail::divergence_math<forward_kl, float>{}.lse_gap_weight(); }
   float factor = 0.f;
   __device__ kd_entry(float, float factor_) : factor(factor_) {}
   __device__ float first(float dt, float ds, float& loss, float&) const {
@@ -216,12 +210,8 @@ struct kd_entry<forward_kl> {
 template <bool J>
 struct mixture_entry {
   static constexpr bool one_sweep = false;
-  static constexpr bool lse_gap = !J;  // divergence_math::lse_gap_weight: JSD's is 0
   float a, a1, factor, c = 0.f;
   __device__ mixture_entry(float param, float factor_) : a(param), a1(1.f - param), factor(factor_) {}
-  __device__ float gap_weight() const {
-    return ::kd::detail::divergence_math<std::conditional_t<J, jsd, skew_kl>, float>{a}.lse_gap_weight();
-  }
   static constexpr float kMinNormal = 1.17549435e-38f;
   __device__ float first(float dt, float ds, float& loss, float& cq) const {
     const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = a * pk + a1 * qk;

@@ -170,8 +170,10 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
     slse = g[1].value();
     ok = active(i) && isfinite(tlse) && isfinite(slse);
     // Forward and skew KL: the float log-sum-exps' rounding (lse_gap_bits), once per row, into the loss.
-    if constexpr (!online && E::lse_gap)
-      if (ok && rank == 0 && threadIdx.x == 0) loss_total += E::loss_of(e.gap_weight() * lse_gap_bits(g[0], g[1]));
+    using M = ::kd::detail::divergence_math<D, float>;
+    if constexpr (!online && M::has_lse_gap)
+      if (ok && rank == 0 && threadIdx.x == 0)
+        loss_total += E::loss_of(M{p.param}.lse_gap_weight() * lse_gap_bits(g[0], g[1]));
   };
   // A sweep over row i's slice (16-byte vectors, then the unaligned tail).
   auto sweep = [&](long long i, bool write, auto&& fn) {

@@ -455,10 +455,9 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_grad_kernel(const vp_params 
   const bool use = vp_active(p, r) && p.mx[3 * r + 2] == 0.0;
   constexpr int Mode = vp_mode<D>;
   double row = !use ? 0.0 : Mode != 0 ? vp_kl_row(p, r) : p.terms[2 * r];
-  if constexpr (Mode == 0) {  // after the all-reduce: once per row, the same on every rank
-    const double w = ::kd::detail::divergence_math<D, double>{p.param}.lse_gap_weight();
-    if (use && w != 0.0) row += w * vp_lse_gap_bits(p, r) * static_cast<double>(kLn2);
-  }
+  using M = ::kd::detail::divergence_math<D, double>;
+  if constexpr (Mode == 0 && M::has_lse_gap)  // after the all-reduce: once per row, the same on every rank
+    if (use) row += M{p.param}.lse_gap_weight() * vp_lse_gap_bits(p, r) * static_cast<double>(kLn2);
   if (threadIdx.x == 0) p.partial[r] = use ? static_cast<float>(row * p.loss_scale) : 0.f;
   if (!p.want_grad) return;
   const TT* t = static_cast<const TT*>(p.teacher) + r * p.t_stride;

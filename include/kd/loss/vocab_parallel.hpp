@@ -172,11 +172,12 @@ status vocab_parallel_kd(const cpu_backend&, const Loss& loss, communicator& com
   std::vector<A> tlse(N), slse(N);
   std::vector<double> et(N, 0.0), es(N, 0.0);  // A's rounding of each lse (0 for A = double)
   for (std::size_t r = 0; r < N; ++r) {
-    tlse[r] = static_cast<A>(mx[2 * r]) + static_cast<A>(std::log(sm[2 * r]));
-    slse[r] = static_cast<A>(mx[2 * r + 1]) + static_cast<A>(std::log(sm[2 * r + 1]));
+    double rt = 0.0, rs = 0.0;  // inactive rows: -inf lse's, their roundings never used
+    tlse[r] = detail::rounded_lse<A>(mx[2 * r], std::log(sm[2 * r]), rt);
+    slse[r] = detail::rounded_lse<A>(mx[2 * r + 1], std::log(sm[2 * r + 1]), rs);
     if (!detail::token_active(labels, static_cast<index_t>(r), o.ignore_index)) continue;
-    et[r] = static_cast<double>(tlse[r]) - (mx[2 * r] + std::log(sm[2 * r]));
-    es[r] = static_cast<double>(slse[r]) - (mx[2 * r + 1] + std::log(sm[2 * r + 1]));
+    et[r] = rt;
+    es[r] = rs;
   }
   // Row terms of the loss and of the gradient's constant sum q * dD/dq.
   std::vector<double> terms(2 * N, 0.0);
