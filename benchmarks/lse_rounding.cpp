@@ -6,9 +6,12 @@
 //     sum p (dt - ds) in bits; the correction adds lse_gap_weight x the two lse's rounding gap
 //     (kd::cuda::detail::lse_gap_bits);
 //   - vocabulary-parallel pass 1 (forward KL): scaled logits rounded at their own size with a
-//     first-column difference d0 (the old form) against per-row references in one FFMA (the new form).
+//     first-column difference d0 (the old form) against per-row references in one FFMA (the new form);
+//   - the gradient in fp32 (session 10): q' and p' from the float lse's against q and p scaled back by
+//     each lse's rounding per row, as the fp32 kernels fold it (lse_fold: forward, reverse and skew KL).
 // Rows: teacher ~ N(0, 2), student = 0.9 teacher + offset + N(0, 0.3) (close distributions, shifted
-// logits). Prints the largest relative error of the value over a few rows per case.
+// logits). Prints the largest relative error of the value, and of the gradient (norm-relative, as the
+// tests' rel_error), over a few rows per case.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -21,17 +24,19 @@ namespace {
 
 using row = std::vector<float>;
 
+// The natural log-sum-exp of x * it in long double.
+long double lse_ld(const row& x, long double it) {
+  long double m = -INFINITY, sum = 0;
+  for (float v : x) m = std::max(m, v * it);
+  for (float v : x) sum += std::exp(v * it - m);
+  return m + std::log(sum);
+}
+
 // fp64-class reference (long double): D(p || q) for p = softmax(t / T), q = softmax(s / T).
 enum class div { forward, reverse, skew };
 long double reference(const row& t, const row& s, float temperature, div d, double a = 0.2) {
   const long double it = 1.0L / temperature;
-  auto lse = [&](const row& x) {
-    long double m = -INFINITY, sum = 0;
-    for (float v : x) m = std::max(m, v * it);
-    for (float v : x) sum += std::exp(v * it - m);
-    return m + std::log(sum);
-  };
-  const long double lt = lse(t), ls = lse(s);
+  const long double lt = lse_ld(t, it), ls = lse_ld(s, it);
   long double out = 0;
   for (std::size_t j = 0; j < t.size(); ++j) {
     const long double lp = t[j] * it - lt, lq = s[j] * it - ls, p = std::exp(lp), q = std::exp(lq);
@@ -154,6 +159,70 @@ double vocab_parallel(const row& t, const row& s, float temperature, int ranks, 
   return referenced ? (a / st - lt + ls) * ln2 : a / st - (lt - ls) * ln2;
 }
 
+
+// The gradient in float, one GPU (the sweeps' order): plain, as the kernels formed it before session 10
+// (q' and p' from the float lse's, one factor), and with the rounding folded in per row (the fp32
+// kernels since session 10): q = q' 2^(e_s), p = p' 2^(e_t), e = fl(m + log2f(s)) - (m + log2f(s)) by
+// TwoSum, into the row's factors; reverse KL's row constant c (pass 1's KL, free of the lse's) takes
+// the lse gap, since its sweep's ds - dt carry it. Returns the norm-relative error against long double
+// (the tests' rel_error).
+void gradient(const row& t, const row& s, float temperature, div d, double a, double& plain, double& folded) {
+  const float k2 = 1.4426950408889634f / temperature, af = static_cast<float>(a), a1 = 1.f - af;
+  const float_lse ft = lse_of(t, k2), fs = lse_of(s, k2);
+  const long double it = 1.0L / temperature;
+  const long double lt = lse_ld(t, it), ls = lse_ld(s, it), kl_rev = reference(t, s, temperature, div::reverse);
+  // The reference gradient (per unit factor) and the row constants both forms need.
+  const std::size_t n = t.size();
+  std::vector<long double> gref(n);
+  long double cref = 0;  // sum q dD/dq (skew KL)
+  for (std::size_t j = 0; j < n; ++j) {
+    const long double p = std::exp(t[j] * it - lt), q = std::exp(s[j] * it - ls);
+    if (d == div::skew) cref += q * (-(1 - a) * p / (a * p + (1 - a) * q));
+  }
+  for (std::size_t j = 0; j < n; ++j) {
+    const long double lp = t[j] * it - lt, lq = s[j] * it - ls, p = std::exp(lp), q = std::exp(lq);
+    if (d == div::forward) gref[j] = q - p;
+    else if (d == div::reverse) gref[j] = q * (lq - lp - kl_rev);
+    else gref[j] = q * (-(1 - a) * p / (a * p + (1 - a) * q) - cref);
+  }
+  // Float: the row's excesses (bits) and gap.
+  const float et = -ft.round, es = -fs.round;
+  const float gap = ((ft.log2s - fs.log2s) - std::log2(ft.s / fs.s)) - (ft.round - fs.round);
+  const float ln2 = 0.6931471805599453f;
+  auto run = [&](bool fold) {
+    const float fq = fold ? std::exp2(es) : 1.f, fp = fold ? std::exp2(et) : 1.f;
+    // Row constants as the kernels have them: reverse KL's from pass 1 (here the exact KL in bits,
+    // rounded to float), skew KL's from a float sweep of the same terms.
+    float c = d == div::reverse ? static_cast<float>(kl_rev / 0.6931471805599453L) : 0.f;
+    if (d == div::reverse && fold) c += gap;
+    // Skew KL: m = a p + (1 - a) q and dq = -(1 - a) p / m from the folded p and q.
+    const float ma = fold ? af * fp : af, mb = fold ? a1 * fq : a1, pa = fold ? a1 * fp : a1;
+    if (d == div::skew) {
+      double sum = 0;
+      for (std::size_t j = 0; j < n; ++j) {
+        const float dt = std::fma(t[j], k2, -ft.value), ds = std::fma(s[j], k2, -fs.value);
+        const float pk = std::exp2(dt), qk = std::exp2(ds), m = ma * pk + mb * qk;
+        sum += pk * qk / m;
+      }
+      c = -pa * static_cast<float>(sum) * fq;
+    }
+    long double num = 0, den = 0;
+    for (std::size_t j = 0; j < n; ++j) {
+      const float dt = std::fma(t[j], k2, -ft.value), ds = std::fma(s[j], k2, -fs.value);
+      const float pk = std::exp2(dt), qk = std::exp2(ds);
+      float g;
+      if (d == div::forward) g = fold ? std::fma(fq, qk, -(fp * pk)) : qk - pk;
+      else if (d == div::reverse) g = fq * qk * ((ds - dt - c) * ln2);
+      else g = fq * qk * (-pa * pk / (ma * pk + mb * qk) - c);
+      num += (g - gref[j]) * (g - gref[j]);
+      den += gref[j] * gref[j];
+    }
+    return static_cast<double>(std::sqrt(num / den));
+  };
+  plain = run(false);
+  folded = run(true);
+}
+
 }  // namespace
 
 int main() {
@@ -167,29 +236,47 @@ int main() {
       s[j] = static_cast<float>(0.9 * t[j] + offset + noise(g));
     }
   };
-  std::printf("| path | T | offset | columns | value's relative error: before | after |\n|---|---|---|---|---|---|\n");
+  // One table: rows of three paths over T, offsets and widths; case(t, s, T, e) raises e[2k], e[2k + 1]
+  // (before / after of path k) over 3 draws.
   row t, s;
-  for (const float temperature : {1.f, 2.f})
-    for (const double offset : {0.0, 30.0, 150.0, 400.0})
-      for (const std::size_t v : {std::size_t{32000}, std::size_t{151936}}) {
-        double e[6] = {};
-        for (int rep = 0; rep < 3; ++rep) {
-          draw(v, offset, t, s);
-          const double rf = static_cast<double>(reference(t, s, temperature, div::forward));
-          const double rk = static_cast<double>(reference(t, s, temperature, div::skew));
-          double plain, corr;
-          one_gpu(t, s, temperature, div::forward, 0.2, plain, corr);
-          e[0] = std::max(e[0], std::abs(plain - rf) / rf);
-          e[1] = std::max(e[1], std::abs(corr - rf) / rf);
-          one_gpu(t, s, temperature, div::skew, 0.2, plain, corr);
-          e[2] = std::max(e[2], std::abs(plain - rk) / rk);
-          e[3] = std::max(e[3], std::abs(corr - rk) / rk);
-          e[4] = std::max(e[4], std::abs(vocab_parallel(t, s, temperature, 2, false) - rf) / rf);
-          e[5] = std::max(e[5], std::abs(vocab_parallel(t, s, temperature, 2, true) - rf) / rf);
+  auto table = [&](const char* header, const char* const (&names)[3], auto&& one_case) {
+    std::printf("%s\n|---|---|---|---|---|---|\n", header);
+    for (const float temperature : {1.f, 2.f})
+      for (const double offset : {0.0, 30.0, 150.0, 400.0})
+        for (const std::size_t v : {std::size_t{32000}, std::size_t{151936}}) {
+          double e[6] = {};
+          for (int rep = 0; rep < 3; ++rep) {
+            draw(v, offset, t, s);
+            one_case(temperature, e);
+          }
+          for (int k = 0; k < 3; ++k)
+            std::printf("| %s | %.0f | %.0f | %zu | %.1e | %.1e |\n", names[k], temperature, offset, v, e[2 * k], e[2 * k + 1]);
         }
-        const char* names[3] = {"forward KL, one GPU", "skew KL (a = 0.2), one GPU", "forward KL, 2 vocab-parallel ranks"};
-        for (int k = 0; k < 3; ++k)
-          std::printf("| %s | %.0f | %.0f | %zu | %.1e | %.1e |\n", names[k], temperature, offset, v, e[2 * k], e[2 * k + 1]);
-      }
+  };
+  const char* const value_paths[3] = {"forward KL, one GPU", "skew KL (a = 0.2), one GPU", "forward KL, 2 vocab-parallel ranks"};
+  table("| path | T | offset | columns | value's relative error: before | after |", value_paths, [&](float temperature, double* e) {
+    const double rf = static_cast<double>(reference(t, s, temperature, div::forward));
+    const double rk = static_cast<double>(reference(t, s, temperature, div::skew));
+    double plain, corr;
+    one_gpu(t, s, temperature, div::forward, 0.2, plain, corr);
+    e[0] = std::max(e[0], std::abs(plain - rf) / rf);
+    e[1] = std::max(e[1], std::abs(corr - rf) / rf);
+    one_gpu(t, s, temperature, div::skew, 0.2, plain, corr);
+    e[2] = std::max(e[2], std::abs(plain - rk) / rk);
+    e[3] = std::max(e[3], std::abs(corr - rk) / rk);
+    e[4] = std::max(e[4], std::abs(vocab_parallel(t, s, temperature, 2, false) - rf) / rf);
+    e[5] = std::max(e[5], std::abs(vocab_parallel(t, s, temperature, 2, true) - rf) / rf);
+  });
+  std::printf("\n");
+  const char* const grad_paths[3] = {"forward KL", "reverse KL", "skew KL (a = 0.2)"};
+  table("| gradient | T | offset | columns | norm-relative error: plain | folded |", grad_paths, [&](float temperature, double* e) {
+    const enum div kinds[3] = {div::forward, div::reverse, div::skew};
+    for (int k = 0; k < 3; ++k) {
+      double plain, folded;
+      gradient(t, s, temperature, kinds[k], 0.2, plain, folded);
+      e[2 * k] = std::max(e[2 * k], plain);
+      e[2 * k + 1] = std::max(e[2 * k + 1], folded);
+    }
+  });
   return 0;
 }

@@ -192,13 +192,15 @@ TEST_CASE_TEMPLATE("vocab_parallel_kd on 1-4 slices equals logit_kd on whole row
   check_kd_slices<D>(0.5, true, 20);
 }
 
-// In float, close distributions and shifted logits: the value within a few 1e-6 of the fp64 whole-row
-// value on every slice count (A's rounding of the log-normalizers given back per row, as in kd::logit_kd).
+// In float, close distributions and shifted logits: the value and the gradient within a few 1e-6 of the
+// fp64 whole-row values on every slice count (each lse's float rounding taken back per row, as in
+// kd::logit_kd: kd::detail::split_lse, divergence_math::log_shift).
 TEST_CASE_TEMPLATE("vocab_parallel_kd in fp32 on 1-4 slices: close distributions, shifted logits", D, kd::forward_kl,
-                   kd::reverse_kl, kd::skew_kl) {
+                   kd::reverse_kl, kd::skew_kl, kd::jsd) {
   const index_t n = 3, cols = 20011;
   auto g = kdtest::rng(17);
-  for (const double offset : {30.0, -150.0}) {
+  constexpr bool kl = std::is_same_v<D, kd::forward_kl> || std::is_same_v<D, kd::reverse_kl>;
+  for (const double offset : {30.0, -150.0, 400.0}) {
     CAPTURE(offset);
     const auto pair = kdtest::close_pair(static_cast<std::size_t>(n * cols), g, offset);
     const std::vector<float> t(pair.teacher.begin(), pair.teacher.end()), s(pair.student.begin(), pair.student.end());
@@ -206,9 +208,12 @@ TEST_CASE_TEMPLATE("vocab_parallel_kd in fp32 on 1-4 slices: close distributions
     kd::logit_kd<D, kd::token_mean, P64> ref_loss;
     ref_loss.options.temperature = 2.0;
     ref_loss.options.alpha = 0.2;
+    ref_loss.options.beta = 0.3;
     kd::loss_result ref;
+    std::vector<double> ref_grad(t64.size());
     REQUIRE(ref_loss(kd::cpu, kd::matrix_view<const double>(t64.data(), n, cols),
-                     kd::matrix_view<const double>(s64.data(), n, cols), {}, ref)
+                     kd::matrix_view<const double>(s64.data(), n, cols), {}, ref,
+                     kd::matrix_view<double>(ref_grad.data(), n, cols))
                 .ok());
     kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::fp32, kd::fp32>> loss;
     loss.options = ref_loss.options;
@@ -216,18 +221,19 @@ TEST_CASE_TEMPLATE("vocab_parallel_kd in fp32 on 1-4 slices: close distributions
       CAPTURE(ranks);
       const auto c = cuts(cols, ranks);
       std::vector<kd::loss_result> res(static_cast<std::size_t>(ranks));
+      std::vector<float> grad(t.size(), NAN);
       const auto st = on_ranks(ranks, [&](int r, kd::communicator& comm) {
         const index_t a = c[static_cast<std::size_t>(r)], w = c[static_cast<std::size_t>(r) + 1] - a;
         return kd::vocab_parallel_kd(kd::cpu, loss, comm, kd::vocab_slice{a, cols},
                                      kd::matrix_view<const float>(t.data() + a, n, w, cols),
                                      kd::matrix_view<const float>(s.data() + a, n, w, cols), {},
-                                     res[static_cast<std::size_t>(r)], kd::matrix_view<float>(), false);
+                                     res[static_cast<std::size_t>(r)], kd::matrix_view<float>(grad.data() + a, n, w, cols));
       });
       for (int r = 0; r < ranks; ++r) {
         REQUIRE_MESSAGE(st[static_cast<std::size_t>(r)].ok(), st[static_cast<std::size_t>(r)].message());
-        CHECK(res[static_cast<std::size_t>(r)].loss ==
-              doctest::Approx(ref.loss).epsilon(std::is_same_v<D, kd::skew_kl> ? 1e-5 : 5e-7));
+        CHECK(res[static_cast<std::size_t>(r)].loss == doctest::Approx(ref.loss).epsilon(kl ? 5e-7 : 1e-5));
       }
+      CHECK(kdtest::rel_error(grad, ref_grad) < 5e-6);
     }
   }
 }

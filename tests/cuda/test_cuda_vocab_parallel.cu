@@ -82,9 +82,10 @@ void on_gpu_ranks(int ranks, const std::function<void(int, kd::communicator&, kd
 }
 
 // offset != 0: student = 0.9 teacher + offset + noise (close distributions, shifted logits), and the
-// value is held to `value_eps` relative.
+// value is held to `value_eps` relative; grad_eps != 0: the gradient's norm-relative tolerance (else 1e-4
+// in float, 1e-2 in 16 bits).
 template <class D, class T>
-void check_kd(double temperature, double offset = 0.0, double value_eps = 2e-5) {
+void check_kd(double temperature, double offset = 0.0, double value_eps = 2e-5, double grad_eps = 0.0) {
   const index_t n = 13, cols = 1031, real = 1019;
   auto& g = rng();
   const auto th = random_storage<T>(static_cast<std::size_t>(n * cols), 2.0, g);
@@ -138,7 +139,7 @@ void check_kd(double temperature, double offset = 0.0, double value_eps = 2e-5) 
       CHECK(value[static_cast<std::size_t>(r)] == doctest::Approx(ref.loss).epsilon(value_eps));
     }
     CHECK(all_finite(grad));
-    CHECK(rel_error(grad, ref_grad) < (sizeof(T) == 2 ? 1e-2 : 1e-4));
+    CHECK(rel_error(grad, ref_grad) < (grad_eps != 0.0 ? grad_eps : sizeof(T) == 2 ? 1e-2 : 1e-4));
   }
 }
 
@@ -230,13 +231,14 @@ TEST_CASE_TEMPLATE("vocab_parallel_kd (CUDA) on 1, 2, 4 slices = the whole rows"
 
 // Logits far apart, distributions close (KL ~0.01-0.03 nats): pass 1 takes each model's logits from a
 // per-row reference, so the value holds to 1e-5 (a float emulation: <= 2.3e-6; logits rounded at their
-// own size erred by 1e-5 to 7e-5 at these offsets).
+// own size erred by 1e-5 to 7e-5 at these offsets). Float gradients take the float lse's rounding back
+// per row from the doubles (vp_lse_excess), so they hold to 6e-6 as well.
 TEST_CASE_TEMPLATE("vocab_parallel_kd (CUDA): forward and reverse KL between logits far apart", D, kd::forward_kl,
                    kd::reverse_kl) {
-  for (double offset : {150.0, -150.0}) {
+  for (double offset : {150.0, -150.0, 400.0}) {
     CAPTURE(offset);
-    check_kd<D, float>(2.0, offset, 1e-5);
-    check_kd<D, kd::bfloat16>(2.0, offset, 1e-5);
+    check_kd<D, float>(2.0, offset, 1e-5, 6e-6);
+    if (offset != 400.0) check_kd<D, kd::bfloat16>(2.0, offset, 1e-5);  // bf16 spaces logits near 400 by 2
   }
 }
 

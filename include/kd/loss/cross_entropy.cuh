@@ -153,7 +153,9 @@ __global__ void __launch_bounds__(512) cross_entropy_kernel(const cross_entropy_
   }
   const float divisor = static_cast<float>(call_divisor);
   const float factor = p.grad_base / divisor;
-  const float zfac = factor + p.z_weight / divisor * 2.f * lse;  // coefficient of softmax (kd/loss/cross_entropy.hpp)
+  float zfac = factor + p.z_weight / divisor * 2.f * lse;  // coefficient of softmax (kd/loss/cross_entropy.hpp)
+  // fp32 gradients: softmax scaled back by the float lse's rounding (lse_fold, kd/cuda/detail/reduce.cuh).
+  if constexpr (lse_fold<GT>) zfac *= fast_exp2(acc[0].excess());
   long long done = 0;
   if constexpr (std::is_same_v<ST, GT>) {
     if (p.vector_ok) {

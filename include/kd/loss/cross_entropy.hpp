@@ -146,14 +146,17 @@ struct loss_impl<cpu_backend, cross_entropy_tag> {
           for (index_t c = 0; c < logits.cols; ++c) dlogits(r, c) = store_as<GT>(A(0));
         if (!act) continue;
         const A m = s.maxCoeff();
-        const A lse = m + static_cast<A>(std::log((s - m).exp().template cast<double>().sum()));
+        // The lse in A and what A's rounding added to it (0 in double), taken back from the value and
+        // from softmax's scale (kd::detail::split_lse).
+        const auto lse = detail::split_lse<A>::of(m, std::log((s - m).exp().template cast<double>().sum()));
+        const double lse_d = static_cast<double>(lse.value) - lse.excess;
         const auto y = labels[static_cast<std::size_t>(r)];
-        row_ce[static_cast<std::size_t>(r)] = static_cast<double>(lse - s[y]);
-        row_z[static_cast<std::size_t>(r)] = static_cast<double>(lse) * static_cast<double>(lse);
+        row_ce[static_cast<std::size_t>(r)] = static_cast<double>(lse.value - s[y]) - lse.excess;
+        row_z[static_cast<std::size_t>(r)] = lse_d * lse_d;
         if (!want_grad) continue;
-        const A zfac = gscale + zw * A(2) * lse;  // coefficient of softmax(s)
+        const A zfac = (gscale + zw * A(2) * lse.value) * lse.scale();  // coefficient of exp(s - lse.value)
         for (index_t c = 0; c < v; ++c) {
-          const A g = std::exp(s[c] - lse) * zfac - (c == y ? gscale : A(0));
+          const A g = std::exp(s[c] - lse.value) * zfac - (c == y ? gscale : A(0));
           detail::put_grad(dlogits(r, c), g, o.accumulate_grad);
         }
       }

@@ -96,14 +96,15 @@ template <Divergence D, class A>
 struct divergence_math {
   A param = A(0.5);  // beta for jsd, alpha for skew_kl
 
-  // A backend that holds the two log-normalizers in float subtracts each rounded, off by e_t (teacher)
-  // and e_s (student) nats: p and q are then scaled by exp(-e_t), exp(-e_s), and the row's value moves
-  // by -w (e_t - e_s) to first order, with w this weight (d/dlog-scale of p minus that of q, at q = p):
+  // A backend that holds the two log-normalizers in float and subtracts each rounded, off by e_t
+  // (teacher) and e_s (student), scales p and q by 2^-e_t, 2^-e_s (base 2) and moves the row's value by
+  // -w (e_t - e_s) to first order, with w this weight (d/dlog-scale of p minus that of q, at q = p):
   // forward KL 1 (KL(p||q)'s sum p is not renormalized), reverse KL -1, skew KL 1 - alpha; JSD 0 (its
   // change is a KL(p||m) e_t + ..., second order for close p and q); TVD 0 (first order, but by
   // sum p sign(p - q) / 2, which no normalizer gives: left as it is). The CUDA kernels add w (e_t - e_s)
   // back once per row: for close distributions the normalizers' rounding was most of the float error
   // of the value. has_lse_gap: whether the weight can be nonzero (kernels compile the gap only then).
+  // (The CPU backends know each rounding exactly: kd::detail::split_lse and log_shift below.)
   static constexpr bool has_lse_gap = !std::same_as<D, jsd> && !std::same_as<D, tvd>;
   KD_HOST_DEVICE A lse_gap_weight() const {
     if constexpr (std::same_as<D, forward_kl>) return A(1);
@@ -111,14 +112,17 @@ struct divergence_math {
     else if constexpr (std::same_as<D, skew_kl>) return A(1) - param;
     else return A(0);
   }
-  // A row's value with both corrections, where e_t and e_s are known exactly (the CPU backends in float:
-  // their doubles): the sum's weights (p for forward and skew KL, q for reverse KL) are scaled by
-  // exp(-e), so the sum is scaled back by exp(e) (what is left after the gap when the weighting side's
-  // logits sit far out: e * KL, ~1e-5 relative at 150 from zero), then the gap above.
-  double lse_correction(double value, double e_t, double e_s) const {
-    const double w = static_cast<double>(lse_gap_weight());
-    if (w == 0.0) return value;
-    return value * std::exp(std::same_as<D, reverse_kl> ? e_s : e_t) + w * (e_t - e_s);
+  // What a row's value (the sum of term() over the row) gains when every log p is e_t too low and every
+  // log q e_s too low while p and q themselves are exact: -(e_t sum dterm/dlog p + e_s sum dterm/dlog q).
+  // The CPU backends add it back (kd::detail::split_lse): forward KL e_t - e_s, reverse KL e_s - e_t,
+  // skew KL e_t (its m comes from the exact p and q), JSD a e_t + (1 - a) e_s, TVD 0 (no logs).
+  double log_shift(double e_t, double e_s) const {
+    const double a = static_cast<double>(param);
+    if constexpr (std::same_as<D, forward_kl>) return e_t - e_s;
+    else if constexpr (std::same_as<D, reverse_kl>) return e_s - e_t;
+    else if constexpr (std::same_as<D, skew_kl>) return e_t;
+    else if constexpr (std::same_as<D, jsd>) return a * e_t + (1.0 - a) * e_s;
+    else return 0.0;
   }
 
   KD_HOST_DEVICE A term(A p, A logp, A q, A logq) const {
@@ -164,14 +168,24 @@ struct divergence_math {
   }
 };
 
-// A log-sum-exp m + l (max and log of the shifted sum, in double) held in A, and A's rounding of it
-// (exactly 0 for A = double): the e_t, e_s that divergence_math::lse_correction gives back.
+// A log-sum-exp m + l (the max and the log of the shifted sum, in double) as a CPU backend in A subtracts
+// it: value, rounded to A, and excess = value - (m + l), what the rounding added (in double; exactly 0
+// when A is double, so the fp64 reference is unchanged). x - value is then the log-probability minus
+// the excess, common to the whole row (2^-24 |lse| in float: at logits 150 from zero ~1e-5 of every p
+// and q, which forward KL's q - p of close distributions and the sum p (log p - log q) magnify ~10x).
+// The backends keep x - value as the log (adding the excess to each would round it away in a biased
+// way), take the probabilities back with scale() = exp(excess), and give the value back its shift
+// (divergence_math::log_shift).
 template <class A>
-A rounded_lse(double m, double l, double& rounding) {
-  const A v = static_cast<A>(m) + static_cast<A>(l);
-  rounding = static_cast<double>(v) - (m + l);
-  return v;
-}
+struct split_lse {
+  A value = A(0);
+  double excess = 0.0;
+  static split_lse of(double m, double l) {
+    const A v = static_cast<A>(m) + static_cast<A>(l);
+    return {v, static_cast<double>(v) - (m + l)};
+  }
+  [[nodiscard]] A scale() const { return static_cast<A>(std::exp(excess)); }
+};
 
 }  // namespace detail
 }  // namespace kd

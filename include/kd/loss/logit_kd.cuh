@@ -84,7 +84,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   __shared__ double red_d[32];
   __shared__ cluster_slots<4> slots;
   __shared__ cluster_slots<1> slots1;
-  using E = kd_entry<D>;
+  using E = typename entry_for<D, GT>::type;
   // Reverse KL without a map: the row's KL rides on pass 1 (kd_entry<reverse_kl>::online).
   constexpr bool Online = online_c<E> && MK == map_kind::none;
   __shared__ std::conditional_t<Online, cluster_slots<6>, char> slots6;
@@ -318,6 +318,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     const float kl = E::kl_bits(acc[0], sw);
     loss = rank == 0 && threadIdx.x == 0 ? E::loss_of(kl) : 0.f;
     e.set_c(kl);
+    if constexpr (folds_lse<E, GT>) e.fold_lse(factor, acc[0], acc[1], true);
     if (p.want_grad) sweep(true, [&](float dt, float ds) { return e.grad(dt, ds); });
   } else {
     // Forward and skew KL (and reverse KL's sweep of terms): the float log-sum-exps' rounding, once per
@@ -325,6 +326,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     using M = ::kd::detail::divergence_math<D, float>;
     if constexpr (M::has_lse_gap)
       if (rank == 0 && threadIdx.x == 0) loss = M{p.param}.lse_gap_weight() * lse_gap_bits(acc[0], acc[1]);
+    if constexpr (folds_lse<E, GT>) e.fold_lse(factor, acc[0], acc[1], false);  // fp32 gradients
     sweep(E::one_sweep && p.want_grad, [&](float dt, float ds) { return e.first(dt, ds, loss, cq); });
     loss = E::loss_of(loss);
   }

@@ -195,14 +195,14 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
     const auto math = detail::divergence_math_for<A>(loss);
     // Row sums are accumulated in double whatever A is: this is the reference the other backends are
     // checked against, and float term-by-term sums drift by ~1e-5 relative at V = 50k.
-    // lse(x, rounding): the log-sum-exp in A, and how far A's rounding put it from its double value (0
-    // for A = double, so the fp64 reference is untouched). A float log-normalizer rounded at the size of
-    // the logits was most of the value's error for close p and q (forward and reverse KL 1.6e-6 to
-    // 2.3e-5 relative at V = 50,304, logits 0-150 from zero): each row gets it back
-    // (divergence_math::lse_correction).
-    auto lse = [](const Vec& x, double& rounding) {
+    // lse(x): the log-sum-exp in A with what A's rounding added to it (detail::split_lse; 0 for A =
+    // double, so the fp64 reference is untouched). A float log-normalizer rounded at the size of the
+    // logits was most of the float error of the value and of the gradient for close p and q (value
+    // 1.6e-6 to 2.3e-5, gradient 1.5e-6 to 2.5e-5 relative at V = 50,304, logits 0-400 from zero): p and
+    // q are scaled back per row and the value takes its shift back (divergence_math::log_shift).
+    auto lse = [](const Vec& x) {
       const A mx = x.maxCoeff();
-      return detail::rounded_lse<A>(mx, std::log((x - mx).exp().template cast<double>().sum()), rounding);
+      return detail::split_lse<A>::of(mx, std::log((x - mx).exp().template cast<double>().sum()));
     };
     // Only the columns the two distributions live on are read (and checked): never the padding.
     const std::span<const std::int32_t> teacher_cols =
@@ -239,32 +239,32 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
           const auto tids = map->teacher_ids();
           for (index_t e = 0; e < teacher_read; ++e) tz[e] = load_as<A>(teacher(r, tids[static_cast<std::size_t>(e)])) / temp;
         }
-        double et = 0.0, es = 0.0, first = 0.0;
-        const A tlse = lse(tz, first);
+        detail::split_lse<A> tlse = lse(tz);
         if (map == nullptr) {
-          et = first;
-          logp = tz - tlse;
+          logp = tz - tlse.value;
         } else {
           // log of summed mass per student id, then renormalize over the support (log-sum-exp throughout).
           logp.setConstant(-std::numeric_limits<A>::infinity());
           const auto sids = map->student_ids();
           for (std::size_t e = 0; e < sids.size(); ++e) {
             const auto j = slot[static_cast<std::size_t>(sids[e])];
-            const A lp = tz[static_cast<index_t>(e)] - tlse;
+            const A lp = tz[static_cast<index_t>(e)] - tlse.value;
             const A hi = std::max(logp[j], lp);
             logp[j] = hi + std::log(std::exp(logp[j] - hi) + std::exp(lp - hi));
           }
-          logp -= lse(logp, et);  // tlse's rounding cancels in this renormalization; this one's stays
+          tlse = lse(logp);  // the first lse's rounding cancels in this renormalization
+          logp -= tlse.value;
         }
-        p = logp.exp();
+        p = logp.exp() * tlse.scale();
         // Student log-probabilities over the support.
         for (index_t j = 0; j < k; ++j) logq[j] = load_as<A>(student(r, support[static_cast<std::size_t>(j)])) / temp;
-        logq -= lse(logq, es);
-        q = logq.exp();
+        const auto slse = lse(logq);
+        logq -= slse.value;
+        q = logq.exp() * slse.scale();
 
         double row_loss = 0.0;
         for (index_t j = 0; j < k; ++j) row_loss += static_cast<double>(math.term(p[j], logp[j], q[j], logq[j]));
-        row_loss = math.lse_correction(row_loss, et, es);
+        row_loss += math.log_shift(tlse.excess, slse.excess);
         row_total[static_cast<std::size_t>(r)] = row_loss;
         if (!want_grad) continue;
         if constexpr (std::is_same_v<D, forward_kl>) {

@@ -115,19 +115,26 @@ __device__ inline void finish_call(const logit_kd_params& p, long long n, double
 //   gap = (log2f(t.s) - log2f(s.s)) - log2f(t.s / s.s) - (et - es),
 // et: the rounding of t.m + log2f(t.s) (TwoSum; __fadd_rn is never contracted or reordered). The row's
 // KL in bits is sum p (dt - ds) + gap; the other divergences weigh the gap by
-// divergence_math::lse_gap_weight (reverse KL -1, skew KL 1 - a; JSD and TVD 0: !has_lse_gap). The
-// gradient needs no such term (the constant cancels in q - p, and in ds - dt - c). Against fp64, a float emulation of the sweep (32,000 to 151,936 columns,
-// student = 0.9 teacher + offset + noise, KL 0.016-0.22 nats, offsets 0-400): forward KL's value erred
+// divergence_math::lse_gap_weight (reverse KL -1, skew KL 1 - a; JSD and TVD 0: !has_lse_gap); the
+// gradient's share of the rounding is a scale of p and q instead (below). Against fp64, a float
+// emulation of the sweep (32,000 to 151,936 columns, student = 0.9 teacher + offset + noise, KL
+// 0.016-0.22 nats, offsets 0-400): forward KL's value erred
 // by 4.8e-6 to 5.5e-4 relative without it, 3e-7 to 1.7e-5 with it; skew KL's (a = 0.1-0.9) by 1.7e-5 to
 // 8.9e-4 without, 1e-6 to 4.1e-5 with.
 __device__ inline float lse_gap_bits(const lse_acc& t, const lse_acc& s) {
-  auto round_err = [](float a, float b) {  // a + b = fl(a + b) + err, exactly
-    const float sum = __fadd_rn(a, b), bb = __fsub_rn(sum, a);
-    return __fadd_rn(__fsub_rn(a, __fsub_rn(sum, bb)), __fsub_rn(b, bb));
-  };
   const float lt = log2f(t.s), ls = log2f(s.s);
   return __fsub_rn(__fsub_rn(lt, ls), log2f(t.s / s.s)) - (round_err(t.m, lt) - round_err(s.m, ls));
 }
+
+// The gradient's share of the same rounding: a sweep's q = 2^ds is the exact q times 2^-e_s, e_s =
+// lse_acc::excess() (log2f's own error, <= 2^-19 bits, stays), and likewise p. Where the gradient is
+// stored in float (lse_fold<GT>, kd/cuda/detail/reduce.cuh) the kernels take it back once per row,
+// folded into the entry's factors (fold_lse below). A float emulation against fp64
+// (benchmarks/lse_rounding.cpp: close distributions, student logits 0-400 from the teacher's, 32,000 and
+// 151,936 columns, T = 1, 2): forward and reverse KL's gradient 7.6e-7 to 4.7e-5 norm-relative plain,
+// 4e-7 to 3e-6 folded; skew KL likewise (skew_kl_folded). JSD would need log m of the folded p and q in
+// its row sum C but of the plain ones in the value (whose gap cancels only there), a second log an
+// entry: not folded; nor TVD (its gradient's signs are what ties decide).
 
 // Per-entry math, generic form: divergence_math in natural logs (TVD).
 template <class D>
@@ -178,6 +185,13 @@ struct kd_entry<reverse_kl> {
     return s.w / s.s + (t.m - s.rt) + log2f(t.s / s.s);
   }
   __device__ float grad(float dt, float ds) const { return factor * fast_exp2(ds) * (ds - dt - c); }
+  // fp32 gradients (lse_fold): q scaled back by its own factor, after set_c; the row constant from pass 1
+  // (online_row) is free of the lse's rounding while the sweep's ds - dt carries their gap, so it moves by
+  // the gap (a constant c from the mapped rows' sweep of terms carries it already).
+  __device__ void fold_lse(float base, const lse_acc& t, const lse_acc& s, bool online_row) {
+    factor = base * kLn2 * fast_exp2(s.excess());
+    if (online_row) c += lse_gap_bits(t, s);
+  }
 };
 
 // Which kernels take the online row statistics (kd_entry<reverse_kl>::online).
@@ -197,6 +211,22 @@ struct kd_entry<forward_kl> {
   }
   __device__ static float loss_of(float sum) { return sum * kLn2; }
   __device__ void set_c(float) {}  // no row sum (called only where the kernel's code is shared)
+};
+
+// Forward KL for fp32 gradients (lse_fold): q and p scaled back by factors of their own (fold_lse, once
+// per row), in one FMUL and one FFMA an entry as the plain form's FADD and FMUL.
+struct forward_kl_folded : kd_entry<forward_kl> {
+  float fp = 0.f;  // factor holds q's
+  __device__ forward_kl_folded(float param, float factor_) : kd_entry<forward_kl>(param, factor_), fp(factor_) {}
+  __device__ float first(float dt, float ds, float& loss, float&) const {
+    const float pk = fast_exp2(dt), qk = fast_exp2(ds);
+    loss += pk * (dt - ds);
+    return fmaf(factor, qk, -(fp * pk));
+  }
+  __device__ void fold_lse(float base, const lse_acc& t, const lse_acc& s, bool) {
+    factor = base * fast_exp2(s.excess());
+    fp = base * fast_exp2(t.excess());
+  }
 };
 
 // The mixture divergences, in base 2 with their shared factors formed once per entry (m = a p +
@@ -245,6 +275,56 @@ template <>
 struct kd_entry<skew_kl> : mixture_entry<false> {
   using mixture_entry<false>::mixture_entry;
 };
+
+// Skew KL for fp32 gradients (lse_fold): the terms sweep forms the value's m from the sweep's p and q as
+// before (its rounding gap is what lse_gap_bits gives back) and a second m from p and q scaled back
+// (one FFMA an entry more) for the row's C; the gradient sweep takes that second m, dq = -(1 - a) p / m
+// with the exact p, and the exact q. A float emulation (benchmarks/lse_rounding.cpp): 1.2e-6 to 5.8e-5
+// plain, 5e-7 to 3.4e-6 folded.
+struct skew_kl_folded : mixture_entry<false> {
+  float fa = 0.f, fb = 0.f, pa = 0.f, cscale = 1.f;  // m = fa p' + fb q'; dq = -pa p' / m; C's scale
+  __device__ skew_kl_folded(float param, float factor_)
+      : mixture_entry<false>(param, factor_), fa(param), fb(1.f - param), pa(1.f - param) {}
+  __device__ float first(float dt, float ds, float& loss, float& cq) const {
+    const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = a * pk + a1 * qk;
+    const bool normal = m >= kMinNormal;
+    loss += pk * (dt - (normal ? fast_log2(m) : dt));
+    cq += normal ? pk * qk * fast_rcp(fa * pk + fb * qk) : 0.f;
+    return 0.f;
+  }
+  __device__ void set_c(float cq_row) { c = -pa * cscale * cq_row; }
+  __device__ float grad(float dt, float ds) const {
+    const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = fa * pk + fb * qk;
+    if (!(m >= kMinNormal)) return -factor * qk * c;
+    return factor * qk * (-pa * pk * fast_rcp(m) - c);
+  }
+  // Before the terms sweep: p = p' 2^e_t, q = q' 2^e_s.
+  __device__ void fold_lse(float base, const lse_acc& t, const lse_acc& s, bool) {
+    const float ft = fast_exp2(t.excess()), fs = fast_exp2(s.excess());
+    fa = a * ft;
+    fb = a1 * fs;
+    pa = a1 * ft;
+    cscale = fs;
+    factor = base * fs;
+  }
+};
+
+// The entry a kernel runs: D's, or its folding form where the gradient is stored in float.
+template <class D, class GT>
+struct entry_for {
+  using type = kd_entry<D>;
+};
+template <>
+struct entry_for<forward_kl, float> {
+  using type = forward_kl_folded;
+};
+template <>
+struct entry_for<skew_kl, float> {
+  using type = skew_kl_folded;
+};
+// Whether entry E takes the lse's rounding back (fold_lse) for gradients of type GT.
+template <class E, class GT>
+inline constexpr bool folds_lse = lse_fold<GT> && requires(E& e, const lse_acc& a) { e.fold_lse(1.f, a, a, true); };
 
 // A sweep over a slice in shared memory (teacher tc, student sc, one storage type T, 16-byte aligned):
 // fn(dt, ds) per entry, its gradient stored to grad (global, 16-byte aligned) when `write`, added to the

@@ -51,7 +51,7 @@ inline constexpr std::size_t kRingSliceTarget = 64 * 1024;
 template <class D, class T>
 __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const logit_kd_params p) {
   namespace cg = cooperative_groups;
-  using E = kd_entry<D>;
+  using E = typename entry_for<D, T>::type;
   constexpr bool online = online_c<E>;  // reverse KL: the row's KL from pass 1, then one gradient sweep
   constexpr bool two = !E::one_sweep && !online;
   constexpr int kWarps = kRingThreads / 32;
@@ -101,7 +101,8 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
       p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red_sum)) : 0;
   const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);
   const float k2 = p.inv_temp * kLog2e;
-  E e(p.param, p.grad_base / static_cast<float>(call_divisor));
+  const float factor = p.grad_base / static_cast<float>(call_divisor);
+  E e(p.param, factor);
   float loss_total = 0.f;  // this thread's share of its rows' losses (one block sum at the end)
 
   // Row i's log-sum-exps over this block's slice, reduced over the warp and stored in its slot (the
@@ -169,6 +170,7 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
     tlse = g[0].value();
     slse = g[1].value();
     ok = active(i) && isfinite(tlse) && isfinite(slse);
+    if constexpr (folds_lse<E, T>) e.fold_lse(factor, g[0], g[1], online);  // fp32: the lse's rounding, per row
     // Forward and skew KL: the float log-sum-exps' rounding (lse_gap_bits), once per row, into the loss.
     using M = ::kd::detail::divergence_math<D, float>;
     if constexpr (!online && M::has_lse_gap)

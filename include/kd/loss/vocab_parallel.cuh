@@ -214,7 +214,7 @@ __device__ inline vp_total vp_block(vp_acc v, float3* sh) {
 }
 
 // Pass 1, KD: both log-sum-exps and the mode's term, one read of the slice. Each model's scaled logits are
-// taken from a per-row reference, this rank's first column (rt, rs; 0 where it is not finite), in one
+// taken from a per-row reference, this rank's first column (rt, rs; 0 where it is not finite or huge), in one
 // FFMA: y - r = x * sc - r keeps the product exact and rounds at the size of y - r, not of y. So the
 // weighting side's term d = (yt - rt) - (ys - rs) carries no offset between the two models' logits, and
 // neither log-sum-exp is rounded at the logits' size; rt and rs are added back in double (the maxima
@@ -231,12 +231,15 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_stats_kernel(const vp_params
   const TT* t = static_cast<const TT*>(p.teacher) + r * p.t_stride;
   const ST* s = static_cast<const ST*>(p.student) + r * p.s_stride;
   vp_acc at, as;  // the term rides on the weighting side's accumulator
+  // References only of a usable size (|r| <= 2^20, else 0, as for a non-finite first column): a scaled
+  // logit that overflows float must still overflow after subtracting one, so that it is rejected as on
+  // the other backends (a reference near 1e38 could bring it back into range).
   float rt = 0.f, rs = 0.f;
   if (act && p.real > 0) {
     rt = to_float(t[0]) * sc;
     rs = to_float(s[0]) * sc;
-    if (!isfinite(rt)) rt = 0.f;
-    if (!isfinite(rs)) rs = 0.f;
+    if (!(fabsf(rt) <= 0x1p20f)) rt = 0.f;
+    if (!(fabsf(rs) <= 0x1p20f)) rs = 0.f;
   }
   auto group = [&](const auto& xt, const auto& xs) {
     constexpr int G = sizeof(xt) / sizeof(float);
@@ -343,6 +346,13 @@ __global__ void vp_rescale_kernel(const vp_params p) {
 // The group's base-2 lse of column k (0 teacher / logits, 1 student) of row r, after the collectives.
 __device__ inline float vp_lse2(const vp_params& p, long long r, int k) {
   return static_cast<float>(p.mx[3 * r + k] + log2(p.sums[3 * r + k]));
+}
+
+// How far vp_lse2 lies above the exact lse (bits): a sweep's 2^(y - vp_lse2) is the probability times
+// 2^-excess. Float gradients of forward and reverse KL take it back (lse_fold, kd/cuda/detail/reduce.cuh).
+__device__ inline double vp_lse_excess(const vp_params& p, long long r, int k) {
+  const double exact = p.mx[3 * r + k] + log2(p.sums[3 * r + k]);
+  return static_cast<double>(static_cast<float>(exact)) - exact;
 }
 
 // Pass 2 (JSD, skew KL, TVD) subtracts the float lse's (vp_lse2): its row sum is off by their rounding's
@@ -466,18 +476,27 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_grad_kernel(const vp_params 
   const float sc = p.inv_temp * kLog2e;
   const float lt = use ? vp_lse2(p, r, 0) : 0.f, ls = use ? vp_lse2(p, r, 1) : 0.f;
   const float factor = p.grad_base / vp_divisor(p);
-  const float cq = Mode == 2 ? static_cast<float>(row) : Mode == 0 && use ? static_cast<float>(p.terms[2 * r + 1]) : 0.f;
+  float cq = Mode == 2 ? static_cast<float>(row) : Mode == 0 && use ? static_cast<float>(p.terms[2 * r + 1]) : 0.f;
+  // Float gradients of forward and reverse KL: q and p scaled back by the lse's rounding, and reverse KL's
+  // row constant (exact, from pass 1) moved by the gap that the sweep's l2q - l2p carries.
+  float fq = factor, fp = factor;
+  if constexpr (lse_fold<GT> && Mode != 0) {
+    if (use) {
+      const double et = vp_lse_excess(p, r, 0), es = vp_lse_excess(p, r, 1);
+      fq = static_cast<float>(factor * exp2(es));
+      fp = static_cast<float>(factor * exp2(et));
+      if constexpr (Mode == 2) cq = static_cast<float>(row + (et - es) * static_cast<double>(kLn2));
+    }
+  }
   ::kd::detail::divergence_math<D, float> math;
   math.param = p.param;
   auto value = [&](float xt, float xs, long long c) {
     if (!use || c >= p.real) return 0.f;
     const float l2p = xt * sc - lt, l2q = xs * sc - ls;
     const float pj = fast_exp2(l2p), qj = fast_exp2(l2q);
-    float v;
-    if constexpr (Mode == 1) v = qj - pj;
-    else if constexpr (Mode == 2) v = qj * ((l2q - l2p) * kLn2 - cq);
-    else v = qj * (math.dq(pj, l2p * kLn2, qj, l2q * kLn2) - cq);
-    return v * factor;
+    if constexpr (Mode == 1) return lse_fold<GT> ? fmaf(fq, qj, -(fp * pj)) : (qj - pj) * factor;
+    else if constexpr (Mode == 2) return fq * qj * ((l2q - l2p) * kLn2 - cq);
+    else return factor * qj * (math.dq(pj, l2p * kLn2, qj, l2q * kLn2) - cq);
   };
   if (p.accumulate && !use) return;  // nothing to add
   constexpr int G = vp_group<TT, ST> > vp_group<GT> ? vp_group<TT, ST> : vp_group<GT>;
@@ -507,7 +526,10 @@ __global__ void __launch_bounds__(kVpThreads) vp_ce_grad_kernel(const vp_params 
   if (p.accumulate && !use) return;
   const ST* s = static_cast<const ST*>(p.student) + r * p.s_stride;
   GT* g = static_cast<GT*>(p.grad) + r * p.g_stride;
-  const float d = vp_divisor(p), gs = p.grad_base / d, zfac = gs + p.z_weight / d * 2.f * lse;
+  const float d = vp_divisor(p), gs = p.grad_base / d;
+  float zfac = gs + p.z_weight / d * 2.f * lse;
+  if constexpr (lse_fold<GT>)  // float gradients: softmax scaled back by the lse's rounding
+    if (use) zfac = static_cast<float>(zfac * exp2(vp_lse_excess(p, r, 0)));
   const long long y = use ? static_cast<long long>(p.labels[r]) - p.offset : -1;
   auto value = [&](float x, long long c) {
     if (!use || c >= p.real) return 0.f;

@@ -169,22 +169,31 @@ status vocab_parallel_kd(const cpu_backend&, const Loss& loss, communicator& com
     }
   }
   KD_TRY(comm.all_reduce(sm.data(), sm.size(), reduce_op::sum));
-  std::vector<A> tlse(N), slse(N);
-  std::vector<double> et(N, 0.0), es(N, 0.0);  // A's rounding of each lse (0 for A = double)
+  // Each lse in A with what A's rounding added to it (0 for A = double): p and q scaled back, the value's
+  // shift given back per row (detail::split_lse, divergence_math::log_shift, as kd::logit_kd's CPU backend).
+  std::vector<detail::split_lse<A>> tlse(N), slse(N);
+  std::vector<A> tscale(N, A(1)), sscale(N, A(1));
   for (std::size_t r = 0; r < N; ++r) {
-    double rt = 0.0, rs = 0.0;  // inactive rows: -inf lse's, their roundings never used
-    tlse[r] = detail::rounded_lse<A>(mx[2 * r], std::log(sm[2 * r]), rt);
-    slse[r] = detail::rounded_lse<A>(mx[2 * r + 1], std::log(sm[2 * r + 1]), rs);
     if (!detail::token_active(labels, static_cast<index_t>(r), o.ignore_index)) continue;
-    et[r] = rt;
-    es[r] = rs;
+    tlse[r] = detail::split_lse<A>::of(mx[2 * r], std::log(sm[2 * r]));
+    slse[r] = detail::split_lse<A>::of(mx[2 * r + 1], std::log(sm[2 * r + 1]));
+    tscale[r] = tlse[r].scale();
+    sscale[r] = slse[r].scale();
   }
+  auto log_pq = [&](index_t r, index_t c, A& logp, A& logq, A& p, A& q) {
+    const auto i = static_cast<std::size_t>(r);
+    logp = tz(r, c) - tlse[i].value;
+    logq = sz(r, c) - slse[i].value;
+    p = std::exp(logp) * tscale[i];
+    q = std::exp(logq) * sscale[i];
+  };
   // Row terms of the loss and of the gradient's constant sum q * dD/dq.
   std::vector<double> terms(2 * N, 0.0);
   for (index_t r = 0; r < n; ++r) {
     if (!detail::token_active(labels, r, o.ignore_index)) continue;
     for (index_t c = 0; c < kr; ++c) {
-      const A logp = tz(r, c) - tlse[r], logq = sz(r, c) - slse[r], p = std::exp(logp), q = std::exp(logq);
+      A logp, logq, p, q;
+      log_pq(r, c, logp, logq, p, q);
       terms[2 * r] += static_cast<double>(math.term(p, logp, q, logq));
       if constexpr (!std::is_same_v<D, forward_kl>) terms[2 * r + 1] += static_cast<double>(q * math.dq(p, logp, q, logq));
     }
@@ -197,7 +206,8 @@ status vocab_parallel_kd(const cpu_backend&, const Loss& loss, communicator& com
       for (index_t c = 0; c < cols; ++c) {
         A g = A(0);
         if (act && c < kr) {
-          const A logp = tz(r, c) - tlse[r], logq = sz(r, c) - slse[r], p = std::exp(logp), q = std::exp(logq);
+          A logp, logq, p, q;
+          log_pq(r, c, logp, logq, p, q);
           if constexpr (std::is_same_v<D, forward_kl>) g = q - p;
           else g = q * (math.dq(p, logp, q, logq) - cq);
           g *= grad_factor;
@@ -210,10 +220,10 @@ status vocab_parallel_kd(const cpu_backend&, const Loss& loss, communicator& com
       }
     }
   }
-  // Each row's value with A's rounding of the lse's given back, after the all-reduce (the same on every
-  // rank; divergence_math::lse_correction, as kd::logit_kd's CPU backend).
   double total = 0.0;
-  for (std::size_t r = 0; r < N; ++r) total += math.lse_correction(terms[2 * r], et[r], es[r]);
+  for (std::size_t r = 0; r < N; ++r)  // after the all-reduce: the same on every rank
+    if (detail::token_active(labels, static_cast<index_t>(r), o.ignore_index))
+      total += terms[2 * r] + math.log_shift(tlse[r].excess, slse[r].excess);
   out.tokens = active;
   out.normalizer = divisor;
   out.loss = total * sc.loss_scale / divisor;
@@ -264,20 +274,22 @@ status vocab_parallel_cross_entropy(const cpu_backend&, const Loss& loss, commun
   double ce = 0.0, z = 0.0;
   for (index_t r = 0; r < n; ++r) {
     const bool act = detail::token_active(labels, r, o.ignore_index);
-    const A lse = static_cast<A>(mx[r]) + static_cast<A>(std::log(sm[2 * r]));
+    // The lse in A with its rounding added back (kd::detail::split_lse), as the one-rank backend.
+    const auto lse = act ? detail::split_lse<A>::of(mx[r], std::log(sm[2 * r])) : detail::split_lse<A>{};
     if (act) {
-      ce += static_cast<double>(lse - static_cast<A>(sm[2 * r + 1]));
-      z += static_cast<double>(lse) * static_cast<double>(lse);
+      const double lse_d = static_cast<double>(lse.value) - lse.excess;
+      ce += static_cast<double>(lse.value - static_cast<A>(sm[2 * r + 1])) - lse.excess;
+      z += lse_d * lse_d;
     }
     if (!want_grad) continue;
-    const A zfac = gscale + zw * A(2) * lse;
+    const A zfac = (gscale + zw * A(2) * lse.value) * lse.scale();  // softmax's coefficient, times its scale-back
     const index_t y = act ? labels[static_cast<std::size_t>(r)] - slice.offset : -1;
     for (index_t c = 0; c < cols; ++c) {
       if (!act || c >= kr) {
         if (!o.accumulate_grad) dlogits(r, c) = store_as<std::remove_const_t<GT>>(A(0));
         continue;
       }
-      const A g = std::exp(x(r, c) - lse) * zfac - (c == y ? gscale : A(0));
+      const A g = std::exp(x(r, c) - lse.value) * zfac - (c == y ? gscale : A(0));
       detail::put_grad(dlogits(r, c), g, o.accumulate_grad);
     }
   }

@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <type_traits>
 
 namespace kd::cuda::detail {
 
@@ -28,6 +29,12 @@ __device__ __forceinline__ float fast_rcp(float x) {
   float y;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// a + b = fl(a + b) + err, exactly (TwoSum; __fadd_rn is never contracted or reordered).
+__device__ inline float round_err(float a, float b) {
+  const float sum = __fadd_rn(a, b), bb = __fsub_rn(sum, a);
+  return __fadd_rn(__fsub_rn(a, __fsub_rn(sum, bb)), __fsub_rn(b, bb));
 }
 
 // A running log-sum-exp in base 2 (inputs are pre-multiplied by log2(e)): max m and sum s of
@@ -57,7 +64,16 @@ struct lse_acc {
   __device__ static float strict(float y) { return y == -INFINITY ? NAN : y; }
   // log2 of the sum.
   __device__ float value() const { return m + log2f(s); }
+  // How far value() lies above m + log2f(s): its float rounding, exact (TwoSum). A sweep's 2^(y - value())
+  // is the probability times 2^-excess(), for every entry of the row (kd/loss/logit_kd_math.cuh).
+  __device__ float excess() const { return -round_err(m, log2f(s)); }
 };
+
+// Whether a kernel takes the float lse's rounding back out of its gradient (a factor common to the row,
+// ~2^-24 |lse| ln 2: 4e-6 at logits 150 from zero, magnified ~10x by q - p of close distributions): where
+// the gradient is stored in float. A 16-bit gradient rounds at 2^-9, far above it, and keeps the plain form.
+template <class GT>
+inline constexpr bool lse_fold = std::is_same_v<GT, float>;
 
 // A student's log-sum-exp with the q-weighted sum of ys - yt riding on it (reverse KL's pass 1: the
 // row's KL is known before any gradient sweep, so no sweep of loss terms and no second cluster sum).
