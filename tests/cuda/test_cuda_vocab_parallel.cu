@@ -232,7 +232,7 @@ TEST_CASE_TEMPLATE("vocab_parallel_kd (CUDA) on 1, 2, 4 slices = the whole rows"
 // Logits far apart, distributions close (KL ~0.01-0.03 nats): pass 1 takes each model's logits from a
 // per-row reference, so the value holds to 1e-5 (a float emulation: <= 2.3e-6; logits rounded at their
 // own size erred by 1e-5 to 7e-5 at these offsets). Float gradients take the float lse's rounding back
-// per row from the doubles (vp_lse_excess), so they hold to 6e-6 as well.
+// per row from the doubles (vp_lse2's excess), so they hold to 6e-6 as well.
 TEST_CASE_TEMPLATE("vocab_parallel_kd (CUDA): forward and reverse KL between logits far apart", D, kd::forward_kl,
                    kd::reverse_kl) {
   for (double offset : {150.0, -150.0, 400.0}) {

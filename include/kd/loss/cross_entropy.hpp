@@ -154,7 +154,7 @@ struct loss_impl<cpu_backend, cross_entropy_tag> {
         row_ce[static_cast<std::size_t>(r)] = static_cast<double>(lse.value - s[y]) - lse.excess;
         row_z[static_cast<std::size_t>(r)] = lse_d * lse_d;
         if (!want_grad) continue;
-        const A zfac = (gscale + zw * A(2) * lse.value) * lse.scale();  // coefficient of exp(s - lse.value)
+        const A zfac = (gscale + zw * A(2) * lse.value) * lse.scale;  // coefficient of exp(s - lse.value)
         for (index_t c = 0; c < v; ++c) {
           const A g = std::exp(s[c] - lse.value) * zfac - (c == y ? gscale : A(0));
           detail::put_grad(dlogits(r, c), g, o.accumulate_grad);

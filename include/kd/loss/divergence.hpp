@@ -174,17 +174,18 @@ struct divergence_math {
 // the excess, common to the whole row (2^-24 |lse| in float: at logits 150 from zero ~1e-5 of every p
 // and q, which forward KL's q - p of close distributions and the sum p (log p - log q) magnify ~10x).
 // The backends keep x - value as the log (adding the excess to each would round it away in a biased
-// way), take the probabilities back with scale() = exp(excess), and give the value back its shift
+// way), take the probabilities back with scale = exp(excess), and give the value back its shift
 // (divergence_math::log_shift).
 template <class A>
 struct split_lse {
   A value = A(0);
   double excess = 0.0;
+  A scale = A(1);
   static split_lse of(double m, double l) {
     const A v = static_cast<A>(m) + static_cast<A>(l);
-    return {v, static_cast<double>(v) - (m + l)};
+    const double excess = static_cast<double>(v) - (m + l);
+    return {v, excess, static_cast<A>(std::exp(excess))};
   }
-  [[nodiscard]] A scale() const { return static_cast<A>(std::exp(excess)); }
 };
 
 }  // namespace detail

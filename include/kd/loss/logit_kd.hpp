@@ -255,12 +255,12 @@ struct loss_impl<cpu_backend, logit_kd_tag> {
           tlse = lse(logp);  // the first lse's rounding cancels in this renormalization
           logp -= tlse.value;
         }
-        p = logp.exp() * tlse.scale();
+        p = logp.exp() * tlse.scale;
         // Student log-probabilities over the support.
         for (index_t j = 0; j < k; ++j) logq[j] = load_as<A>(student(r, support[static_cast<std::size_t>(j)])) / temp;
         const auto slse = lse(logq);
         logq -= slse.value;
-        q = logq.exp() * slse.scale();
+        q = logq.exp() * slse.scale;
 
         double row_loss = 0.0;
         for (index_t j = 0; j < k; ++j) row_loss += static_cast<double>(math.term(p[j], logp[j], q[j], logq[j]));

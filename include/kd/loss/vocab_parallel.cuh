@@ -343,16 +343,18 @@ __global__ void vp_rescale_kernel(const vp_params p) {
   }
 }
 
-// The group's base-2 lse of column k (0 teacher / logits, 1 student) of row r, after the collectives.
-__device__ inline float vp_lse2(const vp_params& p, long long r, int k) {
-  return static_cast<float>(p.mx[3 * r + k] + log2(p.sums[3 * r + k]));
-}
-
-// How far vp_lse2 lies above the exact lse (bits): a sweep's 2^(y - vp_lse2) is the probability times
-// 2^-excess. Float gradients of forward and reverse KL take it back (lse_fold, kd/cuda/detail/reduce.cuh).
-__device__ inline double vp_lse_excess(const vp_params& p, long long r, int k) {
+// The group's base-2 lse of column k (0 teacher / logits, 1 student) of row r, after the collectives: the
+// float the sweeps subtract, and how far it lies above the exact (double) lse, in bits (a sweep's
+// 2^(y - value) is the probability times 2^-excess). Float gradients of forward and reverse KL take the
+// excess back (lse_fold, kd/cuda/detail/reduce.cuh).
+struct vp_lse {
+  float value = 0.f;
+  double excess = 0.0;
+};
+__device__ inline vp_lse vp_lse2(const vp_params& p, long long r, int k) {
   const double exact = p.mx[3 * r + k] + log2(p.sums[3 * r + k]);
-  return static_cast<double>(static_cast<float>(exact)) - exact;
+  const float value = static_cast<float>(exact);
+  return {value, static_cast<double>(value) - exact};
 }
 
 // Pass 2 (JSD, skew KL, TVD) subtracts the float lse's (vp_lse2): its row sum is off by their rounding's
@@ -360,8 +362,7 @@ __device__ inline double vp_lse_excess(const vp_params& p, long long r, int k) {
 // doubles), added back once per row after the all-reduce. Forward and reverse KL's value is formed in
 // double from pass 1 (vp_kl_row).
 __device__ inline double vp_lse_gap_bits(const vp_params& p, long long r) {
-  const double lt = p.mx[3 * r] + log2(p.sums[3 * r]), ls = p.mx[3 * r + 1] + log2(p.sums[3 * r + 1]);
-  return (static_cast<double>(static_cast<float>(lt)) - static_cast<double>(static_cast<float>(ls))) - (lt - ls);
+  return vp_lse2(p, r, 0).excess - vp_lse2(p, r, 1).excess;
 }
 
 // Forward / reverse KL of row r from the pass-1 sums (all in bits; the result in natural log units):
@@ -384,7 +385,7 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_terms_kernel(const vp_params
   if (use) {
     const TT* t = static_cast<const TT*>(p.teacher) + r * p.t_stride;
     const ST* s = static_cast<const ST*>(p.student) + r * p.s_stride;
-    const float sc = p.inv_temp * kLog2e, lt = vp_lse2(p, r, 0), ls = vp_lse2(p, r, 1);
+    const float sc = p.inv_temp * kLog2e, lt = vp_lse2(p, r, 0).value, ls = vp_lse2(p, r, 1).value;
     ::kd::detail::divergence_math<D, float> math;
     math.param = p.param;
     float fl = 0.f, fc = 0.f;
@@ -474,7 +475,8 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_grad_kernel(const vp_params 
   const ST* s = static_cast<const ST*>(p.student) + r * p.s_stride;
   GT* g = static_cast<GT*>(p.grad) + r * p.g_stride;
   const float sc = p.inv_temp * kLog2e;
-  const float lt = use ? vp_lse2(p, r, 0) : 0.f, ls = use ? vp_lse2(p, r, 1) : 0.f;
+  const vp_lse tl = use ? vp_lse2(p, r, 0) : vp_lse{}, sl = use ? vp_lse2(p, r, 1) : vp_lse{};
+  const float lt = tl.value, ls = sl.value;
   const float factor = p.grad_base / vp_divisor(p);
   float cq = Mode == 2 ? static_cast<float>(row) : Mode == 0 && use ? static_cast<float>(p.terms[2 * r + 1]) : 0.f;
   // Float gradients of forward and reverse KL: q and p scaled back by the lse's rounding, and reverse KL's
@@ -482,10 +484,9 @@ __global__ void __launch_bounds__(kVpThreads) vp_kd_grad_kernel(const vp_params 
   float fq = factor, fp = factor;
   if constexpr (lse_fold<GT> && Mode != 0) {
     if (use) {
-      const double et = vp_lse_excess(p, r, 0), es = vp_lse_excess(p, r, 1);
-      fq = static_cast<float>(factor * exp2(es));
-      fp = static_cast<float>(factor * exp2(et));
-      if constexpr (Mode == 2) cq = static_cast<float>(row + (et - es) * static_cast<double>(kLn2));
+      fq = static_cast<float>(factor * exp2(sl.excess));
+      fp = static_cast<float>(factor * exp2(tl.excess));
+      if constexpr (Mode == 2) cq = static_cast<float>(row + (tl.excess - sl.excess) * static_cast<double>(kLn2));
     }
   }
   ::kd::detail::divergence_math<D, float> math;
@@ -517,7 +518,8 @@ template <bool Vec, class ST, class GT>
 __global__ void __launch_bounds__(kVpThreads) vp_ce_grad_kernel(const vp_params p) {
   const long long r = blockIdx.x;
   const bool use = vp_active(p, r) && p.mx[3 * r + 2] == 0.0;
-  const float lse2 = use ? vp_lse2(p, r, 0) : 0.f, lse = lse2 * kLn2;
+  const vp_lse l2 = use ? vp_lse2(p, r, 0) : vp_lse{};
+  const float lse2 = l2.value, lse = lse2 * kLn2;
   if (threadIdx.x == 0) {
     p.partial[r] = use ? lse - static_cast<float>(p.sums[3 * r + 2]) : 0.f;
     p.partial_z[r] = use ? lse * lse : 0.f;
@@ -529,7 +531,7 @@ __global__ void __launch_bounds__(kVpThreads) vp_ce_grad_kernel(const vp_params 
   const float d = vp_divisor(p), gs = p.grad_base / d;
   float zfac = gs + p.z_weight / d * 2.f * lse;
   if constexpr (lse_fold<GT>)  // float gradients: softmax scaled back by the lse's rounding
-    if (use) zfac = static_cast<float>(zfac * exp2(vp_lse_excess(p, r, 0)));
+    if (use) zfac = static_cast<float>(zfac * exp2(l2.excess));
   const long long y = use ? static_cast<long long>(p.labels[r]) - p.offset : -1;
   auto value = [&](float x, long long c) {
     if (!use || c >= p.real) return 0.f;

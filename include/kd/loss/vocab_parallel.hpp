@@ -172,20 +172,18 @@ status vocab_parallel_kd(const cpu_backend&, const Loss& loss, communicator& com
   // Each lse in A with what A's rounding added to it (0 for A = double): p and q scaled back, the value's
   // shift given back per row (detail::split_lse, divergence_math::log_shift, as kd::logit_kd's CPU backend).
   std::vector<detail::split_lse<A>> tlse(N), slse(N);
-  std::vector<A> tscale(N, A(1)), sscale(N, A(1));
   for (std::size_t r = 0; r < N; ++r) {
     if (!detail::token_active(labels, static_cast<index_t>(r), o.ignore_index)) continue;
     tlse[r] = detail::split_lse<A>::of(mx[2 * r], std::log(sm[2 * r]));
     slse[r] = detail::split_lse<A>::of(mx[2 * r + 1], std::log(sm[2 * r + 1]));
-    tscale[r] = tlse[r].scale();
-    sscale[r] = slse[r].scale();
   }
   auto log_pq = [&](index_t r, index_t c, A& logp, A& logq, A& p, A& q) {
-    const auto i = static_cast<std::size_t>(r);
-    logp = tz(r, c) - tlse[i].value;
-    logq = sz(r, c) - slse[i].value;
-    p = std::exp(logp) * tscale[i];
-    q = std::exp(logq) * sscale[i];
+    const auto& t = tlse[static_cast<std::size_t>(r)];
+    const auto& s = slse[static_cast<std::size_t>(r)];
+    logp = tz(r, c) - t.value;
+    logq = sz(r, c) - s.value;
+    p = std::exp(logp) * t.scale;
+    q = std::exp(logq) * s.scale;
   };
   // Row terms of the loss and of the gradient's constant sum q * dD/dq.
   std::vector<double> terms(2 * N, 0.0);
@@ -282,7 +280,7 @@ status vocab_parallel_cross_entropy(const cpu_backend&, const Loss& loss, commun
       z += lse_d * lse_d;
     }
     if (!want_grad) continue;
-    const A zfac = (gscale + zw * A(2) * lse.value) * lse.scale();  // softmax's coefficient, times its scale-back
+    const A zfac = (gscale + zw * A(2) * lse.value) * lse.scale;  // softmax's coefficient, times its scale-back
     const index_t y = act ? labels[static_cast<std::size_t>(r)] - slice.offset : -1;
     for (index_t c = 0; c < cols; ++c) {
       if (!act || c >= kr) {
