@@ -58,18 +58,12 @@ struct divergence_traits<D> {
 namespace detail {
 
 // log and |x| usable in host and device code (the CUDA kernels share these formulas).
-// On the device a float log of a normal number is one MUFU.LG2 (__logf: lg2.approx, absolute error
-// 2^-22.6 in log2, times ln 2) instead of logf's polynomial: JSD and skew KL take a log of m per entry
-// in each of their two sweeps, and the error it adds to a row's loss, at most ~1e-7 * sum m = 1e-7
-// nats, is below the float rounding of the log-probabilities themselves (|log p| * 6e-8).
-// Subnormal inputs, which the approximation flushes to zero, keep logf.
-KD_HOST_DEVICE inline float div_log(float x) {
-#ifdef __CUDA_ARCH__
-  return x >= 1.17549435e-38f ? __logf(x) : ::logf(x);
-#else
-  return ::logf(x);
-#endif
-}
+// logf on the device too, not __logf (MUFU.LG2): the approximation's error, up to 2^-22 of |log2 m|, is
+// not centred on zero, so over a row it adds up instead of averaging out; a JSD or skew KL of close
+// distributions took it whole (skew KL's value off by 8e-6 to 9e-4 relative on an H100, 2026-12-05,
+// benchmarks/NOTES.md session 11). The fused kernels' own base-2 forms choose per storage
+// (kd/loss/logit_kd_math.cuh: mixture_entry's Exact).
+KD_HOST_DEVICE inline float div_log(float x) { return ::logf(x); }
 KD_HOST_DEVICE inline double div_log(double x) { return ::log(x); }
 template <class A>
 KD_HOST_DEVICE inline A div_abs(A x) { return x < A(0) ? -x : x; }

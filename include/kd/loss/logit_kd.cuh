@@ -35,7 +35,11 @@
 // streams at 2.1-2.4 TB/s of minimum bytes for V >= 50,304 (49-57% of the 4.2 TB/s copy); reverse KL at
 // 2.0-2.2 (48-53%, session 8: its KL rides on pass 1, so it has one sweep after it as forward KL);
 // TVD at 1.6-1.9 (a second sweep and a cluster sum), JSD / skew KL at 1.4-1.5 (two sweeps with a log2
-// and a reciprocal per entry each). Static shared memory counts: at V = 151,936 in 16 bits three 76 KB
+// and a reciprocal per entry each). Session 11 keeps each entry's w from the terms sweep over its
+// teacher entry in shared memory (keeps_w), so the gradient sweep takes one exponential instead of
+// five MUFU operations: JSD 1.07-1.14x, skew KL 1.04-1.09x, TVD 0.98-1.05x (bf16, 8192 x 32,000 /
+// 128,256, both schedules, same-run A/B, H200, 2026-12-05); fp32 JSD / skew KL 0.91-0.92x, the price of
+// log2f for their values (kd/loss/logit_kd_math.cuh, mixture_entry). Static shared memory counts: at V = 151,936 in 16 bits three 76 KB
 // slices fit an SM only with the static part at ~700 B (reverse KL at 1.2 KB ran 2 blocks, 0.98x).
 #pragma once
 
@@ -308,6 +312,40 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
       if (write) put(j, g);
     }
   };
+  // Two-sweep entries that keep w (keeps_w): the terms sweep writes each entry's w over its teacher entry
+  // (the row's teacher logits are not read after it), the gradient sweep reads it with the student's.
+  constexpr bool Keep = !Online && keeps_w<E, TC, GT>;
+  using W = kept_w_t<TC>;
+  const bool keep = Keep && p.keep_w && p.want_grad;
+  auto sweep_keep = [&](auto&& fn) {
+    if constexpr (!Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>) {
+      if (p.vector_ok) {
+        sweep_slice_keep<TT, W>(tcache, scache, n_local, k2, tlse, slse, fn);
+        return;
+      }
+    }
+    W* wc = reinterpret_cast<W*>(tcache);
+    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
+      float dt, ds;
+      log2_pq(j, dt, ds);
+      wc[j] = from_float<W>(clamp_kept<W>(fn(dt, ds)));
+    }
+  };
+  auto sweep_kept = [&](auto&& fn) {
+    if constexpr (!Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>) {
+      if (p.vector_ok) {
+        sweep_slice_kept<TT, W>(tcache, scache, grow + j0, n_local, k2, slse, p.accumulate, fn);
+        return;
+      }
+    }
+    const W* wc = reinterpret_cast<const W*>(tcache);
+    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
+      float ds;
+      if constexpr (Span) ds = to_float(scache[span_pos(j)]) * k2 - slse;
+      else ds = to_float(scache[j]) * k2 - slse;
+      put(j, fn(ds, to_float(wc[j])));
+    }
+  };
   // The divergence's entries (kd/loss/logit_kd_math.cuh): forward KL in one sweep, reverse KL without a
   // map in one after pass 1's KL; the others a sweep for the terms and the row's sum C, the cluster's
   // sum, a gradient sweep.
@@ -324,11 +362,15 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     // Forward and skew KL (and reverse KL's sweep of terms): the float log-sum-exps' rounding, once per
     // row, taken before the sweep so that acc[] is not kept alive through it (that cost 72-88 B of spills).
     using M = ::kd::detail::divergence_math<D, float>;
-    if constexpr (M::has_lse_gap)
+    if constexpr (adds_lse_gap<D, E>)
       if (rank == 0 && threadIdx.x == 0) loss = M{p.param}.lse_gap_weight() * lse_gap_bits(acc[0], acc[1]);
     if constexpr (folds_lse<E, GT>) e.fold_lse(factor, acc[0], acc[1], false);  // fp32 gradients
-    sweep(E::one_sweep && p.want_grad, [&](float dt, float ds) { return e.first(dt, ds, loss, cq); });
-    loss = E::loss_of(loss);
+    if (keep) {
+      if constexpr (Keep) sweep_keep([&](float dt, float ds) { return e.term(dt, ds, loss, cq); });
+    } else {
+      sweep(E::one_sweep && p.want_grad, [&](float dt, float ds) { return e.first(dt, ds, loss, cq); });
+    }
+    loss = e.loss_of(loss);
   }
   if constexpr (!E::one_sweep && !Online) {
     if (p.want_grad) {
@@ -336,7 +378,11 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
       float c1[1] = {cq};
       cluster_combine_sum<1>(slots1, c1);
       e.set_c(c1[0]);
-      sweep(true, [&](float dt, float ds) { return e.grad(dt, ds); });
+      if (keep) {
+        if constexpr (Keep) sweep_kept([&](float ds, float w) { return e.grad_w(ds, w); });
+      } else {
+        sweep(true, [&](float dt, float ds) { return e.grad(dt, ds); });
+      }
     }
   }
   if constexpr (Span) {
@@ -497,6 +543,7 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   // Cluster size: the smallest whose per-block slice fits the budget.
   const std::size_t tc_bytes = map && !contiguous ? sizeof(float) : sizeof(TT);
   const std::size_t per_entry = tc_bytes + sizeof(ST);
+  p.keep_w = keep_w_ok<D>(p.param, tc_bytes);
   int cluster = row_cluster(ctx, p.support, per_entry, p.rows, spread_rows);
   const auto chunk_of = [&](int c) { return row_chunk(p.support, c); };
   p.chunk = chunk_of(cluster);

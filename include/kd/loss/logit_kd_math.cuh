@@ -8,11 +8,12 @@
 // needs no row sum (its gradient is q - p: one sweep); reverse KL's row sum is KL + 1, which pass 1
 // forms without a mapped support (kd_entry<reverse_kl>::online: one sweep after pass 1); the others take
 // a sweep for the loss terms and the row's sum C = sum q dD/dq, the cluster's sum of C, and a gradient
-// sweep.
+// sweep, which reads what the terms sweep kept of each entry over its teacher entry (keeps_w).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -52,6 +53,7 @@ struct logit_kd_params {
   bool want_grad = false;
   bool accumulate = false;
   bool vector_ok = false;       // 16-byte aligned rows: vectorized copies
+  bool keep_w = false;          // two-sweep entries keep w over the teacher's entries (keeps_w, keep_w_ok)
   float* partial = nullptr;     // [rows * C] partial losses (already scaled by loss_scale)
   unsigned long long* error = nullptr;
   unsigned component = 0;
@@ -115,8 +117,9 @@ __device__ inline void finish_call(const logit_kd_params& p, long long n, double
 //   gap = (log2f(t.s) - log2f(s.s)) - log2f(t.s / s.s) - (et - es),
 // et: the rounding of t.m + log2f(t.s) (TwoSum; __fadd_rn is never contracted or reordered). The row's
 // KL in bits is sum p (dt - ds) + gap; the other divergences weigh the gap by
-// divergence_math::lse_gap_weight (reverse KL -1, skew KL 1 - a; JSD and TVD 0: !has_lse_gap); the
-// gradient's share of the rounding is a scale of p and q instead (below). Against fp64, a float
+// divergence_math::lse_gap_weight (reverse KL -1, skew KL 1 - a; JSD and TVD 0: !has_lse_gap; fp32 skew
+// KL forms its value from the exact p and q instead, adds_lse_gap); the gradient's share of the rounding
+// is a scale of p and q instead (below). Against fp64, a float
 // emulation of the sweep (32,000 to 151,936 columns, student = 0.9 teacher + offset + noise, KL
 // 0.016-0.22 nats, offsets 0-400): forward KL's value erred
 // by 4.8e-6 to 5.5e-4 relative without it, 3e-7 to 1.7e-5 with it; skew KL's (a = 0.1-0.9) by 1.7e-5 to
@@ -144,11 +147,17 @@ struct kd_entry {
   float factor = 0.f;  // grad_scale * loss_scale / T / divisor
   float c = 0.f;       // the row's sum of q dD/dq (set_c, before the gradient sweep)
   __device__ kd_entry(float param, float factor_) : factor(factor_) { math.param = param; }
-  // The first sweep: adds the entry's loss term and q dD/dq; returns the gradient when one_sweep.
-  __device__ float first(float dt, float ds, float& loss, float& cq) const {
+  // The terms sweep: adds the entry's loss term and q dD/dq; returns w = dD/dq (the kept form, below).
+  __device__ float term(float dt, float ds, float& loss, float& cq) const {
     const float logp = dt * kLn2, logq = ds * kLn2, pj = fast_exp2(dt), qj = fast_exp2(ds);
     loss += math.term(pj, logp, qj, logq);
-    cq += qj * math.dq(pj, logp, qj, logq);
+    const float w = math.dq(pj, logp, qj, logq);
+    cq += qj * w;
+    return w;
+  }
+  // The first sweep: the terms, and the gradient when one_sweep (never here).
+  __device__ float first(float dt, float ds, float& loss, float& cq) const {
+    term(dt, ds, loss, cq);
     return 0.f;
   }
   __device__ static float loss_of(float sum) { return sum; }
@@ -157,6 +166,8 @@ struct kd_entry {
     const float logp = dt * kLn2, logq = ds * kLn2, pj = fast_exp2(dt), qj = fast_exp2(ds);
     return factor * qj * (math.dq(pj, logp, qj, logq) - c);
   }
+  // The gradient from the entry's kept w (TVD: dD/dq = sign(q - p) / 2, exact in any storage).
+  __device__ float grad_w(float ds, float w) const { return factor * fast_exp2(ds) * (w - c); }
 };
 
 // Reverse KL: KL = ln 2 * sum q (log2 q - log2 p), q dD/dq summed over the row = KL + 1, so
@@ -237,24 +248,41 @@ struct forward_kl_folded : kd_entry<forward_kl> {
 //   JSD (a = beta):  D = a sum p (log p - log m) + (1 - a) sum q (log q - log m),
 //                    q dD/dq = (1 - a) q (log q - log m)
 //   skew KL (a = alpha): D = sum p (log p - log m), q dD/dq = -(1 - a) p q / m
-template <bool J>
+// Exact: log2 m by log2f instead of MUFU.LG2 (entry_for's choice where the gradient is stored in float).
+// The approximation's error (up to 2^-22 of |log2 m|, ~17 bits for m ~ 2^-17) is not centred on zero,
+// so it does not average out over a row as float rounding does: both values take sum m * error whole.
+// Measured on an H100 (2026-12-05, a probe: benchmarks/NOTES.md, session 11): skew KL's value
+// off by -8e-6 to -9e-4 relative through MUFU.LG2 (rows of 32,000-151,936, a = 0.2-0.8, values 0.09-17
+// bits), by 3e-8 to 1e-6 through log2f. JSD's gradient does not see it (a constant error of log2 m moves
+// every dq and their q-weighted sum C alike), its value does.
+template <bool J, bool Exact = false>
 struct mixture_entry {
   static constexpr bool one_sweep = false;
   float a, a1, factor, c = 0.f;
   __device__ mixture_entry(float param, float factor_) : a(param), a1(1.f - param), factor(factor_) {}
   static constexpr float kMinNormal = 1.17549435e-38f;
-  __device__ float first(float dt, float ds, float& loss, float& cq) const {
+  // The terms sweep; returns the entry's kept w (below): JSD (1 - a) log2(q / m), skew KL p / m - 1 formed
+  // as (1 - a)(p - q) / m (no cancellation for close p and q); below float's normal range 0 and -1, which
+  // leave the gradient -factor q C as grad() gives it there.
+  __device__ float term(float dt, float ds, float& loss, float& cq) const {
     const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = a * pk + a1 * qk;
     const bool normal = m >= kMinNormal;
-    const float lm = normal ? fast_log2(m) : dt;
+    const float lm = normal ? (Exact ? log2f(m) : fast_log2(m)) : dt;
     if constexpr (J) {
-      const float u = normal ? a1 * qk * (ds - lm) : 0.f;
+      const float w = normal ? a1 * (ds - lm) : 0.f;
+      const float u = qk * w;
       loss += a * pk * (dt - lm) + u;
       cq += u;
+      return w;
     } else {
+      const float r = fast_rcp(m);
       loss += pk * (dt - lm);
-      cq += normal ? pk * qk * fast_rcp(m) : 0.f;
+      cq += normal ? pk * qk * r : 0.f;
+      return normal ? a1 * (pk - qk) * r : -1.f;
     }
+  }
+  __device__ float first(float dt, float ds, float& loss, float& cq) const {
+    term(dt, ds, loss, cq);
     return 0.f;
   }
   __device__ static float loss_of(float sum) { return sum * kLn2; }
@@ -266,32 +294,56 @@ struct mixture_entry {
     const float dq = J ? a1 * kLn2 * (ds - fast_log2(m)) : -a1 * pk * fast_rcp(m);
     return factor * qk * (dq - c);
   }
+  // From the kept w: JSD dq = ln 2 w; skew KL dq = -(1 - a)(w + 1).
+  __device__ float grad_w(float ds, float w) const {
+    const float qk = fast_exp2(ds);
+    if constexpr (J) return factor * qk * fmaf(w, kLn2, -c);
+    else return -factor * qk * fmaf(a1, w, a1 + c);
+  }
 };
 template <>
 struct kd_entry<jsd> : mixture_entry<true> {
   using mixture_entry<true>::mixture_entry;
+};
+// JSD for fp32 gradients: log2 m by log2f in the terms sweep (the value's), MUFU.LG2 in the recomputing
+// gradient sweep (which a constant error does not move). The lse's rounding is not folded (above).
+struct jsd_exact : mixture_entry<true, true> {
+  using mixture_entry<true, true>::mixture_entry;
 };
 template <>
 struct kd_entry<skew_kl> : mixture_entry<false> {
   using mixture_entry<false>::mixture_entry;
 };
 
-// Skew KL for fp32 gradients (lse_fold): the terms sweep forms the value's m from the sweep's p and q as
-// before (its rounding gap is what lse_gap_bits gives back) and a second m from p and q scaled back
-// (one FFMA an entry more) for the row's C; the gradient sweep takes that second m, dq = -(1 - a) p / m
-// with the exact p, and the exact q. A float emulation (benchmarks/lse_rounding.cpp): 1.2e-6 to 5.8e-5
-// plain, 5e-7 to 3.4e-6 folded.
+// Skew KL for fp32 gradients (lse_fold): every sweep takes p = p' 2^e_t and q = q' 2^e_s back (e: the
+// float lse's excess, fold_lse) in the factors it multiplies by anyway: m = fa p' + fb q' is the exact
+// p and q's mixture, the gradient's dq = -(1 - a) p / m, and the value sum p (log2 p - log2 m) with
+// log2 p = dt + e_t, so it needs no lse gap (exact_value) and costs one FADD an entry more. Its log2 m
+// is log2f's, not MUFU.LG2's: the approximation's error (up to 2^-22 relative to |log2 m| ~ 17 for
+// m ~ 2^-17) is not centred on zero, so it does not average out over a row as float rounding does, and
+// the value of close distributions (~0.01 bits) took it whole (H200: 9.5e-6 to 4e-5 relative with
+// MUFU.LG2 where the emulation, with exact logs, said 2e-6 to 5e-6).
+// A float emulation of the gradient (benchmarks/lse_rounding.cpp): 1.2e-6 to 5.8e-5 plain, 5e-7 to 3.4e-6
+// folded.
 struct skew_kl_folded : mixture_entry<false> {
+  static constexpr bool exact_value = true;
   float fa = 0.f, fb = 0.f, pa = 0.f, cscale = 1.f;  // m = fa p' + fb q'; dq = -pa p' / m; C's scale
+  float ft = 1.f, et = 0.f;                          // the teacher's 2^e_t and e_t
   __device__ skew_kl_folded(float param, float factor_)
       : mixture_entry<false>(param, factor_), fa(param), fb(1.f - param), pa(1.f - param) {}
-  __device__ float first(float dt, float ds, float& loss, float& cq) const {
-    const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = a * pk + a1 * qk;
+  __device__ float term(float dt, float ds, float& loss, float& cq) const {
+    const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = fa * pk + fb * qk;
     const bool normal = m >= kMinNormal;
-    loss += pk * (dt - (normal ? fast_log2(m) : dt));
-    cq += normal ? pk * qk * fast_rcp(fa * pk + fb * qk) : 0.f;
+    const float r = fast_rcp(m), lp = dt + et;
+    loss += pk * (lp - (normal ? log2f(m) : lp));
+    cq += normal ? pk * qk * r : 0.f;
+    return normal ? (pa * pk - fb * qk) * r : -1.f;  // p / m - 1 of the exact p, q (mixture_entry::grad_w)
+  }
+  __device__ float first(float dt, float ds, float& loss, float& cq) const {
+    term(dt, ds, loss, cq);
     return 0.f;
   }
+  __device__ float loss_of(float sum) const { return sum * ft * kLn2; }
   __device__ void set_c(float cq_row) { c = -pa * cscale * cq_row; }
   __device__ float grad(float dt, float ds) const {
     const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = fa * pk + fb * qk;
@@ -300,7 +352,9 @@ struct skew_kl_folded : mixture_entry<false> {
   }
   // Before the terms sweep: p = p' 2^e_t, q = q' 2^e_s.
   __device__ void fold_lse(float base, const lse_acc& t, const lse_acc& s, bool) {
-    const float ft = fast_exp2(t.excess()), fs = fast_exp2(s.excess());
+    et = t.excess();
+    ft = fast_exp2(et);
+    const float fs = fast_exp2(s.excess());
     fa = a * ft;
     fb = a1 * fs;
     pa = a1 * ft;
@@ -322,37 +376,117 @@ template <>
 struct entry_for<skew_kl, float> {
   using type = skew_kl_folded;
 };
+template <>
+struct entry_for<jsd, float> {
+  using type = jsd_exact;
+};
 // Whether entry E takes the lse's rounding back (fold_lse) for gradients of type GT.
 template <class E, class GT>
 inline constexpr bool folds_lse = lse_fold<GT> && requires(E& e, const lse_acc& a) { e.fold_lse(1.f, a, a, true); };
+// Whether a kernel running entry E for divergence D adds D's lse gap (lse_gap_bits) to the value: where D
+// has one, unless E forms the value from the exact p and q (skew_kl_folded).
+template <class D, class E>
+inline constexpr bool adds_lse_gap = ::kd::detail::divergence_math<D, float>::has_lse_gap && !requires { E::exact_value; };
+
+// The two-sweep divergences (JSD, skew KL, TVD, and reverse KL's mapped rows, which do not keep) may keep
+// what their gradient needs of an entry besides q, its w (term()'s result), over the teacher's entry in
+// shared memory: the terms sweep writes it, the gradient sweep reads it and the student's logit and
+// takes one exponential (grad_w) instead of forming p, q, m, log2 m or 1 / m again. JSD and skew KL
+// had 8-9 MUFU operations an entry across pass 1 and their two sweeps; keeping w leaves 6-7.
+// Stored in float over a 4-byte teacher entry (exact), in fp16 over a 2-byte one (11 bits: below the
+// rounding of a 16-bit gradient; never for a float gradient over 16-bit teacher entries, which recompute).
+// fp16's range holds w where q is not 0: JSD's w <= (1 - a) log2(1 / (1 - a)) and below -65504 only
+// where q underflows (clamped, times q = 0); TVD's is +-1/2 or 0; skew KL's p / m - 1 <= 1 / a - 1, so
+// 16-bit kernels keep it only for a >= 2^-8 (logit_kd_params::keep_w, set by the planner).
+template <class E>
+inline constexpr bool has_grad_w = requires(const E& e, float x, float& r) {
+  e.term(x, x, r, r);
+  e.grad_w(x, x);
+};
+template <class E, class TC, class GT>
+inline constexpr bool keeps_w = has_grad_w<E> && (sizeof(TC) == 4 || sizeof(GT) == 2);
+// The storage of a kept w over a teacher entry of type TC.
+template <class TC>
+using kept_w_t = std::conditional_t<sizeof(TC) == 4, float, ::kd::half>;
+template <class W>
+__device__ __forceinline__ float clamp_kept(float w) {
+  if constexpr (std::is_same_v<W, float>) return w;
+  else return fminf(fmaxf(w, -65504.f), 65504.f);
+}
+// Whether a planned call's entries may keep w in a 16-bit teacher slot (skew KL: p / m - 1 <= 1 / a - 1).
+template <class D>
+inline bool keep_w_ok(float param, std::size_t teacher_bytes) {
+  if constexpr (std::is_same_v<D, skew_kl>) return teacher_bytes == 4 || param >= 0.00390625f;
+  else return true;
+}
 
 // A sweep over a slice in shared memory (teacher tc, student sc, one storage type T, 16-byte aligned):
 // fn(dt, ds) per entry, its gradient stored to grad (global, 16-byte aligned) when `write`, added to the
 // values there when accumulating. Entries [0, 8k) as 16-byte vectors (shared-memory reads and gradient
 // stores: element-wise 2-byte accesses had held reverse KL at 1.54 TB/s against forward KL's 2.30 at
 // 8192 x 128,256 bf16 on an H200), the unaligned tail one by one.
+// The first input may have its own storage TA of T's size, scale and offset: the gradient sweep from kept w
+// (sweep_slice_kept) reads them with scale 1 and offset 0.
+template <class T, class TA, class Fn>
+__device__ __forceinline__ void sweep_slice_of(const TA* ta, float ka, float aoff, const T* sc, T* grad, long long n,
+                                               float k2, float slse, bool write, bool accumulate, Fn&& fn) {
+  static_assert(sizeof(TA) == sizeof(T), "kd: a sweep's two inputs have one entry size");
+  constexpr int vn = vec_n<T>;
+  const long long nv = n / vn;
+  const uint4* t4 = reinterpret_cast<const uint4*>(ta);
+  const uint4* s4 = reinterpret_cast<const uint4*>(sc);
+  for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
+    float ft[vn], fs[vn];
+    unpack<TA>(t4[i], ft);
+    unpack<T>(s4[i], fs);
+#pragma unroll
+    for (int k = 0; k < vn; ++k) ft[k] = fn(ft[k] * ka - aoff, fs[k] * k2 - slse);
+    if (write) store_grad_vec<T>(reinterpret_cast<uint4*>(grad) + i, ft, accumulate);
+  }
+  for (long long j = nv * vn + threadIdx.x; j < n; j += blockDim.x) {
+    float v = fn(to_float(ta[j]) * ka - aoff, to_float(sc[j]) * k2 - slse);
+    if (write) {
+      if (accumulate) v += to_float(grad[j]);
+      grad[j] = from_float<T>(v);
+    }
+  }
+}
 template <class T, class Fn>
 __device__ __forceinline__ void sweep_slice(const T* tc, const T* sc, T* grad, long long n, float k2, float tlse,
                                             float slse, bool write, bool accumulate, Fn&& fn) {
+  sweep_slice_of<T, T>(tc, k2, tlse, sc, grad, n, k2, slse, write, accumulate, fn);
+}
+
+// The terms sweep of an entry that keeps w (16-byte vectors, as sweep_slice): fn(dt, ds) returns the
+// entry's w, written over its teacher entry as W (the same size as T).
+template <class T, class W, class Fn>
+__device__ __forceinline__ void sweep_slice_keep(T* tc, const T* sc, long long n, float k2, float tlse, float slse,
+                                                 Fn&& fn) {
+  static_assert(sizeof(W) == sizeof(T), "kd: a kept w takes the teacher entry's bytes");
   constexpr int vn = vec_n<T>;
   const long long nv = n / vn;
-  const uint4* t4 = reinterpret_cast<const uint4*>(tc);
+  uint4* t4 = reinterpret_cast<uint4*>(tc);
   const uint4* s4 = reinterpret_cast<const uint4*>(sc);
   for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
     float ft[vn], fs[vn];
     unpack<T>(t4[i], ft);
     unpack<T>(s4[i], fs);
 #pragma unroll
-    for (int k = 0; k < vn; ++k) ft[k] = fn(ft[k] * k2 - tlse, fs[k] * k2 - slse);
-    if (write) store_grad_vec<T>(reinterpret_cast<uint4*>(grad) + i, ft, accumulate);
+    for (int k = 0; k < vn; ++k) ft[k] = clamp_kept<W>(fn(ft[k] * k2 - tlse, fs[k] * k2 - slse));
+    t4[i] = pack<W>(ft);
   }
-  for (long long j = nv * vn + threadIdx.x; j < n; j += blockDim.x) {
-    float v = fn(to_float(tc[j]) * k2 - tlse, to_float(sc[j]) * k2 - slse);
-    if (write) {
-      if (accumulate) v += to_float(grad[j]);
-      grad[j] = from_float<T>(v);
-    }
-  }
+  W* wc = reinterpret_cast<W*>(tc);
+  for (long long j = nv * vn + threadIdx.x; j < n; j += blockDim.x)
+    wc[j] = from_float<W>(clamp_kept<W>(fn(to_float(tc[j]) * k2 - tlse, to_float(sc[j]) * k2 - slse)));
+}
+
+// The gradient sweep from kept w: fn(ds, w) returns the gradient, stored (or added) to grad. The same
+// thread visits the same entries as in sweep_slice_keep.
+template <class T, class W, class Fn>
+__device__ __forceinline__ void sweep_slice_kept(const T* tc, const T* sc, T* grad, long long n, float k2, float slse,
+                                                 bool accumulate, Fn&& fn) {
+  sweep_slice_of<T, W>(reinterpret_cast<const W*>(tc), 1.f, 0.f, sc, grad, n, k2, slse, true, accumulate,
+                       [&](float w, float ds) { return fn(ds, w); });
 }
 
 }  // namespace kd::cuda::detail

@@ -173,20 +173,32 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
     if constexpr (folds_lse<E, T>) e.fold_lse(factor, g[0], g[1], online);  // fp32: the lse's rounding, per row
     // Forward and skew KL: the float log-sum-exps' rounding (lse_gap_bits), once per row, into the loss.
     using M = ::kd::detail::divergence_math<D, float>;
-    if constexpr (!online && M::has_lse_gap)
+    if constexpr (!online && adds_lse_gap<D, E>)
       if (ok && rank == 0 && threadIdx.x == 0)
-        loss_total += E::loss_of(M{p.param}.lse_gap_weight() * lse_gap_bits(g[0], g[1]));
+        loss_total += e.loss_of(M{p.param}.lse_gap_weight() * lse_gap_bits(g[0], g[1]));
   };
   // A sweep over row i's slice (16-byte vectors, then the unaligned tail).
   auto sweep = [&](long long i, bool write, auto&& fn) {
     T* g = p.want_grad ? static_cast<T*>(p.grad) + row_of(i) * p.g_stride + j0 : nullptr;
     sweep_slice<T>(tc(i), sc(i), g, n_local, k2, tlse, slse, write, p.accumulate, fn);
   };
-  // Two-sweep divergences: row i's loss terms and its warp sums of C, published to the cluster.
+  // Two-sweep divergences: row i's loss terms and its warp sums of C, published to the cluster. Entries
+  // that keep w (keeps_w) write it over the row's teacher slice for the gradient sweep.
+  constexpr bool Keep = two && keeps_w<E, T, T>;
+  using W = kept_w_t<T>;
+  const bool keep = Keep && p.keep_w && p.want_grad;
   auto terms_pass = [&](long long i) {
     float loss = 0.f, cq = 0.f;
-    if (ok) sweep(i, false, [&](float dt, float ds) { return e.first(dt, ds, loss, cq); });
-    loss_total += E::loss_of(loss);
+    if (ok) {
+      if (keep) {
+        if constexpr (Keep)
+          sweep_slice_keep<T, W>(tc(i), sc(i), n_local, k2, tlse, slse,
+                                 [&](float dt, float ds) { return e.term(dt, ds, loss, cq); });
+      } else {
+        sweep(i, false, [&](float dt, float ds) { return e.first(dt, ds, loss, cq); });
+      }
+      loss_total += e.loss_of(loss);  // only here: an inactive row's fold (fp32 skew KL's scale) is NaN
+    }
     cq = warp_sum(cq);
     if (lane == 0) q_slot[i & 1][warp] = cq;
     cluster_arrive();
@@ -202,14 +214,20 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
     T* grow = p.want_grad ? static_cast<T*>(p.grad) + row * p.g_stride : nullptr;
     if (ok) {
       if constexpr (two) {
-        if (p.want_grad) sweep(i, true, [&](float dt, float ds) { return e.grad(dt, ds); });
+        if (keep) {
+          if constexpr (Keep)
+            sweep_slice_kept<T, W>(tc(i), sc(i), grow + j0, n_local, k2, slse, p.accumulate,
+                                   [&](float ds, float w) { return e.grad_w(ds, w); });
+        } else if (p.want_grad) {
+          sweep(i, true, [&](float dt, float ds) { return e.grad(dt, ds); });
+        }
       } else if constexpr (online) {
         if (p.want_grad) sweep(i, true, [&](float dt, float ds) { return e.grad(dt, ds); });
         if (rank == 0 && threadIdx.x == 0) loss_total += E::loss_of(row_kl);  // once per row
       } else {
         float loss = 0.f, unused = 0.f;
         sweep(i, p.want_grad, [&](float dt, float ds) { return e.first(dt, ds, loss, unused); });
-        loss_total += E::loss_of(loss);
+        loss_total += e.loss_of(loss);
       }
     } else {
       if (rank == 0 && threadIdx.x == 0) {
