@@ -39,8 +39,9 @@
 // teacher entry in shared memory (keeps_w), so the gradient sweep takes one exponential instead of
 // five MUFU operations: JSD 1.07-1.14x, skew KL 1.04-1.09x, TVD 0.98-1.05x (bf16, 8192 x 32,000 /
 // 128,256, both schedules, same-run A/B, H200, 2026-12-05); fp32 JSD / skew KL 0.91-0.92x, the price of
-// log2f for their values (kd/loss/logit_kd_math.cuh, mixture_entry). Static shared memory counts: at V = 151,936 in 16 bits three 76 KB
-// slices fit an SM only with the static part at ~700 B (reverse KL at 1.2 KB ran 2 blocks, 0.98x).
+// log2f for their values (kd/loss/logit_kd_math.cuh, mixture_entry). Static shared memory counts: at
+// V = 151,936 in 16 bits three 76 KB slices fit an SM only with the static part at ~700 B (reverse KL at
+// 1.2 KB ran 2 blocks, 0.98x).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -277,11 +278,14 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   }
   const float factor = p.grad_base / static_cast<float>(call_divisor);
   // Base-2 log-probabilities of entry j: dt = log2 p, ds = log2 q.
+  auto log2_q = [&](long long j) {
+    if constexpr (Span) return to_float(scache[span_pos(j)]) * k2 - slse;
+    else return to_float(scache[j]) * k2 - slse;
+  };
   auto log2_pq = [&](long long j, float& dt, float& ds) {
     if constexpr (Csr) dt = tcache[j] - tlse;
     else dt = to_float(tcache[j]) * k2 - tlse;
-    if constexpr (Span) ds = to_float(scache[span_pos(j)]) * k2 - slse;
-    else ds = to_float(scache[j]) * k2 - slse;
+    ds = log2_q(j);
   };
   auto out_col = [&](long long j) { return Map ? static_cast<long long>(p.map_support[j0 + j]) : j0 + j; };
   auto put = [&](long long j, float g) {
@@ -298,8 +302,9 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   // this block's slice with its base-2 log-probabilities (dt = log2 p, ds = log2 q); fn returns the
   // entry's gradient, stored when `write`. Sixteen-byte vectors (sweep_slice) when every tensor has one
   // storage type and the rows are aligned, else element by element.
+  constexpr bool Vec = !Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>;
   auto sweep = [&](bool write, auto&& fn) {
-    if constexpr (!Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>) {
+    if constexpr (Vec) {
       if (p.vector_ok) {
         sweep_slice<TT>(tcache, scache, grow + j0, n_local, k2, tlse, slse, write, p.accumulate, fn);
         return;
@@ -318,7 +323,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   using W = kept_w_t<TC>;
   const bool keep = Keep && p.keep_w && p.want_grad;
   auto sweep_keep = [&](auto&& fn) {
-    if constexpr (!Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>) {
+    if constexpr (Vec) {
       if (p.vector_ok) {
         sweep_slice_keep<TT, W>(tcache, scache, n_local, k2, tlse, slse, fn);
         return;
@@ -332,19 +337,14 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     }
   };
   auto sweep_kept = [&](auto&& fn) {
-    if constexpr (!Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>) {
+    if constexpr (Vec) {
       if (p.vector_ok) {
         sweep_slice_kept<TT, W>(tcache, scache, grow + j0, n_local, k2, slse, p.accumulate, fn);
         return;
       }
     }
     const W* wc = reinterpret_cast<const W*>(tcache);
-    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
-      float ds;
-      if constexpr (Span) ds = to_float(scache[span_pos(j)]) * k2 - slse;
-      else ds = to_float(scache[j]) * k2 - slse;
-      put(j, fn(ds, to_float(wc[j])));
-    }
+    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) put(j, fn(log2_q(j), to_float(wc[j])));
   };
   // The divergence's entries (kd/loss/logit_kd_math.cuh): forward KL in one sweep, reverse KL without a
   // map in one after pass 1's KL; the others a sweep for the terms and the row's sum C, the cluster's

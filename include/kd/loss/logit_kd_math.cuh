@@ -425,12 +425,12 @@ inline bool keep_w_ok(float param, std::size_t teacher_bytes) {
 // values there when accumulating. Entries [0, 8k) as 16-byte vectors (shared-memory reads and gradient
 // stores: element-wise 2-byte accesses had held reverse KL at 1.54 TB/s against forward KL's 2.30 at
 // 8192 x 128,256 bf16 on an H200), the unaligned tail one by one.
-// The first input may have its own storage TA of T's size, scale and offset: the gradient sweep from kept w
-// (sweep_slice_kept) reads them with scale 1 and offset 0.
-template <class T, class TA, class Fn>
-__device__ __forceinline__ void sweep_slice_of(const TA* ta, float ka, float aoff, const T* sc, T* grad, long long n,
+// The first input may have its own storage TA and the result its own G, both of T's size: the kept-w
+// sweeps (below) write w over the teacher's entries and read it back with scale 1 and offset 0.
+template <class T, class TA, class G, class Fn>
+__device__ __forceinline__ void sweep_slice_of(const TA* ta, float ka, float aoff, const T* sc, G* grad, long long n,
                                                float k2, float slse, bool write, bool accumulate, Fn&& fn) {
-  static_assert(sizeof(TA) == sizeof(T), "kd: a sweep's two inputs have one entry size");
+  static_assert(sizeof(TA) == sizeof(T) && sizeof(G) == sizeof(T), "kd: a sweep's inputs and result have one entry size");
   constexpr int vn = vec_n<T>;
   const long long nv = n / vn;
   const uint4* t4 = reinterpret_cast<const uint4*>(ta);
@@ -441,43 +441,29 @@ __device__ __forceinline__ void sweep_slice_of(const TA* ta, float ka, float aof
     unpack<T>(s4[i], fs);
 #pragma unroll
     for (int k = 0; k < vn; ++k) ft[k] = fn(ft[k] * ka - aoff, fs[k] * k2 - slse);
-    if (write) store_grad_vec<T>(reinterpret_cast<uint4*>(grad) + i, ft, accumulate);
+    if (write) store_grad_vec<G>(reinterpret_cast<uint4*>(grad) + i, ft, accumulate);
   }
   for (long long j = nv * vn + threadIdx.x; j < n; j += blockDim.x) {
     float v = fn(to_float(ta[j]) * ka - aoff, to_float(sc[j]) * k2 - slse);
     if (write) {
       if (accumulate) v += to_float(grad[j]);
-      grad[j] = from_float<T>(v);
+      grad[j] = from_float<G>(v);
     }
   }
 }
 template <class T, class Fn>
 __device__ __forceinline__ void sweep_slice(const T* tc, const T* sc, T* grad, long long n, float k2, float tlse,
                                             float slse, bool write, bool accumulate, Fn&& fn) {
-  sweep_slice_of<T, T>(tc, k2, tlse, sc, grad, n, k2, slse, write, accumulate, fn);
+  sweep_slice_of<T, T, T>(tc, k2, tlse, sc, grad, n, k2, slse, write, accumulate, fn);
 }
 
-// The terms sweep of an entry that keeps w (16-byte vectors, as sweep_slice): fn(dt, ds) returns the
-// entry's w, written over its teacher entry as W (the same size as T).
+// The terms sweep of an entry that keeps w: fn(dt, ds) returns the entry's w, written over its teacher
+// entry as W (each thread writes only the entries it has just read).
 template <class T, class W, class Fn>
 __device__ __forceinline__ void sweep_slice_keep(T* tc, const T* sc, long long n, float k2, float tlse, float slse,
                                                  Fn&& fn) {
-  static_assert(sizeof(W) == sizeof(T), "kd: a kept w takes the teacher entry's bytes");
-  constexpr int vn = vec_n<T>;
-  const long long nv = n / vn;
-  uint4* t4 = reinterpret_cast<uint4*>(tc);
-  const uint4* s4 = reinterpret_cast<const uint4*>(sc);
-  for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
-    float ft[vn], fs[vn];
-    unpack<T>(t4[i], ft);
-    unpack<T>(s4[i], fs);
-#pragma unroll
-    for (int k = 0; k < vn; ++k) ft[k] = clamp_kept<W>(fn(ft[k] * k2 - tlse, fs[k] * k2 - slse));
-    t4[i] = pack<W>(ft);
-  }
-  W* wc = reinterpret_cast<W*>(tc);
-  for (long long j = nv * vn + threadIdx.x; j < n; j += blockDim.x)
-    wc[j] = from_float<W>(clamp_kept<W>(fn(to_float(tc[j]) * k2 - tlse, to_float(sc[j]) * k2 - slse)));
+  sweep_slice_of<T, T, W>(tc, k2, tlse, sc, reinterpret_cast<W*>(tc), n, k2, slse, true, false,
+                          [&](float dt, float ds) { return clamp_kept<W>(fn(dt, ds)); });
 }
 
 // The gradient sweep from kept w: fn(ds, w) returns the gradient, stored (or added) to grad. The same
@@ -485,8 +471,8 @@ __device__ __forceinline__ void sweep_slice_keep(T* tc, const T* sc, long long n
 template <class T, class W, class Fn>
 __device__ __forceinline__ void sweep_slice_kept(const T* tc, const T* sc, T* grad, long long n, float k2, float slse,
                                                  bool accumulate, Fn&& fn) {
-  sweep_slice_of<T, W>(reinterpret_cast<const W*>(tc), 1.f, 0.f, sc, grad, n, k2, slse, true, accumulate,
-                       [&](float w, float ds) { return fn(ds, w); });
+  sweep_slice_of<T, W, T>(reinterpret_cast<const W*>(tc), 1.f, 0.f, sc, grad, n, k2, slse, true, accumulate,
+                          [&](float w, float ds) { return fn(ds, w); });
 }
 
 }  // namespace kd::cuda::detail
