@@ -184,7 +184,8 @@ void BM_cross_entropy_bf16(benchmark::State& state) { BM_cross_entropy<kd::bfloa
 // Student LM head (hidden d = range(2) -> V) + a divergence against the teacher, forward+backward with
 // gradients for the hidden states and the head; the logits never reach memory in full. The teacher is
 // given as logits [N x V], or (Head) as hidden states of width 1024 (the seed teacher's) and an LM head,
-// whose logits are formed per chunk too. range(3): chunk_rows (2048 in the grid). Minimum bytes: read
+// whose logits are formed per chunk too. range(3): chunk_rows (2048 in the grid), 0 for
+// linear_kd_path::on_chip (no logits in memory). Minimum bytes: read
 // the hidden states, the heads and the teacher logits (or hidden states); write dhidden and dW.
 template <class D, bool Head = false>
 void BM_linear_kd_bf16(benchmark::State& state) {
@@ -204,7 +205,8 @@ void BM_linear_kd_bf16(benchmark::State& state) {
   kd::cuda::context ctx;
   kd::linear_logit_kd<D, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16, kd::bf16>> l;
   l.options.temperature = 2.0;
-  l.options.chunk_rows = chunk;
+  l.options.chunk_rows = chunk > 0 ? chunk : 2048;
+  if (chunk == 0) l.options.path = kd::linear_kd_path::on_chip;  // range(3) = 0: the logits on chip
   kd::cuda::device_loss out{loss, nullptr};
   const kd::matrix_view<const T> hv(h, n, d), wv(w, v, d);
   const kd::matrix_view<T> dhv(dh, n, d), dwv(dw, v, d);
@@ -361,6 +363,13 @@ void linear_grid(benchmark::internal::Benchmark* b) {
       for (long long n : {8192, 16384}) b->Args({n, v, d, 2048});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 }
+// The same shapes with the logits on chip (linear_kd_path::on_chip).
+void linear_grid_on_chip(benchmark::internal::Benchmark* b) {
+  for (long long d : {576, 2048})
+    for (long long v : {50304, 128256, 151936})
+      for (long long n : {8192, 16384}) b->Args({n, v, d, 0});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+}
 // fp32 storage: the smallest and largest of each extent.
 void grid_f32(benchmark::internal::Benchmark* b) {
   for (long long v : {32000, 151936})
@@ -387,6 +396,9 @@ BENCHMARK(BM_cross_entropy_bf16)->Name("BM_grid_cross_entropy")->Apply(grid);
 BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_grid_linear_forward_kl")->Apply(linear_grid);
 BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true)->Name("BM_grid_linear_teacher_head")->Apply(linear_grid);
 BENCHMARK(BM_linear_kd_bf16<kd::jsd>)->Name("BM_grid_linear_jsd")->Args({8192, 128256, 4096, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_onchip_linear_forward_kl")->Apply(linear_grid_on_chip);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true)->Name("BM_onchip_linear_teacher_head")->Apply(linear_grid_on_chip);
+BENCHMARK(BM_linear_kd_bf16<kd::jsd>)->Name("BM_onchip_linear_jsd")->Args({8192, 128256, 4096, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_linear_gemms_bf16<false>)->Name("BM_gemms_linear_forward_kl")->Apply(linear_grid);
 BENCHMARK(BM_linear_gemms_bf16<true>)->Name("BM_gemms_linear_teacher_head")->Apply(linear_grid);
 BENCHMARK(BM_linear_gemms_bf16<false>)->Name("BM_gemms_linear_jsd")->Args({8192, 128256, 4096, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);

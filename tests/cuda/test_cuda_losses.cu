@@ -11,6 +11,7 @@
 
 #include "../tvd_ties.hpp"
 #include "gpu_util.cuh"
+#include "linear_kd_check.hpp"
 
 using namespace kd_test;
 
@@ -209,9 +210,8 @@ TEST_CASE_TEMPLATE("fused logit KD over many rows, both row schedules", T, float
 }
 
 // The two-sweep divergences keep each entry's w (dD/dq's part besides the row sum) over the teacher's
-// entry in shared memory for the gradient sweep: fp16 over 16-bit entries, which holds skew KL's
-// p / m - 1 <= 1 / alpha - 1 only for alpha >= 2^-8 (below it the kernels recompute, keep_w_ok). The
-// ends of both parameters, on both sides of that bound and on both row schedules. What is tested is the
+// entry in shared memory for the gradient sweep where the teacher's entries are 4 bytes wide (16-bit
+// ones recompute it: keeps_w). The ends of both parameters, on both row schedules. What is tested is the
 // gradient (at each type's tolerance); the value is held to 1e-3 relative, 1e-6 absolute in fp32: at
 // beta = 0 or 1 and alpha = 1 it is 0, and the kernels' exponentials (MUFU.EX2, ~2^-22 relative) leave
 // ~1e-7 there. Skew KL's gradient shrinks with 1 - alpha: at alpha = 0.99 an fp16 gradient scaled by
@@ -355,80 +355,16 @@ TEST_CASE("one context, calls on both sides of the in-kernel token count") {
   }
 }
 
-// linear + KD on the GPU against the fp64 CPU reference. dt > 0: the teacher as hidden states of width
-// dt and an LM head (kd::teacher_head: its logits formed per chunk on the GPU), else as logits.
-template <class T, class D = kd::forward_kl>
-void check_linear_kd(kd::index_t n, kd::index_t d, kd::index_t v, kd::index_t chunk, kd::index_t dt = 0) {
-  const bool head = dt > 0;
-  auto hh = random_storage<T>(static_cast<std::size_t>(n * d), 1.0, rng());
-  auto wh = random_storage<T>(static_cast<std::size_t>(v * d), 0.125, rng());
-  // Teacher logits [n x v], or teacher hidden [n x dt] and head [v x dt].
-  auto th = random_storage<T>(static_cast<std::size_t>(head ? n * dt : n * v), head ? 1.0 : 2.0, rng());
-  auto twh = random_storage<T>(static_cast<std::size_t>(head ? v * dt : 0), 0.25, rng());
-  std::vector<std::int32_t> labels(static_cast<std::size_t>(n));
-  for (kd::index_t i = 0; i < n; ++i) labels[static_cast<std::size_t>(i)] = i % 5 == 2 ? -100 : static_cast<int>(i % v);
-  device_buffer<T> hd(hh.size()), wd(wh.size()), td(th.size()), twd(twh.size()), dhd(hh.size()), dwd(wh.size());
-  device_buffer<float> loss_d(1);
-  device_buffer<long long> tok_d(1);
-  device_buffer<std::int32_t> lab_d(labels.size());
-  hd.upload(hh);
-  wd.upload(wh);
-  td.upload(th);
-  if (head) twd.upload(twh);
-  lab_d.upload(labels);
-  dhd.poison();
-  dwd.poison();
-  kd::cuda::context ctx;
-  using P = kd::precision_set<kd::precision<T, float>, kd::precision<T, float>, kd::precision<T, float>>;
-  kd::linear_logit_kd<D, kd::token_mean, P> gpu;
-  gpu.options.temperature = 2.0;
-  gpu.options.chunk_rows = chunk;
-  kd::cuda::device_loss out{loss_d.data, tok_d.data};
-  const kd::matrix_view<const T> hv(hd.data, n, d), wv(wd.data, v, d);
-  const std::span<const std::int32_t> lab(lab_d.data, labels.size());
-  const kd::matrix_view<T> dhv(dhd.data, n, d), dwv(dwd.data, v, d);
-  const kd::status call =
-      head ? gpu(kd::cuda::backend{&ctx}, hv, wv,
-                 kd::teacher_head<T>{kd::matrix_view<const T>(td.data, n, dt), kd::matrix_view<const T>(twd.data, v, dt)},
-                 lab, out, dhv, dwv)
-           : gpu(kd::cuda::backend{&ctx}, hv, wv, kd::matrix_view<const T>(td.data, n, v), lab, out, dhv, dwv);
-  REQUIRE_MESSAGE(call.ok(), call.message());
-  const auto st = ctx.sync_status();
-  REQUIRE_MESSAGE(st.ok(), st.message());
-  auto h64 = to_double(hh), w64 = to_double(wh), t64 = to_double(th), tw64 = to_double(twh);
-  std::vector<double> dh_ref(hh.size()), dw_ref(wh.size());
-  kd::linear_logit_kd<D, kd::token_mean, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> ref;
-  ref.options = gpu.options;
-  kd::loss_result rr;
-  const kd::matrix_view<const double> h64v(h64.data(), n, d), w64v(w64.data(), v, d);
-  const kd::matrix_view<double> dhr(dh_ref.data(), n, d), dwr(dw_ref.data(), v, d);
-  const kd::status ref_call =
-      head ? ref(kd::cpu, h64v, w64v,
-                 kd::teacher_head<double>{kd::matrix_view<const double>(t64.data(), n, dt),
-                                          kd::matrix_view<const double>(tw64.data(), v, dt)},
-                 labels, rr, dhr, dwr)
-           : ref(kd::cpu, h64v, w64v, kd::matrix_view<const double>(t64.data(), n, v), labels, rr, dhr, dwr);
-  REQUIRE_MESSAGE(ref_call.ok(), ref_call.message());
-  const double loss = loss_d.download()[0];
-  const auto dh = to_double(dhd.download()), dw = to_double(dwd.download());
-  INFO("linear KD n=", n, " d=", d, " v=", v, " teacher hidden width ", dt, " loss gpu=", loss, " ref=", rr.loss);
-  CHECK(all_finite(dh));
-  CHECK(all_finite(dw));
-  CHECK(std::abs(loss - rr.loss) <= tolerance<T>() * rr.loss);
-  CHECK(rel_error(dh, dh_ref) <= tolerance<T>());
-  CHECK(rel_error(dw, dw_ref) <= tolerance<T>());
-  CHECK(tok_d.download()[0] == rr.tokens);
-}
-
+// linear + KD through cuBLAS chunks (the on-chip path: test_cuda_linear_kd_on_chip.cu).
 TEST_CASE_TEMPLATE("fused linear + KD matches the CPU reference", T, float, kd::bfloat16) {
-  check_linear_kd<T>(300, 64, 5003, 128);  // three chunks, odd vocabulary
-  check_linear_kd<T>(1, 576, 50304, 2048);
+  check_linear_kd<T, kd::forward_kl>({.n = 300, .d = 64, .v = 5003, .chunk = 128});  // three chunks, odd vocabulary
+  check_linear_kd<T, kd::forward_kl>({.n = 1, .d = 576, .v = 50304});
 }
 
 // The teacher as hidden states and LM head; reverse KL, so the non-forward path runs too.
 TEST_CASE_TEMPLATE("fused linear + KD with the teacher as hidden states and LM head", T, float, kd::bfloat16) {
-  check_linear_kd<T, kd::reverse_kl>(300, 64, 5003, 128, 96);  // three chunks, odd vocabulary
-  check_linear_kd<T, kd::reverse_kl>(5, 96, 50304, 2048, 128);
+  check_linear_kd<T, kd::reverse_kl>({.n = 300, .d = 64, .v = 5003, .chunk = 128, .dt = 96});  // three chunks
+  check_linear_kd<T, kd::reverse_kl>({.n = 5, .d = 96, .v = 50304, .dt = 128});
 }
 
 template <kd::cuda::row_schedule S>

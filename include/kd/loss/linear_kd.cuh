@@ -1,4 +1,6 @@
-// kd/loss/linear_kd.cuh: fused student LM head + logit distillation on the GPU.
+// kd/loss/linear_kd.cuh: fused student LM head + logit distillation on the GPU. Two paths
+// (linear_kd_options::path): chunked, below, and on_chip, whose kernels are kd/loss/linear_kd_on_chip.cuh
+// (the launcher is on_chip() below).
 //
 // Per chunk of `chunk_rows` tokens: logits = hidden W^T (cuBLAS, fp32 accumulation, kept in fp32 in a
 // chunk_rows x V scratch, as the CPU reference keeps them), the fused logit-distillation kernel writes
@@ -20,6 +22,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -27,6 +32,7 @@
 #include <kd/cuda/gemm.cuh>
 #include <kd/loss/logit_kd.cuh>
 #include <kd/loss/linear_kd.hpp>
+#include <kd/loss/linear_kd_on_chip.cuh>
 
 namespace kd {
 namespace cuda::detail {
@@ -43,6 +49,16 @@ __global__ void round_store_kernel(const float* src, T* dst, long long rows, lon
   }
 }
 
+// The element type of a teacher given as logits (a matrix_view) or as a teacher_head.
+template <class X>
+struct teacher_elem {
+  using type = typename X::value_type;
+};
+template <class X>
+struct teacher_elem<teacher_head<X>> {
+  using type = std::remove_const_t<X>;
+};
+
 }  // namespace cuda::detail
 
 template <>
@@ -53,6 +69,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
                     matrix_view<const TT> t, std::span<const std::int32_t> labels, cuda::device_loss& out,
                     matrix_view<GH> dh, matrix_view<GW> dw) {
     using TeacherPrecision = typename Loss::precisions::teacher;
+    if (loss.options.path == linear_kd_path::on_chip) return on_chip<false>(be, loss, h, w, t, labels, out, dh, dw);
     return chunks<TeacherPrecision>(be, loss, h, w, t, 0, labels, out, dh, dw,
                                     [&](cublasHandle_t, long long r0, long long rows, float*) -> status_or_view<TT> {
                                       return {{}, matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride)};
@@ -65,6 +82,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
   static status run(const cuda::backend& be, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
                     const teacher_head<TT>& th, std::span<const std::int32_t> labels, cuda::device_loss& out,
                     matrix_view<GH> dh, matrix_view<GW> dw) {
+    if (loss.options.path == linear_kd_path::on_chip) return on_chip<true>(be, loss, h, w, th, labels, out, dh, dw);
     const long long vt = th.weight.rows, dt = th.weight.cols;
     return chunks<precision<float, float>>(
         be, loss, h, w, th, vt, labels, out, dh, dw,
@@ -76,6 +94,157 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
   }
 
  private:
+
+  // linear_kd_path::on_chip (kd/loss/linear_kd_on_chip.cuh): the logits in tiles that never leave the chip.
+  // Head: the teacher as a teacher_head<TT>, else its logits.
+  template <bool Head, class Loss, class HT, class WT, class Teacher, class GH, class GW>
+  static status on_chip(const cuda::backend& be, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
+                        const Teacher& teacher, std::span<const std::int32_t> labels, cuda::device_loss& out,
+                        matrix_view<GH> dh, matrix_view<GW> dw) {
+    using namespace cuda::detail;
+    using D = typename Loss::divergence;
+    using TT = typename cuda::detail::teacher_elem<Teacher>::type;
+    constexpr bool sixteen = std::is_same_v<HT, kd::bfloat16> || std::is_same_v<HT, kd::half>;
+    constexpr bool teacher_ok =
+        Head ? (std::is_same_v<TT, kd::bfloat16> || std::is_same_v<TT, kd::half>)
+             : (std::is_same_v<TT, float> || std::is_same_v<TT, kd::bfloat16> || std::is_same_v<TT, kd::half>);
+    static_assert(std::is_same_v<HT, WT>, "kd: the CUDA linear_logit_kd needs the hidden states and LM head in one dtype.");
+    const auto& o = loss.options;
+    if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
+    if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null"};
+    ::kd::detail::kd_scaling sc;
+    KD_TRY(::kd::detail::validate_linear_kd(loss, h, w, teacher, labels, dh, dw, sc));
+    if constexpr (!sixteen || !teacher_ok) {
+      return {errc::invalid_argument, Head ? "linear_kd_path::on_chip needs bfloat16 or half hidden states, LM heads and teacher head"
+                                           : "linear_kd_path::on_chip needs bfloat16 or half hidden states and LM head"};
+    } else {
+      const long long n = h.rows, d = h.cols, v = w.rows;
+      // The logit-level checks of every path (temperature, parameters, vocab, a shared vocabulary) on the
+      // logits' shapes; nothing is read through these views.
+      if (o.map != nullptr)
+        return {errc::invalid_argument, "linear_kd_path::on_chip needs a shared vocabulary (no vocab_map): use chunked"};
+      long long tcols = 0;
+      if constexpr (Head) tcols = teacher.weight.rows;
+      else tcols = teacher.cols;
+      ::kd::detail::logit_kd_plan plan;
+      logit_kd<D, typename Loss::reduction, precision_set<precision<float, float>, precision<float, float>>> inner;
+      static_cast<logit_kd_options&>(inner.options) = o;
+      const auto* any = reinterpret_cast<const float*>(h.data);
+      KD_TRY(::kd::detail::validate_logit_kd(inner, matrix_view<const float>(any, n, tcols), matrix_view<const float>(any, n, v),
+                                             labels, false, matrix_view<float>(), false, plan));
+      auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
+      if (h.stride != d || w.stride != d || (!dh.empty() && dh.stride != d) || (!dw.empty() && dw.stride != d))
+        return {errc::shape_mismatch, "the CUDA linear_logit_kd needs contiguous hidden, weight and gradient rows"};
+      if (d % 8 != 0 || !aligned(h.data) || !aligned(w.data))
+        return {errc::invalid_argument, "linear_kd_path::on_chip needs a hidden width that is a multiple of 8 (got " +
+                                            std::to_string(d) + ") and 16-byte aligned hidden states and LM head"};
+      int dt_cols = 0;
+      if constexpr (Head) {
+        dt_cols = static_cast<int>(teacher.weight.cols);
+        if (dt_cols % 8 != 0 || teacher.hidden.stride != dt_cols || teacher.weight.stride != dt_cols ||
+            !aligned(teacher.hidden.data) || !aligned(teacher.weight.data))
+          return {errc::invalid_argument, "linear_kd_path::on_chip needs the teacher's hidden width to be a multiple of 8 (got " +
+                                              std::to_string(dt_cols) + ") and its rows contiguous and 16-byte aligned"};
+      }
+      if (d > INT_MAX || n >= (1LL << 31) * kOcTile) return {errc::out_of_range, "linear_kd_path::on_chip: hidden width or tokens too large"};
+      cuda::context& ctx = *be.ctx;
+      const cudaStream_t stream = ctx.stream();
+      const long long support = plan.support;
+      const long long tiles = (support + kOcTile - 1) / kOcTile, token_tiles = (n + kOcTile - 1) / kOcTile;
+      // Splits of the vocabulary: about 8 CTAs per SM at any N, so that the last wave of CTAs (two per SM
+      // fit) is a small part of the call (ncu: 1.2 waves had left 25% of the SMs' time idle).
+      long long splits = std::clamp<long long>((8LL * ctx.sm_count() + token_tiles - 1) / token_tiles, 1, std::min<long long>(tiles, 65535));
+      const long long per = (tiles + splits - 1) / splits;
+      splits = (tiles + per - 1) / per;
+      using E = kd_entry<D>;
+      const bool want_dh = !dh.empty(), want_dw = !dw.empty();
+      auto align = [](std::size_t b) { return (b + 255) / 256 * 256; };
+      const std::size_t un = static_cast<std::size_t>(n), us = static_cast<std::size_t>(splits);
+      const std::size_t dh_bytes = want_dh ? align(un * static_cast<std::size_t>(d) * 4) : 0;
+      const std::size_t dw_bytes = want_dw ? align(static_cast<std::size_t>(v) * static_cast<std::size_t>(d) * 4) : 0;
+      const std::size_t stats_bytes = align(us * un * 16), sums_bytes = E::one_sweep ? 0 : align(us * un * 8);
+      const std::size_t rows_bytes = align(un * 16), cq_bytes = align(un * 4), part_bytes = align(un * (us + 1) * 4);
+      void* scratch = nullptr;
+      KD_TRY(ctx.scratch(dh_bytes + dw_bytes + stats_bytes + sums_bytes + rows_bytes + cq_bytes + part_bytes + 256, scratch));
+      char* base = static_cast<char*>(scratch);
+      on_chip_params p;
+      auto take = [&](std::size_t bytes) {
+        char* q = base;
+        base += bytes;
+        return q;
+      };
+      p.dh32 = want_dh ? reinterpret_cast<float*>(take(dh_bytes)) : nullptr;
+      p.dw32 = want_dw ? reinterpret_cast<float*>(take(dw_bytes)) : nullptr;
+      p.stats = reinterpret_cast<float4*>(take(stats_bytes));
+      p.sums = E::one_sweep ? nullptr : reinterpret_cast<float2*>(take(sums_bytes));
+      p.rows = reinterpret_cast<float4*>(take(rows_bytes));
+      p.cq = reinterpret_cast<float*>(take(cq_bytes));
+      p.partial = reinterpret_cast<float*>(take(part_bytes));
+      long long* count = reinterpret_cast<long long*>(take(256));
+      p.h = h.data;
+      p.w = w.data;
+      p.d = static_cast<int>(d);
+      if constexpr (Head) {
+        p.th = teacher.hidden.data;
+        p.tw = teacher.weight.data;
+        p.dt = dt_cols;
+      } else {
+        p.t = teacher.data;
+        p.t_stride = teacher.stride;
+        p.t_pairs = teacher.stride % 2 == 0 && reinterpret_cast<std::uintptr_t>(teacher.data) % (2 * sizeof(TT)) == 0;
+      }
+      p.n = n;
+      p.support = support;
+      p.splits = static_cast<int>(splits);
+      p.tiles_per_split = per;
+      p.labels = labels.empty() ? nullptr : labels.data();
+      p.ignore_index = o.ignore_index;
+      p.k2 = sc.inv_temp * kLog2e;
+      if constexpr (Loss::divergence_info.uses_beta) p.param = static_cast<float>(o.beta);
+      if constexpr (Loss::divergence_info.uses_alpha) p.param = static_cast<float>(o.alpha);
+      p.loss_scale = static_cast<float>(sc.loss_scale);
+      // fp16 gradient tiles: grad_scale T times the power of two that brings it to [256, 512).
+      const double gb = sc.grad_base;
+      const int shift = std::is_same_v<HT, kd::half> && gb > 0.0 && std::isfinite(gb) ? 8 - std::ilogb(gb) : 0;
+      p.gscale = static_cast<float>(std::ldexp(gb, shift));
+      p.unscale = static_cast<float>(std::ldexp(1.0, -shift));
+      KD_TRY(ctx.error_word(p.error));
+      p.component = ctx.component_slot(::kd::detail::component_or(o, "kd"));
+      if (!labels.empty()) KD_TRY(launch_count_tokens(labels.data(), n, o.ignore_index, count, stream));
+      bind_divisor(sc, p, labels.empty() ? nullptr : count, n);
+      if (want_dh) KD_CUDA_TRY(cudaMemsetAsync(p.dh32, 0, un * static_cast<std::size_t>(d) * 4, stream), "cudaMemsetAsync (dhidden)");
+      if (want_dw) KD_CUDA_TRY(cudaMemsetAsync(p.dw32, 0, static_cast<std::size_t>(v) * static_cast<std::size_t>(d) * 4, stream), "cudaMemsetAsync (dW)");
+
+      const dim3 grid(static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
+      const int row_blocks = static_cast<int>(std::min<long long>((n + 255) / 256, 4LL * ctx.sm_count()));
+      auto launch = [&](auto kernel, std::size_t smem, const char* what) -> status {
+        KD_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), what);
+        kernel<<<grid, kOcThreads, smem, stream>>>(p);
+        return cuda_status(cudaGetLastError(), what);
+      };
+      KD_TRY(launch(on_chip_stats_kernel<HT, TT, Head>, kOcStageBytes, "linear + KD on chip: stats kernel launch"));
+      on_chip_rows_kernel<D><<<row_blocks, 256, 0, stream>>>(p);
+      KD_CUDA_TRY(cudaGetLastError(), "linear + KD on chip: rows kernel launch");
+      if constexpr (!E::one_sweep) {
+        KD_TRY(launch(on_chip_terms_kernel<HT, TT, Head, D>, kOcStageBytes + kOcRowBytes, "linear + KD on chip: terms kernel launch"));
+        on_chip_terms_rows_kernel<D><<<row_blocks, 256, 0, stream>>>(p);
+        KD_CUDA_TRY(cudaGetLastError(), "linear + KD on chip: terms rows kernel launch");
+      }
+      if (E::one_sweep || want_dh || want_dw)
+        KD_TRY(launch(on_chip_grad_kernel<HT, TT, Head, D>, kOcGradSmem, "linear + KD on chip: grad kernel launch"));
+      if (want_dh) {
+        round_store_kernel<<<1024, 256, 0, stream>>>(p.dh32, dh.data, n, d, dh.stride, o.accumulate_grad);
+        KD_CUDA_TRY(cudaGetLastError(), "round_store kernel launch");
+      }
+      if (want_dw) {
+        round_store_kernel<<<1024, 256, 0, stream>>>(p.dw32, dw.data, v, d, dw.stride, o.accumulate_grad);
+        KD_CUDA_TRY(cudaGetLastError(), "round_store kernel launch");
+      }
+      return launch_finish_loss(p.partial, n * (splits + 1), p.divisor_dev, p.divisor, labels.empty() ? nullptr : count,
+                                labels.empty() ? n : -1, out, stream);
+    }
+  }
+
   template <class T>
   struct status_or_view {
     status st;

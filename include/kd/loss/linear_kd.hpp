@@ -4,7 +4,8 @@
 // logits against the teacher's logits, so every convention of kd/loss/logit_kd.hpp holds (temperature,
 // T^2, vocab map, padding, ignore_index, token reduction). Gradients: dhidden = dlogits W and
 // dW = dlogits^T hidden. Backends process `chunk_rows` tokens at a time, so the extra memory is
-// chunk_rows x V logits instead of N x V (the CUDA backend runs the three products through cuBLAS).
+// chunk_rows x V logits instead of N x V (the CUDA backend runs the three products through cuBLAS), or
+// (CUDA, linear_kd_path::on_chip) tiles that never leave the chip.
 // The CPU reference here computes the logits in the accumulation type, chunk by chunk.
 // The teacher may also come as its final hidden states and LM head (kd::teacher_head): its logits are
 // then formed chunk by chunk too, in the accumulation type, so its N x V_teacher logits never exist
@@ -20,8 +21,21 @@
 
 namespace kd {
 
+// How the CUDA backend forms the logits (the CPU reference always runs chunks; both give one result).
+//  - chunked: per chunk of chunk_rows tokens through cuBLAS into an fp32 chunk x V buffer (any dtype,
+//    any vocab map);
+//  - on_chip: tiles of 128 tokens x 128 vocabulary entries formed on the tensor cores and consumed in
+//    shared memory and registers, never written (kd/loss/linear_kd_on_chip.cuh): extra memory is fp32
+//    accumulators for dhidden and dW plus O(N), (N + V) d x 4 bytes instead of chunk_rows x V x 6 plus
+//    V d x 4 (6-9x less at 8k tokens and 128-152k vocabularies), at ~3x the chunked path's time today.
+//    Needs 16-bit hidden states and heads (bfloat16 or half), hidden widths that are multiples of 8,
+//    16-byte aligned contiguous rows, and a shared vocabulary (no map). dhidden and dW are sums of atomic
+//    adds (their float rounding varies from run to run).
+enum class linear_kd_path { chunked, on_chip };
+
 struct linear_kd_options : logit_kd_options {
   index_t chunk_rows = 2048;  // tokens per chunk (bounds the extra memory to chunk_rows x V)
+  linear_kd_path path = linear_kd_path::chunked;
 };
 
 struct linear_kd_tag {};

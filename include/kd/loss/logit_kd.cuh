@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   // (the row's teacher logits are not read after it), the gradient sweep reads it with the student's.
   constexpr bool Keep = !Online && keeps_w<E, TC, GT>;
   using W = kept_w_t<TC>;
-  const bool keep = Keep && p.keep_w && p.want_grad;
+  const bool keep = Keep && p.want_grad;
   auto sweep_keep = [&](auto&& fn) {
     if constexpr (Vec) {
       if (p.vector_ok) {
@@ -543,7 +543,6 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   // Cluster size: the smallest whose per-block slice fits the budget.
   const std::size_t tc_bytes = map && !contiguous ? sizeof(float) : sizeof(TT);
   const std::size_t per_entry = tc_bytes + sizeof(ST);
-  p.keep_w = keep_w_ok<D>(p.param, tc_bytes);
   int cluster = row_cluster(ctx, p.support, per_entry, p.rows, spread_rows);
   const auto chunk_of = [&](int c) { return row_chunk(p.support, c); };
   p.chunk = chunk_of(cluster);

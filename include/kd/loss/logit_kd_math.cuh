@@ -53,7 +53,6 @@ struct logit_kd_params {
   bool want_grad = false;
   bool accumulate = false;
   bool vector_ok = false;       // 16-byte aligned rows: vectorized copies
-  bool keep_w = false;          // two-sweep entries keep w over the teacher's entries (keeps_w, keep_w_ok)
   float* partial = nullptr;     // [rows * C] partial losses (already scaled by loss_scale)
   unsigned long long* error = nullptr;
   unsigned component = 0;
@@ -393,18 +392,19 @@ inline constexpr bool adds_lse_gap = ::kd::detail::divergence_math<D, float>::ha
 // shared memory: the terms sweep writes it, the gradient sweep reads it and the student's logit and
 // takes one exponential (grad_w) instead of forming p, q, m, log2 m or 1 / m again. JSD and skew KL
 // had 8-9 MUFU operations an entry across pass 1 and their two sweeps; keeping w leaves 6-7.
-// Stored in float over a 4-byte teacher entry (exact), in fp16 over a 2-byte one (11 bits: below the
-// rounding of a 16-bit gradient; never for a float gradient over 16-bit teacher entries, which recompute).
-// fp16's range holds w where q is not 0: JSD's w <= (1 - a) log2(1 / (1 - a)) and below -65504 only
-// where q underflows (clamped, times q = 0); TVD's is +-1/2 or 0; skew KL's p / m - 1 <= 1 / a - 1, so
-// 16-bit kernels keep it only for a >= 2^-8 (logit_kd_params::keep_w, set by the planner).
+// Stored in float over a 4-byte teacher entry (exact). Over a 2-byte one only TVD's w (+-1/2 or 0) is kept,
+// in fp16 (exact): JSD's and skew KL's gradient q (w - C) cancels where one entry holds most of q (C is then
+// close to that entry's w), which magnifies fp16's 2^-12 of w past a 16-bit gradient's rounding: the loss
+// matrix on an H100 (2026-12-05) had a bf16 JSD row at T = 0.5 off by 3.8% of the gradient's norm against
+// a 1% bound. Those recompute w in float instead.
 template <class E>
 inline constexpr bool has_grad_w = requires(const E& e, float x, float& r) {
   e.term(x, x, r, r);
   e.grad_w(x, x);
 };
 template <class E, class TC, class GT>
-inline constexpr bool keeps_w = has_grad_w<E> && (sizeof(TC) == 4 || sizeof(GT) == 2);
+inline constexpr bool keeps_w =
+    has_grad_w<E> && (sizeof(TC) == 4 || (sizeof(GT) == 2 && std::is_same_v<E, kd_entry<tvd>>));
 // The storage of a kept w over a teacher entry of type TC.
 template <class TC>
 using kept_w_t = std::conditional_t<sizeof(TC) == 4, float, ::kd::half>;
@@ -412,12 +412,6 @@ template <class W>
 __device__ __forceinline__ float clamp_kept(float w) {
   if constexpr (std::is_same_v<W, float>) return w;
   else return fminf(fmaxf(w, -65504.f), 65504.f);
-}
-// Whether a planned call's entries may keep w in a 16-bit teacher slot (skew KL: p / m - 1 <= 1 / a - 1).
-template <class D>
-inline bool keep_w_ok(float param, std::size_t teacher_bytes) {
-  if constexpr (std::is_same_v<D, skew_kl>) return teacher_bytes == 4 || param >= 0.00390625f;
-  else return true;
 }
 
 // A sweep over a slice in shared memory (teacher tc, student sc, one storage type T, 16-byte aligned):

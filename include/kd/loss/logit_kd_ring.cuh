@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
   // that keep w (keeps_w) write it over the row's teacher slice for the gradient sweep.
   constexpr bool Keep = two && keeps_w<E, T, T>;
   using W = kept_w_t<T>;
-  const bool keep = Keep && p.keep_w && p.want_grad;
+  const bool keep = Keep && p.want_grad;
   auto terms_pass = [&](long long i) {
     float loss = 0.f, cq = 0.f;
     if (ok) {

@@ -50,6 +50,7 @@
 #include <utility>
 
 #include <kd/cuda/context.cuh>
+#include <kd/cuda/detail/mma.cuh>
 #include <kd/cuda/detail/reduce.cuh>
 #include <kd/cuda/detail/storage.cuh>
 #include <kd/core/numeric.hpp>
@@ -77,40 +78,15 @@ inline constexpr std::int64_t kFlashMaxSeq = 65535LL * 64;  // tiles along grid.
 
 inline std::size_t align_up(std::size_t n, std::size_t a) { return (n + a - 1) / a * a; }
 
-// ----------------------------------------------------------------------------------------------------
-// Tensor-core primitives (sm_80+ PTX; the project builds for sm_90).
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  // src-size 0 zero-fills the 16 bytes (rows past the end of the sequence); the address stays valid.
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-__device__ __forceinline__ void ldsm_x4_t(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-// c += a b for one m16n8k16 tile (a: 16x16 row-major fragment, b: 16x8 column fragment).
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// Two floats to a bf16x2 register (lo in the low half, as the fragments want the lower column there).
-__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return static_cast<unsigned>(__bfloat16_as_ushort(v.x)) | (static_cast<unsigned>(__bfloat16_as_ushort(v.y)) << 16);
-}
+// Tensor-core primitives: kd/cuda/detail/mma.cuh.
+using ::kd::cuda::detail::cp_async16;
+using ::kd::cuda::detail::cp_async_commit;
+using ::kd::cuda::detail::cp_async_wait_all;
+using ::kd::cuda::detail::ldsm_x4;
+using ::kd::cuda::detail::ldsm_x4_t;
+using ::kd::cuda::detail::mma_bf16;
+using ::kd::cuda::detail::pack_bf16;
+using ::kd::cuda::detail::red_add_v4;
 
 // Loads a ROWS x D tile (rows row0.. of a token-major tensor, one head) into shared memory with pitch
 // D + 8, with THREADS threads; rows at or past seq are zero-filled.
@@ -127,12 +103,6 @@ __device__ __forceinline__ void load_tile(std::uint16_t* dst, const kd::bfloat16
     const kd::bfloat16* src = ok ? head_base + row * row_stride + cc * 8 : head_base;
     cp_async16(dst + r * P + cc * 8, src, ok);
   }
-}
-
-// Four fp32 atomic adds in one instruction (sm_90; 16-byte aligned address).
-__device__ __forceinline__ void red_add_v4(float* dst, float a, float b, float c, float d) {
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "f"(a), "f"(b), "f"(c), "f"(d)
-               : "memory");
 }
 
 // Adds a 16 x (8 NT) mma accumulator (rows g and g + 8 of a 16-row block, columns 8n + 2t, 8n + 2t + 1)
