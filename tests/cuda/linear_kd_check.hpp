@@ -22,6 +22,7 @@ struct linear_kd_case {
   double temperature = 2.0;
   bool want_dh = true, want_dw = true, accumulate = false;
   kd::linear_kd_path path = kd::linear_kd_path::chunked;
+  kd::index_t splits = 0;  // on_chip_splits
 };
 
 // linear + KD on the GPU (path c.path, storage T, fp32 accumulation) against the fp64 CPU reference:
@@ -66,6 +67,7 @@ void check_linear_kd(const linear_kd_case& c) {
   gpu.options.accumulate_grad = c.accumulate;
   gpu.options.path = c.path;
   gpu.options.chunk_rows = c.chunk;
+  gpu.options.on_chip_splits = c.splits;
   kd::cuda::device_loss out{loss_d.data, tok_d.data};
   const kd::matrix_view<const T> hv(hd.data, n, d), wv(wd.data, v, d);
   const std::span<const std::int32_t> lab(lab_d.data, labels.size());

@@ -49,6 +49,15 @@ TEST_CASE_TEMPLATE("on-chip linear + KD: the teacher as hidden states and LM hea
   check_on_chip<T, kd::skew_kl>({.n = 140, .d = 64, .v = 1000, .dt = 40, .vocab = 900});
 }
 
+// Small calls spread one vocabulary tile per CTA; forced splits make each CTA sweep many tiles (its
+// running log-sum-exps, row sums and gradient tiles carried across them), as large calls do.
+TEST_CASE_TEMPLATE("on-chip linear + KD: CTAs that sweep many vocabulary tiles", T, kd::bfloat16, kd::half) {
+  check_on_chip<T, kd::forward_kl>({.n = 300, .d = 64, .v = 5003, .splits = 1});
+  check_on_chip<T, kd::jsd>({.n = 200, .d = 96, .v = 1500, .splits = 2});
+  check_on_chip<T, kd::reverse_kl>({.n = 140, .d = 64, .v = 2000, .dt = 40, .splits = 3});
+  check_on_chip<T, kd::forward_kl>({.n = 150, .d = 64, .v = 1200, .accumulate = true, .splits = 1});
+}
+
 TEST_CASE("on-chip linear + KD: accumulation, one gradient, no gradient") {
   using T = kd::bfloat16;
   check_on_chip<T, kd::forward_kl>({.n = 150, .d = 64, .v = 1200, .accumulate = true});
@@ -98,6 +107,12 @@ TEST_CASE("on-chip linear + KD: refused and reported inputs") {
     const auto s = call(d, td.data);
     CHECK(s.code() == kd::errc::invalid_argument);
     CHECK(s.message().find("vocab_map") != std::string::npos);
+  }
+  SUBCASE("a negative split count") {
+    l.options.on_chip_splits = -1;
+    const auto s = call(d, td.data);
+    CHECK(s.code() == kd::errc::invalid_argument);
+    CHECK(s.message().find("on_chip_splits") != std::string::npos);
   }
   SUBCASE("a NaN teacher row is reported as the teacher's, by row") {
     t[static_cast<std::size_t>(77 * v + 5)] = kd::store_as<T>(std::nanf(""));

@@ -153,7 +153,9 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       const long long tiles = (support + kOcTile - 1) / kOcTile, token_tiles = (n + kOcTile - 1) / kOcTile;
       // Splits of the vocabulary: about 8 CTAs per SM at any N, so that the last wave of CTAs (two per SM
       // fit) is a small part of the call (ncu: 1.2 waves had left 25% of the SMs' time idle).
-      long long splits = std::clamp<long long>((8LL * ctx.sm_count() + token_tiles - 1) / token_tiles, 1, std::min<long long>(tiles, 65535));
+      if (o.on_chip_splits < 0) return {errc::invalid_argument, "on_chip_splits must be >= 0 (0: automatic)"};
+      const long long wanted = o.on_chip_splits > 0 ? o.on_chip_splits : (8LL * ctx.sm_count() + token_tiles - 1) / token_tiles;
+      long long splits = std::clamp<long long>(wanted, 1, std::min<long long>(tiles, 65535));
       const long long per = (tiles + splits - 1) / splits;
       splits = (tiles + per - 1) / per;
       using E = kd_entry<D>;
@@ -205,7 +207,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       p.loss_scale = static_cast<float>(sc.loss_scale);
       // fp16 gradient tiles: grad_scale T times the power of two that brings it to [256, 512).
       const double gb = sc.grad_base;
-      const int shift = std::is_same_v<HT, kd::half> && gb > 0.0 && std::isfinite(gb) ? 8 - std::ilogb(gb) : 0;
+      const int shift = std::is_same_v<HT, kd::half> && gb != 0.0 && std::isfinite(gb) ? 8 - std::ilogb(std::abs(gb)) : 0;
       p.gscale = static_cast<float>(std::ldexp(gb, shift));
       p.unscale = static_cast<float>(std::ldexp(1.0, -shift));
       KD_TRY(ctx.error_word(p.error));

@@ -36,6 +36,9 @@ enum class linear_kd_path { chunked, on_chip };
 struct linear_kd_options : logit_kd_options {
   index_t chunk_rows = 2048;  // tokens per chunk (bounds the extra memory to chunk_rows x V)
   linear_kd_path path = linear_kd_path::chunked;
+  // on_chip: how many ranges the vocabulary's 128-entry tiles are split into across CTAs (0: about 8 CTAs
+  // per SM; 1: each CTA sweeps the whole vocabulary). For tuning and tests; any value gives one result.
+  index_t on_chip_splits = 0;
 };
 
 struct linear_kd_tag {};
