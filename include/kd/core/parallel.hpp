@@ -4,12 +4,14 @@
 // when the work (a flop count or similar) pays for starting threads. Blocks depend only on n and the
 // thread count, and callers keep per-item results and reduce them in index order afterwards, so a result
 // never depends on the number of threads except where a GEMM is itself split (kd/model/ops_cpu.hpp says
-// which). Threads: $KD_CPU_THREADS, else the hardware's (at most 64).
+// which). Threads: $KD_CPU_THREADS, else the hardware's (at most 64). A thread that cannot be started
+// leaves its blocks to the caller's thread instead of ending the process.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -34,8 +36,16 @@ void parallel_blocks(std::int64_t n, double work, F&& fn) {
   if (parts <= 1) return fn(std::int64_t{0}, n);
   std::vector<std::thread> pool;
   const std::int64_t block = (n + parts - 1) / parts;
-  for (std::int64_t p = 1; p < parts; ++p)
-    if (p * block < n) pool.emplace_back([&fn, p, block, n] { fn(p * block, std::min(n, (p + 1) * block)); });
+  for (std::int64_t p = 1; p < parts && p * block < n; ++p) {
+    try {
+      pool.emplace_back([&fn, p, block, n] { fn(p * block, std::min(n, (p + 1) * block)); });
+    } catch (const std::system_error&) {
+      // No thread to be had (a loaded machine, a process limit): the caller runs the remaining blocks, the
+      // same blocks, so the result is the same.
+      for (std::int64_t q = p; q < parts && q * block < n; ++q) fn(q * block, std::min(n, (q + 1) * block));
+      break;
+    }
+  }
   fn(std::int64_t{0}, std::min(n, block));
   for (auto& th : pool) th.join();
 }

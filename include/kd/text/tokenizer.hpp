@@ -27,6 +27,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <thread>
 #include <unordered_map>
 #include <utility>
@@ -548,7 +549,13 @@ inline status encode_parallel(const tokenizer& tok, std::string_view text, encod
                                               static_cast<std::uint32_t>(cuts[c])));
   };
   std::vector<std::thread> pool;
-  for (unsigned i = 1; i < std::min<std::size_t>(threads, chunks); ++i) pool.emplace_back(work);
+  for (unsigned i = 1; i < std::min<std::size_t>(threads, chunks); ++i) {
+    try {
+      pool.emplace_back(work);
+    } catch (const std::system_error&) {
+      break;  // no more threads to be had: the ones running (and this one) take the remaining chunks
+    }
+  }
   work();
   for (auto& th : pool) th.join();
   for (std::size_t c = 0; c < chunks; ++c) {

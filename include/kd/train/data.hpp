@@ -26,6 +26,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -112,7 +113,11 @@ class text_loader {
     queue_.clear();
     if (opt_.prefetch) {
       quit_ = false;
-      worker_ = std::thread([this] { run(); });
+      try {
+        worker_ = std::thread([this] { run(); });
+      } catch (const std::system_error&) {
+        opt_.prefetch = false;  // no thread to be had: the caller's thread makes the same batches
+      }
     }
     return ok_status();
   }
