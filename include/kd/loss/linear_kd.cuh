@@ -94,6 +94,20 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
   }
 
  private:
+  // What both paths check first: a context, a loss slot, the shared validation (which also gives the
+  // scaling), and contiguous rows.
+  template <class Loss, class HT, class WT, class Teacher, class GH, class GW>
+  static status check_call(const cuda::backend& be, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
+                           const Teacher& teacher, std::span<const std::int32_t> labels, const cuda::device_loss& out,
+                           matrix_view<GH> dh, matrix_view<GW> dw, ::kd::detail::kd_scaling& sc) {
+    static_assert(std::is_same_v<HT, WT>, "kd: the CUDA linear_logit_kd needs the hidden states and LM head in one dtype.");
+    if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
+    if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null"};
+    KD_TRY(::kd::detail::validate_linear_kd(loss, h, w, teacher, labels, dh, dw, sc));
+    if (h.stride != h.cols || w.stride != w.cols || (!dh.empty() && dh.stride != dh.cols) || (!dw.empty() && dw.stride != dw.cols))
+      return {errc::shape_mismatch, "the CUDA linear_logit_kd needs contiguous hidden, weight and gradient rows"};
+    return {};
+  }
 
   // linear_kd_path::on_chip (kd/loss/linear_kd_on_chip.cuh): the logits in tiles that never leave the chip.
   // Head: the teacher as a teacher_head<TT>, else its logits.
@@ -108,12 +122,9 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     constexpr bool teacher_ok =
         Head ? (std::is_same_v<TT, kd::bfloat16> || std::is_same_v<TT, kd::half>)
              : (std::is_same_v<TT, float> || std::is_same_v<TT, kd::bfloat16> || std::is_same_v<TT, kd::half>);
-    static_assert(std::is_same_v<HT, WT>, "kd: the CUDA linear_logit_kd needs the hidden states and LM head in one dtype.");
     const auto& o = loss.options;
-    if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
-    if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null"};
     ::kd::detail::kd_scaling sc;
-    KD_TRY(::kd::detail::validate_linear_kd(loss, h, w, teacher, labels, dh, dw, sc));
+    KD_TRY(check_call(be, loss, h, w, teacher, labels, out, dh, dw, sc));
     if constexpr (!sixteen || !teacher_ok) {
       return {errc::invalid_argument, Head ? "linear_kd_path::on_chip needs bfloat16 or half hidden states, LM heads and teacher head"
                                            : "linear_kd_path::on_chip needs bfloat16 or half hidden states and LM head"};
@@ -133,8 +144,6 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       KD_TRY(::kd::detail::validate_logit_kd(inner, matrix_view<const float>(any, n, tcols), matrix_view<const float>(any, n, v),
                                              labels, false, matrix_view<float>(), false, plan));
       auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
-      if (h.stride != d || w.stride != d || (!dh.empty() && dh.stride != d) || (!dw.empty() && dw.stride != d))
-        return {errc::shape_mismatch, "the CUDA linear_logit_kd needs contiguous hidden, weight and gradient rows"};
       if (d % 8 != 0 || !aligned(h.data) || !aligned(w.data))
         return {errc::invalid_argument, "linear_kd_path::on_chip needs a hidden width that is a multiple of 8 (got " +
                                             std::to_string(d) + ") and 16-byte aligned hidden states and LM head"};
@@ -261,13 +270,8 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
                        cuda::device_loss& out, matrix_view<GH> dh, matrix_view<GW> dw, Fn&& teacher) {
     using namespace cuda::detail;
     const auto& o = loss.options;
-    static_assert(std::is_same_v<HT, WT>, "kd: the CUDA linear_logit_kd needs the hidden states and LM head in one dtype.");
-    if (be.ctx == nullptr) return {errc::invalid_argument, "the CUDA backend has no context"};
-    if (out.value == nullptr) return {errc::invalid_argument, "device_loss.value is null"};
     ::kd::detail::kd_scaling sc;
-    KD_TRY(::kd::detail::validate_linear_kd(loss, h, w, teacher_arg, labels, dh, dw, sc));
-    if (h.stride != h.cols || w.stride != w.cols || (!dh.empty() && dh.stride != dh.cols) || (!dw.empty() && dw.stride != dw.cols))
-      return {errc::shape_mismatch, "the CUDA linear_logit_kd needs contiguous hidden, weight and gradient rows"};
+    KD_TRY(check_call(be, loss, h, w, teacher_arg, labels, out, dh, dw, sc));
     cuda::context& ctx = *be.ctx;
     const cudaStream_t stream = ctx.stream();
     cublasHandle_t blas = nullptr;
