@@ -282,6 +282,7 @@ struct logit_case {
   vocab_shape shape;
   index_t hidden = 0;       // linear_logit_kd: hidden width (0 = logit_kd)
   index_t chunk_rows = 0;   // linear_logit_kd
+  index_t on_chip = -1;     // linear_logit_kd: -1 the chunked path, k >= 0 linear_kd_path::on_chip with k splits
 
   [[nodiscard]] bool linear() const { return hidden > 0; }
   [[nodiscard]] std::string name() const {
@@ -291,7 +292,9 @@ struct logit_case {
                     (accumulate ? " accumulate" : "") + " " + name_of(p) + " N=" + std::to_string(n) +
                     " Vt=" + std::to_string(shape.t_cols) + "/" + std::to_string(shape.t_real) +
                     " Vs=" + std::to_string(shape.s_cols) + "/" + std::to_string(shape.s_real);
-    if (linear()) s += " d=" + std::to_string(hidden) + " chunk=" + std::to_string(chunk_rows);
+    if (linear())
+      s += " d=" + std::to_string(hidden) +
+           (on_chip < 0 ? " chunk=" + std::to_string(chunk_rows) : " on-chip splits=" + std::to_string(on_chip));
     return s + " seed=" + std::to_string(seed);
   }
 };
@@ -317,11 +320,15 @@ struct logit_space {
     return l == vocab_layout::shared ? shared : l == vocab_layout::padded ? padded : l == vocab_layout::mapped ? mapped : contiguous;
   }
   std::vector<index_t> chunk_rows{0};
+  // linear_logit_kd's CUDA path: -1 chunked, k >= 0 on chip with k splits (0: the automatic count). The
+  // on-chip path takes 16-bit storage and no vocab map; other combinations are left out of the product.
+  std::vector<index_t> on_chip{-1};
 };
 
 // The product of a space, minus impossible combinations: an in-place gradient needs logit_kd (linear's
 // gradients have other shapes) and no accumulation (the buffer holds the logits, not a gradient);
-// fp16 is not a linear_logit_kd precision here.
+// fp16 is not a linear_logit_kd precision here; the on-chip path needs 16-bit storage, a hidden width that
+// is a multiple of 8 and no vocab map (those refusals are tested on their own).
 inline std::vector<logit_case> generate(const logit_space& sp, std::size_t first_index = 0) {
   std::vector<logit_case> out;
   std::size_t index = first_index;
@@ -334,29 +341,34 @@ inline std::vector<logit_case> generate(const logit_space& sp, std::size_t first
               for (auto red : sp.reduces)
                 for (bool inpl : sp.inplace)
                   for (bool acc : sp.accumulate)
-                    for (auto chunk : sp.chunk_rows) {
-                      if (inpl && (acc || sp.hidden > 0)) continue;
-                      if (sp.hidden > 0 && p == prec::fp16) continue;
-                      // linear_logit_kd + tvd at T < 1: a sign gradient on a sharpened softmax of logits that
-                      // are themselves float products flips on rare draws (errors ~3e-2 seen); see the report.
-                      if (sp.hidden > 0 && div == div_kind::tvd && t < 1) continue;
-                      logit_case c;
-                      c.index = index++;
-                      c.seed = splitmix(run_seed() ^ splitmix(c.index));
-                      c.div = div;
-                      c.temperature = t;
-                      c.layout = layout;
-                      c.ignore = ign;
-                      c.inplace = inpl;
-                      c.reduce = red;
-                      c.accumulate = acc;
-                      c.p = p;
-                      c.n = n;
-                      c.shape = sp.shape_of(layout);
-                      c.hidden = sp.hidden;
-                      c.chunk_rows = chunk;
-                      out.push_back(c);
-                    }
+                    for (auto chunk : sp.chunk_rows)
+                      for (auto oc : sp.on_chip) {
+                        if (inpl && (acc || sp.hidden > 0)) continue;
+                        if (oc >= 0 && (sp.hidden == 0 || sp.hidden % 8 != 0 || p == prec::fp32 ||
+                                        layout == vocab_layout::mapped || layout == vocab_layout::contiguous))
+                          continue;
+                        if (sp.hidden > 0 && p == prec::fp16) continue;
+                        // linear_logit_kd + tvd at T < 1: a sign gradient on a sharpened softmax of logits that
+                        // are themselves float products flips on rare draws (errors ~3e-2 seen); see the report.
+                        if (sp.hidden > 0 && div == div_kind::tvd && t < 1) continue;
+                        logit_case c;
+                        c.index = index++;
+                        c.seed = splitmix(run_seed() ^ splitmix(c.index));
+                        c.div = div;
+                        c.temperature = t;
+                        c.layout = layout;
+                        c.ignore = ign;
+                        c.inplace = inpl;
+                        c.reduce = red;
+                        c.accumulate = acc;
+                        c.p = p;
+                        c.n = n;
+                        c.shape = sp.shape_of(layout);
+                        c.hidden = sp.hidden;
+                        c.chunk_rows = chunk;
+                        c.on_chip = oc;
+                        out.push_back(c);
+                      }
   return out;
 }
 
@@ -588,6 +600,10 @@ verdict run_linear_typed(const logit_case& c, Exec& exec) {
   linear_loss_t<D, R, T> loss;
   set_logit_options(loss.options, c, io.labels);
   loss.options.chunk_rows = c.chunk_rows;
+  if (c.on_chip >= 0) {
+    loss.options.path = kd::linear_kd_path::on_chip;
+    loss.options.on_chip_splits = c.on_chip;
+  }
 
   kd::linear_logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> ref;
   ref.options = loss.options;

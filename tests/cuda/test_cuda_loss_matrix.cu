@@ -336,6 +336,32 @@ TEST_CASE("linear_logit_kd matrix: CUDA backend against the fp64 CPU reference")
   report(s, "linear_logit_kd matrix (CUDA)");
 }
 
+TEST_CASE("linear_logit_kd matrix, logits on chip: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  logit_space sp = mid_space();  // 1,031 columns: 9 vocabulary tiles, the last one partial
+  sp.hidden = 72;                // two stages of the logits GEMM, the second one zero-filled past column 72
+  sp.temps = {0.5, 2};
+  sp.layouts = {vocab_layout::shared, vocab_layout::padded};
+  sp.inplace = {false};
+  sp.precs = {prec::bf16};
+  sp.ns = {1, 7, 33, 130};       // 130: a second token tile of 2 rows
+  sp.chunk_rows = {2048};
+  sp.on_chip = {0, 1, 3};        // automatic (one tile a CTA here), one CTA sweeping all 9 tiles, 3 tiles each
+  run_space(sp, 800000, exec, s);
+  logit_space large = large_space();
+  large.hidden = 40;
+  large.divs = {div_kind::forward_kl, div_kind::reverse_kl, div_kind::jsd};
+  large.temps = {2};
+  large.layouts = {vocab_layout::shared, vocab_layout::padded};
+  large.inplace = {false};
+  large.precs = {prec::bf16};
+  large.chunk_rows = {2048};  // the fp64 reference's chunks (the on-chip path has none)
+  large.on_chip = {0, 5};
+  run_space(large, 900000, exec, s);
+  report(s, "linear_logit_kd matrix, logits on chip (CUDA)");
+}
+
 TEST_CASE("cross_entropy matrix: CUDA backend against the fp64 CPU reference") {
   cuda_exec exec;
   stats s;

@@ -27,7 +27,8 @@ namespace kd {
 //  - on_chip: tiles of 128 tokens x 128 vocabulary entries formed on the tensor cores and consumed in
 //    shared memory and registers, never written (kd/loss/linear_kd_on_chip.cuh): extra memory is fp32
 //    accumulators for dhidden and dW plus O(N), (N + V) d x 4 bytes instead of chunk_rows x V x 6 plus
-//    V d x 4 (6-9x less at 8k tokens and 128-152k vocabularies), at ~3x the chunked path's time today.
+//    V d x 4 (5-9x less at d = 576), at 2.7-3.6x the chunked path's time at d = 576 and 4.5-7.8x at d >= 2048
+//    (H100, benchmarks/RESULTS.md session 14): the path for when memory, not time, is short.
 //    Needs 16-bit hidden states and heads (bfloat16 or half), hidden widths that are multiples of 8,
 //    16-byte aligned contiguous rows, and a shared vocabulary (no map). dhidden and dW are sums of atomic
 //    adds (their float rounding varies from run to run).
