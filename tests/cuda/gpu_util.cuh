@@ -50,13 +50,13 @@ std::vector<T> random_storage(std::size_t n, double stddev, std::mt19937_64& rng
   return out;
 }
 
-// The student of a close pair in storage T: 0.9 teacher + offset + noise (stddev 0.3, drawn in T), so the
+// The student of a close pair in storage S: 0.9 teacher + offset + noise (stddev 0.3, drawn in S), so the
 // two distributions are near each other while their logits sit `offset` apart.
-template <class T>
-std::vector<T> close_student(const std::vector<T>& teacher, double offset, std::mt19937_64& rng) {
-  auto s = random_storage<T>(teacher.size(), 0.3, rng);
+template <class S, class T>
+std::vector<S> close_student(const std::vector<T>& teacher, double offset, std::mt19937_64& rng) {
+  auto s = random_storage<S>(teacher.size(), 0.3, rng);
   for (std::size_t i = 0; i < s.size(); ++i)
-    s[i] = kd::store_as<T>(
+    s[i] = kd::store_as<S>(
         static_cast<float>(0.9 * kd::load_as<double>(teacher[i]) + offset + kd::load_as<double>(s[i])));
   return s;
 }

@@ -25,25 +25,27 @@ struct linear_kd_case {
   kd::index_t splits = 0;  // on_chip_splits
 };
 
-// linear + KD on the GPU (path c.path, storage T, fp32 accumulation) against the fp64 CPU reference:
+// linear + KD on the GPU (path c.path; student hidden states, head and gradients in storage T, the
+// teacher's logits or hidden states and head in TT; fp32 accumulation) against the fp64 CPU reference:
 // the loss, the token count, both gradients (or that an unwanted one is left alone), and that padding
 // rows of the head get no gradient.
-template <class T, class D>
+template <class T, class D, class TT = T>
 void check_linear_kd(const linear_kd_case& c) {
   const bool head = c.dt > 0;
   const kd::index_t n = c.n, d = c.d, v = c.v;
   const kd::index_t support = c.vocab > 0 ? c.vocab : v;
   auto hh = random_storage<T>(static_cast<std::size_t>(n * d), 1.0, rng());
   auto wh = random_storage<T>(static_cast<std::size_t>(v * d), 0.125, rng());
-  auto th = random_storage<T>(static_cast<std::size_t>(head ? n * c.dt : n * v), head ? 1.0 : 2.0, rng());
-  auto twh = random_storage<T>(static_cast<std::size_t>(head ? v * c.dt : 0), 0.25, rng());
+  auto th = random_storage<TT>(static_cast<std::size_t>(head ? n * c.dt : n * v), head ? 1.0 : 2.0, rng());
+  auto twh = random_storage<TT>(static_cast<std::size_t>(head ? v * c.dt : 0), 0.25, rng());
   std::vector<std::int32_t> labels(static_cast<std::size_t>(n));
   for (kd::index_t i = 0; i < n; ++i)
     labels[static_cast<std::size_t>(i)] = i % 7 == 3 ? -100 : static_cast<int>((i * 31) % support);
   // Accumulation adds to what the gradients hold; else they start poisoned (NaN) and must be overwritten.
   auto dh0 = random_storage<T>(hh.size(), 0.01, rng());
   auto dw0 = random_storage<T>(wh.size(), 0.01, rng());
-  device_buffer<T> hd(hh.size()), wd(wh.size()), td(th.size()), twd(twh.size()), dhd(hh.size()), dwd(wh.size());
+  device_buffer<T> hd(hh.size()), wd(wh.size()), dhd(hh.size()), dwd(wh.size());
+  device_buffer<TT> td(th.size()), twd(twh.size());
   device_buffer<float> loss_d(1);
   device_buffer<long long> tok_d(1);
   device_buffer<std::int32_t> lab_d(labels.size());
@@ -60,7 +62,7 @@ void check_linear_kd(const linear_kd_case& c) {
     dwd.poison();
   }
   kd::cuda::context ctx;
-  using P = kd::precision_set<kd::precision<T, float>, kd::precision<T, float>, kd::precision<T, float>>;
+  using P = kd::precision_set<kd::precision<TT, float>, kd::precision<T, float>, kd::precision<T, float>>;
   kd::linear_logit_kd<D, kd::token_mean, P> gpu;
   gpu.options.temperature = c.temperature;
   gpu.options.vocab = c.vocab;
@@ -75,9 +77,9 @@ void check_linear_kd(const linear_kd_case& c) {
   const kd::matrix_view<T> dwv = c.want_dw ? kd::matrix_view<T>(dwd.data, v, d) : kd::matrix_view<T>();
   const kd::status call =
       head ? gpu(kd::cuda::backend{&ctx}, hv, wv,
-                 kd::teacher_head<T>{kd::matrix_view<const T>(td.data, n, c.dt), kd::matrix_view<const T>(twd.data, v, c.dt)},
+                 kd::teacher_head<TT>{kd::matrix_view<const TT>(td.data, n, c.dt), kd::matrix_view<const TT>(twd.data, v, c.dt)},
                  lab, out, dhv, dwv)
-           : gpu(kd::cuda::backend{&ctx}, hv, wv, kd::matrix_view<const T>(td.data, n, v), lab, out, dhv, dwv);
+           : gpu(kd::cuda::backend{&ctx}, hv, wv, kd::matrix_view<const TT>(td.data, n, v), lab, out, dhv, dwv);
   REQUIRE_MESSAGE(call.ok(), call.message());
   const auto st = ctx.sync_status();
   REQUIRE_MESSAGE(st.ok(), st.message());

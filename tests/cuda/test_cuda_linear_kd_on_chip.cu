@@ -18,12 +18,12 @@ using namespace kd_test;
 
 namespace {
 
-// The on-chip path; the CPU reference runs chunks of 97 tokens.
-template <class T, class D>
+// The on-chip path (the teacher in storage TT); the CPU reference runs chunks of 97 tokens.
+template <class T, class D, class TT = T>
 void check_on_chip(linear_kd_case c) {
   c.path = kd::linear_kd_path::on_chip;
   c.chunk = 97;
-  check_linear_kd<T, D>(c);
+  check_linear_kd<T, D, TT>(c);
 }
 
 }  // namespace
@@ -33,6 +33,8 @@ TEST_CASE_TEMPLATE("on-chip linear + KD: forward KL against the fp64 reference",
   check_on_chip<T, kd::forward_kl>({.n = 130, .d = 576, .v = 4100, .temperature = 1.0});  // the student's width, 5 hidden chunks
   check_on_chip<T, kd::forward_kl>({.n = 1, .d = 72, .v = 300, .temperature = 0.5});  // one token, a width not of 64
   check_on_chip<T, kd::forward_kl>({.n = 257, .d = 64, .v = 1030, .vocab = 1000});  // padding columns
+  check_on_chip<T, kd::forward_kl>({.n = 3, .d = 8, .v = 50});  // the narrowest width, one partial tile each way
+  check_on_chip<T, kd::forward_kl>({.n = 129, .d = 4096, .v = 260});  // 64 stages of the logits GEMM and chunks
 }
 
 TEST_CASE_TEMPLATE("on-chip linear + KD: every divergence with a row sum", T, kd::bfloat16, kd::half) {
@@ -56,6 +58,19 @@ TEST_CASE_TEMPLATE("on-chip linear + KD: CTAs that sweep many vocabulary tiles",
   check_on_chip<T, kd::jsd>({.n = 200, .d = 96, .v = 1500, .splits = 2});
   check_on_chip<T, kd::reverse_kl>({.n = 140, .d = 64, .v = 2000, .dt = 40, .splits = 3});
   check_on_chip<T, kd::forward_kl>({.n = 150, .d = 64, .v = 1200, .accumulate = true, .splits = 1});
+}
+
+// The teacher's logits in float or the other 16-bit type (pair loads where the row stride is even, single
+// loads where it is odd), or its hidden states and head in the other 16-bit type.
+TEST_CASE("on-chip linear + KD: the teacher in another storage type than the student") {
+  using kd::bfloat16;
+  using kd::half;
+  check_on_chip<bfloat16, kd::forward_kl, float>({.n = 300, .d = 64, .v = 5003});  // odd stride
+  check_on_chip<bfloat16, kd::jsd, float>({.n = 200, .d = 96, .v = 1500, .vocab = 1400});
+  check_on_chip<bfloat16, kd::reverse_kl, half>({.n = 200, .d = 96, .v = 1500, .splits = 2});
+  check_on_chip<half, kd::forward_kl, bfloat16>({.n = 130, .d = 64, .v = 1031});
+  check_on_chip<bfloat16, kd::forward_kl, half>({.n = 300, .d = 64, .v = 2000, .dt = 96});
+  check_on_chip<half, kd::skew_kl, bfloat16>({.n = 140, .d = 64, .v = 1000, .dt = 40, .vocab = 900});
 }
 
 TEST_CASE("on-chip linear + KD: accumulation, one gradient, no gradient") {
@@ -144,4 +159,14 @@ TEST_CASE("on-chip linear + KD: float storage is refused with the reason") {
                    kd::matrix_view<float>(), kd::matrix_view<float>());
   CHECK(s.code() == kd::errc::invalid_argument);
   CHECK(s.message().find("bfloat16 or half") != std::string::npos);
+  // A float teacher head beside a bf16 student: the teacher's GEMM runs on the tensor cores too.
+  device_buffer<kd::bfloat16> hb(8 * 16), wb(32 * 16);
+  kd::linear_logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::fp32, kd::bf16, kd::bf16>> m;
+  m.options.path = kd::linear_kd_path::on_chip;
+  const auto s2 = m(kd::cuda::backend{&ctx}, kd::matrix_view<const kd::bfloat16>(hb.data, 8, 16),
+                    kd::matrix_view<const kd::bfloat16>(wb.data, 32, 16),
+                    kd::teacher_head<float>{kd::matrix_view<const float>(hd.data, 8, 16), kd::matrix_view<const float>(wd.data, 32, 16)},
+                    {}, out, kd::matrix_view<kd::bfloat16>(), kd::matrix_view<kd::bfloat16>());
+  CHECK(s2.code() == kd::errc::invalid_argument);
+  CHECK(s2.message().find("teacher head") != std::string::npos);
 }

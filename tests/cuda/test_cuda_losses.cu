@@ -30,12 +30,13 @@ struct kd_case {
   double grad_scale = 0;  // != 0: fp16's gradient scale (else 4096)
 };
 
-// Runs logit_kd<D> on the GPU in storage T and compares loss and gradient with the fp64 CPU reference.
-// `shared`: run on that context (several calls on one context), else on a fresh one.
-template <class D, class T>
+// Runs logit_kd<D> on the GPU (student and gradient in storage T, teacher in TT) and compares loss and
+// gradient with the fp64 CPU reference. `shared`: run on that context (several calls on one context), else
+// on a fresh one.
+template <class D, class T, class TT = T>
 void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::index_t teacher_cols = 0,
                     kd::cuda::context* shared = nullptr, kd::cuda::row_schedule schedule = kd::cuda::row_schedule::automatic) {
-  kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::precision<T, float>, kd::precision<T, float>>> gpu;
+  kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::precision<TT, float>, kd::precision<T, float>>> gpu;
   gpu.options.temperature = c.temperature;
   gpu.options.vocab = c.vocab;
   gpu.options.map = map;
@@ -46,11 +47,12 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
   if (std::is_same_v<T, kd::half>) gpu.options.grad_scale = c.grad_scale != 0.0 ? c.grad_scale : 4096.0;
 
   const kd::index_t tv = map ? teacher_cols : c.v;
-  std::vector<T> th, sh;
+  std::vector<TT> th;
+  std::vector<T> sh;
   std::vector<std::int32_t> labels;
   auto draw = [&] {
-    th = random_storage<T>(static_cast<std::size_t>(c.n * tv), 2.0, rng());
-    sh = c.offset != 0.0 ? close_student(th, c.offset, rng())
+    th = random_storage<TT>(static_cast<std::size_t>(c.n * tv), 2.0, rng());
+    sh = c.offset != 0.0 ? close_student<T>(th, c.offset, rng())
                          : random_storage<T>(static_cast<std::size_t>(c.n * c.v), 1.0, rng());
     labels.clear();
     if (c.labels) {
@@ -68,7 +70,8 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
   };
   if constexpr (std::is_same_v<D, kd::tvd>)
     for (int attempt = 0; attempt < 8 && near_tie(); ++attempt) draw();
-  device_buffer<T> td(th.size()), sd(sh.size()), gd(sh.size());
+  device_buffer<TT> td(th.size());
+  device_buffer<T> sd(sh.size()), gd(sh.size());
   device_buffer<float> loss_d(1);
   device_buffer<long long> tok_d(1);
   device_buffer<std::int32_t> lab_d(labels.size());
@@ -82,7 +85,7 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
   if (shared == nullptr) ctx.set_schedule(schedule);
   kd::cuda::device_loss out{loss_d.data, tok_d.data};
   const std::span<const std::int32_t> lab_span(labels.empty() ? nullptr : lab_d.data, labels.size());
-  REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(td.data, c.n, tv),
+  REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const TT>(td.data, c.n, tv),
               kd::matrix_view<const T>(sd.data, c.n, c.v), lab_span, out, kd::matrix_view<T>(gd.data, c.n, c.v))
               .ok());
   const auto st = ctx.sync_status();
@@ -92,7 +95,7 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
   device_buffer<float> eval_d(1);
   device_buffer<long long> eval_tok(1);
   kd::cuda::device_loss eval_out{eval_d.data, eval_tok.data};
-  REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(td.data, c.n, tv), kd::matrix_view<const T>(sd.data, c.n, c.v),
+  REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const TT>(td.data, c.n, tv), kd::matrix_view<const T>(sd.data, c.n, c.v),
               lab_span, eval_out)
               .ok());
   const auto st_eval = ctx.sync_status();
@@ -339,6 +342,30 @@ TEST_CASE_TEMPLATE("fused cross-entropy and z-loss", T, float, kd::bfloat16, kd:
   check_cross_entropy<T>(5, 151936, 151669, 0.0);
 }
 
+// The teacher in another storage type than the student (the seed run's crash came from an fp16 teacher
+// beside fp32 student code): declared in the precision_set, the kernels read each side in its own type
+// (no 16-byte vector path then), on both row schedules, with labels, padding and the 152k -> 50k map.
+template <class Teacher, class Student>
+struct storage_pair {
+  using teacher = Teacher;
+  using student = Student;
+};
+TEST_CASE_TEMPLATE("fused logit KD with the teacher in another storage type than the student", P,
+                   storage_pair<kd::half, kd::bfloat16>, storage_pair<float, kd::bfloat16>,
+                   storage_pair<kd::bfloat16, float>, storage_pair<kd::bfloat16, kd::half>) {
+  using TT = typename P::teacher;
+  using T = typename P::student;
+  using kd::cuda::row_schedule;
+  for (const auto sch : {row_schedule::automatic, row_schedule::per_row}) {
+    CAPTURE(static_cast<int>(sch));
+    check_logit_kd<kd::forward_kl, T, TT>({300, 32000, 2.0, true}, nullptr, 0, nullptr, sch);
+    check_logit_kd<kd::jsd, T, TT>({5, 50304, 1.0, true, 50257}, nullptr, 0, nullptr, sch);
+    check_logit_kd<kd::reverse_kl, T, TT>({40, 151936, 2.0, false}, nullptr, 0, nullptr, sch);
+  }
+  const auto map = qwen_like_map();
+  check_logit_kd<kd::forward_kl, T, TT>({4, 50304, 2.0, true}, &map, 151936);
+}
+
 // A call ends in its own kernel: up to kInlineCountRows rows every block counts the labels' tokens and
 // the last block to finish forms the value behind the context's grid ticket; above it a count kernel
 // runs first. Both paths, and the ticket's reuse by consecutive calls on one context (it must be back
@@ -365,6 +392,16 @@ TEST_CASE_TEMPLATE("fused linear + KD matches the CPU reference", T, float, kd::
 TEST_CASE_TEMPLATE("fused linear + KD with the teacher as hidden states and LM head", T, float, kd::bfloat16) {
   check_linear_kd<T, kd::reverse_kl>({.n = 300, .d = 64, .v = 5003, .chunk = 128, .dt = 96});  // three chunks
   check_linear_kd<T, kd::reverse_kl>({.n = 5, .d = 96, .v = 50304, .dt = 128});
+}
+
+// The teacher's logits, or its hidden states and head, in another storage type than the student's.
+TEST_CASE("fused linear + KD with the teacher in another storage type than the student") {
+  using kd::bfloat16;
+  check_linear_kd<bfloat16, kd::forward_kl, float>({.n = 300, .d = 64, .v = 5003, .chunk = 128});
+  check_linear_kd<bfloat16, kd::jsd, kd::half>({.n = 200, .d = 96, .v = 1500, .chunk = 128, .vocab = 1400});
+  check_linear_kd<float, kd::forward_kl, bfloat16>({.n = 130, .d = 64, .v = 4100});
+  check_linear_kd<bfloat16, kd::reverse_kl, kd::half>({.n = 300, .d = 64, .v = 5003, .chunk = 128, .dt = 96});
+  check_linear_kd<bfloat16, kd::forward_kl, float>({.n = 100, .d = 64, .v = 2000, .dt = 40});
 }
 
 template <kd::cuda::row_schedule S>

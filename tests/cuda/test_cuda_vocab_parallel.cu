@@ -90,7 +90,7 @@ void check_kd(double temperature, double offset = 0.0, double value_eps = 2e-5, 
   auto& g = rng();
   const auto th = random_storage<T>(static_cast<std::size_t>(n * cols), 2.0, g);
   const auto sh =
-      offset != 0.0 ? close_student(th, offset, g) : random_storage<T>(static_cast<std::size_t>(n * cols), 2.0, g);
+      offset != 0.0 ? close_student<T>(th, offset, g) : random_storage<T>(static_cast<std::size_t>(n * cols), 2.0, g);
   std::vector<std::int32_t> labels(static_cast<std::size_t>(n));
   for (index_t i = 0; i < n; ++i) labels[static_cast<std::size_t>(i)] = i % 4 == 1 ? kd::default_ignore_index : static_cast<std::int32_t>((i * 37) % real);
   // Reference: the CPU on whole rows, in double, from the same stored values.
