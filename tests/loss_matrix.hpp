@@ -283,6 +283,7 @@ struct logit_case {
   index_t hidden = 0;       // linear_logit_kd: hidden width (0 = logit_kd)
   index_t chunk_rows = 0;   // linear_logit_kd
   index_t on_chip = -1;     // linear_logit_kd: -1 the chunked path, k >= 0 linear_kd_path::on_chip with k splits
+  index_t teacher_dt = 0;   // linear_logit_kd: > 0 the teacher as hidden states of this width and an LM head
 
   [[nodiscard]] bool linear() const { return hidden > 0; }
   [[nodiscard]] std::string name() const {
@@ -294,7 +295,8 @@ struct logit_case {
                     " Vs=" + std::to_string(shape.s_cols) + "/" + std::to_string(shape.s_real);
     if (linear())
       s += " d=" + std::to_string(hidden) +
-           (on_chip < 0 ? " chunk=" + std::to_string(chunk_rows) : " on-chip splits=" + std::to_string(on_chip));
+           (on_chip < 0 ? " chunk=" + std::to_string(chunk_rows) : " on-chip splits=" + std::to_string(on_chip)) +
+           (teacher_dt > 0 ? " teacher-head dt=" + std::to_string(teacher_dt) : "");
     return s + " seed=" + std::to_string(seed);
   }
 };
@@ -323,6 +325,8 @@ struct logit_space {
   // linear_logit_kd's CUDA path: -1 chunked, k >= 0 on chip with k splits (0: the automatic count). The
   // on-chip path takes 16-bit storage and no vocab map; other combinations are left out of the product.
   std::vector<index_t> on_chip{-1};
+  // linear_logit_kd's teacher: 0 its logits, dt > 0 its hidden states [N x dt] and LM head [Vt x dt].
+  std::vector<index_t> teacher_dts{0};
 };
 
 // The product of a space, minus impossible combinations: an in-place gradient needs logit_kd (linear's
@@ -342,33 +346,36 @@ inline std::vector<logit_case> generate(const logit_space& sp, std::size_t first
                 for (bool inpl : sp.inplace)
                   for (bool acc : sp.accumulate)
                     for (auto chunk : sp.chunk_rows)
-                      for (auto oc : sp.on_chip) {
-                        if (inpl && (acc || sp.hidden > 0)) continue;
-                        if (oc >= 0 && (sp.hidden == 0 || sp.hidden % 8 != 0 || p == prec::fp32 ||
-                                        layout == vocab_layout::mapped || layout == vocab_layout::contiguous))
-                          continue;
-                        if (sp.hidden > 0 && p == prec::fp16) continue;
-                        // linear_logit_kd + tvd at T < 1: a sign gradient on a sharpened softmax of logits that
-                        // are themselves float products flips on rare draws (errors ~3e-2 seen); see the report.
-                        if (sp.hidden > 0 && div == div_kind::tvd && t < 1) continue;
-                        logit_case c;
-                        c.index = index++;
-                        c.seed = splitmix(run_seed() ^ splitmix(c.index));
-                        c.div = div;
-                        c.temperature = t;
-                        c.layout = layout;
-                        c.ignore = ign;
-                        c.inplace = inpl;
-                        c.reduce = red;
-                        c.accumulate = acc;
-                        c.p = p;
-                        c.n = n;
-                        c.shape = sp.shape_of(layout);
-                        c.hidden = sp.hidden;
-                        c.chunk_rows = chunk;
-                        c.on_chip = oc;
-                        out.push_back(c);
-                      }
+                      for (auto oc : sp.on_chip)
+                        for (auto tdt : sp.teacher_dts) {
+                          if (inpl && (acc || sp.hidden > 0)) continue;
+                          if (tdt > 0 && sp.hidden == 0) continue;
+                          if (oc >= 0 && (sp.hidden == 0 || sp.hidden % 8 != 0 || tdt % 8 != 0 || p == prec::fp32 ||
+                                          layout == vocab_layout::mapped || layout == vocab_layout::contiguous))
+                            continue;
+                          if (sp.hidden > 0 && p == prec::fp16) continue;
+                          // linear_logit_kd + tvd at T < 1: a sign gradient on a sharpened softmax of logits that
+                          // are themselves float products flips on rare draws (errors ~3e-2 seen); see the report.
+                          if (sp.hidden > 0 && div == div_kind::tvd && t < 1) continue;
+                          logit_case c;
+                          c.index = index++;
+                          c.seed = splitmix(run_seed() ^ splitmix(c.index));
+                          c.div = div;
+                          c.temperature = t;
+                          c.layout = layout;
+                          c.ignore = ign;
+                          c.inplace = inpl;
+                          c.reduce = red;
+                          c.accumulate = acc;
+                          c.p = p;
+                          c.n = n;
+                          c.shape = sp.shape_of(layout);
+                          c.hidden = sp.hidden;
+                          c.chunk_rows = chunk;
+                          c.on_chip = oc;
+                          c.teacher_dt = tdt;
+                          out.push_back(c);
+                        }
   return out;
 }
 
@@ -538,6 +545,9 @@ struct linear_io {
   std::vector<T> hidden, weight, teacher, dhidden, dweight;
   index_t n = 0, d = 0, h_cols = 0, w_rows = 0, w_cols = 0, t_rows = 0, t_cols = 0, dh_rows = 0;
   std::vector<std::int32_t> labels;
+  // dt > 0: the teacher as hidden states [t_rows x dt] and LM head [t_cols x dt] (teacher is then empty).
+  std::vector<T> t_hidden, t_weight;
+  index_t dt = 0;
 };
 
 template <class T>
@@ -552,8 +562,19 @@ void make_linear_inputs(const logit_case& c, linear_io<T>& io, rng_t& g) {
   for (index_t r = c.shape.s_real; r < io.w_rows; ++r)
     for (index_t k = 0; k < c.hidden; ++k)
       io.weight[static_cast<std::size_t>(r * c.hidden + k)] = from_double<T>(100.0 / std::sqrt(double(c.hidden)));
-  io.teacher = normal_storage<T>(static_cast<std::size_t>(c.n * io.t_cols), 2.0, g);
-  poison_padding(io.teacher, c.n, io.t_cols, c.shape.t_real);
+  io.dt = c.teacher_dt;
+  if (io.dt > 0) {
+    // Logits of the same spread as the given ones (~2); padded head rows give large ones of either sign.
+    io.t_hidden = normal_storage<T>(static_cast<std::size_t>(c.n * io.dt), 1.0, g);
+    io.t_weight = normal_storage<T>(static_cast<std::size_t>(io.t_cols * io.dt), 2.0 / std::sqrt(double(io.dt)), g);
+    for (index_t r = c.shape.t_real; r < io.t_cols; ++r)
+      for (index_t k = 0; k < io.dt; ++k)
+        io.t_weight[static_cast<std::size_t>(r * io.dt + k)] = from_double<T>((r % 2 ? 100.0 : -100.0) / std::sqrt(double(io.dt)));
+    io.teacher.clear();
+  } else {
+    io.teacher = normal_storage<T>(static_cast<std::size_t>(c.n * io.t_cols), 2.0, g);
+    poison_padding(io.teacher, c.n, io.t_cols, c.shape.t_real);
+  }
   io.labels = make_labels(c.ignore, c.n, c.shape.s_real, g, false);
 }
 
@@ -572,6 +593,13 @@ inline std::vector<double> product_abt(const std::vector<double>& a, const std::
       out[static_cast<std::size_t>(r * n + j)] = acc;
     }
   return out;
+}
+// The teacher's logits of a linear case in fp64: the given ones, or the product of its rounded hidden
+// states and head.
+template <class T>
+std::vector<double> teacher_logits(const linear_io<T>& io) {
+  return io.dt > 0 ? product_abt(to_doubles(io.t_hidden), to_doubles(io.t_weight), io.t_rows, io.t_cols, io.dt)
+                   : to_doubles(io.teacher);
 }
 inline std::vector<double> transpose(const std::vector<double>& a, index_t rows, index_t cols) {
   std::vector<double> t(a.size());
@@ -594,7 +622,7 @@ verdict run_linear_typed(const logit_case& c, Exec& exec) {
   for (int attempt = 0;; ++attempt) {
     make_linear_inputs(c, io, g);
     logits = product_abt(to_doubles(io.hidden), to_doubles(io.weight), c.n, io.w_rows, c.hidden);
-    if (!std::is_same_v<D, kd::tvd> || attempt == 8 || !has_tvd_tie<R>(c, to_doubles(io.teacher), logits, io.labels))
+    if (!std::is_same_v<D, kd::tvd> || attempt == 8 || !has_tvd_tie<R>(c, teacher_logits(io), logits, io.labels))
       break;
   }
   linear_loss_t<D, R, T> loss;
@@ -608,7 +636,7 @@ verdict run_linear_typed(const logit_case& c, Exec& exec) {
   kd::linear_logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> ref;
   ref.options = loss.options;
   ref.options.accumulate_grad = false;
-  const auto h64 = to_doubles(io.hidden), w64 = to_doubles(io.weight), t64 = to_doubles(io.teacher);
+  const auto h64 = to_doubles(io.hidden), w64 = to_doubles(io.weight), t64 = teacher_logits(io);
   std::vector<double> dh_ref(h64.size()), dw_ref(w64.size());
   kd::loss_result rr;
   const auto rst = ref(kd::cpu, kd::matrix_view<const double>(h64.data(), c.n, c.hidden),
@@ -638,7 +666,6 @@ verdict run_linear_typed(const logit_case& c, Exec& exec) {
     kd::logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64>> lk;
     static_cast<kd::logit_kd_options&>(lk.options) = ref.options;
     kd::loss_result lr;
-    const auto t64 = to_doubles(io.teacher);
     if (!lk(kd::cpu, kd::matrix_view<const double>(t64.data(), c.n, io.t_cols),
             kd::matrix_view<const double>(logits.data(), c.n, io.w_rows), io.labels, lr,
             kd::matrix_view<double>(dlogits.data(), c.n, io.w_rows))

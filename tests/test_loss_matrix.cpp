@@ -32,11 +32,15 @@ struct cpu_exec {
   outcome linear(const Loss& loss, linear_io<T>& io) {
     kd::loss_result r;
     outcome o;
-    o.st = loss(kd::cpu, kd::matrix_view<const T>(io.hidden.data(), io.n, io.h_cols),
-                kd::matrix_view<const T>(io.weight.data(), io.w_rows, io.w_cols),
-                kd::matrix_view<const T>(io.teacher.data(), io.t_rows, io.t_cols),
-                std::span<const std::int32_t>(io.labels), r, kd::matrix_view<T>(io.dhidden.data(), io.dh_rows, io.h_cols),
-                kd::matrix_view<T>(io.dweight.data(), io.w_rows, io.w_cols));
+    auto call = [&](const auto& teacher) {
+      return loss(kd::cpu, kd::matrix_view<const T>(io.hidden.data(), io.n, io.h_cols),
+                  kd::matrix_view<const T>(io.weight.data(), io.w_rows, io.w_cols), teacher,
+                  std::span<const std::int32_t>(io.labels), r, kd::matrix_view<T>(io.dhidden.data(), io.dh_rows, io.h_cols),
+                  kd::matrix_view<T>(io.dweight.data(), io.w_rows, io.w_cols));
+    };
+    o.st = io.dt > 0 ? call(kd::teacher_head<T>{kd::matrix_view<const T>(io.t_hidden.data(), io.t_rows, io.dt),
+                                                kd::matrix_view<const T>(io.t_weight.data(), io.t_cols, io.dt)})
+                     : call(kd::matrix_view<const T>(io.teacher.data(), io.t_rows, io.t_cols));
     o.loss = r.loss;
     o.tokens = r.tokens;
     return o;
@@ -131,6 +135,21 @@ TEST_CASE("linear_logit_kd matrix: CPU backend in fp32 / bf16 against the fp64 r
   stats s;
   run_all(generate(sp), exec, s);
   report(s, "linear_logit_kd matrix (CPU)");
+}
+
+TEST_CASE("linear_logit_kd matrix, the teacher as hidden states and head: CPU backend against the fp64 reference") {
+  logit_space sp;
+  sp.hidden = 8;
+  sp.teacher_dts = {16};
+  sp.temps = {0.5, 2};
+  sp.inplace = {false};
+  sp.precs = {prec::fp32, prec::bf16};
+  sp.ns = {1, 12};
+  sp.chunk_rows = {5, 2048};
+  cpu_exec exec;
+  stats s;
+  run_all(generate(sp), exec, s);
+  report(s, "linear_logit_kd matrix, teacher head (CPU)");
 }
 
 TEST_CASE("cross_entropy matrix: CPU backend in fp32 / bf16 / fp16 against the fp64 reference") {

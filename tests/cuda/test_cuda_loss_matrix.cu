@@ -78,23 +78,28 @@ struct cuda_exec {
 
   template <class Loss, class T>
   outcome linear(const Loss& loss, linear_io<T>& io) {
-    device_buffer<T> h(io.hidden.size()), w(io.weight.size()), t(io.teacher.size()), dh(io.dhidden.size()),
-        dw(io.dweight.size());
+    device_buffer<T> h(io.hidden.size()), w(io.weight.size()), t(io.teacher.size()), th(io.t_hidden.size()),
+        tw(io.t_weight.size()), dh(io.dhidden.size()), dw(io.dweight.size());
     device_buffer<std::int32_t> lab(io.labels.size());
     upload(h, io.hidden);
     upload(w, io.weight);
     upload(t, io.teacher);
+    upload(th, io.t_hidden);
+    upload(tw, io.t_weight);
     upload(dh, io.dhidden);
     upload(dw, io.dweight);
     upload(lab, io.labels);
     poison_results();
     kd::cuda::device_loss out{loss_d.data, tokens_d.data};
-    const auto st = loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(h.data, io.n, io.h_cols),
-                         kd::matrix_view<const T>(w.data, io.w_rows, io.w_cols),
-                         kd::matrix_view<const T>(t.data, io.t_rows, io.t_cols),
-                         std::span<const std::int32_t>(io.labels.empty() ? nullptr : lab.data, io.labels.size()), out,
-                         kd::matrix_view<T>(dh.data, io.dh_rows, io.h_cols),
-                         kd::matrix_view<T>(dw.data, io.w_rows, io.w_cols));
+    auto call = [&](const auto& teacher) {
+      return loss(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(h.data, io.n, io.h_cols),
+                  kd::matrix_view<const T>(w.data, io.w_rows, io.w_cols), teacher,
+                  std::span<const std::int32_t>(io.labels.empty() ? nullptr : lab.data, io.labels.size()), out,
+                  kd::matrix_view<T>(dh.data, io.dh_rows, io.h_cols), kd::matrix_view<T>(dw.data, io.w_rows, io.w_cols));
+    };
+    const auto st = io.dt > 0 ? call(kd::teacher_head<T>{kd::matrix_view<const T>(th.data, io.t_rows, io.dt),
+                                                         kd::matrix_view<const T>(tw.data, io.t_cols, io.dt)})
+                              : call(kd::matrix_view<const T>(t.data, io.t_rows, io.t_cols));
     const outcome o = finish(st);
     if (o.st.ok()) {
       io.dhidden = dh.download();
@@ -333,6 +338,15 @@ TEST_CASE("linear_logit_kd matrix: CUDA backend against the fp64 CPU reference")
   large.ns = {100};
   large.chunk_rows = {48};
   run_space(large, 400000, exec, s);
+  logit_space head = mid_space();  // the teacher as hidden states and head, every vocabulary layout
+  head.hidden = 64;
+  head.teacher_dts = {40};
+  head.temps = {0.5, 2};
+  head.inplace = {false};
+  head.precs = {prec::fp32, prec::bf16};
+  head.ns = {7, 33};
+  head.chunk_rows = {11, 2048};
+  run_space(head, 450000, exec, s);
   report(s, "linear_logit_kd matrix (CUDA)");
 }
 
@@ -348,6 +362,7 @@ TEST_CASE("linear_logit_kd matrix, logits on chip: CUDA backend against the fp64
   sp.ns = {1, 7, 33, 130};       // 130: a second token tile of 2 rows
   sp.chunk_rows = {2048};
   sp.on_chip = {0, 1, 3};        // automatic (one tile a CTA here), one CTA sweeping all 9 tiles, 3 tiles each
+  sp.teacher_dts = {0, 40};      // the teacher's logits, or its hidden states and head
   run_space(sp, 800000, exec, s);
   logit_space large = large_space();
   large.hidden = 40;
