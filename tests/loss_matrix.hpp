@@ -550,6 +550,15 @@ struct linear_io {
   index_t dt = 0;
 };
 
+// Calls call(teacher) with the case's teacher as the loss takes it: a kd::teacher_head over the hidden
+// states and head at th / tw, or the logits at t (host or device copies of io's).
+template <class T, class F>
+decltype(auto) with_linear_teacher(const linear_io<T>& io, const T* t, const T* th, const T* tw, F&& call) {
+  if (io.dt > 0)
+    return call(kd::teacher_head<T>{kd::matrix_view<const T>(th, io.t_rows, io.dt), kd::matrix_view<const T>(tw, io.t_cols, io.dt)});
+  return call(kd::matrix_view<const T>(t, io.t_rows, io.t_cols));
+}
+
 template <class T>
 void make_linear_inputs(const logit_case& c, linear_io<T>& io, rng_t& g) {
   io.n = io.t_rows = io.dh_rows = c.n;

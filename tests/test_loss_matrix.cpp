@@ -38,9 +38,7 @@ struct cpu_exec {
                   std::span<const std::int32_t>(io.labels), r, kd::matrix_view<T>(io.dhidden.data(), io.dh_rows, io.h_cols),
                   kd::matrix_view<T>(io.dweight.data(), io.w_rows, io.w_cols));
     };
-    o.st = io.dt > 0 ? call(kd::teacher_head<T>{kd::matrix_view<const T>(io.t_hidden.data(), io.t_rows, io.dt),
-                                                kd::matrix_view<const T>(io.t_weight.data(), io.t_cols, io.dt)})
-                     : call(kd::matrix_view<const T>(io.teacher.data(), io.t_rows, io.t_cols));
+    o.st = with_linear_teacher(io, io.teacher.data(), io.t_hidden.data(), io.t_weight.data(), call);
     o.loss = r.loss;
     o.tokens = r.tokens;
     return o;

@@ -97,9 +97,7 @@ struct cuda_exec {
                   std::span<const std::int32_t>(io.labels.empty() ? nullptr : lab.data, io.labels.size()), out,
                   kd::matrix_view<T>(dh.data, io.dh_rows, io.h_cols), kd::matrix_view<T>(dw.data, io.w_rows, io.w_cols));
     };
-    const auto st = io.dt > 0 ? call(kd::teacher_head<T>{kd::matrix_view<const T>(th.data, io.t_rows, io.dt),
-                                                         kd::matrix_view<const T>(tw.data, io.t_cols, io.dt)})
-                              : call(kd::matrix_view<const T>(t.data, io.t_rows, io.t_cols));
+    const auto st = with_linear_teacher(io, t.data, th.data, tw.data, call);
     const outcome o = finish(st);
     if (o.st.ok()) {
       io.dhidden = dh.download();

@@ -36,15 +36,18 @@ void parallel_blocks(std::int64_t n, double work, F&& fn) {
   if (parts <= 1) return fn(std::int64_t{0}, n);
   std::vector<std::thread> pool;
   const std::int64_t block = (n + parts - 1) / parts;
+  bool threads = true;  // false once a thread could not be started (a loaded machine, a process limit)
   for (std::int64_t p = 1; p < parts && p * block < n; ++p) {
-    try {
-      pool.emplace_back([&fn, p, block, n] { fn(p * block, std::min(n, (p + 1) * block)); });
-    } catch (const std::system_error&) {
-      // No thread to be had (a loaded machine, a process limit): the caller runs the remaining blocks, the
-      // same blocks, so the result is the same.
-      for (std::int64_t q = p; q < parts && q * block < n; ++q) fn(q * block, std::min(n, (q + 1) * block));
-      break;
+    const auto run = [&fn, p, block, n] { fn(p * block, std::min(n, (p + 1) * block)); };
+    if (threads) {
+      try {
+        pool.emplace_back(run);
+        continue;
+      } catch (const std::system_error&) {
+        threads = false;
+      }
     }
+    run();  // the same block on the caller's thread, so the same result
   }
   fn(std::int64_t{0}, std::min(n, block));
   for (auto& th : pool) th.join();
