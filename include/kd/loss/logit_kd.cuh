@@ -42,6 +42,10 @@
 // log2f for their values (kd/loss/logit_kd_math.cuh, mixture_entry). Static shared memory counts: at
 // V = 151,936 in 16 bits three 76 KB slices fit an SM only with the static part at ~700 B (reverse KL at
 // 1.2 KB ran 2 blocks, 0.98x).
+// On an H100 (2026-12-05) forward KL streams at 66-71% of the measured copy, JSD at 37-46%. ncu there
+// (8192 x 128,256): each warp runs as many instructions once per block (block reductions, cluster
+// exchange, set-up) as in its sweeps of ~31 entries a thread, and 26% of stalls sit at the two cluster
+// barriers (benchmarks/NOTES.md, session 15).
 #pragma once
 
 #include <cooperative_groups.h>
