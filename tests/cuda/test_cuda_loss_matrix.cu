@@ -1,6 +1,7 @@
 // The generated loss matrix (tests/loss_matrix.hpp) on the CUDA backend against the fp64 CPU reference:
 // the full option product on mid-sized vocabularies, then a few large cases (V = 151,936 with a vocab map
-// onto 50,304 columns, padded 151,669 / 50,257 real; an odd V = 150,001; N = 4096), then the bad inputs
+// onto 50,304 columns, padded 151,669 / 50,257 real; an odd V = 150,001; N = 4096; 16-byte rows of 1,032
+// columns), then the bad inputs
 // (data errors come back through the context's deferred checks). Every failure prints the case name with
 // its seed; KD_MATRIX_SEED=<n> reproduces a run and KD_MATRIX_ONLY=<substring> runs the matching cases.
 #include <doctest/doctest.h>
@@ -222,6 +223,17 @@ logit_space mid_space() {
   return sp;
 }
 
+// 16-byte rows of a mid-sized vocabulary (1,032 columns; 1,021 real when padded): the bulk-copy paths, with
+// an unaligned tail slice when padded. 1 and 33 rows.
+logit_space aligned_mid_space() {
+  logit_space sp = mid_space();
+  sp.shared = {1032, 1032, 1032, 1032};
+  sp.padded = {1032, 1021, 1032, 1021};
+  sp.layouts = {vocab_layout::shared, vocab_layout::padded};
+  sp.ns = {1, 33};
+  return sp;
+}
+
 // The seed run's vocabularies: Qwen3 151,936 (151,669 real) -> GPT-2 50,304 (50,257 real); an odd shared V.
 logit_space large_space() {
   logit_space sp;
@@ -243,6 +255,10 @@ TEST_CASE("logit_kd matrix: CUDA backend against the fp64 CPU reference") {
   stats s;
   run_space(mid_space(), 0, exec, s);
   run_space(large_space(), 100000, exec, s);
+  // 16-byte rows at a mid size: the per-row kernel's bulk-copy path, which otherwise only the large padded
+  // rows reach (a block reduction of pass 1 that left lanes 16-31 of each warp without the block maximum
+  // failed there alone, 2026-12-06).
+  run_space(aligned_mid_space(), 150000, exec, s);
   // Many tokens: N = 4096 on a mid-sized vocabulary.
   logit_space many = mid_space();
   many.temps = {2};
@@ -284,11 +300,7 @@ TEST_CASE("logit_kd matrix, ring schedule: CUDA backend against the fp64 CPU ref
   cuda_exec exec;
   exec.ctx.set_schedule(kd::cuda::row_schedule::ring);
   stats s;
-  logit_space sp = mid_space();
-  sp.shared = {1032, 1032, 1032, 1032};
-  sp.padded = {1032, 1021, 1032, 1021};
-  sp.layouts = {vocab_layout::shared, vocab_layout::padded};
-  sp.ns = {1, 33};
+  logit_space sp = aligned_mid_space();
   run_space(sp, 500000, exec, s);
   sp.ns = {300};
   sp.temps = {2};
