@@ -256,8 +256,8 @@ TEST_CASE("logit_kd matrix: CUDA backend against the fp64 CPU reference") {
   run_space(mid_space(), 0, exec, s);
   run_space(large_space(), 100000, exec, s);
   // 16-byte rows at a mid size: the per-row kernel's bulk-copy path, which otherwise only the large padded
-  // rows reach (a block reduction of pass 1 that left lanes 16-31 of each warp without the block maximum
-  // failed there alone, 2026-12-06).
+  // rows reach (a pass-1 reduction bug on an unmerged branch failed there alone: benchmarks/NOTES.md,
+  // session 17).
   run_space(aligned_mid_space(), 150000, exec, s);
   // Many tokens: N = 4096 on a mid-sized vocabulary.
   logit_space many = mid_space();
