@@ -67,8 +67,16 @@
 namespace kd {
 namespace cuda::detail {
 
+// Threads of a per-row block. 256 with up to 64 registers a thread (__launch_bounds__(256, 4)):
+// shared memory already holds the kernel at 3-4 blocks an SM (52-76 KB slices), so 512-thread blocks
+// bought warps, not blocks, at 32 registers (spills of 68-116 B in JSD, skew KL, TVD, reverse KL and
+// the CSR-mapped kernels). Every warp runs the block's straight-line code once (block reductions,
+// cluster exchange, set-up: as many instructions as its sweeps at 512 threads, ncu, benchmarks/NOTES.md
+// session 15), so half the warps a block halve that share.
+inline constexpr int kRowThreads = 256;
+
 template <class D, class TT, class ST, class GT, map_kind MK>
-__global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params p) {
+__global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd_params p) {
   namespace cg = cooperative_groups;
   constexpr bool Map = MK != map_kind::none;
   constexpr bool Csr = MK == map_kind::csr;
@@ -83,8 +91,8 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   TC* tcache = reinterpret_cast<TC*>(smem_raw);
   ST* scache = reinterpret_cast<ST*>(smem_raw + ((p.chunk * sizeof(TC) + 15) / 16) * 16);
-  // block_lse's scratch, and reverse KL's block_lse_w (16 warps: the kernel runs 512 threads) in the same
-  // bytes: static shared memory decides whether three 76 KB slices fit an SM (V = 151,936 in 16 bits).
+  // block_lse's (and slice_pair_lse's) scratch, and reverse KL's block_lse_w (one float4 a warp) in the
+  // same bytes: static shared memory decides whether three 76 KB slices fit an SM (V = 151,936 in 16 bits).
   __shared__ union {
     float2 pair[32];
     float4 quad[16];
@@ -190,6 +198,7 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   // row is reported, the rule of scaled_logit_ok that the CPU reference applies per element.
   const float k2 = p.inv_temp * kLog2e;
   lse_acc acc[2];  // [0] teacher (or mapped mass), [1] student
+  bool block_done = false;  // acc[] already holds the block's sums (slice_pair_lse)
   auto gather_student = [&]() {
     for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
       const ST sv = srow[p.map_support[j0 + j]];
@@ -238,13 +247,16 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
     // Both slices in flight at once through the bulk-copy engine (since the kernel's start).
     const long long bt = bulk_bytes<TT>(n_local), bs = bulk_bytes<ST>(n_local);
     mbar_wait(&bar, 0);
-    lse_of_slice<true>(trow + j0, tcache, n_local, bt / static_cast<long long>(sizeof(TT)), k2, acc[0]);
     if constexpr (Online) {
+      lse_of_slice<true>(trow + j0, tcache, n_local, bt / static_cast<long long>(sizeof(TT)), k2, acc[0]);
       for (long long i = bs / static_cast<long long>(sizeof(ST)) + threadIdx.x; i < n_local; i += blockDim.x)
         scache[i] = srow[j0 + i];
       __syncthreads();
     } else {
-      lse_of_slice<true>(srow + j0, scache, n_local, bs / static_cast<long long>(sizeof(ST)), k2, acc[1]);
+      // Both log-sum-exps for the whole block at once, around the block's maxima.
+      slice_pair_lse<true>(trow + j0, tcache, bt / static_cast<long long>(sizeof(TT)), srow + j0, scache,
+                           bs / static_cast<long long>(sizeof(ST)), n_local, k2, red_lse.pair, acc[0], acc[1]);
+      block_done = true;
     }
   } else {
     copy_slice_with_lse<true>(trow + j0, tcache, n_local, k2, acc[0]);
@@ -254,14 +266,17 @@ __global__ void __launch_bounds__(512, 4) logit_kd_kernel(const logit_kd_params 
   // Reverse KL: the student's sweep of exponentials also sums q (ys - yt) (over shared memory, after the
   // copies), and the cluster combines both in one exchange.
   lse_wacc sw;
-  if constexpr (Online) sw = thread_lse_weighted<true>(scache, tcache, n_local, k2, acc[0].m);
-  acc[0] = block_lse(acc[0], red_lse.pair);
   if constexpr (Online) {
+    sw = thread_lse_weighted<true>(scache, tcache, n_local, k2, acc[0].m);
+    acc[0] = block_lse(acc[0], red_lse.pair);
     sw = block_lse_w(sw, red_lse.quad);
     cluster_combine_lse_w(slots6, acc[0], sw);  // as below: every read of the row is done after it
     acc[1] = sw.lse();
   } else {
-    acc[1] = block_lse(acc[1], red_lse.pair);
+    if (!block_done) {
+      acc[0] = block_lse(acc[0], red_lse.pair);
+      acc[1] = block_lse(acc[1], red_lse.pair);
+    }
     cluster_combine_lse<2>(slots, acc);  // its cluster barriers end pass 1: every read of the row is done
   }
   const float tlse = acc[0].value();  // log2 of the teacher's (or the mapped mass's) partition sum
@@ -441,6 +456,7 @@ struct logit_kd_launch {
   long long clusters = 0;  // the grid in clusters: one per row, or the ring kernel's resident clusters
   std::size_t smem = 0;
   void (*kernel)(const logit_kd_params) = nullptr;
+  int threads = kRowThreads;  // a block's: the per-row kernel's, or the ring's (plan_ring)
   ::kd::detail::kd_scaling scaling;  // for bind_divisor
 };
 
@@ -480,6 +496,7 @@ status plan_ring(context& ctx, logit_kd_launch& l) {
     if (c < 2 || c > 4 || !even || p.rows < 2LL * active) return {};
   }
   l.kernel = kernel;
+  l.threads = kRingThreads;
   l.cluster = c;
   l.clusters = std::min<long long>(p.rows, active);
   l.smem = smem;
@@ -598,8 +615,8 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
 // Enqueues a planned launch whose partial, error and divisor fields are bound.
 inline status enqueue_logit_kd(context& ctx, const logit_kd_launch& l) {
   KD_TRY(ctx.allow_dynamic_smem(l.kernel, l.smem));
-  // 512 threads: the per-row kernel's launch bounds, and the ring's (kRingThreads).
-  const cluster_launch c((l.clusters > 0 ? l.clusters : l.p.rows) * l.cluster, l.cluster, 512, l.smem, ctx.stream());
+  const cluster_launch c((l.clusters > 0 ? l.clusters : l.p.rows) * l.cluster, l.cluster, l.threads, l.smem,
+                         ctx.stream());
   KD_CUDA_TRY(cudaLaunchKernelEx(&c.cfg, l.kernel, l.p), "logit_kd kernel launch");
   return {};
 }

@@ -41,7 +41,7 @@
 namespace kd::cuda::detail {
 
 inline constexpr int kRingMaxStages = 4;
-inline constexpr int kRingThreads = 512;  // as the per-row kernel (enqueue_logit_kd launches both)
+inline constexpr int kRingThreads = 512;  // plan_ring sets it as the launch's threads (logit_kd_launch)
 // Dynamic shared memory the slices may take per block: the 227 KB opt-in limit less the static part.
 inline constexpr std::size_t kRingSmemLimit = 227 * 1024 - 3 * 1024;
 // A block's slice of one row (teacher + student) is kept at or under this when 8 blocks allow it: three

@@ -147,6 +147,46 @@ __device__ inline lse_acc block_lse(lse_acc a, float2* scratch) {
   return warp_lse(b);
 }
 
+// Block-wide maxima and sums of two values at once (a row pair's pass 1, slice_pair_lse in
+// kd/cuda/detail/storage.cuh): plain FMNMX / FADD butterflies, where block_lse pays two exponentials and
+// -inf guards a level. Every thread gets the results; `scratch` holds >= 32 entries. The second level
+// is a full 32-lane butterfly: lanes past the warp count hold the identity, and a shorter butterfly
+// would leave lanes 16-31 with only those (the bug of session 17, benchmarks/NOTES.md).
+__device__ inline void block_max2(float& a, float& b, float2* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) {
+    a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, o));
+  }
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = make_float2(a, b);
+  __syncthreads();
+  const float2 v = lane < warps ? scratch[lane] : make_float2(-INFINITY, -INFINITY);
+  a = v.x;
+  b = v.y;
+  for (int o = 16; o > 0; o >>= 1) {
+    a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+    b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, o));
+  }
+}
+__device__ inline void block_sum2(float& a, float& b, float2* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+  __syncthreads();
+  if (lane == 0) scratch[warp] = make_float2(a, b);
+  __syncthreads();
+  const float2 v = lane < warps ? scratch[lane] : make_float2(0.f, 0.f);
+  a = v.x;
+  b = v.y;
+  for (int o = 16; o > 0; o >>= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, o);
+    b += __shfl_xor_sync(0xffffffffu, b, o);
+  }
+}
+
 // (scratch: one entry per warp of the block)
 __device__ inline lse_wacc block_lse_w(lse_wacc a, float4* scratch) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;

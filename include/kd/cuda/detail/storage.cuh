@@ -234,14 +234,14 @@ __device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long
 // exactly where lse_acc::strict would (the smallest x gives the smallest y: scale > 0). NaN inputs reach
 // the sum through their exponentials; a thread with no finite x keeps m = -inf (an empty accumulator,
 // or NaN in s).
-template <bool Strict, class T>
-__device__ lse_acc thread_lse(const T* __restrict__ smem, long long n, float scale) {
+// This thread's sum of 2^(x * scale - m) over the slice elements it visits (16-byte vectors
+// i = threadIdx.x + k * blockDim.x, then the scalar tail): one FFMA and one MUFU.EX2 an element, no
+// branch or rescale (m is at least every y of the thread, or of its block: slice_pair_lse).
+template <class T>
+__device__ __forceinline__ float thread_exp2_sum(const T* __restrict__ smem, long long n, float scale, float m) {
   constexpr int vn = vec_n<T>;
   const long long nv = n / vn;
   const uint4* s4 = reinterpret_cast<const uint4*>(smem);
-  float hi, lo;
-  thread_extremes<Strict>(smem, n, hi, lo);
-  const float m = hi == -INFINITY ? 0.f : hi * scale;  // no finite x: 2^(x * scale) stays 0 (or NaN)
   float s0 = 0.f, s1 = 0.f;
   for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
     float f[vn];
@@ -253,7 +253,23 @@ __device__ lse_acc thread_lse(const T* __restrict__ smem, long long n, float sca
     }
   }
   for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) s0 += fast_exp2(fmaf(to_float(smem[i]), scale, -m));
-  lse_acc acc{hi == -INFINITY ? -INFINITY : m, s0 + s1};
+  return s0 + s1;
+}
+
+// This thread's base-2 log-sum-exp of y = x * scale over the elements of a shared-memory slice it visits:
+// a sweep for the thread's largest and smallest x (packed 16-bit min / max, two elements an
+// instruction), then thread_exp2_sum around the largest. No per-element branch, rescale or -inf test:
+// the online form took 9 instructions an element against 5 here (kd/loss/logit_kd.cuh's pass 1 and
+// cross-entropy's). Strict: a y of -inf (x * scale overflowed, or x = -inf) poisons the sum with NaN,
+// exactly where lse_acc::strict would (the smallest x gives the smallest y: scale > 0). NaN inputs reach
+// the sum through their exponentials; a thread with no finite x keeps m = -inf (an empty accumulator,
+// or NaN in s).
+template <bool Strict, class T>
+__device__ lse_acc thread_lse(const T* __restrict__ smem, long long n, float scale) {
+  float hi, lo;
+  thread_extremes<Strict>(smem, n, hi, lo);
+  const float m = hi == -INFINITY ? 0.f : hi * scale;  // no finite x: 2^(x * scale) stays 0 (or NaN)
+  lse_acc acc{hi == -INFINITY ? -INFINITY : m, thread_exp2_sum(smem, n, scale, m)};
   if constexpr (Strict)
     if (lo * scale == -INFINITY) acc.s = NAN;
   return acc;
@@ -319,6 +335,37 @@ __device__ void lse_of_slice(const T* __restrict__ src, T* __restrict__ dst, lon
   for (long long i = from + threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
   __syncthreads();
   acc = lse_acc::combine(acc, thread_lse<Strict>(dst, n, scale));
+}
+
+// Pass 1 of a row pair (teacher and student slices, both bulk-copied; the per-row kernel's unmapped
+// aligned rows): copies each slice's unaligned tail [from, n) through registers, then forms both
+// slices' base-2 log-sum-exps of y = x * scale for the whole block, around the block's maxima: one
+// FMNMX butterfly for the two maxima, the exponentials, one FADD butterfly for the two sums. Two
+// block_lse calls (a butterfly of (m, s) pairs with two MUFU.EX2 and -inf guards a level, at warp and
+// block level) cost every warp ~260 instructions a row slice, as much as its sweeps of ~31 entries a
+// thread (ncu, H100, benchmarks/NOTES.md session 15); this form ~70. Every thread gets the block's
+// accumulators t and s. Strict per thread, as thread_lse: a y of -inf poisons that thread's sum with
+// NaN, and so the block's. A block with no finite x keeps m = -inf (s = 0, or NaN).
+template <bool Strict, class TT, class ST>
+__device__ void slice_pair_lse(const TT* __restrict__ tsrc, TT* __restrict__ tdst, long long tfrom,
+                               const ST* __restrict__ ssrc, ST* __restrict__ sdst, long long sfrom, long long n,
+                               float scale, float2* scratch, lse_acc& t, lse_acc& s) {
+  for (long long i = tfrom + threadIdx.x; i < n; i += blockDim.x) tdst[i] = tsrc[i];
+  for (long long i = sfrom + threadIdx.x; i < n; i += blockDim.x) sdst[i] = ssrc[i];
+  __syncthreads();
+  float ht, lt, hs, ls;
+  thread_extremes<Strict>(tdst, n, ht, lt);
+  thread_extremes<Strict>(sdst, n, hs, ls);
+  block_max2(ht, hs, scratch);
+  const float mt = ht == -INFINITY ? 0.f : ht * scale, ms = hs == -INFINITY ? 0.f : hs * scale;
+  float st = thread_exp2_sum(tdst, n, scale, mt), ss = thread_exp2_sum(sdst, n, scale, ms);
+  if constexpr (Strict) {
+    if (lt * scale == -INFINITY) st = NAN;
+    if (ls * scale == -INFINITY) ss = NAN;
+  }
+  block_sum2(st, ss, scratch);
+  t = lse_acc{ht == -INFINITY ? -INFINITY : mt, st};
+  s = lse_acc{hs == -INFINITY ? -INFINITY : ms, ss};
 }
 
 template <class T>
