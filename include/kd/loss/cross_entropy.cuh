@@ -17,6 +17,7 @@
 #include <string>
 
 #include <kd/cuda/context.cuh>
+#include <kd/cuda/detail/cluster_mailbox.cuh>
 #include <kd/cuda/detail/reduce.cuh>
 #include <kd/cuda/detail/storage.cuh>
 #include <kd/loss/cross_entropy.hpp>
@@ -74,10 +75,12 @@ __global__ void __launch_bounds__(kCeThreads, 4) cross_entropy_kernel(const cros
   const long long row = static_cast<long long>(blockIdx.x) / c_blocks;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   ST* cache = reinterpret_cast<ST*>(smem_raw);
-  __shared__ float2 red_lse[32];
-  __shared__ float red_sum[32];
-  __shared__ double red_d[32];
-  __shared__ cluster_slots<2> slots;
+  __shared__ union {  // every block reduction's scratch (each begins with a barrier before it writes)
+    float2 pair[32];
+    float sum[32];
+    double d[32];
+  } red;
+  __shared__ cluster_mailbox<2> box;  // the row's log-sum-exp (kd/cuda/detail/cluster_mailbox.cuh)
   __shared__ unsigned long long bar;  // bulk-copy completion
   const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.vocab);
   const long long n_local = std::min<long long>(j0 + p.chunk, p.vocab) - j0;
@@ -96,18 +99,20 @@ __global__ void __launch_bounds__(kCeThreads, 4) cross_entropy_kernel(const cros
   // count below (N = 1 stays at 9.1 us of GPU time on an H200: launch and cluster barriers dominate).
   if (threadIdx.x == 0) {
     mbar_init(&bar);
+    mailbox_init(box);
     if (active && p.vector_ok) start_bulk(&bar, cache, srow + j0, bulk_bytes<ST>(n_local), nullptr, nullptr, 0);
   }
   __syncthreads();
+  cluster_arrive();  // the mailbox is initialised; waited for before the post (or the exit)
   const long long tokens =  // this block's count (count_inline), else read from count_dev where needed
-      p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red_sum)) : 0;
+      p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red.sum)) : 0;
   const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);
   // Every block ends here (each exit path, uniformly per block): the last one forms the call's values.
   auto finish = [&] {
     if (!last_block_of_grid(p.ticket)) return;
     const long long n = p.rows * c_blocks;
-    const double ce = block_sum_ordered(p.partial_ce, n, red_d);
-    const double z = p.out_z != nullptr ? block_sum_ordered(p.partial_z, n, red_d) : 0.0;
+    const double ce = block_sum_ordered(p.partial_ce, n, red.d);
+    const double z = p.out_z != nullptr ? block_sum_ordered(p.partial_z, n, red.d) : 0.0;
     if (threadIdx.x == 0) {
       *p.out_ce = static_cast<float>(ce / call_divisor);
       if (p.out_z != nullptr) *p.out_z = static_cast<float>(z / call_divisor);
@@ -123,6 +128,7 @@ __global__ void __launch_bounds__(kCeThreads, 4) cross_entropy_kernel(const cros
   if (!active) {
     zero_slice(j0, j0 + n_local);
     if (threadIdx.x == 0) p.partial_ce[out_i] = p.partial_z[out_i] = 0.f;
+    cluster_wait();
     finish();
     return;
   }
@@ -134,8 +140,14 @@ __global__ void __launch_bounds__(kCeThreads, 4) cross_entropy_kernel(const cros
   } else {
     copy_slice_with_lse(srow + j0, cache, n_local, kLog2e, acc[0]);
   }
-  acc[0] = block_lse(acc[0], red_lse);
-  cluster_combine_lse<1>(slots, acc);
+  acc[0] = block_lse(acc[0], red.pair);
+  // Each block posts after its last read of the row (the gradient may alias the logits), and writes no
+  // gradient before every block's post has arrived.
+  cluster_wait();  // every block's mailbox is initialised
+  const float v[2] = {acc[0].m, acc[0].s};
+  mailbox_post(box, rank, c_blocks, v);
+  mailbox_wait(box);
+  acc[0] = mailbox_lse(box, c_blocks, 0);
   const float lse2 = acc[0].value();
   const float lse = lse2 * kLn2;
   if (!isfinite(lse)) {

@@ -57,6 +57,7 @@
 #include <string>
 
 #include <kd/cuda/context.cuh>
+#include <kd/cuda/detail/cluster_mailbox.cuh>
 #include <kd/cuda/detail/reduce.cuh>
 #include <kd/cuda/detail/storage.cuh>
 #include <kd/loss/logit_kd.hpp>
@@ -91,20 +92,22 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
   extern __shared__ __align__(16) unsigned char smem_raw[];
   TC* tcache = reinterpret_cast<TC*>(smem_raw);
   ST* scache = reinterpret_cast<ST*>(smem_raw + ((p.chunk * sizeof(TC) + 15) / 16) * 16);
-  // block_lse's (and slice_pair_lse's) scratch, and reverse KL's block_lse_w (one float4 a warp) in the
-  // same bytes: static shared memory decides whether three 76 KB slices fit an SM (V = 151,936 in 16 bits).
+  // Every block reduction's scratch in the same bytes (each begins with a barrier before it writes):
+  // static shared memory decides whether three 76 KB slices fit an SM (V = 151,936 in 16 bits).
   __shared__ union {
     float2 pair[32];
     float4 quad[16];
-  } red_lse;
-  __shared__ float red_sum[32];
-  __shared__ double red_d[32];
-  __shared__ cluster_slots<4> slots;
-  __shared__ cluster_slots<1> slots1;
+    float sum[32];
+    double d[32];
+  } red;
   using E = typename entry_for<D, GT>::type;
   // Reverse KL without a map: the row's KL rides on pass 1 (kd_entry<reverse_kl>::online).
   constexpr bool Online = online_c<E> && MK == map_kind::none;
-  __shared__ std::conditional_t<Online, cluster_slots<6>, char> slots6;
+  constexpr bool RowSum = !E::one_sweep && !Online;  // a second exchange, of the row's sum C
+  // The cluster's exchanges (kd/cuda/detail/cluster_mailbox.cuh): pass 1's log-sum-exps (with reverse KL's
+  // weighted sum), and C.
+  __shared__ std::conditional_t<Online, cluster_mailbox<6>, cluster_mailbox<4>> box;
+  __shared__ std::conditional_t<RowSum, cluster_mailbox<1>, char> box1;
   __shared__ unsigned long long bar;  // bulk-copy completion
   const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.support);
   const long long j1 = std::min<long long>(j0 + p.chunk, p.support);
@@ -143,6 +146,8 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
   // below (at N = 1 that left the GPU time at 10.2 us: the launch and the cluster's barriers dominate).
   if (threadIdx.x == 0) {
     mbar_init(&bar);
+    mailbox_init(box);
+    if constexpr (RowSum) mailbox_init(box1);
     if (!Csr && active && p.vector_ok) {  // the CSR map gathers its teacher columns instead
       if constexpr (MK == map_kind::none)
         start_bulk(&bar, tcache, trow + j0, bulk_bytes<TT>(n_local), scache, srow + j0, bulk_bytes<ST>(n_local));
@@ -154,11 +159,12 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
     }
   }
   __syncthreads();
+  cluster_arrive();  // the mailboxes are initialised; waited for before the first post (or the exit)
   const long long tokens =  // this block's count (count_inline), else read from count_dev where needed
-      p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red_sum)) : 0;
+      p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red.sum)) : 0;
   const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);
   // Every block ends here (each exit path, uniformly per block): the last one forms the call's value.
-  auto finish = [&] { finish_call(p, p.rows * c_blocks, call_divisor, tokens, red_d); };
+  auto finish = [&] { finish_call(p, p.rows * c_blocks, call_divisor, tokens, red.d); };
 
   // Gradient columns no support entry covers: padding (shared vocab) or unmapped ids (map). The gradient
   // may alias the student logits (linear + KD runs in place), but these columns are never read, so they
@@ -188,6 +194,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
       zero_range(a, std::min<long long>(a + per, p.student_cols));
     }
     if (threadIdx.x == 0) *partial = 0.f;
+    cluster_wait();
     finish();
     return;  // uniform across the cluster: no block waits at a barrier the others skip
   }
@@ -255,7 +262,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
     } else {
       // Both log-sum-exps for the whole block at once, around the block's maxima.
       slice_pair_lse<true>(trow + j0, tcache, bt / static_cast<long long>(sizeof(TT)), srow + j0, scache,
-                           bs / static_cast<long long>(sizeof(ST)), n_local, k2, red_lse.pair, acc[0], acc[1]);
+                           bs / static_cast<long long>(sizeof(ST)), n_local, k2, red.pair, acc[0], acc[1]);
       block_done = true;
     }
   } else {
@@ -266,18 +273,30 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
   // Reverse KL: the student's sweep of exponentials also sums q (ys - yt) (over shared memory, after the
   // copies), and the cluster combines both in one exchange.
   lse_wacc sw;
+  // The exchange ends pass 1 for the whole row: each block posts after its last read of the row's inputs
+  // (in global memory; the gradient may alias the student's logits), and no block writes a gradient
+  // before every block's post has arrived.
+  cluster_wait();  // every block's mailbox is initialised
   if constexpr (Online) {
     sw = thread_lse_weighted<true>(scache, tcache, n_local, k2, acc[0].m);
-    acc[0] = block_lse(acc[0], red_lse.pair);
-    sw = block_lse_w(sw, red_lse.quad);
-    cluster_combine_lse_w(slots6, acc[0], sw);  // as below: every read of the row is done after it
+    acc[0] = block_lse(acc[0], red.pair);
+    sw = block_lse_w(sw, red.quad);
+    const float v[6] = {acc[0].m, acc[0].s, sw.m, sw.s, sw.w, sw.rt};
+    mailbox_post(box, rank, c_blocks, v);
+    mailbox_wait(box);
+    acc[0] = mailbox_lse(box, c_blocks, 0);
+    sw = mailbox_lse_w(box, c_blocks, 2);
     acc[1] = sw.lse();
   } else {
     if (!block_done) {
-      acc[0] = block_lse(acc[0], red_lse.pair);
-      acc[1] = block_lse(acc[1], red_lse.pair);
+      acc[0] = block_lse(acc[0], red.pair);
+      acc[1] = block_lse(acc[1], red.pair);
     }
-    cluster_combine_lse<2>(slots, acc);  // its cluster barriers end pass 1: every read of the row is done
+    const float v[4] = {acc[0].m, acc[0].s, acc[1].m, acc[1].s};
+    mailbox_post(box, rank, c_blocks, v);
+    mailbox_wait(box);
+    acc[0] = mailbox_lse(box, c_blocks, 0);
+    acc[1] = mailbox_lse(box, c_blocks, 2);
   }
   const float tlse = acc[0].value();  // log2 of the teacher's (or the mapped mass's) partition sum
   const float slse = acc[1].value();
@@ -391,12 +410,12 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
     }
     loss = e.loss_of(loss);
   }
-  if constexpr (!E::one_sweep && !Online) {
+  if constexpr (RowSum) {
     if (p.want_grad) {
-      cq = block_sum(cq, red_sum);
-      float c1[1] = {cq};
-      cluster_combine_sum<1>(slots1, c1);
-      e.set_c(c1[0]);
+      const float c1[1] = {block_sum(cq, red.sum)};
+      mailbox_post(box1, rank, c_blocks, c1);
+      mailbox_wait(box1);
+      e.set_c(mailbox_sum(box1, c_blocks, 0));
       if (keep) {
         if constexpr (Keep) sweep_kept([&](float ds, float w) { return e.grad_w(ds, w); });
       } else {
@@ -440,7 +459,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
       }
     }
   }
-  loss = block_sum(loss, red_sum);
+  loss = block_sum(loss, red.sum);
   if (threadIdx.x == 0) *partial = loss * p.loss_scale;
   finish();
 }
