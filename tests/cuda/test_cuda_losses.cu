@@ -196,11 +196,11 @@ TEST_CASE_TEMPLATE("fused forward KL across sizes", T, float, kd::bfloat16, kd::
   check_logit_kd<kd::jsd, T>({6, 151936, 2.0});
 }
 
-// Many rows: the planner's automatic choice is the ring kernel (persistent clusters, kd/loss/
-// logit_kd_ring.cuh) from two rows per resident cluster; the same calls with one cluster per row.
+// Many rows: the ring kernel (persistent clusters, kd/loss/logit_kd_ring.cuh, forced: the planner takes it
+// automatically only for fp32 rows now), the planner's choice, and one cluster per row.
 TEST_CASE_TEMPLATE("fused logit KD over many rows, both row schedules", T, float, kd::bfloat16, kd::half) {
   using kd::cuda::row_schedule;
-  for (const auto sch : {row_schedule::automatic, row_schedule::per_row}) {
+  for (const auto sch : {row_schedule::ring, row_schedule::automatic, row_schedule::per_row}) {
     CAPTURE(static_cast<int>(sch));
     check_logit_kd<kd::forward_kl, T>({700, 32000, 2.0, true}, nullptr, 0, nullptr, sch);
     check_logit_kd<kd::reverse_kl, T>({500, 50304, 1.0, true, 50257}, nullptr, 0, nullptr, sch);

@@ -487,6 +487,10 @@ template <class D, class T>
 status plan_ring(context& ctx, logit_kd_launch& l) {
   logit_kd_params& p = l.p;
   if (p.rows <= 0 || ctx.schedule() == row_schedule::per_row) return {};
+  // 16-bit rows: not automatically since the per-row kernel's exchanges became pushes
+  // (cluster_mailbox.cuh): at V = 32,000 it measured 0.99-1.33x the ring (reverse KL level, the others
+  // ahead; H100, 2026-12-06, benchmarks/RESULTS.md session 18).
+  if (ctx.schedule() == row_schedule::automatic && sizeof(T) == 2) return {};
   const auto chunk_of = [&](int c) { return row_chunk(p.support, c); };
   const auto slice_of = [](long long chunk) {
     return 2 * static_cast<std::size_t>((chunk * static_cast<long long>(sizeof(T)) + 15) / 16 * 16);

@@ -48,8 +48,20 @@ __device__ inline void mailbox_init(cluster_mailbox<N>& mb) {
 
 // Sends this block's N values to slot [rank] of every block of the cluster (lane r of the first warp to
 // block r), and arrives on this block's own mbarrier expecting C slots. Call from every thread.
+// A cluster of one block stores its slot and arrives without the async proxy: st.async into the
+// shared::cluster window is only defined for clusters of two or more (compute-sanitizer's memcheck
+// reports it otherwise).
 template <int N>
 __device__ inline void mailbox_post(cluster_mailbox<N>& mb, unsigned rank, unsigned c_blocks, const float (&vals)[N]) {
+  if (c_blocks == 1) {
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) mb.v[0][i] = vals[i];
+      // Release (the default): mailbox_wait's acquire sees the slot.
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(&mb.bar)) : "memory");
+    }
+    return;
+  }
   if (threadIdx.x == 0) mbar_expect_tx(&mb.bar, c_blocks * N * static_cast<unsigned>(sizeof(float)));
   if (threadIdx.x < c_blocks) {
     const unsigned dst = cluster_addr(&mb.v[rank][0], threadIdx.x), bar = cluster_addr(&mb.bar, threadIdx.x);
