@@ -196,8 +196,8 @@ TEST_CASE_TEMPLATE("fused forward KL across sizes", T, float, kd::bfloat16, kd::
   check_logit_kd<kd::jsd, T>({6, 151936, 2.0});
 }
 
-// Many rows: the ring kernel (persistent clusters, kd/loss/logit_kd_ring.cuh, forced: the planner takes it
-// automatically only for fp32 rows now), the planner's choice, and one cluster per row.
+// Many rows: the ring kernel (persistent clusters, kd/loss/logit_kd_ring.cuh; forced, as the planner no
+// longer takes it), the planner's choice, and one cluster per row.
 TEST_CASE_TEMPLATE("fused logit KD over many rows, both row schedules", T, float, kd::bfloat16, kd::half) {
   using kd::cuda::row_schedule;
   for (const auto sch : {row_schedule::ring, row_schedule::automatic, row_schedule::per_row}) {

@@ -7,6 +7,9 @@
 // up to kInlineCountRows rows (in-block token count, last-block reduction), as logit_kd's.
 // What bounds it (H200, 2026-12-04, commit ca37689, bf16): 2.3-3.0 TB/s of minimum bytes for N >= 8192
 // (54-70% of copy), 2.1-2.5 at N = 2048; the same serial copy-then-compute phases per block as logit_kd.
+// On an H100 (2026-12-06, RESULTS.md session 18), in 256-thread blocks with the row's log-sum-exp
+// exchanged by pushes (kd/cuda/detail/cluster_mailbox.cuh): 89-91% of the copy measured in the same run
+// at N = 8192 (V = 50,304 and 151,936), 81-85% at N = 2048.
 #pragma once
 
 #include <cooperative_groups.h>

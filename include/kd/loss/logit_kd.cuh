@@ -27,7 +27,8 @@
 // last block to finish forms the loss value (the context's grid ticket); above that a token-count kernel
 // runs first. Host cost per call 4.4-5.1 us, GPU 10.2 us at N = 1 (kd_bench_small_calls, H200).
 // Many rows of an unmapped call may run instead in the ring kernel (kd/loss/logit_kd_ring.cuh: persistent
-// clusters, row slices refilled by bulk copies while the threads compute); plan_ring says where.
+// clusters, row slices refilled by bulk copies while the threads compute) when the context asks for it
+// (plan_ring).
 // What bounds it (H200, 2026-12-04, bf16, T = 2, benchmarks/RESULTS.md session 6): instruction issue,
 // not HBM. ncu (8192 x 128,256, ncu's locked clocks): forward KL issues in 66% of cycles with DRAM at
 // 40%; JSD, before its base-2 rewrite, in 77% with DRAM at 19%. Each block alternates between waiting
@@ -42,10 +43,20 @@
 // log2f for their values (kd/loss/logit_kd_math.cuh, mixture_entry). Static shared memory counts: at
 // V = 151,936 in 16 bits three 76 KB slices fit an SM only with the static part at ~700 B (reverse KL at
 // 1.2 KB ran 2 blocks, 0.98x).
-// On an H100 (2026-12-05) forward KL streams at 66-71% of the measured copy, JSD at 37-46%. ncu there
-// (8192 x 128,256): each warp runs as many instructions once per block (block reductions, cluster
-// exchange, set-up) as in its sweeps of ~31 entries a thread, and 26% of stalls sit at the two cluster
-// barriers (benchmarks/NOTES.md, session 15).
+// On an H100 (2026-12-05) forward KL streamed at 66-71% of the measured copy, JSD at 37-46%. ncu there
+// (8192 x 128,256): each warp ran as many instructions once per block (block reductions, cluster
+// exchange, set-up) as in its sweeps of ~31 entries a thread, and 26% of stalls sat at the two cluster
+// barriers of each exchange (benchmarks/NOTES.md, session 15). Session 18 (H100, 2026-12-06, same-run
+// A/B, RESULTS.md) took three steps at those: pass 1 of unmapped aligned rows around the block's maxima
+// (slice_pair_lse), 256-thread blocks (kRowThreads), and exchanges by pushes into each block's mailbox
+// (kd/cuda/detail/cluster_mailbox.cuh: one wait on the slowest block's data, no barrier after it).
+// bf16, T = 2, N = 2048-8192, minimum bytes against the copy measured in the same run (3.02-3.04 TB/s):
+// forward KL 81-91% of copy at V >= 50,304 (66-72% at 32,000), reverse KL 75-88% (57-64%), TVD 69-76%
+// (56-63%), JSD 58-64% (50-55%), skew KL 57-62% (49-54%); fp32 forward / reverse KL at 16384 x 50,304
+// 90-91% / 88-89%. What bounds the two-sweep divergences now: their MUFU work (JSD in bf16: 8 MUFU operations
+// an entry over pass 1 and two sweeps, ~2.0 ms of the 16 a clock an SM at 8192 x 128,256, against 2.1 ms
+// for the bytes), which the block's serial phases (copy, pass 1, exchange, sweeps) overlap with the copy
+// only across the 3-4 blocks an SM holds. Not profiled since the change (no device time left).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -73,7 +84,9 @@ namespace cuda::detail {
 // bought warps, not blocks, at 32 registers (spills of 68-116 B in JSD, skew KL, TVD, reverse KL and
 // the CSR-mapped kernels). Every warp runs the block's straight-line code once (block reductions,
 // cluster exchange, set-up: as many instructions as its sweeps at 512 threads, ncu, benchmarks/NOTES.md
-// session 15), so half the warps a block halve that share.
+// session 15), so half the warps a block halve that share. With pass 1 around the block's maxima
+// (slice_pair_lse) it measured 1.05-1.08x on forward KL, 1.07-1.13x reverse KL, 1.12-1.20x JSD,
+// 1.05-1.16x skew KL and TVD at V >= 50,304 (H100, 2026-12-06, same-run A/B, RESULTS.md session 18).
 inline constexpr int kRowThreads = 256;
 
 template <class D, class TT, class ST, class GT, map_kind MK>
@@ -482,15 +495,16 @@ struct logit_kd_launch {
 // The ring kernel's geometry (kd/loss/logit_kd_ring.cuh) for a planned unmapped call, when it applies:
 // the smallest cluster whose per-block slice of a row fits kRingSliceTarget (else 8 blocks), as many
 // slices per block as fit (3 or 4; fewer than 3 leave the per-row kernel), and a grid of the clusters
-// that fit on the device at once. Automatic scheduling takes it where it measured faster (below).
+// that fit on the device at once. Only when the context's schedule asks for it (row_schedule::ring):
+// automatic scheduling took it at V = 32,000 (1.16-1.29x the per-row kernel, H200, 2026-12-04,
+// RESULTS.md session 7) until the per-row kernel's exchanges became pushes (cluster_mailbox.cuh). Now one
+// cluster per row measures 0.96-0.98x the ring for reverse KL and 1.06-1.26x for the other divergences
+// at V = 32,000 (bf16, N = 2048 and 8192), 0.98-0.99x and 1.10-1.11x (reverse, forward KL) in fp32, and
+// more where V is larger (H100, 2026-12-06, RESULTS.md session 18).
 template <class D, class T>
 status plan_ring(context& ctx, logit_kd_launch& l) {
   logit_kd_params& p = l.p;
-  if (p.rows <= 0 || ctx.schedule() == row_schedule::per_row) return {};
-  // 16-bit rows: not automatically since the per-row kernel's exchanges became pushes
-  // (cluster_mailbox.cuh): at V = 32,000 it measured 0.99-1.33x the ring (reverse KL level, the others
-  // ahead; H100, 2026-12-06, benchmarks/RESULTS.md session 18).
-  if (ctx.schedule() == row_schedule::automatic && sizeof(T) == 2) return {};
+  if (p.rows <= 0 || ctx.schedule() != row_schedule::ring) return {};
   const auto chunk_of = [&](int c) { return row_chunk(p.support, c); };
   const auto slice_of = [](long long chunk) {
     return 2 * static_cast<std::size_t>((chunk * static_cast<long long>(sizeof(T)) + 15) / 16 * 16);
@@ -507,17 +521,6 @@ status plan_ring(context& ctx, logit_kd_launch& l) {
   int active = 0;
   KD_TRY(ctx.max_active_clusters(kernel, c, kRingThreads, smem, active));
   if (active < 1) return {};
-  if (ctx.schedule() == row_schedule::automatic) {
-    // Where it measured faster than one cluster per row (H200, 2026-12-04, benchmarks/RESULTS.md session
-    // 7: 1.16-1.29x at V = 32,000, bf16 and fp32, every divergence): 2-4 blocks a cluster whose threads
-    // share a slice's 16-byte vectors evenly (>= 90% of the last sweep step busy), and at least two
-    // rows per resident cluster. Uneven shares (V = 50,304 on 4 blocks: 77%) measured 0.76-0.86x, and
-    // 8-block clusters 0.88-1.03x: the per-row kernel keeps those.
-    const long long vecs = (chunk * static_cast<long long>(sizeof(T)) + 15) / 16;
-    const long long steps = (vecs + kRingThreads - 1) / kRingThreads;
-    const bool even = vecs * 10 >= steps * kRingThreads * 9;
-    if (c < 2 || c > 4 || !even || p.rows < 2LL * active) return {};
-  }
   l.kernel = kernel;
   l.threads = kRingThreads;
   l.cluster = c;

@@ -14,9 +14,12 @@
 // another row between arrive and wait. Slots alternate by row parity, so a fast block never overwrites
 // what a slow one still reads. The losses add up per thread over the rows; each block writes one
 // partial (a fixed layout for a fixed grid).
-// Scope: unmapped rows, 16-byte aligned, one storage type for teacher, student and gradient (the
-// planner's choice when there are at least two rows per resident cluster and three slices fit: V up to
-// 151,936 in 16-bit storage, about 64,000 in fp32). In place and accumulating gradients, ignored and
+// Scope: unmapped rows, 16-byte aligned, one storage type for teacher, student and gradient, where three
+// slices fit (V up to 151,936 in 16-bit storage, about 64,000 in fp32), when the context's schedule is
+// row_schedule::ring. The planner took it at V = 32,000 until 2026-12-06; since the per-row kernel's
+// exchanges became pushes (kd/cuda/detail/cluster_mailbox.cuh) that kernel measures 0.96-0.99x the ring
+// for reverse KL and 1.06-1.26x for the others there (H100, RESULTS.md session 18), so the ring stays a
+// schedule to ask for, and the base for a ring with the same pushes. In place and accumulating gradients, ignored and
 // invalid labels and non-finite rows behave as in the per-row kernel; the last block to finish forms
 // the call's value.
 // What bounds it (H200, 2026-12-04, benchmarks/RESULTS.md session 7): latency, with one block of 16
