@@ -75,8 +75,8 @@ struct cluster_launch {
 #define KD_CUDA_TRY(expr, what) KD_TRY(::kd::cuda::detail::cuda_status((expr), (what)))
 
 // How logit_kd schedules the rows of an unmapped call (kd/loss/logit_kd.cuh): automatic (the planner's
-// choice: one cluster per row, which measures at or above the ring everywhere since 2026-12-06, see
-// plan_ring), per_row (one cluster per row), or ring (the persistent ring kernel wherever its slices fit).
+// choice: one cluster per row, which measures 0.96-1.26x the ring at V = 32,000 and more above it since
+// 2026-12-06, see plan_ring), per_row (one cluster per row), or ring (the persistent ring kernel wherever its slices fit).
 // A knob for tests and benchmarks, like the slice budget.
 enum class row_schedule { automatic, per_row, ring };
 
