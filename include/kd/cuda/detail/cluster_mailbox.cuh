@@ -1,11 +1,12 @@
 // kd/cuda/detail/cluster_mailbox.cuh: a row's statistics exchanged between the blocks of a cluster by
 // pushes into each block's own shared memory.
 //
-// Why: cluster_combine (kd/cuda/detail/reduce.cuh) publishes a block's values in its own shared memory,
-// waits at a cluster barrier, reads the others' through distributed shared memory, and waits at a second
-// barrier so that no block overwrites or leaves its slot while another still reads it: two round trips
-// over the cluster's SMs and a remote load per block. The per-row kernels spent 26% of their stall
-// samples at those two barriers (ncu, H100, benchmarks/NOTES.md session 15). Here every block writes its
+// Why: the per-row kernels used to publish a block's values in its own shared memory, wait at a cluster
+// barrier, read the others' through distributed shared memory, and wait at a second barrier so that no
+// block overwrote or left its slot while another still read it (cluster_combine, until 2026-12-06): two
+// round trips over the cluster's SMs and a remote load per block, 26% of their stall samples (ncu, H100,
+// benchmarks/NOTES.md session 15). The pushes measured 1.04-1.30x on the unmapped per-row losses and
+// benchmarks/RESULTS.md session 18). Here every block writes its
 // values into slot [rank] of every block of the cluster with st.async, whose bytes complete on the
 // receiving block's mbarrier; each block waits on its own mbarrier for all C slots and reads them from
 // its own shared memory. Arrival of the data is the synchronisation: one wait, on the slowest block's

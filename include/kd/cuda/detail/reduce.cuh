@@ -1,7 +1,6 @@
 // kd/cuda/detail/reduce.cuh: warp, block and cluster reductions used by the row kernels.
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -246,94 +245,5 @@ __device__ inline bool last_block_of_grid(unsigned* ticket) {
 // wait acquires theirs. Every thread of every block calls both, alternately.
 __device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
-
-// Cluster-wide: every block publishes its block result in its own shared slot, the cluster
-// synchronises, and the first warp of each block gathers the C slots through distributed shared memory
-// (lane r reads rank r: C remote loads per block instead of C per thread), combines them with shuffles
-// and broadcasts through local shared memory. The second cluster barrier keeps a fast block from
-// overwriting or exiting while a slow one still reads its slot.
-template <int N>
-struct cluster_slots {
-  float v[N];
-  float result[N];
-};
-
-template <int N, class Combine>
-__device__ inline void cluster_combine(cluster_slots<N>& mine, float (&vals)[N], const float (&identity)[N],
-                                       Combine combine) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  if (threadIdx.x == 0)
-    for (int i = 0; i < N; ++i) mine.v[i] = vals[i];
-  cluster.sync();
-  if (threadIdx.x < 32) {
-    const unsigned lane = threadIdx.x;
-    float got[N];
-    for (int i = 0; i < N; ++i) got[i] = identity[i];
-    if (lane < cluster.num_blocks()) {
-      const cluster_slots<N>* other = cluster.map_shared_rank(&mine, lane);
-      for (int i = 0; i < N; ++i) got[i] = other->v[i];
-    }
-    for (int o = 16; o > 0; o >>= 1) {  // butterfly: every lane ends with the combination of all 32
-      float peer[N];
-      for (int i = 0; i < N; ++i) peer[i] = __shfl_xor_sync(0xffffffffu, got[i], o);
-      combine(got, peer);
-    }
-    if (lane == 0)
-      for (int i = 0; i < N; ++i) mine.result[i] = got[i];
-  }
-  cluster.sync();
-  for (int i = 0; i < N; ++i) vals[i] = mine.result[i];
-}
-
-template <int N>
-__device__ inline void cluster_combine_sum(cluster_slots<N>& mine, float (&vals)[N]) {
-  float zero[N];
-  for (int i = 0; i < N; ++i) zero[i] = 0.f;
-  cluster_combine<N>(mine, vals, zero, [](float (&a)[N], const float (&b)[N]) {
-    for (int i = 0; i < N; ++i) a[i] += b[i];
-  });
-}
-
-// Same for log-sum-exp accumulators: slots hold (m, s) pairs.
-template <int N>
-__device__ inline void cluster_combine_lse(cluster_slots<2 * N>& mine, lse_acc (&accs)[N]) {
-  float vals[2 * N];
-  for (int i = 0; i < N; ++i) {
-    vals[2 * i] = accs[i].m;
-    vals[2 * i + 1] = accs[i].s;
-  }
-  float empty[2 * N];
-  for (int i = 0; i < N; ++i) {
-    empty[2 * i] = -INFINITY;
-    empty[2 * i + 1] = 0.f;
-  }
-  cluster_combine<2 * N>(mine, vals, empty, [](float (&a)[2 * N], const float (&b)[2 * N]) {
-    for (int i = 0; i < N; ++i) {
-      const lse_acc c = lse_acc::combine(lse_acc{a[2 * i], a[2 * i + 1]}, lse_acc{b[2 * i], b[2 * i + 1]});
-      a[2 * i] = c.m;
-      a[2 * i + 1] = c.s;
-    }
-  });
-  for (int i = 0; i < N; ++i) accs[i] = lse_acc{vals[2 * i], vals[2 * i + 1]};
-}
-
-// Same for a teacher log-sum-exp and a student's weighted one (reverse KL): slots hold (t.m, t.s, m, s, w, rt).
-__device__ inline void cluster_combine_lse_w(cluster_slots<6>& mine, lse_acc& t, lse_wacc& sw) {
-  float vals[6] = {t.m, t.s, sw.m, sw.s, sw.w, sw.rt};
-  const float empty[6] = {-INFINITY, 0.f, -INFINITY, 0.f, 0.f, 0.f};
-  cluster_combine<6>(mine, vals, empty, [](float (&a)[6], const float (&b)[6]) {
-    const lse_acc c = lse_acc::combine(lse_acc{a[0], a[1]}, lse_acc{b[0], b[1]});
-    const lse_wacc d = lse_wacc::combine(lse_wacc{a[2], a[3], a[4], a[5]}, lse_wacc{b[2], b[3], b[4], b[5]});
-    a[0] = c.m;
-    a[1] = c.s;
-    a[2] = d.m;
-    a[3] = d.s;
-    a[4] = d.w;
-    a[5] = d.rt;
-  });
-  t = lse_acc{vals[0], vals[1]};
-  sw = lse_wacc{vals[2], vals[3], vals[4], vals[5]};
-}
 
 }  // namespace kd::cuda::detail
