@@ -6,10 +6,10 @@
 // block overwrote or left its slot while another still read it (cluster_combine, until 2026-12-06): two
 // round trips over the cluster's SMs and a remote load per block, 26% of their stall samples (ncu, H100,
 // benchmarks/NOTES.md session 15). The pushes measured 1.04-1.30x on the unmapped per-row losses and
-// benchmarks/RESULTS.md session 18). Here every block writes its
-// values into slot [rank] of every block of the cluster with st.async, whose bytes complete on the
-// receiving block's mbarrier; each block waits on its own mbarrier for all C slots and reads them from
-// its own shared memory. Arrival of the data is the synchronisation: one wait, on the slowest block's
+// cross-entropy (H100, benchmarks/RESULTS.md session 18). Here every block writes its values into slot
+// [rank] of every block of the cluster with st.async, whose bytes complete on the receiving block's
+// mbarrier; each block waits on its own mbarrier for all C slots and reads them from its own shared
+// memory. Arrival of the data is the synchronisation: one wait, on the slowest block's
 // values, and nothing after it (a block leaves only after every push into it has landed, and nobody reads
 // another block's shared memory).
 // Use: mailbox_init by one thread at the kernel's start, then a cluster barrier (cluster_arrive early,
