@@ -76,8 +76,8 @@ struct cluster_launch {
 
 // How logit_kd schedules the rows of an unmapped call (kd/loss/logit_kd.cuh): automatic (the planner's
 // choice: one cluster per row, which measures 0.96-1.26x the ring at V = 32,000 and more above it since
-// 2026-12-06, see plan_ring), per_row (one cluster per row), or ring (the persistent ring kernel wherever its slices fit).
-// A knob for tests and benchmarks, like the slice budget.
+// 2026-12-06, see plan_ring), per_row (one cluster per row), or ring (the persistent ring kernel wherever
+// its slices fit). A knob for tests and benchmarks, like the slice budget.
 enum class row_schedule { automatic, per_row, ring };
 
 class context {

@@ -65,13 +65,8 @@ struct cross_entropy_params {
   long long* out_tokens = nullptr;
 };
 
-// Threads of a block: 256 at up to 64 registers, as logit_kd's per-row kernel (kRowThreads): every warp
-// runs the block's reductions and cluster exchange once a row slice, so fewer warps a block spend less
-// of the SM's issue on them; shared memory, not warps, limits the blocks an SM holds.
-inline constexpr int kCeThreads = 256;
-
 template <class ST, class GT>
-__global__ void __launch_bounds__(kCeThreads, 4) cross_entropy_kernel(const cross_entropy_params p) {
+__global__ void __launch_bounds__(kRowSliceThreads, 4) cross_entropy_kernel(const cross_entropy_params p) {
   namespace cg = cooperative_groups;
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned rank = cluster.block_rank(), c_blocks = cluster.num_blocks();
@@ -148,8 +143,7 @@ __global__ void __launch_bounds__(kCeThreads, 4) cross_entropy_kernel(const cros
   // gradient before every block's post has arrived.
   cluster_wait();  // every block's mailbox is initialised
   const float v[2] = {acc[0].m, acc[0].s};
-  mailbox_post(box, rank, c_blocks, v);
-  mailbox_wait(box);
+  mailbox_exchange(box, rank, c_blocks, v);
   acc[0] = mailbox_lse(box, c_blocks, 0);
   const float lse2 = acc[0].value();
   const float lse = lse2 * kLn2;
@@ -265,7 +259,7 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
 
     auto kernel = cross_entropy_kernel<ST, std::remove_const_t<GT>>;
     KD_TRY(ctx.allow_dynamic_smem(kernel, smem));
-    const cluster_launch l(p.rows * cluster, cluster, kCeThreads, smem, stream);
+    const cluster_launch l(p.rows * cluster, cluster, kRowSliceThreads, smem, stream);
     KD_CUDA_TRY(cudaLaunchKernelEx(&l.cfg, kernel, p), "cross_entropy kernel launch");
     return {};
   }

@@ -48,7 +48,7 @@
 // exchange, set-up) as in its sweeps of ~31 entries a thread, and 26% of stalls sat at the two cluster
 // barriers of each exchange (benchmarks/NOTES.md, session 15). Session 18 (H100, 2026-12-06, same-run
 // A/B, RESULTS.md) took three steps at those: pass 1 of unmapped aligned rows around the block's maxima
-// (slice_pair_lse), 256-thread blocks (kRowThreads), and exchanges by pushes into each block's mailbox
+// (slice_pair_lse), 256-thread blocks (kRowSliceThreads), and exchanges by pushes into each block's mailbox
 // (kd/cuda/detail/cluster_mailbox.cuh: one wait on the slowest block's data, no barrier after it).
 // bf16, T = 2, N = 2048-8192, minimum bytes against the copy measured in the same run (3.02-3.04 TB/s):
 // forward KL 81-91% of copy at V >= 50,304 (66-72% at 32,000), reverse KL 75-88% (57-64%), TVD 69-76%
@@ -79,18 +79,8 @@
 namespace kd {
 namespace cuda::detail {
 
-// Threads of a per-row block. 256 with up to 64 registers a thread (__launch_bounds__(256, 4)):
-// shared memory already holds the kernel at 3-4 blocks an SM (52-76 KB slices), so 512-thread blocks
-// bought warps, not blocks, at 32 registers (spills of 68-116 B in JSD, skew KL, TVD, reverse KL and
-// the CSR-mapped kernels). Every warp runs the block's straight-line code once (block reductions,
-// cluster exchange, set-up: as many instructions as its sweeps at 512 threads, ncu, benchmarks/NOTES.md
-// session 15), so half the warps a block halve that share. With pass 1 around the block's maxima
-// (slice_pair_lse) it measured 1.05-1.08x on forward KL, 1.07-1.13x reverse KL, 1.12-1.20x JSD,
-// 1.05-1.16x skew KL and TVD at V >= 50,304 (H100, 2026-12-06, same-run A/B, RESULTS.md session 18).
-inline constexpr int kRowThreads = 256;
-
 template <class D, class TT, class ST, class GT, map_kind MK>
-__global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd_params p) {
+__global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const logit_kd_params p) {
   namespace cg = cooperative_groups;
   constexpr bool Map = MK != map_kind::none;
   constexpr bool Csr = MK == map_kind::csr;
@@ -295,8 +285,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
     acc[0] = block_lse(acc[0], red.pair);
     sw = block_lse_w(sw, red.quad);
     const float v[6] = {acc[0].m, acc[0].s, sw.m, sw.s, sw.w, sw.rt};
-    mailbox_post(box, rank, c_blocks, v);
-    mailbox_wait(box);
+    mailbox_exchange(box, rank, c_blocks, v);
     acc[0] = mailbox_lse(box, c_blocks, 0);
     sw = mailbox_lse_w(box, c_blocks, 2);
     acc[1] = sw.lse();
@@ -306,8 +295,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
       acc[1] = block_lse(acc[1], red.pair);
     }
     const float v[4] = {acc[0].m, acc[0].s, acc[1].m, acc[1].s};
-    mailbox_post(box, rank, c_blocks, v);
-    mailbox_wait(box);
+    mailbox_exchange(box, rank, c_blocks, v);
     acc[0] = mailbox_lse(box, c_blocks, 0);
     acc[1] = mailbox_lse(box, c_blocks, 2);
   }
@@ -426,8 +414,7 @@ __global__ void __launch_bounds__(kRowThreads, 4) logit_kd_kernel(const logit_kd
   if constexpr (RowSum) {
     if (p.want_grad) {
       const float c1[1] = {block_sum(cq, red.sum)};
-      mailbox_post(box1, rank, c_blocks, c1);
-      mailbox_wait(box1);
+      mailbox_exchange(box1, rank, c_blocks, c1);
       e.set_c(mailbox_sum(box1, c_blocks, 0));
       if (keep) {
         if constexpr (Keep) sweep_kept([&](float ds, float w) { return e.grad_w(ds, w); });
@@ -488,7 +475,7 @@ struct logit_kd_launch {
   long long clusters = 0;  // the grid in clusters: one per row, or the ring kernel's resident clusters
   std::size_t smem = 0;
   void (*kernel)(const logit_kd_params) = nullptr;
-  int threads = kRowThreads;  // a block's: the per-row kernel's, or the ring's (plan_ring)
+  int threads = kRowSliceThreads;  // a block's: the per-row kernel's, or the ring's (plan_ring)
   ::kd::detail::kd_scaling scaling;  // for bind_divisor
 };
 

@@ -14,8 +14,8 @@
 // another block's shared memory).
 // Use: mailbox_init by one thread at the kernel's start, then a cluster barrier (cluster_arrive early,
 // cluster_wait before the first post: the peers' mbarriers must be initialised before anything lands in
-// them); then per exchange mailbox_post from every thread (the block's values known to all of them) and
-// mailbox_wait. Each mailbox serves one exchange of the kernel (phase 0).
+// them); then per exchange mailbox_exchange from every thread (the block's values known to all of them),
+// and a fold of the slots. Each mailbox serves one exchange of the kernel (phase 0).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -48,42 +48,39 @@ __device__ inline void mailbox_init(cluster_mailbox<N>& mb) {
 }
 
 // Sends this block's N values to slot [rank] of every block of the cluster (lane r of the first warp to
-// block r), and arrives on this block's own mbarrier expecting C slots. Call from every thread.
+// block r), arrives on this block's own mbarrier expecting C slots, and waits until all C blocks' values
+// are in this block's slots. Call from every thread.
 // A cluster of one block stores its slot and arrives without the async proxy: st.async into the
 // shared::cluster window is only defined for clusters of two or more (compute-sanitizer's memcheck
 // reports it otherwise).
 template <int N>
-__device__ inline void mailbox_post(cluster_mailbox<N>& mb, unsigned rank, unsigned c_blocks, const float (&vals)[N]) {
+__device__ inline void mailbox_exchange(cluster_mailbox<N>& mb, unsigned rank, unsigned c_blocks,
+                                        const float (&vals)[N]) {
   if (c_blocks == 1) {
     if (threadIdx.x == 0) {
 #pragma unroll
       for (int i = 0; i < N; ++i) mb.v[0][i] = vals[i];
-      // Release (the default): mailbox_wait's acquire sees the slot.
+      // Release (the default): the wait's acquire below sees the slot.
       asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(&mb.bar)) : "memory");
     }
-    return;
-  }
-  if (threadIdx.x == 0) mbar_expect_tx(&mb.bar, c_blocks * N * static_cast<unsigned>(sizeof(float)));
-  if (threadIdx.x < c_blocks) {
-    const unsigned dst = cluster_addr(&mb.v[rank][0], threadIdx.x), bar = cluster_addr(&mb.bar, threadIdx.x);
-    if constexpr (N == 1) {
-      asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];" ::"r"(dst), "f"(vals[0]),
-                   "r"(bar)
-                   : "memory");
-    } else {
-#pragma unroll
-      for (int i = 0; i < N; i += 2)
-        asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];" ::"r"(
-                         dst + 4u * static_cast<unsigned>(i)),
-                     "f"(vals[i]), "f"(vals[i + 1]), "r"(bar)
+  } else {
+    if (threadIdx.x == 0) mbar_expect_tx(&mb.bar, c_blocks * N * static_cast<unsigned>(sizeof(float)));
+    if (threadIdx.x < c_blocks) {
+      const unsigned dst = cluster_addr(&mb.v[rank][0], threadIdx.x), bar = cluster_addr(&mb.bar, threadIdx.x);
+      if constexpr (N == 1) {
+        asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.f32 [%0], %1, [%2];" ::"r"(dst),
+                     "f"(vals[0]), "r"(bar)
                      : "memory");
+      } else {
+#pragma unroll
+        for (int i = 0; i < N; i += 2)
+          asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.f32 [%0], {%1, %2}, [%3];" ::"r"(
+                           dst + 4u * static_cast<unsigned>(i)),
+                       "f"(vals[i]), "f"(vals[i + 1]), "r"(bar)
+                       : "memory");
+      }
     }
   }
-}
-
-// Waits until all C blocks' values are in this block's slots.
-template <int N>
-__device__ inline void mailbox_wait(cluster_mailbox<N>& mb) {
   mbar_wait(&mb.bar, 0);
 }
 

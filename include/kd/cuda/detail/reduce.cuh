@@ -151,39 +151,29 @@ __device__ inline lse_acc block_lse(lse_acc a, float2* scratch) {
 // -inf guards a level. Every thread gets the results; `scratch` holds >= 32 entries. The second level
 // is a full 32-lane butterfly: lanes past the warp count hold the identity, and a shorter butterfly
 // would leave lanes 16-31 with only those (the bug of session 17, benchmarks/NOTES.md).
-__device__ inline void block_max2(float& a, float& b, float2* scratch) {
+template <class Op>
+__device__ inline void block_reduce2(float& a, float& b, float2* scratch, float identity, Op op) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  for (int o = 16; o > 0; o >>= 1) {
-    a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-    b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, o));
-  }
+  const auto butterfly = [&] {
+    for (int o = 16; o > 0; o >>= 1) {
+      a = op(a, __shfl_xor_sync(0xffffffffu, a, o));
+      b = op(b, __shfl_xor_sync(0xffffffffu, b, o));
+    }
+  };
+  butterfly();
   __syncthreads();  // scratch may still be read by a previous reduction
   if (lane == 0) scratch[warp] = make_float2(a, b);
   __syncthreads();
-  const float2 v = lane < warps ? scratch[lane] : make_float2(-INFINITY, -INFINITY);
+  const float2 v = lane < warps ? scratch[lane] : make_float2(identity, identity);
   a = v.x;
   b = v.y;
-  for (int o = 16; o > 0; o >>= 1) {
-    a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
-    b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, o));
-  }
+  butterfly();
+}
+__device__ inline void block_max2(float& a, float& b, float2* scratch) {
+  block_reduce2(a, b, scratch, -INFINITY, [](float x, float y) { return fmaxf(x, y); });
 }
 __device__ inline void block_sum2(float& a, float& b, float2* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  for (int o = 16; o > 0; o >>= 1) {
-    a += __shfl_xor_sync(0xffffffffu, a, o);
-    b += __shfl_xor_sync(0xffffffffu, b, o);
-  }
-  __syncthreads();
-  if (lane == 0) scratch[warp] = make_float2(a, b);
-  __syncthreads();
-  const float2 v = lane < warps ? scratch[lane] : make_float2(0.f, 0.f);
-  a = v.x;
-  b = v.y;
-  for (int o = 16; o > 0; o >>= 1) {
-    a += __shfl_xor_sync(0xffffffffu, a, o);
-    b += __shfl_xor_sync(0xffffffffu, b, o);
-  }
+  block_reduce2(a, b, scratch, 0.f, [](float x, float y) { return x + y; });
 }
 
 // (scratch: one entry per warp of the block)

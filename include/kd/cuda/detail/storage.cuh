@@ -34,6 +34,17 @@ inline int row_cluster(context& ctx, long long entries, std::size_t entry_bytes,
   return c;
 }
 
+// Threads of a row-slice block (logit_kd's per-row kernel, cross_entropy): 256 with up to 64 registers
+// a thread (__launch_bounds__(256, 4)). Shared memory already holds these kernels at 3-4 blocks an SM
+// (52-76 KB slices), so 512-thread blocks bought warps, not blocks, at 32 registers (spills of 68-116 B
+// in JSD, skew KL, TVD, reverse KL and the CSR-mapped kernels). Every warp runs the block's
+// straight-line code once (block reductions, cluster exchange, set-up: as many instructions as its
+// sweeps at 512 threads, ncu, benchmarks/NOTES.md session 15), so half the warps a block halve that
+// share. With pass 1 around the block's maxima (slice_pair_lse) it measured 1.05-1.08x on forward KL,
+// 1.07-1.13x reverse KL, 1.12-1.20x JSD, 1.05-1.16x skew KL and TVD, 1.00-1.07x cross-entropy at
+// V >= 50,304 (H100, 2026-12-06, same-run A/B, benchmarks/RESULTS.md session 18).
+inline constexpr int kRowSliceThreads = 256;
+
 // kd::half / kd::bfloat16 share the bit layout of __half / __nv_bfloat16 (kd/core/numeric.hpp).
 static_assert(sizeof(__half) == sizeof(kd::half) && sizeof(__nv_bfloat16) == sizeof(kd::bfloat16));
 
