@@ -102,7 +102,7 @@ void time_calls(benchmark::State& state, F&& call) {
 }
 
 // Logit KD on given logits, teacher and student in one storage type T (bf16 or float), gradient into
-// its own buffer. range: N, V, shared-memory slice budget in KiB.
+// its own buffer. range: N, V, shared-memory slice budget in KiB (0: the context's default).
 template <class D, class T>
 void run_logit_kd(benchmark::State& state, long long n, long long v, std::size_t budget_kb, kd::cuda::row_schedule schedule) {
   T* t = device_random<T>(n * v, 1, 2.f);
@@ -112,7 +112,7 @@ void run_logit_kd(benchmark::State& state, long long n, long long v, std::size_t
   BENCH_CHECK(cudaMalloc(&g, n * v * sizeof(T)));
   BENCH_CHECK(cudaMalloc(&loss, sizeof(float)));
   kd::cuda::context ctx;
-  ctx.set_slice_budget(budget_kb * 1024);
+  if (budget_kb != 0) ctx.set_slice_budget(budget_kb * 1024);  // 0: the context's default
   ctx.set_schedule(schedule);
   using P = kd::precision<T, float>;
   kd::logit_kd<D, kd::token_mean, kd::precision_set<P, P>> l;
@@ -133,17 +133,17 @@ void run_logit_kd(benchmark::State& state, long long n, long long v, std::size_t
   cudaFree(loss);
 }
 
-// range: N, V, shared-memory slice budget in KiB (the per-row kernel's cluster-size knob).
+// range: N, V, shared-memory slice budget in KiB (the per-row kernel's cluster-size knob; 0: the default).
 template <class D, class T>
 void BM_logit_kd(benchmark::State& state) {
   run_logit_kd<D, T>(state, state.range(0), state.range(1), static_cast<std::size_t>(state.range(2)),
                      kd::cuda::row_schedule::automatic);
 }
 // The row schedules side by side (kd::cuda::row_schedule): range N, V, schedule (0 the planner's
-// choice, 1 per-row clusters, 2 the ring kernel where it applies), at the default slice budget.
+// choice, 1 per-row clusters, 2 the ring kernel where it applies), at the context's default slice budget.
 template <class D, class T>
 void BM_logit_kd_schedule(benchmark::State& state) {
-  run_logit_kd<D, T>(state, state.range(0), state.range(1), 52, static_cast<kd::cuda::row_schedule>(state.range(2)));
+  run_logit_kd<D, T>(state, state.range(0), state.range(1), 0, static_cast<kd::cuda::row_schedule>(state.range(2)));
 }
 
 template <class D>
@@ -164,7 +164,7 @@ void BM_cross_entropy(benchmark::State& state) {
   BENCH_CHECK(cudaMalloc(&labels, n * sizeof(std::int32_t)));
   BENCH_CHECK(cudaMemset(labels, 0, n * sizeof(std::int32_t)));
   kd::cuda::context ctx;
-  ctx.set_slice_budget(budget_kb * 1024);
+  if (budget_kb != 0) ctx.set_slice_budget(budget_kb * 1024);  // 0: the context's default
   kd::cross_entropy<kd::token_mean, kd::precision<T, float>> l;
   kd::cuda::device_cross_entropy out{ce, nullptr, nullptr};
   time_calls(state, [&] {
@@ -326,11 +326,11 @@ void BM_logit_kd_map_bf16(benchmark::State& state) {
   cudaFree(loss);
 }
 
-// The table's shapes at the default slice budget (third argument, KiB), then a sweep of the budget
+// The table's shapes at the default slice budget (third argument, KiB; 0 the default), then a sweep of the budget
 // for the smaller shapes: one run compares cluster sizes on one card.
 void shapes(benchmark::internal::Benchmark* b) {
   for (long long n : {4096, 16384})
-    for (long long v : {50304, 151936}) b->Args({n, v, 52});
+    for (long long v : {50304, 151936}) b->Args({n, v, 0});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 }
 void budget_sweep(benchmark::internal::Benchmark* b) {
@@ -339,12 +339,30 @@ void budget_sweep(benchmark::internal::Benchmark* b) {
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 }
 
+// The budget over the grid's vocabularies at N = 8192 (and 2048 at V = 32,000): it sets the cluster size
+// (kd::cuda::detail::row_cluster), so one run compares cluster sizes and blocks an SM (the per-row
+// kernel's registers allow 4; three 76 KB slices fill an H100's shared memory). 52 KiB was the default
+// to session 18, 64 since.
+void budget_sweep_v(benchmark::internal::Benchmark* b) {
+  for (long long v : {32000, 50304, 128256, 151936})
+    for (long long kb : {52, 64, 76}) b->Args({8192, v, kb});
+  for (long long kb : {52, 64}) b->Args({2048, 32000, kb});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+}
+
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Apply(shapes);
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_sweep_logit_kd_forward_kl")->Apply(budget_sweep);
-BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Args({4096, 50304, 52})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_budget_forward_kl")->Apply(budget_sweep_v);
+BENCHMARK(BM_logit_kd_bf16<kd::reverse_kl>)->Name("BM_budget_reverse_kl")->Apply(budget_sweep_v);
+BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Name("BM_budget_jsd")->Apply(budget_sweep_v);
+BENCHMARK(BM_logit_kd_bf16<kd::tvd>)->Name("BM_budget_tvd")->Apply(budget_sweep_v);
+BENCHMARK(BM_logit_kd<kd::forward_kl, float>)->Name("BM_budget_forward_kl_f32")->Apply(budget_sweep_v);
+BENCHMARK(BM_logit_kd<kd::jsd, float>)->Name("BM_budget_jsd_f32")->Apply(budget_sweep_v);
+BENCHMARK(BM_cross_entropy_bf16)->Name("BM_budget_cross_entropy")->Apply(budget_sweep_v);
+BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Args({4096, 50304, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_logit_kd_map_bf16<kd::forward_kl>)->Args({4096, 0, 0})->Args({4096, 0, 1})->Args({16384, 0, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Args({16384, 50304, 576, 2048})->Args({16384, 151936, 576, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
-BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304, 52})->Args({16384, 50304, 52})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
+BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304, 0})->Args({16384, 50304, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_cross_entropy_bf16)->Name("BM_sweep_cross_entropy")->Args({4096, 50304, 100})->Args({4096, 50304, 26})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 
 // Issue 12's grid (run with --benchmark_filter='BM_grid|BM_gemms|BM_chunks'): every divergence and
@@ -354,7 +372,7 @@ BENCHMARK(BM_cross_entropy_bf16)->Name("BM_sweep_cross_entropy")->Args({4096, 50
 // chunk-size sweep (BM_chunks).
 void grid(benchmark::internal::Benchmark* b) {
   for (long long v : {32000, 50304, 128256, 151936})
-    for (long long n : {2048, 8192, 16384}) b->Args({n, v, 52});
+    for (long long n : {2048, 8192, 16384}) b->Args({n, v, 0});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 }
 void linear_grid(benchmark::internal::Benchmark* b) {
@@ -373,7 +391,7 @@ void linear_grid_on_chip(benchmark::internal::Benchmark* b) {
 // fp32 storage: the smallest and largest of each extent.
 void grid_f32(benchmark::internal::Benchmark* b) {
   for (long long v : {32000, 151936})
-    for (long long n : {2048, 16384}) b->Args({n, v, 52});
+    for (long long n : {2048, 16384}) b->Args({n, v, 0});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 }
 // With a vocab map (both kinds), gradient into its own buffer.

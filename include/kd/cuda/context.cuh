@@ -97,7 +97,8 @@ class context {
   [[nodiscard]] cudaStream_t stream() const noexcept { return stream_; }
   // Shared-memory bytes a row-kernel block may use for its slice of a row (kd/loss/logit_kd.cuh):
   // smaller slices mean larger clusters and more blocks per SM. A tuning knob for benchmarks; the
-  // default is what benchmarks/RESULTS.md measured best.
+  // default is what benchmarks/RESULTS.md measured best (64 KiB since session 19: 3-4 blocks an SM; the
+  // CSR map's gathering kernel takes half of it).
   [[nodiscard]] std::size_t slice_budget() const noexcept { return slice_budget_; }
   void set_slice_budget(std::size_t bytes) noexcept { slice_budget_ = bytes; }
   [[nodiscard]] row_schedule schedule() const noexcept { return schedule_; }
@@ -155,6 +156,17 @@ class context {
                 "cudaFuncSetAttribute");
     if (it != smem_set_.end()) it->second = bytes;
     else smem_set_.emplace_back(key, bytes);
+    return {};
+  }
+
+  // Lets `kernel` launch in clusters of more than 8 blocks (Hopper's non-portable sizes, up to 16), once
+  // per kernel; max_active_clusters then tells whether a size fits.
+  template <class Kernel>
+  status allow_wide_clusters(Kernel* kernel) {
+    const void* key = reinterpret_cast<const void*>(kernel);
+    if (std::find(wide_set_.begin(), wide_set_.end(), key) != wide_set_.end()) return {};
+    KD_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1), "cudaFuncSetAttribute");
+    wide_set_.push_back(key);
     return {};
   }
 
@@ -288,7 +300,7 @@ class context {
   cublasHandle_t cublas_ = nullptr;
   static constexpr std::size_t kCublasWorkspace = 32u << 20;
   void* cublas_workspace_ = nullptr;
-  std::size_t slice_budget_ = 52 * 1024;  // four blocks per SM (benchmarks/RESULTS.md, budget sweep)
+  std::size_t slice_budget_ = 64 * 1024;  // 3-4 blocks an SM (benchmarks/RESULTS.md session 19, budget sweep)
   void* scratch_ = nullptr;
   std::size_t scratch_bytes_ = 0;
   unsigned long long* error_ = nullptr;
@@ -296,6 +308,7 @@ class context {
   int sm_count_ = 0;
   row_schedule schedule_ = row_schedule::automatic;
   std::vector<std::pair<const void*, std::size_t>> smem_set_;  // dynamic shared memory allowed per kernel
+  std::vector<const void*> wide_set_;  // kernels allowed clusters of more than 8 blocks
   std::vector<std::pair<std::tuple<const void*, int, int, std::size_t>, int>> active_clusters_;
   std::vector<std::string> components_;
   std::unordered_map<std::uint64_t, cached> cache_;

@@ -290,14 +290,14 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     inner.options.accumulate_grad = false;
 
     // Scratch: fp32 logits chunk | dlogits chunk (16-bit heads) | fp32 teacher chunk (teacher_head) |
-    // fp32 dW (16-bit heads) | partials [n * 8 (the largest cluster)] | count.
+    // fp32 dW (16-bit heads) | partials [n * kMaxRowCluster (the largest cluster)] | count.
     const bool dw_f32 = !dw.empty() && !std::is_same_v<std::remove_const_t<GW>, float>;
     auto align = [](std::size_t b) { return (b + 255) / 256 * 256; };
     const std::size_t logits_bytes = align(static_cast<std::size_t>(chunk) * v * sizeof(float)) +
                                      (separate_grad ? align(static_cast<std::size_t>(chunk) * v * sizeof(HT)) : 0);
     const std::size_t teacher_bytes = align(static_cast<std::size_t>(chunk) * teacher_cols * sizeof(float));
     const std::size_t dw_bytes = dw_f32 ? align(static_cast<std::size_t>(v) * d * sizeof(float)) : 0;
-    const std::size_t partial_bytes = align(static_cast<std::size_t>(n) * 8 * sizeof(float));
+    const std::size_t partial_bytes = align(static_cast<std::size_t>(n) * kMaxRowCluster * sizeof(float));
     void* scratch = nullptr;
     KD_TRY(ctx.scratch(logits_bytes + teacher_bytes + dw_bytes + partial_bytes + 256, scratch));
     auto* base = static_cast<char*>(scratch);

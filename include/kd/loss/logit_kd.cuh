@@ -6,8 +6,9 @@
 // and student rows into shared memory while keeping an online log-sum-exp, the blocks exchange their
 // partial statistics through distributed shared memory, and the gradient is computed from shared
 // memory: HBM sees each input once and the gradient once, extra memory is O(N) (one partial loss per
-// block). C is the smallest cluster whose slices fit the shared-memory budget (V = 50,304 bf16 -> 2
-// blocks of 100 KB; V = 151,936 -> 8 blocks of 76 KB).
+// block). C is the smallest power of two whose slices fit the context's slice budget (64 KiB; row_cluster
+// in kd/cuda/detail/storage.cuh): bf16 V = 32,000 -> 2 blocks of 64 KB, 50,304 -> 4 of 50 KB, 151,936 -> 8
+// of 76 KB; fp32 rows up to 16 blocks (Hopper's non-portable clusters), 151,936 -> 16 of 76 KB.
 // With a vocab map, each slot gathers the log-sum-exp of its teacher ids' logits and the slots are
 // normalized over the support (only mapped teacher columns are read). A contiguous map (slot j reads
 // teacher column j: kd::vocab_map::contiguous_teacher, the trainer's compact teacher head) reads the
@@ -57,6 +58,14 @@
 // an entry over pass 1 and two sweeps, ~2.0 ms of the 16 a clock an SM at 8192 x 128,256, against 2.1 ms
 // for the bytes), which the block's serial phases (copy, pass 1, exchange, sweeps) overlap with the copy
 // only across the 3-4 blocks an SM holds. Not profiled since the change (no device time left).
+// Session 19 (H100, 2026-12-06, same-run A/B against fa34557, RESULTS.md): slices of up to 64 KiB in
+// place of 52 (V = 32,000 on 2 blocks of 64 KB, not 4 of 32: 1.21-1.35x in bf16, 1.08-1.38x in fp32;
+// three blocks an SM with 192 KB in flight against four with 128), fp32 rows on up to 16 blocks
+// (V = 151,936: 1.29-1.52x, three 76 KB blocks an SM where 8 blocks held one of 152 KB), and JSD / skew
+// KL keeping w in fp16 over 16-bit teacher entries (kept16: the gradient sweep's three MUFU operations
+// an entry become one, 1.01-1.05x: the MUFU pipe was not what held them). bf16, N = 8192-16384: forward
+// KL 86-96% of copy, reverse KL 81-89%, TVD 71-80%, JSD 62-70%, skew KL 60-68%; fp32 forward KL 82-93%,
+// reverse KL 84-92%, TVD 83-84%, JSD 67-78%, skew KL 70-76%.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -109,8 +118,9 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   constexpr bool RowSum = !E::one_sweep && !Online;  // a second exchange, of the row's sum C
   // The cluster's exchanges (kd/cuda/detail/cluster_mailbox.cuh): pass 1's log-sum-exps (with reverse KL's
   // weighted sum), and C.
-  __shared__ std::conditional_t<Online, cluster_mailbox<6>, cluster_mailbox<4>> box;
-  __shared__ std::conditional_t<RowSum, cluster_mailbox<1>, char> box1;
+  constexpr int MaxC = max_row_cluster(sizeof(TC) + sizeof(ST));
+  __shared__ std::conditional_t<Online, cluster_mailbox<6, MaxC>, cluster_mailbox<4, MaxC>> box;
+  __shared__ std::conditional_t<RowSum, cluster_mailbox<1, MaxC>, char> box1;
   __shared__ unsigned long long bar;  // bulk-copy completion
   const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.support);
   const long long j1 = std::min<long long>(j0 + p.chunk, p.support);
@@ -209,6 +219,12 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   const float k2 = p.inv_temp * kLog2e;
   lse_acc acc[2];  // [0] teacher (or mapped mass), [1] student
   bool block_done = false;  // acc[] already holds the block's sums (slice_pair_lse)
+  // Sixteen-byte vector sweeps (sweep_slice) when every tensor has one storage type and the rows are
+  // aligned. JSD and skew KL over 16-bit vectors keep w in fp16 (kept16, kd/loss/logit_kd_math.cuh),
+  // shifted by w at each thread's largest student logit, which pass 1 finds (s_arg).
+  constexpr bool Vec = !Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>;
+  constexpr bool Keep16 = Vec && !Online && sizeof(TT) == 2 && kept16<E>;
+  long long s_arg = -1;
   auto gather_student = [&]() {
     for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
       const ST sv = srow[p.map_support[j0 + j]];
@@ -264,8 +280,8 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       __syncthreads();
     } else {
       // Both log-sum-exps for the whole block at once, around the block's maxima.
-      slice_pair_lse<true>(trow + j0, tcache, bt / static_cast<long long>(sizeof(TT)), srow + j0, scache,
-                           bs / static_cast<long long>(sizeof(ST)), n_local, k2, red.pair, acc[0], acc[1]);
+      slice_pair_lse<true, Keep16>(trow + j0, tcache, bt / static_cast<long long>(sizeof(TT)), srow + j0, scache,
+                                   bs / static_cast<long long>(sizeof(ST)), n_local, k2, red.pair, acc[0], acc[1], &s_arg);
       block_done = true;
     }
   } else {
@@ -339,9 +355,8 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
 
   // Pass 2 (and 3): loss terms and gradients from shared memory. sweep(write, fn) visits every entry of
   // this block's slice with its base-2 log-probabilities (dt = log2 p, ds = log2 q); fn returns the
-  // entry's gradient, stored when `write`. Sixteen-byte vectors (sweep_slice) when every tensor has one
-  // storage type and the rows are aligned, else element by element.
-  constexpr bool Vec = !Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>;
+  // entry's gradient, stored when `write`. Sixteen-byte vectors (Vec) where they apply, else element by
+  // element.
   auto sweep = [&](bool write, auto&& fn) {
     if constexpr (Vec) {
       if (p.vector_ok) {
@@ -389,7 +404,10 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   // map in one after pass 1's KL; the others a sweep for the terms and the row's sum C, the cluster's
   // sum, a gradient sweep.
   E e(p.param, factor);
-  float loss = 0.f, cq = 0.f;
+  float loss = 0.f, cq = 0.f, shift = 0.f;
+  // s_arg is set on the vector path only; kept16_fits: w's range fits fp16 (skew KL's 1 / alpha).
+  bool keep16 = false;
+  if constexpr (Keep16) keep16 = p.want_grad && p.vector_ok && e.kept16_fits();
   if constexpr (Online) {
     // The row's KL from pass 1: its loss (once, from the cluster's first block) and the gradient sweep.
     const float kl = E::kl_bits(acc[0], sw);
@@ -404,7 +422,20 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     if constexpr (adds_lse_gap<D, E>)
       if (rank == 0 && threadIdx.x == 0) loss = M{p.param}.lse_gap_weight() * lse_gap_bits(acc[0], acc[1]);
     if constexpr (folds_lse<E, GT>) e.fold_lse(factor, acc[0], acc[1], false);  // fp32 gradients
-    if (keep) {
+    if (keep16) {
+      if constexpr (Keep16) {
+        // This thread's shift: w at its largest student logit (none: the thread has no entries).
+        if (s_arg >= 0) {
+          float dt, ds;
+          log2_pq(s_arg, dt, ds);
+          shift = e.w_of(dt, ds);
+        }
+        sweep_slice_of<TT, TT, ::kd::half>(tcache, k2, tlse, scache, reinterpret_cast<::kd::half*>(tcache), n_local, k2,
+                                           slse, true, false, [&](float dt, float ds) {
+                                             return e.template term<true>(dt, ds, loss, cq, shift);
+                                           });
+      }
+    } else if (keep) {
       if constexpr (Keep) sweep_keep([&](float dt, float ds) { return e.term(dt, ds, loss, cq); });
     } else {
       sweep(E::one_sweep && p.want_grad, [&](float dt, float ds) { return e.first(dt, ds, loss, cq); });
@@ -416,7 +447,11 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       const float c1[1] = {block_sum(cq, red.sum)};
       mailbox_exchange(box1, rank, c_blocks, c1);
       e.set_c(mailbox_sum(box1, c_blocks, 0));
-      if (keep) {
+      if (keep16) {
+        if constexpr (Keep16)
+          sweep_slice_kept<TT, ::kd::half>(tcache, scache, grow + j0, n_local, k2, slse, p.accumulate,
+                                           [&](float ds, float h) { return e.grad_w(ds, shift + h); });
+      } else if (keep) {
         if constexpr (Keep) sweep_kept([&](float ds, float w) { return e.grad_w(ds, w); });
       } else {
         sweep(true, [&](float dt, float ds) { return e.grad(dt, ds); });
@@ -574,26 +609,40 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   p.vector_ok = map ? contiguous && rows_aligned(teacher)
                     : rows_aligned(teacher) && rows_aligned(student) && (!want_grad || rows_aligned(dstudent));
 
-  // Cluster size: the smallest whose per-block slice fits the budget.
+  // Cluster size: the smallest whose per-block slice fits the budget (up to 16 blocks for 8-byte entries,
+  // where the device takes such clusters: below).
   const std::size_t tc_bytes = map && !contiguous ? sizeof(float) : sizeof(TT);
   const std::size_t per_entry = tc_bytes + sizeof(ST);
-  int cluster = row_cluster(ctx, p.support, per_entry, p.rows, spread_rows);
   const auto chunk_of = [&](int c) { return row_chunk(p.support, c); };
-  p.chunk = chunk_of(cluster);
-  out.smem = ((p.chunk * tc_bytes + 15) / 16) * 16 + p.chunk * sizeof(ST);
-  if (out.smem > kSliceLimit)
-    return {errc::invalid_argument, "the vocabulary (" + std::to_string(p.support) +
-                                        " entries) is too large for one 8-block cluster"};
+  const auto slice_smem = [&](int c) { return ((chunk_of(c) * tc_bytes + 15) / 16) * 16 + chunk_of(c) * sizeof(ST); };
+  // The CSR map's pass 1 gathers its teacher columns one by one, bound by their latency rather than by
+  // the bytes in flight: it takes half the budget, twice the blocks. Its 42,256-slot rows (the benchmark's
+  // Qwen3 -> GPT-2 shape) ran 0.64-0.69x on 4 blocks of 62 KB against 8 of 31 KB (H100, 2026-12-06).
+  const std::size_t budget = map && !contiguous ? ctx.slice_budget() / 2 : ctx.slice_budget();
+  int cluster = row_cluster(ctx, p.support, per_entry, p.rows, spread_rows, max_row_cluster(per_entry), budget);
   using G = std::remove_const_t<GT>;
   out.kernel = !map        ? logit_kd_kernel<D, TT, ST, G, map_kind::none>
                : contiguous ? logit_kd_kernel<D, TT, ST, G, map_kind::contiguous>
                             : logit_kd_kernel<D, TT, ST, G, map_kind::csr>;
+  if (cluster > 8) {
+    // Hopper's non-portable cluster sizes: allowed per kernel, and checked to fit at this size.
+    int fits = 0;
+    KD_TRY(ctx.allow_dynamic_smem(out.kernel, slice_smem(cluster)));
+    KD_TRY(ctx.allow_wide_clusters(out.kernel));
+    KD_TRY(ctx.max_active_clusters(out.kernel, cluster, kRowSliceThreads, slice_smem(cluster), fits));
+    if (fits < 1) cluster = 8;
+  }
+  p.chunk = chunk_of(cluster);
+  out.smem = slice_smem(cluster);
+  if (out.smem > kSliceLimit)
+    return {errc::invalid_argument, "the vocabulary (" + std::to_string(p.support) + " entries) is too large for one " +
+                                        std::to_string(cluster) + "-block cluster"};
   // A contiguous map over aligned rows, gradient in the student's type: each block bulk-copies the span
   // of student columns its slots cover, when the widest span fits (larger clusters if the budget asks).
   // The trainer's case (42,304 compact teacher columns onto 50,304 student columns, bf16): 1.0 TB/s of
   // minimum bytes gathering the student's columns one by one (H200, 2026-12-04).
   if constexpr (std::is_same_v<ST, G>) {
-    if (contiguous && p.vector_ok && rows_aligned(student) && (!want_grad || rows_aligned(dstudent))) {
+    if (contiguous && cluster <= 8 && p.vector_ok && rows_aligned(student) && (!want_grad || rows_aligned(dstudent))) {
       const auto support = o.map->student_support();
       const auto span_smem = [&](int c) {
         const long long chunk = chunk_of(c);

@@ -138,6 +138,11 @@ __device__ inline float lse_gap_bits(const lse_acc& t, const lse_acc& s) {
 // its row sum C but of the plain ones in the value (whose gap cancels only there), a second log an
 // entry: not folded; nor TVD (its gradient's signs are what ties decide).
 
+// x rounded to fp16, as a float (what an fp16 slot keeps of it: kept16). Clamped to fp16's range first.
+__device__ __forceinline__ float half_rounded(float x) {
+  return __half2float(__float2half_rn(fminf(fmaxf(x, -65504.f), 65504.f)));
+}
+
 // Per-entry math, generic form: divergence_math in natural logs (TVD).
 template <class D>
 struct kd_entry {
@@ -263,7 +268,10 @@ struct mixture_entry {
   // The terms sweep; returns the entry's kept w (below): JSD (1 - a) log2(q / m), skew KL p / m - 1 formed
   // as (1 - a)(p - q) / m (no cancellation for close p and q); below float's normal range 0 and -1, which
   // leave the gradient -factor q C as grad() gives it there.
-  __device__ float term(float dt, float ds, float& loss, float& cq) const {
+  // K16 (kept16, below): returns h = w - shift rounded to fp16 instead, and the row sum C takes
+  // shift + h, the w that the gradient sweep reads back (grad_w(ds, shift + h)); the loss takes the exact w.
+  template <bool K16 = false>
+  __device__ float term(float dt, float ds, float& loss, float& cq, float shift = 0.f) const {
     const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = a * pk + a1 * qk;
     const bool normal = m >= kMinNormal;
     const float lm = normal ? (Exact ? log2f(m) : fast_log2(m)) : dt;
@@ -271,14 +279,34 @@ struct mixture_entry {
       const float w = normal ? a1 * (ds - lm) : 0.f;
       const float u = qk * w;
       loss += a * pk * (dt - lm) + u;
+      if constexpr (K16) {
+        const float h = half_rounded(w - shift);
+        cq = fmaf(qk, shift + h, cq);
+        return h;
+      }
       cq += u;
       return w;
     } else {
       const float r = fast_rcp(m);
       loss += pk * (dt - lm);
+      const float w = normal ? a1 * (pk - qk) * r : -1.f;
+      if constexpr (K16) {  // C = sum q p / m = sum q (w + 1)
+        const float h = half_rounded(w - shift);
+        cq += fmaf(qk, shift + h, qk);
+        return h;
+      }
       cq += normal ? pk * qk * r : 0.f;
-      return normal ? a1 * (pk - qk) * r : -1.f;
+      return w;
     }
+  }
+  // Whether every w and difference of two fits fp16 (kept16). JSD's |w| = (1 - a) |ds - log2 m| passes
+  // 65,504 only where q = 2^ds is 0 in float, whose gradient no clamp changes; skew KL's w = p / m - 1
+  // lies in [-1, (1 - a) / a], unbounded as a -> 0 (a = 0 is forward KL with w = p / q - 1).
+  __device__ bool kept16_fits() const { return J || a >= 1.f / 32768.f; }
+  // The entry's w alone (a thread's kept16 shift).
+  __device__ float w_of(float dt, float ds) const {
+    float loss = 0.f, cq = 0.f;
+    return term(dt, ds, loss, cq);
   }
   __device__ float first(float dt, float ds, float& loss, float& cq) const {
     term(dt, ds, loss, cq);
@@ -405,6 +433,35 @@ inline constexpr bool has_grad_w = requires(const E& e, float x, float& r) {
 template <class E, class TC, class GT>
 inline constexpr bool keeps_w =
     has_grad_w<E> && (sizeof(TC) == 4 || (sizeof(GT) == 2 && std::is_same_v<E, kd_entry<tvd>>));
+
+// JSD and skew KL with 16-bit teacher entries and gradients may keep w in fp16 after all (the per-row
+// kernel's aligned unmapped rows: kept16), on two conditions that make fp16's rounding of w harmless:
+//  - C is summed from the w read back (consistent): the gradient q (w - C) is unchanged when every w
+//    moves by one constant, so a w rounded to fp16 errs by q_j (d_j - sum q d), not by q_j d_j. The 3.8%
+//    above was the second form: near-one q_k made C ~ w_k, and the error of w_k stood alone.
+//  - Each thread stores h = w - s, s = w at the thread's largest student logit (the entry of largest q
+//    among those it visits; slice_pair_lse finds it in pass 1), and reads back s + h. Rounding h errs by
+//    2^-11 |w_j - s| <= 2^-11 (|w_j - C| + |s - C|), and q_j |s - C| <= q_k |w_k - C|: every entry's error
+//    is 2^-11 of its own gradient plus the thread's largest one. Without s, w near a constant far from 0
+//    (teacher much sharper than the student: w ~ (1 - a) log2(1 / (1 - a)) over q's mass) leaves
+//    gradients of ~1e-6 of w under fp16's rounding of w.
+// An emulation (benchmarks/kept16_rounding.py: rows of 32,000 and 50,304 columns, the kernel's float
+// path, bf16 gradients against fp64, worst row of 12 per regime): kept and shifted, every regime's error
+// equals the float path's to 3 digits (0.17-1.2% of the row's gradient norm, bf16's rounding included);
+// kept unshifted, up to 27x it (34% against 1.2%: sharp unrelated teacher and student, a = 0.99). Rows
+// whose gradient is a vanishing difference of its terms (unrelated logits of stddev 10-20 at T = 1)
+// defeat the float path as much: all three forms err alike there.
+// On the GPU (tests/cuda/test_cuda_losses.cu, that regime): 0.05-0.20% in bf16, 0.02-0.09% in fp16.
+// The gradient sweep then takes one MUFU.EX2 an entry instead of three MUFU operations: 1.01-1.05x
+// (H100, 2026-12-06; the per-row kernels' serial phases, not the MUFU pipe, bound them).
+// Skew KL keeps w so only for alpha >= 2^-15 (kept16_fits).
+template <class E>
+inline constexpr bool kept16 = requires(const E& e, float x, float& r) {
+  e.template term<true>(x, x, r, r, x);
+  e.w_of(x, x);
+  e.grad_w(x, x);
+  e.kept16_fits();
+};
 // The storage of a kept w over a teacher entry of type TC.
 template <class TC>
 using kept_w_t = std::conditional_t<sizeof(TC) == 4, float, ::kd::half>;

@@ -27,11 +27,13 @@
 
 namespace kd::cuda::detail {
 
-// Slots for up to 8 blocks (the portable cluster size) of N floats each, and the mbarrier they complete on.
-template <int N>
+// Slots for up to MaxC blocks (8: the portable cluster size; 16: Hopper's non-portable one, the row
+// kernels' 8-byte entries) of N floats each, and the mbarrier they complete on.
+template <int N, int MaxC = 8>
 struct cluster_mailbox {
   static_assert(N == 1 || N % 2 == 0, "kd: a mailbox slot is one float or pairs of floats (st.async .v2)");
-  __align__(8) float v[8][N];
+  static_assert(MaxC == 8 || MaxC == 16, "kd: a cluster holds 8 blocks (portable) or 16 (non-portable, sm_90)");
+  __align__(8) float v[MaxC][N];
   unsigned long long bar;
 };
 
@@ -42,8 +44,8 @@ __device__ __forceinline__ unsigned cluster_addr(const void* p, unsigned rank) {
   return r;
 }
 
-template <int N>
-__device__ inline void mailbox_init(cluster_mailbox<N>& mb) {
+template <int N, int MaxC>
+__device__ inline void mailbox_init(cluster_mailbox<N, MaxC>& mb) {
   mbar_init(&mb.bar);
 }
 
@@ -53,8 +55,8 @@ __device__ inline void mailbox_init(cluster_mailbox<N>& mb) {
 // A cluster of one block stores its slot and arrives without the async proxy: st.async into the
 // shared::cluster window is only defined for clusters of two or more (compute-sanitizer's memcheck
 // reports it otherwise).
-template <int N>
-__device__ inline void mailbox_exchange(cluster_mailbox<N>& mb, unsigned rank, unsigned c_blocks,
+template <int N, int MaxC>
+__device__ inline void mailbox_exchange(cluster_mailbox<N, MaxC>& mb, unsigned rank, unsigned c_blocks,
                                         const float (&vals)[N]) {
   if (c_blocks == 1) {
     if (threadIdx.x == 0) {
@@ -87,15 +89,15 @@ __device__ inline void mailbox_exchange(cluster_mailbox<N>& mb, unsigned rank, u
 // The C slots' (m, s) pairs at floats i, i + 1 folded into one log-sum-exp, in rank order (every block of
 // the cluster gets the same bits). As lse_acc::combine: no finite maximum keeps the plain sum of s (0, or
 // NaN from a poisoned block), and a NaN s reaches the result either way.
-template <int N>
-__device__ inline lse_acc mailbox_lse(const cluster_mailbox<N>& mb, unsigned c_blocks, int i) {
+template <int N, int MaxC>
+__device__ inline lse_acc mailbox_lse(const cluster_mailbox<N, MaxC>& mb, unsigned c_blocks, int i) {
   float m = -INFINITY;
-#pragma unroll
-  for (unsigned r = 0; r < 8; ++r)
+#pragma unroll 8
+  for (unsigned r = 0; r < MaxC; ++r)
     if (r < c_blocks) m = fmaxf(m, mb.v[r][i]);
   float s = 0.f;
-#pragma unroll
-  for (unsigned r = 0; r < 8; ++r)
+#pragma unroll 8
+  for (unsigned r = 0; r < MaxC; ++r)
     if (r < c_blocks) s += m == -INFINITY ? mb.v[r][i + 1] : mb.v[r][i + 1] * fast_exp2(mb.v[r][i] - m);
   return {m, s};
 }
@@ -104,18 +106,18 @@ __device__ inline lse_acc mailbox_lse(const cluster_mailbox<N>& mb, unsigned c_b
 // i + 3) folded in rank order, as lse_wacc::combine does pairwise: the reference rt of the (first) block
 // with the largest maximum, each block's w moved to it by ((m_r - m) + (rt - rt_r)) s_r, empty blocks
 // adding nothing to w.
-template <int N>
-__device__ inline lse_wacc mailbox_lse_w(const cluster_mailbox<N>& mb, unsigned c_blocks, int i) {
+template <int N, int MaxC>
+__device__ inline lse_wacc mailbox_lse_w(const cluster_mailbox<N, MaxC>& mb, unsigned c_blocks, int i) {
   float m = -INFINITY, rt = 0.f;
-#pragma unroll
-  for (unsigned r = 0; r < 8; ++r)
+#pragma unroll 8
+  for (unsigned r = 0; r < MaxC; ++r)
     if (r < c_blocks && mb.v[r][i] > m) {
       m = mb.v[r][i];
       rt = mb.v[r][i + 3];
     }
   float s = 0.f, w = 0.f;
-#pragma unroll
-  for (unsigned r = 0; r < 8; ++r) {
+#pragma unroll 8
+  for (unsigned r = 0; r < MaxC; ++r) {
     if (r >= c_blocks) continue;
     const float mr = mb.v[r][i], sr = mb.v[r][i + 1], wr = mb.v[r][i + 2], rtr = mb.v[r][i + 3];
     if (m == -INFINITY) {
@@ -131,11 +133,11 @@ __device__ inline lse_wacc mailbox_lse_w(const cluster_mailbox<N>& mb, unsigned 
 }
 
 // The C slots' float i summed in rank order.
-template <int N>
-__device__ inline float mailbox_sum(const cluster_mailbox<N>& mb, unsigned c_blocks, int i) {
+template <int N, int MaxC>
+__device__ inline float mailbox_sum(const cluster_mailbox<N, MaxC>& mb, unsigned c_blocks, int i) {
   float s = 0.f;
-#pragma unroll
-  for (unsigned r = 0; r < 8; ++r)
+#pragma unroll 8
+  for (unsigned r = 0; r < MaxC; ++r)
     if (r < c_blocks) s += mb.v[r][i];
   return s;
 }

@@ -22,13 +22,28 @@ namespace kd::cuda::detail {
 // kSliceLimit is the hard ceiling.
 inline constexpr std::size_t kSliceLimit = 220 * 1024;
 
-// Cluster size of a row kernel (logit_kd, cross_entropy): the smallest (up to 8 blocks) whose per-block
-// slice of `entries` x `entry_bytes` fits the context's slice budget. spread_rows: for a small call,
-// doubled while the grid stays under half the SMs and each block keeps >= 4096 entries (below that
-// the per-block fixed phases outweigh the shorter copy), so one row at N = 1 still spreads over 4-8 SMs.
-inline int row_cluster(context& ctx, long long entries, std::size_t entry_bytes, long long rows, bool spread_rows) {
+// The largest cluster of a row kernel whose entries (teacher and student slice together) take
+// entry_bytes: 8 blocks, the portable size, or 16 for 8-byte entries (fp32 teacher and student), whose
+// rows past ~75,000 columns would otherwise hold slices of up to 152 KB, one block an SM (V = 151,936).
+// Sixteen is Hopper's non-portable cluster size: the planner checks that such clusters fit
+// (context::allow_wide_clusters, max_active_clusters) and keeps 8 where they do not.
+inline constexpr int kMaxRowCluster = 16;
+inline constexpr int max_row_cluster(std::size_t entry_bytes) { return entry_bytes >= 8 ? kMaxRowCluster : 8; }
+
+// Cluster size of a row kernel (logit_kd, cross_entropy): the smallest power of two (up to max_c blocks)
+// whose per-block slice of `entries` x `entry_bytes` fits the context's slice budget. Other counts
+// measured worse where they differ (H100, 2026-12-06, benchmarks/RESULTS.md session 19): 3 blocks at
+// 50,304 bf16 columns and 7 at 128,256 ran JSD and TVD at 0.94-0.97x of 4 and 8 (forward and reverse KL
+// 1.00-1.03x), 7 at 50,304 fp32 columns 0.85-0.94x of 8, and the vocab maps' kernels (the trainer's
+// shape) 0.64-0.69x (CSR, 5 blocks for 8) and 0.81-0.91x (spans, 3 for 4).
+// spread_rows: for a small call, doubled (up to 8) while the grid stays under half the SMs and each block
+// keeps >= 4096 entries (below that the per-block fixed phases outweigh the shorter copy), so one row at
+// N = 1 still spreads over 4-8 SMs. budget: the slice budget, 0 for the context's.
+inline int row_cluster(context& ctx, long long entries, std::size_t entry_bytes, long long rows, bool spread_rows,
+                       int max_c = 8, std::size_t budget = 0) {
+  if (budget == 0) budget = ctx.slice_budget();
   int c = 1;
-  while (c < 8 && static_cast<std::size_t>((entries + c - 1) / c) * entry_bytes > ctx.slice_budget()) c *= 2;
+  while (c < max_c && static_cast<std::size_t>((entries + c - 1) / c) * entry_bytes > budget) c *= 2;
   if (spread_rows)
     while (c < 8 && rows * c * 2 <= ctx.sm_count() && entries / (c * 2) >= 4096) c *= 2;
   return c;
@@ -201,9 +216,14 @@ __device__ __forceinline__ unsigned minmax2(unsigned a, unsigned b) {
 }
 
 // The thread's largest x (and smallest, Strict) over the slice elements it visits: thread_lse's first
-// sweep.
-template <bool Strict, class T>
-__device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long long n, float& hi, float& lo) {
+// sweep. Arg (16-bit T): also where the largest x is, as an element index of the slice (-1 when the
+// thread visits none; the first of equal ones in each packed lane). Each lane of the packed maximum
+// remembers the last vector that raised it, two LOP3s and two SELs a vector of 8 elements; the element
+// is found in that vector once, after the sweep.
+template <bool Strict, bool Arg = false, class T>
+__device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long long n, float& hi, float& lo,
+                                                long long* arg = nullptr) {
+  static_assert(!Arg || sizeof(T) == 2, "kd: thread_extremes tracks the argmax of 16-bit slices only");
   constexpr int vn = vec_n<T>;
   const long long nv = n / vn;
   const uint4* s4 = reinterpret_cast<const uint4*>(smem);
@@ -212,15 +232,37 @@ __device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long
   if constexpr (sizeof(T) == 2) {
     constexpr unsigned neg_inf2 = std::is_same_v<T, kd::bfloat16> ? 0xff80ff80u : 0xfc00fc00u;
     unsigned mx = neg_inf2, mn = neg_inf2 ^ 0x80008000u;
+    long long at_lo = -1, at_hi = -1;  // Arg: the vector that last raised each lane of mx
     for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
       const uint4 v = s4[i];
-      mx = minmax2<T, true>(mx, minmax2<T, true>(minmax2<T, true>(v.x, v.y), minmax2<T, true>(v.z, v.w)));
+      const unsigned nx = minmax2<T, true>(mx, minmax2<T, true>(minmax2<T, true>(v.x, v.y), minmax2<T, true>(v.z, v.w)));
+      if constexpr (Arg) {
+        const unsigned d = nx ^ mx;
+        at_lo = (d & 0xffffu) != 0 ? i : at_lo;
+        at_hi = (d >> 16) != 0 ? i : at_hi;
+      }
+      mx = nx;
       if constexpr (Strict) mn = minmax2<T, false>(mn, minmax2<T, false>(minmax2<T, false>(v.x, v.y), minmax2<T, false>(v.z, v.w)));
     }
     const auto lo_of = [](unsigned w) { return to_float(T::from_bits(static_cast<std::uint16_t>(w & 0xffffu))); };
     const auto hi_of = [](unsigned w) { return to_float(T::from_bits(static_cast<std::uint16_t>(w >> 16))); };
     hi = fmaxf(lo_of(mx), hi_of(mx));
     if constexpr (Strict) lo = fminf(lo_of(mn), hi_of(mn));
+    if constexpr (Arg) {
+      // The lane holding hi, then its element in that vector (bit-equal: minmax2 returns an input's bits).
+      const bool upper = !(lo_of(mx) >= hi_of(mx));
+      const long long at = upper ? at_hi : at_lo;
+      *arg = -1;
+      if (at >= 0) {
+        const uint4 v = s4[at];
+        const unsigned w[4] = {v.x, v.y, v.z, v.w};
+        const unsigned key = upper ? mx >> 16 : mx & 0xffffu;
+        int k = 3;
+#pragma unroll
+        for (int j = 2; j >= 0; --j) k = ((upper ? w[j] >> 16 : w[j] & 0xffffu) == key) ? j : k;
+        *arg = at * vn + 2 * k + (upper ? 1 : 0);
+      }
+    }
   } else {
     for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
       const uint4 v = s4[i];
@@ -231,6 +273,8 @@ __device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long
   }
   for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) {
     const float x = to_float(smem[i]);
+    if constexpr (Arg)
+      if (x > hi || *arg < 0) *arg = i;
     hi = fmaxf(hi, x);
     if constexpr (Strict) lo = fminf(lo, x);
   }
@@ -357,16 +401,18 @@ __device__ void lse_of_slice(const T* __restrict__ src, T* __restrict__ dst, lon
 // thread (ncu, H100, benchmarks/NOTES.md session 15); this form ~70. Every thread gets the block's
 // accumulators t and s. Strict per thread, as thread_lse: a y of -inf poisons that thread's sum with
 // NaN, and so the block's. A block with no finite x keeps m = -inf (s = 0, or NaN).
-template <bool Strict, class TT, class ST>
+// SArg: s_arg gets the slice index of the student's largest x among this thread's elements
+// (thread_extremes), -1 if none.
+template <bool Strict, bool SArg = false, class TT, class ST>
 __device__ void slice_pair_lse(const TT* __restrict__ tsrc, TT* __restrict__ tdst, long long tfrom,
                                const ST* __restrict__ ssrc, ST* __restrict__ sdst, long long sfrom, long long n,
-                               float scale, float2* scratch, lse_acc& t, lse_acc& s) {
+                               float scale, float2* scratch, lse_acc& t, lse_acc& s, long long* s_arg = nullptr) {
   for (long long i = tfrom + threadIdx.x; i < n; i += blockDim.x) tdst[i] = tsrc[i];
   for (long long i = sfrom + threadIdx.x; i < n; i += blockDim.x) sdst[i] = ssrc[i];
   __syncthreads();
   float ht, lt, hs, ls;
   thread_extremes<Strict>(tdst, n, ht, lt);
-  thread_extremes<Strict>(sdst, n, hs, ls);
+  thread_extremes<Strict, SArg>(sdst, n, hs, ls, s_arg);
   block_max2(ht, hs, scratch);
   const float mt = ht == -INFINITY ? 0.f : ht * scale, ms = hs == -INFINITY ? 0.f : hs * scale;
   float st = thread_exp2_sum(tdst, n, scale, mt), ss = thread_exp2_sum(sdst, n, scale, ms);
