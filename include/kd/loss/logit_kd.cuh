@@ -625,12 +625,17 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
                : contiguous ? logit_kd_kernel<D, TT, ST, G, map_kind::contiguous>
                             : logit_kd_kernel<D, TT, ST, G, map_kind::csr>;
   if (cluster > 8) {
-    // Hopper's non-portable cluster sizes: allowed per kernel, and checked to fit at this size.
+    // Hopper's non-portable cluster sizes: allowed per kernel, and checked to fit at this size. Where the
+    // device or driver refuses either, 8 blocks as before (and the refusal is not left as the last error).
     int fits = 0;
     KD_TRY(ctx.allow_dynamic_smem(out.kernel, slice_smem(cluster)));
-    KD_TRY(ctx.allow_wide_clusters(out.kernel));
-    KD_TRY(ctx.max_active_clusters(out.kernel, cluster, kRowSliceThreads, slice_smem(cluster), fits));
-    if (fits < 1) cluster = 8;
+    if (!ctx.allow_wide_clusters(out.kernel).ok() ||
+        !ctx.max_active_clusters(out.kernel, cluster, kRowSliceThreads, slice_smem(cluster), fits).ok())
+      fits = 0;
+    if (fits < 1) {
+      (void)cudaGetLastError();
+      cluster = 8;
+    }
   }
   p.chunk = chunk_of(cluster);
   out.smem = slice_smem(cluster);
