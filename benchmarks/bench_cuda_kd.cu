@@ -326,24 +326,17 @@ void BM_logit_kd_map_bf16(benchmark::State& state) {
   cudaFree(loss);
 }
 
-// The table's shapes at the default slice budget (third argument, KiB; 0 the default), then a sweep of the budget
-// for the smaller shapes: one run compares cluster sizes on one card.
+// The table's shapes at the default slice budget (third argument, KiB; 0 the default).
 void shapes(benchmark::internal::Benchmark* b) {
   for (long long n : {4096, 16384})
     for (long long v : {50304, 151936}) b->Args({n, v, 0});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 }
+// A sweep of the slice budget over the grid's vocabularies at N = 8192 (and 2048 at V = 32,000): the
+// budget sets the cluster size (kd::cuda::detail::row_cluster), so one run compares cluster sizes and
+// blocks an SM (the per-row kernel's registers allow 4; three 76 KB slices fill an H100's shared
+// memory). 52 KiB was the default to session 18, 64 since. make_table.py prints the BM_sweep_ rows.
 void budget_sweep(benchmark::internal::Benchmark* b) {
-  for (long long v : {50304, 151936})
-    for (long long kb : {200, 76, 64, 52, 40}) b->Args({4096, v, kb});
-  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
-}
-
-// The budget over the grid's vocabularies at N = 8192 (and 2048 at V = 32,000): it sets the cluster size
-// (kd::cuda::detail::row_cluster), so one run compares cluster sizes and blocks an SM (the per-row
-// kernel's registers allow 4; three 76 KB slices fill an H100's shared memory). 52 KiB was the default
-// to session 18, 64 since.
-void budget_sweep_v(benchmark::internal::Benchmark* b) {
   for (long long v : {32000, 50304, 128256, 151936})
     for (long long kb : {52, 64, 76}) b->Args({8192, v, kb});
   for (long long kb : {52, 64}) b->Args({2048, 32000, kb});
@@ -351,19 +344,17 @@ void budget_sweep_v(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Apply(shapes);
-BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_sweep_logit_kd_forward_kl")->Apply(budget_sweep);
-BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_budget_forward_kl")->Apply(budget_sweep_v);
-BENCHMARK(BM_logit_kd_bf16<kd::reverse_kl>)->Name("BM_budget_reverse_kl")->Apply(budget_sweep_v);
-BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Name("BM_budget_jsd")->Apply(budget_sweep_v);
-BENCHMARK(BM_logit_kd_bf16<kd::tvd>)->Name("BM_budget_tvd")->Apply(budget_sweep_v);
-BENCHMARK(BM_logit_kd<kd::forward_kl, float>)->Name("BM_budget_forward_kl_f32")->Apply(budget_sweep_v);
-BENCHMARK(BM_logit_kd<kd::jsd, float>)->Name("BM_budget_jsd_f32")->Apply(budget_sweep_v);
-BENCHMARK(BM_cross_entropy_bf16)->Name("BM_budget_cross_entropy")->Apply(budget_sweep_v);
+BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_sweep_forward_kl")->Apply(budget_sweep);
+BENCHMARK(BM_logit_kd_bf16<kd::reverse_kl>)->Name("BM_sweep_reverse_kl")->Apply(budget_sweep);
+BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Name("BM_sweep_jsd")->Apply(budget_sweep);
+BENCHMARK(BM_logit_kd_bf16<kd::tvd>)->Name("BM_sweep_tvd")->Apply(budget_sweep);
+BENCHMARK(BM_logit_kd<kd::forward_kl, float>)->Name("BM_sweep_forward_kl_f32")->Apply(budget_sweep);
+BENCHMARK(BM_logit_kd<kd::jsd, float>)->Name("BM_sweep_jsd_f32")->Apply(budget_sweep);
+BENCHMARK(BM_cross_entropy_bf16)->Name("BM_sweep_cross_entropy")->Apply(budget_sweep);
 BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Args({4096, 50304, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_logit_kd_map_bf16<kd::forward_kl>)->Args({4096, 0, 0})->Args({4096, 0, 1})->Args({16384, 0, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Args({16384, 50304, 576, 2048})->Args({16384, 151936, 576, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304, 0})->Args({16384, 50304, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
-BENCHMARK(BM_cross_entropy_bf16)->Name("BM_sweep_cross_entropy")->Args({4096, 50304, 100})->Args({4096, 50304, 26})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 
 // Issue 12's grid (run with --benchmark_filter='BM_grid|BM_gemms|BM_chunks'): every divergence and
 // cross-entropy over V x N at the default budget, in bf16, in fp32 (a subset) and through both kinds of

@@ -430,10 +430,12 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
           log2_pq(s_arg, dt, ds);
           shift = e.w_of(dt, ds);
         }
-        sweep_slice_of<TT, TT, ::kd::half>(tcache, k2, tlse, scache, reinterpret_cast<::kd::half*>(tcache), n_local, k2,
-                                           slse, true, false, [&](float dt, float ds) {
-                                             return e.template term<true>(dt, ds, loss, cq, shift);
-                                           });
+        // The vector path alone (keep16 implies vector_ok), and not sweep_keep: term<true> returns h
+        // clamped and rounded already (its C took that value).
+        sweep_slice_of<TT, TT, W>(tcache, k2, tlse, scache, reinterpret_cast<W*>(tcache), n_local, k2,
+                                  slse, true, false, [&](float dt, float ds) {
+                                    return e.template term<true>(dt, ds, loss, cq, shift);
+                                  });
       }
     } else if (keep) {
       if constexpr (Keep) sweep_keep([&](float dt, float ds) { return e.term(dt, ds, loss, cq); });
@@ -448,9 +450,9 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       mailbox_exchange(box1, rank, c_blocks, c1);
       e.set_c(mailbox_sum(box1, c_blocks, 0));
       if (keep16) {
-        if constexpr (Keep16)
-          sweep_slice_kept<TT, ::kd::half>(tcache, scache, grow + j0, n_local, k2, slse, p.accumulate,
-                                           [&](float ds, float h) { return e.grad_w(ds, shift + h); });
+        if constexpr (Keep16)  // the vector path alone (keep16 implies vector_ok), as in the terms sweep
+          sweep_slice_kept<TT, W>(tcache, scache, grow + j0, n_local, k2, slse, p.accumulate,
+                                  [&](float ds, float h) { return e.grad_w(ds, shift + h); });
       } else if (keep) {
         if constexpr (Keep) sweep_kept([&](float ds, float w) { return e.grad_w(ds, w); });
       } else {

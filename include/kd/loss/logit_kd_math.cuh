@@ -138,9 +138,15 @@ __device__ inline float lse_gap_bits(const lse_acc& t, const lse_acc& s) {
 // its row sum C but of the plain ones in the value (whose gap cancels only there), a second log an
 // entry: not folded; nor TVD (its gradient's signs are what ties decide).
 
-// x rounded to fp16, as a float (what an fp16 slot keeps of it: kept16). Clamped to fp16's range first.
+// A kept w as its slot of type W stores it: fp16 slots clamp to fp16's range (a kept w is never inf).
+template <class W>
+__device__ __forceinline__ float clamp_kept(float w) {
+  if constexpr (std::is_same_v<W, float>) return w;
+  else return fminf(fmaxf(w, -65504.f), 65504.f);
+}
+// x rounded to fp16, as a float (what an fp16 slot keeps of it: kept16), clamped first as there.
 __device__ __forceinline__ float half_rounded(float x) {
-  return __half2float(__float2half_rn(fminf(fmaxf(x, -65504.f), 65504.f)));
+  return __half2float(__float2half_rn(clamp_kept<::kd::half>(x)));
 }
 
 // Per-entry math, generic form: divergence_math in natural logs (TVD).
@@ -465,11 +471,6 @@ inline constexpr bool kept16 = requires(const E& e, float x, float& r) {
 // The storage of a kept w over a teacher entry of type TC.
 template <class TC>
 using kept_w_t = std::conditional_t<sizeof(TC) == 4, float, ::kd::half>;
-template <class W>
-__device__ __forceinline__ float clamp_kept(float w) {
-  if constexpr (std::is_same_v<W, float>) return w;
-  else return fminf(fmaxf(w, -65504.f), 65504.f);
-}
 
 // A sweep over a slice in shared memory (teacher tc, student sc, one storage type T, 16-byte aligned):
 // fn(dt, ds) per entry, its gradient stored to grad (global, 16-byte aligned) when `write`, added to the
