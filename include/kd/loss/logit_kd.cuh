@@ -66,6 +66,14 @@
 // an entry become one, 1.01-1.05x: the MUFU pipe was not what held them). bf16, N = 8192-16384: forward
 // KL 86-96% of copy, reverse KL 81-89%, TVD 71-80%, JSD 62-70%, skew KL 60-68%; fp32 forward KL 82-93%,
 // reverse KL 84-92%, TVD 83-84%, JSD 67-78%, skew KL 70-76%.
+// What bounds them now (ncu, H100, 8192 x 128,256 bf16, fef3acc, ncu's locked clocks; RESULTS.md session 20):
+// instruction issue for the two-sweep divergences. JSD executes 69 instructions an entry (pass 1 ~14, terms
+// sweep 27, gradient sweep 12, the rest per block: reductions, exchanges, waits) and issues in 73% of
+// cycles with DRAM at 46%; TVD 58 an entry, 72% and 54%; forward KL 39, 61% and 67%. At 1.98 GHz JSD's
+// instructions alone take ~2.2 ms against 2.1 ms for its bytes at copy speed, so it cannot reach 80% of
+// copy without fewer instructions an entry. Copying in parts to overlap pass 1 with the bulk copy measured
+// 0.71-0.98x; folding the exchanged slots across lanes (cluster_mailbox.cuh) 1.00-1.08x (NOTES.md,
+// session 20).
 #pragma once
 
 #include <cooperative_groups.h>

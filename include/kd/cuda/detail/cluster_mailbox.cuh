@@ -86,59 +86,67 @@ __device__ inline void mailbox_exchange(cluster_mailbox<N, MaxC>& mb, unsigned r
   mbar_wait(&mb.bar, 0);
 }
 
-// The C slots' (m, s) pairs at floats i, i + 1 folded into one log-sum-exp, in rank order (every block of
-// the cluster gets the same bits). As lse_acc::combine: no finite maximum keeps the plain sum of s (0, or
-// NaN from a poisoned block), and a NaN s reaches the result either way.
+// The folds below run across the lanes of each warp instead of down the slots in every thread: lane l
+// takes slot l mod P (P: c_blocks rounded up to a power of two; slots past c_blocks are empty) and
+// log2(P) xor-butterfly levels combine them. The sequential fold (a max over the C slots, then one
+// exponential a slot, each behind a branch) ran ~330 instructions in every warp for pass 1's two
+// log-sum-exps at C = 8, 7% of JSD's instructions and 12% of its stall samples (ncu SourceCounters, H100,
+// 8192 x 128,256 bf16, benchmarks/RESULTS.md session 20), on the path of every block. Across the lanes:
+// 1.00-1.03x on the bf16 per-row losses, 1.01-1.08x in fp32 (16-block rows: JSD 1.07-1.08x, reverse KL
+// 1.03-1.06x; forward KL fp32 at 16384 x 151,936 0.98x), cross-entropy 1.00x (H100, same-run A/B against
+// fef3acc, 2026-12-06).
+// Same bits everywhere: at each level both partners combine (lower lane's value, upper lane's value) in
+// that order, and every group of P lanes holds the same slots, so every lane of every warp of every
+// block of the cluster gets the same result (the exchange's contract: one row value for the cluster).
+// The combination order is a tree over the ranks, as the pairwise combines define it.
+__device__ __forceinline__ unsigned fold_width(unsigned c_blocks) { return 1u << (32 - __clz(c_blocks - 1)); }
+
+// One butterfly level's partner values in (lower, upper) lane order.
+template <class T>
+__device__ __forceinline__ void fold_pair(const T& mine, const T& other, unsigned o, T& lo, T& hi) {
+  const bool upper = (threadIdx.x & o) != 0;
+  lo = upper ? other : mine;
+  hi = upper ? mine : other;
+}
+
+// The C slots' (m, s) pairs at floats i, i + 1 folded into one log-sum-exp (lse_acc::combine: no finite
+// maximum keeps the plain sum of s, 0 or NaN from a poisoned block, and a NaN s reaches the result).
 template <int N, int MaxC>
 __device__ inline lse_acc mailbox_lse(const cluster_mailbox<N, MaxC>& mb, unsigned c_blocks, int i) {
-  float m = -INFINITY;
-#pragma unroll 8
-  for (unsigned r = 0; r < MaxC; ++r)
-    if (r < c_blocks) m = fmaxf(m, mb.v[r][i]);
-  float s = 0.f;
-#pragma unroll 8
-  for (unsigned r = 0; r < MaxC; ++r)
-    if (r < c_blocks) s += m == -INFINITY ? mb.v[r][i + 1] : mb.v[r][i + 1] * fast_exp2(mb.v[r][i] - m);
-  return {m, s};
+  const unsigned width = fold_width(c_blocks), r = threadIdx.x % width;
+  lse_acc a = r < c_blocks ? lse_acc{mb.v[r][i], mb.v[r][i + 1]} : lse_acc{};
+  for (unsigned o = width / 2; o > 0; o >>= 1) {
+    const lse_acc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
+    lse_acc lo, hi;
+    fold_pair(a, b, o, lo, hi);
+    a = lse_acc::combine(lo, hi);
+  }
+  return a;
 }
 
 // The C slots' student accumulators with reverse KL's weighted sum (lse_wacc: m, s, w, rt at floats i to
-// i + 3) folded in rank order, as lse_wacc::combine does pairwise: the reference rt of the (first) block
-// with the largest maximum, each block's w moved to it by ((m_r - m) + (rt - rt_r)) s_r, empty blocks
-// adding nothing to w.
+// i + 3) folded by lse_wacc::combine: the reference rt of the lowest-ranked block with the largest
+// maximum, each block's w moved to it, empty blocks adding nothing to w.
 template <int N, int MaxC>
 __device__ inline lse_wacc mailbox_lse_w(const cluster_mailbox<N, MaxC>& mb, unsigned c_blocks, int i) {
-  float m = -INFINITY, rt = 0.f;
-#pragma unroll 8
-  for (unsigned r = 0; r < MaxC; ++r)
-    if (r < c_blocks && mb.v[r][i] > m) {
-      m = mb.v[r][i];
-      rt = mb.v[r][i + 3];
-    }
-  float s = 0.f, w = 0.f;
-#pragma unroll 8
-  for (unsigned r = 0; r < MaxC; ++r) {
-    if (r >= c_blocks) continue;
-    const float mr = mb.v[r][i], sr = mb.v[r][i + 1], wr = mb.v[r][i + 2], rtr = mb.v[r][i + 3];
-    if (m == -INFINITY) {
-      s += sr;
-      w += wr;
-    } else {
-      const float f = fast_exp2(mr - m);
-      s += sr * f;
-      if (mr != -INFINITY) w += (wr + ((mr - m) + (rt - rtr)) * sr) * f;
-    }
+  const unsigned width = fold_width(c_blocks), r = threadIdx.x % width;
+  lse_wacc a = r < c_blocks ? lse_wacc{mb.v[r][i], mb.v[r][i + 1], mb.v[r][i + 2], mb.v[r][i + 3]} : lse_wacc{};
+  for (unsigned o = width / 2; o > 0; o >>= 1) {
+    const lse_wacc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o),
+                     __shfl_xor_sync(0xffffffffu, a.w, o), __shfl_xor_sync(0xffffffffu, a.rt, o)};
+    lse_wacc lo, hi;
+    fold_pair(a, b, o, lo, hi);
+    a = lse_wacc::combine(lo, hi);
   }
-  return {m, s, w, m == -INFINITY ? 0.f : rt};
+  return {a.m, a.s, a.w, a.m == -INFINITY ? 0.f : a.rt};
 }
 
-// The C slots' float i summed in rank order.
+// The C slots' float i summed (a + b rounds as b + a: no ordering needed).
 template <int N, int MaxC>
 __device__ inline float mailbox_sum(const cluster_mailbox<N, MaxC>& mb, unsigned c_blocks, int i) {
-  float s = 0.f;
-#pragma unroll 8
-  for (unsigned r = 0; r < MaxC; ++r)
-    if (r < c_blocks) s += mb.v[r][i];
+  const unsigned width = fold_width(c_blocks), r = threadIdx.x % width;
+  float s = r < c_blocks ? mb.v[r][i] : 0.f;
+  for (unsigned o = width / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   return s;
 }
 
