@@ -95,33 +95,18 @@ __device__ inline void mailbox_exchange(cluster_mailbox<N, MaxC>& mb, unsigned r
 // 1.00-1.03x on the bf16 per-row losses, 1.01-1.08x in fp32 (16-block rows: JSD 1.07-1.08x, reverse KL
 // 1.03-1.06x; forward KL fp32 at 16384 x 151,936 0.98x), cross-entropy 1.00x (H100, same-run A/B against
 // fef3acc, 2026-12-06).
-// Same bits everywhere: at each level both partners combine (lower lane's value, upper lane's value) in
-// that order, and every group of P lanes holds the same slots, so every lane of every warp of every
-// block of the cluster gets the same result (the exchange's contract: one row value for the cluster).
-// The combination order is a tree over the ranks, as the pairwise combines define it.
+// Same bits everywhere: the folds are the ordered butterflies of kd/cuda/detail/reduce.cuh (each pair
+// combined as lower lane, upper lane), and every group of P lanes holds the same slots, so every lane of
+// every warp of every block of the cluster gets the same result (the exchange's contract: one row value
+// for the cluster). The combination order is a tree over the ranks, as the pairwise combines define it.
 __device__ __forceinline__ unsigned fold_width(unsigned c_blocks) { return 1u << (32 - __clz(c_blocks - 1)); }
-
-// One butterfly level's partner values in (lower, upper) lane order.
-template <class T>
-__device__ __forceinline__ void fold_pair(const T& mine, const T& other, unsigned o, T& lo, T& hi) {
-  const bool upper = (threadIdx.x & o) != 0;
-  lo = upper ? other : mine;
-  hi = upper ? mine : other;
-}
 
 // The C slots' (m, s) pairs at floats i, i + 1 folded into one log-sum-exp (lse_acc::combine: no finite
 // maximum keeps the plain sum of s, 0 or NaN from a poisoned block, and a NaN s reaches the result).
 template <int N, int MaxC>
 __device__ inline lse_acc mailbox_lse(const cluster_mailbox<N, MaxC>& mb, unsigned c_blocks, int i) {
   const unsigned width = fold_width(c_blocks), r = threadIdx.x % width;
-  lse_acc a = r < c_blocks ? lse_acc{mb.v[r][i], mb.v[r][i + 1]} : lse_acc{};
-  for (unsigned o = width / 2; o > 0; o >>= 1) {
-    const lse_acc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
-    lse_acc lo, hi;
-    fold_pair(a, b, o, lo, hi);
-    a = lse_acc::combine(lo, hi);
-  }
-  return a;
+  return warp_lse<true>(r < c_blocks ? lse_acc{mb.v[r][i], mb.v[r][i + 1]} : lse_acc{}, width);
 }
 
 // The C slots' student accumulators with reverse KL's weighted sum (lse_wacc: m, s, w, rt at floats i to
@@ -130,24 +115,16 @@ __device__ inline lse_acc mailbox_lse(const cluster_mailbox<N, MaxC>& mb, unsign
 template <int N, int MaxC>
 __device__ inline lse_wacc mailbox_lse_w(const cluster_mailbox<N, MaxC>& mb, unsigned c_blocks, int i) {
   const unsigned width = fold_width(c_blocks), r = threadIdx.x % width;
-  lse_wacc a = r < c_blocks ? lse_wacc{mb.v[r][i], mb.v[r][i + 1], mb.v[r][i + 2], mb.v[r][i + 3]} : lse_wacc{};
-  for (unsigned o = width / 2; o > 0; o >>= 1) {
-    const lse_wacc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o),
-                     __shfl_xor_sync(0xffffffffu, a.w, o), __shfl_xor_sync(0xffffffffu, a.rt, o)};
-    lse_wacc lo, hi;
-    fold_pair(a, b, o, lo, hi);
-    a = lse_wacc::combine(lo, hi);
-  }
+  const lse_wacc a = warp_lse_w<true>(
+      r < c_blocks ? lse_wacc{mb.v[r][i], mb.v[r][i + 1], mb.v[r][i + 2], mb.v[r][i + 3]} : lse_wacc{}, width);
   return {a.m, a.s, a.w, a.m == -INFINITY ? 0.f : a.rt};
 }
 
-// The C slots' float i summed (a + b rounds as b + a: no ordering needed).
+// The C slots' float i summed.
 template <int N, int MaxC>
 __device__ inline float mailbox_sum(const cluster_mailbox<N, MaxC>& mb, unsigned c_blocks, int i) {
   const unsigned width = fold_width(c_blocks), r = threadIdx.x % width;
-  float s = r < c_blocks ? mb.v[r][i] : 0.f;
-  for (unsigned o = width / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  return s;
+  return warp_sum(r < c_blocks ? mb.v[r][i] : 0.f, width);
 }
 
 }  // namespace kd::cuda::detail

@@ -104,23 +104,33 @@ struct lse_wacc {
 inline constexpr float kLog2e = 1.4426950408889634f;
 inline constexpr float kLn2 = 0.6931471805599453f;
 
-__device__ inline float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// Xor-butterfly reductions over each group of `width` lanes (a power of two up to 32; every group
+// reduces its own lanes and all of its lanes get the result).
+// Ordered (the log-sum-exp folds): each pair is combined as (lower lane's value, upper lane's value),
+// so both partners, and so every lane of the group, get the same bits. Unordered, each lane combines
+// (its own, its partner's): combine's products may then be contracted into FMAs differently in the two
+// lanes, and lse_wacc picks the reference of its first argument on equal maxima. The sum needs no
+// order (a + b rounds as b + a). Lanes are threadIdx.x mod 32 (1-D blocks, as the block reductions below).
+__device__ inline float warp_sum(float v, unsigned width = 32) {
+  for (unsigned o = width / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-__device__ inline lse_acc warp_lse(lse_acc a) {
-  for (int o = 16; o > 0; o >>= 1) {
-    lse_acc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
-    a = lse_acc::combine(a, b);
+template <bool Ordered = false>
+__device__ inline lse_acc warp_lse(lse_acc a, unsigned width = 32) {
+  for (unsigned o = width / 2; o > 0; o >>= 1) {
+    const lse_acc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
+    const bool upper = Ordered && (threadIdx.x & o) != 0;
+    a = lse_acc::combine(upper ? b : a, upper ? a : b);
   }
   return a;
 }
-
-__device__ inline lse_wacc warp_lse_w(lse_wacc a) {
-  for (int o = 16; o > 0; o >>= 1) {
+template <bool Ordered = false>
+__device__ inline lse_wacc warp_lse_w(lse_wacc a, unsigned width = 32) {
+  for (unsigned o = width / 2; o > 0; o >>= 1) {
     const lse_wacc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o),
                      __shfl_xor_sync(0xffffffffu, a.w, o), __shfl_xor_sync(0xffffffffu, a.rt, o)};
-    a = lse_wacc::combine(a, b);
+    const bool upper = Ordered && (threadIdx.x & o) != 0;
+    a = lse_wacc::combine(upper ? b : a, upper ? a : b);
   }
   return a;
 }
