@@ -74,6 +74,13 @@
 // copy without fewer instructions an entry. Copying in parts to overlap pass 1 with the bulk copy measured
 // 0.71-0.98x; folding the exchanged slots across lanes (cluster_mailbox.cuh) 1.00-1.08x (NOTES.md,
 // session 20).
+// Session 21 (H100, 2026-12-06, same-run A/B against 9964f3a): the kept16 sweeps in pairs (one F2FP
+// rounds two kept values, saturating; the loss's constant factors and the m clamp once per thread; the
+// factor on the gradient's exponential: kd/loss/logit_kd_math.cuh), TVD's sign kept the same way, the
+// sweeps' write / accumulate flags compiled out of their loops, and the loss's block sum riding with C's:
+// JSD 75 -> 62 instructions an entry (ncu), 1.06-1.12x; skew KL 1.07-1.12x; TVD 1.03-1.10x; reverse KL
+// 1.00-1.04x. bf16 JSD now 68-78% of copy, skew KL 66-75%, TVD 74-87%. JSD's 62: the sweeps' loops 42
+// (pass 1 ~14), 12 once per block a warp, the rest waits; issue 69% of cycles, DRAM 53% (ncu's clocks).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -228,10 +235,11 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   lse_acc acc[2];  // [0] teacher (or mapped mass), [1] student
   bool block_done = false;  // acc[] already holds the block's sums (slice_pair_lse)
   // Sixteen-byte vector sweeps (sweep_slice) when every tensor has one storage type and the rows are
-  // aligned. JSD and skew KL over 16-bit vectors keep w in fp16 (kept16, kd/loss/logit_kd_math.cuh),
-  // shifted by w at each thread's largest student logit, which pass 1 finds (s_arg).
+  // aligned. JSD, skew KL and TVD over 16-bit vectors keep w in fp16 (kept16, kd/loss/logit_kd_math.cuh);
+  // JSD's and skew KL's shifted by w at each thread's largest student logit, which pass 1 finds (s_arg).
   constexpr bool Vec = !Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>;
   constexpr bool Keep16 = Vec && !Online && sizeof(TT) == 2 && kept16<E>;
+  constexpr bool Shift16 = Keep16 && kept16_shifted<E>;
   long long s_arg = -1;
   auto gather_student = [&]() {
     for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
@@ -288,7 +296,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       __syncthreads();
     } else {
       // Both log-sum-exps for the whole block at once, around the block's maxima.
-      slice_pair_lse<true, Keep16>(trow + j0, tcache, bt / static_cast<long long>(sizeof(TT)), srow + j0, scache,
+      slice_pair_lse<true, Shift16>(trow + j0, tcache, bt / static_cast<long long>(sizeof(TT)), srow + j0, scache,
                                    bs / static_cast<long long>(sizeof(ST)), n_local, k2, red.pair, acc[0], acc[1], &s_arg);
       block_done = true;
     }
@@ -432,18 +440,19 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     if constexpr (folds_lse<E, GT>) e.fold_lse(factor, acc[0], acc[1], false);  // fp32 gradients
     if (keep16) {
       if constexpr (Keep16) {
-        // This thread's shift: w at its largest student logit (none: the thread has no entries).
-        if (s_arg >= 0) {
-          float dt, ds;
-          log2_pq(s_arg, dt, ds);
-          shift = e.w_of(dt, ds);
-        }
-        // The vector path alone (keep16 implies vector_ok), and not sweep_keep: term<true> returns h
-        // clamped and rounded already (its C took that value).
-        sweep_slice_of<TT, TT, W>(tcache, k2, tlse, scache, reinterpret_cast<W*>(tcache), n_local, k2,
-                                  slse, true, false, [&](float dt, float ds) {
-                                    return e.template term<true>(dt, ds, loss, cq, shift);
-                                  });
+        // The vector path alone (keep16 implies vector_ok). The teacher's exponent as the entry takes it.
+        const float toff = tlse + e.kept16_t_offset();
+        kept16_acc k;
+        // This thread's shift: x at its largest student logit (none: the thread has no entries).
+        if constexpr (Shift16)
+          if (s_arg >= 0) {
+            float q;
+            shift = e.x16(to_float(tcache[s_arg]) * k2 - toff, log2_q(s_arg), k, q, 0.f);
+            k = kept16_acc{};
+          }
+        sweep_slice_keep16<TT>(tcache, scache, n_local, k2, toff, slse, e, shift, k);
+        loss += e.kept16_loss(k);
+        cq = e.kept16_c(k, shift);
       }
     } else if (keep) {
       if constexpr (Keep) sweep_keep([&](float dt, float ds) { return e.term(dt, ds, loss, cq); });
@@ -452,18 +461,27 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     }
     loss = e.loss_of(loss);
   }
+  // Two-sweep rows with a gradient: the loss is complete after the terms sweep, so its block sum rides
+  // with C's (one block reduction of a pair instead of two: ~65 instructions a warp and two barriers).
+  bool loss_summed = false;
   if constexpr (RowSum) {
     if (p.want_grad) {
-      const float c1[1] = {block_sum(cq, red.sum)};
+      float cb = cq;
+      block_sum2(cb, loss, red.pair);
+      loss_summed = true;
+      const float c1[1] = {cb};
       mailbox_exchange(box1, rank, c_blocks, c1);
-      e.set_c(mailbox_sum(box1, c_blocks, 0));
+      const float c_row = mailbox_sum(box1, c_blocks, 0);
       if (keep16) {
-        if constexpr (Keep16)  // the vector path alone (keep16 implies vector_ok), as in the terms sweep
-          sweep_slice_kept<TT, W>(tcache, scache, grow + j0, n_local, k2, slse, p.accumulate,
-                                  [&](float ds, float h) { return e.grad_w(ds, shift + h); });
+        if constexpr (Keep16) {  // the vector path alone (keep16 implies vector_ok), as in the terms sweep
+          e.kept16_set_c(c_row, shift);
+          sweep_slice_kept16<TT>(tcache, scache, grow + j0, n_local, k2, slse - e.kept16_grad_offset(), p.accumulate, e);
+        }
       } else if (keep) {
+        e.set_c(c_row);
         if constexpr (Keep) sweep_kept([&](float ds, float w) { return e.grad_w(ds, w); });
       } else {
+        e.set_c(c_row);
         sweep(true, [&](float dt, float ds) { return e.grad(dt, ds); });
       }
     }
@@ -504,7 +522,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       }
     }
   }
-  loss = block_sum(loss, red.sum);
+  if (!loss_summed) loss = block_sum(loss, red.sum);
   if (threadIdx.x == 0) *partial = loss * p.loss_scale;
   finish();
 }

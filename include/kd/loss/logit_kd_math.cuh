@@ -144,19 +144,28 @@ __device__ __forceinline__ float clamp_kept(float w) {
   if constexpr (std::is_same_v<W, float>) return w;
   else return fminf(fmaxf(w, -65504.f), 65504.f);
 }
-// x rounded to fp16, as a float (what an fp16 slot keeps of it: kept16), clamped first as there.
-__device__ __forceinline__ float half_rounded(float x) {
-  return __half2float(__float2half_rn(clamp_kept<::kd::half>(x)));
+// Two floats rounded to fp16 and packed (lo in the low half), saturated to fp16's finite range: one F2FP
+// for a pair, where a clamp (two FMNMX) and a rounding (one F2FP) an entry did it before (kept16).
+__device__ __forceinline__ unsigned half2_satfinite(float lo, float hi) {
+  unsigned r;
+  asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // the first source is the high half
+  return r;
+}
+// One float so (the unaligned tail's entries).
+__device__ __forceinline__ ::kd::half half_satfinite(float x) {
+  unsigned short r;
+  asm("cvt.rn.satfinite.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+  return ::kd::half::from_bits(r);
 }
 
-// Per-entry math, generic form: divergence_math in natural logs (TVD).
+// Per-entry math, generic form: divergence_math in natural logs (TVD's, beside its kept16 form below).
 template <class D>
-struct kd_entry {
+struct generic_entry {
   static constexpr bool one_sweep = false;
   ::kd::detail::divergence_math<D, float> math;
   float factor = 0.f;  // grad_scale * loss_scale / T / divisor
   float c = 0.f;       // the row's sum of q dD/dq (set_c, before the gradient sweep)
-  __device__ kd_entry(float param, float factor_) : factor(factor_) { math.param = param; }
+  __device__ generic_entry(float param, float factor_) : factor(factor_) { math.param = param; }
   // The terms sweep: adds the entry's loss term and q dD/dq; returns w = dD/dq (the kept form, below).
   __device__ float term(float dt, float ds, float& loss, float& cq) const {
     const float logp = dt * kLn2, logq = ds * kLn2, pj = fast_exp2(dt), qj = fast_exp2(ds);
@@ -178,6 +187,45 @@ struct kd_entry {
   }
   // The gradient from the entry's kept w (TVD: dD/dq = sign(q - p) / 2, exact in any storage).
   __device__ float grad_w(float ds, float w) const { return factor * fast_exp2(ds) * (w - c); }
+};
+template <class D>
+struct kd_entry : generic_entry<D> {
+  using generic_entry<D>::generic_entry;
+};
+
+// What a kept16 terms sweep sums over a thread's entries (each entry's form says what la and lb are):
+// qh = sum q h over the kept (rounded) values h, sq = sum q (for the thread's shift).
+struct kept16_acc {
+  float la = 0.f, lb = 0.f, qh = 0.f, sq = 0.f;
+};
+
+// TVD: the generic entry, and a kept16 form (below: mixture_entry's comment says what the members are).
+// Its w = sign(q - p) / 2 is kept as x = (q - p) 2^127 saturated to fp16, +-65,504 for |q - p| >= 2^-111
+// (and 0 at an exact tie): one FMUL and half an F2FP an entry for the compares and selects of a sign.
+// Where 0 < |q - p| < 2^-111 the kept value is a fraction of 65,504; both probabilities are then
+// below ~2^-100 and so is the gradient the fraction moves. C takes the kept values as they are.
+template <>
+struct kd_entry<tvd> : generic_entry<tvd> {
+  using generic_entry<tvd>::generic_entry;
+  static constexpr float kScale = 1.70141183e38f;  // 2^127
+  static constexpr float kUnit = 0.5f / 65504.f;    // w of a kept +-65,504
+  float g1 = 0.f, g0 = 0.f;
+  __device__ float kept16_t_offset() const { return 0.f; }
+  __device__ float x16(float dt, float ds, kept16_acc& k, float& q, float) const {
+    const float pk = fast_exp2(dt), qk = fast_exp2(ds), d = qk - pk;
+    q = qk;
+    k.la += fabsf(d);
+    return d * kScale;
+  }
+  __device__ float kept16_loss(const kept16_acc& k) const { return 0.5f * k.la; }
+  __device__ float kept16_c(const kept16_acc& k, float) const { return k.qh; }
+  __device__ void kept16_set_c(float c_row, float) {  // dq - C = kUnit (h - c_row)
+    g1 = factor < 0.f ? -kUnit : kUnit;
+    g0 = -g1 * c_row;
+  }
+  __device__ float kept16_grad_offset() const { return fast_log2(fabsf(factor)); }
+  __device__ float grad16(float qf, float h) const { return qf * fmaf(h, g1, g0); }
+  __device__ bool kept16_fits() const { return true; }
 };
 
 // Reverse KL: KL = ln 2 * sum q (log2 q - log2 p), q dD/dq summed over the row = KL + 1, so
@@ -268,16 +316,13 @@ struct forward_kl_folded : kd_entry<forward_kl> {
 template <bool J, bool Exact = false>
 struct mixture_entry {
   static constexpr bool one_sweep = false;
-  float a, a1, factor, c = 0.f;
+  float a, a1, factor, c = 0.f, g1 = 0.f, g0 = 0.f;
   __device__ mixture_entry(float param, float factor_) : a(param), a1(1.f - param), factor(factor_) {}
   static constexpr float kMinNormal = 1.17549435e-38f;
   // The terms sweep; returns the entry's kept w (below): JSD (1 - a) log2(q / m), skew KL p / m - 1 formed
   // as (1 - a)(p - q) / m (no cancellation for close p and q); below float's normal range 0 and -1, which
   // leave the gradient -factor q C as grad() gives it there.
-  // K16 (kept16, below): returns h = w - shift rounded to fp16 instead, and the row sum C takes
-  // shift + h, the w that the gradient sweep reads back (grad_w(ds, shift + h)); the loss takes the exact w.
-  template <bool K16 = false>
-  __device__ float term(float dt, float ds, float& loss, float& cq, float shift = 0.f) const {
+  __device__ float term(float dt, float ds, float& loss, float& cq) const {
     const float pk = fast_exp2(dt), qk = fast_exp2(ds), m = a * pk + a1 * qk;
     const bool normal = m >= kMinNormal;
     const float lm = normal ? (Exact ? log2f(m) : fast_log2(m)) : dt;
@@ -285,35 +330,72 @@ struct mixture_entry {
       const float w = normal ? a1 * (ds - lm) : 0.f;
       const float u = qk * w;
       loss += a * pk * (dt - lm) + u;
-      if constexpr (K16) {
-        const float h = half_rounded(w - shift);
-        cq = fmaf(qk, shift + h, cq);
-        return h;
-      }
       cq += u;
       return w;
     } else {
       const float r = fast_rcp(m);
       loss += pk * (dt - lm);
       const float w = normal ? a1 * (pk - qk) * r : -1.f;
-      if constexpr (K16) {  // C = sum q p / m = sum q (w + 1)
-        const float h = half_rounded(w - shift);
-        cq += fmaf(qk, shift + h, qk);
-        return h;
-      }
       cq += normal ? pk * qk * r : 0.f;
       return w;
     }
   }
-  // Whether every w and difference of two fits fp16 (kept16). JSD's |w| = (1 - a) |ds - log2 m| passes
-  // 65,504 only where q = 2^ds is 0 in float, whose gradient no clamp changes; skew KL's w = p / m - 1
-  // lies in [-1, (1 - a) / a], unbounded as a -> 0 (a = 0 is forward KL with w = p / q - 1).
-  __device__ bool kept16_fits() const { return J || a >= 1.f / 32768.f; }
-  // The entry's w alone (a thread's kept16 shift).
-  __device__ float w_of(float dt, float ds) const {
-    float loss = 0.f, cq = 0.f;
-    return term(dt, ds, loss, cq);
+
+  // kept16 (below): the terms sweep returns x = w - shift in the entry's units, which the sweep rounds
+  // to fp16 in pairs (h), and the gradient sweep forms q (g1 h + g0) with q = 2^(ds + log2 |factor|)
+  // (the factor rides on the exponential: kept16_grad_offset, one MUFU.LG2 whose error, ~2^-22 of
+  // |log2 factor|, scales the row's 16-bit gradient by ~1e-6) and g1, g0 the thread's row constants.
+  // Fewer instructions an entry than term() (the sweeps are bound by instruction issue): m below float's
+  // normal range is clamped to it (one FMNMX for a compare and two selects; p and q are then
+  // < 2^-126 / min(a, 1 - a) and their terms below 1e-36, as term()'s zeros), and the loss takes its
+  // constant factors once per thread (kept16_loss).
+  //   JSD: x = log2(q / m) - shift, w = (1 - a) log2(q / m) (the 1 - a is in g1); the teacher's
+  //        exponent as given (kept16_t_offset 0).
+  //   skew KL: x = (1 - a)(p - q) / m - shift; the teacher's exponent comes shifted by -log2(1 - a)
+  //        (kept16_t_offset), so p' = p / (1 - a): m / (1 - a) = a p' + q and p - q = (1 - a) p' - q are
+  //        one FFMA each, and x = (p - q) / (m / (1 - a)) - shift one more.
+  __device__ float kept16_t_offset() const { return J ? 0.f : log2f(a1); }
+  __device__ float x16(float dt, float ds, kept16_acc& k, float& q, float shift) const {
+    const float pk = fast_exp2(dt), qk = fast_exp2(ds);
+    q = qk;
+    if constexpr (J) {
+      const float apk = a * pk, lm = fast_log2(fmaxf(fmaf(a1, qk, apk), kMinNormal));
+      k.la = fmaf(apk, dt - lm, k.la);
+      const float t = ds - lm;
+      k.lb = fmaf(qk, t, k.lb);
+      return t - shift;
+    } else {  // pk = p / (1 - a), mn = m / (1 - a), dt = log2 p - log2(1 - a)
+      const float mn = fmaxf(fmaf(a, pk, qk), kMinNormal), lm = fast_log2(mn);
+      k.la = fmaf(pk, dt - lm, k.la);
+      return fmaf(fmaf(a1, pk, -qk), fast_rcp(mn), -shift);
+    }
   }
+  // The row's value (before loss_of) from the thread's sums: JSD a sum p (dt - lm) + (1 - a) sum q t;
+  // skew KL sum p (log2 p - log2 m) = (1 - a) sum p' (dt - log2 mn).
+  __device__ float kept16_loss(const kept16_acc& k) const { return J ? fmaf(a1, k.lb, k.la) : a1 * k.la; }
+  // The thread's share of the row's constant, from the kept values: JSD sum q (shift + h) (= C / ((1 - a) ln 2));
+  // skew KL sum q (w + 1) = sum q p / m (= -C / (1 - a)).
+  __device__ float kept16_c(const kept16_acc& k, float shift) const {
+    return J ? fmaf(shift, k.sq, k.qh) : fmaf(shift + 1.f, k.sq, k.qh);
+  }
+  // g1, g0 from the row's sum of kept16_c: the gradient q factor (dq - C) = q' (g1 h + g0).
+  __device__ void kept16_set_c(float c_row, float shift) {
+    const float sg = factor < 0.f ? -1.f : 1.f;
+    if constexpr (J) {  // dq - C = (1 - a) ln 2 (shift + h - c_row)
+      g1 = sg * a1 * kLn2;
+      g0 = g1 * (shift - c_row);
+    } else {  // dq - C = -(1 - a)(shift + h + 1) + (1 - a) c_row
+      g1 = -sg * a1;
+      g0 = sg * a1 * (c_row - shift - 1.f);
+    }
+  }
+  __device__ float kept16_grad_offset() const { return fast_log2(fabsf(factor)); }
+  __device__ float grad16(float qf, float h) const { return qf * fmaf(h, g1, g0); }
+  // Whether every x fits fp16 (kept16). JSD's |log2(q / m) - shift| passes 65,504 only where q = 2^ds is
+  // 0 in float, whose gradient no clamp changes (the kept value saturates, and C takes it so); skew KL's
+  // w = p / m - 1 lies in [-1, (1 - a) / a], unbounded as a -> 0 (a = 0 is forward KL with
+  // w = p / q - 1), and p' = p / (1 - a) overflows as a -> 1.
+  __device__ bool kept16_fits() const { return J || (a >= 1.f / 32768.f && a1 >= 1.f / 32768.f); }
   __device__ float first(float dt, float ds, float& loss, float& cq) const {
     term(dt, ds, loss, cq);
     return 0.f;
@@ -460,14 +542,27 @@ inline constexpr bool keeps_w =
 // On the GPU (tests/cuda/test_cuda_losses.cu, that regime): 0.05-0.20% in bf16, 0.02-0.09% in fp16.
 // The gradient sweep then takes one MUFU.EX2 an entry instead of three MUFU operations: 1.01-1.05x
 // (H100, 2026-12-06; the per-row kernels' serial phases, not the MUFU pipe, bound them).
-// Skew KL keeps w so only for alpha >= 2^-15 (kept16_fits).
+// Skew KL keeps w so only for 2^-15 <= alpha <= 1 - 2^-15 (kept16_fits).
+// TVD's w (+-1/2 or 0) is exact in fp16 and needs no shift (kd_entry<tvd>'s kept16 form: kept16_shifted
+// is false for it); it takes the same paired sweeps for their fewer instructions an entry.
+// The kept16 sweeps (kernels' sweep_slice_keep16 / sweep_slice_kept16 below) round each pair of x to fp16
+// in one F2FP (half2_satfinite) and form the gradient as q' (g1 h + g0), q' = 2^(ds + log2 |factor|).
+// ncu (H100, 8192 x 128,256 bf16, fef3acc) had JSD's terms sweep at 27 instructions an entry and its
+// gradient sweep at 12, both issue-bound.
 template <class E>
-inline constexpr bool kept16 = requires(const E& e, float x, float& r) {
-  e.template term<true>(x, x, r, r, x);
-  e.w_of(x, x);
-  e.grad_w(x, x);
+inline constexpr bool kept16 = requires(const E& e, E& m, float x, float& r, kept16_acc& k) {
+  e.x16(x, x, k, r, x);
+  e.kept16_t_offset();
+  e.kept16_loss(k);
+  e.kept16_c(k, x);
+  m.kept16_set_c(x, x);
+  e.kept16_grad_offset();
+  e.grad16(x, x);
   e.kept16_fits();
 };
+// Whether a kept16 entry stores w less a per-thread shift (JSD, skew KL), which pass 1 finds (s_arg).
+template <class E>
+inline constexpr bool kept16_shifted = kept16<E> && !std::is_same_v<E, kd_entry<tvd>>;
 // The storage of a kept w over a teacher entry of type TC.
 template <class TC>
 using kept_w_t = std::conditional_t<sizeof(TC) == 4, float, ::kd::half>;
@@ -479,12 +574,12 @@ using kept_w_t = std::conditional_t<sizeof(TC) == 4, float, ::kd::half>;
 // 8192 x 128,256 bf16 on an H200), the unaligned tail one by one.
 // The first input may have its own storage TA and the result its own G, both of T's size: the kept-w
 // sweeps (below) write w over the teacher's entries and read it back with scale 1 and offset 0.
-template <class T, class TA, class G, class Fn>
-__device__ __forceinline__ void sweep_slice_of(const TA* ta, float ka, float aoff, const T* sc, G* grad, long long n,
-                                               float k2, float slse, bool write, bool accumulate, Fn&& fn) {
-  static_assert(sizeof(TA) == sizeof(T) && sizeof(G) == sizeof(T), "kd: a sweep's inputs and result have one entry size");
+// The vector loop is instantiated for write and accumulate separately (sweep_vectors): a runtime flag in
+// it left ~17 predicated-off instructions a vector in JSD's gradient sweep (ncu, H100, fef3acc).
+template <bool Write, bool Acc, class T, class TA, class G, class Fn>
+__device__ __forceinline__ void sweep_vectors(const TA* ta, float ka, float aoff, const T* sc, G* grad, long long nv,
+                                              float k2, float slse, Fn&& fn) {
   constexpr int vn = vec_n<T>;
-  const long long nv = n / vn;
   const uint4* t4 = reinterpret_cast<const uint4*>(ta);
   const uint4* s4 = reinterpret_cast<const uint4*>(sc);
   for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
@@ -493,8 +588,18 @@ __device__ __forceinline__ void sweep_slice_of(const TA* ta, float ka, float aof
     unpack<T>(s4[i], fs);
 #pragma unroll
     for (int k = 0; k < vn; ++k) ft[k] = fn(ft[k] * ka - aoff, fs[k] * k2 - slse);
-    if (write) store_grad_vec<G>(reinterpret_cast<uint4*>(grad) + i, ft, accumulate);
+    if constexpr (Write) store_grad_vec<G>(reinterpret_cast<uint4*>(grad) + i, ft, Acc);
   }
+}
+template <class T, class TA, class G, class Fn>
+__device__ __forceinline__ void sweep_slice_of(const TA* ta, float ka, float aoff, const T* sc, G* grad, long long n,
+                                               float k2, float slse, bool write, bool accumulate, Fn&& fn) {
+  static_assert(sizeof(TA) == sizeof(T) && sizeof(G) == sizeof(T), "kd: a sweep's inputs and result have one entry size");
+  constexpr int vn = vec_n<T>;
+  const long long nv = n / vn;
+  if (!write) sweep_vectors<false, false, T>(ta, ka, aoff, sc, grad, nv, k2, slse, fn);
+  else if (accumulate) sweep_vectors<true, true, T>(ta, ka, aoff, sc, grad, nv, k2, slse, fn);
+  else sweep_vectors<true, false, T>(ta, ka, aoff, sc, grad, nv, k2, slse, fn);
   for (long long j = nv * vn + threadIdx.x; j < n; j += blockDim.x) {
     float v = fn(to_float(ta[j]) * ka - aoff, to_float(sc[j]) * k2 - slse);
     if (write) {
@@ -525,6 +630,55 @@ __device__ __forceinline__ void sweep_slice_kept(const T* tc, const T* sc, T* gr
                                                  bool accumulate, Fn&& fn) {
   sweep_slice_of<T, W, T>(reinterpret_cast<const W*>(tc), 1.f, 0.f, sc, grad, n, k2, slse, true, accumulate,
                           [&](float w, float ds) { return fn(ds, w); });
+}
+
+// The kept16 terms sweep (16-bit T, 16-byte aligned): every entry's x = e.x16(dt, ds, ...) rounded to fp16
+// in pairs (one F2FP each: half2_satfinite) and written over its teacher entry; k gets the loss sums,
+// sum q h of the kept h and sum q. dt = x_t k2 - toff (toff: tlse plus the entry's kept16_t_offset).
+template <class T, class E>
+__device__ __forceinline__ void sweep_slice_keep16(T* tc, const T* sc, long long n, float k2, float toff, float slse,
+                                                   const E& e, float shift, kept16_acc& k) {
+  static_assert(sizeof(T) == 2, "kd: kept16 sweeps take 16-bit slices");
+  constexpr int vn = vec_n<T>;
+  const long long nv = n / vn;
+  uint4* t4 = reinterpret_cast<uint4*>(tc);
+  const uint4* s4 = reinterpret_cast<const uint4*>(sc);
+  for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
+    float ft[vn], fs[vn];
+    unpack<T>(t4[i], ft);
+    unpack<T>(s4[i], fs);
+    unsigned h2[vn / 2];
+#pragma unroll
+    for (int j = 0; j < vn / 2; ++j) {
+      float q0, q1;
+      const float x0 = e.x16(ft[2 * j] * k2 - toff, fs[2 * j] * k2 - slse, k, q0, shift);
+      const float x1 = e.x16(ft[2 * j + 1] * k2 - toff, fs[2 * j + 1] * k2 - slse, k, q1, shift);
+      h2[j] = half2_satfinite(x0, x1);
+      const float2 h = __half22float2(*reinterpret_cast<const __half2*>(&h2[j]));
+      k.qh = fmaf(q0, h.x, k.qh);
+      k.qh = fmaf(q1, h.y, k.qh);
+      k.sq += q0 + q1;
+    }
+    t4[i] = make_uint4(h2[0], h2[1], h2[2], h2[3]);
+  }
+  ::kd::half* hc = reinterpret_cast<::kd::half*>(tc);
+  for (long long j = nv * vn + threadIdx.x; j < n; j += blockDim.x) {
+    float q;
+    const ::kd::half h = half_satfinite(e.x16(to_float(tc[j]) * k2 - toff, to_float(sc[j]) * k2 - slse, k, q, shift));
+    hc[j] = h;
+    k.qh = fmaf(q, to_float(h), k.qh);
+    k.sq += q;
+  }
+}
+
+// The kept16 gradient sweep: grad = e.grad16(2^(x_s k2 - qoff), h) from the kept h over the teacher entries
+// (qoff: slse less the entry's kept16_grad_offset), stored or added to grad. The same thread visits the
+// same entries as in sweep_slice_keep16.
+template <class T, class E>
+__device__ __forceinline__ void sweep_slice_kept16(const T* tc, const T* sc, T* grad, long long n, float k2, float qoff,
+                                                   bool accumulate, const E& e) {
+  sweep_slice_of<T, ::kd::half, T>(reinterpret_cast<const ::kd::half*>(tc), 1.f, 0.f, sc, grad, n, k2, qoff, true,
+                                   accumulate, [&](float h, float ds) { return e.grad16(fast_exp2(ds), h); });
 }
 
 }  // namespace kd::cuda::detail

@@ -161,14 +161,15 @@ __global__ void __launch_bounds__(kRingThreads, 1) logit_kd_ring_kernel(const lo
         g[1] = lse_acc::combine(g[1], lse_acc{v.z, v.w});
       }
     }
-    g[0] = warp_lse(g[0]);
+    // Ordered butterflies: each pair combined lower lane first, so every lane gets the same bits.
+    g[0] = warp_lse<true>(g[0]);
     if constexpr (online) {
-      gw = warp_lse_w(gw);
+      gw = warp_lse_w<true>(gw);
       g[1] = gw.lse();
       row_kl = E::kl_bits(g[0], gw);
       e.set_c(row_kl);
     } else {
-      g[1] = warp_lse(g[1]);
+      g[1] = warp_lse<true>(g[1]);
     }
     tlse = g[0].value();
     slse = g[1].value();
