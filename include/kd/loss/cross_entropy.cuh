@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) cross_entropy_kernel(cons
     if (active && p.vector_ok) start_bulk(&bar, cache, srow + j0, bulk_bytes<ST>(n_local), nullptr, nullptr, 0);
   }
   __syncthreads();
-  cluster_arrive();  // the mailbox is initialised; waited for before the post (or the exit)
+  cluster_arrive_relaxed();  // the mailbox is initialised; waited for before the post (or the exit)
   const long long tokens =  // this block's count (count_inline), else read from count_dev where needed
       p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red.sum)) : 0;
   const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);

@@ -81,6 +81,9 @@
 // JSD 75 -> 62 instructions an entry (ncu), 1.06-1.12x; skew KL 1.07-1.12x; TVD 1.03-1.10x; reverse KL
 // 1.00-1.04x. bf16 JSD now 68-78% of copy, skew KL 66-75%, TVD 74-87%. JSD's 62: the sweeps' loops 42
 // (pass 1 ~14), 12 once per block a warp, the rest waits; issue 69% of cycles, DRAM 53% (ncu's clocks).
+// Then (same session, A/B against 076fc92): the first cluster arrive relaxed (reduce.cuh), JSD's clamp
+// of m in an FFMA and pass 1's two slices in one loop each (slice_pair_lse): JSD 1.01-1.06x, skew KL
+// 1.01-1.05x, TVD 1.00-1.06x, forward KL 1.00-1.08x; bf16 JSD 72-82% of copy, skew KL 69-77%, TVD 76-92%.
 #pragma once
 
 #include <cooperative_groups.h>
@@ -187,7 +190,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     }
   }
   __syncthreads();
-  cluster_arrive();  // the mailboxes are initialised; waited for before the first post (or the exit)
+  cluster_arrive_relaxed();  // the mailboxes are initialised; waited for before the first post (or the exit)
   const long long tokens =  // this block's count (count_inline), else read from count_dev where needed
       p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red.sum)) : 0;
   const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);

@@ -346,7 +346,8 @@ struct mixture_entry {
   // (the factor rides on the exponential: kept16_grad_offset, one MUFU.LG2 whose error, ~2^-22 of
   // |log2 factor|, scales the row's 16-bit gradient by ~1e-6) and g1, g0 the thread's row constants.
   // Fewer instructions an entry than term() (the sweeps are bound by instruction issue): m below float's
-  // normal range is clamped to it (one FMNMX for a compare and two selects; p and q are then
+  // normal range is clamped to it (skew KL one FMNMX, JSD none: 2^-126 rides on a p's FFMA; in place of a
+  // compare and two selects; p and q are then
   // < 2^-126 / min(a, 1 - a) and their terms below 1e-36, as term()'s zeros), and the loss takes its
   // constant factors once per thread (kept16_loss).
   //   JSD: x = log2(q / m) - shift, w = (1 - a) log2(q / m) (the 1 - a is in g1); the teacher's
@@ -359,7 +360,9 @@ struct mixture_entry {
     const float pk = fast_exp2(dt), qk = fast_exp2(ds);
     q = qk;
     if constexpr (J) {
-      const float apk = a * pk, lm = fast_log2(fmaxf(fmaf(a1, qk, apk), kMinNormal));
+      // a p + 2^-126 (one FFMA for the FMUL): m >= 2^-126 without a clamp; the loss term's p moves by
+      // 2^-126 / a, below 1e-36.
+      const float apk = fmaf(a, pk, kMinNormal), lm = fast_log2(fmaf(a1, qk, apk));
       k.la = fmaf(apk, dt - lm, k.la);
       const float t = ds - lm;
       k.lb = fmaf(qk, t, k.lb);

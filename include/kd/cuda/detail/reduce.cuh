@@ -244,6 +244,13 @@ __device__ inline bool last_block_of_grid(unsigned* ticket) {
 // the other blocks' arrival. Arrive releases this block's earlier shared-memory writes to the cluster;
 // wait acquires theirs. Every thread of every block calls both, alternately.
 __device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+// An arrive that orders nothing before it: for the kernels' first barrier, which only publishes mbarrier
+// inits, and those through mbar_init's own fence.mbarrier_init.release.cluster (the release arrive
+// compiled to MEMBAR.ALL.GPU and ERRBAR in every thread: 11% of JSD's stall samples, ncu, H100,
+// benchmarks/RESULTS.md session 21).
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+}
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
 }  // namespace kd::cuda::detail

@@ -220,21 +220,16 @@ __device__ __forceinline__ unsigned minmax2(unsigned a, unsigned b) {
 // thread visits none; the first of equal ones in each packed lane). Each lane of the packed maximum
 // remembers the last vector that raised it, two LOP3s and two SELs a vector of 8 elements; the element
 // is found in that vector once, after the sweep.
-template <bool Strict, bool Arg = false, class T>
-__device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long long n, float& hi, float& lo,
-                                                long long* arg = nullptr) {
+template <bool Strict, bool Arg, class T>
+struct extremes_acc {
   static_assert(!Arg || sizeof(T) == 2, "kd: thread_extremes tracks the argmax of 16-bit slices only");
-  constexpr int vn = vec_n<T>;
-  const long long nv = n / vn;
-  const uint4* s4 = reinterpret_cast<const uint4*>(smem);
-  hi = -INFINITY;
-  lo = INFINITY;
-  if constexpr (sizeof(T) == 2) {
-    constexpr unsigned neg_inf2 = std::is_same_v<T, kd::bfloat16> ? 0xff80ff80u : 0xfc00fc00u;
-    unsigned mx = neg_inf2, mn = neg_inf2 ^ 0x80008000u;
-    long long at_lo = -1, at_hi = -1;  // Arg: the vector that last raised each lane of mx
-    for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
-      const uint4 v = s4[i];
+  static constexpr bool Packed = sizeof(T) == 2;
+  static constexpr unsigned kNegInf2 = std::is_same_v<T, kd::bfloat16> ? 0xff80ff80u : 0xfc00fc00u;
+  unsigned mx = kNegInf2, mn = kNegInf2 ^ 0x80008000u;  // packed 16-bit lanes
+  long long at_lo = -1, at_hi = -1;                    // Arg: the vector that last raised each lane of mx
+  float hi = -INFINITY, lo = INFINITY;                 // 4-byte T
+  __device__ __forceinline__ void add(const uint4& v, long long i) {
+    if constexpr (Packed) {
       const unsigned nx = minmax2<T, true>(mx, minmax2<T, true>(minmax2<T, true>(v.x, v.y), minmax2<T, true>(v.z, v.w)));
       if constexpr (Arg) {
         const unsigned d = nx ^ mx;
@@ -243,41 +238,73 @@ __device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long
       }
       mx = nx;
       if constexpr (Strict) mn = minmax2<T, false>(mn, minmax2<T, false>(minmax2<T, false>(v.x, v.y), minmax2<T, false>(v.z, v.w)));
-    }
-    const auto lo_of = [](unsigned w) { return to_float(T::from_bits(static_cast<std::uint16_t>(w & 0xffffu))); };
-    const auto hi_of = [](unsigned w) { return to_float(T::from_bits(static_cast<std::uint16_t>(w >> 16))); };
-    hi = fmaxf(lo_of(mx), hi_of(mx));
-    if constexpr (Strict) lo = fminf(lo_of(mn), hi_of(mn));
-    if constexpr (Arg) {
-      // The lane holding hi, then its element in that vector (bit-equal: minmax2 returns an input's bits).
-      const bool upper = !(lo_of(mx) >= hi_of(mx));
-      const long long at = upper ? at_hi : at_lo;
-      *arg = -1;
-      if (at >= 0) {
-        const uint4 v = s4[at];
-        const unsigned w[4] = {v.x, v.y, v.z, v.w};
-        const unsigned key = upper ? mx >> 16 : mx & 0xffffu;
-        int k = 3;
-#pragma unroll
-        for (int j = 2; j >= 0; --j) k = ((upper ? w[j] >> 16 : w[j] & 0xffffu) == key) ? j : k;
-        *arg = at * vn + 2 * k + (upper ? 1 : 0);
-      }
-    }
-  } else {
-    for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
-      const uint4 v = s4[i];
+    } else {
       hi = fmaxf(hi, fmaxf(fmaxf(__uint_as_float(v.x), __uint_as_float(v.y)), fmaxf(__uint_as_float(v.z), __uint_as_float(v.w))));
       if constexpr (Strict)
         lo = fminf(lo, fminf(fminf(__uint_as_float(v.x), __uint_as_float(v.y)), fminf(__uint_as_float(v.z), __uint_as_float(v.w))));
     }
   }
-  for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) {
-    const float x = to_float(smem[i]);
-    if constexpr (Arg)
-      if (x > hi || *arg < 0) *arg = i;
-    hi = fmaxf(hi, x);
-    if constexpr (Strict) lo = fminf(lo, x);
+  // After the vectors: the extremes as floats, the argmax's element (Arg), then the scalar tail.
+  __device__ __forceinline__ void finish(const T* __restrict__ smem, long long n, float& hi_, float& lo_, long long* arg) {
+    constexpr int vn = vec_n<T>;
+    const long long nv = n / vn;
+    if constexpr (Packed) {
+      const auto lo_of = [](unsigned w) { return to_float(T::from_bits(static_cast<std::uint16_t>(w & 0xffffu))); };
+      const auto hi_of = [](unsigned w) { return to_float(T::from_bits(static_cast<std::uint16_t>(w >> 16))); };
+      hi = fmaxf(lo_of(mx), hi_of(mx));
+      if constexpr (Strict) lo = fminf(lo_of(mn), hi_of(mn));
+      if constexpr (Arg) {
+        // The lane holding hi, then its element in that vector (bit-equal: minmax2 returns an input's bits).
+        const bool upper = !(lo_of(mx) >= hi_of(mx));
+        const long long at = upper ? at_hi : at_lo;
+        *arg = -1;
+        if (at >= 0) {
+          const uint4 v = reinterpret_cast<const uint4*>(smem)[at];
+          const unsigned w[4] = {v.x, v.y, v.z, v.w};
+          const unsigned key = upper ? mx >> 16 : mx & 0xffffu;
+          int k = 3;
+#pragma unroll
+          for (int j = 2; j >= 0; --j) k = ((upper ? w[j] >> 16 : w[j] & 0xffffu) == key) ? j : k;
+          *arg = at * vn + 2 * k + (upper ? 1 : 0);
+        }
+      }
+    }
+    for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) {
+      const float x = to_float(smem[i]);
+      if constexpr (Arg)
+        if (x > hi || *arg < 0) *arg = i;
+      hi = fmaxf(hi, x);
+      if constexpr (Strict) lo = fminf(lo, x);
+    }
+    hi_ = hi;
+    lo_ = lo;
   }
+};
+template <bool Strict, bool Arg = false, class T>
+__device__ __forceinline__ void thread_extremes(const T* __restrict__ smem, long long n, float& hi, float& lo,
+                                                long long* arg = nullptr) {
+  const long long nv = n / vec_n<T>;
+  const uint4* s4 = reinterpret_cast<const uint4*>(smem);
+  extremes_acc<Strict, Arg, T> e;
+  for (long long i = threadIdx.x; i < nv; i += blockDim.x) e.add(s4[i], i);
+  e.finish(smem, n, hi, lo, arg);
+}
+// thread_extremes of two slices of one storage type in one loop (a row pair's pass 1): one loop's
+// address arithmetic, compare and branch for both.
+template <bool Strict, bool Arg, class T>
+__device__ __forceinline__ void pair_extremes(const T* __restrict__ a, const T* __restrict__ b, long long n, float& ha,
+                                              float& la, float& hb, float& lb, long long* b_arg) {
+  const long long nv = n / vec_n<T>;
+  const uint4* a4 = reinterpret_cast<const uint4*>(a);
+  const uint4* b4 = reinterpret_cast<const uint4*>(b);
+  extremes_acc<Strict, false, T> ea;
+  extremes_acc<Strict, Arg, T> eb;
+  for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
+    ea.add(a4[i], i);
+    eb.add(b4[i], i);
+  }
+  ea.finish(a, n, ha, la, nullptr);
+  eb.finish(b, n, hb, lb, b_arg);
 }
 
 // This thread's base-2 log-sum-exp of y = x * scale over the elements of a shared-memory slice it visits
@@ -309,6 +336,35 @@ __device__ __forceinline__ float thread_exp2_sum(const T* __restrict__ smem, lon
   }
   for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) s0 += fast_exp2(fmaf(to_float(smem[i]), scale, -m));
   return s0 + s1;
+}
+
+// thread_exp2_sum of two slices of one storage type in one loop, each around its own m.
+template <class T>
+__device__ __forceinline__ void pair_exp2_sum(const T* __restrict__ a, const T* __restrict__ b, long long n, float scale,
+                                              float ma, float mb, float& sa, float& sb) {
+  constexpr int vn = vec_n<T>;
+  const long long nv = n / vn;
+  const uint4* a4 = reinterpret_cast<const uint4*>(a);
+  const uint4* b4 = reinterpret_cast<const uint4*>(b);
+  float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;
+  for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
+    float f[vn], g[vn];
+    unpack<T>(a4[i], f);
+    unpack<T>(b4[i], g);
+#pragma unroll
+    for (int k = 0; k < vn; k += 2) {
+      a0 += fast_exp2(fmaf(f[k], scale, -ma));
+      a1 += fast_exp2(fmaf(f[k + 1], scale, -ma));
+      b0 += fast_exp2(fmaf(g[k], scale, -mb));
+      b1 += fast_exp2(fmaf(g[k + 1], scale, -mb));
+    }
+  }
+  for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) {
+    a0 += fast_exp2(fmaf(to_float(a[i]), scale, -ma));
+    b0 += fast_exp2(fmaf(to_float(b[i]), scale, -mb));
+  }
+  sa = a0 + a1;
+  sb = b0 + b1;
 }
 
 // This thread's base-2 log-sum-exp of y = x * scale over the elements of a shared-memory slice it visits:
@@ -411,11 +467,25 @@ __device__ void slice_pair_lse(const TT* __restrict__ tsrc, TT* __restrict__ tds
   for (long long i = sfrom + threadIdx.x; i < n; i += blockDim.x) sdst[i] = ssrc[i];
   __syncthreads();
   float ht, lt, hs, ls;
-  thread_extremes<Strict>(tdst, n, ht, lt);
-  thread_extremes<Strict, SArg>(sdst, n, hs, ls, s_arg);
+  // One storage type: both slices in each loop (pair_extremes, pair_exp2_sum): one loop's address
+  // arithmetic, compare and branch for two (with JSD's clamp in an FFMA, 1.00-1.08x across the per-row
+  // losses, H100, benchmarks/RESULTS.md session 21).
+  constexpr bool Pair = std::is_same_v<TT, ST>;
+  if constexpr (Pair) {
+    pair_extremes<Strict, SArg>(tdst, sdst, n, ht, lt, hs, ls, s_arg);
+  } else {
+    thread_extremes<Strict>(tdst, n, ht, lt);
+    thread_extremes<Strict, SArg>(sdst, n, hs, ls, s_arg);
+  }
   block_max2(ht, hs, scratch);
   const float mt = ht == -INFINITY ? 0.f : ht * scale, ms = hs == -INFINITY ? 0.f : hs * scale;
-  float st = thread_exp2_sum(tdst, n, scale, mt), ss = thread_exp2_sum(sdst, n, scale, ms);
+  float st, ss;
+  if constexpr (Pair) {
+    pair_exp2_sum(tdst, sdst, n, scale, mt, ms, st, ss);
+  } else {
+    st = thread_exp2_sum(tdst, n, scale, mt);
+    ss = thread_exp2_sum(sdst, n, scale, ms);
+  }
   if constexpr (Strict) {
     if (lt * scale == -INFINITY) st = NAN;
     if (ls * scale == -INFINITY) ss = NAN;
