@@ -293,6 +293,41 @@ TEST_CASE_TEMPLATE("JSD and skew KL with w kept in fp16: sharp, unrelated teache
   }
 }
 
+// A student equal to its teacher: every p_j = q_j bit for bit (both rows go through the same pass-1
+// arithmetic), so TVD's every entry is an exact tie (sign 0: kd_entry<tvd>'s kept16 form keeps
+// (q - p) 2^127 = 0, C = 0) and forward KL's q - p and p (log p - log q) are 0: the loss and every
+// gradient entry are exactly 0, on the kept16 rows (16-bit, aligned) and the float ones, on clusters of
+// 2 to 16 blocks. (fp32 forward KL is left out: its folded gradient fmaf(f, q, -(f p)) keeps the
+// product's rounding error, ~1e-8 of it, by design.)
+TEST_CASE_TEMPLATE("TVD and forward KL of a student equal to its teacher: exactly zero", T, kd::bfloat16, kd::half, float) {
+  for (const kd::index_t v : {kd::index_t{32000}, kd::index_t{50304}, kd::index_t{151936}}) {
+    CAPTURE(v);
+    const kd::index_t n = 24;
+    const auto h = random_storage<T>(static_cast<std::size_t>(n * v), 3.0, rng());
+    device_buffer<T> td(h.size()), sd(h.size()), gd(h.size());
+    device_buffer<float> loss_d(1);
+    device_buffer<long long> tok_d(1);
+    td.upload(h);
+    sd.upload(h);
+    kd::cuda::context ctx;
+    auto run = [&](auto divergence) {
+      using D = decltype(divergence);
+      kd::logit_kd<D, kd::token_mean, kd::precision_set<kd::precision<T, float>, kd::precision<T, float>>> gpu;
+      gd.poison();
+      kd::cuda::device_loss out{loss_d.data, tok_d.data};
+      REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(td.data, n, v), kd::matrix_view<const T>(sd.data, n, v),
+                  std::span<const std::int32_t>(), out, kd::matrix_view<T>(gd.data, n, v))
+                  .ok());
+      REQUIRE(ctx.sync_status().ok());
+      CHECK(loss_d.download()[0] == 0.f);
+      const auto g = to_double(gd.download());
+      CHECK(std::all_of(g.begin(), g.end(), [](double x) { return x == 0.0; }));
+    };
+    run(kd::tvd{});
+    if constexpr (!std::is_same_v<T, float>) run(kd::forward_kl{});
+  }
+}
+
 // Softmax ignores a constant added to a row, so a student whose logits sit far from the teacher's can
 // still be close to it. Reverse KL forms the row's KL in pass 1 from a q-weighted sum of ys - yt (the
 // logits' difference, here ~100-150 bits a term) minus the two log-normalizers: the sum is taken around
