@@ -445,14 +445,14 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       if constexpr (Keep16) {
         // The vector path alone (keep16 implies vector_ok). The teacher's exponent as the entry takes it.
         const float toff = tlse + e.kept16_t_offset();
-        kept16_acc k;
         // This thread's shift: x at its largest student logit (none: the thread has no entries).
         if constexpr (Shift16)
           if (s_arg >= 0) {
+            kept16_acc unused;
             float q;
-            shift = e.x16(to_float(tcache[s_arg]) * k2 - toff, log2_q(s_arg), k, q, 0.f);
-            k = kept16_acc{};
+            shift = e.x16(to_float(tcache[s_arg]) * k2 - toff, log2_q(s_arg), unused, q, 0.f);
           }
+        kept16_acc k;
         sweep_slice_keep16<TT>(tcache, scache, n_local, k2, toff, slse, e, shift, k);
         loss += e.kept16_loss(k);
         cq = e.kept16_c(k, shift);

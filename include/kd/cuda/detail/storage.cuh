@@ -307,64 +307,51 @@ __device__ __forceinline__ void pair_extremes(const T* __restrict__ a, const T* 
   eb.finish(b, n, hb, lb, b_arg);
 }
 
-// This thread's base-2 log-sum-exp of y = x * scale over the elements of a shared-memory slice it visits
-// (16-byte vectors i = threadIdx.x + k * blockDim.x, then the scalar tail): a sweep for the thread's
-// largest and smallest x (packed 16-bit min / max, two elements an instruction), then a sweep of
-// 2^(x * scale - m) in one FFMA and one MUFU.EX2 each. No per-element branch, rescale or -inf test:
-// the online form took 9 instructions an element against 5 here (kd/loss/logit_kd.cuh's pass 1 and
-// cross-entropy's). Strict: a y of -inf (x * scale overflowed, or x = -inf) poisons the sum with NaN,
-// exactly where lse_acc::strict would (the smallest x gives the smallest y: scale > 0). NaN inputs reach
-// the sum through their exponentials; a thread with no finite x keeps m = -inf (an empty accumulator,
-// or NaN in s).
 // This thread's sum of 2^(x * scale - m) over the slice elements it visits (16-byte vectors
 // i = threadIdx.x + k * blockDim.x, then the scalar tail): one FFMA and one MUFU.EX2 an element, no
-// branch or rescale (m is at least every y of the thread, or of its block: slice_pair_lse).
+// branch or rescale (m is at least every y of the thread, or of its block: slice_pair_lse). Alternate
+// elements go to two sums (s0, s1) for two dependency chains.
 template <class T>
-__device__ __forceinline__ float thread_exp2_sum(const T* __restrict__ smem, long long n, float scale, float m) {
-  constexpr int vn = vec_n<T>;
-  const long long nv = n / vn;
-  const uint4* s4 = reinterpret_cast<const uint4*>(smem);
-  float s0 = 0.f, s1 = 0.f;
-  for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
-    float f[vn];
-    unpack<T>(s4[i], f);
+struct exp2_sum_acc {
+  float scale, m, s0 = 0.f, s1 = 0.f;
+  __device__ __forceinline__ void add(const uint4& v) {
+    float f[vec_n<T>];
+    unpack<T>(v, f);
 #pragma unroll
-    for (int k = 0; k < vn; k += 2) {
+    for (int k = 0; k < vec_n<T>; k += 2) {
       s0 += fast_exp2(fmaf(f[k], scale, -m));
       s1 += fast_exp2(fmaf(f[k + 1], scale, -m));
     }
   }
-  for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) s0 += fast_exp2(fmaf(to_float(smem[i]), scale, -m));
-  return s0 + s1;
+  // After the nv vectors: the scalar tail, and the sum.
+  __device__ __forceinline__ float finish(const T* __restrict__ smem, long long nv, long long n) {
+    for (long long i = nv * vec_n<T> + threadIdx.x; i < n; i += blockDim.x)
+      s0 += fast_exp2(fmaf(to_float(smem[i]), scale, -m));
+    return s0 + s1;
+  }
+};
+template <class T>
+__device__ __forceinline__ float thread_exp2_sum(const T* __restrict__ smem, long long n, float scale, float m) {
+  const long long nv = n / vec_n<T>;
+  const uint4* s4 = reinterpret_cast<const uint4*>(smem);
+  exp2_sum_acc<T> e{scale, m};
+  for (long long i = threadIdx.x; i < nv; i += blockDim.x) e.add(s4[i]);
+  return e.finish(smem, nv, n);
 }
-
 // thread_exp2_sum of two slices of one storage type in one loop, each around its own m.
 template <class T>
 __device__ __forceinline__ void pair_exp2_sum(const T* __restrict__ a, const T* __restrict__ b, long long n, float scale,
                                               float ma, float mb, float& sa, float& sb) {
-  constexpr int vn = vec_n<T>;
-  const long long nv = n / vn;
+  const long long nv = n / vec_n<T>;
   const uint4* a4 = reinterpret_cast<const uint4*>(a);
   const uint4* b4 = reinterpret_cast<const uint4*>(b);
-  float a0 = 0.f, a1 = 0.f, b0 = 0.f, b1 = 0.f;
+  exp2_sum_acc<T> ea{scale, ma}, eb{scale, mb};
   for (long long i = threadIdx.x; i < nv; i += blockDim.x) {
-    float f[vn], g[vn];
-    unpack<T>(a4[i], f);
-    unpack<T>(b4[i], g);
-#pragma unroll
-    for (int k = 0; k < vn; k += 2) {
-      a0 += fast_exp2(fmaf(f[k], scale, -ma));
-      a1 += fast_exp2(fmaf(f[k + 1], scale, -ma));
-      b0 += fast_exp2(fmaf(g[k], scale, -mb));
-      b1 += fast_exp2(fmaf(g[k + 1], scale, -mb));
-    }
+    ea.add(a4[i]);
+    eb.add(b4[i]);
   }
-  for (long long i = nv * vn + threadIdx.x; i < n; i += blockDim.x) {
-    a0 += fast_exp2(fmaf(to_float(a[i]), scale, -ma));
-    b0 += fast_exp2(fmaf(to_float(b[i]), scale, -mb));
-  }
-  sa = a0 + a1;
-  sb = b0 + b1;
+  sa = ea.finish(a, nv, n);
+  sb = eb.finish(b, nv, n);
 }
 
 // This thread's base-2 log-sum-exp of y = x * scale over the elements of a shared-memory slice it visits:
