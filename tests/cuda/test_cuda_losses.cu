@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -29,7 +30,19 @@ struct kd_case {
   double beta = 0.3;      // JSD's
   double grad_scale = 0;  // != 0: fp16's gradient scale (else 4096)
   double teacher_sd = 2.0, student_sd = 1.0;  // the logits' standard deviations (student: unless offset)
+  // Logits masked at the storage type's lowest finite value (as a caller masks a vocabulary): 0 none;
+  // 1 teacher columns c % 7 == 3 and student columns c % 5 == 1 (bounded divergences); 2 columns
+  // c % 7 == 3 on both sides (p = q = 0 there: the KLs).
+  int mask = 0;
 };
+
+// The storage type's lowest finite value (bit patterns: bf16 0xFF7F, fp16 0xFBFF).
+template <class S>
+S lowest_finite() {
+  if constexpr (std::is_same_v<S, kd::bfloat16>) return kd::bfloat16::from_bits(0xFF7F);
+  else if constexpr (std::is_same_v<S, kd::half>) return kd::half::from_bits(0xFBFF);
+  else return std::numeric_limits<S>::lowest();
+}
 
 // Runs logit_kd<D> on the GPU (student and gradient in storage T, teacher in TT) and compares loss and
 // gradient with the fp64 CPU reference. `shared`: run on that context (several calls on one context), else
@@ -55,6 +68,15 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
     th = random_storage<TT>(static_cast<std::size_t>(c.n * tv), c.teacher_sd, rng());
     sh = c.offset != 0.0 ? close_student<T>(th, c.offset, rng())
                          : random_storage<T>(static_cast<std::size_t>(c.n * c.v), c.student_sd, rng());
+    if (c.mask != 0) {
+      const TT tlow = lowest_finite<TT>();
+      const T slow = lowest_finite<T>();
+      for (kd::index_t r = 0; r < c.n; ++r) {
+        for (kd::index_t j = 3; j < tv; j += 7) th[static_cast<std::size_t>(r * tv + j)] = tlow;
+        for (kd::index_t j = c.mask == 1 ? 1 : 3; j < c.v; j += c.mask == 1 ? 5 : 7)
+          sh[static_cast<std::size_t>(r * c.v + j)] = slow;
+      }
+    }
     labels.clear();
     if (c.labels) {
       std::uniform_int_distribution<int> pick(0, static_cast<int>((c.vocab > 0 ? c.vocab : c.v) - 1));
@@ -326,6 +348,36 @@ TEST_CASE_TEMPLATE("TVD and forward KL of a student equal to its teacher: exactl
     run(kd::tvd{});
     if constexpr (!std::is_same_v<T, float>) run(kd::forward_kl{});
   }
+}
+
+// Logits masked at the storage type's lowest finite value (bf16 -3.4e38: a vocabulary masked as callers
+// do with finfo.min) have p or q = 0 exactly, and every term of theirs is 0. JSD's kept16 form once took
+// m >= 2^-126 from a 2^-126 added to a p, which put 2^-126 (dt - log2 m) into the value: -0.5 an entry at
+// dt ~ -2^127. Unmapped rows, and the span kernel through a contiguous map (which fills the columns
+// outside its slots with a sentinel logit of its own).
+TEST_CASE_TEMPLATE("masked logits at the storage type's lowest value", T, kd::bfloat16, kd::half, float) {
+  for (const kd::index_t v : {kd::index_t{32000}, kd::index_t{50304}}) {
+    CAPTURE(v);
+    kd_case c{6, v, 2.0, true};
+    c.mask = 1;
+    c.beta = 0.5;
+    check_logit_kd<kd::jsd, T>(c);
+    c.alpha = 0.5;
+    check_logit_kd<kd::skew_kl, T>(c);
+    check_logit_kd<kd::tvd, T>(c);
+    c.mask = 2;
+    check_logit_kd<kd::forward_kl, T>(c);
+    check_logit_kd<kd::reverse_kl, T>(c);
+  }
+  std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+  for (std::int32_t t = 0; t < 3000; ++t) pairs.emplace_back(t, 37 + t + t / 5);
+  kd::vocab_map gaps;
+  REQUIRE(kd::vocab_map::from_pairs(pairs, 3000, 4096, gaps).ok());
+  kd_case c{5, 4096, 2.0, true};
+  c.mask = 1;
+  check_logit_kd<kd::jsd, T>(c, &gaps, 3000);
+  check_logit_kd<kd::skew_kl, T>(c, &gaps, 3000);
+  check_logit_kd<kd::tvd, T>(c, &gaps, 3000);
 }
 
 // Softmax ignores a constant added to a row, so a student whose logits sit far from the teacher's can

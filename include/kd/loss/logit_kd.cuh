@@ -18,6 +18,12 @@
 // support columns one by one. In the trainer's shape (bf16, T = 2, 42,304 compact teacher columns onto
 // 50,304 student columns, 8192 rows) forward KL went from 1.04 TB/s of minimum bytes gathering to 1.27
 // through spans (H200, 2026-12-04; the general CSR map runs at 0.45: its teacher reads are gathers).
+// In bf16 and fp32 (span_expands, kd/loss/logit_kd_math.cuh) the span kernel then moves its teacher
+// slice to the student's columns in shared memory (expand_span) and fills the columns outside its slots
+// with a sentinel logit on both sides (p = q = 0 there), so that the span runs the unmapped rows' vector
+// sweeps: slot-by-slot sweeps had taken every entry's student id from memory in each sweep (every
+// divergence 1.41-1.56x, 37-46% of copy at the trainer's shape, H100, 2026-12-06, RESULTS.md session 22;
+// not profiled since: the expansion's rounds and the span's ~19% of sentinel columns are the suspects).
 // The student columns outside the support get a zero gradient (never read, so they can be written at
 // any time, even in place).
 // The gradient may be the student-logit buffer itself (linear + KD runs the kernel in place on its
@@ -112,6 +118,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   constexpr bool Map = MK != map_kind::none;
   constexpr bool Csr = MK == map_kind::csr;
   constexpr bool Span = MK == map_kind::span;
+  constexpr bool SpanVec = Span && span_expands<TT, ST, GT>;  // the span expanded to vector sweeps
   static_assert(!Span || std::is_same_v<ST, GT>, "kd: the span kernel forms the gradient over the student's span in shared memory");
   using TC = std::conditional_t<Csr, float, TT>;  // teacher slice cache: raw logits, or mapped log-probs
   cg::cluster_group cluster = cg::this_cluster();
@@ -121,7 +128,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   TC* tcache = reinterpret_cast<TC*>(smem_raw);
-  ST* scache = reinterpret_cast<ST*>(smem_raw + ((p.chunk * sizeof(TC) + 15) / 16) * 16);
+  ST* scache = reinterpret_cast<ST*>(smem_raw + (((SpanVec ? p.span_cap : p.chunk) * sizeof(TC) + 15) / 16) * 16);
   // Every block reduction's scratch in the same bytes (each begins with a barrier before it writes):
   // static shared memory decides whether three 76 KB slices fit an SM (V = 151,936 in 16 bits).
   __shared__ union {
@@ -131,8 +138,9 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     double d[32];
   } red;
   using E = typename entry_for<D, GT>::type;
-  // Reverse KL without a map: the row's KL rides on pass 1 (kd_entry<reverse_kl>::online).
-  constexpr bool Online = online_c<E> && MK == map_kind::none;
+  // Reverse KL without a map (or over an expanded span): the row's KL rides on pass 1
+  // (kd_entry<reverse_kl>::online).
+  constexpr bool Online = online_c<E> && (MK == map_kind::none || SpanVec);
   constexpr bool RowSum = !E::one_sweep && !Online;  // a second exchange, of the row's sum C
   // The cluster's exchanges (kd/cuda/detail/cluster_mailbox.cuh): pass 1's log-sum-exps (with reverse KL's
   // weighted sum), and C.
@@ -153,20 +161,34 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   // through the bulk-copy engine. The block owns the gradient columns [own0, own1): its span plus the
   // uncovered columns up to the next block's span (from column 0 for the first block, to the row's end
   // for the last), so the blocks of a row write every gradient column exactly once.
+  // SpanVec: the teacher slice lands at t_off, the first vector boundary at or past (s_hi - a0) - n_local,
+  // and moves to its columns' positions from there (expand_span); the teacher's part of shared memory
+  // holds span_cap entries (the widest span and a vector).
   constexpr int svn = vec_n<ST>;
-  long long s_lo = 0, s_hi = 0, a0 = 0, nb = 0, own0 = 0, own1 = 0;
+  long long s_lo = 0, s_hi = 0, a0 = 0, nb = 0, own0 = 0, own1 = 0, t_off = 0;
   if constexpr (Span) {
     if (n_local > 0) {
       s_lo = p.map_support[j0];
       s_hi = p.map_support[j1 - 1] + 1;
       a0 = s_lo / svn * svn;
       nb = (s_hi - a0) / svn * svn;
+      if constexpr (SpanVec) t_off = ((s_hi - a0) - n_local + svn - 1) / svn * svn;
     }
     own0 = rank == 0 ? 0 : j0 < p.support ? p.map_support[j0] : p.student_cols;
     own1 = j1 < p.support ? p.map_support[j1] : p.student_cols;
   }
   // The span kernel's shared-memory position of slot j's student column.
   auto span_pos = [&](long long j) { return static_cast<long long>(__ldg(p.map_support + j0 + j)) - a0; };
+  // The first entry of the sorted uncovered list at or past student column c (bisection).
+  auto first_uncovered = [&](long long c) {
+    long long lo = 0, hi = p.uncovered;
+    while (lo < hi) {
+      const long long mid = (lo + hi) / 2;
+      if (p.map_uncovered[mid] < c) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  };
 
   // Ignored or invalid rows: zero gradient, zero loss. The decision is the same in every block.
   const row_label label = label_of_row(p, row);
@@ -185,7 +207,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       else if constexpr (MK == map_kind::contiguous)
         start_bulk(&bar, tcache, trow + j0, bulk_bytes<TT>(n_local), nullptr, nullptr, 0);
       else if constexpr (Span)
-        start_bulk(&bar, tcache, trow + j0, bulk_bytes<TT>(n_local), scache, srow + a0,
+        start_bulk(&bar, tcache + t_off, trow + j0, bulk_bytes<TT>(n_local), scache, srow + a0,
                    nb * static_cast<long long>(sizeof(ST)));
     }
   }
@@ -240,7 +262,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   // Sixteen-byte vector sweeps (sweep_slice) when every tensor has one storage type and the rows are
   // aligned. JSD, skew KL and TVD over 16-bit vectors keep w in fp16 (kept16, kd/loss/logit_kd_math.cuh);
   // JSD's and skew KL's shifted by w at each thread's largest student logit, which pass 1 finds (s_arg).
-  constexpr bool Vec = !Map && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>;
+  constexpr bool Vec = (!Map || SpanVec) && std::is_same_v<TT, ST> && std::is_same_v<ST, GT>;
   constexpr bool Keep16 = Vec && !Online && sizeof(TT) == 2 && kept16<E>;
   constexpr bool Shift16 = Keep16 && kept16_shifted<E>;
   long long s_arg = -1;
@@ -251,7 +273,36 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       acc[1].add(lse_acc::strict(to_float(sv) * k2));
     }
   };
-  if constexpr (Span) {
+  if constexpr (SpanVec) {
+    // Both in flight since the kernel's start: the teacher slice and the student span. Their unaligned
+    // tails through registers, the teacher slice expanded to its columns, the sentinel around its slots,
+    // then pass 1 as an unmapped row's.
+    const long long bt = bulk_bytes<TT>(n_local) / static_cast<long long>(sizeof(TT)), len = s_hi - a0;
+    mbar_wait(&bar, 0);
+    for (long long c = a0 + nb + threadIdx.x; c < s_hi; c += blockDim.x) scache[c - a0] = srow[c];
+    for (long long i = bt + threadIdx.x; i < n_local; i += blockDim.x) tcache[t_off + i] = trow[j0 + i];
+    __syncthreads();
+    expand_span(tcache, t_off, n_local, p.map_support + j0, a0);
+    const float sent = fmaxf(kSpanSentinelBits / k2, -3.0e38f);
+    const TT st = from_float<TT>(sent);
+    const ST ss = from_float<ST>(sent);
+    for (long long c = threadIdx.x; c < s_lo - a0; c += blockDim.x) {
+      tcache[c] = st;
+      scache[c] = ss;
+    }
+    for (long long u = first_uncovered(s_lo) + threadIdx.x; u < p.uncovered && p.map_uncovered[u] < s_hi;
+         u += blockDim.x) {
+      tcache[p.map_uncovered[u] - a0] = st;
+      scache[p.map_uncovered[u] - a0] = ss;
+    }
+    if constexpr (Online) {
+      __syncthreads();
+      acc[0] = thread_lse<true>(tcache, len, k2);
+    } else {
+      slice_pair_lse<true, Shift16>(tcache, tcache, len, scache, scache, len, len, k2, red.pair, acc[0], acc[1], &s_arg);
+      block_done = true;
+    }
+  } else if constexpr (Span) {
     // Both in flight since the kernel's start: the teacher slice and the student span (the planner
     // chooses this kernel only for aligned rows). The span's unaligned tail goes through registers
     // before lse_of_slice's barrier.
@@ -311,12 +362,17 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   // Reverse KL: the student's sweep of exponentials also sums q (ys - yt) (over shared memory, after the
   // copies), and the cluster combines both in one exchange.
   lse_wacc sw;
+  // The vector sweeps' slice: the block's entries, or (SpanVec) its expanded span, whose gradient is
+  // formed over the student's values in shared memory and added to the row's at the write-back.
+  const long long nvec_len = SpanVec ? s_hi - a0 : n_local;
+  GT* gvec = SpanVec ? reinterpret_cast<GT*>(scache) : grow + j0;
+  const bool vacc = !SpanVec && p.accumulate;
   // The exchange ends pass 1 for the whole row: each block posts after its last read of the row's inputs
   // (in global memory; the gradient may alias the student's logits), and no block writes a gradient
   // before every block's post has arrived.
   cluster_wait();  // every block's mailbox is initialised
   if constexpr (Online) {
-    sw = thread_lse_weighted<true>(scache, tcache, n_local, k2, acc[0].m);
+    sw = thread_lse_weighted<true>(scache, tcache, nvec_len, k2, acc[0].m);
     acc[0] = block_lse(acc[0], red.pair);
     sw = block_lse_w(sw, red.quad);
     const float v[6] = {acc[0].m, acc[0].s, sw.m, sw.s, sw.w, sw.rt};
@@ -353,7 +409,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   const float factor = p.grad_base / static_cast<float>(call_divisor);
   // Base-2 log-probabilities of entry j: dt = log2 p, ds = log2 q.
   auto log2_q = [&](long long j) {
-    if constexpr (Span) return to_float(scache[span_pos(j)]) * k2 - slse;
+    if constexpr (Span && !SpanVec) return to_float(scache[span_pos(j)]) * k2 - slse;
     else return to_float(scache[j]) * k2 - slse;
   };
   auto log2_pq = [&](long long j, float& dt, float& ds) {
@@ -375,11 +431,11 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   // Pass 2 (and 3): loss terms and gradients from shared memory. sweep(write, fn) visits every entry of
   // this block's slice with its base-2 log-probabilities (dt = log2 p, ds = log2 q); fn returns the
   // entry's gradient, stored when `write`. Sixteen-byte vectors (Vec) where they apply, else element by
-  // element.
+  // element (never in a SpanVec kernel: the planner takes the span kernel only where vector_ok holds).
   auto sweep = [&](bool write, auto&& fn) {
     if constexpr (Vec) {
       if (p.vector_ok) {
-        sweep_slice<TT>(tcache, scache, grow + j0, n_local, k2, tlse, slse, write, p.accumulate, fn);
+        sweep_slice<TT>(tcache, scache, gvec, nvec_len, k2, tlse, slse, write, vacc, fn);
         return;
       }
     }
@@ -398,7 +454,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   auto sweep_keep = [&](auto&& fn) {
     if constexpr (Vec) {
       if (p.vector_ok) {
-        sweep_slice_keep<TT, W>(tcache, scache, n_local, k2, tlse, slse, fn);
+        sweep_slice_keep<TT, W>(tcache, scache, nvec_len, k2, tlse, slse, fn);
         return;
       }
     }
@@ -412,7 +468,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   auto sweep_kept = [&](auto&& fn) {
     if constexpr (Vec) {
       if (p.vector_ok) {
-        sweep_slice_kept<TT, W>(tcache, scache, grow + j0, n_local, k2, slse, p.accumulate, fn);
+        sweep_slice_kept<TT, W>(tcache, scache, gvec, nvec_len, k2, slse, vacc, fn);
         return;
       }
     }
@@ -453,7 +509,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
             shift = e.x16(to_float(tcache[s_arg]) * k2 - toff, log2_q(s_arg), unused, q, 0.f);
           }
         kept16_acc k;
-        sweep_slice_keep16<TT>(tcache, scache, n_local, k2, toff, slse, e, shift, k);
+        sweep_slice_keep16<TT>(tcache, scache, nvec_len, k2, toff, slse, e, shift, k);
         loss += e.kept16_loss(k);
         cq = e.kept16_c(k, shift);
       }
@@ -478,7 +534,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       if (keep16) {
         if constexpr (Keep16) {  // the vector path alone (keep16 implies vector_ok), as in the terms sweep
           e.kept16_set_c(c_row, shift);
-          sweep_slice_kept16<TT>(tcache, scache, grow + j0, n_local, k2, slse - e.kept16_grad_offset(), p.accumulate, e);
+          sweep_slice_kept16<TT>(tcache, scache, gvec, nvec_len, k2, slse - e.kept16_grad_offset(), vacc, e);
         }
       } else if (keep) {
         e.set_c(c_row);
@@ -492,14 +548,8 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   if constexpr (Span) {
     if (p.want_grad && n_local > 0) {
       __syncthreads();  // every sweep's reads and writes of the span are done
-      // The span's uncovered columns (a run of the sorted uncovered list, found by bisection) get 0.
-      long long lo = 0, hi = p.uncovered;
-      while (lo < hi) {
-        const long long mid = (lo + hi) / 2;
-        if (p.map_uncovered[mid] < s_lo) lo = mid + 1;
-        else hi = mid;
-      }
-      for (long long u = lo + threadIdx.x; u < p.uncovered && p.map_uncovered[u] < s_hi; u += blockDim.x)
+      // The span's uncovered columns (a run of the sorted uncovered list) get 0.
+      for (long long u = first_uncovered(s_lo) + threadIdx.x; u < p.uncovered && p.map_uncovered[u] < s_hi; u += blockDim.x)
         scache[p.map_uncovered[u] - a0] = from_float<ST>(0.f);
       __syncthreads();
       // Columns [s_lo, s_hi) back to the gradient row: 16-byte vectors between the aligned bounds v0 and
@@ -680,7 +730,8 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   if constexpr (std::is_same_v<ST, G>) {
     if (contiguous && cluster <= 8 && p.vector_ok && rows_aligned(student) && (!want_grad || rows_aligned(dstudent))) {
       const auto support = o.map->student_support();
-      const auto span_smem = [&](int c) {
+      // The widest span of the c blocks' slots, from a 16-byte boundary.
+      const auto widest_span = [&](int c) {
         const long long chunk = chunk_of(c);
         long long widest = 0;
         for (int r = 0; r < c; ++r) {
@@ -689,13 +740,20 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
             widest = std::max<long long>(widest, support[static_cast<std::size_t>(j1 - 1)] + 1 -
                                                      support[static_cast<std::size_t>(j0)] / vec_n<ST> * vec_n<ST>);
         }
-        return ((chunk * sizeof(TT) + 15) / 16) * 16 + static_cast<std::size_t>(widest) * sizeof(ST);
+        return widest;
+      };
+      // The teacher's entries a block: its slots, or (span_expands) the widest span and a vector.
+      constexpr bool expands = span_expands<TT, ST, G>;
+      const auto teacher_cap = [&](int c) { return expands ? widest_span(c) + vec_n<TT> : chunk_of(c); };
+      const auto span_smem = [&](int c) {
+        return ((teacher_cap(c) * sizeof(TT) + 15) / 16) * 16 + static_cast<std::size_t>(widest_span(c)) * sizeof(ST);
       };
       int c = cluster;
       while (c < 8 && span_smem(c) > ctx.slice_budget()) c *= 2;
       if (span_smem(c) <= kSliceLimit) {
         cluster = c;
         p.chunk = chunk_of(c);
+        p.span_cap = teacher_cap(c);
         out.smem = span_smem(c);
         out.kernel = logit_kd_kernel<D, TT, ST, G, map_kind::span>;
       }

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include <kd/cuda/context.cuh>
@@ -41,6 +42,7 @@ struct logit_kd_params {
   const int* map_teacher = nullptr;
   const int* map_uncovered = nullptr;
   long long uncovered = 0;
+  long long span_cap = 0;       // the expanding span kernel's teacher entries a block (span_expands)
   const std::int32_t* labels = nullptr;
   int ignore_index = -100;
   long long label_vocab = 0;
@@ -74,6 +76,62 @@ struct logit_kd_params {
 // the gradient has the student's storage type; the gradient is formed in shared memory and written
 // back as 16-byte vectors).
 enum class map_kind { none, csr, contiguous, span };
+
+// The span kernel over one storage type (bf16 or fp32) expands its teacher slice to the student's
+// columns in shared memory and fills the columns outside its slots with a sentinel logit on both sides
+// (y = x k2 = -2^64: p = q = 0 exactly, every term 0), so that it runs the unmapped kernel's 16-byte
+// vector sweeps (kept16 included) over the span instead of visiting slots one by one through their
+// student ids. fp16 keeps the slot-by-slot sweeps: its logits reach only -65,504, so the sentinel's
+// exponential underflows only against a row maximum above -65,504 + 150 / k2.
+template <class TT, class ST, class GT>
+inline constexpr bool span_expands =
+    std::is_same_v<TT, ST> && std::is_same_v<ST, GT> && !std::is_same_v<TT, ::kd::half>;
+inline constexpr float kSpanSentinelBits = -1.8446744e19f;  // -2^64
+
+// The expanding span kernel's move of its slots' teacher entries to their columns: the n compact entries
+// at t[off, off + n) go to t[sup[j] - a0] (sup: the block's support ids, increasing, the first 16-byte
+// aligned). No entry moves up (sup[j] - a0 <= off + j, as off >= span - n), so in rounds of one vector
+// a thread, each read before the round's barrier and written after it, no write lands on an entry a
+// later round still has to read. About 6 rounds at the trainer's shape (10,576 bf16 slots a block).
+template <class T>
+__device__ void expand_span(T* t, long long off, long long n, const int* __restrict__ sup, long long a0) {
+  constexpr int vn = vec_n<T>;
+  static_assert(vn % 4 == 0, "kd: expand_span reads the support ids in 16-byte vectors");
+  const long long nv = (n + vn - 1) / vn;
+  const int base = static_cast<int>(a0);
+  for (long long first = 0; first < nv; first += blockDim.x) {
+    const long long v = first + threadIdx.x;
+    T val[vn];
+    int pos[vn];
+    const bool whole = (v + 1) * vn <= n;
+    if (whole) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(t + off + v * vn);
+      memcpy(val, &raw, sizeof(raw));
+#pragma unroll
+      for (int k = 0; k < vn; k += 4) {
+        const int4 s4 = __ldg(reinterpret_cast<const int4*>(sup + v * vn + k));
+        pos[k] = s4.x - base;
+        pos[k + 1] = s4.y - base;
+        pos[k + 2] = s4.z - base;
+        pos[k + 3] = s4.w - base;
+      }
+    } else if (v < nv) {
+#pragma unroll
+      for (int k = 0; k < vn; ++k)
+        if (v * vn + k < n) {
+          val[k] = t[off + v * vn + k];
+          pos[k] = __ldg(sup + v * vn + k) - base;
+        }
+    }
+    __syncthreads();
+    if (v < nv) {
+#pragma unroll
+      for (int k = 0; k < vn; ++k)
+        if (v * vn + k < n) t[pos[k]] = val[k];
+    }
+  }
+  __syncthreads();
+}
 
 // Support entries per block when a row's K entries are split over c blocks (a multiple of 8, so every
 // block's slice starts on a 16-byte boundary): both planners' convention.
@@ -346,9 +404,8 @@ struct mixture_entry {
   // (the factor rides on the exponential: kept16_grad_offset, one MUFU.LG2 whose error, ~2^-22 of
   // |log2 factor|, scales the row's 16-bit gradient by ~1e-6) and g1, g0 the thread's row constants.
   // Fewer instructions an entry than term() (the sweeps are bound by instruction issue): m is kept at or
-  // above float's smallest normal instead of a compare and two selects (skew KL one FMNMX; JSD none,
-  // 2^-126 rides on a p's FFMA); the entries this moves have p, q < 2^-126 / min(a, 1 - a) and terms
-  // below 1e-36, as term()'s zeros. The loss takes its constant factors once per thread (kept16_loss).
+  // above float's smallest normal instead of a compare and two selects (one FMNMX); the entries this
+  // moves have p, q < 2^-126 / min(a, 1 - a) and terms below 1e-36, as term()'s zeros. The loss takes its constant factors once per thread (kept16_loss).
   //   JSD: x = log2(q / m) - shift, w = (1 - a) log2(q / m) (the 1 - a is in g1); the teacher's
   //        exponent as given (kept16_t_offset 0).
   //   skew KL: x = (1 - a)(p - q) / m - shift; the teacher's exponent comes shifted by -log2(1 - a)
@@ -359,9 +416,9 @@ struct mixture_entry {
     const float pk = fast_exp2(dt), qk = fast_exp2(ds);
     q = qk;
     if constexpr (J) {
-      // a p + 2^-126 (one FFMA for the FMUL): m >= 2^-126 without a clamp; the loss term's p moves by
-      // 2^-126 / a, below 1e-36.
-      const float apk = fmaf(a, pk, kMinNormal), lm = fast_log2(fmaf(a1, qk, apk));
+      // m clamped to float's normal range: a 2^-126 added to a p (one FFMA for the FMUL, session 21)
+      // took 2^-126 (dt - lm) into the value, -0.5 an entry for a logit masked at bf16's lowest.
+      const float apk = a * pk, lm = fast_log2(fmaxf(fmaf(a1, qk, apk), kMinNormal));
       k.la = fmaf(apk, dt - lm, k.la);
       const float t = ds - lm;
       k.lb = fmaf(qk, t, k.lb);
