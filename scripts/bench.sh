@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # kd's benchmark driver, on the GPU machine: builds through the `device` preset (dependencies from
 # scripts/fetch_device_deps.sh, carried as .deps), then runs the chosen steps in one run on one card and
-# prints the side-by-side tables for benchmarks/RESULTS.md. Logs and tables go to $OUT (or build/bench).
+# prints the side-by-side tables for benchmarks/RESULTS.md. Logs and tables go to build/bench; with $OUT set
+# (the device tool, which returns at most 8 files from it) the tables, device.txt and logs.tgz (the rest)
+# are copied there at the end, whatever the exit.
 #   bash scripts/bench.sh [kernels] [grid] [model] [timing]        (default: kernels model)
 #   kernels  the fused loss kernels (kd_bench_cuda) against PyTorch eager and torch.compile (torch_baseline.py)
 #   grid     issue 12's table: every divergence and cross-entropy over V in {32,000, 50,304, 128,256,
@@ -14,8 +16,15 @@
 #   timing   per-op GPU times of the model at the seed geometry (test_cuda_model_ops' timing case)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-logs="${OUT:-build/bench}"
-mkdir -p "$logs"
+logs=build/bench
+rm -rf "$logs" && mkdir -p "$logs"
+publish() {
+  [[ -n "${OUT:-}" ]] || return 0
+  mkdir -p "$OUT" && cp "$logs"/*.md "$logs/device.txt" "$OUT"/ 2>/dev/null
+  tar czf "$OUT/logs.tgz" -C "$logs" . 2>/dev/null
+  return 0
+}
+trap publish EXIT
 steps=("$@")
 [[ ${#steps[@]} -gt 0 ]] || steps=(kernels model)
 want() { local s; for s in "${steps[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }

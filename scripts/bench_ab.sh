@@ -7,7 +7,9 @@
 #                                                 (the base beside the device preset's build), runs FILTER
 #                                                 (a --benchmark_filter regex; BM_device_copy is added)
 #                                                 REPS times (default 2), base then head, and prints the
-#                                                 table (benchmarks/ab_table.py). JSON under $OUT or build/bench_ab.
+#                                                 table (benchmarks/ab_table.py). JSON and logs under build/bench_ab;
+#                                                 with $OUT set (the device tool returns at most 8 files
+#                                                 from it), the table, device.txt and logs.tgz go there.
 # The base tree is configured with the same options as the device preset (sm_90, .deps), without tests or
 # examples. A benchmark the base does not have is left out of the table.
 set -uo pipefail
@@ -25,8 +27,15 @@ case "${1:-}" in
     filter="${2:?usage: bench_ab.sh run FILTER [REPS]}"
     reps="${3:-2}"
     [[ -f $base/AB_REVISION ]] || { echo "no base tree: run 'bash scripts/bench_ab.sh prepare REV' first, here" >&2; exit 2; }
-    logs="${OUT:-build/bench_ab}"
-    mkdir -p "$logs"
+    logs=build/bench_ab
+    rm -rf "$logs" && mkdir -p "$logs"
+    publish() {
+      [[ -n "${OUT:-}" ]] || return 0
+      mkdir -p "$OUT" && cp "$logs"/ab_table.md "$logs/device.txt" "$OUT"/ 2>/dev/null
+      tar czf "$OUT/logs.tgz" -C "$logs" . 2>/dev/null
+      return 0
+    }
+    trap publish EXIT
     export PATH="/usr/local/cuda/bin:$PATH"
     export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/device.txt"
