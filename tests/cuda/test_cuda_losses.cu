@@ -201,6 +201,22 @@ kd::vocab_map qwen_like_map() {
   return m;
 }
 
+// A contiguous map (kd::vocab_map::contiguous_teacher): teacher id t -> student id student_of(t), increasing,
+// for t < k.
+template <class F>
+kd::vocab_map contiguous_map_of(kd::index_t k, kd::index_t student_cols, F&& student_of) {
+  std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+  for (kd::index_t t = 0; t < k; ++t) pairs.emplace_back(static_cast<std::int32_t>(t), static_cast<std::int32_t>(student_of(t)));
+  kd::vocab_map m;
+  REQUIRE(kd::vocab_map::from_pairs(pairs, k, student_cols, m).ok());
+  REQUIRE(m.contiguous_teacher());
+  return m;
+}
+// 3,000 teacher columns onto 4,096 student columns with an uncovered head, a gap every 5 and a tail.
+kd::vocab_map gaps_map() {
+  return contiguous_map_of(3000, 4096, [](kd::index_t t) { return 37 + t + t / 5; });
+}
+
 }  // namespace
 
 TEST_CASE("fused logit KD matches the CPU reference for every divergence (fp32)") {
@@ -369,10 +385,7 @@ TEST_CASE_TEMPLATE("masked logits at the storage type's lowest value", T, kd::bf
     check_logit_kd<kd::forward_kl, T>(c);
     check_logit_kd<kd::reverse_kl, T>(c);
   }
-  std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
-  for (std::int32_t t = 0; t < 3000; ++t) pairs.emplace_back(t, 37 + t + t / 5);
-  kd::vocab_map gaps;
-  REQUIRE(kd::vocab_map::from_pairs(pairs, 3000, 4096, gaps).ok());
+  const auto gaps = gaps_map();
   kd_case c{5, 4096, 2.0, true};
   c.mask = 1;
   check_logit_kd<kd::jsd, T>(c, &gaps, 3000);
@@ -450,22 +463,14 @@ TEST_CASE_TEMPLATE("fused logit KD through the 152k -> 50k vocabulary map", T, f
 // map whose one wide gap makes the planner take a larger cluster; and one whose spans fit no cluster
 // (the gather kernel instead).
 TEST_CASE_TEMPLATE("fused logit KD through contiguous maps of every spacing", T, float, kd::bfloat16) {
-  const auto make = [](kd::index_t k, kd::index_t student_cols, auto&& student_of) {
-    std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
-    for (kd::index_t t = 0; t < k; ++t) pairs.emplace_back(static_cast<std::int32_t>(t), static_cast<std::int32_t>(student_of(t)));
-    kd::vocab_map m;
-    REQUIRE(kd::vocab_map::from_pairs(pairs, k, student_cols, m).ok());
-    REQUIRE(m.contiguous_teacher());
-    return m;
-  };
-  const auto gaps = make(3000, 4096, [](kd::index_t t) { return 37 + t + t / 5; });
+  const auto gaps = gaps_map();
   check_logit_kd<kd::forward_kl, T>({5, 4096, 2.0, true}, &gaps, 3000);
   check_logit_kd<kd::jsd, T>({4, 4096, 0.5, false}, &gaps, 3000);
   // 1504: the 2-block cluster's chunk, so the one gap falls between its blocks.
-  const auto one_gap = make(3000, 204000, [](kd::index_t t) { return t < 1504 ? t : 200000 + t; });
+  const auto one_gap = contiguous_map_of(3000, 204000, [](kd::index_t t) { return t < 1504 ? t : 200000 + t; });
   check_logit_kd<kd::forward_kl, T>({3, 204000, 2.0, true}, &one_gap, 3000);
   check_logit_kd<kd::tvd, T>({3, 204000, 1.0, false}, &one_gap, 3000);
-  const auto sparse = make(3000, 1200000, [](kd::index_t t) { return 400 * t + 3; });
+  const auto sparse = contiguous_map_of(3000, 1200000, [](kd::index_t t) { return 400 * t + 3; });
   check_logit_kd<kd::reverse_kl, T>({2, 1200000, 2.0, true}, &sparse, 3000);
 }
 

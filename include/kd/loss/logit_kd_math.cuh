@@ -405,7 +405,8 @@ struct mixture_entry {
   // |log2 factor|, scales the row's 16-bit gradient by ~1e-6) and g1, g0 the thread's row constants.
   // Fewer instructions an entry than term() (the sweeps are bound by instruction issue): m is kept at or
   // above float's smallest normal instead of a compare and two selects (one FMNMX); the entries this
-  // moves have p, q < 2^-126 / min(a, 1 - a) and terms below 1e-36, as term()'s zeros. The loss takes its constant factors once per thread (kept16_loss).
+  // moves have p, q < 2^-126 / min(a, 1 - a) and terms below 1e-36, as term()'s zeros. The loss takes its
+  // constant factors once per thread (kept16_loss).
   //   JSD: x = log2(q / m) - shift, w = (1 - a) log2(q / m) (the 1 - a is in g1); the teacher's
   //        exponent as given (kept16_t_offset 0).
   //   skew KL: x = (1 - a)(p - q) / m - shift; the teacher's exponent comes shifted by -log2(1 - a)
