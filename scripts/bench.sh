@@ -18,13 +18,8 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 logs=build/bench
 rm -rf "$logs" && mkdir -p "$logs"
-publish() {
-  [[ -n "${OUT:-}" ]] || return 0
-  mkdir -p "$OUT" && cp "$logs"/*.md "$logs/device.txt" "$OUT"/ 2>/dev/null
-  tar czf "$OUT/logs.tgz" -C "$logs" . 2>/dev/null
-  return 0
-}
-trap publish EXIT
+source scripts/lib/publish_out.sh
+publish_on_exit "$logs" "*.md" device.txt
 steps=("$@")
 [[ ${#steps[@]} -gt 0 ]] || steps=(kernels model)
 want() { local s; for s in "${steps[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }

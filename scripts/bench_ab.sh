@@ -29,13 +29,8 @@ case "${1:-}" in
     [[ -f $base/AB_REVISION ]] || { echo "no base tree: run 'bash scripts/bench_ab.sh prepare REV' first, here" >&2; exit 2; }
     logs=build/bench_ab
     rm -rf "$logs" && mkdir -p "$logs"
-    publish() {
-      [[ -n "${OUT:-}" ]] || return 0
-      mkdir -p "$OUT" && cp "$logs"/ab_table.md "$logs/device.txt" "$OUT"/ 2>/dev/null
-      tar czf "$OUT/logs.tgz" -C "$logs" . 2>/dev/null
-      return 0
-    }
-    trap publish EXIT
+    source scripts/lib/publish_out.sh
+    publish_on_exit "$logs" ab_table.md device.txt
     export PATH="/usr/local/cuda/bin:$PATH"
     export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/device.txt"
