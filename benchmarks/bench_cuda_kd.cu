@@ -344,6 +344,16 @@ void budget_sweep(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Apply(shapes);
+// Small calls (N <= 1024, kd_bench_small_calls' range) at two slice budgets: half the default budget
+// doubles the blocks a row (more blocks an SM, each with half the serial copy-then-compute latency), the
+// question being whether those calls, a few waves of blocks, gain from it.
+void small_sweep(benchmark::internal::Benchmark* b) {
+  for (long long n : {256, 512, 1024})
+    for (long long v : {50304, 151936})
+      for (long long kb : {32, 64}) b->Args({n, v, kb});
+  b->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(200);
+}
+
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_sweep_forward_kl")->Apply(budget_sweep);
 BENCHMARK(BM_logit_kd_bf16<kd::reverse_kl>)->Name("BM_sweep_reverse_kl")->Apply(budget_sweep);
 BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Name("BM_sweep_jsd")->Apply(budget_sweep);
@@ -351,6 +361,9 @@ BENCHMARK(BM_logit_kd_bf16<kd::tvd>)->Name("BM_sweep_tvd")->Apply(budget_sweep);
 BENCHMARK(BM_logit_kd<kd::forward_kl, float>)->Name("BM_sweep_forward_kl_f32")->Apply(budget_sweep);
 BENCHMARK(BM_logit_kd<kd::jsd, float>)->Name("BM_sweep_jsd_f32")->Apply(budget_sweep);
 BENCHMARK(BM_cross_entropy_bf16)->Name("BM_sweep_cross_entropy")->Apply(budget_sweep);
+BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_small_forward_kl")->Apply(small_sweep);
+BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Name("BM_small_jsd")->Apply(small_sweep);
+BENCHMARK(BM_cross_entropy_bf16)->Name("BM_small_cross_entropy")->Apply(small_sweep);
 BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Args({4096, 50304, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_logit_kd_map_bf16<kd::forward_kl>)->Args({4096, 0, 0})->Args({4096, 0, 1})->Args({16384, 0, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Args({16384, 50304, 576, 2048})->Args({16384, 151936, 576, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);

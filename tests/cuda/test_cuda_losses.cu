@@ -504,10 +504,10 @@ TEST_CASE_TEMPLATE("fused logit KD with the teacher in another storage type than
   check_logit_kd<kd::forward_kl, T, TT>({4, 50304, 2.0, true}, &map, 151936);
 }
 
-// A call ends in its own kernel: up to kInlineCountRows rows every block counts the labels' tokens and
-// the last block to finish forms the value behind the context's grid ticket; above it a count kernel
-// runs first. Both paths, and the ticket's reuse by consecutive calls on one context (it must be back
-// to zero after each), against the CPU reference.
+// Up to kInlineCountRows rows a call is one kernel: every block counts the labels' tokens and the last
+// block to finish forms the value behind the context's grid ticket. Above it a count kernel runs first
+// and a finish kernel forms the value. Both paths, and the ticket's reuse by consecutive calls on one
+// context (it must be back to zero after each), against the CPU reference.
 TEST_CASE("one context, calls on both sides of the in-kernel token count") {
   kd::cuda::context ctx;
   const kd::index_t inline_rows = kd::cuda::detail::kInlineCountRows;

@@ -4,7 +4,8 @@
 // into shared memory with a running log-sum-exp, the cluster combines the statistics through
 // distributed shared memory, and the gradient (softmax * (1 + 2 z lse) - onehot) / normalizer is written
 // from shared memory. HBM traffic: one read of the logits, one write of the gradient. One launch per call
-// up to kInlineCountRows rows (in-block token count, last-block reduction), as logit_kd's.
+// up to kInlineCountRows rows (in-block token count, last-block reduction), as logit_kd's; above it a count
+// kernel before and finish kernels after.
 // What bounds it (H200, 2026-12-04, commit ca37689, bf16): 2.3-3.0 TB/s of minimum bytes for N >= 8192
 // (54-70% of copy), 2.1-2.5 at N = 2048; the same serial copy-then-compute phases per block as logit_kd.
 // On an H100 (2026-12-06, RESULTS.md session 18), in 256-thread blocks with the row's log-sum-exp
@@ -54,9 +55,10 @@ struct cross_entropy_params {
   float* partial_z = nullptr;   // [rows * C]
   unsigned long long* error = nullptr;
   unsigned component = 0;
-  // The call ends in the kernel (as logit_kd's, kd/loss/logit_kd.cuh): count_inline: each block counts
-  // the tokens (divisor_dev then only marks the divisor as that count); else count_dev holds the count
-  // kernel's. The last block (ticket) writes ce, z_loss (optional) and tokens (optional).
+  // The call's end (as logit_kd's, kd/loss/logit_kd.cuh): count_inline: each block counts the tokens
+  // (divisor_dev then only marks the divisor as that count) and the last block (ticket) writes ce, z_loss
+  // (optional) and tokens (optional); else count_dev holds the count kernel's, ticket is null and finish
+  // kernels write them.
   bool count_inline = false;
   const long long* count_dev = nullptr;
   unsigned* ticket = nullptr;
@@ -107,7 +109,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) cross_entropy_kernel(cons
   const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);
   // Every block ends here (each exit path, uniformly per block): the last one forms the call's values.
   auto finish = [&] {
-    if (!last_block_of_grid(p.ticket)) return;
+    if (p.ticket == nullptr || !last_block_of_grid(p.ticket)) return;
     const long long n = p.rows * c_blocks;
     const double ce = block_sum_ordered(p.partial_ce, n, red.d);
     const double z = p.out_z != nullptr ? block_sum_ordered(p.partial_z, n, red.d) : 0.0;
@@ -257,11 +259,20 @@ struct loss_impl<cuda::backend, cross_entropy_tag> {
     if (kind == ::kd::detail::divisor_kind::active_tokens) p.divisor_dev = count;
     else p.divisor = ::kd::detail::token_divisor(kind, o, 0);
 
+    // Large calls end in finish kernels instead of the grid ticket, as logit_kd's (kd/loss/logit_kd.cuh).
+    const bool finish_kernel = !p.count_inline;
+    if (finish_kernel) p.ticket = nullptr;
     auto kernel = cross_entropy_kernel<ST, std::remove_const_t<GT>>;
     KD_TRY(ctx.allow_dynamic_smem(kernel, smem));
     const cluster_launch l(p.rows * cluster, cluster, kRowSliceThreads, smem, stream);
     KD_CUDA_TRY(cudaLaunchKernelEx(&l.cfg, kernel, p), "cross_entropy kernel launch");
-    return {};
+    if (!finish_kernel) return {};
+    const long long n = static_cast<long long>(n_part);
+    KD_TRY(launch_finish_loss(p.partial_ce, n, p.divisor_dev, p.divisor, p.count_dev, -1,
+                              cuda::device_loss{out.ce, out.tokens}, stream));
+    if (out.z_loss == nullptr) return {};
+    return launch_finish_loss(p.partial_z, n, p.divisor_dev, p.divisor, p.count_dev, -1,
+                              cuda::device_loss{out.z_loss, nullptr}, stream);
   }
 };
 

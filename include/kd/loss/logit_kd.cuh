@@ -32,7 +32,10 @@
 // skipped (kd::cuda::context::sync_status reports it). No host synchronisation happens in a call.
 // A call is one launch up to kInlineCountRows rows: each block counts the labels' tokens itself and the
 // last block to finish forms the loss value (the context's grid ticket); above that a token-count kernel
-// runs first. Host cost per call 4.4-5.1 us, GPU 10.2 us at N = 1 (kd_bench_small_calls, H200).
+// runs first and (the per-row kernel) a finish kernel last: the ticket's fence and atomic at every
+// block's end held its slice resident (0.98-1.18x, mostly 1.03-1.08x, across the per-row losses and
+// shapes at N >= 2048, H100, 2026-12-06, RESULTS.md session 23). Host cost per call 4.4-5.1 us, GPU
+// 10.2 us at N = 1 (kd_bench_small_calls, H200).
 // Many rows of an unmapped call may run instead in the ring kernel (kd/loss/logit_kd_ring.cuh: persistent
 // clusters, row slices refilled by bulk copies while the threads compute) when the context asks for it
 // (plan_ring).
@@ -177,17 +180,23 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     own0 = rank == 0 ? 0 : j0 < p.support ? p.map_support[j0] : p.student_cols;
     own1 = j1 < p.support ? p.map_support[j1] : p.student_cols;
   }
+  // The span's unaligned tail [a0 + nb, s_hi), which the bulk copy leaves out, through registers.
+  auto copy_span_tail = [&] {
+    for (long long c = a0 + nb + threadIdx.x; c < s_hi; c += blockDim.x) scache[c - a0] = srow[c];
+  };
   // The span kernel's shared-memory position of slot j's student column.
   auto span_pos = [&](long long j) { return static_cast<long long>(__ldg(p.map_support + j0 + j)) - a0; };
-  // The first entry of the sorted uncovered list at or past student column c (bisection).
-  auto first_uncovered = [&](long long c) {
+  // f(c - a0) for each uncovered student column c in the span [s_lo, s_hi), a thread each: a run of the
+  // sorted uncovered list, found by bisection.
+  auto for_span_uncovered = [&](auto&& f) {
     long long lo = 0, hi = p.uncovered;
     while (lo < hi) {
       const long long mid = (lo + hi) / 2;
-      if (p.map_uncovered[mid] < c) lo = mid + 1;
+      if (p.map_uncovered[mid] < s_lo) lo = mid + 1;
       else hi = mid;
     }
-    return lo;
+    for (long long u = lo + threadIdx.x; u < p.uncovered && p.map_uncovered[u] < s_hi; u += blockDim.x)
+      f(p.map_uncovered[u] - a0);
   };
 
   // Ignored or invalid rows: zero gradient, zero loss. The decision is the same in every block.
@@ -279,7 +288,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     // then pass 1 as an unmapped row's.
     const long long bt = bulk_bytes<TT>(n_local) / static_cast<long long>(sizeof(TT)), len = s_hi - a0;
     mbar_wait(&bar, 0);
-    for (long long c = a0 + nb + threadIdx.x; c < s_hi; c += blockDim.x) scache[c - a0] = srow[c];
+    copy_span_tail();
     for (long long i = bt + threadIdx.x; i < n_local; i += blockDim.x) tcache[t_off + i] = trow[j0 + i];
     __syncthreads();
     expand_span(tcache, t_off, n_local, p.map_support + j0, a0);
@@ -290,11 +299,10 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       tcache[c] = st;
       scache[c] = ss;
     }
-    for (long long u = first_uncovered(s_lo) + threadIdx.x; u < p.uncovered && p.map_uncovered[u] < s_hi;
-         u += blockDim.x) {
-      tcache[p.map_uncovered[u] - a0] = st;
-      scache[p.map_uncovered[u] - a0] = ss;
-    }
+    for_span_uncovered([&](long long c) {
+      tcache[c] = st;
+      scache[c] = ss;
+    });
     if constexpr (Online) {
       __syncthreads();
       acc[0] = thread_lse<true>(tcache, len, k2);
@@ -308,7 +316,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     // before lse_of_slice's barrier.
     const long long bt = bulk_bytes<TT>(n_local);
     mbar_wait(&bar, 0);
-    for (long long c = a0 + nb + threadIdx.x; c < s_hi; c += blockDim.x) scache[c - a0] = srow[c];
+    copy_span_tail();
     lse_of_slice<true>(trow + j0, tcache, n_local, bt / static_cast<long long>(sizeof(TT)), k2, acc[0]);
     for (long long j = threadIdx.x; j < n_local; j += blockDim.x)
       acc[1].add(lse_acc::strict(to_float(scache[span_pos(j)]) * k2));
@@ -549,8 +557,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     if (p.want_grad && n_local > 0) {
       __syncthreads();  // every sweep's reads and writes of the span are done
       // The span's uncovered columns (a run of the sorted uncovered list) get 0.
-      for (long long u = first_uncovered(s_lo) + threadIdx.x; u < p.uncovered && p.map_uncovered[u] < s_hi; u += blockDim.x)
-        scache[p.map_uncovered[u] - a0] = from_float<ST>(0.f);
+      for_span_uncovered([&](long long c) { scache[c] = from_float<ST>(0.f); });
       __syncthreads();
       // Columns [s_lo, s_hi) back to the gradient row: 16-byte vectors between the aligned bounds v0 and
       // v1, single elements at the ends.
@@ -823,7 +830,16 @@ struct loss_impl<cuda::backend, logit_kd_tag> {
       l.p.count_dev = count;
     }
     bind_divisor(l.scaling, l.p, labelled ? count : nullptr, l.p.rows);
-    return enqueue_logit_kd(ctx, l);
+    // Large calls of the per-row kernel end in a finish kernel instead of the grid ticket: with the ticket
+    // every block held its slice resident through a fence and an atomic at its end (0.98-1.18x, mostly
+    // 1.03-1.08x, H100, RESULTS.md sessions 22-23). The ring kernel (opt-in, p.stages > 0) keeps the
+    // ticket: not measured or tested with the finish kernel.
+    const bool finish_kernel = l.p.rows > kInlineCountRows && l.p.stages == 0;
+    if (finish_kernel) l.p.ticket = nullptr;
+    KD_TRY(enqueue_logit_kd(ctx, l));
+    if (!finish_kernel) return {};
+    return launch_finish_loss(l.p.partial, l.clusters * l.cluster, l.p.divisor_dev, l.p.divisor, l.p.count_dev,
+                              labelled ? -1 : l.p.rows, out, stream);
   }
 };
 

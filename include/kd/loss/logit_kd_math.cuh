@@ -257,17 +257,22 @@ struct kept16_acc {
   float la = 0.f, lb = 0.f, qh = 0.f, sq = 0.f;
 };
 
+// The kept16 gradient of TVD and the mixtures: q' (g1 h + g0), with the row's g1, g0 set by kept16_set_c.
+struct kept16_grad_terms {
+  float g1 = 0.f, g0 = 0.f;
+  __device__ float grad16(float qf, float h) const { return qf * fmaf(h, g1, g0); }
+};
+
 // TVD: the generic entry, and a kept16 form (below: mixture_entry's comment says what the members are).
 // Its w = sign(q - p) / 2 is kept as x = (q - p) 2^127 saturated to fp16, +-65,504 for |q - p| >= 2^-111
 // (and 0 at an exact tie): one FMUL and half an F2FP an entry for the compares and selects of a sign.
 // Where 0 < |q - p| < 2^-111 the kept value is a fraction of 65,504; both probabilities are then
 // below ~2^-100 and so is the gradient the fraction moves. C takes the kept values as they are.
 template <>
-struct kd_entry<tvd> : generic_entry<tvd> {
+struct kd_entry<tvd> : generic_entry<tvd>, kept16_grad_terms {
   using generic_entry<tvd>::generic_entry;
   static constexpr float kScale = 1.70141183e38f;  // 2^127
   static constexpr float kUnit = 0.5f / 65504.f;    // w of a kept +-65,504
-  float g1 = 0.f, g0 = 0.f;
   __device__ float kept16_t_offset() const { return 0.f; }
   __device__ float x16(float dt, float ds, kept16_acc& k, float& q, float) const {
     const float pk = fast_exp2(dt), qk = fast_exp2(ds), d = qk - pk;
@@ -282,7 +287,6 @@ struct kd_entry<tvd> : generic_entry<tvd> {
     g0 = -g1 * c_row;
   }
   __device__ float kept16_grad_offset() const { return fast_log2(fabsf(factor)); }
-  __device__ float grad16(float qf, float h) const { return qf * fmaf(h, g1, g0); }
   __device__ bool kept16_fits() const { return true; }
 };
 
@@ -372,9 +376,9 @@ struct forward_kl_folded : kd_entry<forward_kl> {
 // bits), by 3e-8 to 1e-6 through log2f. JSD's gradient does not see it (a constant error of log2 m moves
 // every dq and their q-weighted sum C alike), its value does.
 template <bool J, bool Exact = false>
-struct mixture_entry {
+struct mixture_entry : kept16_grad_terms {
   static constexpr bool one_sweep = false;
-  float a, a1, factor, c = 0.f, g1 = 0.f, g0 = 0.f;
+  float a, a1, factor, c = 0.f;
   __device__ mixture_entry(float param, float factor_) : a(param), a1(1.f - param), factor(factor_) {}
   static constexpr float kMinNormal = 1.17549435e-38f;
   // The terms sweep; returns the entry's kept w (below): JSD (1 - a) log2(q / m), skew KL p / m - 1 formed
@@ -450,7 +454,6 @@ struct mixture_entry {
     }
   }
   __device__ float kept16_grad_offset() const { return fast_log2(fabsf(factor)); }
-  __device__ float grad16(float qf, float h) const { return qf * fmaf(h, g1, g0); }
   // Whether every x fits fp16 (kept16). JSD's |log2(q / m) - shift| passes 65,504 only where q = 2^ds is
   // 0 in float, whose gradient no clamp changes (the kept value saturates, and C takes it so); skew KL's
   // w = p / m - 1 lies in [-1, (1 - a) / a], unbounded as a -> 0 (a = 0 is forward KL with
