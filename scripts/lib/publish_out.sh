@@ -1,5 +1,5 @@
 # Sourced by the GPU scripts (bench.sh, bench_ab.sh). publish_on_exit DIR FILE...: on every exit, with $OUT
-# set, copies the named files of DIR (globs allowed) and one DIR/logs.tgz of everything into $OUT. The
+# set, copies the named files of DIR (globs allowed) into $OUT, and all of DIR as $OUT/logs.tgz. The
 # device tool returns at most 8 files from $OUT, so the rest travel in the tarball.
 publish_on_exit() {
   _publish_dir=$1

@@ -749,19 +749,28 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
         }
         return widest;
       };
-      // The teacher's entries a block: its slots, or (span_expands) the widest span and a vector.
-      constexpr bool expands = span_expands<TT, ST, G>;
-      const auto teacher_cap = [&](int c) { return expands ? widest_span(c) + vec_n<TT> : chunk_of(c); };
-      const auto span_smem = [&](int c) {
-        return ((teacher_cap(c) * sizeof(TT) + 15) / 16) * 16 + static_cast<std::size_t>(widest_span(c)) * sizeof(ST);
+      // A block's teacher entries (its slots, or with span_expands the widest span and a vector) and its
+      // shared memory (those entries, then the widest span of student columns), for c blocks a row.
+      struct span_geometry {
+        long long teacher_cap;
+        std::size_t smem;
+      };
+      const auto geometry_of = [&](int c) {
+        const long long widest = widest_span(c);
+        const long long cap = span_expands<TT, ST, G> ? widest + vec_n<TT> : chunk_of(c);
+        return span_geometry{cap, ((cap * sizeof(TT) + 15) / 16) * 16 + static_cast<std::size_t>(widest) * sizeof(ST)};
       };
       int c = cluster;
-      while (c < 8 && span_smem(c) > ctx.slice_budget()) c *= 2;
-      if (span_smem(c) <= kSliceLimit) {
+      span_geometry g = geometry_of(c);
+      while (c < 8 && g.smem > ctx.slice_budget()) {
+        c *= 2;
+        g = geometry_of(c);
+      }
+      if (g.smem <= kSliceLimit) {
         cluster = c;
         p.chunk = chunk_of(c);
-        p.span_cap = teacher_cap(c);
-        out.smem = span_smem(c);
+        p.span_cap = g.teacher_cap;
+        out.smem = g.smem;
         out.kernel = logit_kd_kernel<D, TT, ST, G, map_kind::span>;
       }
     }
