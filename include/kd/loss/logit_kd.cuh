@@ -151,6 +151,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   __shared__ std::conditional_t<Online, cluster_mailbox<6, MaxC>, cluster_mailbox<4, MaxC>> box;
   __shared__ std::conditional_t<RowSum, cluster_mailbox<1, MaxC>, char> box1;
   __shared__ unsigned long long bar;  // bulk-copy completion
+  __shared__ std::conditional_t<Span, long long, char> unc0;  // Span: the first uncovered id at or past s_lo
   const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.support);
   const long long j1 = std::min<long long>(j0 + p.chunk, p.support);
   const long long n_local = j1 - j0;
@@ -188,14 +189,17 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   auto span_pos = [&](long long j) { return static_cast<long long>(__ldg(p.map_support + j0 + j)) - a0; };
   // f(c - a0) for each uncovered student column c in the span [s_lo, s_hi), a thread each: a run of the
   // sorted uncovered list, found by bisection.
-  auto for_span_uncovered = [&](auto&& f) {
+  auto first_uncovered = [&] {
     long long lo = 0, hi = p.uncovered;
     while (lo < hi) {
       const long long mid = (lo + hi) / 2;
       if (p.map_uncovered[mid] < s_lo) lo = mid + 1;
       else hi = mid;
     }
-    for (long long u = lo + threadIdx.x; u < p.uncovered && p.map_uncovered[u] < s_hi; u += blockDim.x)
+    return lo;
+  };
+  auto for_span_uncovered = [&](auto&& f) {
+    for (long long u = unc0 + threadIdx.x; u < p.uncovered && p.map_uncovered[u] < s_hi; u += blockDim.x)
       f(p.map_uncovered[u] - a0);
   };
 
@@ -222,6 +226,10 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   }
   __syncthreads();
   cluster_arrive_relaxed();  // the mailboxes are initialised; waited for before the first post (or the exit)
+  // Span: one lane of the second warp bisects the uncovered list (~13 dependent loads) while the copies
+  // are in flight; every read of unc0 follows a barrier after the copies' wait.
+  if constexpr (Span)
+    if (threadIdx.x == 32) unc0 = first_uncovered();
   const long long tokens =  // this block's count (count_inline), else read from count_dev where needed
       p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red.sum)) : 0;
   const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);
