@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -89,8 +90,9 @@ void check_logit_kd(const kd_case& c, const kd::vocab_map* map = nullptr, kd::in
   // norm). Redrawing, as the loss matrix does, cannot help here: at 10^5 entries and more nearly every
   // draw has such an entry.
   if constexpr (std::is_same_v<D, kd::tvd>) {
+    const auto th64 = to_double(th);  // the teacher never moves
     for (int round = 0;; ++round) {
-      const auto ties = kdtest::tvd_near_ties<kd::token_mean>(gpu.options, c.n, tv, c.v, to_double(th), to_double(sh), labels, 3e-5);
+      const auto ties = kdtest::tvd_near_ties<kd::token_mean>(gpu.options, c.n, tv, c.v, th64, to_double(sh), labels, 3e-5);
       REQUIRE(ties.has_value());
       if (ties->empty()) break;
       REQUIRE_MESSAGE(round < 8, "TVD: student logits still within 3e-5 of a tie after 8 rounds of moving them");
@@ -252,6 +254,10 @@ TEST_CASE_TEMPLATE("fused logit KD over many rows, both row schedules", T, float
     // (TVD: the ring-forced matrix, whose tolerance allows for sign flips at near-ties of p and q.)
     check_logit_kd<kd::reverse_kl, T>({300, 32000, 4.0, true}, nullptr, 0, nullptr, sch);
     if constexpr (!std::is_same_v<T, float>) check_logit_kd<kd::forward_kl, T>({70, 151936, 2.0, true, 151669}, nullptr, 0, nullptr, sch);
+    // Past kInlineCountRows the call ends in a finish kernel (the ring's partials: one a block of its grid).
+    const kd::index_t many = kd::cuda::detail::kInlineCountRows + 300;
+    check_logit_kd<kd::forward_kl, T>({many, 4096, 2.0, true}, nullptr, 0, nullptr, sch);
+    check_logit_kd<kd::jsd, T>({many, 4096, 1.0, false}, nullptr, 0, nullptr, sch);  // no labels: rows
   }
 }
 
@@ -743,4 +749,14 @@ TEST_CASE("context::cached_buffer uploads once per key and returns the same devi
   REQUIRE(cudaMemcpy(host.data(), d1.support, host.size() * sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess);
   // support {0, 1}; offsets {0, 1, 3}; teacher ids grouped by slot: {3 | 0, 2}
   CHECK(host == std::vector<int>{0, 1, 0, 1, 3, 3, 0, 2});
+  // Then the uncovered student ids ({2}) and, from a 16-byte boundary, the support's bitmask over the
+  // student's columns in whole 16-byte vectors (the span kernel bulk-copies its words).
+  int unc = -1;
+  REQUIRE(cudaMemcpy(&unc, d1.uncovered, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess);
+  CHECK(unc == 2);
+  CHECK(reinterpret_cast<std::uintptr_t>(d1.covered_bits) % 16 == 0);
+  CHECK(kd::cuda::detail::covered_words(3) == 4);
+  std::vector<unsigned> bits(4, 99);
+  REQUIRE(cudaMemcpy(bits.data(), d1.covered_bits, bits.size() * sizeof(unsigned), cudaMemcpyDeviceToHost) == cudaSuccess);
+  CHECK(bits == std::vector<unsigned>{0b011u, 0, 0, 0});
 }

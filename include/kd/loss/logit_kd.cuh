@@ -19,11 +19,13 @@
 // 50,304 student columns, 8192 rows) forward KL went from 1.04 TB/s of minimum bytes gathering to 1.27
 // through spans (H200, 2026-12-04; the general CSR map runs at 0.45: its teacher reads are gathers).
 // In bf16 and fp32 (span_expands, kd/loss/logit_kd_math.cuh) the span kernel then moves its teacher
-// slice to the student's columns in shared memory (expand_span) and fills the columns outside its slots
-// with a sentinel logit on both sides (p = q = 0 there), so that the span runs the unmapped rows' vector
-// sweeps: slot-by-slot sweeps had taken every entry's student id from memory in each sweep (every
-// divergence 1.41-1.56x, 37-46% of copy at the trainer's shape, H100, 2026-12-06, RESULTS.md session 22;
-// not profiled since: the expansion's rounds and the span's ~19% of sentinel columns are the suspects).
+// slice to the student's columns in shared memory (expand_span_bits) and fills the columns outside its
+// slots with a sentinel logit on both sides (p = q = 0 there), so that the span runs the unmapped rows'
+// vector sweeps: slot-by-slot sweeps had taken every entry's student id from memory in each sweep (every
+// divergence 1.41-1.56x, 37-46% of copy at the trainer's shape, H100, 2026-12-06, RESULTS.md session 22).
+// Which columns its slots cover comes from the map's bitmask (a bit a student column), bulk-copied with
+// the span: the support ids (4 bytes a slot) and the sorted list of uncovered ids had cost dependent L2
+// round trips after the copies landed (each removed one measured 1.1-1.2x; RESULTS.md sessions 23-25).
 // The student columns outside the support get a zero gradient (never read, so they can be written at
 // any time, even in place).
 // The gradient may be the student-logit buffer itself (linear + KD runs the kernel in place on its
@@ -151,7 +153,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   __shared__ std::conditional_t<Online, cluster_mailbox<6, MaxC>, cluster_mailbox<4, MaxC>> box;
   __shared__ std::conditional_t<RowSum, cluster_mailbox<1, MaxC>, char> box1;
   __shared__ unsigned long long bar;  // bulk-copy completion
-  __shared__ std::conditional_t<Span, long long, char> unc0;  // Span: the first uncovered id at or past s_lo
+  __shared__ long long unc[2];  // Span (fp16): the run of the sorted uncovered list inside [s_lo, s_hi), as positions in it
   const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.support);
   const long long j1 = std::min<long long>(j0 + p.chunk, p.support);
   const long long n_local = j1 - j0;
@@ -166,17 +168,24 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   // uncovered columns up to the next block's span (from column 0 for the first block, to the row's end
   // for the last), so the blocks of a row write every gradient column exactly once.
   // SpanVec: the teacher slice lands at t_off, the first vector boundary at or past (s_hi - a0) - n_local,
-  // and moves to its columns' positions from there (expand_span); the teacher's part of shared memory
-  // holds span_cap entries (the widest span and a vector).
+  // and moves to its columns' positions from there (expand_span_bits); the teacher's part of shared
+  // memory holds span_cap entries (the widest span and a vector). The map's bitmask words [wb0, wb1)
+  // (16-byte aligned, covering [a0, s_hi)) land at span_bits_at, their prefix counts after them.
   constexpr int svn = vec_n<ST>;
-  long long s_lo = 0, s_hi = 0, a0 = 0, nb = 0, own0 = 0, own1 = 0, t_off = 0;
+  long long s_lo = 0, s_hi = 0, a0 = 0, nb = 0, own0 = 0, own1 = 0, t_off = 0, wb0 = 0, wb1 = 0;
+  unsigned* sbits = reinterpret_cast<unsigned*>(smem_raw + p.span_bits_at);
+  unsigned* spre = sbits + p.span_words;
   if constexpr (Span) {
     if (n_local > 0) {
       s_lo = p.map_support[j0];
       s_hi = p.map_support[j1 - 1] + 1;
       a0 = s_lo / svn * svn;
       nb = (s_hi - a0) / svn * svn;
-      if constexpr (SpanVec) t_off = ((s_hi - a0) - n_local + svn - 1) / svn * svn;
+      if constexpr (SpanVec) {
+        t_off = ((s_hi - a0) - n_local + svn - 1) / svn * svn;
+        wb0 = a0 / 128 * 4;
+        wb1 = (s_hi + 127) / 128 * 4;
+      }
     }
     own0 = rank == 0 ? 0 : j0 < p.support ? p.map_support[j0] : p.student_cols;
     own1 = j1 < p.support ? p.map_support[j1] : p.student_cols;
@@ -187,20 +196,33 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   };
   // The span kernel's shared-memory position of slot j's student column.
   auto span_pos = [&](long long j) { return static_cast<long long>(__ldg(p.map_support + j0 + j)) - a0; };
-  // f(c - a0) for each uncovered student column c in the span [s_lo, s_hi), a thread each: a run of the
-  // sorted uncovered list, found by bisection.
-  auto first_uncovered = [&] {
+  // f(c - a0) for each uncovered student column c in the span [s_lo, s_hi), a thread each: the run
+  // [unc[0], unc[1]) of the sorted uncovered list, found by bisection at the kernel's start. Four ids a
+  // thread are loaded before any is used: one L2 round trip for the ~2,000 of a block at the trainer's
+  // shape, not one an id.
+  auto first_uncovered = [&](long long x) {  // the first position in the list whose id is >= x
     long long lo = 0, hi = p.uncovered;
     while (lo < hi) {
       const long long mid = (lo + hi) / 2;
-      if (p.map_uncovered[mid] < s_lo) lo = mid + 1;
+      if (p.map_uncovered[mid] < x) lo = mid + 1;
       else hi = mid;
     }
     return lo;
   };
   auto for_span_uncovered = [&](auto&& f) {
-    for (long long u = unc0 + threadIdx.x; u < p.uncovered && p.map_uncovered[u] < s_hi; u += blockDim.x)
-      f(p.map_uncovered[u] - a0);
+    constexpr int kIds = 4;
+    const long long u1 = unc[1];
+    for (long long u = unc[0] + threadIdx.x; u < u1; u += kIds * static_cast<long long>(blockDim.x)) {
+      int c[kIds];
+#pragma unroll
+      for (int k = 0; k < kIds; ++k) {
+        const long long at = u + k * static_cast<long long>(blockDim.x);
+        c[k] = at < u1 ? __ldg(p.map_uncovered + at) : -1;
+      }
+#pragma unroll
+      for (int k = 0; k < kIds; ++k)
+        if (c[k] >= 0) f(c[k] - a0);
+    }
   };
 
   // Ignored or invalid rows: zero gradient, zero loss. The decision is the same in every block.
@@ -219,6 +241,9 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
         start_bulk(&bar, tcache, trow + j0, bulk_bytes<TT>(n_local), scache, srow + j0, bulk_bytes<ST>(n_local));
       else if constexpr (MK == map_kind::contiguous)
         start_bulk(&bar, tcache, trow + j0, bulk_bytes<TT>(n_local), nullptr, nullptr, 0);
+      else if constexpr (SpanVec)
+        start_bulk(&bar, tcache + t_off, trow + j0, bulk_bytes<TT>(n_local), scache, srow + a0,
+                   nb * static_cast<long long>(sizeof(ST)), sbits, p.map_bits + wb0, (wb1 - wb0) * 4);
       else if constexpr (Span)
         start_bulk(&bar, tcache + t_off, trow + j0, bulk_bytes<TT>(n_local), scache, srow + a0,
                    nb * static_cast<long long>(sizeof(ST)));
@@ -226,10 +251,10 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   }
   __syncthreads();
   cluster_arrive_relaxed();  // the mailboxes are initialised; waited for before the first post (or the exit)
-  // Span: one lane of the second warp bisects the uncovered list (~13 dependent loads) while the copies
-  // are in flight; every read of unc0 follows a barrier after the copies' wait.
-  if constexpr (Span)
-    if (threadIdx.x == 32) unc0 = first_uncovered();
+  // Span (fp16): one lane each of the second and third warps bisects the uncovered list (~13 dependent
+  // loads) while the copies are in flight; every read of unc follows a barrier after the copies' wait.
+  if constexpr (Span && !SpanVec)
+    if (threadIdx.x == 32 || threadIdx.x == 64) unc[threadIdx.x / 64] = first_uncovered(threadIdx.x == 32 ? s_lo : s_hi);
   const long long tokens =  // this block's count (count_inline), else read from count_dev where needed
       p.count_inline ? static_cast<long long>(block_count_tokens(p.labels, p.rows, p.ignore_index, red.sum)) : 0;
   const double call_divisor = loss_divisor(p.divisor_dev, p.divisor, p.count_inline, tokens);
@@ -294,23 +319,15 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     // Both in flight since the kernel's start: the teacher slice and the student span. Their unaligned
     // tails through registers, the teacher slice expanded to its columns, the sentinel around its slots,
     // then pass 1 as an unmapped row's.
+    // The tails land past the bulk copies' bytes, so they are copied while those are still in flight.
     const long long bt = bulk_bytes<TT>(n_local) / static_cast<long long>(sizeof(TT)), len = s_hi - a0;
-    mbar_wait(&bar, 0);
     copy_span_tail();
     for (long long i = bt + threadIdx.x; i < n_local; i += blockDim.x) tcache[t_off + i] = trow[j0 + i];
+    mbar_wait(&bar, 0);
     __syncthreads();
-    expand_span(tcache, t_off, n_local, p.map_support + j0, a0);
+    span_bits_prefix(sbits, spre, wb1 - wb0, wb0, s_lo, s_hi, reinterpret_cast<unsigned*>(red.sum));
     const float sent = fmaxf(kSpanSentinelBits / k2, -3.0e38f);
-    const TT st = from_float<TT>(sent);
-    const ST ss = from_float<ST>(sent);
-    for (long long c = threadIdx.x; c < s_lo - a0; c += blockDim.x) {
-      tcache[c] = st;
-      scache[c] = ss;
-    }
-    for_span_uncovered([&](long long c) {
-      tcache[c] = st;
-      scache[c] = ss;
-    });
+    expand_span_bits(tcache, t_off, len, sbits, spre, a0, wb0, scache, from_float<TT>(sent), from_float<ST>(sent));
     if constexpr (Online) {
       __syncthreads();
       acc[0] = thread_lse<true>(tcache, len, k2);
@@ -564,14 +581,20 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   if constexpr (Span) {
     if (p.want_grad && n_local > 0) {
       __syncthreads();  // every sweep's reads and writes of the span are done
-      // The span's uncovered columns (a run of the sorted uncovered list) get 0.
-      for_span_uncovered([&](long long c) { scache[c] = from_float<ST>(0.f); });
-      __syncthreads();
+      // The span's uncovered columns get 0: SpanVec's sweeps formed exactly 0 there (p = q = 0), which
+      // the write-back keeps exact by its bitmask; the slot-by-slot sweeps never wrote them.
+      if constexpr (!SpanVec) {
+        for_span_uncovered([&](long long c) { scache[c] = from_float<ST>(0.f); });
+        __syncthreads();
+      }
+      // The bitmask's words from the shared-memory base again (fewer registers live through the sweeps).
+      const unsigned* wbits = reinterpret_cast<const unsigned*>(smem_raw + p.span_bits_at) - a0 / 128 * 4;
+      auto covered = [&](long long c) { return !SpanVec || ((wbits[c >> 5] >> (c & 31)) & 1u) != 0; };
       // Columns [s_lo, s_hi) back to the gradient row: 16-byte vectors between the aligned bounds v0 and
       // v1, single elements at the ends.
       const long long v0 = std::min((s_lo + svn - 1) / svn * svn, s_hi), v1 = std::max(v0, s_hi / svn * svn);
       auto put_col = [&](long long c) {
-        float g = to_float(scache[c - a0]);
+        float g = covered(c) ? to_float(scache[c - a0]) : 0.f;
         if (p.accumulate) g += to_float(grow[c]);
         grow[c] = from_float<GT>(g);
       };
@@ -580,10 +603,18 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       const uint4* src = reinterpret_cast<const uint4*>(scache + (v0 - a0));
       uint4* dst = reinterpret_cast<uint4*>(grow + v0);
       for (long long i = threadIdx.x; i < (v1 - v0) / svn; i += blockDim.x) {
-        if (p.accumulate) {
+        unsigned sub = (1u << svn) - 1u;
+        if constexpr (SpanVec) {
+          const long long c = v0 + i * svn;
+          sub = (wbits[c >> 5] >> (c & 31)) & sub;
+        }
+        if (p.accumulate || sub != (1u << svn) - 1u) {
           float g[svn];
           unpack<ST>(src[i], g);
-          store_grad_vec<GT>(dst + i, g, true);
+#pragma unroll
+          for (int k = 0; k < svn; ++k)
+            if (!((sub >> k) & 1u)) g[k] = 0.f;
+          store_grad_vec<GT>(dst + i, g, p.accumulate);
         } else {
           dst[i] = src[i];
         }
@@ -697,6 +728,7 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
     p.map_offsets = dm.offsets;
     p.map_teacher = dm.teacher_ids;
     p.map_uncovered = dm.uncovered;
+    p.map_bits = dm.covered_bits;
     p.uncovered = dm.uncovered_count;
   }
   const bool contiguous = map && o.map->contiguous_teacher();
@@ -759,14 +791,23 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
       };
       // A block's teacher entries (its slots, or with span_expands the widest span and a vector) and its
       // shared memory (those entries, then the widest span of student columns), for c blocks a row.
+      // span_expands adds the span's bitmask words and their prefix counts (4 bits a column).
       struct span_geometry {
         long long teacher_cap;
         std::size_t smem;
+        std::size_t bits_at;
+        long long words;
       };
       const auto geometry_of = [&](int c) {
         const long long widest = widest_span(c);
         const long long cap = span_expands<TT, ST, G> ? widest + vec_n<TT> : chunk_of(c);
-        return span_geometry{cap, ((cap * sizeof(TT) + 15) / 16) * 16 + static_cast<std::size_t>(widest) * sizeof(ST)};
+        const std::size_t t_bytes = ((cap * sizeof(TT) + 15) / 16) * 16;
+        if constexpr (!span_expands<TT, ST, G>)
+          return span_geometry{cap, t_bytes + static_cast<std::size_t>(widest) * sizeof(ST), 0, 0};
+        // The words [a0 / 128 * 4, (s_hi + 127) / 128 * 4) of a span of at most `widest` columns from a0.
+        const long long words = (widest + 255) / 128 * 4 + 4;
+        const std::size_t bits_at = t_bytes + ((static_cast<std::size_t>(widest) * sizeof(ST) + 15) / 16) * 16;
+        return span_geometry{cap, bits_at + 2 * static_cast<std::size_t>(words) * sizeof(unsigned), bits_at, words};
       };
       int c = cluster;
       span_geometry g = geometry_of(c);
@@ -778,6 +819,8 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
         cluster = c;
         p.chunk = chunk_of(c);
         p.span_cap = g.teacher_cap;
+        p.span_bits_at = static_cast<long long>(g.bits_at);
+        p.span_words = g.words;
         out.smem = g.smem;
         out.kernel = logit_kd_kernel<D, TT, ST, G, map_kind::span>;
       }
@@ -849,9 +892,9 @@ struct loss_impl<cuda::backend, logit_kd_tag> {
     bind_divisor(l.scaling, l.p, labelled ? count : nullptr, l.p.rows);
     // Large calls of the per-row kernel end in a finish kernel instead of the grid ticket: with the ticket
     // every block held its slice resident through a fence and an atomic at its end (0.98-1.18x, mostly
-    // 1.03-1.08x, H100, RESULTS.md sessions 22-23). The ring kernel (opt-in, p.stages > 0) keeps the
-    // ticket: not measured or tested with the finish kernel.
-    const bool finish_kernel = l.p.rows > kInlineCountRows && l.p.stages == 0;
+    // 1.03-1.08x, H100, RESULTS.md sessions 22-23). The ring kernel (opt-in, p.stages > 0) too: its
+    // partials are its grid's blocks (l.clusters * l.cluster, one each).
+    const bool finish_kernel = l.p.rows > kInlineCountRows;
     if (finish_kernel) l.p.ticket = nullptr;
     KD_TRY(enqueue_logit_kd(ctx, l));
     if (!finish_kernel) return {};

@@ -13,6 +13,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -42,7 +43,10 @@ struct logit_kd_params {
   const int* map_teacher = nullptr;
   const int* map_uncovered = nullptr;
   long long uncovered = 0;
+  const unsigned* map_bits = nullptr;  // bit c: student column c is a support id (words padded to 16 bytes)
   long long span_cap = 0;       // the expanding span kernel's teacher entries a block (span_expands)
+  long long span_bits_at = 0;   // its shared-memory bytes before the bitmask words (span_expands)
+  long long span_words = 0;     // its bitmask words (and as many prefix counts) a block
   const std::int32_t* labels = nullptr;
   int ignore_index = -100;
   long long label_vocab = 0;
@@ -88,46 +92,96 @@ inline constexpr bool span_expands =
     std::is_same_v<TT, ST> && std::is_same_v<ST, GT> && !std::is_same_v<TT, ::kd::half>;
 inline constexpr float kSpanSentinelBits = -1.8446744e19f;  // -2^64
 
-// The expanding span kernel's move of its slots' teacher entries to their columns: the n compact entries
-// at t[off, off + n) go to t[sup[j] - a0] (sup: the block's support ids, increasing, the first 16-byte
-// aligned). No entry moves up (sup[j] - a0 <= off + j, as off >= span - n), so in rounds of one vector
-// a thread, each read before the round's barrier and written after it, no write lands on an entry a
-// later round still has to read. About 6 rounds at the trainer's shape (10,576 bf16 slots a block).
+// The expanding span kernel reads which student columns its slots cover from the map's bitmask (bit c of
+// the image: column c is a support id), bulk-copied beside the span, instead of each slot's support id:
+// 4 bits a column against 4 bytes a slot, and no L2 round trip after the copies land. bits[i] holds
+// word wb0 + i; span_bits_prefix masks each word to the block's columns [s_lo, s_hi) and sets pre[i] to
+// the covered columns before word i (the block-local slot of word i's first covered column): a few
+// words a thread and one block scan (scratch: a word a warp).
+__device__ inline void span_bits_prefix(unsigned* bits, unsigned* pre, long long nw, long long wb0, long long s_lo,
+                                        long long s_hi, unsigned* scratch) {
+  const long long per = (nw + blockDim.x - 1) / blockDim.x;
+  const long long i0 = std::min<long long>(threadIdx.x * per, nw), i1 = std::min<long long>(i0 + per, nw);
+  unsigned count = 0;
+  for (long long i = i0; i < i1; ++i) {
+    const long long c0 = (wb0 + i) * 32;  // word i's first column
+    unsigned w = bits[i];
+    if (c0 < s_lo) w &= s_lo - c0 >= 32 ? 0u : ~0u << (s_lo - c0);
+    if (c0 + 32 > s_hi) w &= s_hi <= c0 ? 0u : ~0u >> (c0 + 32 - s_hi);
+    bits[i] = w;
+    count += __popc(w);
+  }
+  const unsigned lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+  unsigned incl = count;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const unsigned v = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= static_cast<unsigned>(d)) incl += v;
+  }
+  if (lane == 31) scratch[warp] = incl;
+  __syncthreads();
+  unsigned run = incl - count;
+  for (unsigned w = 0; w < warp; ++w) run += scratch[w];
+  for (long long i = i0; i < i1; ++i) {
+    pre[i] = run;
+    run += __popc(bits[i]);
+  }
+  __syncthreads();
+}
+
+// The expanding span kernel's move of its slots' teacher entries to their columns, as a gather: the
+// vector of positions [x, x + vn) (student columns a0 + x, one bitmask word: a0 and 32 are multiples of
+// vn) takes, for each covered column, the next compact entry from t[off + rank] (rank: the column's
+// slot in the block, from pre and a popcount), and the sentinel t_sent elsewhere; the student's
+// uncovered columns below len get s_sent. The compact entries sit at t[off, off + n) with
+// off >= len - n, so a column's source never lies below its position (off + rank(c) >= c - a0: the
+// columns before c number at most off more than the slots before it); in rounds of U vectors a thread,
+// each read before the round's barrier and written after it, no write lands on an entry a later round
+// still has to read. All in shared memory: three rounds at the trainer's shape (12,576 bf16 columns a
+// block), each a barrier and no global load.
 template <class T>
-__device__ void expand_span(T* t, long long off, long long n, const int* __restrict__ sup, long long a0) {
+__device__ void expand_span_bits(T* t, long long off, long long len, const unsigned* bits, const unsigned* pre,
+                                 long long a0, long long wb0, T* s, T t_sent, T s_sent) {
   constexpr int vn = vec_n<T>;
-  static_assert(vn % 4 == 0, "kd: expand_span reads the support ids in 16-byte vectors");
-  const long long nv = (n + vn - 1) / vn;
-  const int base = static_cast<int>(a0);
-  for (long long first = 0; first < nv; first += blockDim.x) {
-    const long long v = first + threadIdx.x;
-    T val[vn];
-    int pos[vn];
-    const bool whole = (v + 1) * vn <= n;
-    if (whole) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(t + off + v * vn);
-      memcpy(val, &raw, sizeof(raw));
+  constexpr int U = 2;
+  static_assert(32 % vn == 0, "kd: expand_span_bits reads a vector's columns from one bitmask word");
+  constexpr unsigned lanes = (1u << vn) - 1u;
+  const long long nv = (len + vn - 1) / vn;
+  for (long long first = 0; first < nv; first += U * static_cast<long long>(blockDim.x)) {
+    T val[U][vn];
+    unsigned sub[U];
 #pragma unroll
-      for (int k = 0; k < vn; k += 4) {
-        const int4 s4 = __ldg(reinterpret_cast<const int4*>(sup + v * vn + k));
-        pos[k] = s4.x - base;
-        pos[k + 1] = s4.y - base;
-        pos[k + 2] = s4.z - base;
-        pos[k + 3] = s4.w - base;
-      }
-    } else if (v < nv) {
+    for (int u = 0; u < U; ++u) {
+      const long long v = first + u * static_cast<long long>(blockDim.x) + threadIdx.x;
+      sub[u] = lanes;
+      if (v < nv) {
+        const long long c = a0 + v * vn;
+        const long long i = (c >> 5) - wb0;
+        const unsigned b = static_cast<unsigned>(c & 31), w = bits[i];
+        sub[u] = (w >> b) & lanes;
+        const T* src = t + off + pre[i] + __popc(w & ((1u << b) - 1u));
 #pragma unroll
-      for (int k = 0; k < vn; ++k)
-        if (v * vn + k < n) {
-          val[k] = t[off + v * vn + k];
-          pos[k] = __ldg(sup + v * vn + k) - base;
+        for (int k = 0; k < vn; ++k) {
+          const bool in = (sub[u] >> k) & 1u;
+          val[u][k] = in ? *src : t_sent;
+          src += in;
         }
+      }
     }
     __syncthreads();
-    if (v < nv) {
 #pragma unroll
-      for (int k = 0; k < vn; ++k)
-        if (v * vn + k < n) t[pos[k]] = val[k];
+    for (int u = 0; u < U; ++u) {
+      const long long v = first + u * static_cast<long long>(blockDim.x) + threadIdx.x;
+      if (v < nv) {
+        uint4 raw;
+        memcpy(&raw, val[u], sizeof(raw));
+        *reinterpret_cast<uint4*>(t + v * vn) = raw;
+        if (sub[u] != lanes) {
+#pragma unroll
+          for (int k = 0; k < vn; ++k)
+            if (!((sub[u] >> k) & 1u) && v * vn + k < len) s[v * vn + k] = s_sent;
+        }
+      }
     }
   }
   __syncthreads();

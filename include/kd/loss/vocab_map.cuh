@@ -15,15 +15,25 @@
 namespace kd::cuda::detail {
 
 // Device pointers into one cached buffer laid out as
-// [support K | offsets K + 1 | teacher ids M | uncovered U].
+// [support K | offsets K + 1 | teacher ids M | uncovered U | pad | covered bits], the last a bitmask of
+// the support over the student's columns (bit c of word c / 32), from a 16-byte boundary and padded to
+// one, so that the span kernel bulk-copies its columns' words.
 struct device_map {
   const int* support = nullptr;      // [K] student id of each slot
   const int* offsets = nullptr;      // [K + 1] CSR offsets into teacher_ids
   const int* teacher_ids = nullptr;  // teacher ids grouped by slot
   const int* uncovered = nullptr;    // [U] the student ids no slot covers (their KD gradient is 0)
+  const unsigned* covered_bits = nullptr;  // [covered_words(V)] bit c: student column c is a support id
   long long slots = 0;
   long long uncovered_count = 0;
 };
+
+// The bitmask's words for V student columns: a whole number of 16-byte vectors.
+inline constexpr std::size_t covered_words(std::size_t v) { return (v + 127) / 128 * 4; }
+// Where the bitmask starts, in ints from the buffer's start (a multiple of 4: 16 bytes).
+inline constexpr std::size_t covered_bits_at(std::size_t k, std::size_t m, std::size_t u) {
+  return (k + (k + 1) + m + u + 3) / 4 * 4;
+}
 
 // The host image of that layout.
 inline std::vector<unsigned char> device_map_image(const vocab_map& m) {
@@ -32,7 +42,8 @@ inline std::vector<unsigned char> device_map_image(const vocab_map& m) {
   std::vector<int> slot_of(static_cast<std::size_t>(m.student_vocab()), -1);
   for (std::size_t j = 0; j < k; ++j) slot_of[static_cast<std::size_t>(support[j])] = static_cast<int>(j);
   const std::size_t u = static_cast<std::size_t>(m.student_vocab()) - k;
-  std::vector<int> all(k + (k + 1) + n + u, 0);
+  const std::size_t at = covered_bits_at(k, n, u);
+  std::vector<int> all(at + covered_words(slot_of.size()), 0);
   int* off = all.data() + k;
   int* tids = off + k + 1;
   for (std::size_t j = 0; j < k; ++j) all[j] = support[j];
@@ -44,6 +55,11 @@ inline std::vector<unsigned char> device_map_image(const vocab_map& m) {
   int* unc = tids + n;
   for (std::size_t c = 0; c < slot_of.size(); ++c)
     if (slot_of[c] < 0) *unc++ = static_cast<int>(c);
+  auto* bits = reinterpret_cast<unsigned*>(all.data() + at);
+  for (std::size_t j = 0; j < k; ++j) {
+    const auto c = static_cast<std::size_t>(support[j]);
+    bits[c / 32] |= 1u << (c % 32);
+  }
   std::vector<unsigned char> bytes(all.size() * sizeof(int));
   std::memcpy(bytes.data(), all.data(), bytes.size());
   return bytes;
@@ -58,6 +74,9 @@ inline status upload_map(context& ctx, const vocab_map& m, device_map& out) {
   out.offsets = out.support + k;
   out.teacher_ids = out.offsets + k + 1;
   out.uncovered = out.teacher_ids + m.size();
+  out.covered_bits = reinterpret_cast<const unsigned*>(
+      out.support + covered_bits_at(static_cast<std::size_t>(k), static_cast<std::size_t>(m.size()),
+                                    static_cast<std::size_t>(m.student_vocab() - k)));
   out.slots = k;
   out.uncovered_count = static_cast<long long>(m.student_vocab()) - k;
   return {};

@@ -200,6 +200,14 @@ __device__ __forceinline__ void start_bulk(unsigned long long* bar, void* d0, co
   if (b0 > 0) bulk_copy_g2s(d0, s0, static_cast<unsigned>(b0), bar);
   if (b1 > 0) bulk_copy_g2s(d1, s1, static_cast<unsigned>(b1), bar);
 }
+// ... and of a third (the span kernel's bitmask words).
+__device__ __forceinline__ void start_bulk(unsigned long long* bar, void* d0, const void* s0, long long b0, void* d1,
+                                           const void* s1, long long b1, void* d2, const void* s2, long long b2) {
+  mbar_expect_tx(bar, static_cast<unsigned>(b0 + b1 + b2));
+  if (b0 > 0) bulk_copy_g2s(d0, s0, static_cast<unsigned>(b0), bar);
+  if (b1 > 0) bulk_copy_g2s(d1, s1, static_cast<unsigned>(b1), bar);
+  if (b2 > 0) bulk_copy_g2s(d2, s2, static_cast<unsigned>(b2), bar);
+}
 
 // Packed extremes of two 16-bit values (one HMNMX2 for two elements; NaN loses to a number, as fmaxf).
 template <class T, bool Max>
