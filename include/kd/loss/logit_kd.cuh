@@ -153,7 +153,8 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   __shared__ std::conditional_t<Online, cluster_mailbox<6, MaxC>, cluster_mailbox<4, MaxC>> box;
   __shared__ std::conditional_t<RowSum, cluster_mailbox<1, MaxC>, char> box1;
   __shared__ unsigned long long bar;  // bulk-copy completion
-  __shared__ long long unc[2];  // Span (fp16): the run of the sorted uncovered list inside [s_lo, s_hi), as positions in it
+  // Span (fp16): the run of the sorted uncovered list inside [s_lo, s_hi), as positions in it.
+  __shared__ std::conditional_t<Span && !SpanVec, long long, char> unc[2];
   const long long j0 = std::min<long long>(static_cast<long long>(rank) * p.chunk, p.support);
   const long long j1 = std::min<long long>(j0 + p.chunk, p.support);
   const long long n_local = j1 - j0;
@@ -241,12 +242,9 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
         start_bulk(&bar, tcache, trow + j0, bulk_bytes<TT>(n_local), scache, srow + j0, bulk_bytes<ST>(n_local));
       else if constexpr (MK == map_kind::contiguous)
         start_bulk(&bar, tcache, trow + j0, bulk_bytes<TT>(n_local), nullptr, nullptr, 0);
-      else if constexpr (SpanVec)
+      else if constexpr (Span)  // SpanVec: and the span's bitmask words (none for the fp16 span)
         start_bulk(&bar, tcache + t_off, trow + j0, bulk_bytes<TT>(n_local), scache, srow + a0,
                    nb * static_cast<long long>(sizeof(ST)), sbits, p.map_bits + wb0, (wb1 - wb0) * 4);
-      else if constexpr (Span)
-        start_bulk(&bar, tcache + t_off, trow + j0, bulk_bytes<TT>(n_local), scache, srow + a0,
-                   nb * static_cast<long long>(sizeof(ST)));
     }
   }
   __syncthreads();
@@ -587,9 +585,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
         for_span_uncovered([&](long long c) { scache[c] = from_float<ST>(0.f); });
         __syncthreads();
       }
-      // The bitmask's words from the shared-memory base again (fewer registers live through the sweeps).
-      const unsigned* wbits = reinterpret_cast<const unsigned*>(smem_raw + p.span_bits_at) - a0 / 128 * 4;
-      auto covered = [&](long long c) { return !SpanVec || ((wbits[c >> 5] >> (c & 31)) & 1u) != 0; };
+      auto covered = [&](long long c) { return !SpanVec || ((sbits[(c >> 5) - wb0] >> (c & 31)) & 1u) != 0; };
       // Columns [s_lo, s_hi) back to the gradient row: 16-byte vectors between the aligned bounds v0 and
       // v1, single elements at the ends.
       const long long v0 = std::min((s_lo + svn - 1) / svn * svn, s_hi), v1 = std::max(v0, s_hi / svn * svn);
@@ -606,7 +602,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
         unsigned sub = (1u << svn) - 1u;
         if constexpr (SpanVec) {
           const long long c = v0 + i * svn;
-          sub = (wbits[c >> 5] >> (c & 31)) & sub;
+          sub = (sbits[(c >> 5) - wb0] >> (c & 31)) & sub;
         }
         if (p.accumulate || sub != (1u << svn) - 1u) {
           float g[svn];

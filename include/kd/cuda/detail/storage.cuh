@@ -193,16 +193,11 @@ __device__ __forceinline__ long long bulk_bytes(long long n) {
   return (n * static_cast<long long>(sizeof(T))) / 16 * 16;
 }
 
-// Starts the bulk copies of up to two slices (call from one thread, after mbar_init and a barrier).
+// Starts the bulk copies of up to three slices (call from one thread, after mbar_init and a barrier); a
+// slice of 0 bytes is skipped.
 __device__ __forceinline__ void start_bulk(unsigned long long* bar, void* d0, const void* s0, long long b0, void* d1,
-                                           const void* s1, long long b1) {
-  mbar_expect_tx(bar, static_cast<unsigned>(b0 + b1));
-  if (b0 > 0) bulk_copy_g2s(d0, s0, static_cast<unsigned>(b0), bar);
-  if (b1 > 0) bulk_copy_g2s(d1, s1, static_cast<unsigned>(b1), bar);
-}
-// ... and of a third (the span kernel's bitmask words).
-__device__ __forceinline__ void start_bulk(unsigned long long* bar, void* d0, const void* s0, long long b0, void* d1,
-                                           const void* s1, long long b1, void* d2, const void* s2, long long b2) {
+                                           const void* s1, long long b1, void* d2 = nullptr,
+                                           const void* s2 = nullptr, long long b2 = 0) {
   mbar_expect_tx(bar, static_cast<unsigned>(b0 + b1 + b2));
   if (b0 > 0) bulk_copy_g2s(d0, s0, static_cast<unsigned>(b0), bar);
   if (b1 > 0) bulk_copy_g2s(d1, s1, static_cast<unsigned>(b1), bar);
