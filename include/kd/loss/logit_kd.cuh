@@ -178,8 +178,8 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   unsigned* spre = sbits + p.span_words;
   if constexpr (Span) {
     if (n_local > 0) {
-      s_lo = p.map_support[j0];
-      s_hi = p.map_support[j1 - 1] + 1;
+      s_lo = p.span_lo[rank];
+      s_hi = p.span_hi[rank];
       a0 = s_lo / svn * svn;
       nb = (s_hi - a0) / svn * svn;
       if constexpr (SpanVec) {
@@ -188,8 +188,8 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
         wb1 = (s_hi + 127) / 128 * 4;
       }
     }
-    own0 = rank == 0 ? 0 : j0 < p.support ? p.map_support[j0] : p.student_cols;
-    own1 = j1 < p.support ? p.map_support[j1] : p.student_cols;
+    own0 = rank == 0 ? 0 : p.span_lo[rank];
+    own1 = rank + 1 < c_blocks ? p.span_lo[rank + 1] : p.student_cols;
   }
   // The span's unaligned tail [a0 + nb, s_hi), which the bulk copy leaves out, through registers.
   auto copy_span_tail = [&] {
@@ -396,8 +396,12 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   // The vector sweeps' slice: the block's entries, or (SpanVec) its expanded span, whose gradient is
   // formed over the student's values in shared memory and added to the row's at the write-back.
   const long long nvec_len = SpanVec ? s_hi - a0 : n_local;
-  GT* gvec = SpanVec ? reinterpret_cast<GT*>(scache) : grow + j0;
-  const bool vacc = !SpanVec && p.accumulate;
+  GT* gvec = grow == nullptr ? nullptr : SpanVec ? grow + a0 : grow + j0;
+  const bool vacc = p.accumulate;
+  // SpanVec: the gradient goes straight to the row from the sweeps, but for the head vector when the span
+  // starts past a0 (its first columns are the previous block's): that one lands over the student's
+  // values in shared memory and the write-back takes its own columns.
+  uint4* ghead = SpanVec && a0 < s_lo ? reinterpret_cast<uint4*>(scache) : nullptr;
   // The exchange ends pass 1 for the whole row: each block posts after its last read of the row's inputs
   // (in global memory; the gradient may alias the student's logits), and no block writes a gradient
   // before every block's post has arrived.
@@ -466,7 +470,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   auto sweep = [&](bool write, auto&& fn) {
     if constexpr (Vec) {
       if (p.vector_ok) {
-        sweep_slice<TT>(tcache, scache, gvec, nvec_len, k2, tlse, slse, write, vacc, fn);
+        sweep_slice<TT>(tcache, scache, gvec, nvec_len, k2, tlse, slse, write, vacc, fn, ghead);
         return;
       }
     }
@@ -499,7 +503,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   auto sweep_kept = [&](auto&& fn) {
     if constexpr (Vec) {
       if (p.vector_ok) {
-        sweep_slice_kept<TT, W>(tcache, scache, gvec, nvec_len, k2, slse, vacc, fn);
+        sweep_slice_kept<TT, W>(tcache, scache, gvec, nvec_len, k2, slse, vacc, fn, ghead);
         return;
       }
     }
@@ -565,7 +569,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       if (keep16) {
         if constexpr (Keep16) {  // the vector path alone (keep16 implies vector_ok), as in the terms sweep
           e.kept16_set_c(c_row, shift);
-          sweep_slice_kept16<TT>(tcache, scache, gvec, nvec_len, k2, slse - e.kept16_grad_offset(), vacc, e);
+          sweep_slice_kept16<TT>(tcache, scache, gvec, nvec_len, k2, slse - e.kept16_grad_offset(), vacc, e, ghead);
         }
       } else if (keep) {
         e.set_c(c_row);
@@ -576,21 +580,29 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       }
     }
   }
-  if constexpr (Span) {
+  if constexpr (SpanVec) {
+    // The head vector's own columns [s_lo, a0 + vn) back to the row. The rest of the span went straight
+    // from the sweeps: its uncovered columns got exactly 0 there (p = q = 0), these by the bitmask.
+    if (p.want_grad && n_local > 0 && ghead != nullptr) {
+      __syncthreads();  // the head, written in the sweep by other threads
+      const long long c = s_lo + threadIdx.x;
+      if (c < std::min(a0 + svn, s_hi)) {
+        float g = ((sbits[(c >> 5) - wb0] >> (c & 31)) & 1u) != 0 ? to_float(scache[c - a0]) : 0.f;
+        if (p.accumulate) g += to_float(grow[c]);
+        grow[c] = from_float<GT>(g);
+      }
+    }
+  } else if constexpr (Span) {
     if (p.want_grad && n_local > 0) {
       __syncthreads();  // every sweep's reads and writes of the span are done
-      // The span's uncovered columns get 0: SpanVec's sweeps formed exactly 0 there (p = q = 0), which
-      // the write-back keeps exact by its bitmask; the slot-by-slot sweeps never wrote them.
-      if constexpr (!SpanVec) {
-        for_span_uncovered([&](long long c) { scache[c] = from_float<ST>(0.f); });
-        __syncthreads();
-      }
-      auto covered = [&](long long c) { return !SpanVec || ((sbits[(c >> 5) - wb0] >> (c & 31)) & 1u) != 0; };
+      // The span's uncovered columns (a run of the sorted uncovered list) get 0.
+      for_span_uncovered([&](long long c) { scache[c] = from_float<ST>(0.f); });
+      __syncthreads();
       // Columns [s_lo, s_hi) back to the gradient row: 16-byte vectors between the aligned bounds v0 and
       // v1, single elements at the ends.
       const long long v0 = std::min((s_lo + svn - 1) / svn * svn, s_hi), v1 = std::max(v0, s_hi / svn * svn);
       auto put_col = [&](long long c) {
-        float g = covered(c) ? to_float(scache[c - a0]) : 0.f;
+        float g = to_float(scache[c - a0]);
         if (p.accumulate) g += to_float(grow[c]);
         grow[c] = from_float<GT>(g);
       };
@@ -599,18 +611,10 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       const uint4* src = reinterpret_cast<const uint4*>(scache + (v0 - a0));
       uint4* dst = reinterpret_cast<uint4*>(grow + v0);
       for (long long i = threadIdx.x; i < (v1 - v0) / svn; i += blockDim.x) {
-        unsigned sub = (1u << svn) - 1u;
-        if constexpr (SpanVec) {
-          const long long c = v0 + i * svn;
-          sub = (sbits[(c >> 5) - wb0] >> (c & 31)) & sub;
-        }
-        if (p.accumulate || sub != (1u << svn) - 1u) {
+        if (p.accumulate) {
           float g[svn];
           unpack<ST>(src[i], g);
-#pragma unroll
-          for (int k = 0; k < svn; ++k)
-            if (!((sub >> k) & 1u)) g[k] = 0.f;
-          store_grad_vec<GT>(dst + i, g, p.accumulate);
+          store_grad_vec<GT>(dst + i, g, true);
         } else {
           dst[i] = src[i];
         }
@@ -817,6 +821,11 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
         p.span_cap = g.teacher_cap;
         p.span_bits_at = static_cast<long long>(g.bits_at);
         p.span_words = g.words;
+        for (int r = 0; r < c; ++r) {
+          const long long j0 = std::min<long long>(r * p.chunk, p.support), j1 = std::min<long long>(j0 + p.chunk, p.support);
+          p.span_lo[r] = j0 < p.support ? support[static_cast<std::size_t>(j0)] : static_cast<int>(p.student_cols);
+          p.span_hi[r] = j1 > j0 ? support[static_cast<std::size_t>(j1 - 1)] + 1 : 0;
+        }
         out.smem = g.smem;
         out.kernel = logit_kd_kernel<D, TT, ST, G, map_kind::span>;
       }

@@ -47,6 +47,11 @@ struct logit_kd_params {
   long long span_cap = 0;       // the expanding span kernel's teacher entries a block (span_expands)
   long long span_bits_at = 0;   // its shared-memory bytes before the bitmask words (span_expands)
   long long span_words = 0;     // its bitmask words (and as many prefix counts) a block
+  // The span kernel's bounds by cluster rank, from the planner: the first support id of each block's
+  // slots (student_cols past the support) and one past its last (0 for no slots). In the launch's
+  // parameters, so that a block starts its copies without waiting on the map in memory.
+  int span_lo[8] = {};
+  int span_hi[8] = {};
   const std::int32_t* labels = nullptr;
   int ignore_index = -100;
   long long label_vocab = 0;
@@ -693,9 +698,11 @@ using kept_w_t = std::conditional_t<sizeof(TC) == 4, float, ::kd::half>;
 // sweeps (below) write w over the teacher's entries and read it back with scale 1 and offset 0.
 // The vector loop is instantiated for write and accumulate separately (sweep_vectors): a runtime flag in
 // it left ~17 predicated-off instructions a vector in JSD's gradient sweep (ncu, H100, fef3acc).
+// head (the span kernel's, else null): entries [0, vn) go there instead, stored without accumulating;
+// their columns start below the block's own (the previous block writes them).
 template <bool Write, bool Acc, class T, class TA, class G, class Fn>
 __device__ __forceinline__ void sweep_vectors(const TA* ta, float ka, float aoff, const T* sc, G* grad, long long nv,
-                                              float k2, float slse, Fn&& fn) {
+                                              float k2, float slse, Fn&& fn, uint4* head) {
   constexpr int vn = vec_n<T>;
   const uint4* t4 = reinterpret_cast<const uint4*>(ta);
   const uint4* s4 = reinterpret_cast<const uint4*>(sc);
@@ -705,21 +712,29 @@ __device__ __forceinline__ void sweep_vectors(const TA* ta, float ka, float aoff
     unpack<T>(s4[i], fs);
 #pragma unroll
     for (int k = 0; k < vn; ++k) ft[k] = fn(ft[k] * ka - aoff, fs[k] * k2 - slse);
-    if constexpr (Write) store_grad_vec<G>(reinterpret_cast<uint4*>(grad) + i, ft, Acc);
+    if constexpr (Write) {
+      if (head != nullptr && i == 0) store_grad_vec<G>(head, ft, false);
+      else store_grad_vec<G>(reinterpret_cast<uint4*>(grad) + i, ft, Acc);
+    }
   }
 }
 template <class T, class TA, class G, class Fn>
 __device__ __forceinline__ void sweep_slice_of(const TA* ta, float ka, float aoff, const T* sc, G* grad, long long n,
-                                               float k2, float slse, bool write, bool accumulate, Fn&& fn) {
+                                               float k2, float slse, bool write, bool accumulate, Fn&& fn,
+                                               uint4* head = nullptr) {
   static_assert(sizeof(TA) == sizeof(T) && sizeof(G) == sizeof(T), "kd: a sweep's inputs and result have one entry size");
   constexpr int vn = vec_n<T>;
   const long long nv = n / vn;
-  if (!write) sweep_vectors<false, false, T>(ta, ka, aoff, sc, grad, nv, k2, slse, fn);
-  else if (accumulate) sweep_vectors<true, true, T>(ta, ka, aoff, sc, grad, nv, k2, slse, fn);
-  else sweep_vectors<true, false, T>(ta, ka, aoff, sc, grad, nv, k2, slse, fn);
+  if (!write) sweep_vectors<false, false, T>(ta, ka, aoff, sc, grad, nv, k2, slse, fn, head);
+  else if (accumulate) sweep_vectors<true, true, T>(ta, ka, aoff, sc, grad, nv, k2, slse, fn, head);
+  else sweep_vectors<true, false, T>(ta, ka, aoff, sc, grad, nv, k2, slse, fn, head);
   for (long long j = nv * vn + threadIdx.x; j < n; j += blockDim.x) {
     float v = fn(to_float(ta[j]) * ka - aoff, to_float(sc[j]) * k2 - slse);
     if (write) {
+      if (head != nullptr && j < vn) {  // a span shorter than a vector
+        reinterpret_cast<G*>(head)[j] = from_float<G>(v);
+        continue;
+      }
       if (accumulate) v += to_float(grad[j]);
       grad[j] = from_float<G>(v);
     }
@@ -727,8 +742,8 @@ __device__ __forceinline__ void sweep_slice_of(const TA* ta, float ka, float aof
 }
 template <class T, class Fn>
 __device__ __forceinline__ void sweep_slice(const T* tc, const T* sc, T* grad, long long n, float k2, float tlse,
-                                            float slse, bool write, bool accumulate, Fn&& fn) {
-  sweep_slice_of<T, T, T>(tc, k2, tlse, sc, grad, n, k2, slse, write, accumulate, fn);
+                                            float slse, bool write, bool accumulate, Fn&& fn, uint4* head = nullptr) {
+  sweep_slice_of<T, T, T>(tc, k2, tlse, sc, grad, n, k2, slse, write, accumulate, fn, head);
 }
 
 // The terms sweep of an entry that keeps w: fn(dt, ds) returns the entry's w, written over its teacher
@@ -744,9 +759,9 @@ __device__ __forceinline__ void sweep_slice_keep(T* tc, const T* sc, long long n
 // thread visits the same entries as in sweep_slice_keep.
 template <class T, class W, class Fn>
 __device__ __forceinline__ void sweep_slice_kept(const T* tc, const T* sc, T* grad, long long n, float k2, float slse,
-                                                 bool accumulate, Fn&& fn) {
+                                                 bool accumulate, Fn&& fn, uint4* head = nullptr) {
   sweep_slice_of<T, W, T>(reinterpret_cast<const W*>(tc), 1.f, 0.f, sc, grad, n, k2, slse, true, accumulate,
-                          [&](float w, float ds) { return fn(ds, w); });
+                          [&](float w, float ds) { return fn(ds, w); }, head);
 }
 
 // The kept16 terms sweep (16-bit T, 16-byte aligned): every entry's x = e.x16(dt, ds, ...) rounded to fp16
@@ -793,9 +808,9 @@ __device__ __forceinline__ void sweep_slice_keep16(T* tc, const T* sc, long long
 // same entries as in sweep_slice_keep16.
 template <class T, class E>
 __device__ __forceinline__ void sweep_slice_kept16(const T* tc, const T* sc, T* grad, long long n, float k2, float qoff,
-                                                   bool accumulate, const E& e) {
+                                                   bool accumulate, const E& e, uint4* head = nullptr) {
   sweep_slice_of<T, ::kd::half, T>(reinterpret_cast<const ::kd::half*>(tc), 1.f, 0.f, sc, grad, n, k2, qoff, true,
-                                   accumulate, [&](float h, float ds) { return e.grad16(fast_exp2(ds), h); });
+                                   accumulate, [&](float h, float ds) { return e.grad16(fast_exp2(ds), h); }, head);
 }
 
 }  // namespace kd::cuda::detail
