@@ -17,7 +17,9 @@
 // cover and forms the gradient over it in shared memory (map_kind::span), else it gathers the student's
 // support columns one by one. In the trainer's shape (bf16, T = 2, 42,304 compact teacher columns onto
 // 50,304 student columns, 8192 rows) forward KL went from 1.04 TB/s of minimum bytes gathering to 1.27
-// through spans (H200, 2026-12-04; the general CSR map runs at 0.45: its teacher reads are gathers).
+// through spans (H200, 2026-12-04; the general CSR map runs at 0.45: its teacher reads are gathers,
+// bounded by latency, so each thread keeps a batch of slots' loads in flight; its DRAM floor is the whole
+// teacher row, since a scattered map touches every 32-byte sector of it).
 // In bf16 and fp32 (span_expands, kd/loss/logit_kd_math.cuh) the span kernel then moves its teacher
 // slice to the student's columns in shared memory (expand_span_bits) and fills the columns outside its
 // slots with a sentinel logit on both sides (p = q = 0 there), so that the span runs the unmapped rows'
@@ -274,7 +276,18 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     } else if constexpr (Map) {
       const long long per = (p.uncovered + c_blocks - 1) / c_blocks;
       const long long a = std::min<long long>(rank * per, p.uncovered), b = std::min<long long>(a + per, p.uncovered);
-      for (long long c = a + threadIdx.x; c < b; c += blockDim.x) grow[p.map_uncovered[c]] = from_float<GT>(0.f);
+      // Four ids a thread loaded before any store: the compiler cannot move a load above a store that may
+      // alias it, so one id a thread paid an L2 round trip a column.
+      constexpr int kU = 4;
+      const long long bd = blockDim.x;
+      for (long long c = a + threadIdx.x; c < b; c += kU * bd) {
+        int id[kU];
+#pragma unroll
+        for (int k = 0; k < kU; ++k) id[k] = c + k * bd < b ? __ldg(p.map_uncovered + c + k * bd) : -1;
+#pragma unroll
+        for (int k = 0; k < kU; ++k)
+          if (id[k] >= 0) grow[id[k]] = from_float<GT>(0.f);
+      }
     } else if (rank == c_blocks - 1) {
       zero_range(p.support, p.student_cols);
     }
@@ -306,12 +319,33 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   constexpr bool Keep16 = Vec && !Online && sizeof(TT) == 2 && kept16<E>;
   constexpr bool Shift16 = Keep16 && kept16_shifted<E>;
   long long s_arg = -1;
+  // The map kernels' gathers and scatters through index arrays: kIdx entries a thread at a time (entries
+  // jb + k kT of batch jb), each level's loads issued together before any is used, so an L2 or DRAM round
+  // trip is paid once a batch, not once an entry. Before, each entry waited on its ids and then its
+  // values, one entry a thread in flight: the general map ran at 12-13% of copy bandwidth.
+  // The per-row kernel's blocks are kRowSliceThreads wide: a constant stride puts a batch's entries at
+  // immediate offsets from one base (a batch of 64-bit addresses spilled at 8 entries).
+  constexpr int kIdx = 8, kT = kRowSliceThreads;
+  const int nl = static_cast<int>(n_local);
+  const int* sup = Map ? p.map_support + j0 : nullptr;  // this block's slots' student ids
+  auto batches = [&](auto&& f) {
+    for (int jb = threadIdx.x; jb < nl; jb += kIdx * kT) f(jb);
+  };
   auto gather_student = [&]() {
-    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
-      const ST sv = srow[p.map_support[j0 + j]];
-      scache[j] = sv;
-      acc[1].add(lse_acc::strict(to_float(sv) * k2));
-    }
+    batches([&](int jb) {
+      int col[kIdx];
+#pragma unroll
+      for (int k = 0; k < kIdx; ++k) col[k] = jb + k * kT < nl ? __ldg(sup + jb + k * kT) : -1;
+      ST sv[kIdx];
+#pragma unroll
+      for (int k = 0; k < kIdx; ++k) sv[k] = col[k] >= 0 ? srow[col[k]] : ST{};
+#pragma unroll
+      for (int k = 0; k < kIdx; ++k)
+        if (col[k] >= 0) {
+          scache[jb + k * kT] = sv[k];
+          acc[1].add(lse_acc::strict(to_float(sv[k]) * k2));
+        }
+    });
   };
   if constexpr (SpanVec) {
     // Both in flight since the kernel's start: the teacher slice and the student span. Their unaligned
@@ -358,17 +392,51 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     // Each slot: the log-sum-exp of its teacher ids' scaled logits. The teacher's own normalizer
     // cancels in the renormalization over the support, so only mapped columns are ever read (padded
     // teacher rows cannot change the loss).
-    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
-      const long long slot = j0 + j;
-      lse_acc g;
-      for (int e = p.map_offsets[slot]; e < p.map_offsets[slot + 1]; ++e)
-        g.add(lse_acc::strict(to_float(trow[p.map_teacher[e]]) * k2));
-      const float lp = g.value();
-      tcache[j] = lp;
-      acc[0].add(lp);
-      const ST sv = srow[p.map_support[slot]];
-      scache[j] = sv;
-      acc[1].add(lse_acc::strict(to_float(sv) * k2));
+    // Three levels of loads a batch (offsets and student ids; first teacher ids and student logits;
+    // teacher logits); a slot's further ids (many-to-one slots, rare) one by one after them, their
+    // offsets loaded again there, which keeps the batch within the kernel's 64 registers.
+    constexpr int kCsr = 6;  // slots a batch: eight spill past the kernel's 64 registers
+    const int* offs = p.map_offsets + j0;
+    for (int jb = threadIdx.x; jb < nl; jb += kCsr * kT) {
+      int tid[kCsr];
+      ST sv[kCsr];
+      unsigned more = 0;  // bit k: slot k has more than one teacher id
+      {
+        int o0[kCsr], col[kCsr];
+#pragma unroll
+        for (int k = 0; k < kCsr; ++k) {
+          const int j = jb + k * kT;
+          const bool in = j < nl;
+          o0[k] = in ? __ldg(offs + j) : 0;
+          const int o1 = in ? __ldg(offs + j + 1) : 0;
+          col[k] = in ? __ldg(sup + j) : -1;
+          more |= static_cast<unsigned>(o1 - o0[k] > 1) << k;
+          tid[k] = o0[k] < o1 ? 0 : -1;
+        }
+#pragma unroll
+        for (int k = 0; k < kCsr; ++k) {
+          tid[k] = tid[k] == 0 ? __ldg(p.map_teacher + o0[k]) : -1;
+          sv[k] = col[k] >= 0 ? srow[col[k]] : ST{};
+        }
+      }
+      TT tv[kCsr];
+#pragma unroll
+      for (int k = 0; k < kCsr; ++k) tv[k] = tid[k] >= 0 ? trow[tid[k]] : TT{};
+#pragma unroll
+      for (int k = 0; k < kCsr; ++k) {
+        const int j = jb + k * kT;
+        if (j >= nl) continue;
+        lse_acc g;
+        if (tid[k] >= 0) g.add(lse_acc::strict(to_float(tv[k]) * k2));
+        if ((more >> k) & 1u)
+          for (int e = __ldg(offs + j) + 1, e1 = __ldg(offs + j + 1); e < e1; ++e)
+            g.add(lse_acc::strict(to_float(trow[__ldg(p.map_teacher + e)]) * k2));
+        const float lp = g.value();
+        tcache[j] = lp;
+        acc[0].add(lp);
+        scache[j] = sv[k];
+        acc[1].add(lse_acc::strict(to_float(sv[k]) * k2));
+      }
     }
   } else if (p.vector_ok) {
     // Both slices in flight at once through the bulk-copy engine (since the kernel's start).
@@ -452,15 +520,34 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     else dt = to_float(tcache[j]) * k2 - tlse;
     ds = log2_q(j);
   };
-  auto out_col = [&](long long j) { return Map ? static_cast<long long>(p.map_support[j0 + j]) : j0 + j; };
-  auto put = [&](long long j, float g) {
-    if constexpr (Span) {  // over the student's value in shared memory (read by this thread, in this sweep)
+  // Entry j's gradient g at its column c (Span: over the student's value in shared memory, read by this
+  // thread in this sweep).
+  auto put = [&](long long j, long long c, float g) {
+    if constexpr (Span) {
       scache[span_pos(j)] = from_float<ST>(g);
       return;
     }
-    const long long c = out_col(j);
     if (p.accumulate) g += to_float(grow[c]);
     grow[c] = from_float<GT>(g);
+  };
+  // The element sweeps' entries f(j, c), c entry j's gradient column where write. Over a map (not the
+  // span) the columns come in batches (batches above), loaded before any store: otherwise each store
+  // waits on its own id, since the compiler cannot move the next id's load above a store that may alias it.
+  auto for_entries = [&](bool write, auto&& f) {
+    if constexpr (Map && !Span) {
+      if (write) {
+        batches([&](int jb) {
+          int col[kIdx];
+#pragma unroll
+          for (int k = 0; k < kIdx; ++k) col[k] = jb + k * kT < nl ? __ldg(sup + jb + k * kT) : -1;
+#pragma unroll
+          for (int k = 0; k < kIdx; ++k)
+            if (col[k] >= 0) f(static_cast<long long>(jb + k * kT), static_cast<long long>(col[k]));
+        });
+        return;
+      }
+    }
+    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) f(j, Map ? -1LL : j0 + j);
   };
 
   // Pass 2 (and 3): loss terms and gradients from shared memory. sweep(write, fn) visits every entry of
@@ -474,12 +561,12 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
         return;
       }
     }
-    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) {
+    for_entries(write, [&](long long j, long long c) {
       float dt, ds;
       log2_pq(j, dt, ds);
       const float g = fn(dt, ds);
-      if (write) put(j, g);
-    }
+      if (write) put(j, c, g);
+    });
   };
   // Two-sweep entries that keep w (keeps_w): the terms sweep writes each entry's w over its teacher entry
   // (the row's teacher logits are not read after it), the gradient sweep reads it with the student's.
@@ -508,7 +595,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       }
     }
     const W* wc = reinterpret_cast<const W*>(tcache);
-    for (long long j = threadIdx.x; j < n_local; j += blockDim.x) put(j, fn(log2_q(j), to_float(wc[j])));
+    for_entries(true, [&](long long j, long long c) { put(j, c, fn(log2_q(j), to_float(wc[j]))); });
   };
   // The divergence's entries (kd/loss/logit_kd_math.cuh): forward KL in one sweep, reverse KL without a
   // map in one after pass 1's KL; the others a sweep for the terms and the row's sum C, the cluster's
