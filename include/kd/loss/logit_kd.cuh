@@ -14,8 +14,8 @@
 // teacher column j: kd::vocab_map::contiguous_teacher, the trainer's compact teacher head) reads the
 // teacher slice like an unmapped row, through the bulk-copy engine; when the rows are aligned and the
 // gradient has the student's type, each block also bulk-copies the span of student columns its slots
-// cover and forms the gradient over it in shared memory (map_kind::span), else it gathers the student's
-// support columns one by one. In the trainer's shape (bf16, T = 2, 42,304 compact teacher columns onto
+// cover (map_kind::span) and forms the gradient there (fp16) or writes it from its sweeps (bf16, fp32),
+// else it gathers the student's support columns one by one. In the trainer's shape (bf16, T = 2, 42,304 compact teacher columns onto
 // 50,304 student columns, 8192 rows) forward KL went from 1.04 TB/s of minimum bytes gathering to 1.27
 // through spans (H200, 2026-12-04; the general CSR map runs at 0.45: its teacher reads are gathers,
 // bounded by latency, so each thread keeps a batch of slots' loads in flight; its DRAM floor is the whole
@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   constexpr bool Csr = MK == map_kind::csr;
   constexpr bool Span = MK == map_kind::span;
   constexpr bool SpanVec = Span && span_expands<TT, ST, GT>;  // the span expanded to vector sweeps
-  static_assert(!Span || std::is_same_v<ST, GT>, "kd: the span kernel forms the gradient over the student's span in shared memory");
+  static_assert(!Span || std::is_same_v<ST, GT>, "kd: the span kernel forms the gradient over the student's span (in its storage type)");
   using TC = std::conditional_t<Csr, float, TT>;  // teacher slice cache: raw logits, or mapped log-probs
   cg::cluster_group cluster = cg::this_cluster();
   const unsigned rank = cluster.block_rank();
@@ -461,8 +461,8 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   // Reverse KL: the student's sweep of exponentials also sums q (ys - yt) (over shared memory, after the
   // copies), and the cluster combines both in one exchange.
   lse_wacc sw;
-  // The vector sweeps' slice: the block's entries, or (SpanVec) its expanded span, whose gradient is
-  // formed over the student's values in shared memory and added to the row's at the write-back.
+  // The vector sweeps' slice: the block's entries, or (SpanVec) its expanded span [a0, s_hi), columns
+  // a0 on of the gradient row.
   const long long nvec_len = SpanVec ? s_hi - a0 : n_local;
   GT* gvec = grow == nullptr ? nullptr : SpanVec ? grow + a0 : grow + j0;
   const bool vacc = p.accumulate;

@@ -82,8 +82,8 @@ struct logit_kd_params {
 // log-sum-exp of its teacher ids), a contiguous map (slot j is teacher column j) whose student
 // columns are gathered from global memory, or a contiguous map whose blocks each bulk-copy the span of
 // student columns their slots cover (span: the planner's choice when the spans fit shared memory and
-// the gradient has the student's storage type; the gradient is formed in shared memory and written
-// back as 16-byte vectors).
+// the gradient has the student's storage type; the gradient goes out as 16-byte vectors, from the
+// sweeps, or in fp16 from the span in shared memory after them).
 enum class map_kind { none, csr, contiguous, span };
 
 // The span kernel over one storage type (bf16 or fp32) expands its teacher slice to the student's
