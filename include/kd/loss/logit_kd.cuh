@@ -331,11 +331,15 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   auto batches = [&](auto&& f) {
     for (int jb = threadIdx.x; jb < nl; jb += kIdx * kT) f(jb);
   };
+  // Batch jb's student ids (-1 past the block's slots).
+  auto batch_cols = [&](int jb, int (&col)[kIdx]) {
+#pragma unroll
+    for (int k = 0; k < kIdx; ++k) col[k] = jb + k * kT < nl ? __ldg(sup + jb + k * kT) : -1;
+  };
   auto gather_student = [&]() {
     batches([&](int jb) {
       int col[kIdx];
-#pragma unroll
-      for (int k = 0; k < kIdx; ++k) col[k] = jb + k * kT < nl ? __ldg(sup + jb + k * kT) : -1;
+      batch_cols(jb, col);
       ST sv[kIdx];
 #pragma unroll
       for (int k = 0; k < kIdx; ++k) sv[k] = col[k] >= 0 ? srow[col[k]] : ST{};
@@ -400,7 +404,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     for (int jb = threadIdx.x; jb < nl; jb += kCsr * kT) {
       int tid[kCsr];
       ST sv[kCsr];
-      unsigned more = 0;  // bit k: slot k has more than one teacher id
+      unsigned any = 0, more = 0;  // bit k: slot k has a teacher id; more than one
       {
         int o0[kCsr], col[kCsr];
 #pragma unroll
@@ -410,12 +414,12 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
           o0[k] = in ? __ldg(offs + j) : 0;
           const int o1 = in ? __ldg(offs + j + 1) : 0;
           col[k] = in ? __ldg(sup + j) : -1;
+          any |= static_cast<unsigned>(o1 > o0[k]) << k;
           more |= static_cast<unsigned>(o1 - o0[k] > 1) << k;
-          tid[k] = o0[k] < o1 ? 0 : -1;
         }
 #pragma unroll
         for (int k = 0; k < kCsr; ++k) {
-          tid[k] = tid[k] == 0 ? __ldg(p.map_teacher + o0[k]) : -1;
+          tid[k] = (any >> k) & 1u ? __ldg(p.map_teacher + o0[k]) : -1;
           sv[k] = col[k] >= 0 ? srow[col[k]] : ST{};
         }
       }
@@ -538,8 +542,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
       if (write) {
         batches([&](int jb) {
           int col[kIdx];
-#pragma unroll
-          for (int k = 0; k < kIdx; ++k) col[k] = jb + k * kT < nl ? __ldg(sup + jb + k * kT) : -1;
+          batch_cols(jb, col);
 #pragma unroll
           for (int k = 0; k < kIdx; ++k)
             if (col[k] >= 0) f(static_cast<long long>(jb + k * kT), static_cast<long long>(col[k]));
@@ -862,17 +865,25 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
   // The trainer's case (42,304 compact teacher columns onto 50,304 student columns, bf16): 1.0 TB/s of
   // minimum bytes gathering the student's columns one by one (H200, 2026-12-04).
   if constexpr (std::is_same_v<ST, G>) {
-    if (contiguous && cluster <= 8 && p.vector_ok && rows_aligned(student) && (!want_grad || rows_aligned(dstudent))) {
+    if (contiguous && cluster <= kMaxSpanCluster && p.vector_ok && rows_aligned(student) && (!want_grad || rows_aligned(dstudent))) {
       const auto support = o.map->student_support();
+      // Block r's span of c: the student columns [lo, hi) its slots cover; lo = student_cols and hi = 0
+      // for a block without slots (the kernel's span_lo / span_hi).
+      struct block_span {
+        int lo, hi;
+      };
+      const auto span_of = [&](int c, int r) {
+        const long long chunk = chunk_of(c);
+        const long long j0 = std::min<long long>(r * chunk, p.support), j1 = std::min<long long>(j0 + chunk, p.support);
+        if (j1 == j0) return block_span{static_cast<int>(p.student_cols), 0};
+        return block_span{support[static_cast<std::size_t>(j0)], support[static_cast<std::size_t>(j1 - 1)] + 1};
+      };
       // The widest span of the c blocks' slots, from a 16-byte boundary.
       const auto widest_span = [&](int c) {
-        const long long chunk = chunk_of(c);
         long long widest = 0;
         for (int r = 0; r < c; ++r) {
-          const long long j0 = std::min<long long>(r * chunk, p.support), j1 = std::min<long long>(j0 + chunk, p.support);
-          if (j1 > j0)
-            widest = std::max<long long>(widest, support[static_cast<std::size_t>(j1 - 1)] + 1 -
-                                                     support[static_cast<std::size_t>(j0)] / vec_n<ST> * vec_n<ST>);
+          const block_span b = span_of(c, r);
+          if (b.hi > 0) widest = std::max<long long>(widest, b.hi - b.lo / vec_n<ST> * vec_n<ST>);
         }
         return widest;
       };
@@ -898,7 +909,7 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
       };
       int c = cluster;
       span_geometry g = geometry_of(c);
-      while (c < 8 && g.smem > ctx.slice_budget()) {
+      while (c < kMaxSpanCluster && g.smem > ctx.slice_budget()) {
         c *= 2;
         g = geometry_of(c);
       }
@@ -909,9 +920,9 @@ status plan_logit_kd(context& ctx, const Loss& loss, matrix_view<const TT> teach
         p.span_bits_at = static_cast<long long>(g.bits_at);
         p.span_words = g.words;
         for (int r = 0; r < c; ++r) {
-          const long long j0 = std::min<long long>(r * p.chunk, p.support), j1 = std::min<long long>(j0 + p.chunk, p.support);
-          p.span_lo[r] = j0 < p.support ? support[static_cast<std::size_t>(j0)] : static_cast<int>(p.student_cols);
-          p.span_hi[r] = j1 > j0 ? support[static_cast<std::size_t>(j1 - 1)] + 1 : 0;
+          const block_span b = span_of(c, r);
+          p.span_lo[r] = b.lo;
+          p.span_hi[r] = b.hi;
         }
         out.smem = g.smem;
         out.kernel = logit_kd_kernel<D, TT, ST, G, map_kind::span>;

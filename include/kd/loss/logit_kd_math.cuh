@@ -26,6 +26,9 @@
 
 namespace kd::cuda::detail {
 
+// The span kernel's largest cluster (its bounds ride in the launch's parameters, a pair of ints a block).
+inline constexpr int kMaxSpanCluster = 8;
+
 struct logit_kd_params {
   const void* teacher = nullptr;
   long long t_stride = 0;
@@ -50,8 +53,8 @@ struct logit_kd_params {
   // The span kernel's bounds by cluster rank, from the planner: the first support id of each block's
   // slots (student_cols past the support) and one past its last (0 for no slots). In the launch's
   // parameters, so that a block starts its copies without waiting on the map in memory.
-  int span_lo[8] = {};
-  int span_hi[8] = {};
+  int span_lo[kMaxSpanCluster] = {};
+  int span_hi[kMaxSpanCluster] = {};
   const std::int32_t* labels = nullptr;
   int ignore_index = -100;
   long long label_vocab = 0;
