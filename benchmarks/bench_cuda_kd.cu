@@ -361,6 +361,17 @@ BENCHMARK(BM_logit_kd_bf16<kd::tvd>)->Name("BM_sweep_tvd")->Apply(budget_sweep);
 BENCHMARK(BM_logit_kd<kd::forward_kl, float>)->Name("BM_sweep_forward_kl_f32")->Apply(budget_sweep);
 BENCHMARK(BM_logit_kd<kd::jsd, float>)->Name("BM_sweep_jsd_f32")->Apply(budget_sweep);
 BENCHMARK(BM_cross_entropy_bf16)->Name("BM_sweep_cross_entropy")->Apply(budget_sweep);
+// Small calls by schedule (range N, V, schedule: 1 per-row clusters, 2 the ring kernel): at N = 256-1024
+// a call is 2-8 waves of per-row blocks, each wave paying every block's copy-then-compute latency, while
+// the ring's persistent blocks keep the next rows' copies in flight.
+void small_schedules(benchmark::internal::Benchmark* b) {
+  for (long long n : {256, 512, 1024})
+    for (long long v : {50304, 151936})
+      for (long long sch : {1, 2}) b->Args({n, v, sch});
+  b->UseManualTime()->Unit(benchmark::kMicrosecond)->Iterations(200);
+}
+BENCHMARK(BM_logit_kd_schedule<kd::forward_kl, kd::bfloat16>)->Name("BM_small_schedule_forward_kl")->Apply(small_schedules);
+BENCHMARK(BM_logit_kd_schedule<kd::jsd, kd::bfloat16>)->Name("BM_small_schedule_jsd")->Apply(small_schedules);
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_small_forward_kl")->Apply(small_sweep);
 BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Name("BM_small_jsd")->Apply(small_sweep);
 BENCHMARK(BM_cross_entropy_bf16)->Name("BM_small_cross_entropy")->Apply(small_sweep);
