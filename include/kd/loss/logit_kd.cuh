@@ -361,9 +361,9 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     for (long long i = bt + threadIdx.x; i < n_local; i += blockDim.x) tcache[t_off + i] = trow[j0 + i];
     mbar_wait(&bar, 0);
     __syncthreads();
-    span_bits_prefix(sbits, spre, wb1 - wb0, wb0, s_lo, s_hi, reinterpret_cast<unsigned*>(red.sum));
+    span_bits_prefix<kRowSliceThreads>(sbits, spre, wb1 - wb0, wb0, s_lo, s_hi, reinterpret_cast<unsigned*>(red.sum));
     const float sent = fmaxf(kSpanSentinelBits / k2, -3.0e38f);
-    expand_span_bits(tcache, t_off, len, sbits, spre, a0, wb0, scache, from_float<TT>(sent), from_float<ST>(sent));
+    expand_span_bits<kRowSliceThreads>(tcache, t_off, len, sbits, spre, a0, wb0, scache, from_float<TT>(sent), from_float<ST>(sent));
     if constexpr (Online) {
       __syncthreads();
       acc[0] = thread_lse<true>(tcache, len, k2);

@@ -106,16 +106,23 @@ inline constexpr float kSpanSentinelBits = -1.8446744e19f;  // -2^64
 // word wb0 + i; span_bits_prefix masks each word to the block's columns [s_lo, s_hi) and sets pre[i] to
 // the covered columns before word i (the block-local slot of word i's first covered column): a few
 // words a thread and one block scan (scratch: a word a warp).
-__device__ inline void span_bits_prefix(unsigned* bits, unsigned* pre, long long nw, long long wb0, long long s_lo,
-                                        long long s_hi, unsigned* scratch) {
-  const long long per = (nw + blockDim.x - 1) / blockDim.x;
-  const long long i0 = std::min<long long>(threadIdx.x * per, nw), i1 = std::min<long long>(i0 + per, nw);
+// kThreads: the block's width (the per-row kernel's kRowSliceThreads), a constant so that the words a
+// thread takes come from a shift, not a 64-bit division: with its 64-bit loops and the setup around
+// it, the prefix ran ~5 instructions an entry of the row, 6 % of the span kernel's at the trainer's
+// shape (ncu SASS counters, H100, 2026-12-07).
+template <int kThreads>
+__device__ inline void span_bits_prefix(unsigned* bits, unsigned* pre, long long nw_ll, long long wb0, long long s_lo_ll,
+                                        long long s_hi_ll, unsigned* scratch) {
+  // Columns relative to word wb0's first: the span is a few thousand words at most, so 32 bits hold them.
+  const int nw = static_cast<int>(nw_ll), lo = static_cast<int>(s_lo_ll - wb0 * 32), hi = static_cast<int>(s_hi_ll - wb0 * 32);
+  const int per = (nw + kThreads - 1) / kThreads;
+  const int i0 = min(static_cast<int>(threadIdx.x) * per, nw), i1 = min(i0 + per, nw);
   unsigned count = 0;
-  for (long long i = i0; i < i1; ++i) {
-    const long long c0 = (wb0 + i) * 32;  // word i's first column
+  for (int i = i0; i < i1; ++i) {
+    const int c0 = i * 32;  // word i's first column
     unsigned w = bits[i];
-    if (c0 < s_lo) w &= s_lo - c0 >= 32 ? 0u : ~0u << (s_lo - c0);
-    if (c0 + 32 > s_hi) w &= s_hi <= c0 ? 0u : ~0u >> (c0 + 32 - s_hi);
+    if (c0 < lo) w &= lo - c0 >= 32 ? 0u : ~0u << (lo - c0);
+    if (c0 + 32 > hi) w &= hi <= c0 ? 0u : ~0u >> (c0 + 32 - hi);
     bits[i] = w;
     count += __popc(w);
   }
@@ -130,7 +137,7 @@ __device__ inline void span_bits_prefix(unsigned* bits, unsigned* pre, long long
   __syncthreads();
   unsigned run = incl - count;
   for (unsigned w = 0; w < warp; ++w) run += scratch[w];
-  for (long long i = i0; i < i1; ++i) {
+  for (int i = i0; i < i1; ++i) {
     pre[i] = run;
     run += __popc(bits[i]);
   }
@@ -180,7 +187,7 @@ __device__ inline void covered_words(unsigned sub, unsigned (&m)[4]) {
 // by entry (a predicated load, a select and a predicated sentinel store each, in 64-bit indices), the
 // expansion took 143 instructions a vector, 20.5 an entry of the row: a third of the span kernel's
 // instructions above an unmapped row's (JSD 92.7 against 62.4 an entry; ncu, H100, 2026-12-07).
-template <class T>
+template <int kThreads, class T>
 __device__ void expand_span_bits(T* t, long long off_ll, long long len_ll, const unsigned* bits, const unsigned* pre,
                                  long long a0, long long wb0, T* s, T t_sent, T s_sent) {
   constexpr int vn = vec_n<T>;
@@ -203,7 +210,7 @@ __device__ void expand_span_bits(T* t, long long off_ll, long long len_ll, const
     }
   };
   const unsigned t2 = word_of(t_sent), s2 = word_of(s_sent);
-  const int step = static_cast<int>(blockDim.x);
+  constexpr int step = kThreads;
   for (int first = 0; first < nv; first += U * step) {
     uint4 val[U];
     unsigned sub[U];
