@@ -28,6 +28,12 @@
 // Which columns its slots cover comes from the map's bitmask (a bit a student column), bulk-copied with
 // the span: the support ids (4 bytes a slot) and the sorted list of uncovered ids had cost dependent L2
 // round trips after the copies landed (each removed one measured 1.1-1.2x; RESULTS.md sessions 23-25).
+// What bounds the span kernel: instruction issue, as the unmapped rows' (ncu, H100, 2026-12-07, JSD at
+// 16,384 x 50,304: 75-77% of issue slots at the same occupancy), with more instructions an entry: 83
+// against an unmapped row's 62. Of the 21 more, the expansion takes ~12 (a word at a time since session
+// 27; entry by entry it took 20.5), the bitmask prefix, the block's setup and waits the rest. bf16,
+// T = 2, the trainer's shape: forward KL 69-76% of copy, reverse KL 61-65%, TVD 61-66%, JSD and skew KL
+// 52-58% (RESULTS.md session 27).
 // The student columns outside the support get a zero gradient (never read, so they can be written at
 // any time, even in place).
 // The gradient may be the student-logit buffer itself (linear + KD runs the kernel in place on its
