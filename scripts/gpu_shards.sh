@@ -28,19 +28,14 @@ for g in "${groups[@]}"; do
   [[ $g =~ ^(matrix|losses|sanitize)$ ]] || { echo "gpu_shards.sh: unknown group '$g' (matrix, losses, sanitize)" >&2; exit 2; }
 done
 logs=build/gpu_shards
-rm -rf "$logs" && mkdir -p "$logs"
-source scripts/lib/publish_out.sh
-publish_on_exit "$logs" summary.txt
-export PATH="/usr/local/cuda/bin:$PATH"
-export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+source scripts/lib/device_env.sh
+device_setup "$logs" summary.txt || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$logs/device.txt" 2>&1 ||
   { echo "gpu_shards.sh: no GPU (nvidia-smi failed)" >&2; exit 2; }
-cmake --preset device >"$logs/configure.log" 2>&1 || { tail -20 "$logs/configure.log"; exit 1; }
 targets=()
 want matrix && targets+=(test_cuda_loss_matrix)
 { want losses || want sanitize; } && targets+=(test_cuda_losses test_cuda_kd_inplace)
-cmake --build --preset device --target "${targets[@]}" >"$logs/build.log" 2>&1 ||
-  { grep -E "error" "$logs/build.log" | head -20; exit 1; }
+device_build "$logs" "${targets[@]}" || exit 1
 
 bin=build/device/tests/cuda
 shards=()
