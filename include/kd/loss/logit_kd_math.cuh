@@ -171,6 +171,18 @@ __device__ inline void covered_words(unsigned sub, unsigned (&m)[4]) {
   }
 }
 
+// A 16-byte vector of vn entries with those whose bit in sub is clear replaced by the entries of the
+// sentinel word sent (a word at a time, by covered_words' masks).
+template <int vn>
+__device__ inline uint4 keep_covered(uint4 v, unsigned sub, unsigned sent) {
+  unsigned m[4], r[4];
+  memcpy(r, &v, sizeof(r));
+  covered_words<vn>(sub, m);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) r[j] = (r[j] & m[j]) | (sent & ~m[j]);
+  return make_uint4(r[0], r[1], r[2], r[3]);
+}
+
 // The expanding span kernel's move of its slots' teacher entries to their columns, as a gather: the
 // vector of positions [x, x + vn) (student columns a0 + x, one bitmask word: a0 and 32 are multiples of
 // vn) takes, for each covered column, the next compact entry from t[off + rank] (rank: the column's
@@ -182,8 +194,8 @@ __device__ inline void covered_words(unsigned sub, unsigned (&m)[4]) {
 // still has to read. All in shared memory: three rounds at the trainer's shape (12,576 bf16 columns a
 // block), each a barrier and no global load.
 // Every entry of a vector is read from t[base + (covered entries below it)], covered or not (an
-// uncovered one reads at most t[off + n], inside the span_cap entries), and the sentinels go in by the
-// covered_words masks, a word at a time; the student's vector is read, masked and written whole. Entry
+// uncovered one reads at most t[off + n], inside the span_cap entries), and the sentinels go in a word
+// at a time (keep_covered); the student's vector is read, masked and written whole. Entry
 // by entry (a predicated load, a select and a predicated sentinel store each, in 64-bit indices), the
 // expansion took 143 instructions a vector, 20.5 an entry of the row: a third of the span kernel's
 // instructions above an unmapped row's (JSD 92.7 against 62.4 an entry; ncu, H100, 2026-12-07).
@@ -226,12 +238,8 @@ __device__ void expand_span_bits(T* t, long long off_ll, long long len_ll, const
         T e[vn];
 #pragma unroll
         for (int k = 0; k < vn; ++k) e[k] = src[__popc(sub[u] & ((1u << k) - 1u))];
-        unsigned m[4], r[4];
-        memcpy(r, e, sizeof(r));
-        covered_words<vn>(sub[u], m);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) r[j] = (r[j] & m[j]) | (t2 & ~m[j]);
-        val[u] = make_uint4(r[0], r[1], r[2], r[3]);
+        memcpy(&val[u], e, sizeof(e));
+        val[u] = keep_covered<vn>(val[u], sub[u], t2);
       }
     }
     __syncthreads();
@@ -243,13 +251,7 @@ __device__ void expand_span_bits(T* t, long long off_ll, long long len_ll, const
         if (sub[u] != lanes) {
           if (v * vn + vn <= len) {
             uint4* sv = reinterpret_cast<uint4*>(s + v * vn);
-            unsigned m[4], r[4];
-            const uint4 q = *sv;
-            memcpy(r, &q, sizeof(r));
-            covered_words<vn>(sub[u], m);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) r[j] = (r[j] & m[j]) | (s2 & ~m[j]);
-            *sv = make_uint4(r[0], r[1], r[2], r[3]);
+            *sv = keep_covered<vn>(*sv, sub[u], s2);
           } else {
 #pragma unroll
             for (int k = 0; k < vn; ++k)
