@@ -185,9 +185,10 @@ void BM_cross_entropy_bf16(benchmark::State& state) { BM_cross_entropy<kd::bfloa
 // gradients for the hidden states and the head; the logits never reach memory in full. The teacher is
 // given as logits [N x V], or (Head) as hidden states of width 1024 (the seed teacher's) and an LM head,
 // whose logits are formed per chunk too. range(3): chunk_rows (2048 in the grid), 0 for
-// linear_kd_path::on_chip (no logits in memory). Minimum bytes: read
+// linear_kd_path::on_chip (no logits in memory). Storage: linear_kd_logits::storage (the chunk logits in
+// bf16, the gradient over them). Minimum bytes: read
 // the hidden states, the heads and the teacher logits (or hidden states); write dhidden and dW.
-template <class D, bool Head = false>
+template <class D, bool Head = false, bool Storage = false>
 void BM_linear_kd_bf16(benchmark::State& state) {
   const long long n = state.range(0), v = state.range(1), d = state.range(2), dt = 1024;
   const long long chunk = state.range(3);
@@ -207,6 +208,7 @@ void BM_linear_kd_bf16(benchmark::State& state) {
   l.options.temperature = 2.0;
   l.options.chunk_rows = chunk > 0 ? chunk : 2048;
   if (chunk == 0) l.options.path = kd::linear_kd_path::on_chip;  // range(3) = 0: the logits on chip
+  if (Storage) l.options.logits = kd::linear_kd_logits::storage;
   kd::cuda::device_loss out{loss, nullptr};
   const kd::matrix_view<const T> hv(h, n, d), wv(w, v, d);
   const kd::matrix_view<T> dhv(dh, n, d), dwv(dw, v, d);
@@ -383,8 +385,8 @@ BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304, 0})->Args({16384, 50304, 0}
 // Issue 12's grid (run with --benchmark_filter='BM_grid|BM_gemms|BM_chunks'): every divergence and
 // cross-entropy over V x N at the default budget, in bf16, in fp32 (a subset) and through both kinds of
 // vocab map; linear + KD at d = 576 and 2048 with the teacher as logits or as hidden states + head, and
-// Liger's fused-linear JSD shape, each beside the time of its GEMMs alone (BM_gemms); linear + KD's
-// chunk-size sweep (BM_chunks).
+// Liger's fused-linear JSD shape, each beside the time of its GEMMs alone (BM_gemms), with the logits
+// in bf16 (BM_storage) and on chip (BM_onchip); linear + KD's chunk-size sweep (BM_chunks).
 void grid(benchmark::internal::Benchmark* b) {
   for (long long v : {32000, 50304, 128256, 151936})
     for (long long n : {2048, 8192, 16384}) b->Args({n, v, 0});
@@ -429,6 +431,9 @@ BENCHMARK(BM_cross_entropy_bf16)->Name("BM_grid_cross_entropy")->Apply(grid);
 BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_grid_linear_forward_kl")->Apply(linear_grid);
 BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true)->Name("BM_grid_linear_teacher_head")->Apply(linear_grid);
 BENCHMARK(BM_linear_kd_bf16<kd::jsd>)->Name("BM_grid_linear_jsd")->Args({8192, 128256, 4096, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, false, true)->Name("BM_storage_linear_forward_kl")->Apply(linear_grid);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, true)->Name("BM_storage_linear_teacher_head")->Apply(linear_grid);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::jsd, false, true)->Name("BM_storage_linear_jsd")->Args({8192, 128256, 4096, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_onchip_linear_forward_kl")->Apply(linear_grid_on_chip);
 BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true)->Name("BM_onchip_linear_teacher_head")->Apply(linear_grid_on_chip);
 BENCHMARK(BM_linear_kd_bf16<kd::jsd>)->Name("BM_onchip_linear_jsd")->Args({8192, 128256, 4096, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
@@ -436,6 +441,8 @@ BENCHMARK(BM_linear_gemms_bf16<false>)->Name("BM_gemms_linear_forward_kl")->Appl
 BENCHMARK(BM_linear_gemms_bf16<true>)->Name("BM_gemms_linear_teacher_head")->Apply(linear_grid);
 BENCHMARK(BM_linear_gemms_bf16<false>)->Name("BM_gemms_linear_jsd")->Args({8192, 128256, 4096, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_chunks_linear_forward_kl")->Apply(linear_chunks);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, false, true)->Name("BM_chunks_storage_linear_forward_kl")->Apply(linear_chunks);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, true)->Name("BM_chunks_storage_linear_teacher_head")->Apply(linear_chunks);
 BENCHMARK(BM_logit_kd<kd::forward_kl, float>)->Name("BM_grid_forward_kl_f32")->Apply(grid_f32);
 BENCHMARK(BM_logit_kd<kd::reverse_kl, float>)->Name("BM_grid_reverse_kl_f32")->Apply(grid_f32);
 BENCHMARK(BM_logit_kd<kd::jsd, float>)->Name("BM_grid_jsd_f32")->Apply(grid_f32);

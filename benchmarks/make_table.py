@@ -10,7 +10,7 @@ def main(kd_path, torch_path):
     device = kd.get("context", {}).get("device", "?")
     rows = {}
     sweep = []
-    grid, gemms, chunks, onchip = {}, {}, {}, {}
+    grid, gemms, chunks, onchip, storage = {}, {}, {}, {}, {}
     copy_tbs = None
     for b in kd["benchmarks"]:
         name = b["name"]
@@ -20,11 +20,12 @@ def main(kd_path, torch_path):
         if name.startswith("BM_sweep"):
             sweep.append(b)
             continue
-        prefix = next((p for p in ("BM_grid_", "BM_gemms_", "BM_chunks_", "BM_onchip_") if name.startswith(p)), None)
+        prefix = next((p for p in ("BM_grid_", "BM_gemms_", "BM_chunks_", "BM_onchip_", "BM_storage_") if name.startswith(p)), None)
         if prefix:  # key: the op and the benchmark's numeric arguments
             parts = name.split("/")
             key = (parts[0][len(prefix):],) + tuple(int(x) for x in parts[1:] if x.isdigit())
-            {"BM_grid_": grid, "BM_gemms_": gemms, "BM_chunks_": chunks, "BM_onchip_": onchip}[prefix][key] = b
+            {"BM_grid_": grid, "BM_gemms_": gemms, "BM_chunks_": chunks, "BM_onchip_": onchip,
+             "BM_storage_": storage}[prefix][key] = b
             continue
         parts = name.split("/")
         op = parts[0]
@@ -41,7 +42,7 @@ def main(kd_path, torch_path):
     if rows:
         print_main(rows, torch_rows, copy_tbs)
     if grid:
-        print_grid(grid, torch_rows, copy_tbs, gemms, onchip)
+        print_grid(grid, torch_rows, copy_tbs, gemms, onchip, storage)
     if chunks:
         print_chunks(chunks)
     if sweep:
@@ -90,7 +91,7 @@ def ms_of(b):
     return b["real_time"] if b.get("time_unit") == "ms" else b["real_time"] / 1e6
 
 
-def print_grid(grid, torch_rows, copy_tbs, gemms, onchip=None):
+def print_grid(grid, torch_rows, copy_tbs, gemms, onchip=None, storage=None):
     """Issue 12's grid: per op and shape, eager / torch.compile / kd, kd's bandwidth and its share of copy;
     fp32 and vocab-map rows in tables of their own; linear + KD beside the time of its GEMMs alone."""
     fmt = lambda x: f"{x:.3f}" if isinstance(x, float) else "-"
@@ -132,9 +133,11 @@ def print_grid(grid, torch_rows, copy_tbs, gemms, onchip=None):
         table_head("Linear + KD (bf16, T = 2, chunk 2048 rows; N x V x d; teacher_head: the teacher as 1024-wide hidden\n"
                    "states and a head). GEMMs alone: the same cuBLAS calls without the loss kernel (the chunk design's\n"
                    "floor); x 4/3: the floor of a design that never stores the logits and recomputes them once.\n"
-                   "On chip: linear_kd_path::on_chip (no logits in memory), same run.",
+                   "bf16 logits: linear_kd_logits::storage (the chunk logits rounded to bf16 as PyTorch's are, the\n"
+                   "gradient written over them). On chip: linear_kd_path::on_chip (no logits in memory), same run.",
                    ["op", "N x V x d", "eager ms", "compile ms", "kd ms", "kd vs eager", "kd vs compile",
                     "GEMMs alone ms", "GEMMs x 4/3 vs compile", "kd TFLOP/s", "compile extra MB", "kd extra MB",
+                    "bf16 logits ms", "bf16 logits vs compile", "bf16 logits extra MB",
                     "on chip ms", "on chip vs compile", "on chip extra MB"])
         for key in linear:
             op, n, v, d, _ = key  # the last argument: chunk rows
@@ -148,19 +151,23 @@ def print_grid(grid, torch_rows, copy_tbs, gemms, onchip=None):
             floor = f"{comp / (g_ms * 4 / 3):.2f}x" if g_ms and isinstance(comp, float) else "-"
             tf = b.get("TFLOPs")
             tf = f"{tf:.0f}" if isinstance(tf, float) else "-"  # a rate counter: TFLOP/s already
+            st = (storage or {}).get(key)
+            st_ms = ms_of(st) if st else None
+            st_vs = f"{comp / st_ms:.2f}x" if st_ms and isinstance(comp, float) else "-"
+            st_mb = f"{st.get('extra_MB', float('nan')):.1f}" if st else "-"
             oc = (onchip or {}).get((op, n, v, d, 0))
             oc_ms = ms_of(oc) if oc else None
             oc_vs = f"{comp / oc_ms:.2f}x" if oc_ms and isinstance(comp, float) else "-"
             oc_mb = f"{oc.get('extra_MB', float('nan')):.1f}" if oc else "-"
             print(f"| {op} | {n} x {v} x {d} | {fmt(eager)} | {fmt(comp)} | {kd_ms:.3f} | {vs(eager)} | {vs(comp)} | "
                   f"{fmt(g_ms)} | {floor} | {tf} | {fmt(t.get('compile_extra_MB'))} | {b.get('extra_MB', float('nan')):.1f} | "
-                  f"{fmt(oc_ms)} | {oc_vs} | {oc_mb} |")
+                  f"{fmt(st_ms)} | {st_vs} | {st_mb} | {fmt(oc_ms)} | {oc_vs} | {oc_mb} |")
 
 
 def print_chunks(chunks):
-    table_head("Linear + KD's chunk rows against its time and memory (bf16, T = 2):",
+    table_head("Linear + KD's chunk rows against its time and memory (bf16, T = 2; storage_: the logits in bf16):",
                ["op", "N x V x d", "chunk rows", "kd ms", "kd extra MB"])
-    for key in sorted(chunks, key=lambda k: k[4]):
+    for key in sorted(chunks, key=lambda k: (k[0], k[4])):
         op, n, v, d, c = key
         b = chunks[key]
         print(f"| {op} | {n} x {v} x {d} | {c} | {ms_of(b):.3f} | {b.get('extra_MB', float('nan')):.1f} |")

@@ -50,7 +50,7 @@ if want grid; then
     filter+='|BM_grid_(forward_kl|reverse_kl|jsd|skew_kl|tvd|cross_entropy)/'
   [[ ,$parts, == *,fp32,* ]] && filter+='|BM_grid_[a-z_]*_f32/'
   [[ ,$parts, == *,map,* ]] && filter+='|BM_grid_[a-z_]*_map/'
-  [[ ,$parts, == *,linear,* ]] && filter+='|BM_grid_linear|BM_gemms_|BM_chunks_|BM_onchip_'
+  [[ ,$parts, == *,linear,* ]] && filter+='|BM_grid_linear|BM_gemms_|BM_chunks_|BM_onchip_|BM_storage_'
   torch_parts=$(echo "$parts" | tr ',' '\n' | grep -vx map | paste -sd, -)
   "$bin/benchmarks/kd_bench_cuda" --benchmark_filter="$filter" --benchmark_format=json \
     --benchmark_out="$logs/kd_grid.json" --benchmark_out_format=json >/dev/null || rc=1

@@ -8,7 +8,7 @@
 # assertions it passed until then: never as passed.
 # GROUP (default: all of them):
 #   matrix   test_cuda_loss_matrix: logit_kd by divergence (five shards), ring schedule, linear + KD, linear
-#            + KD with the logits on chip, and the rest (cross-entropy, router, feature, attention, bad inputs)
+#            + KD with the logits on chip and in the storage type, and the rest (cross-entropy, router, feature, attention, bad inputs)
 #   losses   test_cuda_losses, test_cuda_kd_inplace
 #   sanitize racecheck and memcheck on test_cuda_losses' vocab-map cases, racecheck on test_cuda_kd_inplace
 # Builds the test executables first through the device preset (dependencies from .deps:
@@ -55,6 +55,7 @@ if want matrix; then
   shard matrix_ring timeout "$limit" "$m" -tc='logit_kd matrix? ring*'
   shard matrix_linear timeout "$limit" "$m" -tc='linear_logit_kd matrix: *'
   shard matrix_linear_on_chip timeout "$limit" "$m" -tc='linear_logit_kd matrix? logits on chip*'
+  shard matrix_linear_storage timeout "$limit" "$m" -tc='linear_logit_kd matrix? logits in the storage type*'
   shard matrix_rest timeout "$limit" "$m" -tc='cross_entropy*,load_balance*,feature_loss*,attention_loss*,bad inputs*'
 fi
 if want losses; then

@@ -284,6 +284,7 @@ struct logit_case {
   index_t chunk_rows = 0;   // linear_logit_kd
   index_t on_chip = -1;     // linear_logit_kd: -1 the chunked path, k >= 0 linear_kd_path::on_chip with k splits
   index_t teacher_dt = 0;   // linear_logit_kd: > 0 the teacher as hidden states of this width and an LM head
+  bool storage_logits = false;  // linear_logit_kd: linear_kd_logits::storage (and inputs whose products are exact)
 
   [[nodiscard]] bool linear() const { return hidden > 0; }
   [[nodiscard]] std::string name() const {
@@ -296,7 +297,8 @@ struct logit_case {
     if (linear())
       s += " d=" + std::to_string(hidden) +
            (on_chip < 0 ? " chunk=" + std::to_string(chunk_rows) : " on-chip splits=" + std::to_string(on_chip)) +
-           (teacher_dt > 0 ? " teacher-head dt=" + std::to_string(teacher_dt) : "");
+           (teacher_dt > 0 ? " teacher-head dt=" + std::to_string(teacher_dt) : "") +
+           (storage_logits ? " storage-logits" : "");
     return s + " seed=" + std::to_string(seed);
   }
 };
@@ -327,6 +329,8 @@ struct logit_space {
   std::vector<index_t> on_chip{-1};
   // linear_logit_kd's teacher: 0 its logits, dt > 0 its hidden states [N x dt] and LM head [Vt x dt].
   std::vector<index_t> teacher_dts{0};
+  // linear_logit_kd: false the logits in the accumulation type, true linear_kd_logits::storage (not on chip).
+  std::vector<bool> storage_logits{false};
 };
 
 // The product of a space, minus impossible combinations: an in-place gradient needs logit_kd (linear's
@@ -347,8 +351,10 @@ inline std::vector<logit_case> generate(const logit_space& sp, std::size_t first
                   for (bool acc : sp.accumulate)
                     for (auto chunk : sp.chunk_rows)
                       for (auto oc : sp.on_chip)
-                        for (auto tdt : sp.teacher_dts) {
+                        for (auto tdt : sp.teacher_dts)
+                         for (bool sl : sp.storage_logits) {
                           if (inpl && (acc || sp.hidden > 0)) continue;
+                          if (sl && (sp.hidden == 0 || oc >= 0)) continue;
                           if (tdt > 0 && sp.hidden == 0) continue;
                           if (oc >= 0 && (sp.hidden == 0 || sp.hidden % 8 != 0 || tdt % 8 != 0 || p == prec::fp32 ||
                                           layout == vocab_layout::mapped || layout == vocab_layout::contiguous))
@@ -374,6 +380,7 @@ inline std::vector<logit_case> generate(const logit_space& sp, std::size_t first
                           c.chunk_rows = chunk;
                           c.on_chip = oc;
                           c.teacher_dt = tdt;
+                          c.storage_logits = sl;
                           out.push_back(c);
                         }
   return out;
@@ -565,20 +572,33 @@ void make_linear_inputs(const logit_case& c, linear_io<T>& io, rng_t& g) {
   io.d = io.h_cols = io.w_cols = c.hidden;
   io.w_rows = c.shape.s_cols;
   io.t_cols = c.shape.t_cols;
+  // storage_logits: hidden states on a grid of 1/8 and heads of 1/16 (|values| < 8), so that every product
+  // and sum of a logit is exact in fp32 whatever the GEMM's order: the logits the backend rounds to the
+  // storage type are then the fp64 reference's, and so are their roundings.
+  const double hq = c.storage_logits ? 8 : 0, wq = c.storage_logits ? 16 : 0;
+  auto grid_values = [](std::vector<T>& v, double q) {
+    if (q > 0)
+      for (auto& x : v) x = from_double<T>(std::clamp(std::nearbyint(kd::load_as<double>(x) * q), -8 * q + 1, 8 * q - 1) / q);
+  };
   io.hidden = normal_storage<T>(static_cast<std::size_t>(c.n * c.hidden), 1.0, g);
   io.weight = normal_storage<T>(static_cast<std::size_t>(io.w_rows * c.hidden), 2.0 / std::sqrt(double(c.hidden)), g);
-  // Padded head rows give huge logits (a constant row times the hidden state's sum).
+  grid_values(io.hidden, hq);
+  grid_values(io.weight, wq);
+  // Padded head rows give huge logits (a constant row times the hidden state's sum); 16 on the grid.
+  const double pad = c.storage_logits ? 16.0 : 100.0 / std::sqrt(double(c.hidden));
   for (index_t r = c.shape.s_real; r < io.w_rows; ++r)
-    for (index_t k = 0; k < c.hidden; ++k)
-      io.weight[static_cast<std::size_t>(r * c.hidden + k)] = from_double<T>(100.0 / std::sqrt(double(c.hidden)));
+    for (index_t k = 0; k < c.hidden; ++k) io.weight[static_cast<std::size_t>(r * c.hidden + k)] = from_double<T>(pad);
   io.dt = c.teacher_dt;
   if (io.dt > 0) {
     // Logits of the same spread as the given ones (~2); padded head rows give large ones of either sign.
     io.t_hidden = normal_storage<T>(static_cast<std::size_t>(c.n * io.dt), 1.0, g);
     io.t_weight = normal_storage<T>(static_cast<std::size_t>(io.t_cols * io.dt), 2.0 / std::sqrt(double(io.dt)), g);
+    grid_values(io.t_hidden, hq);
+    grid_values(io.t_weight, wq);
+    const double tpad = c.storage_logits ? 16.0 : 100.0 / std::sqrt(double(io.dt));
     for (index_t r = c.shape.t_real; r < io.t_cols; ++r)
       for (index_t k = 0; k < io.dt; ++k)
-        io.t_weight[static_cast<std::size_t>(r * io.dt + k)] = from_double<T>((r % 2 ? 100.0 : -100.0) / std::sqrt(double(io.dt)));
+        io.t_weight[static_cast<std::size_t>(r * io.dt + k)] = from_double<T>(r % 2 ? tpad : -tpad);
     io.teacher.clear();
   } else {
     io.teacher = normal_storage<T>(static_cast<std::size_t>(c.n * io.t_cols), 2.0, g);
@@ -627,12 +647,20 @@ template <class D, class R, class T, class Exec>
 verdict run_linear_typed(const logit_case& c, Exec& exec) {
   rng_t g(c.seed);
   linear_io<T> io;
-  std::vector<double> logits;  // fp64 logits of the rounded inputs
+  std::vector<double> logits, t64;  // fp64 logits of the rounded inputs
+  // linear_kd_logits::storage: the reference's logits (and a head's teacher logits) rounded to T as the
+  // backend's are (the grid inputs make them exact before that rounding).
+  auto round_to_storage = [&](std::vector<double>& v) {
+    if (c.storage_logits)
+      for (auto& x : v) x = kd::load_as<double>(from_double<T>(x));
+  };
   for (int attempt = 0;; ++attempt) {
     make_linear_inputs(c, io, g);
     logits = product_abt(to_doubles(io.hidden), to_doubles(io.weight), c.n, io.w_rows, c.hidden);
-    if (!std::is_same_v<D, kd::tvd> || attempt == 8 || !has_tvd_tie<R>(c, teacher_logits(io), logits, io.labels))
-      break;
+    round_to_storage(logits);
+    t64 = teacher_logits(io);
+    if (io.dt > 0) round_to_storage(t64);
+    if (!std::is_same_v<D, kd::tvd> || attempt == 8 || !has_tvd_tie<R>(c, t64, logits, io.labels)) break;
   }
   linear_loss_t<D, R, T> loss;
   set_logit_options(loss.options, c, io.labels);
@@ -641,19 +669,40 @@ verdict run_linear_typed(const logit_case& c, Exec& exec) {
     loss.options.path = kd::linear_kd_path::on_chip;
     loss.options.on_chip_splits = c.on_chip;
   }
+  if (c.storage_logits) loss.options.logits = kd::linear_kd_logits::storage;
 
   kd::linear_logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> ref;
   ref.options = loss.options;
   ref.options.accumulate_grad = false;
-  const auto h64 = to_doubles(io.hidden), w64 = to_doubles(io.weight), t64 = teacher_logits(io);
+  ref.options.logits = kd::linear_kd_logits::accumulation;
+  const auto h64 = to_doubles(io.hidden), w64 = to_doubles(io.weight);
+  // The fp64 logit_kd reference on the case's logits: the scale of dhidden's and dW's rounding below, and
+  // with storage logits the reference itself (dhidden = dlogits W, dW = dlogits^T h).
+  std::vector<double> dlogits(logits.size());
+  kd::loss_result lr;
+  {
+    kd::logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64>> lk;
+    static_cast<kd::logit_kd_options&>(lk.options) = ref.options;
+    if (!lk(kd::cpu, kd::matrix_view<const double>(t64.data(), c.n, io.t_cols),
+            kd::matrix_view<const double>(logits.data(), c.n, io.w_rows), io.labels, lr,
+            kd::matrix_view<double>(dlogits.data(), c.n, io.w_rows))
+             .ok())
+      return {false, c.name() + ": the fp64 logit reference failed"};
+  }
   std::vector<double> dh_ref(h64.size()), dw_ref(w64.size());
   kd::loss_result rr;
-  const auto rst = ref(kd::cpu, kd::matrix_view<const double>(h64.data(), c.n, c.hidden),
-                       kd::matrix_view<const double>(w64.data(), io.w_rows, c.hidden),
-                       kd::matrix_view<const double>(t64.data(), c.n, io.t_cols), io.labels, rr,
-                       kd::matrix_view<double>(dh_ref.data(), c.n, c.hidden),
-                       kd::matrix_view<double>(dw_ref.data(), io.w_rows, c.hidden));
-  if (!rst.ok()) return {false, c.name() + ": the fp64 reference failed: " + std::string(rst.message())};
+  if (!c.storage_logits) {
+    const auto rst = ref(kd::cpu, kd::matrix_view<const double>(h64.data(), c.n, c.hidden),
+                         kd::matrix_view<const double>(w64.data(), io.w_rows, c.hidden),
+                         kd::matrix_view<const double>(t64.data(), c.n, io.t_cols), io.labels, rr,
+                         kd::matrix_view<double>(dh_ref.data(), c.n, c.hidden),
+                         kd::matrix_view<double>(dw_ref.data(), io.w_rows, c.hidden));
+    if (!rst.ok()) return {false, c.name() + ": the fp64 reference failed: " + std::string(rst.message())};
+  } else {
+    rr = lr;
+    dh_ref = product_abt(dlogits, transpose(w64, io.w_rows, c.hidden), c.n, c.hidden, io.w_rows);
+    dw_ref = product_abt(transpose(dlogits, c.n, io.w_rows), transpose(h64, c.n, c.hidden), io.w_rows, c.hidden, c.n);
+  }
   if (c.accumulate) {
     io.dhidden = normal_storage<T>(io.hidden.size(), 0.1, g);
     io.dweight = normal_storage<T>(io.weight.size(), 0.1, g);
@@ -670,17 +719,6 @@ verdict run_linear_typed(const logit_case& c, Exec& exec) {
   v.loss_err = std::abs(o.loss - rr.loss) / loss_scale(rr.loss, c.temperature, rr.tokens, rr.normalizer);
   // dhidden = dlogits W and dW = dlogits^T hidden are sums of cancelling terms: their rounding error scales
   // with the sums of |terms| (from the fp64 dlogits), which is what a near-zero product is compared to.
-  std::vector<double> dlogits(logits.size());
-  {
-    kd::logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64>> lk;
-    static_cast<kd::logit_kd_options&>(lk.options) = ref.options;
-    kd::loss_result lr;
-    if (!lk(kd::cpu, kd::matrix_view<const double>(t64.data(), c.n, io.t_cols),
-            kd::matrix_view<const double>(logits.data(), c.n, io.w_rows), io.labels, lr,
-            kd::matrix_view<double>(dlogits.data(), c.n, io.w_rows))
-             .ok())
-      return {false, c.name() + ": the fp64 logit reference failed"};
-  }
   double dh_scale = max_abs(product_abt(dlogits, transpose(to_doubles(io.weight), io.w_rows, c.hidden), c.n,
                                         c.hidden, io.w_rows, true));
   double dw_scale = max_abs(product_abt(transpose(dlogits, c.n, io.w_rows), transpose(to_doubles(io.hidden), c.n, c.hidden),

@@ -976,6 +976,56 @@ TEST_CASE("linear_logit_kd with a teacher_head equals it on the teacher's logits
   KD_CHECK_STATUS(call({nullptr, n, dt}, {tw.data(), v, dt}), errc::invalid_argument, "teacher hidden", "null");
 }
 
+// linear_kd_logits::storage rounds each logit once to the storage type: the loss is logit_kd's on those
+// rounded logits (bf16 hidden states and head whose products are exact in float), and an unknown mode
+// is refused.
+TEST_CASE("linear_logit_kd: logits in the storage type are logit_kd on the rounded logits") {
+  using T = kd::bfloat16;
+  const kd::index_t n = 3, d = 4, v = 5;
+  std::vector<T> h(n * d), w(v * d), t(n * v), dh(n * d), dw(v * d);
+  std::vector<float> logits(n * v), rounded(n * v);
+  for (kd::index_t i = 0; i < n * d; ++i) h[i] = T(static_cast<float>((i * 7) % 25 - 12) / 8.f);
+  for (kd::index_t i = 0; i < v * d; ++i) w[i] = T(static_cast<float>((i * 5) % 23 - 11) * 5.f / 64.f);
+  for (kd::index_t i = 0; i < n * v; ++i) t[i] = T(static_cast<float>((i * 3) % 7 - 3) * 0.7f);
+  bool any_rounded = false;
+  for (kd::index_t r = 0; r < n; ++r)
+    for (kd::index_t c = 0; c < v; ++c) {
+      float acc = 0;
+      for (kd::index_t k = 0; k < d; ++k) acc += static_cast<float>(h[r * d + k]) * static_cast<float>(w[c * d + k]);
+      logits[r * v + c] = acc;
+      rounded[r * v + c] = static_cast<float>(T(acc));
+      any_rounded = any_rounded || rounded[r * v + c] != acc;
+    }
+  REQUIRE(any_rounded);  // the case must exercise the rounding
+  using P = kd::precision_set<kd::bf16, kd::bf16, kd::bf16>;
+  kd::linear_logit_kd<kd::forward_kl, kd::token_mean, P> lin;
+  lin.options.temperature = 0.5;
+  kd::logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::bf16, kd::fp32>> lk;
+  static_cast<kd::logit_kd_options&>(lk.options) = lin.options;
+  auto run_linear = [&](kd::linear_kd_logits mode, kd::loss_result& res) {
+    lin.options.logits = mode;
+    return lin(kd::cpu, kd::matrix_view<const T>(h.data(), n, d), kd::matrix_view<const T>(w.data(), v, d),
+               kd::matrix_view<const T>(t.data(), n, v), {}, res, kd::matrix_view<T>(dh.data(), n, d),
+               kd::matrix_view<T>(dw.data(), v, d));
+  };
+  auto run_logits = [&](const std::vector<float>& s) {
+    kd::loss_result res;
+    std::vector<float> g(n * v);
+    REQUIRE(lk(kd::cpu, kd::matrix_view<const T>(t.data(), n, v), kd::matrix_view<const float>(s.data(), n, v), {}, res,
+               kd::matrix_view<float>(g.data(), n, v))
+                .ok());
+    return res.loss;
+  };
+  kd::loss_result acc_res, st_res;
+  REQUIRE(run_linear(kd::linear_kd_logits::accumulation, acc_res).ok());
+  REQUIRE(run_linear(kd::linear_kd_logits::storage, st_res).ok());
+  CHECK(acc_res.loss == doctest::Approx(run_logits(logits)).epsilon(1e-6));
+  CHECK(st_res.loss == doctest::Approx(run_logits(rounded)).epsilon(1e-6));
+  CHECK(st_res.loss != doctest::Approx(acc_res.loss).epsilon(1e-6));
+  KD_CHECK_STATUS(run_linear(static_cast<kd::linear_kd_logits>(7), st_res), kd::errc::invalid_argument,
+                  "linear_kd_options::logits");
+}
+
 // Every validation error names the component, including gradient shape / stride / null checks.
 TEST_CASE("logit_kd and linear_logit_kd: gradient shape, stride and null errors name the component") {
   bad_input_fixture f;

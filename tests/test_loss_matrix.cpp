@@ -150,6 +150,24 @@ TEST_CASE("linear_logit_kd matrix, the teacher as hidden states and head: CPU ba
   report(s, "linear_logit_kd matrix, teacher head (CPU)");
 }
 
+TEST_CASE("linear_logit_kd matrix, logits in the storage type: CPU backend against the fp64 reference") {
+  logit_space sp;
+  sp.hidden = 8;
+  sp.teacher_dts = {0, 16};
+  sp.temps = {0.5, 2};
+  sp.ignores = {ignore_mode::none, ignore_mode::some};
+  sp.reduces = {reduce_mode::mean};
+  sp.inplace = {false};
+  sp.precs = {prec::fp32, prec::bf16};
+  sp.ns = {7, 12};
+  sp.chunk_rows = {5, 2048};
+  sp.storage_logits = {true};
+  cpu_exec exec;
+  stats s;
+  run_all(generate(sp), exec, s);
+  report(s, "linear_logit_kd matrix, logits in the storage type (CPU)");
+}
+
 TEST_CASE("cross_entropy matrix: CPU backend in fp32 / bf16 / fp16 against the fp64 reference") {
   cpu_exec exec;
   stats s;

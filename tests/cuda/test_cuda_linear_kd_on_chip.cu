@@ -123,6 +123,12 @@ TEST_CASE("on-chip linear + KD: refused and reported inputs") {
     CHECK(s.code() == kd::errc::invalid_argument);
     CHECK(s.message().find("vocab_map") != std::string::npos);
   }
+  SUBCASE("logits rounded to the storage type (a chunked-path option)") {
+    l.options.logits = kd::linear_kd_logits::storage;
+    const auto s = call(d, td.data);
+    CHECK(s.code() == kd::errc::invalid_argument);
+    CHECK(s.message().find("linear_kd_logits::storage") != std::string::npos);
+  }
   SUBCASE("a negative split count") {
     l.options.on_chip_splits = -1;
     const auto s = call(d, td.data);

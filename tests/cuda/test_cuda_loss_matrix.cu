@@ -360,6 +360,54 @@ TEST_CASE("linear_logit_kd matrix: CUDA backend against the fp64 CPU reference")
   report(s, "linear_logit_kd matrix (CUDA)");
 }
 
+// linear_kd_logits::storage: the chunk logits (and a teacher head's) rounded to bf16 by the GEMMs' epilogues
+// and the gradient written over them. The inputs lie on a grid that makes every logit exact in fp32 before
+// that rounding (make_linear_inputs), so the fp64 reference rounds the same values the same way.
+TEST_CASE("linear_logit_kd matrix, logits in the storage type: CUDA backend against the fp64 CPU reference") {
+  cuda_exec exec;
+  stats s;
+  logit_space sp = aligned_mid_space();  // 16-byte rows: one type on every side, the kernel's vector sweeps
+  sp.layouts = {vocab_layout::shared, vocab_layout::padded, vocab_layout::mapped, vocab_layout::contiguous};
+  sp.mapped = {2056, 2039, 1032, 1021};
+  sp.contiguous = {864, 857, 1032, 1021};  // a compact teacher head: the span kernel
+  sp.hidden = 64;
+  sp.temps = {0.5, 2};
+  sp.ignores = {ignore_mode::none, ignore_mode::some};
+  sp.reduces = {reduce_mode::mean};
+  sp.inplace = {false};
+  sp.precs = {prec::bf16};
+  sp.ns = {7, 33};
+  sp.chunk_rows = {11, 2048};
+  sp.teacher_dts = {0, 40};
+  sp.storage_logits = {true};
+  run_space(sp, 950000, exec, s);
+  logit_space odd = mid_space();  // 1,031 columns: the scalar sweeps; and fp32, where storage is the accumulator
+  odd.hidden = 24;
+  odd.temps = {2};
+  odd.ignores = {ignore_mode::some};
+  odd.reduces = {reduce_mode::mean};
+  odd.inplace = {false};
+  odd.precs = {prec::fp32, prec::bf16};
+  odd.ns = {7};
+  odd.chunk_rows = {4};
+  odd.teacher_dts = {0, 16};
+  odd.storage_logits = {true};
+  run_space(odd, 960000, exec, s);
+  logit_space large = large_space();
+  large.hidden = 32;
+  large.divs = {div_kind::forward_kl, div_kind::jsd};
+  large.temps = {2};
+  large.layouts = {vocab_layout::padded, vocab_layout::mapped, vocab_layout::contiguous};
+  large.contiguous = {42304, 42257, 50304, 50257};
+  large.inplace = {false};
+  large.precs = {prec::bf16};
+  large.ns = {100};
+  large.chunk_rows = {48};
+  large.storage_logits = {true};
+  run_space(large, 970000, exec, s);
+  report(s, "linear_logit_kd matrix, logits in the storage type (CUDA)");
+}
+
 TEST_CASE("linear_logit_kd matrix, logits on chip: CUDA backend against the fp64 CPU reference") {
   cuda_exec exec;
   stats s;

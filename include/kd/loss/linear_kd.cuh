@@ -10,6 +10,11 @@
 // V x d floats for dW when W is stored in 16 bits (dW is accumulated over chunks in fp32 and rounded once),
 // plus O(N). With a kd::teacher_head, each chunk's teacher logits are a GEMM into an fp32 chunk x V_teacher
 // scratch as well (chunk x V_teacher x 4 more bytes instead of the teacher's N x V_teacher logits).
+// With linear_kd_logits::storage (16-bit storage) the GEMMs' epilogues round the logits to the storage
+// type instead (the teacher head's to the teacher's), and the loss kernel writes dlogits over them: the
+// chunk scratch is chunk_rows x V x 2 bytes (+ chunk_rows x V_teacher x 2), and the kernel reads and writes
+// 16-bit rows of one type, its vector sweeps' case: 1.12-1.27x the fp32 logits at d = 576, 1.04-1.14x
+// at d = 2048 (H100, 2026-12-07, benchmarks/RESULTS.md session 28).
 // What bounds it (H200, 2026-12-04, bf16, T = 2, chunk 2048, benchmarks/RESULTS.md session 6): the
 // cuBLAS GEMMs take 59-63% of a call at d = 576 and 78-87% at d = 2048 (the rest is the loss kernel over
 // the fp32 logits); kd is 1.5-1.8x torch.compile at d = 576 and 1.2-1.3x at d = 2048. A design that
@@ -70,27 +75,35 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
                     matrix_view<GH> dh, matrix_view<GW> dw) {
     using TeacherPrecision = typename Loss::precisions::teacher;
     if (loss.options.path == linear_kd_path::on_chip) return on_chip<false>(be, loss, h, w, t, labels, out, dh, dw);
-    return chunks<TeacherPrecision>(be, loss, h, w, t, 0, labels, out, dh, dw,
-                                    [&](cublasHandle_t, long long r0, long long rows, float*) -> status_or_view<TT> {
-                                      return {{}, matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride)};
-                                    });
+    auto given = [&](cublasHandle_t, long long r0, long long rows, float*) -> status_or_view<TT> {
+      return {{}, matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride)};
+    };
+    if constexpr (is_16bit<HT>)
+      if (loss.options.logits == linear_kd_logits::storage)
+        return chunks<TeacherPrecision, HT>(be, loss, h, w, t, 0, labels, out, dh, dw, given);
+    return chunks<TeacherPrecision, float>(be, loss, h, w, t, 0, labels, out, dh, dw, given);
   }
 
-  // Teacher as hidden states and LM head: each chunk's teacher logits are one more GEMM into an fp32
-  // chunk x V_teacher scratch (fp32 accumulation, kept in fp32 as the CPU reference keeps them).
+  // Teacher as hidden states and LM head: each chunk's teacher logits are one more GEMM into a chunk x
+  // V_teacher scratch (fp32 accumulation; kept in fp32 as the CPU reference keeps them, or rounded to the
+  // teacher's storage type with linear_kd_logits::storage).
   template <class Loss, class HT, class WT, class TT, class GH, class GW>
   static status run(const cuda::backend& be, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
                     const teacher_head<TT>& th, std::span<const std::int32_t> labels, cuda::device_loss& out,
                     matrix_view<GH> dh, matrix_view<GW> dw) {
     if (loss.options.path == linear_kd_path::on_chip) return on_chip<true>(be, loss, h, w, th, labels, out, dh, dw);
     const long long vt = th.weight.rows, dt = th.weight.cols;
-    return chunks<precision<float, float>>(
-        be, loss, h, w, th, vt, labels, out, dh, dw,
-        [&](cublasHandle_t blas, long long r0, long long rows, float* tlogits) -> status_or_view<float> {
-          status st = cuda::gemm_rm(blas, rows, vt, dt, th.hidden.row(r0), th.hidden.stride, false, th.weight.data,
-                                    th.weight.stride, true, tlogits, vt, 0.f);
-          return {st, matrix_view<const float>(tlogits, rows, vt)};
-        });
+    auto head = [&](cublasHandle_t blas, long long r0, long long rows, auto* tlogits) {
+      using TL = std::remove_pointer_t<decltype(tlogits)>;
+      status st = cuda::gemm_rm(blas, rows, vt, dt, th.hidden.row(r0), th.hidden.stride, false, th.weight.data,
+                                th.weight.stride, true, tlogits, vt, 0.f);
+      return status_or_view<TL>{st, matrix_view<const TL>(tlogits, rows, vt)};
+    };
+    if constexpr (is_16bit<HT> || is_16bit<TT>)
+      if (loss.options.logits == linear_kd_logits::storage)
+        return chunks<precision<logit_type<TT>, float>, logit_type<HT>, logit_type<TT>>(be, loss, h, w, th, vt, labels,
+                                                                                          out, dh, dw, head);
+    return chunks<precision<float, float>, float, float>(be, loss, h, w, th, vt, labels, out, dh, dw, head);
   }
 
  private:
@@ -134,6 +147,9 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       // logits' shapes; nothing is read through these views.
       if (o.map != nullptr)
         return {errc::invalid_argument, "linear_kd_path::on_chip needs a shared vocabulary (no vocab_map): use chunked"};
+      if (o.logits != linear_kd_logits::accumulation)
+        return {errc::invalid_argument, "linear_kd_path::on_chip keeps its logit tiles in fp32: linear_kd_logits::storage "
+                                        "applies to the chunked path"};
       long long tcols = 0;
       if constexpr (Head) tcols = teacher.weight.rows;
       else tcols = teacher.cols;
@@ -261,10 +277,19 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     status st;
     matrix_view<const T> view;
   };
+  template <class T>
+  static constexpr bool is_16bit = std::is_same_v<T, kd::bfloat16> || std::is_same_v<T, kd::half>;
+  // The type linear_kd_logits::storage keeps logits of storage type T in: T itself when it is 16-bit
+  // (float and double storage keep fp32, the GEMM's accumulator).
+  template <class T>
+  using logit_type = std::conditional_t<is_16bit<T>, T, float>;
 
-  // The chunk loop of both forms. teacher_cols: columns of the fp32 teacher chunk the teacher callback
-  // fills (0: it reads given logits in place); teacher(blas, r0, rows, scratch) gives the chunk's view.
-  template <class TeacherPrecision, class Loss, class HT, class WT, class Teacher, class GH, class GW, class Fn>
+  // The chunk loop of both forms. L: the type of the chunk's student logits (float: the GEMM's
+  // accumulator; HT: linear_kd_logits::storage, rounded by the GEMM's epilogue). TL: the same for the
+  // teacher chunk the callback fills (teacher_cols of them; 0: it reads given logits in place);
+  // teacher(blas, r0, rows, TL* scratch) gives the chunk's view.
+  template <class TeacherPrecision, class L, class TL = float, class Loss, class HT, class WT, class Teacher, class GH,
+            class GW, class Fn>
   static status chunks(const cuda::backend& be, const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
                        const Teacher& teacher_arg, long long teacher_cols, std::span<const std::int32_t> labels,
                        cuda::device_loss& out, matrix_view<GH> dh, matrix_view<GW> dw, Fn&& teacher) {
@@ -279,32 +304,34 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     const long long n = h.rows, d = h.cols, v = w.rows;
     const long long chunk = std::min<long long>(o.chunk_rows, n);
 
-    // The per-chunk loss: logit_kd on fp32 logits (the GEMM's accumulator, as the CPU reference keeps
-    // them: rounding them to a 16-bit storage type first costs ~1e-2 of the gradient at T = 0.5), with
-    // dlogits written in the storage type for the two backward GEMMs (in place when that is float).
+    // The per-chunk loss: logit_kd on the chunk's logits (fp32, the GEMM's accumulator, as the CPU
+    // reference keeps them: rounding them to a 16-bit storage type first costs ~1e-2 of the gradient at
+    // T = 0.5; or, with linear_kd_logits::storage, in that type), with dlogits written in the storage
+    // type for the two backward GEMMs: over the logits themselves when they have that type (the kernel
+    // reads each slice into shared memory before it writes it).
     using Inner = logit_kd<typename Loss::divergence, typename Loss::reduction,
-                           precision_set<TeacherPrecision, precision<float, float>>>;
-    constexpr bool separate_grad = !std::is_same_v<HT, float>;
+                           precision_set<TeacherPrecision, precision<L, float>>>;
+    constexpr bool separate_grad = !std::is_same_v<HT, L>;
     Inner inner;
     static_cast<logit_kd_options&>(inner.options) = o;
     inner.options.accumulate_grad = false;
 
-    // Scratch: fp32 logits chunk | dlogits chunk (16-bit heads) | fp32 teacher chunk (teacher_head) |
+    // Scratch: logits chunk | dlogits chunk (16-bit heads, fp32 logits) | teacher chunk (teacher_head) |
     // fp32 dW (16-bit heads) | partials [n * kMaxRowCluster (the largest cluster)] | count.
     const bool dw_f32 = !dw.empty() && !std::is_same_v<std::remove_const_t<GW>, float>;
     auto align = [](std::size_t b) { return (b + 255) / 256 * 256; };
-    const std::size_t logits_bytes = align(static_cast<std::size_t>(chunk) * v * sizeof(float)) +
+    const std::size_t logits_bytes = align(static_cast<std::size_t>(chunk) * v * sizeof(L)) +
                                      (separate_grad ? align(static_cast<std::size_t>(chunk) * v * sizeof(HT)) : 0);
-    const std::size_t teacher_bytes = align(static_cast<std::size_t>(chunk) * teacher_cols * sizeof(float));
+    const std::size_t teacher_bytes = align(static_cast<std::size_t>(chunk) * teacher_cols * sizeof(TL));
     const std::size_t dw_bytes = dw_f32 ? align(static_cast<std::size_t>(v) * d * sizeof(float)) : 0;
     const std::size_t partial_bytes = align(static_cast<std::size_t>(n) * kMaxRowCluster * sizeof(float));
     void* scratch = nullptr;
     KD_TRY(ctx.scratch(logits_bytes + teacher_bytes + dw_bytes + partial_bytes + 256, scratch));
     auto* base = static_cast<char*>(scratch);
-    float* logits = reinterpret_cast<float*>(base);
-    HT* dlogits = separate_grad ? reinterpret_cast<HT*>(base + align(static_cast<std::size_t>(chunk) * v * sizeof(float)))
+    L* logits = reinterpret_cast<L*>(base);
+    HT* dlogits = separate_grad ? reinterpret_cast<HT*>(base + align(static_cast<std::size_t>(chunk) * v * sizeof(L)))
                                 : reinterpret_cast<HT*>(logits);
-    float* tlogits = teacher_cols > 0 ? reinterpret_cast<float*>(base + logits_bytes) : nullptr;
+    TL* tlogits = teacher_cols > 0 ? reinterpret_cast<TL*>(base + logits_bytes) : nullptr;
     float* dw32 = dw_f32 ? reinterpret_cast<float*>(base + logits_bytes + teacher_bytes) : nullptr;
     float* partial = reinterpret_cast<float*>(base + logits_bytes + teacher_bytes + dw_bytes);
     long long* count = reinterpret_cast<long long*>(base + logits_bytes + teacher_bytes + dw_bytes + partial_bytes);
@@ -321,7 +348,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
       KD_TRY(tv.st);
       logit_kd_launch l;
       const auto lab = labels.empty() ? labels : labels.subspan(static_cast<std::size_t>(r0), static_cast<std::size_t>(rows));
-      KD_TRY(plan_logit_kd(ctx, inner, tv.view, matrix_view<const float>(logits, rows, v), lab, matrix_view<HT>(dlogits, rows, v), true, l));
+      KD_TRY(plan_logit_kd(ctx, inner, tv.view, matrix_view<const L>(logits, rows, v), lab, matrix_view<HT>(dlogits, rows, v), true, l));
       if (cluster == 0) cluster = l.cluster;
       l.p.partial = partial + r0 * cluster;
       l.p.error = err;

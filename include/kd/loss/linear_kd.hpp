@@ -6,7 +6,8 @@
 // dW = dlogits^T hidden. Backends process `chunk_rows` tokens at a time, so the extra memory is
 // chunk_rows x V logits instead of N x V (the CUDA backend runs the three products through cuBLAS), or
 // (CUDA, linear_kd_path::on_chip) tiles that never leave the chip.
-// The CPU reference here computes the logits in the accumulation type, chunk by chunk.
+// The CPU reference here computes the logits in the accumulation type, chunk by chunk (rounded to the
+// storage type with linear_kd_logits::storage).
 // The teacher may also come as its final hidden states and LM head (kd::teacher_head): its logits are
 // then formed chunk by chunk too, in the accumulation type, so its N x V_teacher logits never exist
 // either (the trainer's case: 2.5 GB per 8k-token step of a 152k-vocabulary teacher in bf16).
@@ -14,6 +15,7 @@
 
 #include <span>
 #include <string>
+#include <type_traits>
 
 #include <Eigen/Core>
 
@@ -34,12 +36,28 @@ namespace kd {
 //    adds (their float rounding varies from run to run).
 enum class linear_kd_path { chunked, on_chip };
 
+// What type the chunked path keeps the logits in (and, with a kd::teacher_head, the teacher's logits):
+//  - accumulation: the GEMM's fp32 accumulator, unrounded (the CPU reference's exact arithmetic);
+//  - storage: rounded once to the storage type of the hidden states and head (of the teacher's, for its
+//    logits), as PyTorch's `hidden @ W.T` in bfloat16 rounds them. For 16-bit storage the loss kernel
+//    then reads 16-bit rows and writes the gradient over them in place: 6 bytes an entry instead of 8
+//    (10 with a teacher head), a third of the chunk scratch, and the same-type vector sweeps. The price is
+//    one rounding of each logit (2^-9 of it in bfloat16): ~1e-2 of the gradient's scale at T = 0.5.
+//    bf16, T = 2, chunk 2048, H100 (benchmarks/RESULTS.md session 28): 1.12-1.27x the fp32 logits at
+//    d = 576 (forward KL 2.25-2.50x torch.compile, with a teacher head 1.89-2.00x), 1.04-1.14x at
+//    d = 2048, where the GEMMs take most of the time. With it, 4096-row chunks use less scratch than fp32
+//    logits' 2048 and ran 1.06x faster again (fewer passes over the fp32 dW accumulator).
+//    fp32 storage gives the same result either way. on_chip keeps its tiles in fp32 and refuses it.
+// The CPU reference rounds the same way, so both backends compute one function of the inputs.
+enum class linear_kd_logits { accumulation, storage };
+
 struct linear_kd_options : logit_kd_options {
   index_t chunk_rows = 2048;  // tokens per chunk (bounds the extra memory to chunk_rows x V)
   linear_kd_path path = linear_kd_path::chunked;
   // on_chip: how many ranges the vocabulary's 128-entry tiles are split into across CTAs (0: about 8 CTAs
   // per SM; 1: each CTA sweeps the whole vocabulary). For tuning and tests; any value gives one result.
   index_t on_chip_splits = 0;
+  linear_kd_logits logits = linear_kd_logits::accumulation;
 };
 
 struct linear_kd_tag {};
@@ -144,6 +162,8 @@ status validate_linear_kd(const Loss& loss, const matrix_view<HT>& h, const matr
     return {errc::shape_mismatch, "labels has " + std::to_string(labels.size()) + " entries but hidden has " +
                                       std::to_string(h.rows) + " tokens"};
   if (o.chunk_rows <= 0) return {errc::invalid_argument, "chunk_rows must be positive"};
+  if (o.logits != linear_kd_logits::accumulation && o.logits != linear_kd_logits::storage)
+    return {errc::invalid_argument, "linear_kd_options::logits is neither accumulation nor storage"};
   if (!dh.empty()) {
     KD_TRY(validate_view(dh, "hidden gradient"));
     KD_TRY(same_shape(dh, "hidden gradient", h, "student hidden"));
@@ -183,6 +203,7 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
     using Inner = typename Loss::template logit_loss<A, precision<A, A>>;
     return chunks<Inner>(loss, h, w, labels, out, dh, dw, sc, [&](index_t r0, index_t rows) {
       tlogits = load<A>(th.hidden, r0, rows) * tw.transpose();
+      if (loss.options.logits == linear_kd_logits::storage) round_through<TT>(tlogits);
       return matrix_view<const A>(tlogits.data(), rows, tlogits.cols());
     });
   }
@@ -199,6 +220,13 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
     for (index_t r = 0; r < rows; ++r)
       for (index_t c = 0; c < view.cols; ++c) m(r, c) = load_as<A>(view(r0 + r, c));
     return m;
+  }
+
+  // linear_kd_logits::storage: each entry rounded to the storage type T and held in A again.
+  template <class T, class A>
+  static void round_through(Mat<A>& m) {
+    if constexpr (!std::is_same_v<T, A>)
+      for (index_t i = 0; i < m.size(); ++i) m.data()[i] = load_as<A>(store_as<T>(m.data()[i]));
   }
 
   // The chunk loop shared by both teacher forms: teacher(r0, rows) gives the chunk's teacher logits.
@@ -224,6 +252,7 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
       const index_t rows = std::min(o.chunk_rows, n - r0);
       const Mat<A> H = load<A>(h, r0, rows);
       Mat<A> logits = H * W.transpose();
+      if (o.logits == linear_kd_logits::storage) round_through<HT>(logits);
       Mat<A> dlogits(rows, v);
       loss_result part;
       const auto lab = labels.empty() ? labels : labels.subspan(static_cast<std::size_t>(r0), static_cast<std::size_t>(rows));
