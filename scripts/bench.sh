@@ -17,23 +17,18 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 logs=build/bench
-rm -rf "$logs" && mkdir -p "$logs"
-source scripts/lib/publish_out.sh
-publish_on_exit "$logs" "*.md" device.txt
+source scripts/lib/device_env.sh
+device_setup "$logs" "*.md" device.txt || exit 1
 steps=("$@")
 [[ ${#steps[@]} -gt 0 ]] || steps=(kernels model)
 want() { local s; for s in "${steps[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
-export PATH="/usr/local/cuda/bin:$PATH"
-export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 bin=build/device
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/device.txt"
-cmake --preset device >"$logs/configure.log" 2>&1 || { tail -20 "$logs/configure.log"; exit 1; }
 targets=()
 { want kernels || want grid; } && targets+=(kd_bench_cuda)
 want model && targets+=(kd_model)
 want timing && targets+=(test_cuda_model_ops)
-cmake --build --preset device --target "${targets[@]}" >"$logs/build.log" 2>&1 ||
-  { grep -E "error" "$logs/build.log" | head -40; exit 1; }
+device_build "$logs" "${targets[@]}" || exit 1
 rc=0
 if want kernels; then
   "$bin/benchmarks/kd_bench_cuda" --benchmark_filter=-BM_grid --benchmark_format=json \

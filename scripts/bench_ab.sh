@@ -28,11 +28,8 @@ case "${1:-}" in
     reps="${3:-2}"
     [[ -f $base/AB_REVISION ]] || { echo "no base tree: run 'bash scripts/bench_ab.sh prepare REV' first, here" >&2; exit 2; }
     logs=build/bench_ab
-    rm -rf "$logs" && mkdir -p "$logs"
-    source scripts/lib/publish_out.sh
-    publish_on_exit "$logs" ab_table.md device.txt
-    export PATH="/usr/local/cuda/bin:$PATH"
-    export LD_LIBRARY_PATH="$PWD/.deps/root/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    source scripts/lib/device_env.sh
+    device_setup "$logs" ab_table.md device.txt || exit 1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$logs/device.txt"
     jobs=$(nproc)
     ( cmake -S "$base" -B build/ab_base -G Ninja -DCMAKE_BUILD_TYPE=Release -DKD_BUILD_TESTS=OFF -DKD_BUILD_EXAMPLES=OFF \
