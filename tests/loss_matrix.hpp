@@ -674,7 +674,6 @@ verdict run_linear_typed(const logit_case& c, Exec& exec) {
   kd::linear_logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> ref;
   ref.options = loss.options;
   ref.options.accumulate_grad = false;
-  ref.options.logits = kd::linear_kd_logits::accumulation;
   const auto h64 = to_doubles(io.hidden), w64 = to_doubles(io.weight);
   // The fp64 logit_kd reference on the case's logits: the scale of dhidden's and dW's rounding below, and
   // with storage logits the reference itself (dhidden = dlogits W, dW = dlogits^T h).

@@ -248,6 +248,22 @@ logit_space large_space() {
   return sp;
 }
 
+// linear + KD over the seed run's vocabularies (the padded 151,936 / 50,304 rows, the 152k -> 50k map,
+// the trainer's 42,304 -> 50,304 contiguous map): 100 rows in chunks of 48, fp32 and bf16.
+logit_space large_linear_space() {
+  logit_space sp = large_space();
+  sp.hidden = 32;
+  sp.divs = {div_kind::forward_kl, div_kind::jsd};
+  sp.temps = {2};
+  sp.layouts = {vocab_layout::padded, vocab_layout::mapped, vocab_layout::contiguous};
+  sp.contiguous = {42304, 42257, 50304, 50257};
+  sp.inplace = {false};
+  sp.precs = {prec::fp32, prec::bf16};
+  sp.ns = {100};
+  sp.chunk_rows = {48};
+  return sp;
+}
+
 }  // namespace
 
 TEST_CASE("logit_kd matrix: CUDA backend against the fp64 CPU reference") {
@@ -337,17 +353,7 @@ TEST_CASE("linear_logit_kd matrix: CUDA backend against the fp64 CPU reference")
   sp.ns = {1, 7, 33};
   sp.chunk_rows = {4, 11, 2048};  // 11 divides 33, 4 divides none of 1, 7, 33; 2048 = one chunk
   run_space(sp, 300000, exec, s);
-  logit_space large = large_space();
-  large.hidden = 32;
-  large.divs = {div_kind::forward_kl, div_kind::jsd};
-  large.temps = {2};
-  large.layouts = {vocab_layout::padded, vocab_layout::mapped, vocab_layout::contiguous};
-  large.contiguous = {42304, 42257, 50304, 50257};
-  large.inplace = {false};
-  large.precs = {prec::fp32, prec::bf16};
-  large.ns = {100};
-  large.chunk_rows = {48};
-  run_space(large, 400000, exec, s);
+  run_space(large_linear_space(), 400000, exec, s);
   logit_space head = mid_space();  // the teacher as hidden states and head, every vocabulary layout
   head.hidden = 64;
   head.teacher_dts = {40};
@@ -393,16 +399,8 @@ TEST_CASE("linear_logit_kd matrix, logits in the storage type: CUDA backend agai
   odd.teacher_dts = {0, 16};
   odd.storage_logits = {true};
   run_space(odd, 960000, exec, s);
-  logit_space large = large_space();
-  large.hidden = 32;
-  large.divs = {div_kind::forward_kl, div_kind::jsd};
-  large.temps = {2};
-  large.layouts = {vocab_layout::padded, vocab_layout::mapped, vocab_layout::contiguous};
-  large.contiguous = {42304, 42257, 50304, 50257};
-  large.inplace = {false};
+  logit_space large = large_linear_space();
   large.precs = {prec::bf16};
-  large.ns = {100};
-  large.chunk_rows = {48};
   large.storage_logits = {true};
   run_space(large, 970000, exec, s);
   report(s, "linear_logit_kd matrix, logits in the storage type (CUDA)");

@@ -131,10 +131,8 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     using namespace cuda::detail;
     using D = typename Loss::divergence;
     using TT = typename cuda::detail::teacher_elem<Teacher>::type;
-    constexpr bool sixteen = std::is_same_v<HT, kd::bfloat16> || std::is_same_v<HT, kd::half>;
-    constexpr bool teacher_ok =
-        Head ? (std::is_same_v<TT, kd::bfloat16> || std::is_same_v<TT, kd::half>)
-             : (std::is_same_v<TT, float> || std::is_same_v<TT, kd::bfloat16> || std::is_same_v<TT, kd::half>);
+    constexpr bool sixteen = is_16bit<HT>;
+    constexpr bool teacher_ok = is_16bit<TT> || (!Head && std::is_same_v<TT, float>);
     const auto& o = loss.options;
     ::kd::detail::kd_scaling sc;
     KD_TRY(check_call(be, loss, h, w, teacher, labels, out, dh, dw, sc));
