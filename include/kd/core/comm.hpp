@@ -163,7 +163,7 @@ class thread_group {
   // Element-wise reduction in rank order into every rank's buffer (16-bit types in float, rounded once).
   template <class V>
   status reduce(int rank, V* data, std::size_t n, reduce_op op, const char* what) {
-    using A = std::conditional_t<std::is_same_v<V, bfloat16> || std::is_same_v<V, half>, float, V>;
+    using A = std::conditional_t<is_16bit_float_v<V>, float, V>;
     return rendezvous(rank, data, n, sizeof(V), what, [&]() -> status {
       if (n == 0) return {};
       std::vector<A> acc(n);

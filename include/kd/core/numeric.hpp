@@ -109,15 +109,21 @@ struct half {
 static_assert(sizeof(half) == 2 && std::is_trivially_copyable_v<half>);
 static_assert(sizeof(bfloat16) == 2 && std::is_trivially_copyable_v<bfloat16>);
 
+// kd's 16-bit floating-point storage types: stored in 16 bits, computed in float. The one spelling of
+// "bfloat16 or half" (GEMM operands, vector widths, accumulators, file dtypes all ask it).
+template <class T>
+inline constexpr bool is_16bit_float_v = std::is_same_v<T, half> || std::is_same_v<T, bfloat16>;
+static_assert(is_16bit_float_v<bfloat16> && is_16bit_float_v<half> && !is_16bit_float_v<float> &&
+              !is_16bit_float_v<double> && !is_16bit_float_v<unsigned short>);
+
 // Storage element types kd's losses accept.
 template <class T>
-inline constexpr bool is_storage_type_v =
-    std::is_same_v<T, float> || std::is_same_v<T, double> || std::is_same_v<T, half> || std::is_same_v<T, bfloat16>;
+inline constexpr bool is_storage_type_v = std::is_same_v<T, float> || std::is_same_v<T, double> || is_16bit_float_v<T>;
 
 // Load a stored element into an accumulator type, and store one back.
 template <class Acc, class T>
 KD_HOST_DEVICE constexpr Acc load_as(T v) noexcept {
-  if constexpr (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>)
+  if constexpr (is_16bit_float_v<T>)
     return static_cast<Acc>(static_cast<float>(v));
   else
     return static_cast<Acc>(v);
@@ -125,7 +131,7 @@ KD_HOST_DEVICE constexpr Acc load_as(T v) noexcept {
 
 template <class T, class Acc>
 KD_HOST_DEVICE constexpr T store_as(Acc v) noexcept {
-  if constexpr (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>)
+  if constexpr (is_16bit_float_v<T>)
     return T(static_cast<float>(v));
   else
     return static_cast<T>(v);

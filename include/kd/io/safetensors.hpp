@@ -266,7 +266,7 @@ constexpr const char* dest_name() noexcept {
 
 template <class T>
 inline constexpr bool is_float_dest_v = std::is_same_v<T, float> || std::is_same_v<T, double> ||
-                                        std::is_same_v<T, kd::half> || std::is_same_v<T, kd::bfloat16>;
+                                        kd::is_16bit_float_v<T>;
 template <class T>
 inline constexpr bool is_int_dest_v = std::is_integral_v<T> && !std::is_same_v<T, bool> && dtype_of<T>::known;
 
@@ -286,7 +286,7 @@ template <class S>
 S load_elem(const std::byte* base, std::size_t i) noexcept {
   using U = uint_of_size<S>;
   const U bits = load_le<U>(base + i * sizeof(S));
-  if constexpr (std::is_same_v<S, kd::half> || std::is_same_v<S, kd::bfloat16>)
+  if constexpr (kd::is_16bit_float_v<S>)
     return S::from_bits(bits);
   else
     return std::bit_cast<S>(bits);

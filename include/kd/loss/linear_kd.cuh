@@ -78,7 +78,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     auto given = [&](cublasHandle_t, long long r0, long long rows, float*) -> status_or_view<TT> {
       return {{}, matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride)};
     };
-    if constexpr (is_16bit<HT>)
+    if constexpr (is_16bit_float_v<HT>)
       if (loss.options.logits == linear_kd_logits::storage)
         return chunks<TeacherPrecision, HT>(be, loss, h, w, t, 0, labels, out, dh, dw, given);
     return chunks<TeacherPrecision, float>(be, loss, h, w, t, 0, labels, out, dh, dw, given);
@@ -99,7 +99,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
                                 th.weight.stride, true, tlogits, vt, 0.f);
       return status_or_view<TL>{st, matrix_view<const TL>(tlogits, rows, vt)};
     };
-    if constexpr (is_16bit<HT> || is_16bit<TT>)
+    if constexpr (is_16bit_float_v<HT> || is_16bit_float_v<TT>)
       if (loss.options.logits == linear_kd_logits::storage)
         return chunks<precision<logit_type<TT>, float>, logit_type<HT>, logit_type<TT>>(be, loss, h, w, th, vt, labels,
                                                                                           out, dh, dw, head);
@@ -131,8 +131,8 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     using namespace cuda::detail;
     using D = typename Loss::divergence;
     using TT = typename cuda::detail::teacher_elem<Teacher>::type;
-    constexpr bool sixteen = is_16bit<HT>;
-    constexpr bool teacher_ok = is_16bit<TT> || (!Head && std::is_same_v<TT, float>);
+    constexpr bool sixteen = is_16bit_float_v<HT>;
+    constexpr bool teacher_ok = is_16bit_float_v<TT> || (!Head && std::is_same_v<TT, float>);
     const auto& o = loss.options;
     ::kd::detail::kd_scaling sc;
     KD_TRY(check_call(be, loss, h, w, teacher, labels, out, dh, dw, sc));
@@ -275,12 +275,10 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     status st;
     matrix_view<const T> view;
   };
-  template <class T>
-  static constexpr bool is_16bit = std::is_same_v<T, kd::bfloat16> || std::is_same_v<T, kd::half>;
   // The type linear_kd_logits::storage keeps logits of storage type T in: T itself when it is 16-bit
   // (float and double storage keep fp32, the GEMM's accumulator).
   template <class T>
-  using logit_type = std::conditional_t<is_16bit<T>, T, float>;
+  using logit_type = std::conditional_t<is_16bit_float_v<T>, T, float>;
 
   // The chunk loop of both forms. L: the type of the chunk's student logits (float: the GEMM's
   // accumulator; HT: linear_kd_logits::storage, rounded by the GEMM's epilogue). TL: the same for the

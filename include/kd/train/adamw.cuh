@@ -335,7 +335,7 @@ class adamw {
   // it naming the tensor.
   template <class G>
   status step(context& ctx, std::span<T> params, std::span<const G> grads) {
-    static_assert(std::is_same_v<G, float> || std::is_same_v<G, bfloat16> || std::is_same_v<G, half>,
+    static_assert(std::is_same_v<G, float> || is_16bit_float_v<G>,
                   "kd: adamw gradients are float, kd::bfloat16 or kd::half.");
     if (state_ == nullptr) return {errc::invalid_argument, "adamw: step() before init()"};
     if (params.size() != n_ || grads.size() != n_)

@@ -218,7 +218,7 @@ struct adamw_step_result {
 // T: parameter storage (float, bfloat16 or half). Gradients may have any storage type.
 template <class T>
 class adamw {
-  static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16> || std::is_same_v<T, half>,
+  static_assert(std::is_same_v<T, float> || is_16bit_float_v<T>,
                 "kd: adamw stores parameters as float, kd::bfloat16 or kd::half.");
 
  public:

@@ -58,7 +58,7 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const unsigned (&a)[4], u
 // The mma of storage type T (kd::bfloat16 or kd::half).
 template <class T>
 __device__ __forceinline__ void mma_16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  static_assert(std::is_same_v<T, kd::bfloat16> || std::is_same_v<T, kd::half>, "kd: mma_16 takes 16-bit storage");
+  static_assert(kd::is_16bit_float_v<T>, "kd: mma_16 takes 16-bit storage");
   if constexpr (std::is_same_v<T, kd::bfloat16>) mma_bf16(c, a, b0, b1);
   else mma_f16(c, a, b0, b1);
 }
