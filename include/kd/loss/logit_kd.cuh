@@ -125,6 +125,19 @@
 namespace kd {
 namespace cuda::detail {
 
+// K ids of a map array at positions at0 + k * stride (k < K), -1 at or past `end`. Every load is issued
+// before any id is used: a batch pays one L2 round trip, where an id loaded beside the store it feeds
+// waited for it (the compiler cannot move a load above a store that may alias it). I is the positions'
+// type (int with a compile-time stride puts the batch at immediate offsets from one base).
+template <int K, class I, class S>
+__device__ __forceinline__ void load_ids(const int* ids, I at0, S stride, I end, int (&out)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const I at = at0 + static_cast<I>(k) * static_cast<I>(stride);
+    out[k] = at < end ? __ldg(ids + at) : -1;
+  }
+}
+
 template <class D, class TT, class ST, class GT, map_kind MK>
 __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const logit_kd_params p) {
   namespace cg = cooperative_groups;
@@ -207,8 +220,8 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   auto span_pos = [&](long long j) { return static_cast<long long>(__ldg(p.map_support + j0 + j)) - a0; };
   // f(c - a0) for each uncovered student column c in the span [s_lo, s_hi), a thread each: the run
   // [unc[0], unc[1]) of the sorted uncovered list, found by bisection at the kernel's start. Four ids a
-  // thread are loaded before any is used: one L2 round trip for the ~2,000 of a block at the trainer's
-  // shape, not one an id.
+  // thread a batch (load_ids): one L2 round trip for the ~2,000 of a block at the trainer's shape, not
+  // one an id.
   auto first_uncovered = [&](long long x) {  // the first position in the list whose id is >= x
     long long lo = 0, hi = p.uncovered;
     while (lo < hi) {
@@ -221,13 +234,10 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
   auto for_span_uncovered = [&](auto&& f) {
     constexpr int kIds = 4;
     const long long u1 = unc[1];
-    for (long long u = unc[0] + threadIdx.x; u < u1; u += kIds * static_cast<long long>(blockDim.x)) {
+    const long long bd = blockDim.x;
+    for (long long u = unc[0] + threadIdx.x; u < u1; u += kIds * bd) {
       int c[kIds];
-#pragma unroll
-      for (int k = 0; k < kIds; ++k) {
-        const long long at = u + k * static_cast<long long>(blockDim.x);
-        c[k] = at < u1 ? __ldg(p.map_uncovered + at) : -1;
-      }
+      load_ids(p.map_uncovered, u, bd, u1, c);
 #pragma unroll
       for (int k = 0; k < kIds; ++k)
         if (c[k] >= 0) f(c[k] - a0);
@@ -282,14 +292,12 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     } else if constexpr (Map) {
       const long long per = (p.uncovered + c_blocks - 1) / c_blocks;
       const long long a = std::min<long long>(rank * per, p.uncovered), b = std::min<long long>(a + per, p.uncovered);
-      // Four ids a thread loaded before any store: the compiler cannot move a load above a store that may
-      // alias it, so one id a thread paid an L2 round trip a column.
+      // Four ids a thread a batch (load_ids): one id at a time paid an L2 round trip a column.
       constexpr int kU = 4;
       const long long bd = blockDim.x;
       for (long long c = a + threadIdx.x; c < b; c += kU * bd) {
         int id[kU];
-#pragma unroll
-        for (int k = 0; k < kU; ++k) id[k] = c + k * bd < b ? __ldg(p.map_uncovered + c + k * bd) : -1;
+        load_ids(p.map_uncovered, c, bd, b, id);
 #pragma unroll
         for (int k = 0; k < kU; ++k)
           if (id[k] >= 0) grow[id[k]] = from_float<GT>(0.f);
@@ -338,10 +346,7 @@ __global__ void __launch_bounds__(kRowSliceThreads, 4) logit_kd_kernel(const log
     for (int jb = threadIdx.x; jb < nl; jb += kIdx * kT) f(jb);
   };
   // Batch jb's student ids (-1 past the block's slots).
-  auto batch_cols = [&](int jb, int (&col)[kIdx]) {
-#pragma unroll
-    for (int k = 0; k < kIdx; ++k) col[k] = jb + k * kT < nl ? __ldg(sup + jb + k * kT) : -1;
-  };
+  auto batch_cols = [&](int jb, int (&col)[kIdx]) { load_ids(sup, jb, kT, nl, col); };
   auto gather_student = [&]() {
     batches([&](int jb) {
       int col[kIdx];
