@@ -2,7 +2,10 @@
 """The table of a same-run A/B (scripts/bench_ab.sh run): ab_base_R.json and ab_head_R.json in DIR, R = 1..
 Prints, per benchmark both sides ran: every repetition's time, the speed of head against base (best
 against best) and head's bandwidth as a share of the copy bandwidth the same runs measured.
-    python3 benchmarks/ab_table.py DIR [BASE_REVISION]"""
+    python3 benchmarks/ab_table.py DIR [BASE_REVISION]
+With --small (scripts/bench_ab.sh small): small_base_R.md and small_head_R.md, kd_bench_small_calls'
+tables; per op and N, each run's GPU us a call, the speed, and head's time beyond its streaming kernel.
+    python3 benchmarks/ab_table.py --small DIR [BASE_REVISION]"""
 import glob
 import json
 import os
@@ -21,7 +24,40 @@ def load(path):
     return rows, copy
 
 
+def load_small(path):
+    """kd_bench_small_calls' rows: (op, N) -> (GPU us a call, GPU us beyond the streaming kernel)."""
+    rows = {}
+    for line in open(path):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 8 and cells[1].isdigit():
+            rows[(cells[0], int(cells[1]))] = (float(cells[3]), float(cells[7]))
+    return rows
+
+
+def main_small(d, rev):
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(d, "small_*_*.md"))):
+        m = re.match(r"small_(base|head)_(\d+)\.md$", os.path.basename(path))
+        if not m:
+            continue
+        for key, x in load_small(path).items():
+            runs.setdefault(key, {}).setdefault(m.group(1), []).append(x)
+    if not runs:
+        sys.exit(f"no small-call A/B results in {d}")
+    print(f"kd_bench_small_calls A/B{f' (base {rev[:12]})' if rev else ''}")
+    print("| op | N | base GPU us | head GPU us | head / base speed | head us beyond its streaming kernel |")
+    print("|---|---:|---|---|---:|---|")
+    for key in sorted(runs, key=lambda k: (k[0], k[1])):
+        b, h = runs[key].get("base"), runs[key].get("head")
+        if not b or not h:
+            continue
+        print(f"| {key[0]} | {key[1]} | {' / '.join(f'{x[0]:.1f}' for x in b)} | {' / '.join(f'{x[0]:.1f}' for x in h)} "
+              f"| {min(x[0] for x in b) / min(x[0] for x in h):.2f}x | {' / '.join(f'{x[1]:.1f}' for x in h)} |")
+
+
 def main():
+    if sys.argv[1] == "--small":
+        return main_small(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
     d = sys.argv[1]
     runs, copies = {}, []
     for path in sorted(glob.glob(os.path.join(d, "ab_*_*.json"))):

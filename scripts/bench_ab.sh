@@ -10,6 +10,7 @@
 #                                                 table (benchmarks/ab_table.py). JSON and logs under build/bench_ab;
 #                                                 with $OUT set (the device tool returns at most 8 files
 #                                                 from it), the table, device.txt and logs.tgz go there.
+#   bash scripts/bench_ab.sh small [REPS]         the same for kd_bench_small_calls (every op and N of it).
 # The base tree is configured with the same options as the device preset (sm_90, .deps), without tests or
 # examples. A benchmark the base does not have is left out of the table.
 set -uo pipefail
@@ -23,9 +24,15 @@ case "${1:-}" in
     echo "$sha" > "$base/AB_REVISION"
     echo "base $sha exported to $base ($(du -sh "$base" | cut -f1)); carry .deps"
     ;;
-  run)
-    filter="${2:?usage: bench_ab.sh run FILTER [REPS]}"
-    reps="${3:-2}"
+  run | small)
+    if [[ $1 == run ]]; then
+      filter="${2:?usage: bench_ab.sh run FILTER [REPS]}"
+      reps="${3:-2}"
+      target=kd_bench_cuda
+    else
+      reps="${2:-2}"
+      target=kd_bench_small_calls
+    fi
     [[ -f $base/AB_REVISION ]] || { echo "no base tree: run 'bash scripts/bench_ab.sh prepare REV' first, here" >&2; exit 2; }
     logs=build/bench_ab
     source scripts/lib/device_env.sh
@@ -35,22 +42,30 @@ case "${1:-}" in
     ( cmake -S "$base" -B build/ab_base -G Ninja -DCMAKE_BUILD_TYPE=Release -DKD_BUILD_TESTS=OFF -DKD_BUILD_EXAMPLES=OFF \
         -DKD_BUILD_BENCHMARKS=ON -DKD_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH="$PWD/.deps/root/usr" \
         >"$logs/base_configure.log" 2>&1 &&
-      cmake --build build/ab_base -j $((jobs / 4 + 1)) --target kd_bench_cuda >"$logs/base_build.log" 2>&1 ) &
+      cmake --build build/ab_base -j $((jobs / 4 + 1)) --target "$target" >"$logs/base_build.log" 2>&1 ) &
     base_job=$!
     { cmake --preset device >"$logs/configure.log" 2>&1 &&
-      cmake --build --preset device -j $((jobs - jobs / 4)) --target kd_bench_cuda >"$logs/build.log" 2>&1; } ||
+      cmake --build --preset device -j $((jobs - jobs / 4)) --target "$target" >"$logs/build.log" 2>&1; } ||
       { grep -E "error" "$logs/build.log" | head -20; exit 1; }
     wait $base_job || { grep -E "error" "$logs/base_build.log" | head -20; exit 1; }
     rc=0
     for r in $(seq 1 "$reps"); do
       for side in base head; do
-        bin=build/ab_base/benchmarks/kd_bench_cuda
-        [[ $side == head ]] && bin=build/device/benchmarks/kd_bench_cuda
-        "$bin" --benchmark_filter="BM_device_copy|$filter" --benchmark_format=json \
-          --benchmark_out="$logs/ab_${side}_$r.json" --benchmark_out_format=json >/dev/null || rc=1
+        bin=build/ab_base/benchmarks/$target
+        [[ $side == head ]] && bin=build/device/benchmarks/$target
+        if [[ $target == kd_bench_cuda ]]; then
+          "$bin" --benchmark_filter="BM_device_copy|$filter" --benchmark_format=json \
+            --benchmark_out="$logs/ab_${side}_$r.json" --benchmark_out_format=json >/dev/null || rc=1
+        else
+          "$bin" >"$logs/small_${side}_$r.md" 2>&1 || rc=1
+        fi
       done
     done
-    python3 benchmarks/ab_table.py "$logs" "$(cat "$base/AB_REVISION")" | tee "$logs/ab_table.md"
+    if [[ $target == kd_bench_cuda ]]; then
+      python3 benchmarks/ab_table.py "$logs" "$(cat "$base/AB_REVISION")" | tee "$logs/ab_table.md"
+    else
+      python3 benchmarks/ab_table.py --small "$logs" "$(cat "$base/AB_REVISION")" | tee "$logs/ab_table.md"
+    fi
     exit $rc
     ;;
   *)
