@@ -1,6 +1,7 @@
-// Helpers of the stand-alone GPU benchmark programs (kd_bench_vocab_parallel, kd_bench_small_calls): stop
-// with a message on a failed CUDA or kd call (a benchmark has nothing to recover), fill device storage
-// with normal values, and measure the card's copy bandwidth (the ceiling a streaming kernel is held to).
+// Helpers of the stand-alone GPU benchmark programs (kd_bench_vocab_parallel, kd_bench_small_calls,
+// kd_small_call_streaming): stop with a message on a failed CUDA or kd call (a benchmark has nothing to
+// recover), fill device storage with normal values, measure the card's copy bandwidth (the ceiling a
+// streaming kernel is held to), and a streaming kernel over a call's own arrays (its floor at that size).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -39,6 +40,28 @@ void fill_normal(T* d, std::size_t n, double sd, std::uint64_t seed) {
   for (auto& x : h) x = kd::store_as<T>(static_cast<float>(r.normal() * sd));
   for (std::size_t off = 0; off < n; off += h.size())
     or_exit(cudaMemcpy(d + off, h.data(), std::min(h.size(), n - off) * sizeof(T), cudaMemcpyHostToDevice), "upload");
+}
+
+// The streaming floor of a call at its own size: reads a (and b, where given) and writes g, n16 16-byte
+// vectors each, one launch. No arithmetic beyond a XOR, so only the traffic and the launch count.
+// (static: each program is one translation unit.)
+static __global__ void stream_arrays(const uint4* a, const uint4* b, uint4* g, long long n16) {
+  const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n16; i += step) {
+    uint4 v = a[i];
+    if (b != nullptr) {
+      const uint4 w = b[i];
+      v.x ^= w.x;
+      v.y ^= w.y;
+      v.z ^= w.z;
+      v.w ^= w.w;
+    }
+    g[i] = v;
+  }
+}
+// Its grid: 256-thread blocks, at most 8 an SM.
+inline int stream_blocks(long long n16, int sms) {
+  return static_cast<int>(std::min<long long>((n16 + 255) / 256, 8LL * sms));
 }
 
 // Device-to-device copy bandwidth of the current device in TB/s (bytes read plus written): the mean of

@@ -29,23 +29,7 @@ using kd::index_t;
 using bf16 = kd::bfloat16;
 
 using kd_bench::or_exit;
-
-// The streaming floor of a call at its own size: reads a (and b, where given) and writes g, n16 16-byte
-// vectors each, one launch. No arithmetic beyond a XOR, so only the traffic and the launch count.
-__global__ void stream_arrays(const uint4* a, const uint4* b, uint4* g, long long n16) {
-  const long long step = static_cast<long long>(gridDim.x) * blockDim.x;
-  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < n16; i += step) {
-    uint4 v = a[i];
-    if (b != nullptr) {
-      const uint4 w = b[i];
-      v.x ^= w.x;
-      v.y ^= w.y;
-      v.z ^= w.z;
-      v.w ^= w.w;
-    }
-    g[i] = v;
-  }
-}
+using kd_bench::stream_arrays;
 
 struct timing {
   double host_us, gpu_us, graph_us;
@@ -132,7 +116,7 @@ int main() {
     kd::cuda::device_loss out{value, nullptr};
     // The streaming kernel over the call's arrays: 2 read and 1 written (logit_kd), 1 and 1 (cross-entropy).
     const long long n16 = n * V * static_cast<long long>(sizeof(bf16)) / 16;
-    const int blocks = static_cast<int>(std::min<long long>((n16 + 255) / 256, 8LL * prop.multiProcessorCount));
+    const int blocks = kd_bench::stream_blocks(n16, prop.multiProcessorCount);
     auto streaming = [&](const bf16* a, const bf16* b) {
       return measure(ctx, [&]() -> kd::status {
         stream_arrays<<<blocks, 256, 0, ctx.stream()>>>(reinterpret_cast<const uint4*>(a), reinterpret_cast<const uint4*>(b),
