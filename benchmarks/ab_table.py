@@ -47,7 +47,7 @@ def main_small(d, rev):
     print(f"kd_bench_small_calls A/B{f' (base {rev[:12]})' if rev else ''}")
     print("| op | N | base GPU us | head GPU us | head / base speed | head us beyond its streaming kernel |")
     print("|---|---:|---|---|---:|---|")
-    for key in sorted(runs, key=lambda k: (k[0], k[1])):
+    for key in sorted(runs):
         b, h = runs[key].get("base"), runs[key].get("head")
         if not b or not h:
             continue

@@ -20,17 +20,13 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
-#include <cstdlib>
+
+#include "bench_cuda_util.cuh"
 
 namespace {
 
 namespace cg = cooperative_groups;
-
-void check(cudaError_t e, const char* what) {
-  if (e == cudaSuccess) return;
-  std::fprintf(stderr, "kd_dsmem_scatter: %s: %s\n", what, cudaGetErrorString(e));
-  std::exit(1);
-}
+using kd_bench::or_exit;
 
 __device__ __forceinline__ unsigned hash32(unsigned x) {
   x ^= x >> 16;
@@ -107,16 +103,16 @@ __global__ void gather(const __nv_bfloat16* t, long long vt, int per, float* sin
 template <class F>
 float best_ms(F&& launch) {
   cudaEvent_t a, b;
-  check(cudaEventCreate(&a), "event");
-  check(cudaEventCreate(&b), "event");
+  or_exit(cudaEventCreate(&a), "event");
+  or_exit(cudaEventCreate(&b), "event");
   float best = 1e30f;
   for (int it = 0; it < 5; ++it) {
-    check(cudaEventRecord(a), "event");
+    or_exit(cudaEventRecord(a), "event");
     launch();
-    check(cudaEventRecord(b), "event");
-    check(cudaEventSynchronize(b), "run");
+    or_exit(cudaEventRecord(b), "event");
+    or_exit(cudaEventSynchronize(b), "run");
     float ms = 0;
-    check(cudaEventElapsedTime(&ms, a, b), "event");
+    or_exit(cudaEventElapsedTime(&ms, a, b), "event");
     best = ms < best ? ms : best;
   }
   cudaEventDestroy(a);
@@ -133,18 +129,18 @@ int main() {
     return 77;
   }
   cudaDeviceProp prop{};
-  check(cudaGetDeviceProperties(&prop, 0), "properties");
+  or_exit(cudaGetDeviceProperties(&prop, 0), "properties");
   constexpr int rows = 16384, cluster = 8, slots = 42256, student = 50304;
   constexpr long long vt = 151936;
   const int per = (slots + cluster - 1) / cluster, chunk = (student + cluster - 1) / cluster;
   const double ops = static_cast<double>(rows) * cluster * per;
   float* sink = nullptr;
-  check(cudaMalloc(&sink, sizeof(float)), "malloc");
+  or_exit(cudaMalloc(&sink, sizeof(float)), "malloc");
   std::printf("kd_dsmem_scatter: %s; %d rows, clusters of %d blocks, %d accesses a block\n\n", prop.name, rows, cluster, per);
   std::printf("| access | shared memory a block | ms | G accesses / s |\n|---|---:|---:|---:|\n");
   auto run = [&](auto kernel, const char* name, int extra) {
     const int smem = chunk * static_cast<int>(sizeof(float)) + extra;  // extra: a teacher window's room
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "attribute");
+    or_exit(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "attribute");
     cudaLaunchAttribute at[1];
     at[0].id = cudaLaunchAttributeClusterDimension;
     at[0].val.clusterDim.x = cluster;
@@ -156,7 +152,7 @@ int main() {
     cfg.dynamicSmemBytes = static_cast<size_t>(smem);
     cfg.attrs = at;
     cfg.numAttrs = 1;
-    const float ms = best_ms([&] { check(cudaLaunchKernelEx(&cfg, kernel, per, chunk, sink), name); });
+    const float ms = best_ms([&] { or_exit(cudaLaunchKernelEx(&cfg, kernel, per, chunk, sink), name); });
     std::printf("| %s | %d B | %.3f | %.1f |\n", name, smem, ms, ops / ms / 1e6);
   };
   for (int extra : {0, 48000}) {
@@ -166,11 +162,11 @@ int main() {
     run(scatter<remote_load>, "load from the cluster's blocks, 8 in flight", extra);
   }
   __nv_bfloat16* t = nullptr;
-  check(cudaMalloc(&t, rows * vt * sizeof(__nv_bfloat16)), "malloc");
-  check(cudaMemset(t, 0, rows * vt * sizeof(__nv_bfloat16)), "memset");
+  or_exit(cudaMalloc(&t, rows * vt * sizeof(__nv_bfloat16)), "malloc");
+  or_exit(cudaMemset(t, 0, rows * vt * sizeof(__nv_bfloat16)), "memset");
   const float gms = best_ms([&] {
     gather<<<rows * cluster, 256>>>(t, vt, per, sink);
-    check(cudaGetLastError(), "gather");
+    or_exit(cudaGetLastError(), "gather");
   });
   std::printf("| global 2-byte gathers, 8 in flight (today's kernel) | - | %.3f | %.1f |\n", gms, ops / gms / 1e6);
   cudaFree(t);
@@ -178,9 +174,9 @@ int main() {
   // gradient row written; a copy of that many bytes reads and writes half of them each.
   const size_t half_bytes = static_cast<size_t>(rows) * (vt + 2 * student) * sizeof(__nv_bfloat16) / 2;
   void *x = nullptr, *y = nullptr;
-  check(cudaMalloc(&x, half_bytes), "malloc");
-  check(cudaMalloc(&y, half_bytes), "malloc");
-  const float cms = best_ms([&] { check(cudaMemcpyAsync(y, x, half_bytes, cudaMemcpyDeviceToDevice), "copy"); });
+  or_exit(cudaMalloc(&x, half_bytes), "malloc");
+  or_exit(cudaMalloc(&y, half_bytes), "malloc");
+  const float cms = best_ms([&] { or_exit(cudaMemcpyAsync(y, x, half_bytes, cudaMemcpyDeviceToDevice), "copy"); });
   std::printf("\nThe rows' bytes (%.2f GB) at copy speed: %.3f ms (%.2f TB/s)\n", 2.0 * half_bytes / 1e9, cms,
               2.0 * half_bytes / cms / 1e9);
   cudaFree(x);

@@ -29,9 +29,11 @@ case "${1:-}" in
       filter="${2:?usage: bench_ab.sh run FILTER [REPS]}"
       reps="${3:-2}"
       target=kd_bench_cuda
+      table=()
     else
       reps="${2:-2}"
       target=kd_bench_small_calls
+      table=(--small)
     fi
     [[ -f $base/AB_REVISION ]] || { echo "no base tree: run 'bash scripts/bench_ab.sh prepare REV' first, here" >&2; exit 2; }
     logs=build/bench_ab
@@ -61,11 +63,7 @@ case "${1:-}" in
         fi
       done
     done
-    if [[ $target == kd_bench_cuda ]]; then
-      python3 benchmarks/ab_table.py "$logs" "$(cat "$base/AB_REVISION")" | tee "$logs/ab_table.md"
-    else
-      python3 benchmarks/ab_table.py --small "$logs" "$(cat "$base/AB_REVISION")" | tee "$logs/ab_table.md"
-    fi
+    python3 benchmarks/ab_table.py "${table[@]}" "$logs" "$(cat "$base/AB_REVISION")" | tee "$logs/ab_table.md"
     exit $rc
     ;;
   *)
