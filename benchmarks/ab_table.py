@@ -34,23 +34,38 @@ def load_small(path):
     return rows
 
 
-def main_small(d, rev):
-    runs = {}
-    for path in sorted(glob.glob(os.path.join(d, "small_*_*.md"))):
-        m = re.match(r"small_(base|head)_(\d+)\.md$", os.path.basename(path))
+def collect(d, prefix, ext, loader):
+    """{key: {"base" | "head": [each repetition's value]}} from PREFIX_(base|head)_R.EXT in d, and the
+    loader's extra results (the copy bandwidth of the JSON runs) in file order."""
+    runs, extras = {}, []
+    for path in sorted(glob.glob(os.path.join(d, f"{prefix}_*_*.{ext}"))):
+        m = re.match(rf"{prefix}_(base|head)_(\d+)\.{ext}$", os.path.basename(path))
         if not m:
             continue
-        for key, x in load_small(path).items():
+        rows, extra = loader(path)
+        if extra:
+            extras.append(extra)
+        for key, x in rows.items():
             runs.setdefault(key, {}).setdefault(m.group(1), []).append(x)
+    return runs, extras
+
+
+def both_sides(runs):
+    """(key, base values, head values) for the keys both sides ran, in order."""
+    for key in sorted(runs):
+        b, h = runs[key].get("base"), runs[key].get("head")
+        if b and h:
+            yield key, b, h
+
+
+def main_small(d, rev):
+    runs, _ = collect(d, "small", "md", lambda path: (load_small(path), None))
     if not runs:
         sys.exit(f"no small-call A/B results in {d}")
     print(f"kd_bench_small_calls A/B{f' (base {rev[:12]})' if rev else ''}")
     print("| op | N | base GPU us | head GPU us | head / base speed | head us beyond its streaming kernel |")
     print("|---|---:|---|---|---:|---|")
-    for key in sorted(runs):
-        b, h = runs[key].get("base"), runs[key].get("head")
-        if not b or not h:
-            continue
+    for key, b, h in both_sides(runs):
         print(f"| {key[0]} | {key[1]} | {' / '.join(f'{x[0]:.1f}' for x in b)} | {' / '.join(f'{x[0]:.1f}' for x in h)} "
               f"| {min(x[0] for x in b) / min(x[0] for x in h):.2f}x | {' / '.join(f'{x[1]:.1f}' for x in h)} |")
 
@@ -59,16 +74,7 @@ def main():
     if sys.argv[1] == "--small":
         return main_small(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
     d = sys.argv[1]
-    runs, copies = {}, []
-    for path in sorted(glob.glob(os.path.join(d, "ab_*_*.json"))):
-        m = re.match(r"ab_(base|head)_(\d+)\.json$", os.path.basename(path))
-        if not m:
-            continue
-        rows, copy = load(path)
-        if copy:
-            copies.append(copy)
-        for name, x in rows.items():
-            runs.setdefault(name, {}).setdefault(m.group(1), []).append(x)
+    runs, copies = collect(d, "ab", "json", load)
     if not runs:
         sys.exit(f"no A/B results in {d}")
     copy = sum(copies) / len(copies) if copies else None
@@ -76,10 +82,7 @@ def main():
     print(f"copy {min(copies):.2f}-{max(copies):.2f} TB/s{base}" if copies else f"no copy baseline{base}")
     print("| benchmark | base ms | head ms | head / base speed | head % of copy |")
     print("|---|---|---|---:|---:|")
-    for name in sorted(runs):
-        b, h = runs[name].get("base"), runs[name].get("head")
-        if not b or not h:
-            continue
+    for name, b, h in both_sides(runs):
         share = f"{max(x[1] for x in h) / copy * 100:.0f}%" if copy else "-"
         print(f"| {name[3:]} | {' / '.join(f'{x[0]:.3f}' for x in b)} | {' / '.join(f'{x[0]:.3f}' for x in h)} "
               f"| {min(x[0] for x in b) / min(x[0] for x in h):.2f}x | {share} |")

@@ -1,12 +1,14 @@
 // Helpers of the stand-alone GPU benchmark programs (kd_bench_vocab_parallel, kd_bench_small_calls,
-// kd_small_call_streaming): stop with a message on a failed CUDA or kd call (a benchmark has nothing to
-// recover), fill device storage with normal values, measure the card's copy bandwidth (the ceiling a
-// streaming kernel is held to), and a streaming kernel over a call's own arrays (its floor at that size).
+// kd_small_call_streaming, kd_dsmem_scatter): stop with a message on a failed CUDA or kd call (a benchmark
+// has nothing to recover), fill device storage with normal values, time calls by CUDA events, measure the
+// card's copy bandwidth (the ceiling a streaming kernel is held to), and a streaming kernel over a call's
+// own arrays (its floor at that size).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -42,6 +44,49 @@ void fill_normal(T* d, std::size_t n, double sd, std::uint64_t seed) {
     or_exit(cudaMemcpy(d + off, h.data(), std::min(h.size(), n - off) * sizeof(T), cudaMemcpyHostToDevice), "upload");
 }
 
+// Event timing of `call` (which enqueues work on `stream` and stops the program itself on a failure), after
+// `warm` untimed calls. mean: one pair of events around `reps` calls back to back, so the kernels and the
+// gaps between them, and the host time spent issuing them; best: each of `reps` calls between its own
+// events, the fastest (for calls long enough that launch gaps do not count; host_us is then 0).
+enum class statistic { mean, best };
+struct event_time {
+  double gpu_us, host_us;
+};
+template <class F>
+event_time time_calls(cudaStream_t stream, F&& call, int reps, statistic stat = statistic::mean, int warm = 3) {
+  for (int i = 0; i < warm; ++i) call();
+  or_exit(cudaStreamSynchronize(stream), "warm-up calls");
+  cudaEvent_t a, b;
+  or_exit(cudaEventCreate(&a), "event");
+  or_exit(cudaEventCreate(&b), "event");
+  auto elapsed_us = [&] {
+    float ms = 0;
+    or_exit(cudaEventSynchronize(b), "timed calls");
+    or_exit(cudaEventElapsedTime(&ms, a, b), "event");
+    return 1e3 * static_cast<double>(ms);
+  };
+  event_time t{0, 0};
+  if (stat == statistic::mean) {
+    or_exit(cudaEventRecord(a, stream), "event");
+    const auto h0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) call();
+    const auto h1 = std::chrono::steady_clock::now();
+    or_exit(cudaEventRecord(b, stream), "event");
+    t = {elapsed_us() / reps, std::chrono::duration<double, std::micro>(h1 - h0).count() / reps};
+  } else {
+    t.gpu_us = 1e300;
+    for (int i = 0; i < reps; ++i) {
+      or_exit(cudaEventRecord(a, stream), "event");
+      call();
+      or_exit(cudaEventRecord(b, stream), "event");
+      t.gpu_us = std::min(t.gpu_us, elapsed_us());
+    }
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return t;
+}
+
 // The streaming floor of a call at its own size: reads a (and b, where given) and writes g, n16 16-byte
 // vectors each, one launch. No arithmetic beyond a XOR, so only the traffic and the launch count.
 // (static: each program is one translation unit.)
@@ -71,21 +116,11 @@ inline double copy_bandwidth() {
   void *a = nullptr, *b = nullptr;
   or_exit(cudaMalloc(&a, bytes), "malloc (copy bandwidth)");
   or_exit(cudaMalloc(&b, bytes), "malloc (copy bandwidth)");
-  cudaEvent_t e0, e1;
-  or_exit(cudaEventCreate(&e0), "event");
-  or_exit(cudaEventCreate(&e1), "event");
-  or_exit(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice), "copy");
-  or_exit(cudaEventRecord(e0), "event");
-  for (int i = 0; i < 10; ++i) or_exit(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy");
-  or_exit(cudaEventRecord(e1), "event");
-  or_exit(cudaEventSynchronize(e1), "event");
-  float ms = 0;
-  or_exit(cudaEventElapsedTime(&ms, e0, e1), "event");
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
+  const double us =
+      time_calls(nullptr, [&] { or_exit(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice), "copy"); }, 10, statistic::mean, 1).gpu_us;
   cudaFree(a);
   cudaFree(b);
-  return 2.0 * 10.0 * static_cast<double>(bytes) / (static_cast<double>(ms) * 1e-3) / 1e12;
+  return 2.0 * static_cast<double>(bytes) / (us * 1e-6) / 1e12;
 }
 
 }  // namespace kd_bench

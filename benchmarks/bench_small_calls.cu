@@ -12,7 +12,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -37,39 +36,20 @@ struct timing {
 
 timing measure(kd::cuda::context& ctx, const std::function<kd::status()>& call) {
   constexpr int K = 200;
-  for (int i = 0; i < 3; ++i) or_exit(call(), "warm-up call");
-  or_exit(ctx.sync_status(), "warm-up");
-  cudaEvent_t a, b;
-  or_exit(cudaEventCreate(&a), "event");
-  or_exit(cudaEventCreate(&b), "event");
-  or_exit(cudaEventRecord(a, ctx.stream()), "event");
-  const auto h0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < K; ++i) or_exit(call(), "call");
-  const auto h1 = std::chrono::steady_clock::now();
-  or_exit(cudaEventRecord(b, ctx.stream()), "event");
+  const auto direct = kd_bench::time_calls(ctx.stream(), [&] { or_exit(call(), "call"); }, K);
   or_exit(ctx.sync_status(), "calls");
-  float ms = 0;
-  or_exit(cudaEventElapsedTime(&ms, a, b), "event");
-  timing t{std::chrono::duration<double, std::micro>(h1 - h0).count() / K, 1e3 * ms / K, 0};
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
   or_exit(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeGlobal), "begin capture");
   or_exit(call(), "captured call");
   or_exit(cudaStreamEndCapture(ctx.stream(), &graph), "end capture");
   or_exit(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
-  or_exit(cudaGraphLaunch(exec, ctx.stream()), "graph launch");
-  or_exit(ctx.sync_status(), "graph warm-up");
-  or_exit(cudaEventRecord(a, ctx.stream()), "event");
-  for (int i = 0; i < K; ++i) or_exit(cudaGraphLaunch(exec, ctx.stream()), "graph launch");
-  or_exit(cudaEventRecord(b, ctx.stream()), "event");
+  const auto replay =
+      kd_bench::time_calls(ctx.stream(), [&] { or_exit(cudaGraphLaunch(exec, ctx.stream()), "graph launch"); }, K, kd_bench::statistic::mean, 1);
   or_exit(ctx.sync_status(), "graph replays");
-  or_exit(cudaEventElapsedTime(&ms, a, b), "event");
-  t.graph_us = 1e3 * ms / K;
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return t;
+  return {direct.host_us, direct.gpu_us, replay.gpu_us};
 }
 
 }  // namespace

@@ -100,24 +100,10 @@ __global__ void gather(const __nv_bfloat16* t, long long vt, int per, float* sin
   if (acc == 12345.f) sink[0] = acc;
 }
 
+// Milliseconds of the fastest of 5 runs (the first pays the cold caches).
 template <class F>
 float best_ms(F&& launch) {
-  cudaEvent_t a, b;
-  or_exit(cudaEventCreate(&a), "event");
-  or_exit(cudaEventCreate(&b), "event");
-  float best = 1e30f;
-  for (int it = 0; it < 5; ++it) {
-    or_exit(cudaEventRecord(a), "event");
-    launch();
-    or_exit(cudaEventRecord(b), "event");
-    or_exit(cudaEventSynchronize(b), "run");
-    float ms = 0;
-    or_exit(cudaEventElapsedTime(&ms, a, b), "event");
-    best = ms < best ? ms : best;
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return best;
+  return static_cast<float>(kd_bench::time_calls(nullptr, launch, 5, kd_bench::statistic::best, 0).gpu_us / 1e3);
 }
 
 }  // namespace

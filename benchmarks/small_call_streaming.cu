@@ -31,6 +31,12 @@ using bf16 = kd::bfloat16;
 
 using kd_bench::or_exit;
 
+// GPU us per call: the mean of 200 calls back to back.
+template <class F>
+float mean_us(cudaStream_t st, F&& f) {
+  return static_cast<float>(kd_bench::time_calls(st, f, 200).gpu_us);
+}
+
 __device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
   const unsigned w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -162,22 +168,6 @@ __global__ void __launch_bounds__(256) two_pass(const uint4* t, const uint4* s, 
   cl.barrier_wait();
 }
 
-template <class F>
-float us_per_call(cudaStream_t st, F&& f) {
-  for (int i = 0; i < 3; ++i) f();
-  or_exit(cudaStreamSynchronize(st), "cuda");
-  cudaEvent_t a, b;
-  or_exit(cudaEventCreate(&a), "cuda");
-  or_exit(cudaEventCreate(&b), "cuda");
-  or_exit(cudaEventRecord(a, st), "cuda");
-  for (int i = 0; i < 200; ++i) f();
-  or_exit(cudaEventRecord(b, st), "cuda");
-  or_exit(cudaEventSynchronize(b), "cuda");
-  float ms = 0;
-  or_exit(cudaEventElapsedTime(&ms, a, b), "cuda");
-  return ms * 1e3f / 200;
-}
-
 int main() {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -211,7 +201,7 @@ int main() {
     kd::cuda::device_loss out{loss, nullptr};
     const kd::matrix_view<const bf16> tv(t, n, V), sv(s, n, V);
     const kd::matrix_view<bf16> gv(g, n, V);
-    const float kd_us = us_per_call(st, [&] {
+    const float kd_us = mean_us(st, [&] {
       const auto r = l(be, tv, sv, {}, out, gv);
       if (!r.ok()) {
         std::printf("kd: %s\n", r.message().c_str());
@@ -220,7 +210,7 @@ int main() {
     });
     const long long n16 = n * vrow;
     const int sb = kd_bench::stream_blocks(n16, prop.multiProcessorCount);
-    const float str_us = us_per_call(st, [&] {
+    const float str_us = mean_us(st, [&] {
       kd_bench::stream_arrays<<<sb, 256, 0, st>>>(reinterpret_cast<const uint4*>(t), reinterpret_cast<const uint4*>(s),
                                         reinterpret_cast<uint4*>(g2), n16);
     });
@@ -237,7 +227,7 @@ int main() {
       cfg.stream = st;
       cfg.attrs = at;
       cfg.numAttrs = 1;
-      return us_per_call(st, [&] {
+      return mean_us(st, [&] {
         or_exit(cudaLaunchKernelEx(&cfg, kern, reinterpret_cast<const uint4*>(t), reinterpret_cast<const uint4*>(s),
                                    reinterpret_cast<uint4*>(g2), static_cast<int>(vrow), k2, T / static_cast<float>(n), part),
                 "two_pass launch");
