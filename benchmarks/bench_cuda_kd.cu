@@ -184,7 +184,8 @@ void BM_cross_entropy_bf16(benchmark::State& state) { BM_cross_entropy<kd::bfloa
 // Student LM head (hidden d = range(2) -> V) + a divergence against the teacher, forward+backward with
 // gradients for the hidden states and the head; the logits never reach memory in full. The teacher is
 // given as logits [N x V], or (Head) as hidden states of width 1024 (the seed teacher's) and an LM head,
-// whose logits are formed per chunk too. range(3): chunk_rows (2048 in the grid), 0 for
+// whose logits are formed per chunk too. range(3): chunk_rows (2048 in the grid), -1 for the default
+// chunk (linear_kd_options::chunk_rows = 0: 2048 rows with fp32 logits, more in bf16), 0 for
 // linear_kd_path::on_chip (no logits in memory). Storage: linear_kd_logits::storage (the chunk logits in
 // bf16, the gradient over them). Minimum bytes: read
 // the hidden states, the heads and the teacher logits (or hidden states); write dhidden and dW.
@@ -206,7 +207,7 @@ void BM_linear_kd_bf16(benchmark::State& state) {
   kd::cuda::context ctx;
   kd::linear_logit_kd<D, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16, kd::bf16>> l;
   l.options.temperature = 2.0;
-  l.options.chunk_rows = chunk > 0 ? chunk : 2048;
+  if (chunk > 0) l.options.chunk_rows = chunk;
   if (chunk == 0) l.options.path = kd::linear_kd_path::on_chip;  // range(3) = 0: the logits on chip
   if (Storage) l.options.logits = kd::linear_kd_logits::storage;
   kd::cuda::device_loss out{loss, nullptr};
@@ -392,17 +393,12 @@ void grid(benchmark::internal::Benchmark* b) {
     for (long long n : {2048, 8192, 16384}) b->Args({n, v, 0});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 }
+// Chunk: BM_linear_kd_bf16's range(3) (2048 rows; -1 the default chunk; 0 the logits on chip).
+template <long long Chunk>
 void linear_grid(benchmark::internal::Benchmark* b) {
   for (long long d : {576, 2048})
     for (long long v : {50304, 128256, 151936})
-      for (long long n : {8192, 16384}) b->Args({n, v, d, 2048});
-  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
-}
-// The same shapes with the logits on chip (linear_kd_path::on_chip).
-void linear_grid_on_chip(benchmark::internal::Benchmark* b) {
-  for (long long d : {576, 2048})
-    for (long long v : {50304, 128256, 151936})
-      for (long long n : {8192, 16384}) b->Args({n, v, d, 0});
+      for (long long n : {8192, 16384}) b->Args({n, v, d, Chunk});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 }
 // fp32 storage: the smallest and largest of each extent.
@@ -417,9 +413,9 @@ void grid_map(benchmark::internal::Benchmark* b) {
     for (long long n : {2048, 8192, 16384}) b->Args({n, kind, 0});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 }
-// Linear + KD's memory against its time: chunk rows from 256 to all of N at one shape.
+// Linear + KD's memory against its time: chunk rows from 256 to all of N at one shape, and the default (-1).
 void linear_chunks(benchmark::internal::Benchmark* b) {
-  for (long long c : {256, 512, 1024, 2048, 4096, 8192}) b->Args({8192, 151936, 576, c});
+  for (long long c : {256, 512, 1024, 2048, 4096, 8192, -1}) b->Args({8192, 151936, 576, c});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 }
 BENCHMARK(BM_logit_kd_bf16<kd::forward_kl>)->Name("BM_grid_forward_kl")->Apply(grid);
@@ -428,17 +424,17 @@ BENCHMARK(BM_logit_kd_bf16<kd::jsd>)->Name("BM_grid_jsd")->Apply(grid);
 BENCHMARK(BM_logit_kd_bf16<kd::skew_kl>)->Name("BM_grid_skew_kl")->Apply(grid);
 BENCHMARK(BM_logit_kd_bf16<kd::tvd>)->Name("BM_grid_tvd")->Apply(grid);
 BENCHMARK(BM_cross_entropy_bf16)->Name("BM_grid_cross_entropy")->Apply(grid);
-BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_grid_linear_forward_kl")->Apply(linear_grid);
-BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true)->Name("BM_grid_linear_teacher_head")->Apply(linear_grid);
+BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_grid_linear_forward_kl")->Apply(linear_grid<2048>);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true)->Name("BM_grid_linear_teacher_head")->Apply(linear_grid<2048>);
 BENCHMARK(BM_linear_kd_bf16<kd::jsd>)->Name("BM_grid_linear_jsd")->Args({8192, 128256, 4096, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
-BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, false, true)->Name("BM_storage_linear_forward_kl")->Apply(linear_grid);
-BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, true)->Name("BM_storage_linear_teacher_head")->Apply(linear_grid);
-BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::jsd, false, true)->Name("BM_storage_linear_jsd")->Args({8192, 128256, 4096, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
-BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_onchip_linear_forward_kl")->Apply(linear_grid_on_chip);
-BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true)->Name("BM_onchip_linear_teacher_head")->Apply(linear_grid_on_chip);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, false, true)->Name("BM_storage_linear_forward_kl")->Apply(linear_grid<-1>);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, true)->Name("BM_storage_linear_teacher_head")->Apply(linear_grid<-1>);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::jsd, false, true)->Name("BM_storage_linear_jsd")->Args({8192, 128256, 4096, -1})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_onchip_linear_forward_kl")->Apply(linear_grid<0>);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true)->Name("BM_onchip_linear_teacher_head")->Apply(linear_grid<0>);
 BENCHMARK(BM_linear_kd_bf16<kd::jsd>)->Name("BM_onchip_linear_jsd")->Args({8192, 128256, 4096, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
-BENCHMARK(BM_linear_gemms_bf16<false>)->Name("BM_gemms_linear_forward_kl")->Apply(linear_grid);
-BENCHMARK(BM_linear_gemms_bf16<true>)->Name("BM_gemms_linear_teacher_head")->Apply(linear_grid);
+BENCHMARK(BM_linear_gemms_bf16<false>)->Name("BM_gemms_linear_forward_kl")->Apply(linear_grid<2048>);
+BENCHMARK(BM_linear_gemms_bf16<true>)->Name("BM_gemms_linear_teacher_head")->Apply(linear_grid<2048>);
 BENCHMARK(BM_linear_gemms_bf16<false>)->Name("BM_gemms_linear_jsd")->Args({8192, 128256, 4096, 2048})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Name("BM_chunks_linear_forward_kl")->Apply(linear_chunks);
 BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, false, true)->Name("BM_chunks_storage_linear_forward_kl")->Apply(linear_chunks);

@@ -23,7 +23,7 @@ def main(kd_path, torch_path):
         prefix = next((p for p in ("BM_grid_", "BM_gemms_", "BM_chunks_", "BM_onchip_", "BM_storage_") if name.startswith(p)), None)
         if prefix:  # key: the op and the benchmark's numeric arguments
             parts = name.split("/")
-            key = (parts[0][len(prefix):],) + tuple(int(x) for x in parts[1:] if x.isdigit())
+            key = (parts[0][len(prefix):],) + tuple(int(x) for x in parts[1:] if x.lstrip("-").isdigit())
             {"BM_grid_": grid, "BM_gemms_": gemms, "BM_chunks_": chunks, "BM_onchip_": onchip,
              "BM_storage_": storage}[prefix][key] = b
             continue
@@ -134,7 +134,8 @@ def print_grid(grid, torch_rows, copy_tbs, gemms, onchip=None, storage=None):
                    "states and a head). GEMMs alone: the same cuBLAS calls without the loss kernel (the chunk design's\n"
                    "floor); x 4/3: the floor of a design that never stores the logits and recomputes them once.\n"
                    "bf16 logits: linear_kd_logits::storage (the chunk logits rounded to bf16 as PyTorch's are, the\n"
-                   "gradient written over them). On chip: linear_kd_path::on_chip (no logits in memory), same run.",
+                   "gradient written over them; the default chunk: the scratch of 2048 fp32-logit rows).\n"
+                   "On chip: linear_kd_path::on_chip (no logits in memory), same run.",
                    ["op", "N x V x d", "eager ms", "compile ms", "kd ms", "kd vs eager", "kd vs compile",
                     "GEMMs alone ms", "GEMMs x 4/3 vs compile", "kd TFLOP/s", "compile extra MB", "kd extra MB",
                     "bf16 logits ms", "bf16 logits vs compile", "bf16 logits extra MB",
@@ -151,7 +152,7 @@ def print_grid(grid, torch_rows, copy_tbs, gemms, onchip=None, storage=None):
             floor = f"{comp / (g_ms * 4 / 3):.2f}x" if g_ms and isinstance(comp, float) else "-"
             tf = b.get("TFLOPs")
             tf = f"{tf:.0f}" if isinstance(tf, float) else "-"  # a rate counter: TFLOP/s already
-            st = (storage or {}).get(key)
+            st = (storage or {}).get((op, n, v, d, -1)) or (storage or {}).get(key)  # the default chunk, or 2048
             st_ms = ms_of(st) if st else None
             st_vs = f"{comp / st_ms:.2f}x" if st_ms and isinstance(comp, float) else "-"
             st_mb = f"{st.get('extra_MB', float('nan')):.1f}" if st else "-"
@@ -167,10 +168,11 @@ def print_grid(grid, torch_rows, copy_tbs, gemms, onchip=None, storage=None):
 def print_chunks(chunks):
     table_head("Linear + KD's chunk rows against its time and memory (bf16, T = 2; storage_: the logits in bf16):",
                ["op", "N x V x d", "chunk rows", "kd ms", "kd extra MB"])
-    for key in sorted(chunks, key=lambda k: (k[0], k[4])):
+    for key in sorted(chunks, key=lambda k: (k[0], k[4] if k[4] > 0 else 1 << 40)):  # the default (-1) last
         op, n, v, d, c = key
         b = chunks[key]
-        print(f"| {op} | {n} x {v} x {d} | {c} | {ms_of(b):.3f} | {b.get('extra_MB', float('nan')):.1f} |")
+        rows = "default" if c < 0 else c
+        print(f"| {op} | {n} x {v} x {d} | {rows} | {ms_of(b):.3f} | {b.get('extra_MB', float('nan')):.1f} |")
 
 
 if __name__ == "__main__":

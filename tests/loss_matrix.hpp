@@ -866,12 +866,12 @@ void run_logit_bad_inputs(Exec& exec, stats& s, const std::vector<prec>& precs) 
 
 enum class linear_bad {
   head_width, teacher_rows, label_out_of_range, nan_hidden, nan_weight, nan_teacher, inf_teacher, overflow_teacher,
-  short_dhidden, zero_chunk, count_
+  short_dhidden, negative_chunk, count_
 };
 inline const char* name_of(linear_bad b) {
   constexpr const char* n[] = {"LM head width != hidden width", "teacher rows != hidden rows", "label == label vocabulary",
                                "NaN hidden", "NaN LM head", "NaN teacher logit", "Inf teacher logit",
-                               "teacher logit 3e38 at T=0.5", "dhidden one row short", "chunk_rows 0"};
+                               "teacher logit 3e38 at T=0.5", "dhidden one row short", "chunk_rows -1"};
   return n[static_cast<int>(b)];
 }
 
@@ -918,7 +918,7 @@ verdict run_linear_bad_typed(linear_bad b, prec p, vocab_layout layout, Exec& ex
     case linear_bad::inf_teacher: put(io.teacher, io.t_cols, r, tc, std::numeric_limits<double>::infinity()); break;
     case linear_bad::overflow_teacher: put(io.teacher, io.t_cols, r, tc, 3e38); loss.options.temperature = 0.5; break;
     case linear_bad::short_dhidden: io.dh_rows = c.n - 1; break;
-    case linear_bad::zero_chunk: loss.options.chunk_rows = 0; break;
+    case linear_bad::negative_chunk: loss.options.chunk_rows = -1; break;
     default: break;
   }
   io.dhidden = nan_storage<T>(static_cast<std::size_t>(io.dh_rows * io.h_cols));

@@ -1026,6 +1026,62 @@ TEST_CASE("linear_logit_kd: logits in the storage type are logit_kd on the round
                   "linear_kd_options::logits");
 }
 
+// linear_kd_options::chunk_rows = 0 (the default) runs as many rows as fit the scratch of 2048 rows of fp32
+// logits on the CUDA path: exact values for each logit type and teacher form, at most N rows, an explicit
+// chunk as given; on the CPU the default chunk gives the result of explicit ones, and a negative chunk is
+// refused.
+TEST_CASE("linear_logit_kd: the default chunk takes the scratch of 2048 fp32-logit rows") {
+  using kd::detail::linear_kd_chunk;
+  kd::linear_kd_options o;
+  CHECK(o.chunk_rows == 0);
+  const kd::index_t big = 1 << 20, v = 50304;
+  // fp32 logits: 2048 rows whatever the types.
+  CHECK(linear_kd_chunk(o, big, v, 0, 2, 0) == 2048);
+  CHECK(linear_kd_chunk(o, big, v, 3 * v, 2, 2) == 2048);
+  CHECK(linear_kd_chunk(o, big, v, 0, 4, 0) == 2048);
+  o.logits = kd::linear_kd_logits::storage;
+  CHECK(linear_kd_chunk(o, big, v, 0, 2, 0) == 6144);          // 4 + 2 bytes an entry against 2
+  CHECK(linear_kd_chunk(o, big, v, v, 2, 2) == 5120);          // 4 + 2 + 4 against 2 + 2
+  CHECK(linear_kd_chunk(o, big, v, 3 * v, 2, 2) == 4608);      // 6 + 12 against 2 + 6
+  CHECK(linear_kd_chunk(o, big, v, v, 2, 4) == 3328);          // 10 against 6: 3413 rounded down to 256s
+  CHECK(linear_kd_chunk(o, big, v, v, 4, 4) == 2048);          // fp32 storage: the same scratch
+  CHECK(linear_kd_chunk(o, big, v, 0, 8, 0) == 2048);          // never below 2048 (the CPU's doubles)
+  CHECK(linear_kd_chunk(o, 1000, v, 0, 2, 0) == 1000);         // at most N
+  o.chunk_rows = 100;
+  CHECK(linear_kd_chunk(o, big, v, v, 2, 2) == 100);
+  CHECK(linear_kd_chunk(o, 64, v, v, 2, 2) == 64);
+
+  // The CPU backend: the default chunk (one chunk here) against chunks of 2 and 3 rows.
+  const kd::index_t n = 7, d = 3, sv = 6;
+  auto g = kdtest::rng(17);
+  std::vector<double> h(n * d), w(sv * d), t(n * sv);
+  kdtest::fill_normal(h, g);
+  kdtest::fill_normal(w, g);
+  kdtest::fill_normal(t, g);
+  const std::vector<std::int32_t> labels{1, -100, 3, 4, 0, 5, 2};
+  kd::linear_logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> loss;
+  loss.options.temperature = 2.0;
+  auto run = [&](kd::index_t chunk, std::vector<double>& dh, std::vector<double>& dw, kd::loss_result& r) {
+    loss.options.chunk_rows = chunk;
+    dh.assign(n * d, 0.0);
+    dw.assign(sv * d, 0.0);
+    return loss(kd::cpu, kd::matrix_view<const double>(h.data(), n, d), kd::matrix_view<const double>(w.data(), sv, d),
+                kd::matrix_view<const double>(t.data(), n, sv), labels, r, kd::matrix_view<double>(dh.data(), n, d),
+                kd::matrix_view<double>(dw.data(), sv, d));
+  };
+  std::vector<double> dh0, dw0, dh1, dw1;
+  kd::loss_result r0, r1;
+  REQUIRE(run(0, dh0, dw0, r0).ok());
+  for (const kd::index_t chunk : {kd::index_t{2}, kd::index_t{3}}) {
+    CAPTURE(chunk);
+    REQUIRE(run(chunk, dh1, dw1, r1).ok());
+    CHECK(r1.loss == doctest::Approx(r0.loss).epsilon(1e-13));
+    for (std::size_t i = 0; i < dh0.size(); ++i) CHECK(dh1[i] == doctest::Approx(dh0[i]).epsilon(1e-12));
+    for (std::size_t i = 0; i < dw0.size(); ++i) CHECK(dw1[i] == doctest::Approx(dw0[i]).epsilon(1e-12));
+  }
+  KD_CHECK_STATUS(run(-1, dh1, dw1, r1), kd::errc::invalid_argument, "chunk_rows must be positive, or 0", "(got -1)");
+}
+
 // Every validation error names the component, including gradient shape / stride / null checks.
 TEST_CASE("logit_kd and linear_logit_kd: gradient shape, stride and null errors name the component") {
   bad_input_fixture f;

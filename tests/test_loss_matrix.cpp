@@ -143,7 +143,7 @@ TEST_CASE("linear_logit_kd matrix, the teacher as hidden states and head: CPU ba
   sp.inplace = {false};
   sp.precs = {prec::fp32, prec::bf16};
   sp.ns = {1, 12};
-  sp.chunk_rows = {5, 2048};
+  sp.chunk_rows = {5, 0};  // 0: the default chunk, one chunk here
   cpu_exec exec;
   stats s;
   run_all(generate(sp), exec, s);
@@ -160,7 +160,7 @@ TEST_CASE("linear_logit_kd matrix, logits in the storage type: CPU backend again
   sp.inplace = {false};
   sp.precs = {prec::fp32, prec::bf16};
   sp.ns = {7, 12};
-  sp.chunk_rows = {5, 2048};
+  sp.chunk_rows = {5, 0};  // 0: the default chunk (by scratch), one chunk here
   sp.storage_logits = {true};
   cpu_exec exec;
   stats s;

@@ -14,7 +14,8 @@
 // type instead (the teacher head's to the teacher's), and the loss kernel writes dlogits over them: the
 // chunk scratch is chunk_rows x V x 2 bytes (+ chunk_rows x V_teacher x 2), and the kernel reads and writes
 // 16-bit rows of one type, its vector sweeps' case: 1.12-1.27x the fp32 logits at d = 576, 1.04-1.14x
-// at d = 2048 (H100, 2026-12-07, benchmarks/RESULTS.md session 28).
+// at d = 2048 (H100, 2026-12-07, benchmarks/RESULTS.md session 28). The default chunk (chunk_rows = 0,
+// detail::linear_kd_chunk) then holds 2.5-3x the rows in the same scratch.
 // What bounds it (H200, 2026-12-04, bf16, T = 2, chunk 2048, benchmarks/RESULTS.md session 6): the
 // cuBLAS GEMMs take 59-63% of a call at d = 576 and 78-87% at d = 2048 (the rest is the loss kernel over
 // the fp32 logits); kd is 1.5-1.8x torch.compile at d = 576 and 1.2-1.3x at d = 2048. A design that
@@ -298,7 +299,7 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     cublasHandle_t blas = nullptr;
     KD_TRY(ctx.cublas(blas));
     const long long n = h.rows, d = h.cols, v = w.rows;
-    const long long chunk = std::min<long long>(o.chunk_rows, n);
+    const long long chunk = ::kd::detail::linear_kd_chunk(o, n, v, teacher_cols, sizeof(HT), sizeof(TL));
 
     // The per-chunk loss: logit_kd on the chunk's logits (fp32, the GEMM's accumulator, as the CPU
     // reference keeps them: rounding them to a 16-bit storage type first costs ~1e-2 of the gradient at

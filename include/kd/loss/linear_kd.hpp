@@ -13,6 +13,8 @@
 // either (the trainer's case: 2.5 GB per 8k-token step of a 152k-vocabulary teacher in bf16).
 #pragma once
 
+#include <algorithm>
+#include <cstddef>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -52,7 +54,11 @@ enum class linear_kd_path { chunked, on_chip };
 enum class linear_kd_logits { accumulation, storage };
 
 struct linear_kd_options : logit_kd_options {
-  index_t chunk_rows = 2048;  // tokens per chunk (bounds the extra memory to chunk_rows x V)
+  // Tokens per chunk (the chunked path's extra memory is chunk_rows x V entries). 0 (the default): the rows
+  // whose chunk scratch takes what 2048 rows of fp32 logits take (detail::linear_kd_chunk): 2048 with fp32
+  // logits, more with 16-bit linear_kd_logits::storage ones (6144 in bf16), for fewer passes over the fp32
+  // dW accumulator at the same memory.
+  index_t chunk_rows = 0;
   linear_kd_path path = linear_kd_path::chunked;
   // on_chip: how many ranges the vocabulary's 128-entry tiles are split into across CTAs (0: about 8 CTAs
   // per SM; 1: each CTA sweeps the whole vocabulary). For tuning and tests; any value gives one result.
@@ -121,6 +127,32 @@ struct linear_logit_kd {
 };
 
 namespace detail {
+// The fp32-logit chunk whose scratch linear_kd_options::chunk_rows = 0 budgets.
+inline constexpr index_t kLinearKdChunk = 2048;
+
+// The chunk rows a call runs, both backends: options.chunk_rows, or for 0 the rows whose chunk scratch on the
+// CUDA path takes no more than kLinearKdChunk rows of fp32 logits. An fp32-logit row holds V fp32 logits,
+// their gradient in the storage type (s bytes) when that is 16-bit, and with a teacher head (V_t = vt
+// columns; 0 for given logits) V_t fp32 teacher logits; with linear_kd_logits::storage a row holds V
+// entries of s bytes (the gradient written over them) and V_t of the teacher's st. So 2048 rows with fp32
+// logits, 6144 with bf16 ones, 5120 with a bf16 teacher head as wide, 4608 with one 3x as wide (multiples of
+// 256). Why more rows: each chunk's dW GEMM reads and writes the fp32 V x d accumulator (700 MB at
+// V = 151,936, d = 576); 4096-8192-row chunks of bf16 logits ran 1.03-1.08x faster than 2048 (H100,
+// 2026-12-07, benchmarks/RESULTS.md session 28).
+inline index_t linear_kd_chunk(const linear_kd_options& o, index_t n, index_t v, index_t vt, std::size_t s,
+                               std::size_t st) {
+  index_t c = o.chunk_rows;
+  if (c == 0) {
+    const double fv = static_cast<double>(v), ft = static_cast<double>(vt);
+    const double f32_row = 4.0 * fv + (s < 4 ? static_cast<double>(s) * fv : 0.0) + 4.0 * ft;
+    const double row = o.logits == linear_kd_logits::storage
+                           ? static_cast<double>(s) * fv + static_cast<double>(st) * ft
+                           : f32_row;
+    c = std::max(kLinearKdChunk, static_cast<index_t>(static_cast<double>(kLinearKdChunk) * f32_row / row) / 256 * 256);
+  }
+  return std::min(c, n);
+}
+
 // The checks of the LM-head product, shared by both backends (the per-chunk logit_kd validates the rest:
 // its own plan carries the same scaling). Label values are checked by the per-chunk logit_kd.
 // The teacher: given logits (a matrix_view) or a teacher_head.
@@ -161,7 +193,8 @@ status validate_linear_kd(const Loss& loss, const matrix_view<HT>& h, const matr
   if (!labels.empty() && static_cast<index_t>(labels.size()) != h.rows)
     return {errc::shape_mismatch, "labels has " + std::to_string(labels.size()) + " entries but hidden has " +
                                       std::to_string(h.rows) + " tokens"};
-  if (o.chunk_rows <= 0) return {errc::invalid_argument, "chunk_rows must be positive"};
+  if (o.chunk_rows < 0)
+    return {errc::invalid_argument, "chunk_rows must be positive, or 0 for the default (got " + std::to_string(o.chunk_rows) + ")"};
   if (o.logits != linear_kd_logits::accumulation && o.logits != linear_kd_logits::storage)
     return {errc::invalid_argument, "linear_kd_options::logits is neither accumulation nor storage"};
   if (!dh.empty()) {
@@ -186,7 +219,8 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
     detail::kd_scaling sc;
     KD_TRY(detail::validate_linear_kd(loss, h, w, t, labels, dh, dw, sc));
     using Inner = typename Loss::template logit_loss<accum<Loss>>;
-    return chunks<Inner>(loss, h, w, labels, out, dh, dw, sc, [&](index_t r0, index_t rows) {
+    const index_t chunk = detail::linear_kd_chunk(loss.options, h.rows, w.rows, 0, sizeof(HT), 0);
+    return chunks<Inner>(loss, h, w, labels, out, dh, dw, sc, chunk, [&](index_t r0, index_t rows) {
       return matrix_view<const TT>(t.row(r0), rows, t.cols, t.stride);
     });
   }
@@ -201,7 +235,8 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
     const Mat<A> tw = load<A>(th.weight, 0, th.weight.rows);
     Mat<A> tlogits;
     using Inner = typename Loss::template logit_loss<A, precision<A, A>>;
-    return chunks<Inner>(loss, h, w, labels, out, dh, dw, sc, [&](index_t r0, index_t rows) {
+    const index_t chunk = detail::linear_kd_chunk(loss.options, h.rows, w.rows, th.weight.rows, sizeof(HT), sizeof(TT));
+    return chunks<Inner>(loss, h, w, labels, out, dh, dw, sc, chunk, [&](index_t r0, index_t rows) {
       tlogits = load<A>(th.hidden, r0, rows) * tw.transpose();
       if (loss.options.logits == linear_kd_logits::storage) round_through<TT>(tlogits);
       return matrix_view<const A>(tlogits.data(), rows, tlogits.cols());
@@ -229,11 +264,12 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
       for (index_t i = 0; i < m.size(); ++i) m.data()[i] = load_as<A>(store_as<T>(m.data()[i]));
   }
 
-  // The chunk loop shared by both teacher forms: teacher(r0, rows) gives the chunk's teacher logits.
+  // The chunk loop shared by both teacher forms, `chunk` rows at a time (detail::linear_kd_chunk):
+  // teacher(r0, rows) gives the chunk's teacher logits.
   template <class Inner, class Loss, class HT, class WT, class GH, class GW, class Teacher>
   static status chunks(const Loss& loss, matrix_view<const HT> h, matrix_view<const WT> w,
                        std::span<const std::int32_t> labels, loss_result& out, matrix_view<GH> dh, matrix_view<GW> dw,
-                       const detail::kd_scaling& sc, Teacher&& teacher) {
+                       const detail::kd_scaling& sc, index_t chunk, Teacher&& teacher) {
     using A = accum<Loss>;
     const auto& o = loss.options;
     const index_t n = h.rows, d = h.cols, v = w.rows;
@@ -248,8 +284,8 @@ struct loss_impl<cpu_backend, linear_kd_tag> {
     if (sc.divisor == detail::divisor_kind::active_tokens) inner.options.global_tokens = static_cast<index_t>(divisor);
     inner.options.accumulate_grad = false;
     double total = 0.0;
-    for (index_t r0 = 0; r0 < n; r0 += o.chunk_rows) {
-      const index_t rows = std::min(o.chunk_rows, n - r0);
+    for (index_t r0 = 0; r0 < n; r0 += chunk) {
+      const index_t rows = std::min(chunk, n - r0);
       const Mat<A> H = load<A>(h, r0, rows);
       Mat<A> logits = H * W.transpose();
       if (o.logits == linear_kd_logits::storage) round_through<HT>(logits);
