@@ -2,7 +2,7 @@
 # kd's benchmark driver, on the GPU machine: builds through the `device` preset (dependencies from
 # scripts/fetch_device_deps.sh, carried as .deps), then runs the chosen steps in one run on one card and
 # prints the side-by-side tables for benchmarks/RESULTS.md. Logs and tables go to build/bench; with $OUT set
-# (the device tool, which returns at most 8 files from it) the tables, device.txt and logs.tgz (the rest)
+# (the device tool, which returns at most 8 files from it) the tables, device.txt and logs_bench.tgz (the rest)
 # are copied there at the end, whatever the exit.
 #   bash scripts/bench.sh [kernels] [grid] [model] [timing]        (default: kernels model)
 #   kernels  the fused loss kernels (kd_bench_cuda) against PyTorch eager and torch.compile (torch_baseline.py)
@@ -14,6 +14,8 @@
 #   model    a training step of the seed teacher and student (kd_model bench) against transformers eager and
 #            torch.compile (model_bench_torch.py); KD_BENCH_ARCHS="teacher" or "student" limits it
 #   timing   per-op GPU times of the model at the seed geometry (test_cuda_model_ops' timing case)
+#   programs the stand-alone GPU programs' tables (kd_bench_small_calls, kd_small_call_streaming,
+#            kd_dsmem_scatter, kd_mufu_log_bias), each to NAME.md; KD_PROGRAMS="name ..." picks them
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 logs=build/bench
@@ -28,6 +30,8 @@ targets=()
 { want kernels || want grid; } && targets+=(kd_bench_cuda)
 want model && targets+=(kd_model)
 want timing && targets+=(test_cuda_model_ops)
+programs=(${KD_PROGRAMS:-kd_bench_small_calls kd_small_call_streaming kd_dsmem_scatter kd_mufu_log_bias})
+want programs && targets+=("${programs[@]}")
 device_build "$logs" "${targets[@]}" || exit 1
 rc=0
 if want kernels; then
@@ -71,5 +75,12 @@ fi
 if want timing; then
   "$bin/tests/cuda/test_cuda_model_ops" -tc="*timing*" --no-skip >"$logs/op_timing.log" 2>&1 || rc=1
   grep -E "us, " "$logs/op_timing.log" | sed 's/^.*MESSAGE: //'
+fi
+if want programs; then
+  for p in "${programs[@]}"; do
+    echo "## $p" | tee "$logs/$p.md"
+    "$bin/benchmarks/$p" 2>&1 | tee -a "$logs/$p.md"
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+  done
 fi
 exit $rc

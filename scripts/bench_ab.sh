@@ -9,7 +9,7 @@
 #                                                 REPS times (default 2), base then head, and prints the
 #                                                 table (benchmarks/ab_table.py). JSON and logs under build/bench_ab;
 #                                                 with $OUT set (the device tool returns at most 8 files
-#                                                 from it), the table, device.txt and logs.tgz go there.
+#                                                 from it), the table, device.txt and logs_bench_ab.tgz go there.
 #   bash scripts/bench_ab.sh small [REPS]         the same for kd_bench_small_calls (every op and N of it).
 # The base tree is configured with the same options as the device preset (sm_90, .deps), without tests or
 # examples. A benchmark the base does not have is left out of the table.

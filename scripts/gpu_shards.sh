@@ -13,7 +13,7 @@
 #   sanitize racecheck and memcheck on test_cuda_losses' vocab-map cases, racecheck on test_cuda_kd_inplace
 # Builds the test executables first through the device preset (dependencies from .deps:
 # scripts/fetch_device_deps.sh). Logs under build/gpu_shards; with $OUT set (the device tool), summary.txt
-# and logs.tgz go there. Exit status: 0 every shard passed, 1 one failed, 2 none failed but one was cut.
+# and logs_gpu_shards.tgz go there. Exit status: 0 every shard passed, 1 one failed, 2 none failed but one was cut.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 limit=300

@@ -8,7 +8,7 @@
 # first ones warm up). A benchmark's full name ends in /iterations:N/manual_time, so a filter must not end
 # in '$'. Builds kd_bench_cuda through the device preset (dependencies from .deps). Reports, details and
 # CSVs go to build/ncu; with $OUT set (the device tool), summary.txt (the headline metrics of each) and
-# logs.tgz (everything else) go there.
+# logs_ncu.tgz (everything else) go there.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 kernel=logit_kd_kernel

@@ -1,5 +1,5 @@
 # Sourced by the GPU-machine scripts (gpu_shards.sh, ncu_profile.sh, bench.sh, bench_ab.sh).
-# device_setup LOGDIR FILE...: a fresh LOGDIR whose named files (and all of it as logs.tgz) go to $OUT on
+# device_setup LOGDIR FILE...: a fresh LOGDIR whose named files (and all of it as logs_NAME.tgz) go to $OUT on
 # exit (publish_out.sh), CUDA's tools and the .deps libraries on the paths.
 # device_build LOGDIR TARGET...: configures the device preset and builds the targets, logs in LOGDIR; on a
 # failure prints the errors and returns 1.
