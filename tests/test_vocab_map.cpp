@@ -133,6 +133,93 @@ TEST_CASE("vocab_map::contiguous_teacher: teacher ids 0..K-1 onto increasing stu
   CHECK_FALSE(m.contiguous_teacher());
 }
 
+TEST_CASE("vocab_map::compact_teacher: mapped teacher ids in student order, padded, contiguous when one to one") {
+  kd::vocab_map m, c;
+  ids rows;
+  // One to one, teacher ids scattered against the student order.
+  REQUIRE(kd::vocab_map::from_pairs({{9, 2}, {3, 7}, {12, 0}, {5, 4}}, 16, 8, m).ok());
+  REQUIRE_FALSE(m.contiguous_teacher());
+  REQUIRE(m.compact_teacher(64, c, rows).ok());
+  CHECK(rows == ids{12, 9, 5, 3});  // student ids 0, 2, 4, 7
+  CHECK(c.teacher_vocab() == 64);
+  CHECK(c.student_vocab() == 8);
+  CHECK(c.contiguous_teacher());
+  CHECK(to_ids(c.teacher_ids()) == ids{0, 1, 2, 3});
+  CHECK(to_ids(c.student_ids()) == ids{0, 2, 4, 7});
+  CHECK(to_ids(c.student_support()) == to_ids(m.student_support()));
+  CHECK(c.id() != m.id());
+  REQUIRE(m.compact_teacher(1, c, rows).ok());
+  CHECK(c.teacher_vocab() == 4);  // no padding
+  REQUIRE(m.compact_teacher(3, c, rows).ok());
+  CHECK(c.teacher_vocab() == 6);
+  // Many to one: ties in the student order go by teacher id; not contiguous, its teacher columns in order.
+  REQUIRE(kd::vocab_map::from_pairs({{10, 3}, {2, 5}, {7, 3}, {1, 0}, {4, 5}}, 11, 6, m).ok());
+  REQUIRE(m.compact_teacher(4, c, rows).ok());
+  CHECK(rows == ids{1, 7, 10, 2, 4});
+  CHECK(c.teacher_vocab() == 8);
+  CHECK_FALSE(c.contiguous_teacher());
+  CHECK(to_ids(c.teacher_ids()) == ids{0, 1, 2, 3, 4});
+  CHECK(to_ids(c.student_ids()) == ids{0, 3, 3, 5, 5});
+  // Bad input: an empty map, a row multiple that is not positive; `out` and `rows` are left as they were.
+  kd::vocab_map empty;
+  REQUIRE(kd::vocab_map::from_pairs({}, 5, 9, empty).ok());
+  const auto before = c.id();
+  const kd::status e1 = empty.compact_teacher(64, c, rows), e2 = m.compact_teacher(0, c, rows);
+  CHECK(e1.code() == kd::errc::empty_input);
+  CHECK(kdtest::contains(e1.message(), "compact_teacher: the map maps no token"));
+  CHECK(e2.code() == kd::errc::invalid_argument);
+  CHECK(kdtest::contains(e2.message(), "row_multiple must be positive (got 0)"));
+  CHECK(c.id() == before);
+  CHECK(rows == ids{1, 7, 10, 2, 4});
+}
+
+// What compact_teacher is for: KD against a teacher head gathered to the compact rows (padding rows NaN:
+// never read) with the compact map equals KD against the full head with the map, for a many-to-one map
+// with scattered ids and ignored labels (fp64 CPU reference, so the two summation orders agree to rounding).
+TEST_CASE_TEMPLATE("vocab_map::compact_teacher: linear_logit_kd on the compact teacher head equals the full head", D,
+                   kd::forward_kl, kd::jsd, kd::reverse_kl) {
+  const index_t n = 9, d = 5, dt = 6, sv = 13, tv = 23;
+  kd::vocab_map m, c;
+  REQUIRE(kd::vocab_map::from_pairs({{20, 3}, {1, 7}, {8, 3}, {15, 0}, {4, 12}, {11, 7}, {6, 9}, {19, 1}, {2, 10}}, tv, sv, m)
+              .ok());
+  ids rows;
+  REQUIRE(m.compact_teacher(8, c, rows).ok());
+  REQUIRE(c.teacher_vocab() == 16);
+  auto g = kdtest::rng(2024);
+  std::vector<double> h(n * d), w(sv * d), th(n * dt), tw(tv * dt);
+  kdtest::fill_normal(h, g);
+  kdtest::fill_normal(w, g);
+  kdtest::fill_normal(th, g);
+  kdtest::fill_normal(tw, g, 0.0, 2.0);
+  std::vector<double> cw(static_cast<std::size_t>(c.teacher_vocab() * dt), std::nan(""));
+  for (std::size_t k = 0; k < rows.size(); ++k)
+    for (index_t j = 0; j < dt; ++j) cw[k * dt + static_cast<std::size_t>(j)] = tw[static_cast<std::size_t>(rows[k] * dt + j)];
+  const std::vector<std::int32_t> labels{1, -100, 3, 12, 0, 9, -100, 7, 10};
+  kd::linear_logit_kd<D, kd::token_mean, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> loss;
+  loss.options.temperature = 2.0;
+  loss.options.chunk_rows = 4;
+  auto run = [&](const kd::vocab_map& map, const std::vector<double>& head, std::vector<double>& dh,
+                 std::vector<double>& dw) {
+    loss.options.map = &map;
+    dh.assign(n * d, 0.0);
+    dw.assign(sv * d, 0.0);
+    kd::loss_result r;
+    const kd::teacher_head<double> t{kd::matrix_view<const double>(th.data(), n, dt),
+                                     kd::matrix_view<const double>(head.data(), map.teacher_vocab(), dt)};
+    REQUIRE(loss(kd::cpu, kd::matrix_view<const double>(h.data(), n, d), kd::matrix_view<const double>(w.data(), sv, d), t,
+                 labels, r, kd::matrix_view<double>(dh.data(), n, d), kd::matrix_view<double>(dw.data(), sv, d))
+                .ok());
+    return r;
+  };
+  std::vector<double> dh0, dw0, dh1, dw1;
+  const kd::loss_result full = run(m, tw, dh0, dw0), compact = run(c, cw, dh1, dw1);
+  CHECK(full.loss > 0.0);
+  CHECK(compact.loss == doctest::Approx(full.loss).epsilon(1e-12));
+  CHECK(compact.tokens == full.tokens);
+  for (std::size_t i = 0; i < dh0.size(); ++i) CHECK(dh1[i] == doctest::Approx(dh0[i]).epsilon(1e-11));
+  for (std::size_t i = 0; i < dw0.size(); ++i) CHECK(dw1[i] == doctest::Approx(dw0[i]).epsilon(1e-11));
+}
+
 TEST_CASE("vocab_map::check_fits names the side that does not match") {
   kd::vocab_map m;
   REQUIRE(kd::vocab_map::from_pairs({{0, 0}, {1, 2}}, 6, 4, m).ok());

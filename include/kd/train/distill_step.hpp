@@ -479,30 +479,19 @@ class distill_step {
     feat_.options.component = "feature";
     route_.options.component = "route";
     if (t_ != nullptr && map != nullptr) {
-      // The compact teacher head: rows of the mapped teacher ids in the order of their student ids (the
-      // teacher is frozen). With a one-to-one map the compact map is then contiguous (slot j reads compact
-      // column j) and the KD kernel reads each teacher row slice in one bulk copy.
-      const auto tids0 = map->teacher_ids(), sids0 = map->student_ids();
+      // The compact teacher head (vocab_map::compact_teacher): rows of the mapped teacher ids in the order
+      // of their student ids, the teacher being frozen. With a one-to-one map the compact map is contiguous
+      // (slot j reads compact column j) and the KD kernel reads each teacher row slice in one bulk copy.
       if (map->teacher_vocab() != t_->arch().vocab || map->student_vocab() != sa.vocab)
         return {errc::shape_mismatch, "distill_step: the vocab_map is " + std::to_string(map->teacher_vocab()) + " -> " +
                                           std::to_string(map->student_vocab()) + " but the heads have " +
                                           std::to_string(t_->arch().vocab) + " and " + std::to_string(sa.vocab) + " rows"};
-      std::vector<std::size_t> order(tids0.size());
-      for (std::size_t e = 0; e < order.size(); ++e) order[e] = e;
-      std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t c) {
-        return sids0[a] != sids0[c] ? sids0[a] < sids0[c] : tids0[a] < tids0[c];
-      });
-      std::vector<std::int32_t> tids(order.size());
-      std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
-      for (std::size_t e = 0; e < order.size(); ++e) {
-        tids[e] = tids0[order[e]];
-        pairs.emplace_back(static_cast<std::int32_t>(e), sids0[order[e]]);
-      }
       // Rows padded to a multiple of 64 (zero weights, never read through the map): the logits' row
       // stride then stays a multiple of 16 bytes, which cuBLAS's tensor-core kernels need (42,257 is odd).
+      std::vector<std::int32_t> tids;
+      KD_TRY(map->compact_teacher(64, compact_map_, tids));
       const auto Dt = static_cast<std::size_t>(t_->arch().hidden), K = tids.size();
-      const std::size_t padded = (K + 63) / 64 * 64;
-      KD_TRY(vocab_map::from_pairs(std::move(pairs), static_cast<index_t>(padded), map->student_vocab(), compact_map_));
+      const auto padded = static_cast<std::size_t>(compact_map_.teacher_vocab());
       kd_.options.map = &compact_map_;
       KD_TRY((detail::upload_vector<B, std::int32_t>(b, std::span<const std::int32_t>(tids), thead_rows_, "mapped teacher ids")));
       thead_ = typename B::template buffer<T>{};  // a fresh, zero-filled allocation: the padding rows are 0
