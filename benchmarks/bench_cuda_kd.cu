@@ -181,24 +181,54 @@ void BM_cross_entropy(benchmark::State& state) {
 }
 void BM_cross_entropy_bf16(benchmark::State& state) { BM_cross_entropy<kd::bfloat16>(state); }
 
+// The benchmarks' vocab maps onto a 50,304-wide student. kind 0: a 151,936-wide teacher through a
+// Qwen3 -> GPT-2-shaped map (42,256 shared strings at every third teacher id, scattered over the student
+// ids, plus 1,024 many-to-one entries: the general CSR path); 1: a compact teacher head of 42,304 columns
+// mapped one to one onto increasing student ids (kd::vocab_map::contiguous_teacher, the trainer's case);
+// 2: map 0 compacted (vocab_map::compact_teacher: its 43,280 teacher columns in the student's order,
+// 43,328 wide; many-to-one, so still the CSR path, with teacher ids that follow the student order).
+// The map's teacher width is its teacher_vocab(); false if it could not be built.
+bool bench_map(long long kind, kd::vocab_map& map) {
+  std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+  const long long tv = kind == 1 ? 42304 : 151936;
+  if (kind == 1) {
+    for (std::int32_t i = 0; i < tv; ++i) pairs.emplace_back(i, static_cast<std::int32_t>((i * 50257LL) / tv));
+  } else {
+    for (std::int32_t i = 0; i < 42256; ++i) pairs.emplace_back(i * 3 + 1, static_cast<std::int32_t>((i * 7919LL) % 50257));
+    for (std::int32_t i = 0; i < 1024; ++i) pairs.emplace_back(140000 + i, i % 50257);
+  }
+  if (!kd::vocab_map::from_pairs(pairs, tv, 50304, map).ok()) return false;
+  if (kind == 1) return map.contiguous_teacher();
+  if (kind == 2) {
+    const kd::vocab_map general = std::move(map);
+    std::vector<std::int32_t> rows;
+    return general.compact_teacher(64, map, rows).ok();
+  }
+  return true;
+}
+
 // Student LM head (hidden d = range(2) -> V) + a divergence against the teacher, forward+backward with
 // gradients for the hidden states and the head; the logits never reach memory in full. The teacher is
 // given as logits [N x V], or (Head) as hidden states of width 1024 (the seed teacher's) and an LM head,
 // whose logits are formed per chunk too. range(3): chunk_rows (2048 in the grid), -1 for the default
 // chunk (linear_kd_options::chunk_rows = 0: 2048 rows with fp32 logits, more in bf16), 0 for
 // linear_kd_path::on_chip (no logits in memory). Storage: linear_kd_logits::storage (the chunk logits in
-// bf16, the gradient over them). Minimum bytes: read
-// the hidden states, the heads and the teacher logits (or hidden states); write dhidden and dW.
-template <class D, bool Head = false, bool Storage = false>
+// bf16, the gradient over them). Map (>= 0): the teacher through bench_map(Map) onto the student's V
+// (50,304), the teacher's width the map's. Minimum bytes: read the hidden states, the heads and the
+// teacher logits (or hidden states); write dhidden and dW.
+template <class D, bool Head = false, bool Storage = false, int Map = -1>
 void BM_linear_kd_bf16(benchmark::State& state) {
   const long long n = state.range(0), v = state.range(1), d = state.range(2), dt = 1024;
   const long long chunk = state.range(3);
+  kd::vocab_map map;
+  if (Map >= 0 && (!bench_map(Map, map) || map.student_vocab() != v)) return state.SkipWithError("vocab_map");
+  const long long tv = Map >= 0 ? map.teacher_vocab() : v;
   using T = kd::bfloat16;
   T* h = device_random<T>(n * d, 4, 1.f);
   T* w = device_random<T>(v * d, 5, 0.04f);
-  T* t = Head ? nullptr : device_random<T>(n * v, 6, 2.f);
+  T* t = Head ? nullptr : device_random<T>(n * tv, 6, 2.f);
   T* th = Head ? device_random<T>(n * dt, 6, 1.f) : nullptr;
-  T* tw = Head ? device_random<T>(v * dt, 7, 0.06f) : nullptr;
+  T* tw = Head ? device_random<T>(tv * dt, 7, 0.06f) : nullptr;
   T *dh = nullptr, *dw = nullptr;
   float* loss = nullptr;
   BENCH_CHECK(cudaMalloc(&dh, n * d * sizeof(T)));
@@ -210,6 +240,7 @@ void BM_linear_kd_bf16(benchmark::State& state) {
   if (chunk > 0) l.options.chunk_rows = chunk;
   if (chunk == 0) l.options.path = kd::linear_kd_path::on_chip;  // range(3) = 0: the logits on chip
   if (Storage) l.options.logits = kd::linear_kd_logits::storage;
+  if (Map >= 0) l.options.map = &map;
   kd::cuda::device_loss out{loss, nullptr};
   const kd::matrix_view<const T> hv(h, n, d), wv(w, v, d);
   const kd::matrix_view<T> dhv(dh, n, d), dwv(dw, v, d);
@@ -217,18 +248,18 @@ void BM_linear_kd_bf16(benchmark::State& state) {
     kd::status st;
     if constexpr (Head)
       st = l(kd::cuda::backend{&ctx}, hv, wv,
-             kd::teacher_head<T>{kd::matrix_view<const T>(th, n, dt), kd::matrix_view<const T>(tw, v, dt)}, {}, out, dhv, dwv);
+             kd::teacher_head<T>{kd::matrix_view<const T>(th, n, dt), kd::matrix_view<const T>(tw, tv, dt)}, {}, out, dhv, dwv);
     else
-      st = l(kd::cuda::backend{&ctx}, hv, wv, kd::matrix_view<const T>(t, n, v), {}, out, dhv, dwv);
+      st = l(kd::cuda::backend{&ctx}, hv, wv, kd::matrix_view<const T>(t, n, tv), {}, out, dhv, dwv);
     if (!st.ok()) state.SkipWithError(st.message().c_str());
   });
   const auto sync = ctx.sync_status();
   if (!sync.ok()) state.SkipWithError(sync.message().c_str());
-  const long long teacher_elems = Head ? n * dt + v * dt : n * v;
+  const long long teacher_elems = Head ? n * dt + tv * dt : n * tv;
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * (teacher_elems + 2 * n * d + 2 * v * d) *
                           static_cast<int64_t>(sizeof(T)));
   state.counters["extra_MB"] = static_cast<double>(ctx.scratch_capacity()) / 1e6;
-  state.counters["TFLOPs"] = benchmark::Counter((6.0 * n * v * d + (Head ? 2.0 * n * v * dt : 0.0)) *
+  state.counters["TFLOPs"] = benchmark::Counter((6.0 * n * v * d + (Head ? 2.0 * n * tv * dt : 0.0)) *
                                                     state.iterations() / 1e12,
                                                 benchmark::Counter::kIsRate);
   for (void* p : {static_cast<void*>(h), static_cast<void*>(w), static_cast<void*>(t), static_cast<void*>(th),
@@ -279,28 +310,18 @@ void BM_linear_gemms_bf16(benchmark::State& state) {
     cudaFree(p);
 }
 
-// Logit KD across vocabularies, range(1) the map: 0, teacher logits 151,936 wide mapped onto a
-// 50,304-wide student through a Qwen3 -> GPT-2-shaped map (42,256 shared strings plus many-to-one
-// entries: the general CSR path); 1, a compact teacher head of 42,304 columns mapped one to one onto
-// increasing student ids (kd::vocab_map::contiguous_teacher, the trainer's case). range(2): gradient
-// into its own buffer (0) or written over the student logits (1, what linear + KD does). Bytes counted:
-// the mapped teacher columns and the student row read once, the student gradient row written once.
+// Logit KD across vocabularies, range(1) the map (bench_map's kinds: 0 the general CSR map of a
+// 151,936-wide teacher, 1 a compact contiguous teacher head, 2 map 0 compacted). range(2): gradient into
+// its own buffer (0) or written over the student logits (1, what linear + KD does). Bytes counted: the
+// mapped teacher columns and the student row read once, the student gradient row written once.
 template <class D>
 void BM_logit_kd_map_bf16(benchmark::State& state) {
-  const bool contiguous = state.range(1) != 0;
-  const long long n = state.range(0), tv = contiguous ? 42304 : 151936, sv = 50304;
+  const long long n = state.range(0), sv = 50304;
   const bool in_place = state.range(2) != 0;
   using T = kd::bfloat16;
-  std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
-  if (contiguous) {
-    for (std::int32_t i = 0; i < tv; ++i) pairs.emplace_back(i, static_cast<std::int32_t>((i * 50257LL) / tv));
-  } else {
-    for (std::int32_t i = 0; i < 42256; ++i) pairs.emplace_back(i * 3 + 1, static_cast<std::int32_t>((i * 7919LL) % 50257));
-    for (std::int32_t i = 0; i < 1024; ++i) pairs.emplace_back(140000 + i, i % 50257);
-  }
   kd::vocab_map map;
-  if (!kd::vocab_map::from_pairs(pairs, tv, sv, map).ok()) return state.SkipWithError("vocab_map");
-  if (contiguous && !map.contiguous_teacher()) return state.SkipWithError("the compact map is not contiguous");
+  if (!bench_map(state.range(1), map)) return state.SkipWithError("vocab_map");
+  const long long tv = map.teacher_vocab();
   T* t = device_random<T>(n * tv, 7, 2.f);
   T* s = device_random<T>(n * sv, 8, 1.f);
   T* g = s;
@@ -384,10 +405,11 @@ BENCHMARK(BM_linear_kd_bf16<kd::forward_kl>)->Args({16384, 50304, 576, 2048})->A
 BENCHMARK(BM_cross_entropy_bf16)->Args({4096, 50304, 0})->Args({16384, 50304, 0})->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 
 // Issue 12's grid (run with --benchmark_filter='BM_grid|BM_gemms|BM_chunks'): every divergence and
-// cross-entropy over V x N at the default budget, in bf16, in fp32 (a subset) and through both kinds of
-// vocab map; linear + KD at d = 576 and 2048 with the teacher as logits or as hidden states + head, and
-// Liger's fused-linear JSD shape, each beside the time of its GEMMs alone (BM_gemms), with the logits
-// in bf16 (BM_storage) and on chip (BM_onchip); linear + KD's chunk-size sweep (BM_chunks).
+// cross-entropy over V x N at the default budget, in bf16, in fp32 (a subset) and through the vocab maps
+// (bench_map's three kinds); linear + KD at d = 576 and 2048 with the teacher as logits or as hidden
+// states + head, and Liger's fused-linear JSD shape, each beside the time of its GEMMs alone (BM_gemms),
+// with the logits in bf16 (BM_storage) and on chip (BM_onchip); linear + KD's chunk-size sweep
+// (BM_chunks); a teacher head through the general map, full and compact (BM_headmap).
 void grid(benchmark::internal::Benchmark* b) {
   for (long long v : {32000, 50304, 128256, 151936})
     for (long long n : {2048, 8192, 16384}) b->Args({n, v, 0});
@@ -407,9 +429,9 @@ void grid_f32(benchmark::internal::Benchmark* b) {
     for (long long n : {2048, 16384}) b->Args({n, v, 0});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 }
-// With a vocab map (both kinds), gradient into its own buffer.
+// With a vocab map (all three kinds), gradient into its own buffer.
 void grid_map(benchmark::internal::Benchmark* b) {
-  for (long long kind : {0, 1})
+  for (long long kind : {0, 1, 2})
     for (long long n : {2048, 8192, 16384}) b->Args({n, kind, 0});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(20);
 }
@@ -461,6 +483,17 @@ BENCHMARK(BM_logit_kd_schedule<kd::skew_kl, kd::bfloat16>)->Name("BM_schedule_sk
 BENCHMARK(BM_logit_kd_schedule<kd::tvd, kd::bfloat16>)->Name("BM_schedule_tvd")->Apply(schedules);
 BENCHMARK(BM_logit_kd_schedule<kd::forward_kl, float>)->Name("BM_schedule_forward_kl_f32")->Apply(schedules_f32);
 BENCHMARK(BM_logit_kd_schedule<kd::reverse_kl, float>)->Name("BM_schedule_reverse_kl_f32")->Apply(schedules_f32);
+// Linear + KD with the teacher as hidden states and a head through the general map (d = 576, the
+// default chunk): the full 151,936-row head against its compact form (vocab_map::compact_teacher, what
+// the trainer runs), fp32 and bf16 chunk logits. make_table.py prints them side by side.
+void linear_head_map(benchmark::internal::Benchmark* b) {
+  for (long long n : {8192, 16384}) b->Args({n, 50304, 576, -1});
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
+}
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, false, 0)->Name("BM_headmap_full")->Apply(linear_head_map);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, false, 2)->Name("BM_headmap_compact")->Apply(linear_head_map);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, true, 0)->Name("BM_headmap_storage_full")->Apply(linear_head_map);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, true, 2)->Name("BM_headmap_storage_compact")->Apply(linear_head_map);
 BENCHMARK(BM_logit_kd_map_bf16<kd::forward_kl>)->Name("BM_grid_forward_kl_map")->Apply(grid_map);
 BENCHMARK(BM_logit_kd_map_bf16<kd::reverse_kl>)->Name("BM_grid_reverse_kl_map")->Apply(grid_map);
 BENCHMARK(BM_logit_kd_map_bf16<kd::jsd>)->Name("BM_grid_jsd_map")->Apply(grid_map);

@@ -10,7 +10,7 @@ def main(kd_path, torch_path):
     device = kd.get("context", {}).get("device", "?")
     rows = {}
     sweep = []
-    grid, gemms, chunks, onchip, storage = {}, {}, {}, {}, {}
+    grid, gemms, chunks, onchip, storage, headmap = {}, {}, {}, {}, {}, {}
     copy_tbs = None
     for b in kd["benchmarks"]:
         name = b["name"]
@@ -20,12 +20,13 @@ def main(kd_path, torch_path):
         if name.startswith("BM_sweep"):
             sweep.append(b)
             continue
-        prefix = next((p for p in ("BM_grid_", "BM_gemms_", "BM_chunks_", "BM_onchip_", "BM_storage_") if name.startswith(p)), None)
+        prefix = next((p for p in ("BM_grid_", "BM_gemms_", "BM_chunks_", "BM_onchip_", "BM_storage_", "BM_headmap_")
+                       if name.startswith(p)), None)
         if prefix:  # key: the op and the benchmark's numeric arguments
             parts = name.split("/")
             key = (parts[0][len(prefix):],) + tuple(int(x) for x in parts[1:] if x.lstrip("-").isdigit())
             {"BM_grid_": grid, "BM_gemms_": gemms, "BM_chunks_": chunks, "BM_onchip_": onchip,
-             "BM_storage_": storage}[prefix][key] = b
+             "BM_storage_": storage, "BM_headmap_": headmap}[prefix][key] = b
             continue
         parts = name.split("/")
         op = parts[0]
@@ -45,6 +46,8 @@ def main(kd_path, torch_path):
         print_grid(grid, torch_rows, copy_tbs, gemms, onchip, storage)
     if chunks:
         print_chunks(chunks)
+    if headmap:
+        print_headmap(headmap)
     if sweep:
         print_sweep(sweep, copy_tbs)
 
@@ -119,14 +122,15 @@ def print_grid(grid, torch_rows, copy_tbs, gemms, onchip=None, storage=None):
     maps = sorted((k for k in grid if k[0].endswith("_map")), key=sort_key)
     if maps:
         table_head("With a vocab map (bf16, T = 2; student 50,304 columns; csr: a 151,936-column teacher through a\n"
-                   "Qwen3 -> GPT-2-shaped map; contiguous: a compact 42,304-column teacher head). Minimum bytes: the\n"
+                   "Qwen3 -> GPT-2-shaped map; contiguous: a compact 42,304-column teacher head; csr compacted: the\n"
+                   "csr map's teacher columns in the student's order, vocab_map::compact_teacher). Minimum bytes: the\n"
                    "mapped teacher columns and the student row read once, the gradient written once.",
                    ["op", "N", "map", "kd ms", "kd TB/s (min bytes)", "% of copy", "kd extra MB"])
         for key in maps:
             op, n, kind, _ = key
             b = grid[key]
             tbs = b["bytes_per_second"] / 1e12
-            print(f"| {op.removesuffix('_map')} | {n} | {'contiguous' if kind else 'csr'} | {ms_of(b):.3f} | {tbs:.2f} | "
+            print(f"| {op.removesuffix('_map')} | {n} | {('csr', 'contiguous', 'csr compacted')[kind]} | {ms_of(b):.3f} | {tbs:.2f} | "
                   f"{100 * tbs / copy_tbs:.0f}% | {b.get('extra_MB', float('nan')):.1f} |")
     linear = sorted((k for k in grid if k[0].startswith("linear")), key=lambda k: (k[0], k[3], k[2], k[1]))
     if linear:
@@ -173,6 +177,23 @@ def print_chunks(chunks):
         b = chunks[key]
         rows = "default" if c < 0 else c
         print(f"| {op} | {n} x {v} x {d} | {rows} | {ms_of(b):.3f} | {b.get('extra_MB', float('nan')):.1f} |")
+
+
+def print_headmap(headmap):
+    table_head("Linear + KD with the teacher as hidden states and a head through the general map (bf16, T = 2,\n"
+               "the default chunk): the full 151,936-row teacher head against its compact form\n"
+               "(vocab_map::compact_teacher: the 43,280 mapped rows in the student's order), same run.",
+               ["chunk logits", "N x V x d", "full head ms", "compact head ms", "compact / full speed",
+                "full extra MB", "compact extra MB"])
+    for logits in ("", "storage_"):
+        for key in sorted(k for k in headmap if k[0] == logits + "full"):
+            full, compact = headmap[key], headmap.get((logits + "compact",) + key[1:])
+            if not compact:
+                continue
+            n, v, d = key[1:4]
+            print(f"| {'bf16' if logits else 'fp32'} | {n} x {v} x {d} | {ms_of(full):.3f} | {ms_of(compact):.3f} | "
+                  f"{ms_of(full) / ms_of(compact):.2f}x | {full.get('extra_MB', float('nan')):.1f} | "
+                  f"{compact.get('extra_MB', float('nan')):.1f} |")
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@
 #   bash scripts/bench.sh [kernels] [grid] [model] [timing]        (default: kernels model)
 #   kernels  the fused loss kernels (kd_bench_cuda) against PyTorch eager and torch.compile (torch_baseline.py)
 #   grid     issue 12's table: every divergence and cross-entropy over V in {32,000, 50,304, 128,256,
-#            151,936} x N in {2048, 8192, 16384} (bf16; fp32 on a subset; through both kinds of vocab
-#            map), linear + KD at d = 576 / 2048 with the teacher as logits or as hidden states + head,
-#            chunked and on chip, beside its GEMMs alone, and its chunk sweep; kd against eager and torch.compile
+#            151,936} x N in {2048, 8192, 16384} (bf16; fp32 on a subset; through the vocab maps),
+#            linear + KD at d = 576 / 2048 with the teacher as logits or as hidden states + head,
+#            chunked and on chip, beside its GEMMs alone, its chunk sweep, and a teacher head through a map,
+#            full and compact; kd against eager and torch.compile
 #            (torch_baseline.py --grid); KD_GRID_PARTS=bf16,fp32,map,linear picks parts
 #   model    a training step of the seed teacher and student (kd_model bench) against transformers eager and
 #            torch.compile (model_bench_torch.py); KD_BENCH_ARCHS="teacher" or "student" limits it
@@ -49,7 +50,7 @@ if want grid; then
     filter+='|BM_grid_(forward_kl|reverse_kl|jsd|skew_kl|tvd|cross_entropy)/'
   [[ ,$parts, == *,fp32,* ]] && filter+='|BM_grid_[a-z_]*_f32/'
   [[ ,$parts, == *,map,* ]] && filter+='|BM_grid_[a-z_]*_map/'
-  [[ ,$parts, == *,linear,* ]] && filter+='|BM_grid_linear|BM_gemms_|BM_chunks_|BM_onchip_|BM_storage_'
+  [[ ,$parts, == *,linear,* ]] && filter+='|BM_grid_linear|BM_gemms_|BM_chunks_|BM_onchip_|BM_storage_|BM_headmap_'
   torch_parts=$(echo "$parts" | tr ',' '\n' | grep -vx map | paste -sd, -)
   "$bin/benchmarks/kd_bench_cuda" --benchmark_filter="$filter" --benchmark_format=json \
     --benchmark_out="$logs/kd_grid.json" --benchmark_out_format=json >/dev/null || rc=1
