@@ -70,7 +70,10 @@ TEST_CASE("cpu_ops: buffers and memory ops") {
   REQUIRE(ops.copy_rows(m.data() + 1, 4, d.data() + 2, 5, 2, 2).ok());
   CHECK(d == vec{-1, -1, 1, 2, -1, -1, -1, 5, 6, -1});
   CHECK(ops.copy_rows(m.data(), 1, d.data(), 5, 2, 2).code() == errc::invalid_argument);  // stride below cols
-  CHECK(ops.copy_rows(m.data(), 4, nullptr, 5, 2, 2).code() == errc::invalid_argument);
+  // Through a volatile pointer: with a literal null, GCC 12's -Warray-bounds flags the copy that the check
+  // makes unreachable.
+  double* volatile no_dst = nullptr;
+  CHECK(ops.copy_rows(m.data(), 4, no_dst, 5, 2, 2).code() == errc::invalid_argument);
   CHECK(ops.copy_rows(nullptr, 4, nullptr, 4, 0, 4).ok());
 }
 
