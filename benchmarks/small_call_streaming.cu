@@ -37,18 +37,10 @@ float mean_us(cudaStream_t st, F&& f) {
   return static_cast<float>(kd_bench::time_calls(st, f, 200).gpu_us);
 }
 
-__device__ __forceinline__ void unpack8(uint4 v, float (&f)[8]) {
-  const unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ unsigned pack2(float a, float b) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<unsigned*>(&h);
-}
+// kd's 16-byte vector conversions (kd/cuda/detail/storage.cuh).
+using kd::cuda::detail::pack;
+using kd::cuda::detail::unpack;
+
 struct lse2 {
   float m = -INFINITY, s = 0.f;
   __device__ void add_block(const float (&y)[8]) {
@@ -94,8 +86,8 @@ __global__ void __launch_bounds__(256) two_pass(const uint4* t, const uint4* s, 
     for (int u = 0; u < U; ++u) {
       if (v + u * 256 >= v1) break;
       float ft[8], fs[8];
-      unpack8(tv[u], ft);
-      unpack8(sv[u], fs);
+      unpack<bf16>(tv[u], ft);
+      unpack<bf16>(sv[u], fs);
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         ft[i] *= k2;
@@ -150,8 +142,8 @@ __global__ void __launch_bounds__(256) two_pass(const uint4* t, const uint4* s, 
       const int i = v + u * 256;
       if (i >= v1) break;
       float ft[8], fs[8], gr[8];
-      unpack8(tv[u], ft);
-      unpack8(sv[u], fs);
+      unpack<bf16>(tv[u], ft);
+      unpack<bf16>(sv[u], fs);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         const float dt = ft[k] * k2 - lt, ds = fs[k] * k2 - ls;
@@ -159,7 +151,7 @@ __global__ void __launch_bounds__(256) two_pass(const uint4* t, const uint4* s, 
         loss += p * (dt - ds);
         gr[k] = (q - p) * gscale;
       }
-      g[row * vrow + i] = make_uint4(pack2(gr[0], gr[1]), pack2(gr[2], gr[3]), pack2(gr[4], gr[5]), pack2(gr[6], gr[7]));
+      g[row * vrow + i] = pack<bf16>(gr);
     }
   }
 #pragma unroll
