@@ -25,15 +25,21 @@ case "${1:-}" in
     echo "base $sha exported to $base ($(du -sh "$base" | cut -f1)); carry .deps"
     ;;
   run | small)
+    # The mode fixes the target, the table's reader and one side's run: run_side BIN SIDE REP.
     if [[ $1 == run ]]; then
       filter="${2:?usage: bench_ab.sh run FILTER [REPS]}"
       reps="${3:-2}"
       target=kd_bench_cuda
       table=()
+      run_side() {
+        "$1" --benchmark_filter="BM_device_copy|$filter" --benchmark_format=json \
+          --benchmark_out="$logs/ab_$2_$3.json" --benchmark_out_format=json >/dev/null
+      }
     else
       reps="${2:-2}"
       target=kd_bench_small_calls
       table=(--small)
+      run_side() { "$1" >"$logs/small_$2_$3.md" 2>&1; }
     fi
     [[ -f $base/AB_REVISION ]] || { echo "no base tree: run 'bash scripts/bench_ab.sh prepare REV' first, here" >&2; exit 2; }
     logs=build/bench_ab
@@ -55,12 +61,7 @@ case "${1:-}" in
       for side in base head; do
         bin=build/ab_base/benchmarks/$target
         [[ $side == head ]] && bin=build/device/benchmarks/$target
-        if [[ $target == kd_bench_cuda ]]; then
-          "$bin" --benchmark_filter="BM_device_copy|$filter" --benchmark_format=json \
-            --benchmark_out="$logs/ab_${side}_$r.json" --benchmark_out_format=json >/dev/null || rc=1
-        else
-          "$bin" >"$logs/small_${side}_$r.md" 2>&1 || rc=1
-        fi
+        run_side "$bin" "$side" "$r" || rc=1
       done
     done
     python3 benchmarks/ab_table.py "${table[@]}" "$logs" "$(cat "$base/AB_REVISION")" | tee "$logs/ab_table.md"
