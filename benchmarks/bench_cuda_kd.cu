@@ -214,14 +214,15 @@ bool bench_map(long long kind, kd::vocab_map& map) {
 // chunk (linear_kd_options::chunk_rows = 0: 2048 rows with fp32 logits, more in bf16), 0 for
 // linear_kd_path::on_chip (no logits in memory). Storage: linear_kd_logits::storage (the chunk logits in
 // bf16, the gradient over them). Map (>= 0): the teacher through bench_map(Map) onto the student's V
-// (50,304), the teacher's width the map's. Minimum bytes: read the hidden states, the heads and the
-// teacher logits (or hidden states); write dhidden and dW.
+// (50,304), the teacher's width the map's; with a head, map 0 runs the full head
+// (compact_teacher_head = false) and 3 the same map and head compacted by linear_kd itself. Minimum
+// bytes: read the hidden states, the heads and the teacher logits (or hidden states); write dhidden and dW.
 template <class D, bool Head = false, bool Storage = false, int Map = -1>
 void BM_linear_kd_bf16(benchmark::State& state) {
   const long long n = state.range(0), v = state.range(1), d = state.range(2), dt = 1024;
   const long long chunk = state.range(3);
   kd::vocab_map map;
-  if (Map >= 0 && (!bench_map(Map, map) || map.student_vocab() != v)) return state.SkipWithError("vocab_map");
+  if (Map >= 0 && (!bench_map(Map == 3 ? 0 : Map, map) || map.student_vocab() != v)) return state.SkipWithError("vocab_map");
   const long long tv = Map >= 0 ? map.teacher_vocab() : v;
   using T = kd::bfloat16;
   T* h = device_random<T>(n * d, 4, 1.f);
@@ -241,6 +242,7 @@ void BM_linear_kd_bf16(benchmark::State& state) {
   if (chunk == 0) l.options.path = kd::linear_kd_path::on_chip;  // range(3) = 0: the logits on chip
   if (Storage) l.options.logits = kd::linear_kd_logits::storage;
   if (Map >= 0) l.options.map = &map;
+  l.options.compact_teacher_head = Map != 0;
   kd::cuda::device_loss out{loss, nullptr};
   const kd::matrix_view<const T> hv(h, n, d), wv(w, v, d);
   const kd::matrix_view<T> dhv(dh, n, d), dwv(dw, v, d);
@@ -484,15 +486,19 @@ BENCHMARK(BM_logit_kd_schedule<kd::tvd, kd::bfloat16>)->Name("BM_schedule_tvd")-
 BENCHMARK(BM_logit_kd_schedule<kd::forward_kl, float>)->Name("BM_schedule_forward_kl_f32")->Apply(schedules_f32);
 BENCHMARK(BM_logit_kd_schedule<kd::reverse_kl, float>)->Name("BM_schedule_reverse_kl_f32")->Apply(schedules_f32);
 // Linear + KD with the teacher as hidden states and a head through the general map (d = 576, the
-// default chunk): the full 151,936-row head against its compact form (vocab_map::compact_teacher, what
-// the trainer runs), fp32 and bf16 chunk logits. make_table.py prints them side by side.
+// default chunk): the full 151,936-row head, the same head compacted by linear_kd itself
+// (compact_teacher_head, the default: a gather per call) and the head given compact
+// (vocab_map::compact_teacher, what the trainer runs), fp32 and bf16 chunk logits. make_table.py prints
+// them side by side.
 void linear_head_map(benchmark::internal::Benchmark* b) {
   for (long long n : {8192, 16384}) b->Args({n, 50304, 576, -1});
   b->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(10);
 }
 BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, false, 0)->Name("BM_headmap_full")->Apply(linear_head_map);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, false, 3)->Name("BM_headmap_auto")->Apply(linear_head_map);
 BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, false, 2)->Name("BM_headmap_compact")->Apply(linear_head_map);
 BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, true, 0)->Name("BM_headmap_storage_full")->Apply(linear_head_map);
+BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, true, 3)->Name("BM_headmap_storage_auto")->Apply(linear_head_map);
 BENCHMARK_TEMPLATE(BM_linear_kd_bf16, kd::forward_kl, true, true, 2)->Name("BM_headmap_storage_compact")->Apply(linear_head_map);
 BENCHMARK(BM_logit_kd_map_bf16<kd::forward_kl>)->Name("BM_grid_forward_kl_map")->Apply(grid_map);
 BENCHMARK(BM_logit_kd_map_bf16<kd::reverse_kl>)->Name("BM_grid_reverse_kl_map")->Apply(grid_map);

@@ -181,19 +181,21 @@ def print_chunks(chunks):
 
 def print_headmap(headmap):
     table_head("Linear + KD with the teacher as hidden states and a head through the general map (bf16, T = 2,\n"
-               "the default chunk): the full 151,936-row teacher head against its compact form\n"
+               "the default chunk): the full 151,936-row teacher head (compact_teacher_head = false), the same\n"
+               "head compacted by linear_kd itself (the default: a gather per call) and the head given compact\n"
                "(vocab_map::compact_teacher: the 43,280 mapped rows in the student's order), same run.",
-               ["chunk logits", "N x V x d", "full head ms", "compact head ms", "compact / full speed",
-                "full extra MB", "compact extra MB"])
+               ["chunk logits", "N x V x d", "full head ms", "auto ms", "given compact ms", "auto / full speed",
+                "compact / full speed", "extra MB: full / auto / compact"])
+    fmt = lambda b: f"{ms_of(b):.3f}" if b else "-"
+    mb = lambda b: f"{b.get('extra_MB', float('nan')):.0f}" if b else "-"
     for logits in ("", "storage_"):
         for key in sorted(k for k in headmap if k[0] == logits + "full"):
-            full, compact = headmap[key], headmap.get((logits + "compact",) + key[1:])
-            if not compact:
-                continue
+            full = headmap[key]
+            auto, compact = (headmap.get((logits + kind,) + key[1:]) for kind in ("auto", "compact"))
+            speed = lambda b: f"{ms_of(full) / ms_of(b):.2f}x" if b else "-"
             n, v, d = key[1:4]
-            print(f"| {'bf16' if logits else 'fp32'} | {n} x {v} x {d} | {ms_of(full):.3f} | {ms_of(compact):.3f} | "
-                  f"{ms_of(full) / ms_of(compact):.2f}x | {full.get('extra_MB', float('nan')):.1f} | "
-                  f"{compact.get('extra_MB', float('nan')):.1f} |")
+            print(f"| {'bf16' if logits else 'fp32'} | {n} x {v} x {d} | {fmt(full)} | {fmt(auto)} | {fmt(compact)} | "
+                  f"{speed(auto)} | {speed(compact)} | {mb(full)} / {mb(auto)} / {mb(compact)} |")
 
 
 if __name__ == "__main__":

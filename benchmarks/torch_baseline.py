@@ -103,7 +103,8 @@ def grid(parts=("bf16", "fp32", "linear"), only=None):
     per op serves every shape, as the default's automatic dynamic shapes do after the second shape.
     parts: bf16 (every divergence and cross-entropy over the full grid), fp32 (its subset in fp32: op
     names end in _f32), linear (linear + KD with the teacher as logits or as hidden states + head, and
-    Liger's fused-linear JSD shape). only: the divergences / cross_entropy to run (all by default)."""
+    Liger's fused-linear JSD shape). only: the divergences / cross_entropy to run (all by default), and,
+    where it names any, the linear ops (linear_forward_kl, linear_teacher_head, linear_jsd)."""
     torch.manual_seed(0)
     dev = torch.device("cuda")
     ops = {"forward_kl": lambda s, t: kd_forward_kl(s, t), "reverse_kl": reverse_kl, "jsd": jsd,
@@ -145,6 +146,8 @@ def grid(parts=("bf16", "fp32", "linear"), only=None):
     cases = [(op, n, v, d) for op in ("linear_forward_kl", "linear_teacher_head") for d in (576, 2048)
              for v in (50304, 128256, 151936) for n in (8192, 16384)]
     cases.append(("linear_jsd", 8192, 128256, 4096))
+    if only and any(op in only for op in lin):  # --ops naming linear ops picks among them too
+        cases = [c for c in cases if c[0] in only]
     dt = 1024  # the seed teacher's hidden width, as kd_bench_cuda's teacher-head cases
     for op, n, v, d in cases:
         h0 = torch.randn(n, d, device=dev, dtype=torch.bfloat16)

@@ -11,7 +11,8 @@
 #            linear + KD at d = 576 / 2048 with the teacher as logits or as hidden states + head,
 #            chunked and on chip, beside its GEMMs alone, its chunk sweep, and a teacher head through a map,
 #            full and compact; kd against eager and torch.compile
-#            (torch_baseline.py --grid); KD_GRID_PARTS=bf16,fp32,map,linear picks parts
+#            (torch_baseline.py --grid); KD_GRID_PARTS=bf16,fp32,map,linear picks parts, KD_GRID_OPS
+#            (e.g. jsd,skew_kl or linear_teacher_head) the ops PyTorch runs
 #   model    a training step of the seed teacher and student (kd_model bench) against transformers eager and
 #            torch.compile (model_bench_torch.py); KD_BENCH_ARCHS="teacher" or "student" limits it
 #   timing   per-op GPU times of the model at the seed geometry (test_cuda_model_ops' timing case)
@@ -55,7 +56,7 @@ if want grid; then
   "$bin/benchmarks/kd_bench_cuda" --benchmark_filter="$filter" --benchmark_format=json \
     --benchmark_out="$logs/kd_grid.json" --benchmark_out_format=json >/dev/null || rc=1
   [[ -n "${KD_BENCH_KD_ONLY:-}" || -z "$torch_parts" ]] ||
-    python3 benchmarks/torch_baseline.py --grid "$torch_parts" >"$logs/torch_grid.jsonl" || rc=1
+    python3 benchmarks/torch_baseline.py --grid "$torch_parts" ${KD_GRID_OPS:+--ops "$KD_GRID_OPS"} >"$logs/torch_grid.jsonl" || rc=1
   touch "$logs/torch_grid.jsonl"
   python3 benchmarks/make_table.py "$logs/kd_grid.json" "$logs/torch_grid.jsonl" | tee "$logs/grid_table.md"
 fi

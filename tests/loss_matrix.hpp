@@ -285,6 +285,7 @@ struct logit_case {
   index_t on_chip = -1;     // linear_logit_kd: -1 the chunked path, k >= 0 linear_kd_path::on_chip with k splits
   index_t teacher_dt = 0;   // linear_logit_kd: > 0 the teacher as hidden states of this width and an LM head
   bool storage_logits = false;  // linear_logit_kd: linear_kd_logits::storage (and inputs whose products are exact)
+  bool compact_head = true;     // linear_logit_kd: linear_kd_options::compact_teacher_head
 
   [[nodiscard]] bool linear() const { return hidden > 0; }
   [[nodiscard]] std::string name() const {
@@ -298,7 +299,7 @@ struct logit_case {
       s += " d=" + std::to_string(hidden) +
            (on_chip < 0 ? " chunk=" + std::to_string(chunk_rows) : " on-chip splits=" + std::to_string(on_chip)) +
            (teacher_dt > 0 ? " teacher-head dt=" + std::to_string(teacher_dt) : "") +
-           (storage_logits ? " storage-logits" : "");
+           (storage_logits ? " storage-logits" : "") + (teacher_dt > 0 && !compact_head ? " full-head" : "");
     return s + " seed=" + std::to_string(seed);
   }
 };
@@ -331,6 +332,9 @@ struct logit_space {
   std::vector<index_t> teacher_dts{0};
   // linear_logit_kd: false the logits in the accumulation type, true linear_kd_logits::storage (not on chip).
   std::vector<bool> storage_logits{false};
+  // linear_logit_kd with a teacher head: linear_kd_options::compact_teacher_head (false only with a head and
+  // a map, where the option applies).
+  std::vector<bool> compact_head{true};
 };
 
 // The product of a space, minus impossible combinations: an in-place gradient needs logit_kd (linear's
@@ -352,7 +356,10 @@ inline std::vector<logit_case> generate(const logit_space& sp, std::size_t first
                     for (auto chunk : sp.chunk_rows)
                       for (auto oc : sp.on_chip)
                         for (auto tdt : sp.teacher_dts)
-                         for (bool sl : sp.storage_logits) {
+                         for (bool sl : sp.storage_logits)
+                          for (bool ch : sp.compact_head) {
+                          if (!ch && (tdt == 0 || (layout != vocab_layout::mapped && layout != vocab_layout::contiguous)))
+                            continue;
                           if (inpl && (acc || sp.hidden > 0)) continue;
                           if (sl && (sp.hidden == 0 || oc >= 0)) continue;
                           if (tdt > 0 && sp.hidden == 0) continue;
@@ -381,6 +388,7 @@ inline std::vector<logit_case> generate(const logit_space& sp, std::size_t first
                           c.on_chip = oc;
                           c.teacher_dt = tdt;
                           c.storage_logits = sl;
+                          c.compact_head = ch;
                           out.push_back(c);
                         }
   return out;
@@ -670,6 +678,7 @@ verdict run_linear_typed(const logit_case& c, Exec& exec) {
     loss.options.on_chip_splits = c.on_chip;
   }
   if (c.storage_logits) loss.options.logits = kd::linear_kd_logits::storage;
+  loss.options.compact_teacher_head = c.compact_head;
 
   kd::linear_logit_kd<D, R, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> ref;
   ref.options = loss.options;

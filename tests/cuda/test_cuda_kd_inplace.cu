@@ -6,7 +6,9 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -58,6 +60,17 @@ void set_divergence_params(Opt& o) {
   if constexpr (std::is_same_v<D, kd::jsd>) o.beta = 0.4;
 }
 
+// linear_logit_kd of T storage and float accumulation through `map`, chunk rows a chunk.
+template <class D, class T>
+auto map_linear_loss(const kd::vocab_map& map, kd::index_t chunk) {
+  using P = kd::precision_set<kd::precision<T, float>, kd::precision<T, float>, kd::precision<T, float>>;
+  kd::linear_logit_kd<D, kd::token_mean, P> loss;
+  set_divergence_params<D>(loss.options);
+  loss.options.chunk_rows = chunk;
+  loss.options.map = &map;
+  return loss;
+}
+
 template <class D, class T>
 void check_linear_map(const kd::vocab_map& map, kd::index_t n, kd::index_t d, kd::index_t chunk) {
   const kd::index_t v = kStudentRows;
@@ -75,11 +88,7 @@ void check_linear_map(const kd::vocab_map& map, kd::index_t n, kd::index_t d, kd
   dhd.poison();
   dwd.poison();
   kd::cuda::context ctx;
-  using P = kd::precision_set<kd::precision<T, float>, kd::precision<T, float>, kd::precision<T, float>>;
-  kd::linear_logit_kd<D, kd::token_mean, P> gpu;
-  set_divergence_params<D>(gpu.options);
-  gpu.options.chunk_rows = chunk;
-  gpu.options.map = &map;
+  auto gpu = map_linear_loss<D, T>(map, chunk);
   kd::cuda::device_loss out{loss_d.data, nullptr};
   REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(hd.data, n, d), kd::matrix_view<const T>(wd.data, v, d),
               kd::matrix_view<const T>(td.data, n, kTeacherCols), std::span<const std::int32_t>(lab_d.data, labels.size()),
@@ -148,7 +157,129 @@ void check_inplace_map(const kd::vocab_map& map, kd::index_t n) {
   CHECK(rel_error(g, g_ref) <= tolerance<T>());
 }
 
+// The teacher as hidden states [n x dt] and a 151,936-row head through `map`: the call's compact head
+// (linear_kd_options::compact_teacher_head, the default), the full head, and the fp64 reference (which
+// reads the full head) agree; a second compact call in the same context (the cached compact map) repeats
+// the first bit for bit.
+template <class D, class T>
+void check_head_map(const kd::vocab_map& map, kd::index_t n, kd::index_t d, kd::index_t dt, kd::index_t chunk,
+                    bool storage) {
+  const kd::index_t v = kStudentRows;
+  auto hh = random_storage<T>(static_cast<std::size_t>(n * d), 1.0, rng());
+  auto wh = random_storage<T>(static_cast<std::size_t>(v * d), 0.25, rng());
+  auto thh = random_storage<T>(static_cast<std::size_t>(n * dt), 1.0, rng());
+  auto twh = random_storage<T>(static_cast<std::size_t>(kTeacherCols * dt), 0.35, rng());
+  const auto labels = some_labels(n, v);
+  device_buffer<T> hd(hh.size()), wd(wh.size()), thd(thh.size()), twd(twh.size());
+  device_buffer<std::int32_t> lab_d(labels.size());
+  hd.upload(hh);
+  wd.upload(wh);
+  thd.upload(thh);
+  twd.upload(twh);
+  lab_d.upload(labels);
+  kd::cuda::context ctx;
+  auto gpu = map_linear_loss<D, T>(map, chunk);
+  if (storage) gpu.options.logits = kd::linear_kd_logits::storage;
+  struct result {
+    double loss;
+    std::vector<double> dh, dw;
+  };
+  auto run = [&](bool compact) {
+    gpu.options.compact_teacher_head = compact;
+    device_buffer<T> dhd(hh.size()), dwd(wh.size());
+    device_buffer<float> loss_d(1);
+    dhd.poison();
+    dwd.poison();
+    kd::cuda::device_loss out{loss_d.data, nullptr};
+    const kd::teacher_head<T> teacher{kd::matrix_view<const T>(thd.data, n, dt), kd::matrix_view<const T>(twd.data, kTeacherCols, dt)};
+    REQUIRE(gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(hd.data, n, d), kd::matrix_view<const T>(wd.data, v, d), teacher,
+                std::span<const std::int32_t>(lab_d.data, labels.size()), out, kd::matrix_view<T>(dhd.data, n, d),
+                kd::matrix_view<T>(dwd.data, v, d))
+                .ok());
+    const auto st = ctx.sync_status();
+    REQUIRE_MESSAGE(st.ok(), st.message());
+    return result{loss_d.download()[0], to_double(dhd.download()), to_double(dwd.download())};
+  };
+  const result compact = run(true), again = run(true), full = run(false);
+
+  INFO("linear + KD, teacher head through a map: n=", n, " d=", d, " dt=", dt, " chunk=", chunk, " storage=", storage,
+       " loss compact=", compact.loss, " full=", full.loss);
+  CHECK(all_finite(compact.dh));
+  CHECK(all_finite(compact.dw));
+  CHECK(compact.loss == again.loss);
+  CHECK(compact.dh == again.dh);
+  CHECK(compact.dw == again.dw);
+  // The two heads differ only in the order of the teacher's sums (and which GEMM kernel cuBLAS picks).
+  CHECK(std::abs(compact.loss - full.loss) <= 2e-4 * std::max(std::abs(full.loss), 1e-3));
+  CHECK(rel_error(compact.dh, full.dh) <= tolerance<T>());
+  CHECK(rel_error(compact.dw, full.dw) <= tolerance<T>());
+  if (storage) return;  // logits rounded to T: the fp64 reference would need the loss matrix's exact grid inputs
+
+  auto h64 = to_double(hh), w64 = to_double(wh), th64 = to_double(thh), tw64 = to_double(twh);
+  std::vector<double> dh_ref(hh.size()), dw_ref(wh.size());
+  kd::linear_logit_kd<D, kd::token_mean, kd::precision_set<kd::fp64, kd::fp64, kd::fp64>> ref;
+  ref.options = gpu.options;
+  kd::loss_result rr;
+  REQUIRE(ref(kd::cpu, kd::matrix_view<const double>(h64.data(), n, d), kd::matrix_view<const double>(w64.data(), v, d),
+              kd::teacher_head<double>{kd::matrix_view<const double>(th64.data(), n, dt),
+                                       kd::matrix_view<const double>(tw64.data(), kTeacherCols, dt)},
+              labels, rr, kd::matrix_view<double>(dh_ref.data(), n, d), kd::matrix_view<double>(dw_ref.data(), v, d))
+              .ok());
+  INFO("fp64 reference loss ", rr.loss);
+  for (const result* r : {&compact, &full}) {
+    CHECK(std::abs(r->loss - rr.loss) <= tolerance<T>() * std::max(rr.loss, 1e-3));
+    CHECK(rel_error(r->dh, dh_ref) <= tolerance<T>());
+    CHECK(rel_error(r->dw, dw_ref) <= tolerance<T>());
+  }
+}
+
 }  // namespace
+
+TEST_CASE_TEMPLATE("linear + KD, teacher head through a 152k -> 50k map: the call's compact head against the full one",
+                   T, float, kd::bfloat16) {
+  const auto dense = dense_map(), partial = partial_map();
+  check_head_map<kd::forward_kl, T>(partial, 5, 64, 32, 3, false);  // 42,756 of 151,936 rows: compacted
+  check_head_map<kd::jsd, T>(partial, 7, 64, 40, 0, false);
+  check_head_map<kd::reverse_kl, T>(partial, 6, 64, 32, 4, true);
+  check_head_map<kd::forward_kl, T>(dense, 5, 64, 32, 2, false);    // 151,669 rows: the head read in full
+}
+
+TEST_CASE("linear + KD, teacher head through a map: refusals name the full head; a NaN head row is reported") {
+  using T = kd::bfloat16;
+  const auto map = partial_map();
+  const kd::index_t n = 4, d = 16, dt = 16, v = kStudentRows;
+  auto hh = random_storage<T>(static_cast<std::size_t>(n * d), 1.0, rng());
+  auto wh = random_storage<T>(static_cast<std::size_t>(v * d), 0.25, rng());
+  auto thh = random_storage<T>(static_cast<std::size_t>(n * dt), 1.0, rng());
+  auto twh = random_storage<T>(static_cast<std::size_t>(kTeacherCols * dt), 0.35, rng());
+  twh[static_cast<std::size_t>(map.teacher_ids()[7]) * dt + 3] = kd::store_as<T>(std::numeric_limits<float>::quiet_NaN());
+  device_buffer<T> hd(hh.size()), wd(wh.size()), thd(thh.size()), twd(twh.size()), dhd(hh.size()), dwd(wh.size());
+  device_buffer<float> loss_d(1);
+  hd.upload(hh);
+  wd.upload(wh);
+  thd.upload(thh);
+  twd.upload(twh);
+  kd::cuda::context ctx;
+  kd::linear_logit_kd<kd::forward_kl, kd::token_mean, kd::precision_set<kd::bf16, kd::bf16, kd::bf16>> gpu;
+  gpu.options.map = &map;
+  kd::cuda::device_loss out{loss_d.data, nullptr};
+  auto call = [&](kd::index_t head_rows) {
+    return gpu(kd::cuda::backend{&ctx}, kd::matrix_view<const T>(hd.data, n, d), kd::matrix_view<const T>(wd.data, v, d),
+               kd::teacher_head<T>{kd::matrix_view<const T>(thd.data, n, dt), kd::matrix_view<const T>(twd.data, head_rows, dt)},
+               {}, out, kd::matrix_view<T>(dhd.data, n, d), kd::matrix_view<T>(dwd.data, v, d));
+  };
+  // A head one row short of the map's teacher vocabulary: refused with the full head's width, not compacted.
+  const auto short_head = call(kTeacherCols - 1);
+  REQUIRE_FALSE(short_head.ok());
+  CHECK_MESSAGE(short_head.message().find(std::to_string(kTeacherCols - 1)) != std::string::npos, short_head.message());
+  CHECK(ctx.sync_status().ok());
+  // A NaN in a mapped head row makes every token's teacher logits non-finite: reported at token 0.
+  REQUIRE(call(kTeacherCols).ok());
+  const auto st = ctx.sync_status();
+  REQUIRE_FALSE(st.ok());
+  CHECK_MESSAGE(st.message().find("token 0") != std::string::npos, st.message());
+  CHECK_MESSAGE(st.message().find("teacher") != std::string::npos, st.message());
+}
 
 TEST_CASE_TEMPLATE("linear + KD through a 152k -> 50k many-to-one map (outside report's case)", T, float, kd::bfloat16) {
   const auto dense = dense_map(), partial = partial_map();

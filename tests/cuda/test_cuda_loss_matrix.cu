@@ -362,6 +362,7 @@ TEST_CASE("linear_logit_kd matrix: CUDA backend against the fp64 CPU reference")
   head.precs = {prec::fp32, prec::bf16};
   head.ns = {7, 33};
   head.chunk_rows = {11, 0};  // 0: the default chunk, one chunk here
+  head.compact_head = {true, false};  // the mapped layout's head compacted by the call, or read in full
   run_space(head, 450000, exec, s);
   report(s, "linear_logit_kd matrix (CUDA)");
 }
@@ -386,6 +387,7 @@ TEST_CASE("linear_logit_kd matrix, logits in the storage type: CUDA backend agai
   sp.chunk_rows = {11, 0};  // 0: the default chunk (by scratch), one chunk here
   sp.teacher_dts = {0, 40};
   sp.storage_logits = {true};
+  sp.compact_head = {true, false};
   run_space(sp, 950000, exec, s);
   logit_space odd = mid_space();  // 1,031 columns: the scalar sweeps; and fp32, where storage is the accumulator
   odd.hidden = 24;

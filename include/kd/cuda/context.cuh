@@ -15,8 +15,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <map>
+#include <memory>
 #include <string_view>
 #include <tuple>
+#include <typeindex>
+#include <typeinfo>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -266,13 +270,15 @@ class context {
   }
 
   // A device buffer kept for the context's lifetime under a caller-chosen 64-bit key (e.g. a
-  // vocab_map's id): components cache device copies of immutable host objects here, so each is
-  // uploaded once per context instead of once per call. On the first request for `key`, make() returns
-  // the host bytes (a std::vector<unsigned char>), which are uploaded; later requests return the same
-  // buffer without calling make().
+  // vocab_map's id) and a tag that tells apart the buffers derived from one key (a map's CSR image is
+  // tag 0): components cache device copies of immutable host objects here, so each is uploaded once per
+  // context instead of once per call. On the first request for (key, tag), make() returns the host bytes
+  // (a std::vector<unsigned char>), which are uploaded; later requests return the same buffer without
+  // calling make().
   template <class Make>
-  status cached_buffer(std::uint64_t key, Make&& make, const void*& out) {
-    if (auto it = cache_.find(key); it != cache_.end()) {
+  status cached_buffer(std::uint64_t key, Make&& make, const void*& out, unsigned tag = 0) {
+    const auto k = std::make_pair(key, tag);
+    if (auto it = cache_.find(k); it != cache_.end()) {
       out = it->second.data;
       return {};
     }
@@ -285,8 +291,26 @@ class context {
         return detail::cuda_status(e, "cudaMemcpy (kd device cache)");
       }
     }
-    cache_.emplace(key, cached{d, host.size()});
+    cache_.emplace(k, cached{d, host.size()});
     out = d;
+    return {};
+  }
+
+  // A host object of type T derived from an immutable one, kept for the context's lifetime under its key
+  // (e.g. a vocab_map's compact form under the map's id), so that host work a call would repeat (a sort
+  // of the map) runs once per context. On the first request for (key, T), make(T&) fills a fresh T and
+  // returns a status (on failure nothing is kept); later requests return the same object.
+  template <class T, class Make>
+  status cached_object(std::uint64_t key, Make&& make, const T*& out) {
+    const auto k = std::make_pair(key, std::type_index(typeid(T)));
+    if (auto it = objects_.find(k); it != objects_.end()) {
+      out = static_cast<const T*>(it->second.get());
+      return {};
+    }
+    auto obj = std::make_shared<T>();
+    KD_TRY(make(*obj));
+    out = obj.get();
+    objects_.emplace(k, std::move(obj));
     return {};
   }
 
@@ -311,7 +335,8 @@ class context {
   std::vector<const void*> wide_set_;  // kernels allowed clusters of more than 8 blocks
   std::vector<std::pair<std::tuple<const void*, int, int, std::size_t>, int>> active_clusters_;
   std::vector<std::string> components_;
-  std::unordered_map<std::uint64_t, cached> cache_;
+  std::map<std::pair<std::uint64_t, unsigned>, cached> cache_;
+  std::map<std::pair<std::uint64_t, std::type_index>, std::shared_ptr<void>> objects_;
   std::unordered_map<unsigned, std::vector<std::string>> row_names_;
 };
 

@@ -64,16 +64,26 @@ struct linear_kd_options : logit_kd_options {
   // per SM; 1: each CTA sweeps the whole vocabulary). For tuning and tests; any value gives one result.
   index_t on_chip_splits = 0;
   linear_kd_logits logits = linear_kd_logits::accumulation;
+  // With a kd::teacher_head and a vocab_map, KD reads only the mapped teacher columns, so the CUDA chunked
+  // path gathers the head rows the map reads (vocab_map::compact_teacher, in the student's order) into
+  // scratch once per call and runs the teacher GEMM and the loss over them: the same loss, with the
+  // teacher GEMM over K rows instead of V_t (42,257 of 151,936 for Qwen3 -> GPT-2) and teacher columns
+  // that follow the student order (for a one-to-one map, the contiguous map's kernels). Extra memory:
+  // K x d_t of the teacher's type. Left out where it would save little (K at least 7/8 of V_t: a head
+  // already compact). false: the full head (for comparisons); the CPU reference always reads the full head.
+  bool compact_teacher_head = true;
 };
 
 struct linear_kd_tag {};
 
 // A teacher given by its last hidden states [N x d_t] and LM head [V_t x d_t] (V_t: the student's V
 // for a shared vocabulary, the map's teacher columns with a vocab map). No gradient flows to it.
-// With a vocab map, a frozen teacher's head is best given compact: vocab_map::compact_teacher lists the
-// head rows the map reads (in the student's order) and the map onto them; the head gathered to those rows
-// with that map gives the same loss, with the teacher GEMM over K mapped rows instead of V_t (42,257 of
-// 151,936 for Qwen3 -> GPT-2) and, for a one-to-one map, the contiguous map's kernels.
+// With a vocab map, only the head rows the map reads matter: vocab_map::compact_teacher lists them (in the
+// student's order) with the map onto them, and the head gathered to those rows with that map gives the
+// same loss, with the teacher GEMM over K mapped rows instead of V_t (42,257 of 151,936 for Qwen3 ->
+// GPT-2) and, for a one-to-one map, the contiguous map's kernels. The CUDA chunked path does this itself
+// each call (linear_kd_options::compact_teacher_head); a frozen teacher's head given compact once (as
+// kd::train::distill_step does) saves that call's gather and K x d_t of scratch.
 template <class T>
 struct teacher_head {
   matrix_view<const T> hidden;
@@ -155,6 +165,13 @@ inline index_t linear_kd_chunk(const linear_kd_options& o, index_t n, index_t v,
     c = std::max(kLinearKdChunk, static_cast<index_t>(static_cast<double>(kLinearKdChunk) * f32_row / row) / 256 * 256);
   }
   return std::min(c, n);
+}
+
+// Whether a call with a teacher head of vt rows through `map` runs on the compact head
+// (linear_kd_options::compact_teacher_head): a map that fits the head and reads under 7/8 of its rows.
+inline bool compacts_teacher_head(const linear_kd_options& o, index_t vt, index_t v) {
+  return o.compact_teacher_head && o.path == linear_kd_path::chunked && o.map != nullptr &&
+         o.map->check_fits(vt, v).ok() && 8 * o.map->size() < 7 * vt;
 }
 
 // The checks of the LM-head product, shared by both backends (the per-chunk logit_kd validates the rest:

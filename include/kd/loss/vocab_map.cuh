@@ -2,10 +2,12 @@
 //
 // The kernels read a map as CSR: for each support slot (student id) the teacher ids that map to it.
 // The layout is built and uploaded once per context and map (keyed by the map's id through
-// kd::cuda::context::cached_buffer), so a loss call never allocates or copies it again.
+// kd::cuda::context::cached_buffer), so a loss call never allocates or copies it again. Likewise the
+// compact form of a teacher head through the map (linear_logit_kd with a kd::teacher_head).
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -65,10 +67,13 @@ inline std::vector<unsigned char> device_map_image(const vocab_map& m) {
   return bytes;
 }
 
+// The tags of the device buffers cached under a map's id (context::cached_buffer).
+inline constexpr unsigned kMapImageTag = 0, kCompactHeadRowsTag = 1;
+
 // The map's device copy, uploaded on first use in this context.
 inline status upload_map(context& ctx, const vocab_map& m, device_map& out) {
   const void* buf = nullptr;
-  KD_TRY(ctx.cached_buffer(m.id(), [&] { return device_map_image(m); }, buf));
+  KD_TRY(ctx.cached_buffer(m.id(), [&] { return device_map_image(m); }, buf, kMapImageTag));
   const auto k = static_cast<long long>(m.student_support().size());
   out.support = static_cast<const int*>(buf);
   out.offsets = out.support + k;
@@ -80,6 +85,34 @@ inline status upload_map(context& ctx, const vocab_map& m, device_map& out) {
   out.slots = k;
   out.uncovered_count = static_cast<long long>(m.student_vocab()) - k;
   return {};
+}
+
+// A teacher LM head's compact form through a map (vocab_map::compact_teacher): the map onto the K mapped
+// head rows in the student's order, padded to a multiple of kCompactHeadRows, and those rows' teacher ids on
+// the device. Built once per context and map (the host work sorts the map's pairs).
+struct compact_head {
+  vocab_map map;                       // onto the compact rows (teacher vocabulary: the padded count)
+  const std::int32_t* rows = nullptr;  // [count] device: the full head's row of each compact row
+  long long count = 0;                 // K, the mapped teacher ids
+};
+// The padding of the compact rows: 8 keeps a 16-bit logit row's stride a multiple of 16 bytes (cuBLAS's
+// tensor-core kernels need it); the padding rows are zeros that no slot reads.
+inline constexpr index_t kCompactHeadRows = 8;
+
+inline status compact_head_of(context& ctx, const vocab_map& m, const compact_head*& out) {
+  return ctx.cached_object<compact_head>(m.id(), [&](compact_head& c) -> status {
+    std::vector<std::int32_t> rows;
+    KD_TRY(m.compact_teacher(kCompactHeadRows, c.map, rows));
+    const void* buf = nullptr;
+    KD_TRY(ctx.cached_buffer(m.id(), [&] {
+      std::vector<unsigned char> bytes(rows.size() * sizeof(std::int32_t));
+      std::memcpy(bytes.data(), rows.data(), bytes.size());
+      return bytes;
+    }, buf, kCompactHeadRowsTag));
+    c.rows = static_cast<const std::int32_t*>(buf);
+    c.count = static_cast<long long>(rows.size());
+    return {};
+  }, out);
 }
 
 }  // namespace kd::cuda::detail
