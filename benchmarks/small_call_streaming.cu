@@ -10,8 +10,9 @@
 // the idea from above. Prints, at N = 64-1024, V = 50,304, T = 2, in one run: kd::logit_kd, a streaming
 // kernel of the same bytes, the two-pass kernel at several cluster sizes C and U, and the two-pass
 // gradient's largest difference from kd's (relative to kd's largest entry, for the same convention).
-// Written in session 29 (benchmarks/NOTES.md) after the device time ran out: not yet run. Exit code 77
-// without a GPU.
+// Written in session 29 (benchmarks/NOTES.md); run in session 31 (H100, 2026-12-08, RESULTS.md): the best
+// two-pass form took 1.03x kd's time at N = 64 and 1.20-1.39x at N = 256-1024, so the idea was not built;
+// kept as the record of that measurement. Exit code 77 without a GPU.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
