@@ -8,8 +8,8 @@
 #include <algorithm>
 #include <limits>
 #include <numeric>
-#include <string>
 #include <random>
+#include <string>
 #include <vector>
 
 #include <kd/kd.cuh>

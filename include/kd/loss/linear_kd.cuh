@@ -85,8 +85,8 @@ status launch_gather_head(const matrix_view<const T>& head, const compact_head& 
                    reinterpret_cast<std::uintptr_t>(head.data) % 16 == 0 && reinterpret_cast<std::uintptr_t>(dst) % 16 == 0;
   const long long work = kp * dt / (vec ? 16 / static_cast<long long>(sizeof(T)) : 1);
   const unsigned blocks = static_cast<unsigned>(std::clamp<long long>((work + 255) / 256, 1, 8192));
-  if (vec) gather_head_kernel<T, true><<<blocks, 256, 0, stream>>>(head.data, head.stride, ch.rows, ch.count, kp, dt, dst);
-  else gather_head_kernel<T, false><<<blocks, 256, 0, stream>>>(head.data, head.stride, ch.rows, ch.count, kp, dt, dst);
+  if (vec) gather_head_kernel<T, true><<<blocks, 256, 0, stream>>>(head.data, head.stride, ch.rows, ch.map.size(), kp, dt, dst);
+  else gather_head_kernel<T, false><<<blocks, 256, 0, stream>>>(head.data, head.stride, ch.rows, ch.map.size(), kp, dt, dst);
   return cuda_status(cudaGetLastError(), "compact teacher head: gather kernel launch");
 }
 
@@ -130,8 +130,9 @@ struct loss_impl<cuda::backend, linear_kd_tag> {
     if (loss.options.path == linear_kd_path::on_chip) return on_chip<true>(be, loss, h, w, th, labels, out, dh, dw);
     if (::kd::detail::compacts_teacher_head(loss.options, th.weight.rows, w.rows)) {
       // The head rows the map reads (linear_kd_options::compact_teacher_head), gathered into the front of
-      // the chunk scratch by the first chunk; the loss runs with the map onto them. The full shapes are
-      // checked first, so every refusal names the call's own tensors.
+      // the chunk scratch by the first chunk; the loss runs with the map onto them. The call is checked
+      // before the compact map is built, so a refused call (or one without a context) builds and uploads
+      // nothing; chunks() checks it again, with the full head, at host cost only.
       ::kd::detail::kd_scaling sc;
       KD_TRY(check_call(be, loss, h, w, th, labels, out, dh, dw, sc));
       const cuda::detail::compact_head* ch = nullptr;

@@ -37,6 +37,14 @@ inline constexpr std::size_t covered_bits_at(std::size_t k, std::size_t m, std::
   return (k + (k + 1) + m + u + 3) / 4 * 4;
 }
 
+// The bytes of a host array, as context::cached_buffer uploads them.
+template <class T>
+std::vector<unsigned char> host_bytes(const std::vector<T>& v) {
+  std::vector<unsigned char> bytes(v.size() * sizeof(T));
+  if (!bytes.empty()) std::memcpy(bytes.data(), v.data(), bytes.size());
+  return bytes;
+}
+
 // The host image of that layout.
 inline std::vector<unsigned char> device_map_image(const vocab_map& m) {
   const auto support = m.student_support();
@@ -62,9 +70,7 @@ inline std::vector<unsigned char> device_map_image(const vocab_map& m) {
     const auto c = static_cast<std::size_t>(support[j]);
     bits[c / 32] |= 1u << (c % 32);
   }
-  std::vector<unsigned char> bytes(all.size() * sizeof(int));
-  std::memcpy(bytes.data(), all.data(), bytes.size());
-  return bytes;
+  return host_bytes(all);
 }
 
 // The tags of the device buffers cached under a map's id (context::cached_buffer).
@@ -92,8 +98,7 @@ inline status upload_map(context& ctx, const vocab_map& m, device_map& out) {
 // the device. Built once per context and map (the host work sorts the map's pairs).
 struct compact_head {
   vocab_map map;                       // onto the compact rows (teacher vocabulary: the padded count)
-  const std::int32_t* rows = nullptr;  // [count] device: the full head's row of each compact row
-  long long count = 0;                 // K, the mapped teacher ids
+  const std::int32_t* rows = nullptr;  // [map.size()] device: the full head's row of each compact row
 };
 // The padding of the compact rows: 8 keeps a 16-bit logit row's stride a multiple of 16 bytes (cuBLAS's
 // tensor-core kernels need it); the padding rows are zeros that no slot reads.
@@ -104,13 +109,8 @@ inline status compact_head_of(context& ctx, const vocab_map& m, const compact_he
     std::vector<std::int32_t> rows;
     KD_TRY(m.compact_teacher(kCompactHeadRows, c.map, rows));
     const void* buf = nullptr;
-    KD_TRY(ctx.cached_buffer(m.id(), [&] {
-      std::vector<unsigned char> bytes(rows.size() * sizeof(std::int32_t));
-      std::memcpy(bytes.data(), rows.data(), bytes.size());
-      return bytes;
-    }, buf, kCompactHeadRowsTag));
+    KD_TRY(ctx.cached_buffer(m.id(), [&] { return host_bytes(rows); }, buf, kCompactHeadRowsTag));
     c.rows = static_cast<const std::int32_t*>(buf);
-    c.count = static_cast<long long>(rows.size());
     return {};
   }, out);
 }
